@@ -1,0 +1,208 @@
+//! The fused-op vocabulary: every computation the V4 model issues on a backend.
+//!
+//! Each op is a descriptor struct (sizes and constants, no data) whose doc comment states its
+//! exact math, and whose `signature()` lists the tensors it reads and writes, in order. That is
+//! the whole contract: `cpu-ref` implements the math literally, other backends must match it
+//! within the tolerances of the conformance suite, and the suite builds inputs from signatures.
+//!
+//! Conventions used by every op:
+//! * Activations are f32, row-major. `R` is the number of rows (tokens) in one call.
+//! * Rows carry a `slot` (which sequence's cache they use) and a `position` (0-based token index
+//!   in that sequence), both `i32 [R]`. Rows of one slot form one contiguous run with consecutive
+//!   positions (a prefill chunk, or one decode token); different slots are independent.
+//! * Caches are indexed by slot: `[S, ...]` with `S` the number of slots.
+//! * "act_quant" = the reference's per-row e4m3 quantization of a linear layer's input, see
+//!   [`linear::Linear`]. "FP8/FP4 simulation" = quantize then dequantize in place, see
+//!   [`quant::QuantSim`].
+
+pub mod attention;
+pub mod compressor;
+pub mod embed;
+pub mod hc;
+pub mod indexer;
+pub mod linear;
+pub mod moe;
+pub mod norm;
+pub mod quant;
+pub mod rope;
+
+pub use attention::{SparseAttention, WindowStore};
+pub use compressor::Compressor;
+pub use embed::{Add, Embed, HcExpand};
+pub use hc::{HcHead, HcPost, HcPre};
+pub use indexer::IndexerTopK;
+pub use linear::{GroupedLinear, Linear, WeightFormat};
+pub use moe::{GateMode, MoeExperts, MoeGate, SwiGlu};
+pub use norm::RmsNorm;
+pub use quant::{Hadamard, QuantFormat, QuantSim};
+pub use rope::Rope;
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// One op descriptor. See each variant's type for its math.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    Embed(Embed),
+    HcExpand(HcExpand),
+    Add(Add),
+    HcPre(HcPre),
+    HcPost(HcPost),
+    HcHead(HcHead),
+    RmsNorm(RmsNorm),
+    Linear(Linear),
+    GroupedLinear(GroupedLinear),
+    Rope(Rope),
+    QuantSim(QuantSim),
+    Hadamard(Hadamard),
+    WindowStore(WindowStore),
+    Compressor(Compressor),
+    IndexerTopK(IndexerTopK),
+    SparseAttention(SparseAttention),
+    MoeGate(MoeGate),
+    MoeExperts(MoeExperts),
+    SwiGlu(SwiGlu),
+}
+
+/// How an op uses one tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+    /// Read, then written (caches, in-place transforms).
+    ReadWrite,
+}
+
+/// One tensor of an op's signature.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorSpec {
+    pub name: &'static str,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub access: Access,
+}
+
+/// The tensors an op reads (`inputs`) and writes (`outputs`, some of them also read).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Signature {
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+pub(crate) fn input(name: &'static str, shape: &[usize], dtype: DType) -> TensorSpec {
+    TensorSpec { name, shape: shape.to_vec(), dtype, access: Access::Read }
+}
+pub(crate) fn output(name: &'static str, shape: &[usize], dtype: DType) -> TensorSpec {
+    TensorSpec { name, shape: shape.to_vec(), dtype, access: Access::Write }
+}
+pub(crate) fn inout(name: &'static str, shape: &[usize], dtype: DType) -> TensorSpec {
+    TensorSpec { name, shape: shape.to_vec(), dtype, access: Access::ReadWrite }
+}
+
+impl Op {
+    /// Short name used in tables and error messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Embed(_) => "embed",
+            Op::HcExpand(_) => "hc_expand",
+            Op::Add(_) => "add",
+            Op::HcPre(_) => "hc_pre",
+            Op::HcPost(_) => "hc_post",
+            Op::HcHead(_) => "hc_head",
+            Op::RmsNorm(_) => "rms_norm",
+            Op::Linear(_) => "linear",
+            Op::GroupedLinear(_) => "grouped_linear",
+            Op::Rope(_) => "rope",
+            Op::QuantSim(_) => "quant_sim",
+            Op::Hadamard(_) => "hadamard",
+            Op::WindowStore(_) => "window_store",
+            Op::Compressor(_) => "compressor",
+            Op::IndexerTopK(_) => "indexer_topk",
+            Op::SparseAttention(_) => "sparse_attention",
+            Op::MoeGate(_) => "moe_gate",
+            Op::MoeExperts(_) => "moe_experts",
+            Op::SwiGlu(_) => "swiglu",
+        }
+    }
+
+    /// Inputs then outputs, with shapes and dtypes, in the order `Backend::run` takes them.
+    pub fn signature(&self) -> Signature {
+        match self {
+            Op::Embed(o) => o.signature(),
+            Op::HcExpand(o) => o.signature(),
+            Op::Add(o) => o.signature(),
+            Op::HcPre(o) => o.signature(),
+            Op::HcPost(o) => o.signature(),
+            Op::HcHead(o) => o.signature(),
+            Op::RmsNorm(o) => o.signature(),
+            Op::Linear(o) => o.signature(),
+            Op::GroupedLinear(o) => o.signature(),
+            Op::Rope(o) => o.signature(),
+            Op::QuantSim(o) => o.signature(),
+            Op::Hadamard(o) => o.signature(),
+            Op::WindowStore(o) => o.signature(),
+            Op::Compressor(o) => o.signature(),
+            Op::IndexerTopK(o) => o.signature(),
+            Op::SparseAttention(o) => o.signature(),
+            Op::MoeGate(o) => o.signature(),
+            Op::MoeExperts(o) => o.signature(),
+            Op::SwiGlu(o) => o.signature(),
+        }
+    }
+
+    /// Checks the op's own constants (divisibility, ranges) before any tensor is looked at.
+    pub fn check_params(&self) -> Result<()> {
+        let fail = |m: String| Err(Error::invalid(self.name(), m));
+        match self {
+            Op::Linear(l) => match l.format {
+                WeightFormat::Fp8Block128 | WeightFormat::Fp4Group32 if l.in_features % 128 != 0 => {
+                    fail(format!("in_features {} must be a multiple of 128 for {:?}", l.in_features, l.format))
+                }
+                _ => Ok(()),
+            },
+            Op::MoeExperts(m) if m.dim % 128 != 0 || m.inter % 128 != 0 => {
+                fail(format!("dim {} and inter {} must be multiples of 128", m.dim, m.inter))
+            }
+            Op::Rope(r) if r.rope_dim % 2 != 0 || r.rope_dim > r.head_dim => {
+                fail(format!("rope_dim {} must be even and ≤ head_dim {}", r.rope_dim, r.head_dim))
+            }
+            Op::QuantSim(q) if q.block == 0 || q.quant_dims % q.block != 0 || q.quant_dims > q.dim => {
+                fail(format!("quant_dims {} must be a multiple of block {} and ≤ dim {}", q.quant_dims, q.block, q.dim))
+            }
+            Op::Hadamard(h) if !h.dim.is_power_of_two() => fail(format!("dim {} must be a power of two", h.dim)),
+            Op::Compressor(c) if c.ratio == 0 || (c.rotate && !c.width.is_power_of_two()) => {
+                fail(format!("ratio {} must be > 0 and a rotated width {} a power of two", c.ratio, c.width))
+            }
+            Op::GroupedLinear(g) if g.groups == 0 => fail("groups must be > 0".into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Validates `inputs` / `outputs` against [`Op::signature`]: count, shape and dtype.
+    /// Every backend calls this first; the error names the op and the offending tensor.
+    pub fn validate(&self, inputs: &[&Tensor], outputs: &[&mut Tensor]) -> Result<()> {
+        self.check_params()?;
+        let sig = self.signature();
+        let check = |kind: &str, specs: &[TensorSpec], got: Vec<(&[usize], DType)>| -> Result<()> {
+            if specs.len() != got.len() {
+                return Err(Error::invalid(
+                    self.name(),
+                    format!("expected {} {kind} tensors ({}), got {}", specs.len(),
+                        specs.iter().map(|s| s.name).collect::<Vec<_>>().join(", "), got.len()),
+                ));
+            }
+            for (spec, (shape, dtype)) in specs.iter().zip(got) {
+                if spec.shape != shape || spec.dtype != dtype {
+                    return Err(Error::invalid(
+                        format!("{} {kind} '{}'", self.name(), spec.name),
+                        format!("expected {} {:?}, got {} {:?}", spec.dtype, spec.shape, dtype, shape),
+                    ));
+                }
+            }
+            Ok(())
+        };
+        check("input", &sig.inputs, inputs.iter().map(|t| (t.shape(), t.dtype())).collect())?;
+        check("output", &sig.outputs, outputs.iter().map(|t| (t.shape(), t.dtype())).collect())
+    }
+}
