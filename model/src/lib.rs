@@ -6,7 +6,17 @@
 //!   model, benchmarks).
 //! * the forward pass (weights, cache, block, session, MTP) issues HAL ops on any backend.
 
+pub mod cache;
+pub mod checkpoint;
+pub mod config;
 pub mod error;
+pub mod exec;
+pub mod forward;
+pub mod kv_layout;
+pub mod rope;
 pub mod safetensors;
+pub mod sample;
+pub mod synthetic;
+pub mod weights;
 
 pub use error::{LoadError, ModelError};

@@ -1,0 +1,94 @@
+//! Embedding lookup, stream expansion and the broadcast add.
+
+use hal::dtype::{decode_to_f32, DType};
+use hal::ops::{Add, Embed, HcExpand};
+use hal::{Error, Result};
+
+use crate::device::CpuStorage;
+
+/// Whether [`embed_rows`] can decode a table of this dtype (one value per element).
+pub fn embed_table_supported(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+}
+
+/// `out[r, :] = f32(table[ids[r], :])` for a little-endian `table [vocab, dim]` of `dtype`.
+/// An id outside `[0, vocab)` is an error naming the row; nothing is written then.
+pub fn embed_rows(ids: &[i32], table: &[u8], dtype: DType, vocab: usize, dim: usize, out: &mut [f32]) -> Result<()> {
+    if let Some(r) = ids.iter().position(|&id| usize::try_from(id).map_or(true, |id| id >= vocab)) {
+        return Err(Error::invalid(format!("embed row {r}"), format!("token id {} outside [0, {vocab})", ids[r])));
+    }
+    let row_bytes = dim * dtype.size();
+    for (r, &id) in ids.iter().enumerate() {
+        let id = id as usize;
+        let values = decode_to_f32(dtype, &table[id * row_bytes..(id + 1) * row_bytes]);
+        out[r * dim..(r + 1) * dim].copy_from_slice(&values);
+    }
+    Ok(())
+}
+
+/// `out[r, s, :] = x[r, :]` for each of the `mult` streams.
+pub fn hc_expand(x: &[f32], mult: usize, dim: usize, out: &mut [f32]) {
+    for (r, o) in out.chunks_exact_mut((mult * dim).max(1)).enumerate() {
+        for s in o.chunks_exact_mut(dim.max(1)) {
+            s.copy_from_slice(&x[r * dim..(r + 1) * dim]);
+        }
+    }
+}
+
+/// `out[r, :] = a[r, :] + b[r / (rows / b_rows), :]` (`b` has `b.len() / width` rows).
+pub fn add_broadcast(a: &[f32], b: &[f32], width: usize, out: &mut [f32]) {
+    let (rows, b_rows) = (a.len() / width.max(1), b.len() / width.max(1));
+    let per = rows / b_rows.max(1);
+    for (r, o) in out.chunks_exact_mut(width.max(1)).enumerate() {
+        let (ar, br) = (&a[r * width..][..width], &b[(r / per) * width..][..width]);
+        for ((v, x), y) in o.iter_mut().zip(ar).zip(br) {
+            *v = x + y;
+        }
+    }
+}
+
+/// Op entry: [`Embed`].
+pub fn run_embed(op: &Embed, ins: &[&CpuStorage], outs: &mut [&mut CpuStorage]) -> Result<()> {
+    embed_rows(ins[0].i32s(), ins[1].bytes(), op.table_dtype, op.vocab, op.dim, outs[0].f32s_mut())
+}
+
+/// Op entry: [`HcExpand`].
+pub fn run_hc_expand(op: &HcExpand, ins: &[&CpuStorage], outs: &mut [&mut CpuStorage]) -> Result<()> {
+    hc_expand(ins[0].f32s(), op.mult, op.dim, outs[0].f32s_mut());
+    Ok(())
+}
+
+/// Op entry: [`Add`]. `b_rows` must divide `rows`.
+pub fn run_add(op: &Add, ins: &[&CpuStorage], outs: &mut [&mut CpuStorage]) -> Result<()> {
+    let divides = op.rows == 0 || op.rows.checked_rem(op.b_rows) == Some(0);
+    if !divides {
+        return Err(Error::invalid("add", format!("b_rows {} does not divide rows {}", op.b_rows, op.rows)));
+    }
+    if op.width > 0 && op.rows > 0 {
+        add_broadcast(ins[0].f32s(), ins[1].f32s(), op.width, outs[0].f32s_mut());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embed_rejects_bad_ids() {
+        let table = hal::dtype::f32_bytes(&[1.0, 2.0, 3.0, 4.0]);
+        let mut out = [0.0; 2];
+        embed_rows(&[1], &table, DType::F32, 2, 2, &mut out).unwrap();
+        assert_eq!(out, [3.0, 4.0]);
+        let e = embed_rows(&[0, 2], &table, DType::F32, 2, 2, &mut [0.0; 4]).unwrap_err().to_string();
+        assert!(e.contains("row 1"), "{e}");
+        assert!(embed_rows(&[-1], &table, DType::F32, 2, 2, &mut out).is_err());
+    }
+
+    #[test]
+    fn add_broadcasts_token_rows_over_streams() {
+        let mut out = [0.0; 4];
+        add_broadcast(&[1.0, 2.0, 3.0, 4.0], &[10.0, 20.0], 1, &mut out);
+        assert_eq!(out, [11.0, 12.0, 23.0, 24.0]);
+    }
+}

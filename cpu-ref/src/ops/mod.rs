@@ -1,0 +1,197 @@
+//! The ops, one file per `hal::ops` family.
+//!
+//! Every file has two layers: plain `pub fn`s over slices that implement the math literally
+//! (the executable spec, called directly by the golden tests), and the op entries that unpack
+//! validated tensors and call them. This module holds what several families share: the f64
+//! dot product, the matmul driver, and the slot/position row convention.
+
+pub mod attention;
+pub mod compressor;
+pub mod embed;
+pub mod hc;
+pub mod indexer;
+pub mod linear;
+pub mod moe;
+pub mod norm;
+pub mod quant;
+pub mod rope;
+
+use hal::{Error, Op, Result};
+use rayon::prelude::*;
+
+use crate::device::CpuStorage;
+
+/// Multiply-accumulates above which a call is split over rayon threads; below it the thread
+/// hand-off costs more than it saves (decode-sized norms and tiny projections stay serial).
+pub const PAR_MACS: usize = 1 << 16;
+
+/// `Σ a[i]·b[i]` accumulated in f64, rounded once to f32.
+///
+/// Products of two f32 are exact in f64, so the only rounding that matters is the final one;
+/// this is the accuracy floor the reference's float32 mode is measured against. Eight partial
+/// sums let the compiler vectorize; their reassociation changes the f64 sum by ~1e-16
+/// relative, far below the final f32 rounding.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot_f64(a, b) as f32
+}
+
+/// [`dot`] before the final rounding.
+#[inline]
+pub fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let mut tail = 0f64;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        tail += *x as f64 * *y as f64;
+    }
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] as f64 * y[k] as f64;
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
+/// `y[r, o] = dot(x[r, :], w[o, :])` with `x [rows, inp]`, `w [out, inp]`, `y [rows, out]`.
+///
+/// Parallel once the call is large: over output features for a single row (decode's matvec,
+/// where the weight read dominates), over rows otherwise.
+pub fn matmul(x: &[f32], w: &[f32], inp: usize, out: usize, y: &mut [f32]) {
+    if out == 0 {
+        return;
+    }
+    let rows = y.len() / out;
+    let row_of = |r: usize| &x[r * inp..(r + 1) * inp];
+    if rows * out * inp < PAR_MACS {
+        for (r, yr) in y.chunks_exact_mut(out).enumerate() {
+            for (o, v) in yr.iter_mut().enumerate() {
+                *v = dot(row_of(r), &w[o * inp..(o + 1) * inp]);
+            }
+        }
+    } else if rows == 1 {
+        const CHUNK: usize = 64;
+        y.par_chunks_mut(CHUNK).enumerate().for_each(|(c, yc)| {
+            for (k, v) in yc.iter_mut().enumerate() {
+                let o = c * CHUNK + k;
+                *v = dot(row_of(0), &w[o * inp..(o + 1) * inp]);
+            }
+        });
+    } else {
+        y.par_chunks_mut(out).enumerate().for_each(|(r, yr)| {
+            for (o, v) in yr.iter_mut().enumerate() {
+                *v = dot(row_of(r), &w[o * inp..(o + 1) * inp]);
+            }
+        });
+    }
+}
+
+/// Where one row sits under the slot/position convention of `hal::ops`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowPlace {
+    pub slot: usize,
+    pub pos: usize,
+    /// First row of this slot's run in the call, and that row's position.
+    pub run_row: usize,
+    pub run_pos: usize,
+}
+
+/// Checks the row convention (slot in range, position ≥ 0, each slot's rows one contiguous run
+/// of consecutive positions) and returns each row's place. Errors name the op and the row.
+pub fn place_rows(op: &str, slots: &[i32], positions: &[i32], num_slots: usize) -> Result<Vec<RowPlace>> {
+    // Per slot: (last row seen, its position, run start row, run start position).
+    let mut seen: Vec<Option<(usize, usize, usize, usize)>> = vec![None; num_slots];
+    let mut places = Vec::with_capacity(slots.len());
+    for (r, (&s, &p)) in slots.iter().zip(positions).enumerate() {
+        let row_err = |m: String| Error::invalid(format!("{op} row {r}"), m);
+        let slot = usize::try_from(s).ok().filter(|&s| s < num_slots);
+        let slot = slot.ok_or_else(|| row_err(format!("slot {s} outside [0, {num_slots})")))?;
+        let pos = usize::try_from(p).map_err(|_| row_err(format!("position {p} is negative")))?;
+        let (run_row, run_pos) = match seen[slot] {
+            None => (r, pos),
+            Some((last_row, last_pos, run_row, run_pos)) => {
+                if last_row + 1 != r {
+                    return Err(row_err(format!("rows of slot {slot} are not contiguous (previous one is row {last_row})")));
+                }
+                if last_pos + 1 != pos {
+                    return Err(row_err(format!(
+                        "slot {slot}: position {pos} does not follow position {last_pos} of the previous row"
+                    )));
+                }
+                (run_row, run_pos)
+            }
+        };
+        seen[slot] = Some((r, pos, run_row, run_pos));
+        places.push(RowPlace { slot, pos, run_row, run_pos });
+    }
+    Ok(places)
+}
+
+/// Runs a validated op on cpu-ref storages (`ins`/`outs` in signature order).
+pub fn dispatch(op: &Op, ins: &[&CpuStorage], outs: &mut [&mut CpuStorage]) -> Result<()> {
+    match op {
+        Op::Embed(o) => embed::run_embed(o, ins, outs),
+        Op::HcExpand(o) => embed::run_hc_expand(o, ins, outs),
+        Op::Add(o) => embed::run_add(o, ins, outs),
+        Op::HcPre(o) => hc::run_hc_pre(o, ins, outs),
+        Op::HcPost(o) => hc::run_hc_post(o, ins, outs),
+        Op::HcHead(o) => hc::run_hc_head(o, ins, outs),
+        Op::RmsNorm(o) => norm::run_rms_norm(o, ins, outs),
+        Op::Linear(o) => linear::run_linear(o, ins, outs),
+        Op::GroupedLinear(o) => linear::run_grouped_linear(o, ins, outs),
+        Op::Rope(o) => rope::run_rope(o, ins, outs),
+        Op::QuantSim(o) => quant::run_quant_sim(o, outs),
+        Op::Hadamard(o) => quant::run_hadamard(o, outs),
+        Op::WindowStore(o) => attention::run_window_store(o, ins, outs),
+        Op::Compressor(o) => compressor::run_compressor(o, ins, outs),
+        Op::IndexerTopK(o) => indexer::run_indexer_topk(o, ins, outs),
+        Op::SparseAttention(o) => attention::run_sparse_attention(o, ins, outs),
+        Op::MoeGate(o) => moe::run_moe_gate(o, ins, outs),
+        Op::MoeExperts(o) => moe::run_moe_experts(o, ins, outs),
+        Op::SwiGlu(o) => moe::run_swiglu(o, ins, outs),
+    }
+}
+
+/// The error for an output list whose length `Op::validate` should already have rejected.
+pub(crate) fn arity(op: &str) -> Error {
+    Error::invalid(op, "unexpected number of output tensors")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_rounds_once() {
+        // 1 + 2^-30 - 1 is lost in f32 accumulation but not in f64.
+        let a = [1.0f32, 2f32.powi(-30), -1.0];
+        assert_eq!(dot(&a, &[1.0, 1.0, 1.0]), 2f32.powi(-30));
+    }
+
+    #[test]
+    fn matmul_serial_and_parallel_agree() {
+        let (inp, out) = (300, 260);
+        let x: Vec<f32> = (0..2 * inp).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect();
+        let w: Vec<f32> = (0..out * inp).map(|i| ((i * 104729) % 17) as f32 * 0.25 - 2.0).collect();
+        let mut y = vec![0.0; 2 * out];
+        matmul(&x, &w, inp, out, &mut y);
+        let mut y1 = vec![0.0; out];
+        matmul(&x[inp..], &w, inp, out, &mut y1);
+        assert_eq!(&y[out..], &y1[..]);
+        for o in [0, 17, out - 1] {
+            assert_eq!(y[o], dot(&x[..inp], &w[o * inp..(o + 1) * inp]));
+        }
+    }
+
+    #[test]
+    fn row_convention_errors_name_the_row() {
+        assert!(place_rows("t", &[0, 0, 1], &[3, 4, 0], 2).is_ok());
+        let e = place_rows("t", &[0, 1, 0], &[3, 0, 4], 2).unwrap_err().to_string();
+        assert!(e.contains("t row 2") && e.contains("contiguous"), "{e}");
+        let e = place_rows("t", &[0, 0], &[3, 5], 1).unwrap_err().to_string();
+        assert!(e.contains("row 1"), "{e}");
+        assert!(place_rows("t", &[2], &[0], 2).is_err());
+        assert!(place_rows("t", &[0], &[-1], 2).is_err());
+    }
+}

@@ -1,0 +1,278 @@
+//! Issuing HAL ops from the model: one small method per op, so that the forward pass reads as
+//! the spec's equations and every allocation/validation detail lives in one place.
+
+use hal::ops::attention::CompressedKv;
+use hal::ops::{self, Op, QuantFormat, WeightFormat};
+use hal::{Backend, DType, Tensor};
+
+use crate::error::ModelError;
+
+type Result<T> = std::result::Result<T, ModelError>;
+
+/// A weight matrix in its checkpoint format, resident on the backend.
+pub struct LinearW {
+    pub format: WeightFormat,
+    pub out: usize,
+    pub inp: usize,
+    pub weight: Tensor,
+    pub scale: Option<Tensor>,
+}
+
+impl LinearW {
+    fn tensors(&self) -> impl Iterator<Item = &Tensor> {
+        std::iter::once(&self.weight).chain(self.scale.as_ref())
+    }
+}
+
+/// The per-row metadata of one forward call, resident on the backend.
+pub struct Rows {
+    pub n: usize,
+    pub slots: Tensor,
+    pub positions: Tensor,
+    pub ids: Tensor,
+}
+
+/// The backend plus shorthands that allocate outputs and issue one op each.
+pub struct Exec<'a> {
+    pub b: &'a dyn Backend,
+}
+
+impl<'a> Exec<'a> {
+    fn run(&self, op: Op, inputs: &[&Tensor], outputs: &mut [&mut Tensor]) -> Result<()> {
+        Ok(self.b.run(&op, inputs, outputs)?)
+    }
+    fn new_f32(&self, shape: &[usize]) -> Result<Tensor> {
+        Ok(self.b.alloc(shape, DType::F32)?)
+    }
+
+    pub fn rows(&self, slots: &[i32], positions: &[i32], ids: &[i32]) -> Result<Rows> {
+        let n = slots.len();
+        Ok(Rows {
+            n,
+            slots: self.b.upload(&[n], DType::I32, &hal::dtype::i32_bytes(slots))?,
+            positions: self.b.upload(&[n], DType::I32, &hal::dtype::i32_bytes(positions))?,
+            ids: self.b.upload(&[n], DType::I32, &hal::dtype::i32_bytes(ids))?,
+        })
+    }
+
+    pub fn embed(&self, ids: &Tensor, table: &Tensor) -> Result<Tensor> {
+        let (vocab, dim) = (table.shape()[0], table.shape()[1]);
+        let rows = ids.numel();
+        let mut out = self.new_f32(&[rows, dim])?;
+        let op = ops::Embed { rows, vocab, dim, table_dtype: table.dtype() };
+        self.run(Op::Embed(op), &[ids, table], &mut [&mut out])?;
+        Ok(out)
+    }
+
+    pub fn hc_expand(&self, x: &Tensor, mult: usize) -> Result<Tensor> {
+        let (rows, dim) = (x.shape()[0], x.shape()[1]);
+        let mut out = self.new_f32(&[rows, mult, dim])?;
+        self.run(Op::HcExpand(ops::HcExpand { rows, mult, dim }), &[x], &mut [&mut out])?;
+        Ok(out)
+    }
+
+    /// `a [rows, w] + b [b_rows, w]`, `b`'s rows broadcast over consecutive groups of `a`'s rows.
+    pub fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let (rows, width, b_rows) = (a.shape()[0], a.shape()[1], b.shape()[0]);
+        let mut out = self.new_f32(&[rows, width])?;
+        self.run(Op::Add(ops::Add { rows, b_rows, width }), &[a, b], &mut [&mut out])?;
+        Ok(out)
+    }
+
+    pub fn hc_pre(&self, x: &Tensor, w: &HcW, cfg: HcParams) -> Result<(Tensor, Tensor, Tensor)> {
+        let (rows, mult, dim) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+        let op = ops::HcPre { rows, mult, dim, sinkhorn_iters: cfg.sinkhorn_iters, hc_eps: cfg.hc_eps, norm_eps: cfg.norm_eps };
+        let mut u = self.new_f32(&[rows, dim])?;
+        let mut post = self.new_f32(&[rows, mult])?;
+        let mut comb = self.new_f32(&[rows, mult, mult])?;
+        self.run(Op::HcPre(op), &[x, &w.fn_, &w.base, &w.scale], &mut [&mut u, &mut post, &mut comb])?;
+        Ok((u, post, comb))
+    }
+
+    pub fn hc_post(&self, f: &Tensor, x: &Tensor, post: &Tensor, comb: &Tensor) -> Result<Tensor> {
+        let (rows, mult, dim) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+        let mut out = self.new_f32(&[rows, mult, dim])?;
+        self.run(Op::HcPost(ops::HcPost { rows, mult, dim }), &[f, x, post, comb], &mut [&mut out])?;
+        Ok(out)
+    }
+
+    pub fn hc_head(&self, x: &Tensor, w: &HcW, cfg: HcParams) -> Result<Tensor> {
+        let (rows, mult, dim) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+        let mut u = self.new_f32(&[rows, dim])?;
+        let op = ops::HcHead { rows, mult, dim, hc_eps: cfg.hc_eps, norm_eps: cfg.norm_eps };
+        self.run(Op::HcHead(op), &[x, &w.fn_, &w.base, &w.scale], &mut [&mut u])?;
+        Ok(u)
+    }
+
+    /// RMSNorm of the rows of `x [rows, dim]`; `weight = None` is the weight-less rescale.
+    pub fn rms_norm(&self, x: &Tensor, weight: Option<&Tensor>, eps: f32) -> Result<Tensor> {
+        let (rows, dim) = (x.shape()[0], x.shape()[1]);
+        let op = ops::RmsNorm { rows, dim, eps, weighted: weight.is_some() };
+        let mut out = self.new_f32(&[rows, dim])?;
+        let mut inputs = vec![x];
+        inputs.extend(weight);
+        self.run(Op::RmsNorm(op), &inputs, &mut [&mut out])?;
+        Ok(out)
+    }
+
+    pub fn linear(&self, x: &Tensor, w: &LinearW) -> Result<Tensor> {
+        let rows = x.shape()[0];
+        let op = ops::Linear { rows, in_features: w.inp, out_features: w.out, format: w.format };
+        let mut y = self.new_f32(&[rows, w.out])?;
+        let mut inputs = vec![x];
+        inputs.extend(w.tensors());
+        self.run(Op::Linear(op), &inputs, &mut [&mut y])?;
+        Ok(y)
+    }
+
+    pub fn grouped_linear(&self, x: &Tensor, w: &LinearW, groups: usize) -> Result<Tensor> {
+        let in_per_group = w.inp;
+        let rows = x.shape()[0];
+        let out_per_group = w.out / groups;
+        let op = ops::GroupedLinear { rows, groups, in_per_group, out_per_group, format: w.format };
+        let mut y = self.new_f32(&[rows, w.out])?;
+        let mut inputs = vec![x];
+        inputs.extend(w.tensors());
+        self.run(Op::GroupedLinear(op), &inputs, &mut [&mut y])?;
+        Ok(y)
+    }
+
+    /// RoPE in place on `x [rows, heads, head_dim]`.
+    pub fn rope(&self, x: &mut Tensor, freqs: &Tensor, positions: &Tensor, inverse: bool) -> Result<()> {
+        let (rows, heads, head_dim) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+        let op = ops::Rope { rows, heads, head_dim, rope_dim: freqs.numel() * 2, inverse };
+        self.run(Op::Rope(op), &[freqs, positions], &mut [x])
+    }
+
+    /// Quantize-dequantize simulation in place on the first `quant_dims` of each row of `x [rows, dim]`.
+    pub fn quant_sim(&self, x: &mut Tensor, quant_dims: usize, block: usize, format: QuantFormat) -> Result<()> {
+        let (rows, dim) = (x.shape()[0], x.shape()[1]);
+        let op = ops::QuantSim { rows, dim, quant_dims, block, format };
+        self.run(Op::QuantSim(op), &[], &mut [x])
+    }
+
+    /// Hadamard rotation in place on each row of `x [rows, dim]`.
+    pub fn hadamard(&self, x: &mut Tensor) -> Result<()> {
+        let (rows, dim) = (x.shape()[0], x.shape()[1]);
+        self.run(Op::Hadamard(ops::Hadamard { rows, dim }), &[], &mut [x])
+    }
+
+    pub fn window_store(&self, kv: &Tensor, rows: &Rows, ring: &mut Tensor) -> Result<()> {
+        let (slots, window, dim) = (ring.shape()[0], ring.shape()[1], ring.shape()[2]);
+        let op = ops::WindowStore { rows: rows.n, slots, window, dim };
+        self.run(Op::WindowStore(op), &[kv, &rows.slots, &rows.positions], &mut [ring])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn compressor(&self, spec: &ops::Compressor, kv: &Tensor, score: &Tensor, w: &CompressorW, freqs: &Tensor,
+        rows: &Rows, state: &mut CompressorState) -> Result<()> {
+        self.run(
+            Op::Compressor(spec.clone()),
+            &[kv, score, &w.ape, &w.norm, freqs, &rows.slots, &rows.positions],
+            &mut [&mut state.kv, &mut state.score, &mut state.cache],
+        )
+    }
+
+    pub fn indexer_topk(&self, op: ops::IndexerTopK, q: &Tensor, w: &Tensor, keys: &Tensor, rows: &Rows) -> Result<Tensor> {
+        let mut idx = self.b.alloc(&[rows.n, op.topk], DType::I32)?;
+        self.run(Op::IndexerTopK(op), &[q, w, keys, &rows.slots, &rows.positions], &mut [&mut idx])?;
+        Ok(idx)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn sparse_attention(&self, op: ops::SparseAttention, q: &Tensor, kv: &Tensor, ring: &Tensor, sink: &Tensor,
+        rows: &Rows, compressed: Option<&Tensor>, indices: Option<&Tensor>) -> Result<Tensor> {
+        let mut o = self.new_f32(q.shape())?;
+        let mut inputs = vec![q, kv, ring, sink, &rows.slots, &rows.positions];
+        match op.compressed {
+            CompressedKv::None => {}
+            CompressedKv::All { .. } => inputs.extend(compressed),
+            CompressedKv::Selected { .. } => {
+                inputs.extend(compressed);
+                inputs.extend(indices);
+            }
+        }
+        self.run(Op::SparseAttention(op), &inputs, &mut [&mut o])?;
+        Ok(o)
+    }
+
+    pub fn moe_gate(&self, op: ops::MoeGate, x: &Tensor, gate_w: &Tensor, route: &Tensor, ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mut experts = self.b.alloc(&[op.rows, op.topk], DType::I32)?;
+        let mut weights = self.new_f32(&[op.rows, op.topk])?;
+        let inputs: Vec<&Tensor> = match op.mode {
+            ops::GateMode::Scored => vec![x, gate_w, route],
+            ops::GateMode::Hashed { .. } => vec![x, gate_w, route, ids],
+        };
+        self.run(Op::MoeGate(op), &inputs, &mut [&mut experts, &mut weights])?;
+        Ok((experts, weights))
+    }
+
+    pub fn moe_experts(&self, op: ops::MoeExperts, x: &Tensor, experts: &Tensor, weights: &Tensor, w: &ExpertsW) -> Result<Tensor> {
+        let mut y = self.new_f32(&[op.rows, op.dim])?;
+        let mut inputs = vec![x, experts, weights];
+        inputs.extend(w.tensors.iter());
+        self.run(Op::MoeExperts(op), &inputs, &mut [&mut y])?;
+        Ok(y)
+    }
+
+    pub fn swiglu(&self, g: &Tensor, u: &Tensor, limit: f32) -> Result<Tensor> {
+        let (rows, width) = (g.shape()[0], g.shape()[1]);
+        let mut h = self.new_f32(&[rows, width])?;
+        self.run(Op::SwiGlu(ops::SwiGlu { rows, width, limit }), &[g, u], &mut [&mut h])?;
+        Ok(h)
+    }
+
+    pub fn download_f32(&self, t: &Tensor) -> Result<Vec<f32>> {
+        Ok(hal::dtype::bytes_f32(&self.b.download(t)?))
+    }
+    pub fn download_i32(&self, t: &Tensor) -> Result<Vec<i32>> {
+        Ok(hal::dtype::bytes_i32(&self.b.download(t)?))
+    }
+}
+
+/// Constants of the mHC ops.
+#[derive(Clone, Copy, Debug)]
+pub struct HcParams {
+    pub sinkhorn_iters: usize,
+    pub hc_eps: f32,
+    pub norm_eps: f32,
+}
+
+/// One mHC site's parameters.
+pub struct HcW {
+    pub fn_: Tensor,
+    pub base: Tensor,
+    pub scale: Tensor,
+}
+
+/// A compressor's parameters (main KV or indexer keys).
+pub struct CompressorW {
+    pub wkv: LinearW,
+    pub wgate: LinearW,
+    pub ape: Tensor,
+    pub norm: Tensor,
+}
+
+/// A compressor's per-slot state and its output cache.
+pub struct CompressorState {
+    pub kv: Tensor,
+    pub score: Tensor,
+    pub cache: Tensor,
+}
+
+/// Routed experts stacked per expert: w1, [w1_scale], w3, [w3_scale], w2, [w2_scale].
+pub struct ExpertsW {
+    pub format: WeightFormat,
+    pub tensors: Vec<Tensor>,
+}
+
+impl Exec<'_> {
+    /// The rows `keep` of `x [rows, width]`, in that order.
+    pub fn gather_rows(&self, x: &Tensor, keep: &[usize]) -> Result<Tensor> {
+        // TEMPORARY host round trip until the GatherRows op lands in hal.
+        let width = x.shape()[1];
+        let all = self.download_f32(x)?;
+        let picked: Vec<f32> = keep.iter().flat_map(|&k| all[k * width..(k + 1) * width].iter().copied()).collect();
+        Ok(self.b.upload(&[keep.len(), width], DType::F32, &hal::dtype::f32_bytes(&picked))?)
+    }
+}

@@ -1,0 +1,377 @@
+//! The V4 forward pass: embedding → blocks → head, plus the MTP block (spec §3).
+//!
+//! The model knows V4 and nothing about hardware: every computation is a HAL op issued through
+//! [`Exec`]. One call handles any mix of sequences ("chunks"): a prefill of many tokens, one
+//! decode token each for several sequences, or a prefill continuing at a later position —
+//! every op takes per-row slots and positions.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use hal::ops::attention::CompressedKv;
+use hal::ops::{self, GateMode, QuantFormat};
+use hal::{Backend, Tensor};
+
+use crate::cache::{KvCache, LayerCache};
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::error::ModelError;
+use crate::exec::{Exec, HcParams, Rows};
+use crate::weights::{BlockW, GateRoute, Weights};
+
+type Result<T> = std::result::Result<T, ModelError>;
+
+/// A model resident on one backend.
+pub struct Model {
+    pub cfg: ModelConfig,
+    weights: Weights,
+    backend: Arc<dyn Backend>,
+}
+
+/// Tokens to process for one sequence, continuing at its slot's current position.
+#[derive(Clone, Copy, Debug)]
+pub struct Chunk<'a> {
+    pub slot: usize,
+    pub tokens: &'a [u32],
+}
+
+/// Which rows get logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsAt {
+    /// Every row (prefill parity).
+    All,
+    /// The last row of each chunk (generation).
+    Last,
+}
+
+/// What one forward call should return besides the logits.
+#[derive(Clone, Debug)]
+pub struct ForwardOptions<'a> {
+    pub logits: LogitsAt,
+    /// Record each layer's routing and indexer choices.
+    pub decisions: bool,
+    /// Run MTP block 0 on the final streams with these input ids (one per row; the V3
+    /// convention passes the next tokens) and return its logits for every row.
+    pub mtp_ids: Option<&'a [u32]>,
+}
+
+/// One layer's discrete choices for every row of a call.
+#[derive(Clone, Debug, Default)]
+pub struct LayerDecisions {
+    /// `[rows, n_activated_experts]`, in the gate's order.
+    pub experts: Vec<i32>,
+    /// Routing weights, same order.
+    pub expert_weights: Vec<f32>,
+    /// `[rows, index_topk]` compressed-entry ids (−1 padding), CSA layers only.
+    pub topk: Option<Vec<i32>>,
+}
+
+/// The result of [`Model::forward`].
+#[derive(Clone, Debug)]
+pub struct ForwardOutput {
+    /// `[n, vocab]`: every row, or the last row of each chunk (chunk order).
+    pub logits: Vec<f32>,
+    /// `[rows, vocab]` when MTP was asked for.
+    pub mtp_logits: Option<Vec<f32>>,
+    /// Per layer (MTP last, if run) when decisions were asked for.
+    pub decisions: Vec<LayerDecisions>,
+}
+
+impl Model {
+    /// Loads `dir` (config.json + safetensors shards), validating every tensor against the
+    /// config before anything is uploaded.
+    pub fn load(dir: &Path, backend: Arc<dyn Backend>) -> Result<Model> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let ck = Checkpoint::open(dir)?;
+        Self::from_checkpoint(cfg, &ck, backend)
+    }
+
+    pub fn from_checkpoint(cfg: ModelConfig, ck: &Checkpoint, backend: Arc<dyn Backend>) -> Result<Model> {
+        ck.validate(&cfg)?;
+        let weights = Weights::load(&cfg, ck, backend.as_ref())?;
+        Ok(Model { cfg, weights, backend })
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
+    }
+
+    /// A cache for this model on its backend.
+    pub fn new_cache(&self, slots: usize, capacity: usize) -> Result<KvCache> {
+        KvCache::new(&self.cfg, self.backend(), slots, capacity)
+    }
+
+    fn exec(&self) -> Exec<'_> {
+        Exec { b: self.backend() }
+    }
+
+    fn hc_params(&self) -> HcParams {
+        HcParams { sinkhorn_iters: self.cfg.hc_sinkhorn_iters, hc_eps: self.cfg.hc_eps, norm_eps: self.cfg.norm_eps }
+    }
+
+    /// Checks a call against the vocabulary and the cache, and uploads its row metadata.
+    pub fn rows(&self, cache: &KvCache, chunks: &[Chunk]) -> Result<Rows> {
+        if chunks.is_empty() {
+            return Err(ModelError::Request("forward call with no sequences".into()));
+        }
+        let (mut slots, mut positions, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+        for (k, c) in chunks.iter().enumerate() {
+            if chunks[..k].iter().any(|o| o.slot == c.slot) {
+                return Err(ModelError::Request(format!("slot {} appears twice in one call", c.slot)));
+            }
+            if c.tokens.is_empty() {
+                return Err(ModelError::Request(format!("slot {}: no tokens to process", c.slot)));
+            }
+            let start = cache.position(c.slot)?;
+            let end = start + c.tokens.len();
+            if end > cache.capacity() {
+                return Err(ModelError::Request(format!(
+                    "slot {}: {} tokens at position {start} would reach position {end}, past the cache capacity of {} tokens",
+                    c.slot, c.tokens.len(), cache.capacity()
+                )));
+            }
+            for (i, &t) in c.tokens.iter().enumerate() {
+                if t as usize >= self.cfg.vocab_size {
+                    return Err(ModelError::Request(format!(
+                        "token id {t} at position {} of slot {} is outside the vocabulary [0, {})",
+                        start + i, c.slot, self.cfg.vocab_size
+                    )));
+                }
+                slots.push(c.slot as i32);
+                positions.push((start + i) as i32);
+                ids.push(t as i32);
+            }
+        }
+        self.exec().rows(&slots, &positions, &ids)
+    }
+
+    /// Runs one call: every chunk's tokens through the model, advancing their slots.
+    pub fn forward(&self, cache: &mut KvCache, chunks: &[Chunk], opts: &ForwardOptions) -> Result<ForwardOutput> {
+        let rows = self.rows(cache, chunks)?;
+        if let Some(m) = opts.mtp_ids {
+            if m.len() != rows.n {
+                return Err(ModelError::Request(format!("{} MTP ids given for {} rows", m.len(), rows.n)));
+            }
+        }
+        let mut x = self.embed_streams(&rows)?;
+        let mut decisions = Vec::new();
+        for layer in 0..self.cfg.n_layers {
+            let (next, d) = self.block(layer, &mut cache.layers[layer], &rows, &x, opts.decisions)?;
+            x = next;
+            decisions.extend(d);
+        }
+        let keep: Vec<usize> = match opts.logits {
+            LogitsAt::All => (0..rows.n).collect(),
+            LogitsAt::Last => chunks
+                .iter()
+                .scan(0, |end, c| {
+                    *end += c.tokens.len();
+                    Some(*end - 1)
+                })
+                .collect(),
+        };
+        let logits = self.head(&x, &keep)?;
+        let mtp_logits = match opts.mtp_ids {
+            Some(ids) if !self.weights.mtp.is_empty() => {
+                let (l, d) = self.mtp(0, cache, &rows, x, ids, opts.decisions)?;
+                decisions.extend(d);
+                Some(l)
+            }
+            Some(_) => return Err(ModelError::Request("this model has no MTP block".into())),
+            None => None,
+        };
+        for c in chunks {
+            cache.advance(c.slot, c.tokens.len());
+        }
+        Ok(ForwardOutput { logits, mtp_logits, decisions })
+    }
+
+    /// `[rows, hc_mult, dim]`: each row's embedding copied into the residual streams.
+    pub fn embed_streams(&self, rows: &Rows) -> Result<Tensor> {
+        let e = self.exec();
+        let emb = e.embed(&rows.ids, &self.weights.embed)?;
+        e.hc_expand(&emb, self.cfg.hc_mult)
+    }
+
+    /// Block `layer` on streams `x [rows, hc_mult, dim]` → new streams (spec §3.3).
+    pub fn block(&self, layer: usize, lc: &mut LayerCache, rows: &Rows, x: &Tensor, decisions: bool)
+        -> Result<(Tensor, Option<LayerDecisions>)> {
+        self.block_with(&self.weights.blocks[layer], lc, rows, &rows.ids, x, decisions)
+    }
+
+    /// The caches of block `layer` (for callers that run blocks one by one).
+    pub fn layer_cache<'c>(&self, cache: &'c mut KvCache, layer: usize) -> &'c mut LayerCache {
+        &mut cache.layers[layer]
+    }
+
+    /// `ids` are the token ids the hash gate routes by (the MTP block's own input ids there).
+    fn block_with(&self, w: &BlockW, lc: &mut LayerCache, rows: &Rows, ids: &Tensor, x: &Tensor, decisions: bool)
+        -> Result<(Tensor, Option<LayerDecisions>)> {
+        let e = self.exec();
+        let eps = self.cfg.norm_eps;
+        let (u, post, comb) = e.hc_pre(x, &w.hc_attn, self.hc_params())?;
+        let xn = e.rms_norm(&u, Some(&w.attn_norm), eps)?;
+        let (a, topk) = self.attention(w, lc, rows, &xn)?;
+        let x = e.hc_post(&a, x, &post, &comb)?;
+
+        let (u, post, comb) = e.hc_pre(&x, &w.hc_ffn, self.hc_params())?;
+        let xn = e.rms_norm(&u, Some(&w.ffn_norm), eps)?;
+        let (m, experts, weights) = self.moe(w, rows, ids, &xn)?;
+        let x = e.hc_post(&m, &x, &post, &comb)?;
+        let d = if decisions {
+            Some(LayerDecisions {
+                experts: e.download_i32(&experts)?,
+                expert_weights: e.download_f32(&weights)?,
+                topk: topk.as_ref().map(|t| e.download_i32(t)).transpose()?,
+            })
+        } else {
+            None
+        };
+        Ok((x, d))
+    }
+
+    /// Attention sub-layer (spec §3.4–3.7). Returns its output and the indexer's choice.
+    fn attention(&self, w: &BlockW, lc: &mut LayerCache, rows: &Rows, xn: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        let (c, e, a) = (&self.cfg, self.exec(), &w.attn);
+        let (r, h, hd, rd) = (rows.n, c.n_heads, c.head_dim, c.rope_head_dim);
+        let eps = c.norm_eps;
+
+        // Query: low-rank, normed latent (shared with the indexer), per-head RMS rescale, RoPE.
+        let latent = e.rms_norm(&e.linear(xn, &a.wq_a)?, Some(&a.q_norm), eps)?;
+        let q = e.linear(&latent, &a.wq_b)?.reshape(vec![r * h, hd]);
+        let mut q = e.rms_norm(&q, None, eps)?.reshape(vec![r, h, hd]);
+        e.rope(&mut q, &a.freqs, &rows.positions, false)?;
+
+        // This call's window entries: normed, rotated, FP8-simulated on the non-rope dims.
+        let kv = e.rms_norm(&e.linear(xn, &a.wkv)?, Some(&a.kv_norm), eps)?.reshape(vec![r, 1, hd]);
+        let mut kv = kv;
+        e.rope(&mut kv, &a.freqs, &rows.positions, false)?;
+        let mut kv = kv.reshape(vec![r, hd]);
+        e.quant_sim(&mut kv, hd - rd, 64, QuantFormat::Fp8E4M3)?;
+
+        // Compressed entries finished by these rows become visible to them.
+        if let (Some(cw), Some(cc)) = (&a.compressor, lc.compressor.as_mut()) {
+            let spec = ops::Compressor { rows: r, ..cc.spec.clone() };
+            e.compressor(&spec, &e.linear(xn, &cw.wkv)?, &e.linear(xn, &cw.wgate)?, cw, &a.freqs, rows, &mut cc.state)?;
+        }
+        let topk = match (&a.indexer, lc.indexer.as_mut()) {
+            (Some(iw), Some(ic)) => {
+                let (ih, id) = (c.index_n_heads, c.index_head_dim);
+                let mut iq = e.linear(&latent, &iw.wq_b)?.reshape(vec![r, ih, id]);
+                e.rope(&mut iq, &a.freqs, &rows.positions, false)?;
+                let mut iq = iq.reshape(vec![r * ih, id]);
+                e.hadamard(&mut iq)?;
+                e.quant_sim(&mut iq, id, 32, QuantFormat::Fp4E2M1)?;
+                let iq = iq.reshape(vec![r, ih, id]);
+                let iwts = e.linear(xn, &iw.weights_proj)?;
+                let cw = &iw.compressor;
+                let spec = ops::Compressor { rows: r, ..ic.spec.clone() };
+                e.compressor(&spec, &e.linear(xn, &cw.wkv)?, &e.linear(xn, &cw.wgate)?, cw, &a.freqs, rows, &mut ic.state)?;
+                let op = ops::IndexerTopK {
+                    rows: r,
+                    heads: ih,
+                    head_dim: id,
+                    slots: ic.spec.slots,
+                    capacity: ic.spec.capacity,
+                    ratio: a.ratio,
+                    topk: c.index_topk,
+                    weight_scale: ((id as f64).powf(-0.5) * (ih as f64).powf(-0.5)) as f32,
+                };
+                Some(e.indexer_topk(op, &iq, &iwts, &ic.state.cache, rows)?)
+            }
+            _ => None,
+        };
+
+        let ring_shape = lc.ring.shape();
+        let compressed = match (&lc.compressor, &topk) {
+            (None, _) => CompressedKv::None,
+            (Some(cc), None) => CompressedKv::All { ratio: a.ratio, capacity: cc.spec.capacity },
+            (Some(cc), Some(_)) => CompressedKv::Selected { ratio: a.ratio, capacity: cc.spec.capacity, topk: c.index_topk },
+        };
+        let op = ops::SparseAttention {
+            rows: r,
+            heads: h,
+            head_dim: hd,
+            slots: ring_shape[0],
+            window: ring_shape[1],
+            compressed,
+            softmax_scale: (1.0 / (hd as f64).sqrt()) as f32,
+        };
+        let mut o = e.sparse_attention(op, &q, &kv, &lc.ring, &a.sink, rows,
+            lc.compressor.as_ref().map(|cc| &cc.state.cache), topk.as_ref())?;
+        e.window_store(&kv, rows, &mut lc.ring)?;
+
+        // Output: de-rotate, grouped low-rank projection, then wo_b.
+        e.rope(&mut o, &a.freqs, &rows.positions, true)?;
+        let o = o.reshape(vec![r, h * hd]);
+        let z = e.grouped_linear(&o, &a.wo_a, c.o_groups)?;
+        Ok((e.linear(&z, &a.wo_b)?, topk))
+    }
+
+    /// MoE sub-layer (spec §3.8): routed experts + shared expert. Returns output, experts, weights.
+    fn moe(&self, w: &BlockW, rows: &Rows, ids: &Tensor, xn: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (c, e, m) = (&self.cfg, self.exec(), &w.moe);
+        let (mode, route) = match &m.route {
+            GateRoute::Bias(b) => (GateMode::Scored, b),
+            GateRoute::Hash(t) => (GateMode::Hashed { vocab: c.vocab_size }, t),
+        };
+        let gate = ops::MoeGate {
+            rows: rows.n,
+            dim: c.dim,
+            experts: c.n_routed_experts,
+            topk: c.n_activated_experts,
+            route_scale: c.route_scale,
+            mode,
+        };
+        let (experts, weights) = e.moe_gate(gate, xn, &m.gate_w, route, ids)?;
+        let op = ops::MoeExperts {
+            rows: rows.n,
+            dim: c.dim,
+            inter: c.moe_inter_dim,
+            experts: c.n_routed_experts,
+            topk: c.n_activated_experts,
+            swiglu_limit: c.swiglu_limit,
+            format: m.experts.format,
+        };
+        let routed = e.moe_experts(op, xn, &experts, &weights, &m.experts)?;
+        let h = e.swiglu(&e.linear(xn, &m.shared_w1)?, &e.linear(xn, &m.shared_w3)?, c.swiglu_limit)?;
+        let shared = e.linear(&h, &m.shared_w2)?;
+        Ok((e.add(&routed, &shared)?, experts, weights))
+    }
+
+    /// Final hc merge, norm and LM head for the rows `keep` → `[keep.len(), vocab]` f32.
+    pub fn head(&self, x: &Tensor, keep: &[usize]) -> Result<Vec<f32>> {
+        self.head_with(x, keep, &self.weights.hc_head, &self.weights.norm)
+    }
+
+    fn head_with(&self, x: &Tensor, keep: &[usize], hc: &crate::exec::HcW, norm: &Tensor) -> Result<Vec<f32>> {
+        let e = self.exec();
+        let u = e.hc_head(x, hc, self.hc_params())?;
+        let h = e.rms_norm(&u, Some(norm), self.cfg.norm_eps)?;
+        let h = e.gather_rows(&h, keep)?;
+        e.download_f32(&e.linear(&h, &self.weights.head)?)
+    }
+
+    /// MTP block `k` on the main model's final streams `x` with input `ids` (one per row):
+    /// `e_proj(enorm(embed(ids)))` broadcast over the streams `+ h_proj(hnorm(x))`, the block,
+    /// then its own hc head and norm and the shared LM head (spec §3.10). Logits for every row.
+    pub fn mtp(&self, k: usize, cache: &mut KvCache, rows: &Rows, x: Tensor, ids: &[u32], decisions: bool)
+        -> Result<(Vec<f32>, Option<LayerDecisions>)> {
+        let (c, e) = (&self.cfg, self.exec());
+        let w = &self.weights.mtp[k];
+        let (r, m, d) = (rows.n, c.hc_mult, c.dim);
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ModelError::Request(format!("MTP token id {bad} is outside the vocabulary [0, {})", c.vocab_size)));
+        }
+        let ids: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
+        let id_t = self.backend().upload(&[r], hal::DType::I32, &hal::dtype::i32_bytes(&ids))?;
+        let emb = e.rms_norm(&e.embed(&id_t, &self.weights.embed)?, Some(&w.enorm), c.norm_eps)?;
+        let ep = e.linear(&emb, &w.e_proj)?;
+        let h = e.rms_norm(&x.reshape(vec![r * m, d]), Some(&w.hnorm), c.norm_eps)?;
+        let hp = e.linear(&h, &w.h_proj)?;
+        let x0 = e.add(&hp, &ep)?.reshape(vec![r, m, d]);
+        let (x1, dec) = self.block_with(&w.block, &mut cache.mtp[k], rows, &id_t, &x0, decisions)?;
+        let all: Vec<usize> = (0..r).collect();
+        Ok((self.head_with(&x1, &all, &w.hc_head, &w.norm)?, dec))
+    }
+}
