@@ -87,14 +87,23 @@ fn window_reads_fresh_rows_then_ring() {
     let keys: [Vec<&[f32]>; 4] = [
         vec![ring_at(0, 2), ring_at(0, 3), ring_at(0, 4), kv_row(0), comp_at(0, 0), comp_at(0, 1), comp_at(0, 2)],
         vec![ring_at(0, 3), ring_at(0, 4), kv_row(0), kv_row(1), comp_at(0, 0), comp_at(0, 1), comp_at(0, 2)],
-        vec![ring_at(0, 4), kv_row(0), kv_row(1), kv_row(2), comp_at(0, 0), comp_at(0, 1), comp_at(0, 2), comp_at(0, 3)],
+        vec![
+            ring_at(0, 4),
+            kv_row(0),
+            kv_row(1),
+            kv_row(2),
+            comp_at(0, 0),
+            comp_at(0, 1),
+            comp_at(0, 2),
+            comp_at(0, 3),
+        ],
         vec![ring_at(1, 0), kv_row(3), comp_at(1, 0)],
     ];
     for (r, ks) in keys.iter().enumerate() {
-        for hh in 0..h {
+        for (hh, &sk) in sink.iter().enumerate() {
             let at = (r * h + hh) * d;
             let mut want = vec![0.0; d];
-            sparse_attn_row(&q[at..at + d], ks.iter().copied(), sink[hh], 0.35, &mut want);
+            sparse_attn_row(&q[at..at + d], ks.iter().copied(), sk, 0.35, &mut want);
             assert_eq!(&got[at..at + d], &want[..], "row {r} head {hh}");
         }
     }
@@ -151,7 +160,14 @@ fn window_store_keeps_the_last_window() {
 
 /// Runs a compressor over `positions` of slot 0 in one call, returning (state_kv, state_score,
 /// cache) after it, starting from the given state.
-fn compress(b: &CpuBackend, op: &Compressor, kv: &[f32], score: &[f32], start: usize, state: [&mut Tensor; 3]) -> hal::Result<()> {
+fn compress(
+    b: &CpuBackend,
+    op: &Compressor,
+    kv: &[f32],
+    score: &[f32],
+    start: usize,
+    state: [&mut Tensor; 3],
+) -> hal::Result<()> {
     let (cd, rows) = (op.coff() * op.width, op.rows);
     let ape = noise(op.ratio * cd, 11);
     let norm_w = noise(op.width, 12);
@@ -174,7 +190,17 @@ fn compress(b: &CpuBackend, op: &Compressor, kv: &[f32], score: &[f32], start: u
 fn compressor_chunked_equals_token_by_token() {
     let b = CpuBackend::new();
     let (ratio, width, rd, cap, n) = (4, 128, 64, 4, 11);
-    let base = Compressor { rows: n, slots: 1, ratio, overlap: true, width, rope_dim: rd, rotate: false, capacity: cap, norm_eps: 1e-6 };
+    let base = Compressor {
+        rows: n,
+        slots: 1,
+        ratio,
+        overlap: true,
+        width,
+        rope_dim: rd,
+        rotate: false,
+        capacity: cap,
+        norm_eps: 1e-6,
+    };
     let (cr, cd) = (2 * ratio, 2 * width);
     let kv = noise(n * cd, 21);
     let score = noise(n * cd, 22);
@@ -225,7 +251,8 @@ fn compressor_chunked_equals_token_by_token() {
 #[test]
 fn indexer_pads_with_minus_one() {
     let b = CpuBackend::new();
-    let op = IndexerTopK { rows: 1, heads: 1, head_dim: 2, slots: 1, capacity: 4, ratio: 4, topk: 3, weight_scale: 1.0 };
+    let op =
+        IndexerTopK { rows: 1, heads: 1, head_dim: 2, slots: 1, capacity: 4, ratio: 4, topk: 3, weight_scale: 1.0 };
     let ins = [
         f32t(&b, &[1, 1, 2], &[1.0, 0.0]),
         f32t(&b, &[1, 1], &[1.0]),
@@ -244,7 +271,12 @@ fn gate_and_experts_reject_bad_ids() {
     let b = CpuBackend::new();
     let gate = MoeGate { rows: 1, dim: 2, experts: 3, topk: 2, route_scale: 1.0, mode: GateMode::Hashed { vocab: 2 } };
     let run_gate = |id: i32, table: &[i32]| {
-        let ins = [f32t(&b, &[1, 2], &[1.0, 2.0]), f32t(&b, &[3, 2], &[0.1; 6]), i32t(&b, &[2, 2], table), i32t(&b, &[1], &[id])];
+        let ins = [
+            f32t(&b, &[1, 2], &[1.0, 2.0]),
+            f32t(&b, &[3, 2], &[0.1; 6]),
+            i32t(&b, &[2, 2], table),
+            i32t(&b, &[1], &[id]),
+        ];
         let mut e = b.alloc(&[1, 2], DType::I32).expect("alloc");
         let mut w = b.alloc(&[1, 2], DType::F32).expect("alloc");
         b.run(&Op::MoeGate(gate.clone()), &ins.iter().collect::<Vec<_>>(), &mut [&mut e, &mut w]).map(|_| read(&b, &w))
@@ -254,7 +286,15 @@ fn gate_and_experts_reject_bad_ids() {
     invalid(run_gate(2, &[0, 1, 2, 0]).map(|_| ()), "token id 2");
     invalid(run_gate(0, &[0, 3, 2, 0]).map(|_| ()), "expert 3");
 
-    let op = MoeExperts { rows: 1, dim: 128, inter: 128, experts: 2, topk: 2, swiglu_limit: 10.0, format: WeightFormat::F32 };
+    let op = MoeExperts {
+        rows: 1,
+        dim: 128,
+        inter: 128,
+        experts: 2,
+        topk: 2,
+        swiglu_limit: 10.0,
+        format: WeightFormat::F32,
+    };
     let wt = f32t(&b, &[2, 128, 128], &noise(2 * 128 * 128, 5));
     let ins = [f32t(&b, &[1, 128], &noise(128, 6)), i32t(&b, &[1, 2], &[1, 1]), f32t(&b, &[1, 2], &[0.5, 0.5]), wt];
     let refs = [&ins[0], &ins[1], &ins[2], &ins[3], &ins[3], &ins[3]];
@@ -338,4 +378,215 @@ fn foreign_tensors_shapes_and_overruns_are_errors() {
     invalid(b.run(&sw, &[&g, &g], &mut [&mut out]), "'h'");
     let mut h = b.alloc(&[1, 1], DType::F32).expect("alloc");
     invalid(b.run(&sw, &[&g, &g], &mut [&mut h]), "limit");
+}
+
+/// Inputs for any op, built from its signature: noise for f32, valid codes for quantized
+/// weights, slot 0 at consecutive positions from 2, distinct experts, −1 indices.
+fn inputs_for(b: &CpuBackend, op: &Op) -> Vec<Tensor> {
+    op.signature()
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let n: usize = spec.shape.iter().product();
+            let v = noise(n, 100 + i as u64);
+            let bytes: Vec<u8> = match (spec.dtype, spec.name) {
+                (DType::F32, _) => f32_bytes(&v),
+                (DType::BF16, _) => v.iter().flat_map(|x| hal::dtype::f32_to_bf16(*x).to_le_bytes()).collect(),
+                (DType::F8E4M3, _) => v.iter().map(|x| hal::dtype::f32_to_e4m3(x * 400.0)).collect(),
+                (DType::F8E8M0, _) => vec![127; n],
+                (DType::F4E2M1x2, _) => v.iter().map(|x| (x.to_bits() >> 8) as u8).collect(),
+                (DType::I32, name) => {
+                    let cols = spec.shape.last().copied().unwrap_or(1).max(1);
+                    i32_bytes(
+                        &(0..n as i32)
+                            .map(|j| match name {
+                                "positions" => 2 + j,
+                                "experts" | "tid2eid" => j % cols as i32,
+                                "indices" => -1,
+                                _ => 0,
+                            })
+                            .collect::<Vec<_>>(),
+                    )
+                }
+                (other, name) => panic!("no generator for {name}: {other}"),
+            };
+            b.upload(&spec.shape, spec.dtype, &bytes).expect("upload")
+        })
+        .collect()
+}
+
+fn every_op(rows: usize) -> Vec<Op> {
+    let sa = |compressed| SparseAttention {
+        rows,
+        heads: 2,
+        head_dim: 16,
+        slots: 2,
+        window: 4,
+        compressed,
+        softmax_scale: 0.25,
+    };
+    let lin = |format| Linear { rows, in_features: 128, out_features: 130, format };
+    let comp = |overlap, ratio, width, rope_dim, rotate| Compressor {
+        rows,
+        slots: 2,
+        ratio,
+        overlap,
+        width,
+        rope_dim,
+        rotate,
+        capacity: 4,
+        norm_eps: 1e-6,
+    };
+    let experts = |format| MoeExperts { rows, dim: 128, inter: 128, experts: 3, topk: 2, swiglu_limit: 10.0, format };
+    vec![
+        Op::Embed(Embed { rows, vocab: 5, dim: 8, table_dtype: DType::BF16 }),
+        Op::HcExpand(HcExpand { rows, mult: 4, dim: 8 }),
+        Op::Add(Add { rows, b_rows: rows, width: 8 }),
+        Op::HcPre(HcPre { rows, mult: 4, dim: 8, sinkhorn_iters: 20, hc_eps: 1e-6, norm_eps: 1e-6 }),
+        Op::HcPost(HcPost { rows, mult: 4, dim: 8 }),
+        Op::HcHead(HcHead { rows, mult: 4, dim: 8, hc_eps: 1e-6, norm_eps: 1e-6 }),
+        Op::RmsNorm(RmsNorm { rows, dim: 8, eps: 1e-6, weighted: true }),
+        Op::RmsNorm(RmsNorm { rows, dim: 8, eps: 1e-6, weighted: false }),
+        Op::Linear(lin(WeightFormat::F32)),
+        Op::Linear(lin(WeightFormat::Bf16)),
+        Op::Linear(lin(WeightFormat::Fp8Block128)),
+        Op::Linear(lin(WeightFormat::Fp4Group32)),
+        Op::GroupedLinear(GroupedLinear {
+            rows,
+            groups: 2,
+            in_per_group: 32,
+            out_per_group: 16,
+            format: WeightFormat::Bf16,
+        }),
+        Op::GroupedLinear(GroupedLinear {
+            rows,
+            groups: 2,
+            in_per_group: 32,
+            out_per_group: 16,
+            format: WeightFormat::Fp8Block128,
+        }),
+        Op::Rope(Rope { rows, heads: 2, head_dim: 16, rope_dim: 8, inverse: true }),
+        Op::QuantSim(QuantSim { rows, dim: 96, quant_dims: 64, block: 64, format: QuantFormat::Fp8E4M3 }),
+        Op::QuantSim(QuantSim { rows, dim: 64, quant_dims: 64, block: 32, format: QuantFormat::Fp4E2M1 }),
+        Op::Hadamard(Hadamard { rows, dim: 64 }),
+        Op::WindowStore(WindowStore { rows, slots: 2, window: 4, dim: 8 }),
+        Op::Compressor(comp(true, 4, 128, 64, false)),
+        Op::Compressor(comp(false, 2, 64, 16, true)),
+        Op::IndexerTopK(IndexerTopK {
+            rows,
+            heads: 2,
+            head_dim: 8,
+            slots: 2,
+            capacity: 4,
+            ratio: 2,
+            topk: 3,
+            weight_scale: 0.1,
+        }),
+        Op::SparseAttention(sa(CompressedKv::None)),
+        Op::SparseAttention(sa(CompressedKv::All { ratio: 2, capacity: 4 })),
+        Op::SparseAttention(sa(CompressedKv::Selected { ratio: 4, capacity: 4, topk: 3 })),
+        Op::MoeGate(MoeGate { rows, dim: 8, experts: 4, topk: 2, route_scale: 1.5, mode: GateMode::Scored }),
+        Op::MoeGate(MoeGate {
+            rows,
+            dim: 8,
+            experts: 4,
+            topk: 2,
+            route_scale: 1.5,
+            mode: GateMode::Hashed { vocab: 5 },
+        }),
+        Op::MoeExperts(experts(WeightFormat::Fp4Group32)),
+        Op::MoeExperts(experts(WeightFormat::Fp8Block128)),
+        Op::SwiGlu(SwiGlu { rows, width: 8, limit: 0.0 }),
+    ]
+}
+
+/// Every op runs (including with zero rows) and writes finite f32 outputs.
+#[test]
+fn every_op_runs_on_signature_built_inputs() {
+    let b = CpuBackend::new();
+    for rows in [0, 1, 3] {
+        for op in every_op(rows) {
+            assert_eq!(b.supports(&op), hal::Support::Yes, "{op:?}");
+            let ins = inputs_for(&b, &op);
+            let sig = op.signature();
+            let mut outs: Vec<Tensor> =
+                sig.outputs.iter().map(|s| b.alloc(&s.shape, s.dtype).expect("alloc")).collect();
+            let mut out_refs: Vec<&mut Tensor> = outs.iter_mut().collect();
+            b.run(&op, &ins.iter().collect::<Vec<_>>(), &mut out_refs).unwrap_or_else(|e| panic!("{op:?}: {e}"));
+            for (t, spec) in outs.iter().zip(&sig.outputs) {
+                if t.dtype() == DType::F32 {
+                    assert!(read(&b, t).iter().all(|v| v.is_finite()), "{} of {op:?} not finite", spec.name);
+                }
+            }
+        }
+    }
+}
+
+/// Zero-sized dimensions are legal descriptors: they must run (or be refused) without panics.
+#[test]
+fn zero_sized_dimensions_do_not_panic() {
+    let b = CpuBackend::new();
+    let ops = [
+        Op::Linear(Linear { rows: 2, in_features: 0, out_features: 3, format: WeightFormat::F32 }),
+        Op::GroupedLinear(GroupedLinear {
+            rows: 2,
+            groups: 2,
+            in_per_group: 0,
+            out_per_group: 3,
+            format: WeightFormat::Bf16,
+        }),
+        Op::HcPre(HcPre { rows: 2, mult: 4, dim: 0, sinkhorn_iters: 1, hc_eps: 1e-6, norm_eps: 1e-6 }),
+        Op::MoeGate(MoeGate { rows: 2, dim: 0, experts: 3, topk: 2, route_scale: 1.0, mode: GateMode::Scored }),
+        Op::MoeExperts(MoeExperts {
+            rows: 1,
+            dim: 0,
+            inter: 0,
+            experts: 2,
+            topk: 1,
+            swiglu_limit: 0.0,
+            format: WeightFormat::Fp4Group32,
+        }),
+        Op::Rope(Rope { rows: 2, heads: 1, head_dim: 4, rope_dim: 0, inverse: false }),
+        Op::IndexerTopK(IndexerTopK {
+            rows: 1,
+            heads: 0,
+            head_dim: 0,
+            slots: 1,
+            capacity: 2,
+            ratio: 1,
+            topk: 2,
+            weight_scale: 1.0,
+        }),
+        Op::SparseAttention(SparseAttention {
+            rows: 1,
+            heads: 0,
+            head_dim: 0,
+            slots: 1,
+            window: 1,
+            compressed: CompressedKv::None,
+            softmax_scale: 1.0,
+        }),
+        Op::Compressor(Compressor {
+            rows: 1,
+            slots: 1,
+            ratio: 1,
+            overlap: false,
+            width: 0,
+            rope_dim: 0,
+            rotate: false,
+            capacity: 1,
+            norm_eps: 1e-6,
+        }),
+    ];
+    for op in ops {
+        let ins = inputs_for(&b, &op);
+        let mut outs: Vec<Tensor> =
+            op.signature().outputs.iter().map(|s| b.alloc(&s.shape, s.dtype).expect("alloc")).collect();
+        let mut out_refs: Vec<&mut Tensor> = outs.iter_mut().collect();
+        let _ = b.run(&op, &ins.iter().collect::<Vec<_>>(), &mut out_refs);
+    }
+    let refused = Op::Hadamard(Hadamard { rows: 1, dim: 0 });
+    let mut x = b.alloc(&[1, 0], DType::F32).expect("alloc");
+    assert!(b.run(&refused, &[], &mut [&mut x]).is_err());
 }

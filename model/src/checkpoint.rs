@@ -91,12 +91,10 @@ impl Checkpoint {
     fn open_indexed(dir: &Path, index_path: PathBuf) -> Result<Self, LoadError> {
         let bad = |message: String| LoadError::Index { file: index_path.clone(), message };
         let text =
-            std::fs::read_to_string(&index_path).map_err(|e| LoadError::Io { file: index_path.clone(), source: e })?;
+            std::fs::read_to_string(&index_path).map_err(|e| LoadError::Io { file: index_path.clone(), err: e })?;
         let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let map = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| bad("no 'weight_map' object".into()))?;
+        let map =
+            json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no 'weight_map' object".into()))?;
         // shard file name → tensor names mapped to it
         let mut by_shard: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for (name, file) in map {
@@ -128,7 +126,9 @@ impl Checkpoint {
                     return Err(LoadError::Tensor {
                         file: path,
                         tensor: name.to_string(),
-                        message: format!("{INDEX_FILE} maps this tensor to this shard, but the shard does not contain it"),
+                        message: format!(
+                            "{INDEX_FILE} maps this tensor to this shard, but the shard does not contain it"
+                        ),
                     });
                 }
             }
@@ -249,7 +249,9 @@ impl Checkpoint {
             return shard_path(loc);
         }
         if let Some(prefix) = block_prefix(name) {
-            if let Some((_, loc)) = self.entries.range(prefix.to_string()..).next().filter(|(n, _)| n.starts_with(prefix)) {
+            if let Some((_, loc)) =
+                self.entries.range(prefix.to_string()..).next().filter(|(n, _)| n.starts_with(prefix))
+            {
                 return shard_path(loc);
             }
         }
@@ -262,7 +264,10 @@ impl Checkpoint {
 
     /// Sum of all tensor data in bytes.
     pub fn total_bytes(&self) -> u64 {
-        self.names().filter_map(|n| self.info(n)).map(|(dt, shape)| (shape.iter().product::<usize>() * dt.size()) as u64).sum()
+        self.names()
+            .filter_map(|n| self.info(n))
+            .map(|(dt, shape)| (shape.iter().product::<usize>() * dt.size()) as u64)
+            .sum()
     }
 
     /// Checks that the checkpoint holds exactly [`expected_tensors`]`(cfg)`: each with its dtype
@@ -519,7 +524,14 @@ mod tests {
         assert_eq!(list.len(), 145_116);
         let census = |dt: DType| list.iter().filter(|t| t.dtype == dt).count();
         assert_eq!(
-            [census(DType::I8), census(DType::F8E8M0), census(DType::F8E4M3), census(DType::BF16), census(DType::F32), census(DType::I64)],
+            [
+                census(DType::I8),
+                census(DType::F8E8M0),
+                census(DType::F8E4M3),
+                census(DType::BF16),
+                census(DType::F32),
+                census(DType::I64)
+            ],
             [71_424, 71_952, 528, 619, 590, 3]
         );
         let p = param_counts(&cfg);

@@ -132,7 +132,7 @@ const DEFAULT_RATIOS: [usize; 8] = [0, 0, 4, 128, 4, 128, 4, 0];
 impl ModelConfig {
     /// Reads and validates `path` (a root `config.json`).
     pub fn from_file(path: &Path) -> Result<Self, LoadError> {
-        let text = std::fs::read_to_string(path).map_err(|e| LoadError::Io { file: path.to_path_buf(), source: e })?;
+        let text = std::fs::read_to_string(path).map_err(|e| LoadError::Io { file: path.to_path_buf(), err: e })?;
         Self::from_json(&text, path)
     }
 
@@ -192,7 +192,9 @@ impl ModelConfig {
 
     /// Checks every invariant the reference or its kernels rely on; see the module docs.
     fn validate(&self, file: &Path, f: &Fields<'_>) -> Result<(), LoadError> {
-        let err = |field: &str, message: String| Err(LoadError::Config { file: file.to_path_buf(), field: field.into(), message });
+        let err = |field: &str, message: String| {
+            Err(LoadError::Config { file: file.to_path_buf(), field: field.into(), message })
+        };
         for (key, v) in [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.dim),
@@ -242,7 +244,10 @@ impl ModelConfig {
             return err("num_key_value_heads", "V4 attention has exactly one shared K=V head; must be 1".into());
         }
         if self.n_shared_experts != 1 {
-            return err("n_shared_experts", format!("must be 1 (the reference asserts it), found {}", self.n_shared_experts));
+            return err(
+                "n_shared_experts",
+                format!("must be 1 (the reference asserts it), found {}", self.n_shared_experts),
+            );
         }
         f.require_str("scoring_func", "sqrtsoftplus")?;
         f.require_str("hidden_act", "silu")?;
@@ -253,7 +258,10 @@ impl ModelConfig {
             q.require_str("activation_scheme", "dynamic")?;
             if let Some(v) = q.obj.get("weight_block_size") {
                 if v.as_array().map(|a| a.len() == 2 && a.iter().all(|x| x.as_u64() == Some(128))) != Some(true) {
-                    return err("quantization_config.weight_block_size", format!("unsupported value {v}: must be [128, 128]"));
+                    return err(
+                        "quantization_config.weight_block_size",
+                        format!("unsupported value {v}: must be [128, 128]"),
+                    );
                 }
             }
         }
@@ -270,12 +278,18 @@ impl ModelConfig {
             );
         }
         if let Some((i, r)) = self.compress_ratios.iter().enumerate().find(|(_, &r)| r == 1) {
-            return err(&format!("compress_ratios[{i}]"), format!("ratio {r} is not supported: must be 0 (window only) or at least 2"));
+            return err(
+                &format!("compress_ratios[{i}]"),
+                format!("ratio {r} is not supported: must be 0 (window only) or at least 2"),
+            );
         }
         if self.n_heads % self.o_groups != 0 {
             return err(
                 "o_groups",
-                format!("num_attention_heads (n_heads) = {} is not divisible by o_groups = {}", self.n_heads, self.o_groups),
+                format!(
+                    "num_attention_heads (n_heads) = {} is not divisible by o_groups = {}",
+                    self.n_heads, self.o_groups
+                ),
             );
         }
         if self.rope_head_dim % 2 != 0 || self.rope_head_dim >= self.head_dim {
@@ -318,7 +332,10 @@ impl ModelConfig {
         if self.n_activated_experts > self.n_routed_experts {
             return err(
                 "num_experts_per_tok",
-                format!("{} experts per token but only n_routed_experts = {}", self.n_activated_experts, self.n_routed_experts),
+                format!(
+                    "{} experts per token but only n_routed_experts = {}",
+                    self.n_activated_experts, self.n_routed_experts
+                ),
             );
         }
         if self.n_hash_layers > self.n_layers {
@@ -367,7 +384,9 @@ impl<'a> Fields<'a> {
     fn f32(&self, key: &str, default: f32) -> Result<f32, LoadError> {
         match self.value(key) {
             None => Ok(default),
-            Some(v) => v.as_f64().map(|x| x as f32).ok_or_else(|| self.error(key, format!("expected a number, found {v}"))),
+            Some(v) => {
+                v.as_f64().map(|x| x as f32).ok_or_else(|| self.error(key, format!("expected a number, found {v}")))
+            }
         }
     }
 
@@ -381,7 +400,9 @@ impl<'a> Fields<'a> {
     /// `key` must be absent or equal to `want` (the only value v4rt implements).
     fn require_str(&self, key: &str, want: &str) -> Result<(), LoadError> {
         match self.str(key)? {
-            Some(s) if s != want => Err(self.error(key, format!("unsupported value '{s}': v4rt implements only '{want}'"))),
+            Some(s) if s != want => {
+                Err(self.error(key, format!("unsupported value '{s}': v4rt implements only '{want}'")))
+            }
             _ => Ok(()),
         }
     }
@@ -423,20 +444,25 @@ impl<'a> Fields<'a> {
             None | Some("fp8") => ExpertFormat::Fp8,
             Some("fp4") => ExpertFormat::Fp4,
             Some(other) => {
-                return Err(self.error("expert_dtype", format!("unsupported value '{other}': must be 'fp4', 'fp8' or absent")))
+                return Err(
+                    self.error("expert_dtype", format!("unsupported value '{other}': must be 'fp4', 'fp8' or absent"))
+                )
             }
         };
         let compress_ratios = match self.value("compress_ratios") {
             None => DEFAULT_RATIOS.to_vec(),
             Some(v) => {
-                let arr = v
-                    .as_array()
-                    .ok_or_else(|| self.error("compress_ratios", format!("expected an array of integers, found {v}")))?;
+                let arr = v.as_array().ok_or_else(|| {
+                    self.error("compress_ratios", format!("expected an array of integers, found {v}"))
+                })?;
                 arr.iter()
                     .enumerate()
                     .map(|(i, x)| {
                         x.as_u64().and_then(|r| usize::try_from(r).ok()).ok_or_else(|| {
-                            self.error(&format!("compress_ratios[{i}]"), format!("expected a non-negative integer, found {x}"))
+                            self.error(
+                                &format!("compress_ratios[{i}]"),
+                                format!("expected a non-negative integer, found {x}"),
+                            )
                         })
                     })
                     .collect::<Result<Vec<_>, _>>()?

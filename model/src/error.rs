@@ -7,8 +7,8 @@ use thiserror::Error;
 /// A checkpoint or config could not be loaded.
 #[derive(Debug, Error)]
 pub enum LoadError {
-    #[error("{}: {source}", file.display())]
-    Io { file: PathBuf, #[source] source: std::io::Error },
+    #[error("{}: {err}", file.display())]
+    Io { file: PathBuf, err: std::io::Error },
     #[error("{}: corrupt safetensors file: {message}", file.display())]
     Corrupt { file: PathBuf, message: String },
     #[error("{}: tensor '{tensor}': {message}", file.display())]

@@ -173,10 +173,12 @@ impl<'a> Exec<'a> {
         )
     }
 
-    pub fn indexer_topk(&self, op: ops::IndexerTopK, q: &Tensor, w: &Tensor, keys: &Tensor, rows: &Rows) -> Result<Tensor> {
+    /// The selected compressed entries `[rows, topk]` and their scores.
+    pub fn indexer_topk(&self, op: ops::IndexerTopK, q: &Tensor, w: &Tensor, keys: &Tensor, rows: &Rows) -> Result<(Tensor, Tensor)> {
         let mut idx = self.b.alloc(&[rows.n, op.topk], DType::I32)?;
-        self.run(Op::IndexerTopK(op), &[q, w, keys, &rows.slots, &rows.positions], &mut [&mut idx])?;
-        Ok(idx)
+        let mut scores = self.new_f32(&[rows.n, op.topk])?;
+        self.run(Op::IndexerTopK(op), &[q, w, keys, &rows.slots, &rows.positions], &mut [&mut idx, &mut scores])?;
+        Ok((idx, scores))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -269,10 +271,12 @@ pub struct ExpertsW {
 impl Exec<'_> {
     /// The rows `keep` of `x [rows, width]`, in that order.
     pub fn gather_rows(&self, x: &Tensor, keep: &[usize]) -> Result<Tensor> {
-        // TEMPORARY host round trip until the GatherRows op lands in hal.
-        let width = x.shape()[1];
-        let all = self.download_f32(x)?;
-        let picked: Vec<f32> = keep.iter().flat_map(|&k| all[k * width..(k + 1) * width].iter().copied()).collect();
-        Ok(self.b.upload(&[keep.len(), width], DType::F32, &hal::dtype::f32_bytes(&picked))?)
+        let (rows, width) = (x.shape()[0], x.shape()[1]);
+        let idx: Vec<i32> = keep.iter().map(|&k| k as i32).collect();
+        let idx_t = self.b.upload(&[keep.len()], DType::I32, &hal::dtype::i32_bytes(&idx))?;
+        let mut out = self.new_f32(&[keep.len(), width])?;
+        let op = ops::GatherRows { rows, width, out_rows: keep.len() };
+        self.run(Op::GatherRows(op), &[x, &idx_t], &mut [&mut out])?;
+        Ok(out)
     }
 }

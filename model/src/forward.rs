@@ -64,6 +64,8 @@ pub struct LayerDecisions {
     pub expert_weights: Vec<f32>,
     /// `[rows, index_topk]` compressed-entry ids (−1 padding), CSA layers only.
     pub topk: Option<Vec<i32>>,
+    /// The indexer scores of those entries (−∞ for padding).
+    pub topk_scores: Option<Vec<f32>>,
 }
 
 /// The result of [`Model::forward`].
@@ -222,7 +224,8 @@ impl Model {
             Some(LayerDecisions {
                 experts: e.download_i32(&experts)?,
                 expert_weights: e.download_f32(&weights)?,
-                topk: topk.as_ref().map(|t| e.download_i32(t)).transpose()?,
+                topk: topk.as_ref().map(|(t, _)| e.download_i32(t)).transpose()?,
+                topk_scores: topk.as_ref().map(|(_, s)| e.download_f32(s)).transpose()?,
             })
         } else {
             None
@@ -231,7 +234,7 @@ impl Model {
     }
 
     /// Attention sub-layer (spec §3.4–3.7). Returns its output and the indexer's choice.
-    fn attention(&self, w: &BlockW, lc: &mut LayerCache, rows: &Rows, xn: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    fn attention(&self, w: &BlockW, lc: &mut LayerCache, rows: &Rows, xn: &Tensor) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let (c, e, a) = (&self.cfg, self.exec(), &w.attn);
         let (r, h, hd, rd) = (rows.n, c.n_heads, c.head_dim, c.rope_head_dim);
         let eps = c.norm_eps;
@@ -298,7 +301,7 @@ impl Model {
             softmax_scale: (1.0 / (hd as f64).sqrt()) as f32,
         };
         let mut o = e.sparse_attention(op, &q, &kv, &lc.ring, &a.sink, rows,
-            lc.compressor.as_ref().map(|cc| &cc.state.cache), topk.as_ref())?;
+            lc.compressor.as_ref().map(|cc| &cc.state.cache), topk.as_ref().map(|(i, _)| i))?;
         e.window_store(&kv, rows, &mut lc.ring)?;
 
         // Output: de-rotate, grouped low-rank projection, then wo_b.

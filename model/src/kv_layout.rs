@@ -119,7 +119,14 @@ pub fn kv_footprint(cfg: &ModelConfig, layout: KvLayout, context_tokens: u64) ->
         let slot = match by_kind.iter_mut().position(|k| k.kind == kind && k.ratio == ratio) {
             Some(j) => j,
             None => {
-                by_kind.push(KindFootprint { kind, ratio, layers: 0, bytes_per_token: 0.0, window_bytes: 0, state_bytes: 0 });
+                by_kind.push(KindFootprint {
+                    kind,
+                    ratio,
+                    layers: 0,
+                    bytes_per_token: 0.0,
+                    window_bytes: 0,
+                    state_bytes: 0,
+                });
                 by_kind.len() - 1
             }
         };
@@ -187,7 +194,7 @@ mod tests {
         assert_eq!(KvLayout::Fp8Fp4.index_key_bytes(&cfg), 68);
         let f = kv_footprint(&cfg, KvLayout::Fp8Fp4, MIB_1);
         assert_eq!(f.bytes_per_token, 30.0 * 652.0 / 4.0 + 31.0 * 584.0 / 128.0); // 5,031.44
-        // The published 4.91 GiB is the per-token growth; the 128-entry FP8 windows add 4.3 MiB.
+                                                                                  // The published 4.91 GiB is the per-token growth; the 128-entry FP8 windows add 4.3 MiB.
         assert_eq!(gib(f.growth_bytes), "4.91");
         assert_eq!(f.window_bytes, 61 * 128 * 584);
         assert_eq!(gib(f.total_bytes), "4.92");

@@ -40,11 +40,11 @@ impl SafeTensors {
     /// Maps `path` and validates its header.
     pub fn open(path: &Path) -> Result<Self, LoadError> {
         let bad = |msg: String| LoadError::Corrupt { file: path.to_path_buf(), message: msg };
-        let file = File::open(path).map_err(|e| LoadError::Io { file: path.to_path_buf(), source: e })?;
+        let file = File::open(path).map_err(|e| LoadError::Io { file: path.to_path_buf(), err: e })?;
         // SAFETY: the file is opened read-only; a concurrent writer truncating it would be a
         // misuse of a checkpoint directory that the OS reports as SIGBUS, which we accept as for
         // every mmap-based loader.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| LoadError::Io { file: path.to_path_buf(), source: e })?;
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| LoadError::Io { file: path.to_path_buf(), err: e })?;
         if map.len() < 8 {
             return Err(bad(format!("file is {} bytes, shorter than the 8-byte header length", map.len())));
         }
@@ -166,7 +166,7 @@ pub struct WriteTensor<'a> {
 
 /// Writes a safetensors file (tensors sorted by name, 8-byte aligned header).
 pub fn write(path: &Path, tensors: &[WriteTensor<'_>], metadata: &BTreeMap<String, String>) -> Result<(), LoadError> {
-    let io = |e| LoadError::Io { file: path.to_path_buf(), source: e };
+    let io = |e| LoadError::Io { file: path.to_path_buf(), err: e };
     let mut order: Vec<&WriteTensor> = tensors.iter().collect();
     order.sort_by(|a, b| a.name.cmp(b.name));
     let mut header = serde_json::Map::new();

@@ -286,11 +286,13 @@ fn shard_order(name: &str) -> (u8, usize, &str) {
 /// `model-0000i-of-0000n.safetensors` shards split by block at roughly equal sizes, and
 /// `model.safetensors.index.json` with `metadata.total_size` and a sorted `weight_map`.
 ///
-/// `shards` is clamped to 1..=(number of blocks); `dir` is created if needed.
+/// `shards` is clamped to at least 1 and at most the number of units that stay whole (the
+/// embedding, each block, the remaining globals), so fewer files may result; `dir` is created
+/// if needed.
 pub fn write_dir(ckpt: &Checkpoint, cfg_json: &str, dir: &Path, shards: usize) -> Result<(), LoadError> {
     let io = |file: &Path| {
         let file = file.to_path_buf();
-        move |e| LoadError::Io { file, source: e }
+        move |e| LoadError::Io { file, err: e }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let cfg_path = dir.join("config.json");
@@ -409,8 +411,12 @@ mod tests {
         assert_eq!(a.raw(w).unwrap(), b.raw(w).unwrap());
         assert_ne!(a.raw(w).unwrap(), c.raw(w).unwrap());
         // tid2eid rows hold distinct experts
-        let ids: Vec<i64> =
-            a.raw("layers.0.ffn.gate.tid2eid").unwrap().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+        let ids: Vec<i64> = a
+            .raw("layers.0.ffn.gate.tid2eid")
+            .unwrap()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         for row in ids.chunks_exact(cfg.n_activated_experts) {
             assert!(row[0] != row[1] && row.iter().all(|&e| (0..cfg.n_routed_experts as i64).contains(&e)));
         }

@@ -41,7 +41,13 @@ pub fn compare(got: &[f32], want: &[f32], floor: f64) -> Errors {
         sq += d * d;
         ref_sq += w * w;
     }
-    e.nmse = if ref_sq > 0.0 { sq / ref_sq } else if sq > 0.0 { f64::INFINITY } else { 0.0 };
+    e.nmse = if ref_sq > 0.0 {
+        sq / ref_sq
+    } else if sq > 0.0 {
+        f64::INFINITY
+    } else {
+        0.0
+    };
     e
 }
 

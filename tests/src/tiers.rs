@@ -83,6 +83,24 @@ pub fn sets_equal(ours: &[i64], golden: &[i64], k: usize) -> f64 {
     a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64
 }
 
+/// Fraction of rows whose sets are identical up to exact ties at the selection boundary: a row
+/// counts if every entry we chose and the golden did not has exactly our lowest chosen score
+/// (`scores` are ours, aligned with `ours`; −1 entries are padding). A top-k may pick any of
+/// several equal-scoring entries; any other difference is a wrong selection.
+pub fn sets_equal_up_to_ties(ours: &[i64], scores: &[f32], golden: &[i64], k: usize) -> f64 {
+    let rows = ours.len() / k;
+    let ok = (0..rows)
+        .filter(|&r| {
+            let (o, s, g) = (&ours[r * k..(r + 1) * k], &scores[r * k..(r + 1) * k], &golden[r * k..(r + 1) * k]);
+            let valid = |v: &[i64]| v.iter().filter(|&&x| x >= 0).count();
+            let boundary = o.iter().zip(s).filter(|(&j, _)| j >= 0).map(|(_, &v)| v).fold(f32::INFINITY, f32::min);
+            valid(o) == valid(g)
+                && o.iter().zip(s).all(|(&j, &v)| j < 0 || g.contains(&j) || v == boundary)
+        })
+        .count();
+    ok as f64 / rows as f64
+}
+
 /// Mean of |A ∩ B| / |B| over rows (B = golden set; a row with empty B counts 1 if A is empty).
 pub fn sets_overlap(ours: &[i64], golden: &[i64], k: usize) -> f64 {
     let (a, b) = (sets(ours, k), sets(golden, k));
@@ -105,4 +123,27 @@ pub fn describe(rel: &[f64]) -> String {
     s.sort_by(f64::total_cmp);
     let q = |f: f64| s[((s.len() - 1) as f64 * f) as usize];
     format!("rel median {:.2e} p90 {:.2e} p99 {:.2e} max {:.2e}, frac≤1e-3 {:.3}", q(0.5), q(0.9), q(0.99), q(1.0), frac_le(rel, 1e-3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ties_are_forgiven_only_at_the_boundary() {
+        // Golden chose {1, 5}; we chose {1, 2}. Entry 2 scores exactly our boundary: a tie.
+        assert_eq!(sets_equal_up_to_ties(&[1, 2], &[3.0, 0.0], &[1, 5], 2), 1.0);
+        // Entry 2 scores above our boundary (entry 1 is lower): the golden left out an entry
+        // that must be in any correct top-2, so the row is a real mismatch.
+        assert_eq!(sets_equal_up_to_ties(&[2, 1], &[4.0, 3.0], &[1, 5], 2), 0.0);
+        // Different counts of valid entries never match.
+        assert_eq!(sets_equal_up_to_ties(&[1, -1], &[3.0, f32::NEG_INFINITY], &[1, 5], 2), 0.0);
+    }
+
+    #[test]
+    fn nan_never_passes() {
+        let rel = row_rel(&[f32::NAN, 1.0], &[1.0, 1.0], 2);
+        assert!(rel[0].is_infinite());
+        assert!(row_cos(&[f32::NAN, 1.0], &[1.0, 1.0], 2)[0] < 0.0);
+    }
 }

@@ -205,8 +205,11 @@ fn unexpected_tensor() {
 fn checkpoint_and_config_disagree() {
     // FP4 experts on disk, config says FP8
     let dir = write("fp8-config", tensors());
-    let cfg = ModelConfig::from_json(&tiny_json().replace("\"expert_dtype\": \"fp4\"", "\"expert_dtype\": \"fp8\""), Path::new("x"))
-        .unwrap();
+    let cfg = ModelConfig::from_json(
+        &tiny_json().replace("\"expert_dtype\": \"fp4\"", "\"expert_dtype\": \"fp8\""),
+        Path::new("x"),
+    )
+    .unwrap();
     let e = Checkpoint::open(&dir.0).unwrap().validate(&cfg).unwrap_err().to_string();
     assert_mentions(&e, &[SHARD_SUFFIX, "ffn.experts.", "expected F8_E4M3", "found I8"]);
 }

@@ -69,7 +69,10 @@ fn tiny_flash_matches_its_manifest() {
     assert_eq!(text, golden, "the fixture is a copy of the golden config.json");
     let c = ModelConfig::embedded("tiny-flash").unwrap();
     assert_eq!((c.vocab_size, c.dim, c.n_layers, c.n_hash_layers, c.n_mtp_layers), (1024, 256, 4, 1, 1));
-    assert_eq!((c.n_heads, c.head_dim, c.q_lora_rank, c.o_groups, c.o_lora_rank, c.window_size), (4, 512, 256, 2, 128, 16));
+    assert_eq!(
+        (c.n_heads, c.head_dim, c.q_lora_rank, c.o_groups, c.o_lora_rank, c.window_size),
+        (4, 512, 256, 2, 128, 16)
+    );
     assert_eq!((c.n_routed_experts, c.n_activated_experts, c.moe_inter_dim), (8, 2, 256));
     assert_eq!((c.index_n_heads, c.index_head_dim, c.index_topk), (4, 128, 8));
     assert_eq!(c.compress_ratios, vec![0, 4, 128, 4, 0]);

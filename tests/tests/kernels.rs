@@ -36,7 +36,12 @@ fn shape(g: &SafeTensors, name: &str) -> Vec<usize> {
 fn assert_bits(what: &str, got: &[f32], want: &[f32]) {
     let bad = bit_mismatches(got, want);
     let show: Vec<_> = bad.iter().take(5).map(|&i| (i, got.get(i), want.get(i))).collect();
-    assert!(bad.is_empty(), "{what}: {} of {} values differ, first (index, got, want): {show:?}", bad.len(), want.len());
+    assert!(
+        bad.is_empty(),
+        "{what}: {} of {} values differ, first (index, got, want): {show:?}",
+        bad.len(),
+        want.len()
+    );
     println!("{what}: {} values bit-exact", want.len());
 }
 
@@ -238,14 +243,14 @@ fn check_sparse_attn(group: &str) {
     for bi in 0..b {
         for mi in 0..m {
             let list = &idx[(bi * m + mi) * k..(bi * m + mi + 1) * k];
-            for hi in 0..h {
+            for (hi, &sk) in sink.iter().enumerate() {
                 let keys = list.iter().filter(|&&j| j >= 0).map(|&j| {
                     let j = j as usize;
                     assert!(j < n);
                     &kv[(bi * n + j) * d..(bi * n + j + 1) * d]
                 });
                 let at = ((bi * m + mi) * h + hi) * d;
-                sparse_attn_row(&q[at..at + d], keys, sink[hi], scale, &mut o[at..at + d]);
+                sparse_attn_row(&q[at..at + d], keys, sk, scale, &mut o[at..at + d]);
             }
         }
     }

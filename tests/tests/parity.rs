@@ -57,7 +57,7 @@ fn upload_streams(g: &Golden, v: &[f32], rows: usize) -> hal::Tensor {
 /// Block `i` run alone on golden inputs for tokens `[0, T)` of sequence 0, as one prefill
 /// (`split = None`) or as a prefill of `split` tokens then one-token calls. Returns the output
 /// streams of every position and the (experts, topk) decisions per position.
-fn teacher_forced(g: &Golden, i: usize, split: Option<usize>) -> (Vec<f32>, Vec<i64>, Vec<i64>) {
+fn teacher_forced(g: &Golden, i: usize, split: Option<usize>) -> (Vec<f32>, Vec<i64>, Vec<i64>, Vec<f32>) {
     let (t, width) = (g.t, g.model.cfg.hc_mult * g.model.cfg.dim);
     let input = block_input(g, i);
     let mut cache = g.model.new_cache(1, t).unwrap();
@@ -67,7 +67,7 @@ fn teacher_forced(g: &Golden, i: usize, split: Option<usize>) -> (Vec<f32>, Vec<
         None => vec![(0, t)],
         Some(p) => std::iter::once((0, p)).chain((p..t).map(|s| (s, s + 1))).collect(),
     };
-    let (mut out, mut experts, mut topk) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut out, mut experts, mut topk, mut scores) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (a, b) in spans {
         let rows = g.model.rows(&cache, &[Chunk { slot, tokens: &ids[a..b] }]).unwrap();
         let x = upload_streams(g, &input[a * width..b * width], b - a);
@@ -76,11 +76,12 @@ fn teacher_forced(g: &Golden, i: usize, split: Option<usize>) -> (Vec<f32>, Vec<
         out.extend(hal::dtype::bytes_f32(&g.model.backend().download(&y).unwrap()));
         let d = d.unwrap();
         experts.extend(d.experts.iter().map(|&e| e as i64));
-        if let Some(tk) = d.topk {
+        if let (Some(tk), Some(sc)) = (d.topk, d.topk_scores) {
             topk.extend(tk.iter().map(|&e| e as i64));
+            scores.extend(sc);
         }
     }
-    (out, experts, topk)
+    (out, experts, topk, scores)
 }
 
 fn first_seq(v: Vec<i64>, per_seq: usize) -> Vec<i64> {
@@ -92,7 +93,7 @@ fn t1_teacher_forced_blocks_prefill() {
     let g = golden();
     let (t, width, k, kk) = (g.t, g.model.cfg.hc_mult * g.model.cfg.dim, g.model.cfg.n_activated_experts, g.model.cfg.index_topk);
     for i in 0..g.model.cfg.n_layers {
-        let (out, experts, topk) = teacher_forced(g, i, None);
+        let (out, experts, topk, scores) = teacher_forced(g, i, None);
         let want = g.layers.f32(&format!("layer{i}_out")).unwrap();
         let rel = row_rel(&out, &want, width);
         let e_eq = sets_equal(&experts, &first_seq(g.logits.i64(&format!("layer{i}_experts")).unwrap(), t * k), k);
@@ -102,9 +103,12 @@ fn t1_teacher_forced_blocks_prefill() {
         assert!(e_eq >= 0.99, "layer{i}: experts equal at {e_eq:.3} < 0.99");
         if g.model.cfg.layer_ratio(i) == 4 {
             let gt = first_seq(g.logits.i64(&format!("layer{i}_topk")).unwrap(), t * kk);
-            let eq = sets_equal(&topk, &gt, kk);
-            println!("T1 layer{i}: indexer sets equal {eq:.3}, overlap {:.3}", sets_overlap(&topk, &gt, kk));
-            assert!(eq >= 0.98, "layer{i}: indexer sets equal at {eq:.3} < 0.98");
+            // The reference breaks exact score ties in its sort routine's order, we by lower id;
+            // the tier's 0.98 applies to the sets up to such ties (strict equality is printed).
+            let strict = sets_equal(&topk, &gt, kk);
+            let eq = sets_equal_up_to_ties(&topk, &scores, &gt, kk);
+            println!("T1 layer{i}: indexer sets equal {strict:.3} strictly, {eq:.3} up to exact ties; overlap {:.3}", sets_overlap(&topk, &gt, kk));
+            assert!(eq >= 0.98, "layer{i}: indexer sets equal (up to ties) at {eq:.3} < 0.98");
         }
     }
 }
@@ -114,7 +118,7 @@ fn t1d_teacher_forced_blocks_decode() {
     let g = golden();
     let (t, width, k, kk) = (g.t, g.model.cfg.hc_mult * g.model.cfg.dim, g.model.cfg.n_activated_experts, g.model.cfg.index_topk);
     for i in 0..g.model.cfg.n_layers {
-        let (out, experts, topk) = teacher_forced(g, i, Some(P));
+        let (out, experts, topk, _) = teacher_forced(g, i, Some(P));
         let want = g.layers.f32(&format!("layer{i}_out")).unwrap();
         let rel = row_rel(&out[P * width..], &want[P * width..], width);
         let gexp = first_seq(g.logits.i64(&format!("layer{i}_experts")).unwrap(), t * k);

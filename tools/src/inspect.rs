@@ -64,7 +64,11 @@ fn ranges(ix: &[usize]) -> String {
 }
 
 fn describe_config(out: &mut String, cfg: &ModelConfig) -> std::fmt::Result {
-    writeln!(out, "config: dim {}, vocab {}, {} layers + {} MTP", cfg.dim, cfg.vocab_size, cfg.n_layers, cfg.n_mtp_layers)?;
+    writeln!(
+        out,
+        "config: dim {}, vocab {}, {} layers + {} MTP",
+        cfg.dim, cfg.vocab_size, cfg.n_layers, cfg.n_mtp_layers
+    )?;
     let mut by_kind: BTreeMap<(usize, &str), Vec<usize>> = BTreeMap::new();
     for i in 0..cfg.n_layers {
         by_kind.entry((cfg.layer_ratio(i), cfg.layer_kind(i).label())).or_default().push(i);
@@ -96,7 +100,12 @@ fn describe_config(out: &mut String, cfg: &ModelConfig) -> std::fmt::Result {
     writeln!(
         out,
         "  experts: {} routed ({format}) + {} shared, {} active per token, hidden {}, route scale {}, swiglu limit {}",
-        cfg.n_routed_experts, cfg.n_shared_experts, cfg.n_activated_experts, cfg.moe_inter_dim, cfg.route_scale, cfg.swiglu_limit
+        cfg.n_routed_experts,
+        cfg.n_shared_experts,
+        cfg.n_activated_experts,
+        cfg.moe_inter_dim,
+        cfg.route_scale,
+        cfg.swiglu_limit
     )
 }
 
@@ -184,10 +193,14 @@ mod tests {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/golden/tiny-flash");
         let dir = std::env::temp_dir().join(format!("v4rt-inspect-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        for f in ["model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"] {
+        for f in
+            ["model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+        {
             std::fs::copy(src.join(f), dir.join(f)).unwrap();
         }
-        let cfg = model::config::embedded_json("tiny-flash").unwrap().replace("\"n_routed_experts\": 8", "\"n_routed_experts\": 16");
+        let cfg = model::config::embedded_json("tiny-flash")
+            .unwrap()
+            .replace("\"n_routed_experts\": 8", "\"n_routed_experts\": 16");
         std::fs::write(dir.join("config.json"), cfg).unwrap();
         let err = format!("{:#}", render(&Args { dir: dir.clone() }).unwrap_err());
         std::fs::remove_dir_all(&dir).unwrap();

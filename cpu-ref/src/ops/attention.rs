@@ -12,7 +12,13 @@ use crate::device::CpuStorage;
 /// One head of one query over its keys (K = V): `ℓ_j = (q·k_j)·scale`, `m = max ℓ`,
 /// `out = Σ e^{ℓ_j−m} k_j / (Σ e^{ℓ_j−m} + e^{sink−m})`. The sink only enlarges the denominator
 /// and is not scaled. No keys gives zeros (the sink alone has a zero value vector).
-pub fn sparse_attn_row<'k>(q_head: &[f32], keys: impl Iterator<Item = &'k [f32]>, sink: f32, scale: f32, out: &mut [f32]) {
+pub fn sparse_attn_row<'k>(
+    q_head: &[f32],
+    keys: impl Iterator<Item = &'k [f32]>,
+    sink: f32,
+    scale: f32,
+    out: &mut [f32],
+) {
     let keys: Vec<&[f32]> = keys.collect();
     let logits: Vec<f32> = keys.iter().map(|k| dot(q_head, k) * scale).collect();
     let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
@@ -68,7 +74,10 @@ pub fn run_sparse_attention(op: &SparseAttention, ins: &[&CpuStorage], outs: &mu
                 }
                 let n = (p.pos + 1) / ratio;
                 if n > capacity {
-                    return Err(row_err(format!("position {} sees {n} compressed entries, capacity is {capacity}", p.pos)));
+                    return Err(row_err(format!(
+                        "position {} sees {n} compressed entries, capacity is {capacity}",
+                        p.pos
+                    )));
                 }
                 keys.extend((0..n).map(|j| entry(j, capacity)));
             }

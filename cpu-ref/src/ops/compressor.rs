@@ -81,7 +81,10 @@ pub fn run_compressor(op: &Compressor, ins: &[&CpuStorage], outs: &mut [&mut Cpu
         return Err(Error::invalid(name, format!("rotated width {d} must be a multiple of {INDEX_FP4_BLOCK}")));
     }
     if !op.rotate && (d - rd) % KV_FP8_BLOCK != 0 {
-        return Err(Error::invalid(name, format!("width − rope_dim = {} must be a multiple of {KV_FP8_BLOCK}", d - rd)));
+        return Err(Error::invalid(
+            name,
+            format!("width − rope_dim = {} must be a multiple of {KV_FP8_BLOCK}", d - rd),
+        ));
     }
     let (kv, score, ape, norm_w, freqs) = (ins[0].f32s(), ins[1].f32s(), ins[2].f32s(), ins[3].f32s(), ins[4].f32s());
     let places = place_rows(name, ins[5].i32s(), ins[6].i32s(), op.slots)?;
@@ -101,7 +104,9 @@ pub fn run_compressor(op: &Compressor, ins: &[&CpuStorage], outs: &mut [&mut Cpu
         let slot_base = p.slot * cr * cd;
         let at = slot_base + (i + if op.overlap { ratio } else { 0 }) * cd;
         skv[at..at + cd].copy_from_slice(&kv[r * cd..(r + 1) * cd]);
-        for ((s, &z), &a) in ssc[at..at + cd].iter_mut().zip(&score[r * cd..(r + 1) * cd]).zip(&ape[i * cd..(i + 1) * cd]) {
+        for ((s, &z), &a) in
+            ssc[at..at + cd].iter_mut().zip(&score[r * cd..(r + 1) * cd]).zip(&ape[i * cd..(i + 1) * cd])
+        {
             *s = z + a;
         }
         if (p.pos + 1) % ratio != 0 {

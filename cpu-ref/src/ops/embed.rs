@@ -1,7 +1,7 @@
-//! Embedding lookup, stream expansion and the broadcast add.
+//! Embedding lookup, stream expansion, the broadcast add and the row gather.
 
 use hal::dtype::{decode_to_f32, DType};
-use hal::ops::{Add, Embed, HcExpand};
+use hal::ops::{Add, Embed, GatherRows, HcExpand};
 use hal::{Error, Result};
 
 use crate::device::CpuStorage;
@@ -68,6 +68,25 @@ pub fn run_add(op: &Add, ins: &[&CpuStorage], outs: &mut [&mut CpuStorage]) -> R
         add_broadcast(ins[0].f32s(), ins[1].f32s(), op.width, outs[0].f32s_mut());
     }
     Ok(())
+}
+
+/// `out[i, :] = x[idx[i], :]`; an index outside `[0, rows)` is an error naming it.
+pub fn gather_rows(x: &[f32], idx: &[i32], width: usize, out: &mut [f32]) -> Result<()> {
+    let rows = if width == 0 { 0 } else { x.len() / width };
+    for (i, (&k, o)) in idx.iter().zip(out.chunks_exact_mut(width.max(1))).enumerate() {
+        let k = usize::try_from(k).ok().filter(|&k| k < rows);
+        let k = k.ok_or_else(|| Error::invalid(format!("gather_rows index {i}"), format!("row {} outside [0, {rows})", idx[i])))?;
+        o.copy_from_slice(&x[k * width..(k + 1) * width]);
+    }
+    Ok(())
+}
+
+/// Op entry: [`GatherRows`].
+pub fn run_gather_rows(op: &GatherRows, ins: &[&CpuStorage], outs: &mut [&mut CpuStorage]) -> Result<()> {
+    if op.width == 0 {
+        return Ok(());
+    }
+    gather_rows(ins[0].f32s(), ins[1].i32s(), op.width, outs[0].f32s_mut())
 }
 
 #[cfg(test)]

@@ -15,9 +15,10 @@ pub fn index_scores(q: &[f32], w: &[f32], weight_scale: f32, keys: &[f32], dim: 
     }
     keys.chunks_exact(dim)
         .map(|k| {
-            let terms = w.iter().enumerate().map(|(h, &wh)| {
-                (wh * weight_scale) as f64 * dot(&q[h * dim..(h + 1) * dim], k).max(0.0) as f64
-            });
+            let terms = w
+                .iter()
+                .enumerate()
+                .map(|(h, &wh)| (wh * weight_scale) as f64 * dot(&q[h * dim..(h + 1) * dim], k).max(0.0) as f64);
             terms.sum::<f64>() as f32
         })
         .collect()
@@ -51,25 +52,32 @@ pub fn run_indexer_topk(op: &IndexerTopK, ins: &[&CpuStorage], outs: &mut [&mut 
     for (r, p) in places.iter().enumerate() {
         let n = (p.pos + 1) / op.ratio;
         if n > cap {
-            return Err(Error::invalid(format!("{name} row {r}"), format!("position {} sees {n} entries, capacity is {cap}", p.pos)));
+            return Err(Error::invalid(
+                format!("{name} row {r}"),
+                format!("position {} sees {n} entries, capacity is {cap}", p.pos),
+            ));
         }
     }
-    let out = outs[0].i32s_mut();
-    let each = |(r, o): (usize, &mut [i32])| {
+    if k == 0 {
+        return Ok(());
+    }
+    let each = |r: usize| -> (Vec<i32>, Vec<f32>) {
         let p = places[r];
         let n = (p.pos + 1) / op.ratio;
         let ks = &keys[p.slot * cap * d..(p.slot * cap + n) * d];
         let scores = index_scores(&q[r * h * d..(r + 1) * h * d], &w[r * h..(r + 1) * h], op.weight_scale, ks, d);
-        top_k(&scores, k, o);
+        let mut idx = vec![0; k];
+        top_k(&scores, k, &mut idx);
+        let picked = idx.iter().map(|&j| if j < 0 { f32::NEG_INFINITY } else { scores[j as usize] }).collect();
+        (idx, picked)
     };
-    if k == 0 {
-        return Ok(());
-    }
     let work: usize = places.iter().map(|p| (p.pos + 1) / op.ratio).sum::<usize>() * h * d;
-    if work < PAR_MACS {
-        out.chunks_exact_mut(k).enumerate().for_each(each);
-    } else {
-        out.par_chunks_exact_mut(k).enumerate().for_each(each);
+    let rows: Vec<(Vec<i32>, Vec<f32>)> =
+        if work < PAR_MACS { (0..places.len()).map(each).collect() } else { (0..places.len()).into_par_iter().map(each).collect() };
+    let [indices, scores] = outs else { return Err(super::arity(name)) };
+    for ((ri, rs), (i, s)) in indices.i32s_mut().chunks_exact_mut(k).zip(scores.f32s_mut().chunks_exact_mut(k)).zip(rows) {
+        ri.copy_from_slice(&i);
+        rs.copy_from_slice(&s);
     }
     Ok(())
 }

@@ -112,7 +112,9 @@ pub fn place_rows(op: &str, slots: &[i32], positions: &[i32], num_slots: usize) 
             None => (r, pos),
             Some((last_row, last_pos, run_row, run_pos)) => {
                 if last_row + 1 != r {
-                    return Err(row_err(format!("rows of slot {slot} are not contiguous (previous one is row {last_row})")));
+                    return Err(row_err(format!(
+                        "rows of slot {slot} are not contiguous (previous one is row {last_row})"
+                    )));
                 }
                 if last_pos + 1 != pos {
                     return Err(row_err(format!(
@@ -134,6 +136,7 @@ pub fn dispatch(op: &Op, ins: &[&CpuStorage], outs: &mut [&mut CpuStorage]) -> R
         Op::Embed(o) => embed::run_embed(o, ins, outs),
         Op::HcExpand(o) => embed::run_hc_expand(o, ins, outs),
         Op::Add(o) => embed::run_add(o, ins, outs),
+        Op::GatherRows(o) => embed::run_gather_rows(o, ins, outs),
         Op::HcPre(o) => hc::run_hc_pre(o, ins, outs),
         Op::HcPost(o) => hc::run_hc_post(o, ins, outs),
         Op::HcHead(o) => hc::run_hc_head(o, ins, outs),

@@ -19,10 +19,11 @@ pub fn softplus(z: f32) -> f32 {
     }
 }
 
-/// Gate scores of one token: `s_e = sqrt(softplus(gate_w[e] · x))` (`gate_w [E, dim]`).
-pub fn gate_scores(x: &[f32], gate_w: &[f32]) -> Vec<f32> {
+/// Gate scores of one token: `s_e = sqrt(softplus(gate_w[e] · x))` for the `experts` rows of
+/// `gate_w [experts, dim]`.
+pub fn gate_scores(x: &[f32], gate_w: &[f32], experts: usize) -> Vec<f32> {
     let d = x.len();
-    (0..gate_w.len().checked_div(d).unwrap_or(0)).map(|e| softplus(dot(&gate_w[e * d..(e + 1) * d], x)).sqrt()).collect()
+    (0..experts).map(|e| softplus(dot(&gate_w[e * d..(e + 1) * d], x)).sqrt()).collect()
 }
 
 /// Routing weights of the chosen experts from the unbiased scores:
@@ -32,12 +33,13 @@ pub fn route_weights(scores: &[f32], chosen: &[usize], route_scale: f32) -> Vec<
     chosen.iter().map(|&e| scores[e] / sum * route_scale).collect()
 }
 
-/// Score routing: the `k` experts with the largest `s_e + bias_e`, descending, ties lower e.
+/// Score routing: the `k` experts (all of them if fewer) with the largest `s_e + bias_e`,
+/// descending, ties lower e first.
 pub fn select_scored(scores: &[f32], bias: &[f32], k: usize) -> Vec<usize> {
     let biased: Vec<f32> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
-    let mut idx = vec![0i32; k];
+    let mut idx = vec![-1i32; k];
     top_k(&biased, k, &mut idx);
-    idx.into_iter().map(|e| e as usize).collect()
+    idx.into_iter().filter_map(|e| usize::try_from(e).ok()).collect()
 }
 
 /// `SiLU(min(g, limit)) · clamp(u, −limit, limit)`; `limit = 0` disables both clamps. NaN
@@ -60,28 +62,30 @@ pub fn run_moe_gate(op: &MoeGate, ins: &[&CpuStorage], outs: &mut [&mut CpuStora
     let name = "moe_gate";
     let (d, e_n, k) = (op.dim, op.experts, op.topk);
     let (x, gate_w) = (ins[0].f32s(), ins[1].f32s());
+    if op.mode == GateMode::Scored && k > e_n {
+        return Err(Error::invalid(name, format!("topk {k} exceeds the {e_n} experts")));
+    }
     // Expert sets first (all errors before any output is written).
     let mut chosen: Vec<Vec<usize>> = Vec::with_capacity(op.rows);
     let mut scores: Vec<Vec<f32>> = Vec::with_capacity(op.rows);
     for r in 0..op.rows {
         let row_err = |m: String| Error::invalid(format!("{name} row {r}"), m);
-        let s = gate_scores(&x[r * d..(r + 1) * d], gate_w);
+        let s = gate_scores(&x[r * d..(r + 1) * d], gate_w, e_n);
         chosen.push(match op.mode {
-            GateMode::Scored => {
-                if k > e_n {
-                    return Err(Error::invalid(name, format!("topk {k} exceeds the {e_n} experts")));
-                }
-                select_scored(&s, ins[2].f32s(), k)
-            }
+            GateMode::Scored => select_scored(&s, ins[2].f32s(), k),
             GateMode::Hashed { vocab } => {
                 let id = ins[3].i32s()[r];
-                let id = usize::try_from(id).ok().filter(|&i| i < vocab).ok_or_else(|| row_err(format!("token id {id} outside [0, {vocab})")))?;
+                let id = usize::try_from(id)
+                    .ok()
+                    .filter(|&i| i < vocab)
+                    .ok_or_else(|| row_err(format!("token id {id} outside [0, {vocab})")))?;
                 ins[2].i32s()[id * k..(id + 1) * k]
                     .iter()
                     .map(|&e| {
-                        usize::try_from(e).ok().filter(|&e| e < e_n).ok_or_else(|| {
-                            row_err(format!("tid2eid[{id}] holds expert {e} outside [0, {e_n})"))
-                        })
+                        usize::try_from(e)
+                            .ok()
+                            .filter(|&e| e < e_n)
+                            .ok_or_else(|| row_err(format!("tid2eid[{id}] holds expert {e} outside [0, {e_n})")))
                     })
                     .collect::<Result<Vec<_>>>()?
             }
@@ -154,7 +158,10 @@ pub fn run_moe_experts(op: &MoeExperts, ins: &[&CpuStorage], outs: &mut [&mut Cp
         let row_err = |m: String| Error::invalid(format!("{name} row {r}"), m);
         let mut rr = Vec::with_capacity(k);
         for (&e, &w) in ids[r * k..(r + 1) * k].iter().zip(&wts[r * k..(r + 1) * k]) {
-            let e = usize::try_from(e).ok().filter(|&e| e < e_n).ok_or_else(|| row_err(format!("expert {e} outside [0, {e_n})")))?;
+            let e = usize::try_from(e)
+                .ok()
+                .filter(|&e| e < e_n)
+                .ok_or_else(|| row_err(format!("expert {e} outside [0, {e_n})")))?;
             rr.push((e, w));
         }
         rr.sort_by_key(|&(e, _)| e);

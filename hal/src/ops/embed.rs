@@ -1,4 +1,4 @@
-//! Embedding lookup and the small elementwise glue ops (stream expansion, add).
+//! Embedding lookup and the small glue ops (stream expansion, add, row gather).
 
 use super::{input, output, Signature};
 use crate::dtype::DType;
@@ -60,6 +60,25 @@ impl Add {
         Signature {
             inputs: vec![input("a", &[self.rows, self.width], DType::F32), input("b", &[self.b_rows, self.width], DType::F32)],
             outputs: vec![output("out", &[self.rows, self.width], DType::F32)],
+        }
+    }
+}
+
+/// Picks rows: `out[i, :] = x[idx[i], :]`. The LM head runs on the last row of each sequence
+/// only, so a prefill of T tokens does not pay for T × vocab logits. An index outside
+/// `[0, rows)` is an error.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GatherRows {
+    pub rows: usize,
+    pub width: usize,
+    pub out_rows: usize,
+}
+
+impl GatherRows {
+    pub fn signature(&self) -> Signature {
+        Signature {
+            inputs: vec![input("x", &[self.rows, self.width], DType::F32), input("idx", &[self.out_rows], DType::I32)],
+            outputs: vec![output("out", &[self.out_rows, self.width], DType::F32)],
         }
     }
 }

@@ -11,7 +11,12 @@ use crate::dtype::DType;
 /// cache:
 /// `I_j = Σ_h (w[r, h] · weight_scale) · max(0, q[r, h] · keys[s, j])` for j < n.
 /// Output `indices[r]` = the `min(topk, n)` j with the largest `I_j`, by descending score
-/// (ties: lower j first), then `−1` padding.
+/// (ties: lower j first), then `−1` padding; `scores[r]` = their `I_j` (−∞ for padding).
+///
+/// Exact ties are common: an entry on which every head's dot product is ≤ 0 scores exactly 0.
+/// Which of several tied entries fill the last places is therefore implementation-defined
+/// (DeepSeek's reference inherits it from its sort routine); the scores let a comparison tell
+/// such a legitimate difference from a wrong selection.
 #[derive(Clone, Debug, PartialEq)]
 pub struct IndexerTopK {
     pub rows: usize,
@@ -36,7 +41,7 @@ impl IndexerTopK {
                 input("slots", &[r], DType::I32),
                 input("positions", &[r], DType::I32),
             ],
-            outputs: vec![output("indices", &[r, self.topk], DType::I32)],
+            outputs: vec![output("indices", &[r, self.topk], DType::I32), output("scores", &[r, self.topk], DType::F32)],
         }
     }
 }

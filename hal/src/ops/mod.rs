@@ -28,7 +28,7 @@ pub mod rope;
 
 pub use attention::{SparseAttention, WindowStore};
 pub use compressor::Compressor;
-pub use embed::{Add, Embed, HcExpand};
+pub use embed::{Add, Embed, GatherRows, HcExpand};
 pub use hc::{HcHead, HcPost, HcPre};
 pub use indexer::IndexerTopK;
 pub use linear::{GroupedLinear, Linear, WeightFormat};
@@ -47,6 +47,7 @@ pub enum Op {
     Embed(Embed),
     HcExpand(HcExpand),
     Add(Add),
+    GatherRows(GatherRows),
     HcPre(HcPre),
     HcPost(HcPost),
     HcHead(HcHead),
@@ -107,6 +108,7 @@ impl Op {
             Op::Embed(_) => "embed",
             Op::HcExpand(_) => "hc_expand",
             Op::Add(_) => "add",
+            Op::GatherRows(_) => "gather_rows",
             Op::HcPre(_) => "hc_pre",
             Op::HcPost(_) => "hc_post",
             Op::HcHead(_) => "hc_head",
@@ -132,6 +134,7 @@ impl Op {
             Op::Embed(o) => o.signature(),
             Op::HcExpand(o) => o.signature(),
             Op::Add(o) => o.signature(),
+            Op::GatherRows(o) => o.signature(),
             Op::HcPre(o) => o.signature(),
             Op::HcPost(o) => o.signature(),
             Op::HcHead(o) => o.signature(),
