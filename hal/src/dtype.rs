@@ -126,28 +126,35 @@ pub fn e4m3_to_f32(code: u8) -> f32 {
 }
 
 /// f32 → e4m3fn code, round to nearest even, saturating finite values at ±448; NaN → 0x7F.
+///
+/// Works on the f32 bits: this runs on every activation of every FP8 layer.
 pub fn f32_to_e4m3(x: f32) -> u8 {
     if x.is_nan() {
         return 0x7F;
     }
-    let sign: u8 = if x.is_sign_negative() { 0x80 } else { 0 };
-    let a = (x as f64).abs();
-    let mag: u8 = if a < 1.0 / 64.0 {
-        // Subnormal range: steps of 2^-9; a result of 8 steps is the smallest normal (code 0x08).
-        (a * 512.0).round_ties_even() as u8
-    } else {
-        let e = a.log2().floor() as i32;
-        let e = if exp2f64(e) > a { e - 1 } else if exp2f64(e + 1) <= a { e + 1 } else { e };
-        let q = ((a / exp2f64(e) - 1.0) * 8.0).round_ties_even() as i32;
-        let (e, q) = if q == 8 { (e + 1, 0) } else { (e, q) };
-        let biased = e + 7;
-        if biased > 15 || (biased == 15 && q > 6) {
-            0x7E
-        } else {
-            ((biased as u8) << 3) | q as u8
-        }
-    };
-    sign | mag
+    let bits = x.to_bits();
+    let sign = ((bits >> 24) & 0x80) as u8;
+    let a = f32::from_bits(bits & 0x7FFF_FFFF);
+    if a >= E4M3_MAX {
+        return sign | 0x7E;
+    }
+    if a < 1.0 / 64.0 {
+        // Subnormal steps of 2^-9 (exact scaling); 8 steps is the smallest normal, code 0x08.
+        return sign | (a * 512.0).round_ties_even() as u8;
+    }
+    let abits = a.to_bits();
+    let mut exp = (abits >> 23) as i32 - 127;
+    let frac = abits & 0x7F_FFFF;
+    let (mut q, rest) = (frac >> 20, frac & 0xF_FFFF);
+    if rest > 0x8_0000 || (rest == 0x8_0000 && q & 1 == 1) {
+        q += 1;
+    }
+    if q == 8 {
+        q = 0;
+        exp += 1;
+    }
+    let code = (((exp + 7) as u8) << 3) | q as u8;
+    sign | code.min(0x7E)
 }
 
 /// e8m0 scale byte → f32 (2^(b−127); 0xFF is NaN).
@@ -184,21 +191,20 @@ pub fn e2m1_to_f32(code: u8) -> f32 {
     }
 }
 
-/// f32 → e2m1 4-bit code, round to nearest even code, saturating at ±6.
+/// f32 → e2m1 4-bit code, round to nearest even code, saturating at ±6 (NaN → ±0).
+///
+/// The thresholds are the midpoints between neighbouring values; at a midpoint the even code
+/// wins, hence `>` before odd codes and `≥` before even ones.
 pub fn f32_to_e2m1(x: f32) -> u8 {
     let sign: u8 = if x.is_sign_negative() { 8 } else { 0 };
-    let a = (x as f64).abs();
-    let mag = if a.is_nan() {
-        0
-    } else if a < 1.0 {
-        (a * 2.0).round_ties_even() as u8
-    } else if a < 2.0 {
-        2 + ((a - 1.0) * 2.0).round_ties_even() as u8
-    } else if a < 4.0 {
-        4 + ((a / 2.0 - 1.0) * 2.0).round_ties_even() as u8
-    } else {
-        (6 + ((a / 4.0 - 1.0) * 2.0).round_ties_even() as u32).min(7) as u8
-    };
+    let a = x.abs();
+    let mag = (a > 0.25) as u8
+        + (a >= 0.75) as u8
+        + (a > 1.25) as u8
+        + (a >= 1.75) as u8
+        + (a > 2.5) as u8
+        + (a >= 3.5) as u8
+        + (a > 5.0) as u8;
     sign | mag
 }
 
@@ -213,10 +219,14 @@ pub fn fp4_unpack(bytes: &[u8], i: usize) -> u8 {
     }
 }
 
-/// Exact 2^e as f32 for e in the f32 range (subnormals included).
+/// Exact 2^e as f32 for e in the f32 range (subnormals included; 0 / ∞ beyond it).
 #[inline]
 pub fn exp2i(e: i32) -> f32 {
-    exp2f64(e) as f32
+    if (-126..=127).contains(&e) {
+        f32::from_bits(((e + 127) as u32) << 23)
+    } else {
+        exp2f64(e) as f32
+    }
 }
 
 #[inline]
@@ -285,6 +295,25 @@ mod tests {
     }
 
     #[test]
+    fn e4m3_matches_nearest_value_search() {
+        // Every midpoint between neighbouring codes and a dense sweep against a brute-force
+        // nearest search (ties to the even code).
+        let values: Vec<f32> = (0u8..=0x7E).map(e4m3_to_f32).collect();
+        let mut xs: Vec<f32> = values.windows(2).map(|p| (p[0] + p[1]) / 2.0).collect();
+        xs.extend((0..200_000).map(|i| i as f32 * (448.0 / 200_000.0)));
+        for x in xs {
+            let best = (0u8..=0x7E)
+                .min_by(|&p, &q| {
+                    let (dp, dq) = ((values[p as usize] - x).abs(), (values[q as usize] - x).abs());
+                    dp.total_cmp(&dq).then((p % 2).cmp(&(q % 2)))
+                })
+                .unwrap();
+            assert_eq!(f32_to_e4m3(x), best, "x = {x:e}");
+            assert_eq!(f32_to_e4m3(-x), best | 0x80, "x = {:e}", -x);
+        }
+    }
+
+    #[test]
     fn e4m3_ties_round_to_even() {
         // Pairs from the kernel goldens' edge rows.
         for (x, want) in [(1.0625, 1.0), (1.1875, 1.25), (2.125, 2.0), (2.375, 2.5), (17.0, 16.0), (19.0, 20.0),
@@ -304,6 +333,17 @@ mod tests {
         }
         for code in 0u8..16 {
             assert_eq!(f32_to_e2m1(e2m1_to_f32(code)), code);
+        }
+        // Against nearest-value search on a dense sweep (ties resolved to the even code).
+        for i in 0..=80_000 {
+            let x = i as f32 * (8.0 / 80_000.0);
+            let best = (0u8..8)
+                .min_by(|&p, &q| {
+                    let (dp, dq) = ((E2M1_VALUES[p as usize] - x).abs(), (E2M1_VALUES[q as usize] - x).abs());
+                    dp.total_cmp(&dq).then((p % 2).cmp(&(q % 2)))
+                })
+                .unwrap();
+            assert_eq!(f32_to_e2m1(x), best, "x = {x}");
         }
     }
 
