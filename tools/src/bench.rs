@@ -35,6 +35,16 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     let prompts: Vec<Vec<u32>> = (0..b).map(|s| (0..a.prompt).map(|i| ((i * 7919 + s * 104_729) as u32) % v).collect()).collect();
     let opts = ForwardOptions { logits: LogitsAt::Last, decisions: false, mtp_ids: None };
 
+    // Warm-up on a scratch cache: backends prepare weights on first use (cpu-ref decodes each
+    // FP8/FP4 matrix once), which is load time, not prefill time.
+    let load = Instant::now();
+    let mut scratch = model.new_cache(1, 1)?;
+    let s0 = scratch.alloc_slot(model.backend())?;
+    model.forward(&mut scratch, &[Chunk { slot: s0, tokens: &[0] }], &opts)?;
+    model.backend().synchronize()?;
+    let warmup_s = load.elapsed().as_secs_f64();
+    drop(scratch);
+
     let t = Instant::now();
     let chunks: Vec<Chunk> = slots.iter().map(|&s| Chunk { slot: s, tokens: &prompts[s] }).collect();
     let out = model.forward(&mut cache, &chunks, &opts)?;
@@ -55,6 +65,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     sorted.sort_by(f64::total_cmp);
     let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
     println!("backend: {}", model.backend().info().device);
+    println!("warm-up (first forward, weight preparation): {:.1} ms", warmup_s * 1e3);
     println!("model: {} layers, dim {}, vocab {}", model.cfg.n_layers, model.cfg.dim, model.cfg.vocab_size);
     println!("prefill: {b} × {} tokens in {:.1} ms = {:.0} tokens/s", a.prompt, prefill_s * 1e3, (b * a.prompt) as f64 / prefill_s);
     println!(
