@@ -197,16 +197,36 @@ fn logits_output_shapes() {
     assert_eq!(f.metadata().get("prefill").map(String::as_str), Some("37"));
 }
 
-/// A 37-token prefill is causal: its rows equal the first 37 rows of the golden 300-token
-/// prefill up to summation order (T1-like bounds).
+/// The prefill is causal: the P-token prefill's rows equal the first P rows of a T-token
+/// prefill by the same binary, up to summation order (cpu-ref: bit for bit).
+#[test]
+fn logits_prefill_is_causal() {
+    let dir = TempDir::new("full-prefill");
+    let out = dir.join("full.safetensors");
+    let tokens = golden("tokens.safetensors");
+    v4rt_ok(&["logits", "--model", GOLDEN, "--tokens", s(&tokens), "--prefill", &T.to_string(), "--out", s(&out)]);
+    let full = cols(&SafeTensors::open(&out).unwrap().f32("logits").unwrap(), T, V, 0, P);
+    let ours = cols(&logits_run().f32("logits").unwrap(), T, V, 0, P);
+    let rel = row_rel(&ours, &full, V);
+    let identical = ours.chunks(V).zip(full.chunks(V)).filter(|(a, b)| a == b).count();
+    println!("cli prefill {P} vs prefill {T}, rows 0..{P}: {}; {identical} of {} rows bit-identical", describe(&rel), rel.len());
+    assert!(median(&rel) <= 1e-5, "median rel {:.3e} > 1e-5", median(&rel));
+    assert!(frac_le(&rel, 1e-3) >= 0.95, "only {:.3} of rows within 1e-3", frac_le(&rel, 1e-3));
+}
+
+/// The P-token prefill's rows against the first P rows of the golden T-token prefill. The
+/// median is at summation-order noise; end to end, single e4m3 rounding flips move whole runs
+/// of later positions by percents (MANIFEST §7.1: a correct float64-summing implementation has
+/// p90 rel 0.073 on the prefill), so beyond the median only the T2 bounds apply.
 #[test]
 fn logits_prefill_rows_match_golden_prefill() {
     let ours = cols(&logits_run().f32("logits").unwrap(), T, V, 0, P);
     let want = cols(&golden_logits().f32("prefill_logits").unwrap(), T, V, 0, P);
-    let rel = row_rel(&ours, &want, V);
-    println!("cli prefill rows 0..{P}: {}", describe(&rel));
+    let (cos, rel, am) = (row_cos(&ours, &want, V), row_rel(&ours, &want, V), argmax_agreement(&ours, &want, V));
+    println!("cli prefill rows 0..{P} vs golden: cos mean {:.4}, argmax {am:.3}, {}", mean(&cos), describe(&rel));
     assert!(median(&rel) <= 1e-5, "median rel {:.3e} > 1e-5", median(&rel));
-    assert!(frac_le(&rel, 1e-3) >= 0.95, "only {:.3} of rows within 1e-3", frac_le(&rel, 1e-3));
+    assert!(mean(&cos) >= 0.97, "cos mean {:.4} < 0.97", mean(&cos));
+    assert!(am >= 0.70, "argmax agreement {am:.3} < 0.70");
 }
 
 /// Decode rows P..T against the golden decode run, tier T2.

@@ -47,9 +47,6 @@ pub fn run_sparse_attention(op: &SparseAttention, ins: &[&CpuStorage], outs: &mu
     let (h, d, w) = (op.heads, op.head_dim, op.window);
     let (q, kv, ring, sink) = (ins[0].f32s(), ins[1].f32s(), ins[2].f32s(), ins[3].f32s());
     let places = place_rows(name, ins[4].i32s(), ins[5].i32s(), op.slots)?;
-    if w == 0 {
-        return Err(Error::invalid(name, "window must be at least 1 (each row attends to itself)"));
-    }
     let compressed = ins.get(6).map(|c| c.f32s()).unwrap_or(&[]);
     let indices = ins.get(7).map(|c| c.i32s()).unwrap_or(&[]);
     let mut key_sets: Vec<Vec<&[f32]>> = Vec::with_capacity(places.len());
@@ -69,9 +66,6 @@ pub fn run_sparse_attention(op: &SparseAttention, ins: &[&CpuStorage], outs: &mu
         match op.compressed {
             CompressedKv::None => {}
             CompressedKv::All { ratio, capacity } => {
-                if ratio == 0 {
-                    return Err(Error::invalid(name, "compressed ratio must be > 0"));
-                }
                 let n = (p.pos + 1) / ratio;
                 if n > capacity {
                     return Err(row_err(format!(
@@ -125,9 +119,6 @@ pub fn window_store(kv: &[f32], slots_pos: &[(usize, usize)], window: usize, dim
 /// Op entry: [`WindowStore`].
 pub fn run_window_store(op: &WindowStore, ins: &[&CpuStorage], outs: &mut [&mut CpuStorage]) -> Result<()> {
     let places = place_rows("window_store", ins[1].i32s(), ins[2].i32s(), op.slots)?;
-    if op.window == 0 {
-        return Err(Error::invalid("window_store", "window must be at least 1"));
-    }
     let sp: Vec<(usize, usize)> = places.iter().map(|p| (p.slot, p.pos)).collect();
     window_store(ins[0].f32s(), &sp, op.window, op.dim, outs[0].f32s_mut());
     Ok(())

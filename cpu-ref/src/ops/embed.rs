@@ -58,12 +58,8 @@ pub fn run_hc_expand(op: &HcExpand, ins: &[&CpuStorage], outs: &mut [&mut CpuSto
     Ok(())
 }
 
-/// Op entry: [`Add`]. `b_rows` must divide `rows`.
+/// Op entry: [`Add`] (`hal` has checked that `b_rows` divides `rows`).
 pub fn run_add(op: &Add, ins: &[&CpuStorage], outs: &mut [&mut CpuStorage]) -> Result<()> {
-    let divides = op.rows == 0 || op.rows.checked_rem(op.b_rows) == Some(0);
-    if !divides {
-        return Err(Error::invalid("add", format!("b_rows {} does not divide rows {}", op.b_rows, op.rows)));
-    }
     if op.width > 0 && op.rows > 0 {
         add_broadcast(ins[0].f32s(), ins[1].f32s(), op.width, outs[0].f32s_mut());
     }

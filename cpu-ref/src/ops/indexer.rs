@@ -44,9 +44,6 @@ pub fn top_k(scores: &[f32], k: usize, out: &mut [i32]) {
 pub fn run_indexer_topk(op: &IndexerTopK, ins: &[&CpuStorage], outs: &mut [&mut CpuStorage]) -> Result<()> {
     let name = "indexer_topk";
     let (h, d, cap, k) = (op.heads, op.head_dim, op.capacity, op.topk);
-    if op.ratio == 0 {
-        return Err(Error::invalid(name, "ratio must be > 0"));
-    }
     let (q, w, keys) = (ins[0].f32s(), ins[1].f32s(), ins[2].f32s());
     let places = place_rows(name, ins[3].i32s(), ins[4].i32s(), op.slots)?;
     for (r, p) in places.iter().enumerate() {

@@ -178,6 +178,37 @@ impl Op {
                 fail(format!("ratio {} must be > 0 and a rotated width {} a power of two", c.ratio, c.width))
             }
             Op::GroupedLinear(g) if g.groups == 0 => fail("groups must be > 0".into()),
+            Op::GroupedLinear(g) if g.format == WeightFormat::Fp4Group32 && g.in_per_group % 32 != 0 => {
+                fail(format!("in_per_group {} must be a multiple of 32 for FP4 weights", g.in_per_group))
+            }
+            Op::Compressor(c) if c.rope_dim % 2 != 0 || c.rope_dim > c.width => {
+                fail(format!("rope_dim {} must be even and ≤ width {}", c.rope_dim, c.width))
+            }
+            Op::Compressor(c) if !c.rotate && (c.width - c.rope_dim) % 64 != 0 => {
+                fail(format!("width − rope_dim = {} must be a multiple of the 64-wide FP8 blocks", c.width - c.rope_dim))
+            }
+            Op::Compressor(c) if c.rotate && c.width % 32 != 0 => {
+                fail(format!("rotated width {} must be a multiple of the 32-wide FP4 blocks", c.width))
+            }
+            Op::SparseAttention(SparseAttention { window: 0, .. }) | Op::WindowStore(WindowStore { window: 0, .. }) => {
+                fail("window must be > 0 (each row attends to itself)".into())
+            }
+            Op::SparseAttention(SparseAttention { compressed: attention::CompressedKv::All { ratio: 0, .. }, .. })
+            | Op::SparseAttention(SparseAttention { compressed: attention::CompressedKv::Selected { ratio: 0, .. }, .. }) => {
+                fail("compressed ratio must be > 0".into())
+            }
+            Op::IndexerTopK(i) if i.ratio == 0 => fail("ratio must be > 0".into()),
+            Op::Add(a) if (a.b_rows == 0 && a.rows > 0) || (a.b_rows > 0 && a.rows % a.b_rows != 0) => {
+                fail(format!("b_rows {} must divide rows {}", a.b_rows, a.rows))
+            }
+            Op::SwiGlu(g) if !(g.limit >= 0.0) => fail(format!("limit {} must be ≥ 0 (0 = no clamp)", g.limit)),
+            Op::MoeExperts(m) if !(m.swiglu_limit >= 0.0) => {
+                fail(format!("swiglu_limit {} must be ≥ 0 (0 = no clamp)", m.swiglu_limit))
+            }
+            Op::MoeGate(g) if g.topk > g.experts => fail(format!("topk {} exceeds the {} experts", g.topk, g.experts)),
+            Op::Embed(e) if !matches!(e.table_dtype, DType::F32 | DType::BF16 | DType::F16) => {
+                fail(format!("table dtype {} is not a float type", e.table_dtype))
+            }
             _ => Ok(()),
         }
     }

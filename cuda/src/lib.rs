@@ -1,0 +1,4 @@
+//! placeholder — being written
+pub fn probe() -> hal::Probe {
+    hal::Probe::Unavailable("cuda backend not built yet".into())
+}

@@ -1,0 +1,171 @@
+//! Bad requests to `Model::forward` and `KvCache` return `ModelError::Request` naming the slot,
+//! position or token at fault — never a panic, never a silently wrong result. Also the positive
+//! side of slot management: a freed slot, reallocated, behaves exactly like a fresh one.
+//!
+//! Every test uses the embedded tiny-flash model (synthetic weights, seed 1) on the CPU
+//! reference backend.
+
+use std::sync::{Arc, OnceLock};
+
+use model::config::ModelConfig;
+use model::forward::{Chunk, ForwardOptions, ForwardOutput, LogitsAt, Model};
+use model::{cache::KvCache, ModelError};
+
+fn model() -> &'static Model {
+    static M: OnceLock<Model> = OnceLock::new();
+    M.get_or_init(|| {
+        let cfg = ModelConfig::embedded("tiny-flash").expect("embedded tiny-flash config");
+        let ck = model::synthetic::generate(&cfg, 1);
+        Model::from_checkpoint(cfg, &ck, Arc::new(cpu_ref::CpuBackend::new())).expect("the embedded model builds")
+    })
+}
+
+/// A cache of `slots` slots × `capacity` tokens with its first `allocated` slots allocated.
+fn cache(slots: usize, capacity: usize, allocated: usize) -> KvCache {
+    let m = model();
+    let mut c = m.new_cache(slots, capacity).unwrap();
+    for want in 0..allocated {
+        assert_eq!(c.alloc_slot(m.backend()).unwrap(), want);
+    }
+    c
+}
+
+fn opts() -> ForwardOptions<'static> {
+    ForwardOptions { logits: LogitsAt::All, decisions: false, mtp_ids: None }
+}
+
+fn forward(cache: &mut KvCache, chunks: &[Chunk], opts: &ForwardOptions) -> Result<ForwardOutput, ModelError> {
+    model().forward(cache, chunks, opts)
+}
+
+/// The call must fail with a request error whose message contains every one of `parts`.
+fn expect_request_error<T: std::fmt::Debug>(result: Result<T, ModelError>, parts: &[&str]) -> String {
+    let err = match result {
+        Err(e) => e,
+        Ok(v) => panic!("expected an error mentioning {parts:?}, got Ok({v:?})"),
+    };
+    assert!(matches!(err, ModelError::Request(_)), "not a request error: {err:?}");
+    let msg = err.to_string();
+    for p in parts {
+        assert!(msg.contains(p), "'{msg}' does not mention '{p}'");
+    }
+    msg
+}
+
+#[test]
+fn token_id_outside_vocabulary() {
+    let mut c = cache(1, 8, 1);
+    let r = forward(&mut c, &[Chunk { slot: 0, tokens: &[5, 6, 1024] }], &opts());
+    expect_request_error(r, &["token id 1024", "position 2", "slot 0", "1024)"]);
+    assert_eq!(c.position(0).unwrap(), 0, "a rejected call moved the slot");
+}
+
+#[test]
+fn chunk_longer_than_capacity() {
+    let mut c = cache(1, 8, 1);
+    let tokens: Vec<u32> = (1..=9).collect();
+    let r = forward(&mut c, &[Chunk { slot: 0, tokens: &tokens }], &opts());
+    expect_request_error(r, &["slot 0", "9 tokens", "position 9", "capacity of 8"]);
+    assert_eq!(c.position(0).unwrap(), 0);
+}
+
+#[test]
+fn continuation_past_capacity() {
+    let mut c = cache(1, 8, 1);
+    forward(&mut c, &[Chunk { slot: 0, tokens: &[1, 2, 3, 4, 5] }], &opts()).unwrap();
+    let r = forward(&mut c, &[Chunk { slot: 0, tokens: &[6, 7, 8, 9] }], &opts());
+    expect_request_error(r, &["slot 0", "4 tokens at position 5", "position 9", "capacity of 8"]);
+    assert_eq!(c.position(0).unwrap(), 5, "a rejected call moved the slot");
+    // Exactly filling the cache is allowed.
+    forward(&mut c, &[Chunk { slot: 0, tokens: &[6, 7, 8] }], &opts()).unwrap();
+    assert_eq!(c.position(0).unwrap(), 8);
+}
+
+#[test]
+fn unallocated_slot() {
+    let mut c = cache(2, 8, 1);
+    let r = forward(&mut c, &[Chunk { slot: 1, tokens: &[1, 2] }], &opts());
+    expect_request_error(r, &["slot 1", "not allocated"]);
+    // A slot index past the cache's slots.
+    let r = forward(&mut c, &[Chunk { slot: 7, tokens: &[1] }], &opts());
+    expect_request_error(r, &["slot 7", "not allocated", "slots: 2"]);
+}
+
+#[test]
+fn same_slot_twice_in_one_call() {
+    let mut c = cache(2, 8, 2);
+    let chunks = [Chunk { slot: 1, tokens: &[1, 2][..] }, Chunk { slot: 0, tokens: &[3] }, Chunk { slot: 1, tokens: &[4] }];
+    expect_request_error(forward(&mut c, &chunks, &opts()), &["slot 1", "twice"]);
+    assert_eq!((c.position(0).unwrap(), c.position(1).unwrap()), (0, 0), "a rejected call moved a slot");
+}
+
+#[test]
+fn empty_chunk() {
+    let mut c = cache(2, 8, 2);
+    let chunks = [Chunk { slot: 0, tokens: &[1, 2][..] }, Chunk { slot: 1, tokens: &[] }];
+    expect_request_error(forward(&mut c, &chunks, &opts()), &["slot 1", "no tokens"]);
+}
+
+#[test]
+fn no_chunks() {
+    let mut c = cache(1, 8, 1);
+    expect_request_error(forward(&mut c, &[], &opts()), &["no sequences"]);
+}
+
+#[test]
+fn all_slots_in_use() {
+    let m = model();
+    let mut c = cache(2, 8, 2);
+    expect_request_error(c.alloc_slot(m.backend()), &["all 2 cache slots are in use"]);
+}
+
+#[test]
+fn mtp_ids_count_differs_from_rows() {
+    let mut c = cache(2, 8, 2);
+    let chunks = [Chunk { slot: 0, tokens: &[1, 2, 3][..] }, Chunk { slot: 1, tokens: &[4] }];
+    let ids = [2, 3, 0];
+    let o = ForwardOptions { mtp_ids: Some(&ids), ..opts() };
+    expect_request_error(forward(&mut c, &chunks, &o), &["3 MTP ids", "4 rows"]);
+    assert_eq!((c.position(0).unwrap(), c.position(1).unwrap()), (0, 0), "a rejected call moved a slot");
+}
+
+/// A prefill of `prefill` tokens with MTP, then one-token decode steps for the rest: every
+/// output, concatenated.
+fn run_sequence(c: &mut KvCache, slot: usize, tokens: &[u32], prefill: usize) -> Vec<f32> {
+    let (prompt, rest) = tokens.split_at(prefill);
+    let next: Vec<u32> = tokens[1..=prefill].to_vec();
+    let o = ForwardOptions { mtp_ids: Some(&next), ..opts() };
+    let out = forward(c, &[Chunk { slot, tokens: prompt }], &o).unwrap();
+    let mut all = out.logits;
+    all.extend(out.mtp_logits.expect("MTP logits"));
+    for t in rest {
+        all.extend(forward(c, &[Chunk { slot, tokens: std::slice::from_ref(t) }], &opts()).unwrap().logits);
+    }
+    all
+}
+
+#[test]
+fn freed_slot_restarts_clean() {
+    let m = model();
+    let first: Vec<u32> = (0..24).map(|i| (i * 37 + 11) % 1024).collect();
+    let second: Vec<u32> = (0..24).map(|i| (i * 101 + 500) % 1024).collect();
+
+    // The second sequence starts with a 2-token prefill: its first compressor blocks are then
+    // built in the decode path from the slot's compressor state, which must have been reset.
+    let mut fresh = cache(1, 24, 1);
+    let want = run_sequence(&mut fresh, 0, &second, 2);
+
+    let mut reused = cache(1, 24, 1);
+    run_sequence(&mut reused, 0, &first, 20);
+    assert_eq!(reused.position(0).unwrap(), 24);
+    reused.free_slot(0);
+    expect_request_error(reused.position(0), &["slot 0", "not allocated"]);
+    let slot = reused.alloc_slot(m.backend()).unwrap();
+    assert_eq!(slot, 0);
+    assert_eq!(reused.position(slot).unwrap(), 0, "a reallocated slot must start at position 0");
+    let got = run_sequence(&mut reused, slot, &second, 2);
+
+    assert_eq!(got.len(), want.len());
+    let differing = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    assert_eq!(differing, 0, "{differing} of {} values differ from a fresh cache: state of the freed sequence leaked", want.len());
+}
