@@ -5,6 +5,7 @@
 
 mod backends;
 mod bench;
+mod conformance;
 mod generate;
 mod inspect;
 mod kv_size;
@@ -35,6 +36,8 @@ enum Command {
     Bench(bench::Args),
     /// List the backends this binary knows and whether each is usable here.
     Backends,
+    /// Check every op on every backend against cpu-ref, plus the end-to-end golden tiers.
+    Conformance(conformance::Args),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
         Command::KvSize(a) => kv_size::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Backends => backends::list(),
+        Command::Conformance(a) => conformance::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
