@@ -12,6 +12,7 @@ use model::forward::Model;
 pub fn registry() -> Registry {
     let mut r = Registry::new();
     r.register("cpu-ref", cpu_ref::probe());
+    r.register("cuda", cuda::probe());
     r
 }
 

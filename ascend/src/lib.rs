@@ -1,0 +1,400 @@
+//! # v4rt-ascend — the Ascend (Huawei NPU) backend
+//!
+//! CANN is loaded at run time, never linked: a machine without it still builds and runs
+//! everything else, and [`probe`] says why the backend is unavailable. Layout:
+//!
+//! * [`sys`] — the C surface we bind (types, enum values, status codes, function-pointer
+//!   tables), checked against the real ACL/HCCL headers by `tests/abi_headers.rs`.
+//! * [`loader`] — finds the toolkit and resolves every symbol once.
+//! * [`runtime`] — ACL init, per-thread device binding, streams, events, the device memory
+//!   pool, pinned staging memory, and status → [`hal::Error`] conversion.
+//! * [`ops`] — the HAL ops, one file per `hal::ops` family, built from aclnn two-phase calls.
+//! * [`AscendBackend`] (this file) — the [`hal::Backend`] implementation and the SoC profile.
+//!
+//! Without hardware, the crate is exercised through `v4rt-cann-emu`, a strict emulator of the
+//! same C ABI, loaded through the unchanged production loader (see `README.md`).
+
+pub mod loader;
+pub mod ops;
+pub mod runtime;
+pub mod sys;
+
+use std::any::Any;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use hal::backend::{Backend, BackendInfo, Probe, Support};
+use hal::{DType, Error, Op, Result, Storage, Tensor};
+
+use loader::SearchConfig;
+use runtime::{DeviceBuffer, DevicePtr, PinnedBuffer, Pool, Runtime, Stream, BACKEND};
+
+/// Which Ascend generation the device is, as far as compute formats go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocFamily {
+    /// Atlas A2 (910B): BF16/FP16/INT8 cube, no FP8/FP4.
+    Ascend910B,
+    /// Atlas A3 (910C, two dies each seen as a device): like the 910B for formats.
+    Ascend910C,
+    /// Ascend 950PR/950DT: adds FP8 (E4M3/E5M2), HiF8, MXFP8/MXFP4.
+    Ascend950,
+    /// Anything else: treated conservatively (no FP8/FP4).
+    Other,
+}
+
+/// What the device can compute, derived from `aclrtGetSocName()`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocProfile {
+    /// The SoC name as ACL reports it.
+    pub soc_name: String,
+    pub family: SocFamily,
+    /// FP8 matmul inputs (E4M3/E5M2) are supported by the cube unit.
+    pub fp8_compute: bool,
+    /// FP4 (E2M1, MX) matmul inputs are supported.
+    pub fp4_compute: bool,
+}
+
+impl SocProfile {
+    /// Maps an SoC name to its profile. The 910C ("A3") names are not verified; any other
+    /// `Ascend910*` is treated like a 910B, and unknown names get no FP8/FP4.
+    pub fn from_soc_name(name: &str) -> SocProfile {
+        let family = if name.starts_with("Ascend950") {
+            SocFamily::Ascend950
+        } else if name.starts_with("Ascend910_93") || name.starts_with("Ascend910C") {
+            SocFamily::Ascend910C
+        } else if name.starts_with("Ascend910") {
+            SocFamily::Ascend910B
+        } else {
+            SocFamily::Other
+        };
+        let low_precision = family == SocFamily::Ascend950;
+        SocProfile { soc_name: name.to_string(), family, fp8_compute: low_precision, fp4_compute: low_precision }
+    }
+}
+
+/// A tensor's device memory. Never dereferenced on the host: only its address is handed to
+/// ACL, and its bytes reach the host only through [`Backend::download`].
+pub struct AscendStorage {
+    buf: DeviceBuffer,
+}
+
+impl AscendStorage {
+    /// The device address (an opaque number; reading it on the host faults).
+    pub fn device_ptr(&self) -> DevicePtr {
+        self.buf.ptr()
+    }
+}
+
+impl Storage for AscendStorage {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+    fn len_bytes(&self) -> usize {
+        self.buf.len()
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// Host-side state of the issue path, behind one lock so that work is issued in order.
+pub(crate) struct IssueState {
+    /// Staging buffers whose copies may still be queued (freed or reused after a sync).
+    pending: Vec<PinnedBuffer>,
+    pending_bytes: usize,
+    /// Staging buffers known idle.
+    idle: Vec<PinnedBuffer>,
+    /// All-ones weights for weightless RMSNorm, by length.
+    pub(crate) ones: std::collections::HashMap<usize, DeviceBuffer>,
+}
+
+/// Pending staging memory above which an upload first drains the stream (bounds host memory
+/// while loading weights without synchronizing).
+const STAGING_LIMIT: usize = 256 << 20;
+/// Idle staging memory kept for reuse; the rest is freed.
+const STAGING_KEEP: usize = 64 << 20;
+
+/// The Ascend backend: one device, one stream, one memory pool.
+pub struct AscendBackend {
+    info: BackendInfo,
+    rt: Arc<Runtime>,
+    device: i32,
+    stream: Arc<Stream>,
+    pool: Arc<Pool>,
+    profile: SocProfile,
+    issue: Mutex<IssueState>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Probes the backend on device `V4RT_ASCEND_DEVICE` (default 0) with the documented toolkit
+/// search order. Never panics: every failure is an `Unavailable` reason naming what was
+/// looked for where.
+pub fn probe() -> Probe {
+    let device = match std::env::var("V4RT_ASCEND_DEVICE") {
+        Ok(v) => match v.trim().parse::<i32>() {
+            Ok(d) if d >= 0 => d,
+            _ => return Probe::Unavailable(format!("ascend: V4RT_ASCEND_DEVICE={v:?} is not a device index")),
+        },
+        Err(_) => 0,
+    };
+    match AscendBackend::open(&SearchConfig::from_env(), device) {
+        Ok(b) => Probe::Available(Box::new(b)),
+        Err(reason) => Probe::Unavailable(reason),
+    }
+}
+
+impl AscendBackend {
+    /// Loads CANN (once per process), initializes ACL, and opens `device` with a new stream.
+    pub fn open(cfg: &SearchConfig, device: i32) -> std::result::Result<AscendBackend, String> {
+        let rt = Runtime::global(cfg)?;
+        let count = rt.device_count().map_err(|e| format!("ascend: {e}"))?;
+        if count == 0 {
+            return Err("ascend: CANN is installed but reports no NPU (aclrtGetDeviceCount = 0)".into());
+        }
+        if device < 0 || device as u32 >= count {
+            return Err(format!("ascend: device {device} requested, {count} visible"));
+        }
+        let stream = Stream::new(rt.clone(), device).map_err(|e| format!("ascend: {e}"))?;
+        let pool = Pool::new(stream.clone());
+        let soc = rt.soc_name().unwrap_or_else(|| "unknown SoC".into());
+        let profile = SocProfile::from_soc_name(&soc);
+        let mem = rt
+            .mem_info(device)
+            .map(|(free, total)| format!(", {:.1}/{:.1} GiB HBM free", free as f64 / (1u64 << 30) as f64, total as f64 / (1u64 << 30) as f64))
+            .unwrap_or_default();
+        let api = rt.api();
+        let hccl = if api.hccl.is_some() { ", HCCL" } else { "" };
+        let device_desc = format!("{soc} (device {device}{mem}, {}{hccl})", api.opapi);
+        Ok(AscendBackend {
+            info: BackendInfo { name: BACKEND, device: device_desc },
+            rt,
+            device,
+            stream,
+            pool,
+            profile,
+            issue: Mutex::new(IssueState {
+                pending: Vec::new(),
+                pending_bytes: 0,
+                idle: Vec::new(),
+                ones: Default::default(),
+            }),
+        })
+    }
+
+    /// The SoC profile (what formats the device computes natively).
+    pub fn profile(&self) -> &SocProfile {
+        &self.profile
+    }
+    /// The process runtime (function tables, status conversion).
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.rt
+    }
+    /// This backend's stream.
+    pub fn stream(&self) -> &Arc<Stream> {
+        &self.stream
+    }
+    /// This backend's device memory pool.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+    /// The device index.
+    pub fn device(&self) -> i32 {
+        self.device
+    }
+
+    /// The storage behind `t`, checked to be ours (this backend instance, not just any Ascend
+    /// backend: another instance has another stream, and ordering across streams is not free).
+    fn storage<'t>(&self, t: &'t Tensor, what: impl Fn() -> String) -> Result<&'t AscendStorage> {
+        let owner = t.storage().backend();
+        let s = t
+            .storage()
+            .as_any()
+            .downcast_ref::<AscendStorage>()
+            .ok_or_else(|| Error::invalid(what(), format!("tensor belongs to backend '{owner}', not {BACKEND}")))?;
+        if !Arc::ptr_eq(s.buf.pool(), &self.pool) {
+            return Err(Error::invalid(
+                what(),
+                "tensor belongs to another ascend backend instance (another stream); copy it through the host",
+            ));
+        }
+        Ok(s)
+    }
+
+    /// A staging buffer of at least `len` bytes, reusing an idle one when possible.
+    fn staging(&self, st: &mut IssueState, len: usize) -> Result<PinnedBuffer> {
+        if let Some(i) = st.idle.iter().position(|b| b.capacity() >= len) {
+            return Ok(st.idle.swap_remove(i));
+        }
+        PinnedBuffer::new(self.rt.clone(), len)
+    }
+
+    /// After a synchronize: every pending staging buffer is idle again.
+    fn recycle(&self, st: &mut IssueState) {
+        st.idle.append(&mut st.pending);
+        st.pending_bytes = 0;
+        st.idle.sort_by_key(|b| b.capacity());
+        let mut kept = 0;
+        st.idle.retain(|b| {
+            kept += b.capacity();
+            kept <= STAGING_KEEP
+        });
+    }
+
+    fn sync_locked(&self, st: &mut IssueState) -> Result<()> {
+        let r = self.stream.synchronize();
+        // Even after a fault the queued copies are gone (executed or discarded).
+        self.recycle(st);
+        r
+    }
+
+    /// Enqueues `bytes` → device address `dst` (capacity `cap`) through a staging buffer.
+    pub(crate) fn h2d_locked(&self, st: &mut IssueState, dst: DevicePtr, cap: usize, bytes: &[u8]) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        if st.pending_bytes + bytes.len() > STAGING_LIMIT && !st.pending.is_empty() {
+            self.sync_locked(st)?;
+        }
+        let mut stage = self.staging(st, bytes.len())?;
+        stage.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
+        // SAFETY: `stage` is pinned memory that moves into `pending` below and is only
+        // reused or freed after the stream has been synchronized.
+        unsafe { self.stream.copy_h2d_async(dst, cap, stage.as_ptr(), bytes.len())? };
+        st.pending_bytes += stage.capacity();
+        st.pending.push(stage);
+        Ok(())
+    }
+
+    /// Copies `len` bytes at device address `src` to the host, after all issued work.
+    pub(crate) fn d2h_locked(&self, st: &mut IssueState, src: DevicePtr, len: usize) -> Result<Vec<u8>> {
+        if len == 0 {
+            self.sync_locked(st)?;
+            return Ok(Vec::new());
+        }
+        let mut stage = self.staging(st, len)?;
+        let cap = stage.capacity();
+        // SAFETY: `stage` is pinned, stays alive in this frame, and is read only after the
+        // synchronize below.
+        let r = unsafe { self.stream.copy_d2h_async(stage.as_mut_ptr(), cap, src, len) };
+        let r = r.and_then(|()| self.sync_locked(st));
+        let out = r.map(|()| stage.as_slice()[..len].to_vec());
+        st.idle.push(stage);
+        out
+    }
+
+    fn lock_issue(&self) -> Result<MutexGuard<'_, IssueState>> {
+        self.rt.bind(self.device)?;
+        Ok(lock(&self.issue))
+    }
+}
+
+impl Drop for AscendBackend {
+    fn drop(&mut self) {
+        // Staging buffers may still be read by queued copies; drain before they are freed.
+        let _ = self.stream.synchronize();
+    }
+}
+
+/// Bytes of a `shape` × `dtype` tensor, or an error on overflow.
+fn byte_len(shape: &[usize], dtype: DType) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::invalid("alloc", format!("{dtype} {shape:?} overflows the address space")))
+}
+
+impl Backend for AscendBackend {
+    fn info(&self) -> &BackendInfo {
+        &self.info
+    }
+
+    fn supports(&self, op: &Op) -> Support {
+        ops::supports(op, &self.rt.api().ops, &self.profile)
+    }
+
+    fn alloc(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let bytes = byte_len(shape, dtype)?;
+        self.rt.bind(self.device)?;
+        let buf = self.pool.alloc(bytes)?;
+        Ok(Tensor::from_storage(Box::new(AscendStorage { buf }), shape.to_vec(), dtype))
+    }
+
+    fn upload(&self, shape: &[usize], dtype: DType, bytes: &[u8]) -> Result<Tensor> {
+        let want = byte_len(shape, dtype)?;
+        if bytes.len() != want {
+            return Err(Error::invalid("upload", format!("{dtype} {shape:?} needs {want} bytes, got {}", bytes.len())));
+        }
+        let mut st = self.lock_issue()?;
+        let buf = self.pool.alloc(want)?;
+        self.h2d_locked(&mut st, buf.ptr(), buf.capacity(), bytes)?;
+        Ok(Tensor::from_storage(Box::new(AscendStorage { buf }), shape.to_vec(), dtype))
+    }
+
+    fn write(&self, t: &mut Tensor, offset: usize, bytes: &[u8]) -> Result<()> {
+        let (len, size) = (t.len_bytes(), t.dtype().size());
+        let start = offset.checked_mul(size);
+        let end = start.and_then(|s| s.checked_add(bytes.len())).filter(|&e| e <= len);
+        let (Some(start), Some(_)) = (start, end) else {
+            return Err(Error::invalid(
+                "write",
+                format!("{} bytes at element {offset} overrun the {len}-byte tensor {t:?}", bytes.len()),
+            ));
+        };
+        let s = self.storage(t, || "write".into())?;
+        let (dst, cap) = (s.buf.ptr().offset(start), s.buf.capacity() - start);
+        let mut st = self.lock_issue()?;
+        self.h2d_locked(&mut st, dst, cap, bytes)
+    }
+
+    fn download(&self, t: &Tensor) -> Result<Vec<u8>> {
+        let s = self.storage(t, || "download".into())?;
+        let mut st = self.lock_issue()?;
+        self.d2h_locked(&mut st, s.buf.ptr(), s.buf.len())
+    }
+
+    fn run(&self, op: &Op, inputs: &[&Tensor], outputs: &mut [&mut Tensor]) -> Result<()> {
+        op.validate(inputs, outputs)?;
+        if let Support::No(reason) = self.supports(op) {
+            return Err(Error::Unsupported { backend: BACKEND.into(), op: op.name().into(), reason });
+        }
+        let sig = op.signature();
+        let ins = inputs
+            .iter()
+            .zip(&sig.inputs)
+            .map(|(t, spec)| self.storage(t, || format!("{} input '{}'", op.name(), spec.name)).map(|s| ops::Buf::of(&s.buf)))
+            .collect::<Result<Vec<_>>>()?;
+        let outs = outputs
+            .iter()
+            .zip(&sig.outputs)
+            .map(|(t, spec)| self.storage(t, || format!("{} output '{}'", op.name(), spec.name)).map(|s| ops::Buf::of(&s.buf)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut st = self.lock_issue()?;
+        let mut cx = ops::Ctx { be: self, st: &mut st };
+        ops::dispatch(&mut cx, op, &ins, &outs)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        let mut st = self.lock_issue()?;
+        self.sync_locked(&mut st)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn soc_profiles() {
+        let p = SocProfile::from_soc_name("Ascend910B3");
+        assert_eq!((p.family, p.fp8_compute), (SocFamily::Ascend910B, false));
+        assert_eq!(SocProfile::from_soc_name("Ascend910_9391").family, SocFamily::Ascend910C);
+        let p = SocProfile::from_soc_name("Ascend950PR");
+        assert_eq!((p.family, p.fp8_compute, p.fp4_compute), (SocFamily::Ascend950, true, true));
+        assert!(!SocProfile::from_soc_name("Ascend310P3").fp8_compute);
+    }
+}

@@ -1,0 +1,350 @@
+//! The HAL ops on Ascend, one file per `hal::ops` family, each built from aclnn two-phase
+//! calls (`aclnnXxxGetWorkspaceSize` → workspace from the pool → `aclnnXxx` on the stream).
+//!
+//! This module holds what every family shares: tensor descriptors ([`View`] → `aclTensor`,
+//! destroyed after the launch, never between the phases), scalars, temporaries, the launch
+//! helper, and the support table. Families without an Ascend implementation yet (hc, quant,
+//! attention, compressor, indexer, MoE gate/experts, grouped linear) answer
+//! `Support::No("not yet implemented on ascend")`.
+//!
+//! Index-like inputs (token ids, row indices, positions) are validated on the host before any
+//! launch, because the HAL contract makes an out-of-range index an error naming the row, while
+//! on the device it would be a kernel fault. That costs one small device→host copy and a
+//! stream synchronize per such op; a device-side check reported at the next synchronize is
+//! future work.
+
+pub mod embed;
+pub mod linear;
+pub mod moe;
+pub mod norm;
+pub mod rope;
+
+use std::ffi::c_void;
+use std::ptr;
+
+use hal::backend::Support;
+use hal::{DType, Error, Op, Result};
+
+use crate::runtime::{DeviceBuffer, DevicePtr, BACKEND};
+use crate::sys::{self, aclDataType, aclOpExecutor, aclScalar, aclTensor, aclnnStatus, AclnnOps, OpPair};
+use crate::{AscendBackend, IssueState, SocProfile};
+
+/// A device buffer's address and size, taken from a validated tensor.
+#[derive(Clone, Copy, Debug)]
+pub struct Buf {
+    pub ptr: DevicePtr,
+    pub len: usize,
+}
+
+impl Buf {
+    /// The address and size of `b`.
+    pub fn of(b: &DeviceBuffer) -> Buf {
+        Buf { ptr: b.ptr(), len: b.len() }
+    }
+}
+
+/// The ACL dtype of a HAL dtype (`None`: no one-to-one ACL type, e.g. packed FP4 pairs).
+pub fn acl_dtype(d: DType) -> Option<aclDataType> {
+    Some(match d {
+        DType::F32 => sys::ACL_FLOAT,
+        DType::BF16 => sys::ACL_BF16,
+        DType::F16 => sys::ACL_FLOAT16,
+        DType::F8E4M3 => sys::ACL_FLOAT8_E4M3FN,
+        DType::F8E8M0 => sys::ACL_FLOAT8_E8M0,
+        DType::I8 => sys::ACL_INT8,
+        DType::U8 => sys::ACL_UINT8,
+        DType::I32 => sys::ACL_INT32,
+        DType::I64 => sys::ACL_INT64,
+        DType::F4E2M1x2 => return None,
+    })
+}
+
+/// A strided view of a device buffer, described the way `aclCreateTensor` takes it
+/// (row-major dims, element strides and offset, a 1-D storage of the whole buffer).
+#[derive(Clone, Debug)]
+pub struct View {
+    ptr: DevicePtr,
+    dtype: DType,
+    storage_elems: i64,
+    shape: Vec<i64>,
+    strides: Vec<i64>,
+    offset: i64,
+}
+
+fn contiguous_strides(shape: &[i64]) -> Vec<i64> {
+    let mut s = vec![1i64; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+impl View {
+    /// `buf` as a contiguous `dtype` tensor of `shape`.
+    pub fn new(buf: Buf, dtype: DType, shape: &[usize]) -> View {
+        let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        View {
+            ptr: buf.ptr,
+            dtype,
+            storage_elems: (buf.len / dtype.size()) as i64,
+            strides: contiguous_strides(&shape),
+            shape,
+            offset: 0,
+        }
+    }
+
+    /// A temporary's full extent as a contiguous view.
+    pub fn of_temp(b: &DeviceBuffer, dtype: DType, shape: &[usize]) -> View {
+        View::new(Buf::of(b), dtype, shape)
+    }
+
+    /// The same storage with another contiguous shape (element count unchanged by callers).
+    pub fn reshape(&self, shape: &[usize]) -> View {
+        let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        View { strides: contiguous_strides(&shape), shape, offset: 0, ..self.clone() }
+    }
+
+    /// The same storage with an explicit shape, element strides and element offset.
+    pub fn strided(&self, shape: &[usize], strides: &[usize], offset: usize) -> View {
+        View {
+            shape: shape.iter().map(|&d| d as i64).collect(),
+            strides: strides.iter().map(|&d| d as i64).collect(),
+            offset: offset as i64,
+            ..self.clone()
+        }
+    }
+
+    /// Number of elements in the view.
+    pub fn numel(&self) -> i64 {
+        self.shape.iter().product()
+    }
+}
+
+/// An `aclTensor` owned by us; destroyed on drop (after the launch that used it).
+pub struct TensorDesc<'a> {
+    raw: *mut aclTensor,
+    api: &'a crate::loader::Api,
+}
+
+impl TensorDesc<'_> {
+    fn ptr(&self) -> *mut aclTensor {
+        self.raw
+    }
+}
+
+impl Drop for TensorDesc<'_> {
+    fn drop(&mut self) {
+        // SAFETY: created by aclCreateTensor, destroyed once. Callers keep descriptors alive
+        // until after phase 2 (the executor may refer to them until then).
+        unsafe { (self.api.nnop.aclDestroyTensor)(self.raw) };
+    }
+}
+
+/// An `aclScalar` owned by us.
+pub struct ScalarDesc<'a> {
+    raw: *mut aclScalar,
+    api: &'a crate::loader::Api,
+}
+
+impl Drop for ScalarDesc<'_> {
+    fn drop(&mut self) {
+        // SAFETY: created by aclCreateScalar, destroyed once, after the launch.
+        unsafe { (self.api.nnop.aclDestroyScalar)(self.raw) };
+    }
+}
+
+/// Issue context of one `run`: the backend plus its locked issue state.
+pub struct Ctx<'a> {
+    pub(crate) be: &'a AscendBackend,
+    pub(crate) st: &'a mut IssueState,
+}
+
+impl<'a> Ctx<'a> {
+    fn api(&self) -> &'a crate::loader::Api {
+        self.be.rt.api()
+    }
+
+    /// The aclnn op table.
+    pub fn ops(&self) -> &'a AclnnOps {
+        &self.be.rt.api().ops
+    }
+
+    /// A temporary device buffer for `shape` × `dtype` (returned to the pool on drop; safe
+    /// right after the launches that use it, by stream order).
+    pub fn temp(&self, shape: &[usize], dtype: DType) -> Result<DeviceBuffer> {
+        self.be.pool.alloc(shape.iter().product::<usize>() * dtype.size())
+    }
+
+    /// Describes `v` as an `aclTensor`.
+    pub fn tensor(&self, v: &View) -> Result<TensorDesc<'a>> {
+        let api = self.api();
+        let dt = acl_dtype(v.dtype)
+            .ok_or_else(|| Error::invalid("ascend tensor", format!("dtype {} has no ACL equivalent", v.dtype)))?;
+        let storage = [v.storage_elems];
+        // SAFETY: every array is valid for the given length during the call (ACL copies
+        // them); the data pointer is a device address that ACL only records.
+        let raw = unsafe {
+            (api.nnop.aclCreateTensor)(
+                v.shape.as_ptr(),
+                v.shape.len() as u64,
+                dt,
+                v.strides.as_ptr(),
+                v.offset,
+                sys::ACL_FORMAT_ND,
+                storage.as_ptr(),
+                1,
+                v.ptr.as_raw(),
+            )
+        };
+        if raw.is_null() {
+            return Err(self.be.rt.error(sys::ACLNN_ERR_PARAM_INVALID, &format!("aclCreateTensor({} {:?})", v.dtype, v.shape)));
+        }
+        Ok(TensorDesc { raw, api })
+    }
+
+    /// An fp32 `aclScalar`.
+    pub fn scalar_f32(&self, value: f32) -> Result<ScalarDesc<'a>> {
+        let api = self.api();
+        let mut v = value;
+        // SAFETY: ACL reads exactly sizeof(float) bytes from `v` during the call.
+        let raw = unsafe { (api.nnop.aclCreateScalar)((&mut v as *mut f32).cast::<c_void>(), sys::ACL_FLOAT) };
+        if raw.is_null() {
+            return Err(self.be.rt.error(sys::ACLNN_ERR_PARAM_INVALID, "aclCreateScalar(float)"));
+        }
+        Ok(ScalarDesc { raw, api })
+    }
+
+    /// Runs one aclnn op: phase 1 (`phase1` gets the op's GetWorkspaceSize pointer and the two
+    /// out-pointers), workspace from the pool, phase 2 on the backend's stream. The workspace
+    /// goes back to the pool right after the launch (stream order makes that safe).
+    pub fn launch<F: Copy>(
+        &mut self,
+        name: &str,
+        pair: Option<OpPair<F>>,
+        phase1: impl FnOnce(F, *mut u64, *mut *mut aclOpExecutor) -> aclnnStatus,
+    ) -> Result<()> {
+        let rt = &self.be.rt;
+        let pair = pair.ok_or_else(|| Error::Unsupported {
+            backend: BACKEND.into(),
+            op: format!("aclnn{name}"),
+            reason: format!("not exported by the loaded op library ({})", rt.api().opapi),
+        })?;
+        let mut ws: u64 = 0;
+        let mut exec: *mut aclOpExecutor = ptr::null_mut();
+        let code = phase1(pair.get_workspace_size, &mut ws, &mut exec);
+        rt.check(code, &format!("aclnn{name}GetWorkspaceSize"))?;
+        if exec.is_null() {
+            return Err(rt.error(sys::ACLNN_ERR_INNER, &format!("aclnn{name}GetWorkspaceSize returned no executor")));
+        }
+        let ws_len = usize::try_from(ws).map_err(|_| Error::OutOfMemory { backend: BACKEND.into(), bytes: usize::MAX })?;
+        // If this allocation fails the executor is abandoned unlaunched: there is no documented
+        // way to release a non-repeatable executor without running it.
+        let workspace = self.be.pool.alloc(ws_len)?;
+        let wptr = if ws_len == 0 { ptr::null_mut() } else { workspace.ptr().as_raw() };
+        // SAFETY: phase 2 of the same op with the executor phase 1 just returned, a workspace
+        // of the requested size, and our live stream. The caller keeps every descriptor alive
+        // until this returns.
+        let code = unsafe { (pair.launch)(wptr, ws, exec, self.be.stream.raw()) };
+        rt.check(code, &format!("aclnn{name}"))
+    }
+
+    /// Reads `n` int32 values at `b` to the host (drains the stream).
+    pub fn read_i32(&mut self, b: Buf, n: usize) -> Result<Vec<i32>> {
+        let bytes = self.be.d2h_locked(self.st, b.ptr, n * 4)?;
+        Ok(bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
+    /// Enqueues a zero fill of `b`.
+    pub fn zero(&mut self, b: Buf) -> Result<()> {
+        self.be.stream.memset_async(b.ptr, b.len, 0, b.len)
+    }
+
+    /// `out = cast(src)`.
+    pub fn cast(&mut self, src: &View, out: &View) -> Result<()> {
+        let (s, o) = (self.tensor(src)?, self.tensor(out)?);
+        let dt = acl_dtype(out.dtype).unwrap_or(sys::ACL_DT_UNDEFINED);
+        // SAFETY: descriptors outlive the launch; `ws`/`ex` are launch()'s out-pointers.
+        self.launch("Cast", self.ops().Cast, |f, ws, ex| unsafe { f(s.ptr(), dt, o.ptr(), ws, ex) })
+    }
+
+    /// `out = a · b` (broadcasting).
+    pub fn mul(&mut self, a: &View, b: &View, out: &View) -> Result<()> {
+        let (x, y, o) = (self.tensor(a)?, self.tensor(b)?, self.tensor(out)?);
+        // SAFETY: descriptors outlive the launch; `ws`/`ex` are launch()'s out-pointers.
+        self.launch("Mul", self.ops().Mul, |f, ws, ex| unsafe { f(x.ptr(), y.ptr(), o.ptr(), ws, ex) })
+    }
+
+    /// `out = a + b` (`subtract`: `a − b`), broadcasting.
+    pub fn add(&mut self, a: &View, b: &View, out: &View, subtract: bool) -> Result<()> {
+        let (x, y, o) = (self.tensor(a)?, self.tensor(b)?, self.tensor(out)?);
+        let alpha = self.scalar_f32(1.0)?;
+        // SAFETY (both arms): descriptors and the scalar outlive the launch; `ws`/`ex` are
+        // launch()'s out-pointers.
+        if subtract {
+            self.launch("Sub", self.ops().Sub, |f, ws, ex| unsafe { f(x.ptr(), y.ptr(), alpha.raw, o.ptr(), ws, ex) })
+        } else {
+            self.launch("Add", self.ops().Add, |f, ws, ex| unsafe { f(x.ptr(), y.ptr(), alpha.raw, o.ptr(), ws, ex) })
+        }
+    }
+
+    /// `dst[...] = src` (src broadcast to dst's shape).
+    pub fn copy(&mut self, dst: &View, src: &View) -> Result<()> {
+        let (d, s) = (self.tensor(dst)?, self.tensor(src)?);
+        // SAFETY: descriptors outlive the launch; `ws`/`ex` are launch()'s out-pointers.
+        self.launch("InplaceCopy", self.ops().InplaceCopy, |f, ws, ex| unsafe { f(d.ptr(), s.ptr(), ws, ex) })
+    }
+}
+
+/// `Yes` when every named aclnn op resolved, else `No` naming the first missing one.
+fn need(ops: &[(&str, bool)]) -> Support {
+    match ops.iter().find(|(_, present)| !present) {
+        None => Support::Yes,
+        Some((name, _)) => Support::No(format!("aclnn{name} is not exported by the loaded CANN op library")),
+    }
+}
+
+/// Whether `op` runs on this device with these op libraries.
+pub fn supports(op: &Op, ops: &AclnnOps, profile: &SocProfile) -> Support {
+    let todo = || Support::No("not yet implemented on ascend".into());
+    match op {
+        Op::Embed(e) => embed::supports_embed(e, ops),
+        Op::HcExpand(_) => need(&[("InplaceCopy", ops.InplaceCopy.is_some())]),
+        Op::Add(_) => need(&[("Add", ops.Add.is_some())]),
+        Op::GatherRows(_) => need(&[("IndexSelect", ops.IndexSelect.is_some())]),
+        Op::RmsNorm(_) => need(&[("RmsNorm", ops.RmsNorm.is_some())]),
+        Op::Linear(l) => linear::supports_linear(l, ops, profile),
+        Op::SwiGlu(s) => moe::supports_swiglu(s, ops),
+        Op::Rope(_) => rope::supports_rope(ops),
+        Op::HcPre(_)
+        | Op::HcPost(_)
+        | Op::HcHead(_)
+        | Op::GroupedLinear(_)
+        | Op::QuantSim(_)
+        | Op::Hadamard(_)
+        | Op::WindowStore(_)
+        | Op::Compressor(_)
+        | Op::IndexerTopK(_)
+        | Op::SparseAttention(_)
+        | Op::MoeGate(_)
+        | Op::MoeExperts(_) => todo(),
+    }
+}
+
+/// Issues a validated, supported op (`ins`/`outs` in signature order).
+pub fn dispatch(cx: &mut Ctx<'_>, op: &Op, ins: &[Buf], outs: &[Buf]) -> Result<()> {
+    match op {
+        Op::Embed(o) => embed::run_embed(cx, o, ins, outs),
+        Op::HcExpand(o) => embed::run_hc_expand(cx, o, ins, outs),
+        Op::Add(o) => embed::run_add(cx, o, ins, outs),
+        Op::GatherRows(o) => embed::run_gather_rows(cx, o, ins, outs),
+        Op::RmsNorm(o) => norm::run_rms_norm(cx, o, ins, outs),
+        Op::Linear(o) => linear::run_linear(cx, o, ins, outs),
+        Op::SwiGlu(o) => moe::run_swiglu(cx, o, ins, outs),
+        Op::Rope(o) => rope::run_rope(cx, o, ins, outs),
+        other => Err(Error::Unsupported {
+            backend: BACKEND.into(),
+            op: other.name().into(),
+            reason: "not yet implemented on ascend".into(),
+        }),
+    }
+}

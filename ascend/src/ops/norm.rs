@@ -1,0 +1,39 @@
+//! RMSNorm: `aclnnRmsNorm(x, gamma, eps, y, rstd)` with `x [R, d]`, `gamma [d]` and an fp32
+//! `rstd [R, 1]` temporary. The weightless form (per-head query rescale) uses a cached
+//! all-ones `gamma`, uploaded once per width.
+
+use hal::ops::RmsNorm;
+use hal::{DType, Result};
+
+use super::{Buf, Ctx, View};
+
+/// The all-ones weight of width `dim`, uploaded on first use and kept by the backend.
+fn ones(cx: &mut Ctx<'_>, dim: usize) -> Result<Buf> {
+    if let Some(b) = cx.st.ones.get(&dim) {
+        return Ok(Buf::of(b));
+    }
+    let buf = cx.be.pool.alloc(dim * 4)?;
+    let bytes: Vec<u8> = (0..dim).flat_map(|_| 1.0f32.to_le_bytes()).collect();
+    cx.be.h2d_locked(cx.st, buf.ptr(), buf.capacity(), &bytes)?;
+    let b = Buf::of(&buf);
+    cx.st.ones.insert(dim, buf);
+    Ok(b)
+}
+
+/// Op entry: [`RmsNorm`].
+pub fn run_rms_norm(cx: &mut Ctx<'_>, op: &RmsNorm, ins: &[Buf], outs: &[Buf]) -> Result<()> {
+    if op.rows == 0 || op.dim == 0 {
+        return Ok(());
+    }
+    let gamma = if op.weighted { ins[1] } else { ones(cx, op.dim)? };
+    let x = View::new(ins[0], DType::F32, &[op.rows, op.dim]);
+    let g = View::new(gamma, DType::F32, &[op.dim]);
+    let y = View::new(outs[0], DType::F32, &[op.rows, op.dim]);
+    let rstd = cx.temp(&[op.rows, 1], DType::F32)?;
+    let r = View::of_temp(&rstd, DType::F32, &[op.rows, 1]);
+    let (xt, gt, yt, rt) = (cx.tensor(&x)?, cx.tensor(&g)?, cx.tensor(&y)?, cx.tensor(&r)?);
+    let eps = op.eps as f64;
+    let pair = cx.ops().RmsNorm;
+    // SAFETY: descriptors outlive the launch; `ws`/`ex` are launch()'s out-pointers.
+    cx.launch("RmsNorm", pair, |f, ws, ex| unsafe { f(xt.ptr(), gt.ptr(), eps, yt.ptr(), rt.ptr(), ws, ex) })
+}

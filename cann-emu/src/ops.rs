@@ -1,0 +1,838 @@
+//! aclnn op exports: phase 1 (`aclnnXxxGetWorkspaceSize`) validates and plans, phase 2
+//! (`aclnnXxx`) checks the launch and queues the kernel on the stream.
+//!
+//! Phase-1 checks, per op, encode the documented constraints as we read them (§3.3): dtype
+//! lists, ranks, ND format, shapes and broadcasting, and "non-contiguous ✓" only where the
+//! docs mark it (the `noncontig` column below; the exact per-op lists are UNVERIFIED). For
+//! every tensor it also checks that it is a live `aclTensor`, that its device address is a live
+//! allocation of the calling thread's device large enough for the declared storage, and that
+//! its dtype is computable on the configured SoC (FP8/FP4/HiF8: 950 only).
+//!
+//! | op | dtypes | noncontig inputs | notes |
+//! |---|---|---|---|
+//! | Add/Sub/Mul | f32 f16 bf16 f64 int bool | ✓ | broadcasting, type promotion, alpha scalar |
+//! | Cast | any with a codec | ✓ | FP8 only on 950 |
+//! | InplaceCopy | any with a codec | ✓ (both) | src broadcast to selfRef |
+//! | Embedding | weight f32/f16/bf16, indices i32/i64 | ✗ | out = indices.shape + [dim] |
+//! | IndexSelect | self any, index i32/i64 (≤1-D) | ✗ | |
+//! | RmsNorm | f32 f16 bf16 (gamma same), rstd f32 | ✗ | |
+//! | Mm / Matmul | f32 f16 bf16, all equal | ✓ | 2-D only (Matmul: emulator subset) |
+//! | Clamp | float and int | ✓ | NULL bound = open, not both |
+//! | Silu, Cos, Sin | f32 f16 bf16 (f64 for Cos/Sin) | ✓ | |
+//!
+//! Outputs must be contiguous everywhere except `InplaceCopy`'s `selfRef`.
+
+#![allow(non_snake_case, clippy::missing_safety_doc, clippy::too_many_arguments)]
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use crate::dtype::Dt;
+use crate::memory::{broadcast_strides, Memory, TView};
+use crate::state::{Executor, Kernel};
+use crate::{bail, codes, guard, with_emu, Emu, Fail};
+
+const P_NULL: i32 = codes::ACLNN_PARAM_NULLPTR;
+const P_INVALID: i32 = codes::ACLNN_PARAM_INVALID;
+const FORMAT_ND: i32 = 2;
+
+/// Deterministic, non-zero workspace sizes (so the workspace path is always exercised).
+const WS_ELEMENTWISE: u64 = 512;
+const WS_GATHER: u64 = 1024;
+const WS_NORM: u64 = 4096;
+const WS_MATMUL: u64 = 32768;
+
+const FLOATS: &[Dt] = &[Dt::F32, Dt::F16, Dt::Bf16];
+const ARITH: &[Dt] = &[Dt::F32, Dt::F16, Dt::Bf16, Dt::F64, Dt::I8, Dt::U8, Dt::I16, Dt::I32, Dt::I64, Dt::Bool];
+const INDEX: &[Dt] = &[Dt::I32, Dt::I64];
+
+/// Phase-1 argument checker: collects the tensor handles the executor must keep alive.
+struct Check<'a> {
+    e: &'a Emu,
+    device: i32,
+    handles: Vec<usize>,
+}
+
+impl<'a> Check<'a> {
+    fn new(e: &'a Emu) -> Result<Check<'a>, Fail> {
+        let device = e.need_device()?;
+        Ok(Check { e, device, handles: Vec::new() })
+    }
+
+    /// A live, ND, SoC-computable tensor whose storage is a live allocation of this device.
+    fn tensor(&mut self, p: *const c_void, name: &str) -> Result<TView, Fail> {
+        let t = self.e.tensor(p as usize, name)?;
+        if t.format != FORMAT_ND {
+            bail!(P_INVALID, "{name}: format {} is not supported (ND only)", t.format);
+        }
+        let v = t.view;
+        if v.dt.is_low_precision() && !self.e.config.low_precision() {
+            bail!(P_INVALID, "{name}: dtype {:?} is not supported on {} (FP8/FP4/HiF8 need Ascend950)", v.dt, self.e.config.soc_name());
+        }
+        if v.numel() > 0 {
+            let bytes = (t.storage_elems as usize * v.dt.bits()).div_ceil(8);
+            let (_, alloc) = self
+                .e
+                .mem
+                .find(v.addr, bytes)
+                .map_err(|m| Fail::new(P_INVALID, format!("{name}: storage of {bytes} bytes at {:#x}: {m}", v.addr)))?;
+            if alloc.device != self.device {
+                bail!(P_INVALID, "{name}: memory of device {} used on device {}", alloc.device, self.device);
+            }
+        }
+        self.handles.push(p as usize);
+        Ok(v)
+    }
+}
+
+fn need_dtype(v: &TView, name: &str, allowed: &[Dt]) -> Result<(), Fail> {
+    if !allowed.contains(&v.dt) {
+        bail!(P_INVALID, "{name}: dtype {:?} is not supported (expected one of {allowed:?})", v.dt);
+    }
+    Ok(())
+}
+
+fn is_contiguous(v: &TView) -> bool {
+    let mut expect = 1i64;
+    for (&d, &s) in v.dims.iter().zip(&v.strides).rev() {
+        if d != 1 && s != expect {
+            return false;
+        }
+        expect *= d;
+    }
+    true
+}
+
+fn need_contig(v: &TView, name: &str) -> Result<(), Fail> {
+    if !is_contiguous(v) {
+        bail!(P_INVALID, "{name}: non-contiguous tensors are not supported here (dims {:?}, strides {:?})", v.dims, v.strides);
+    }
+    Ok(())
+}
+
+fn need_rank(v: &TView, name: &str, lo: usize, hi: usize) -> Result<(), Fail> {
+    if v.dims.len() < lo || v.dims.len() > hi {
+        bail!(P_INVALID, "{name}: rank {} outside [{lo}, {hi}]", v.dims.len());
+    }
+    Ok(())
+}
+
+fn need_shape(v: &TView, name: &str, want: &[i64]) -> Result<(), Fail> {
+    if v.dims != want {
+        bail!(P_INVALID, "{name}: shape {:?}, expected {want:?}", v.dims);
+    }
+    Ok(())
+}
+
+/// Numpy-style broadcast of two shapes.
+fn broadcast(a: &[i64], b: &[i64]) -> Option<Vec<i64>> {
+    let n = a.len().max(b.len());
+    (0..n)
+        .map(|i| {
+            let x = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
+            let y = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
+            match (x, y) {
+                _ if x == y => Some(x),
+                (1, y) => Some(y),
+                (x, 1) => Some(x),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Result type of a binary op (torch-like promotion).
+fn promote(a: Dt, b: Dt) -> Dt {
+    use Dt::*;
+    if a == b {
+        return a;
+    }
+    let rank = |d: Dt| match d {
+        F64 => 10,
+        F32 => 9,
+        F16 | Bf16 => 8,
+        I64 => 4,
+        I32 => 3,
+        I16 => 2,
+        I8 | U8 => 1,
+        _ => 0,
+    };
+    match (a, b) {
+        (F16, Bf16) | (Bf16, F16) => F32,
+        (I8, U8) | (U8, I8) => I16,
+        _ if rank(a) >= rank(b) => a,
+        _ => b,
+    }
+}
+
+/// Registers the executor and writes phase 1's out-parameters.
+unsafe fn finish(
+    e: &mut Emu,
+    op: &'static str,
+    workspace: u64,
+    handles: Vec<usize>,
+    kernel: Kernel,
+    ws_out: *mut u64,
+    ex_out: *mut *mut c_void,
+) -> Result<(), Fail> {
+    if ws_out.is_null() || ex_out.is_null() {
+        bail!(P_NULL, "workspaceSize or executor out-pointer is nullptr");
+    }
+    let h = e.handle();
+    e.executors.insert(h, Executor { op, workspace, used: false, repeatable: false, tensors: handles, kernel });
+    // SAFETY: both out-pointers are non-null and point to caller-owned storage.
+    unsafe {
+        ws_out.write(workspace);
+        ex_out.write(h as *mut c_void);
+    }
+    Ok(())
+}
+
+/// Phase 2 shared by every op.
+fn launch(op: &'static str, workspace: *mut c_void, size: u64, executor: *mut c_void, stream: *mut c_void) -> i32 {
+    guard(op, || {
+        with_emu(|e| {
+            let sid = e.stream_id(stream as usize)?;
+            let h = executor as usize;
+            if h == 0 {
+                bail!(P_NULL, "executor is nullptr");
+            }
+            let Some(x) = e.executors.get(&h) else {
+                if e.issued(h) {
+                    bail!(P_INVALID, "executor was already launched (executors are single-use unless made repeatable)");
+                }
+                bail!(P_INVALID, "{executor:?} is not an executor returned by a GetWorkspaceSize call");
+            };
+            if x.op != op {
+                bail!(P_INVALID, "executor was planned by {}GetWorkspaceSize, launched with {op}", x.op);
+            }
+            if x.used && !x.repeatable {
+                bail!(P_INVALID, "executor was already launched (executors are single-use unless made repeatable)");
+            }
+            if size < x.workspace {
+                bail!(P_INVALID, "workspaceSize {size} is smaller than the {} bytes GetWorkspaceSize asked for", x.workspace);
+            }
+            let need = x.workspace as usize;
+            let ws = workspace as usize;
+            if need > 0 {
+                if ws == 0 {
+                    bail!(P_NULL, "workspace is nullptr but {need} bytes are required");
+                }
+                e.mem.find(ws, need).map_err(|m| Fail::new(P_INVALID, format!("workspace: {m}")))?;
+            }
+            if x.tensors.iter().any(|t| !e.tensors.contains_key(t)) {
+                bail!(P_INVALID, "an aclTensor of this executor was destroyed before the launch");
+            }
+            let kernel = x.kernel.clone();
+            e.launch_count += 1;
+            let injected = e.config.fail_launch.is_some_and(|t| t.fires(e.launch_count));
+            let n = e.launch_count;
+            // A single-use executor is gone after its launch (the handle is never reissued).
+            if e.executors.get(&h).is_some_and(|x| !x.repeatable) {
+                e.executors.remove(&h);
+            } else if let Some(x) = e.executors.get_mut(&h) {
+                x.used = true;
+            }
+            let run: crate::state::Work = Box::new(move |m: &mut Memory| {
+                if injected {
+                    return Err(format!("injected device fault (V4RT_EMU_FAIL_LAUNCH, launch {n})"));
+                }
+                if need > 0 {
+                    // The kernel owns its workspace while it runs: scribble over it, so memory
+                    // that is also used elsewhere at the same time gets corrupted visibly.
+                    m.bytes_mut(ws, need)?.fill(0xA5);
+                }
+                kernel(m)
+            });
+            e.enqueue_work(sid, op, run)?;
+            Ok(())
+        })
+    })
+}
+
+macro_rules! phase2 {
+    ($($fn_name:ident),* $(,)?) => {$(
+        #[no_mangle]
+        pub extern "C" fn $fn_name(workspace: *mut c_void, size: u64, executor: *mut c_void, stream: *mut c_void) -> i32 {
+            launch(stringify!($fn_name), workspace, size, executor, stream)
+        }
+    )*};
+}
+
+phase2!(
+    aclnnAdd,
+    aclnnSub,
+    aclnnMul,
+    aclnnCast,
+    aclnnInplaceCopy,
+    aclnnEmbedding,
+    aclnnIndexSelect,
+    aclnnRmsNorm,
+    aclnnMm,
+    aclnnMatmul,
+    aclnnClamp,
+    aclnnSilu,
+    aclnnCos,
+    aclnnSin
+);
+
+// ---------------------------------------------------------------- elementwise binary
+
+#[derive(Clone, Copy)]
+enum Bin {
+    Add,
+    Sub,
+    Mul,
+}
+
+unsafe fn binary(
+    op: &'static str,
+    kind: Bin,
+    self_: *const c_void,
+    other: *const c_void,
+    alpha: *const c_void,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> Result<(), Fail> {
+    with_emu(|e| {
+        let mut c = Check::new(e)?;
+        let a = c.tensor(self_, "self")?;
+        let b = c.tensor(other, "other")?;
+        let o = c.tensor(out, "out")?;
+        let alpha = match kind {
+            Bin::Mul => 1.0,
+            _ => match c.e.scalar(alpha as usize, "alpha")? {
+                Some((_, v)) => v,
+                None => bail!(P_NULL, "alpha is nullptr"),
+            },
+        };
+        need_dtype(&a, "self", ARITH)?;
+        need_dtype(&b, "other", ARITH)?;
+        need_dtype(&o, "out", ARITH)?;
+        need_rank(&a, "self", 0, 8)?;
+        need_rank(&b, "other", 0, 8)?;
+        need_contig(&o, "out")?;
+        let shape = broadcast(&a.dims, &b.dims)
+            .ok_or_else(|| Fail::new(P_INVALID, format!("self {:?} and other {:?} do not broadcast", a.dims, b.dims)))?;
+        need_shape(&o, "out", &shape)?;
+        let result = promote(a.dt, b.dt);
+        if result.is_float() && !o.dt.is_float() {
+            bail!(P_INVALID, "result type {result:?} cannot be written to an out of dtype {:?}", o.dt);
+        }
+        let handles = std::mem::take(&mut c.handles);
+        let kernel: Kernel = Arc::new(move |m: &mut Memory| {
+            let x = m.load(&a, Some(&o.dims))?;
+            let y = m.load(&b, Some(&o.dims))?;
+            let r: Vec<f64> = x
+                .iter()
+                .zip(&y)
+                .map(|(&x, &y)| match kind {
+                    Bin::Add => x + alpha * y,
+                    Bin::Sub => x - alpha * y,
+                    Bin::Mul => x * y,
+                })
+                .collect();
+            m.store(&o, &r)
+        });
+        // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
+        unsafe { finish(e, op, WS_ELEMENTWISE, handles, kernel, ws, ex) }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnAddGetWorkspaceSize(
+    self_: *const c_void,
+    other: *const c_void,
+    alpha: *const c_void,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    // SAFETY: forwarded C arguments.
+    guard("aclnnAddGetWorkspaceSize", || unsafe { binary("aclnnAdd", Bin::Add, self_, other, alpha, out, ws, ex) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnSubGetWorkspaceSize(
+    self_: *const c_void,
+    other: *const c_void,
+    alpha: *const c_void,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    // SAFETY: forwarded C arguments.
+    guard("aclnnSubGetWorkspaceSize", || unsafe { binary("aclnnSub", Bin::Sub, self_, other, alpha, out, ws, ex) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnMulGetWorkspaceSize(
+    self_: *const c_void,
+    other: *const c_void,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    // SAFETY: forwarded C arguments.
+    guard("aclnnMulGetWorkspaceSize", || unsafe {
+        binary("aclnnMul", Bin::Mul, self_, other, std::ptr::null(), out, ws, ex)
+    })
+}
+
+// ---------------------------------------------------------------- unary
+
+#[derive(Clone, Copy)]
+enum Un {
+    Silu,
+    Cos,
+    Sin,
+    Clamp(Option<f64>, Option<f64>),
+}
+
+unsafe fn unary(
+    op: &'static str,
+    kind: Un,
+    self_: *const c_void,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> Result<(), Fail> {
+    with_emu(|e| {
+        let mut c = Check::new(e)?;
+        let x = c.tensor(self_, "self")?;
+        let o = c.tensor(out, "out")?;
+        match kind {
+            Un::Silu => {
+                need_dtype(&x, "self", FLOATS)?;
+                need_dtype(&o, "out", FLOATS)?;
+                if o.dt != x.dt {
+                    bail!(P_INVALID, "out dtype {:?} differs from self dtype {:?}", o.dt, x.dt);
+                }
+            }
+            Un::Cos | Un::Sin => {
+                need_dtype(&x, "self", &[Dt::F32, Dt::F16, Dt::Bf16, Dt::F64])?;
+                need_dtype(&o, "out", &[Dt::F32, Dt::F16, Dt::Bf16, Dt::F64])?;
+            }
+            Un::Clamp(..) => {
+                need_dtype(&x, "self", ARITH)?;
+                if o.dt != x.dt {
+                    bail!(P_INVALID, "out dtype {:?} differs from self dtype {:?}", o.dt, x.dt);
+                }
+            }
+        }
+        need_rank(&x, "self", 0, 8)?;
+        need_contig(&o, "out")?;
+        need_shape(&o, "out", &x.dims)?;
+        let handles = std::mem::take(&mut c.handles);
+        let kernel: Kernel = Arc::new(move |m: &mut Memory| {
+            let v = m.load(&x, None)?;
+            let r: Vec<f64> = v
+                .iter()
+                .map(|&v| match kind {
+                    Un::Silu => v / (1.0 + (-v).exp()),
+                    Un::Cos => v.cos(),
+                    Un::Sin => v.sin(),
+                    Un::Clamp(lo, hi) => {
+                        if v.is_nan() {
+                            v
+                        } else {
+                            let v = lo.map_or(v, |l| v.max(l));
+                            hi.map_or(v, |h| v.min(h))
+                        }
+                    }
+                })
+                .collect();
+            m.store(&o, &r)
+        });
+        let ws_size = if matches!(kind, Un::Clamp(..)) { WS_ELEMENTWISE * 2 } else { WS_ELEMENTWISE };
+        // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
+        unsafe { finish(e, op, ws_size, handles, kernel, ws, ex) }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnSiluGetWorkspaceSize(self_: *const c_void, out: *mut c_void, ws: *mut u64, ex: *mut *mut c_void) -> i32 {
+    // SAFETY: forwarded C arguments.
+    guard("aclnnSiluGetWorkspaceSize", || unsafe { unary("aclnnSilu", Un::Silu, self_, out, ws, ex) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnCosGetWorkspaceSize(self_: *const c_void, out: *mut c_void, ws: *mut u64, ex: *mut *mut c_void) -> i32 {
+    // SAFETY: forwarded C arguments.
+    guard("aclnnCosGetWorkspaceSize", || unsafe { unary("aclnnCos", Un::Cos, self_, out, ws, ex) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnSinGetWorkspaceSize(self_: *const c_void, out: *mut c_void, ws: *mut u64, ex: *mut *mut c_void) -> i32 {
+    // SAFETY: forwarded C arguments.
+    guard("aclnnSinGetWorkspaceSize", || unsafe { unary("aclnnSin", Un::Sin, self_, out, ws, ex) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnClampGetWorkspaceSize(
+    self_: *const c_void,
+    clip_min: *const c_void,
+    clip_max: *const c_void,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    guard("aclnnClampGetWorkspaceSize", || {
+        let (lo, hi) = with_emu(|e| Ok((e.scalar(clip_min as usize, "clipValueMin")?, e.scalar(clip_max as usize, "clipValueMax")?)))?;
+        if lo.is_none() && hi.is_none() {
+            bail!(P_NULL, "clipValueMin and clipValueMax are both nullptr");
+        }
+        // SAFETY: forwarded C arguments.
+        unsafe { unary("aclnnClamp", Un::Clamp(lo.map(|s| s.1), hi.map(|s| s.1)), self_, out, ws, ex) }
+    })
+}
+
+// ---------------------------------------------------------------- copies and casts
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnCastGetWorkspaceSize(
+    self_: *const c_void,
+    dtype: i32,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    guard("aclnnCastGetWorkspaceSize", || {
+        with_emu(|e| {
+            let mut c = Check::new(e)?;
+            let x = c.tensor(self_, "self")?;
+            let o = c.tensor(out, "out")?;
+            let want = Dt::from_acl(dtype).ok_or_else(|| Fail::new(P_INVALID, format!("unknown target dtype {dtype}")))?;
+            if want != o.dt {
+                bail!(P_INVALID, "dtype argument {want:?} differs from out dtype {:?}", o.dt);
+            }
+            for (v, n) in [(&x, "self"), (&o, "out")] {
+                if !v.dt.has_codec() {
+                    bail!(P_INVALID, "{n}: dtype {:?} is not supported by Cast", v.dt);
+                }
+            }
+            need_rank(&x, "self", 0, 8)?;
+            need_contig(&o, "out")?;
+            need_shape(&o, "out", &x.dims)?;
+            let handles = std::mem::take(&mut c.handles);
+            let kernel: Kernel = Arc::new(move |m: &mut Memory| {
+                let v = m.load(&x, None)?;
+                m.store(&o, &v)
+            });
+            // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
+            unsafe { finish(e, "aclnnCast", WS_ELEMENTWISE, handles, kernel, ws, ex) }
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnInplaceCopyGetWorkspaceSize(
+    self_ref: *mut c_void,
+    src: *const c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    guard("aclnnInplaceCopyGetWorkspaceSize", || {
+        with_emu(|e| {
+            let mut c = Check::new(e)?;
+            let d = c.tensor(self_ref, "selfRef")?;
+            let s = c.tensor(src, "src")?;
+            for (v, n) in [(&d, "selfRef"), (&s, "src")] {
+                if !v.dt.has_codec() {
+                    bail!(P_INVALID, "{n}: dtype {:?} is not supported by InplaceCopy", v.dt);
+                }
+                need_rank(v, n, 0, 8)?;
+            }
+            if broadcast_strides(&s, &d.dims).is_none() {
+                bail!(P_INVALID, "src {:?} does not broadcast to selfRef {:?}", s.dims, d.dims);
+            }
+            let handles = std::mem::take(&mut c.handles);
+            let kernel: Kernel = Arc::new(move |m: &mut Memory| {
+                let v = m.load(&s, Some(&d.dims))?;
+                m.store(&d, &v)
+            });
+            // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
+            unsafe { finish(e, "aclnnInplaceCopy", WS_ELEMENTWISE, handles, kernel, ws, ex) }
+        })
+    })
+}
+
+// ---------------------------------------------------------------- gathers
+
+/// Reads index values and checks them against `limit` (a kernel fault when out of range).
+fn indices(m: &Memory, v: &TView, limit: i64) -> Result<Vec<i64>, String> {
+    let idx = m.load(v, None)?;
+    idx.iter()
+        .map(|&i| {
+            let i = i as i64;
+            if i < 0 || i >= limit {
+                Err(format!("index {i} out of range [0, {limit})"))
+            } else {
+                Ok(i)
+            }
+        })
+        .collect()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnEmbeddingGetWorkspaceSize(
+    weight: *const c_void,
+    idx: *const c_void,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    guard("aclnnEmbeddingGetWorkspaceSize", || {
+        with_emu(|e| {
+            let mut c = Check::new(e)?;
+            let w = c.tensor(weight, "weight")?;
+            let i = c.tensor(idx, "indices")?;
+            let o = c.tensor(out, "out")?;
+            need_dtype(&w, "weight", FLOATS)?;
+            need_dtype(&i, "indices", INDEX)?;
+            need_rank(&w, "weight", 2, 2)?;
+            need_rank(&i, "indices", 0, 7)?;
+            for (v, n) in [(&w, "weight"), (&i, "indices"), (&o, "out")] {
+                need_contig(v, n)?;
+            }
+            let mut shape = i.dims.clone();
+            shape.push(w.dims[1]);
+            need_shape(&o, "out", &shape)?;
+            if o.dt != w.dt {
+                bail!(P_INVALID, "out dtype {:?} differs from weight dtype {:?}", o.dt, w.dt);
+            }
+            let handles = std::mem::take(&mut c.handles);
+            let kernel: Kernel = Arc::new(move |m: &mut Memory| {
+                let (vocab, dim) = (w.dims[0], w.dims[1] as usize);
+                let rows = indices(m, &i, vocab)?;
+                let table = m.load(&w, None)?;
+                let mut r = Vec::with_capacity(rows.len() * dim);
+                for row in rows {
+                    r.extend_from_slice(&table[row as usize * dim..(row as usize + 1) * dim]);
+                }
+                m.store(&o, &r)
+            });
+            // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
+            unsafe { finish(e, "aclnnEmbedding", WS_GATHER, handles, kernel, ws, ex) }
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnIndexSelectGetWorkspaceSize(
+    self_: *const c_void,
+    dim: i64,
+    index: *const c_void,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    guard("aclnnIndexSelectGetWorkspaceSize", || {
+        with_emu(|e| {
+            let mut c = Check::new(e)?;
+            let x = c.tensor(self_, "self")?;
+            let i = c.tensor(index, "index")?;
+            let o = c.tensor(out, "out")?;
+            need_dtype(&x, "self", ARITH)?;
+            need_dtype(&i, "index", INDEX)?;
+            need_rank(&x, "self", 1, 8)?;
+            need_rank(&i, "index", 0, 1)?;
+            for (v, n) in [(&x, "self"), (&i, "index"), (&o, "out")] {
+                need_contig(v, n)?;
+            }
+            let r = x.dims.len() as i64;
+            if dim < -r || dim >= r {
+                bail!(P_INVALID, "dim {dim} outside [{}, {r})", -r);
+            }
+            let d = if dim < 0 { dim + r } else { dim } as usize;
+            let mut shape = x.dims.clone();
+            shape[d] = i.numel() as i64;
+            need_shape(&o, "out", &shape)?;
+            if o.dt != x.dt {
+                bail!(P_INVALID, "out dtype {:?} differs from self dtype {:?}", o.dt, x.dt);
+            }
+            let handles = std::mem::take(&mut c.handles);
+            let kernel: Kernel = Arc::new(move |m: &mut Memory| {
+                let sel = indices(m, &i, x.dims[d])?;
+                let v = m.load(&x, None)?;
+                let outer: i64 = x.dims[..d].iter().product();
+                let inner: i64 = x.dims[d + 1..].iter().product();
+                let (outer, inner, len) = (outer as usize, inner as usize, x.dims[d] as usize);
+                let mut r = Vec::with_capacity(outer * sel.len() * inner);
+                for a in 0..outer {
+                    for &s in &sel {
+                        let base = (a * len + s as usize) * inner;
+                        r.extend_from_slice(&v[base..base + inner]);
+                    }
+                }
+                m.store(&o, &r)
+            });
+            // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
+            unsafe { finish(e, "aclnnIndexSelect", WS_GATHER, handles, kernel, ws, ex) }
+        })
+    })
+}
+
+// ---------------------------------------------------------------- norms
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnRmsNormGetWorkspaceSize(
+    x: *const c_void,
+    gamma: *const c_void,
+    epsilon: f64,
+    y_out: *mut c_void,
+    rstd_out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    guard("aclnnRmsNormGetWorkspaceSize", || {
+        with_emu(|e| {
+            let mut c = Check::new(e)?;
+            let xv = c.tensor(x, "x")?;
+            let g = c.tensor(gamma, "gamma")?;
+            let y = c.tensor(y_out, "yOut")?;
+            let rs = c.tensor(rstd_out, "rstdOut")?;
+            need_dtype(&xv, "x", FLOATS)?;
+            need_rank(&xv, "x", 1, 8)?;
+            if g.dt != xv.dt {
+                bail!(P_INVALID, "gamma dtype {:?} differs from x dtype {:?}", g.dt, xv.dt);
+            }
+            if y.dt != xv.dt {
+                bail!(P_INVALID, "yOut dtype {:?} differs from x dtype {:?}", y.dt, xv.dt);
+            }
+            need_dtype(&rs, "rstdOut", &[Dt::F32])?;
+            for (v, n) in [(&xv, "x"), (&g, "gamma"), (&y, "yOut"), (&rs, "rstdOut")] {
+                need_contig(v, n)?;
+            }
+            let (r, gr) = (xv.dims.len(), g.dims.len());
+            if gr == 0 || gr > r || g.dims[..] != xv.dims[r - gr..] {
+                bail!(P_INVALID, "gamma shape {:?} must equal the trailing dims of x {:?}", g.dims, xv.dims);
+            }
+            need_shape(&y, "yOut", &xv.dims)?;
+            let mut rshape = xv.dims[..r - gr].to_vec();
+            rshape.resize(r, 1);
+            need_shape(&rs, "rstdOut", &rshape)?;
+            if !epsilon.is_finite() || epsilon < 0.0 {
+                bail!(P_INVALID, "epsilon {epsilon} must be finite and ≥ 0");
+            }
+            let handles = std::mem::take(&mut c.handles);
+            let kernel: Kernel = Arc::new(move |m: &mut Memory| {
+                let v = m.load(&xv, None)?;
+                let w = m.load(&g, None)?;
+                let n = w.len();
+                let mut out = Vec::with_capacity(v.len());
+                let mut rstd = Vec::with_capacity(v.len() / n.max(1));
+                for row in v.chunks_exact(n) {
+                    let ms = row.iter().map(|a| a * a).sum::<f64>() / n as f64;
+                    let rinv = 1.0 / (ms + epsilon).sqrt();
+                    rstd.push(rinv);
+                    out.extend(row.iter().zip(&w).map(|(a, g)| a * rinv * g));
+                }
+                m.store(&y, &out)?;
+                m.store(&rs, &rstd)
+            });
+            // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
+            unsafe { finish(e, "aclnnRmsNorm", WS_NORM, handles, kernel, ws, ex) }
+        })
+    })
+}
+
+// ---------------------------------------------------------------- matmul
+
+unsafe fn matmul(
+    op: &'static str,
+    a: *const c_void,
+    b: *const c_void,
+    out: *mut c_void,
+    cube: i8,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> Result<(), Fail> {
+    with_emu(|e| {
+        let mut c = Check::new(e)?;
+        let x = c.tensor(a, "self")?;
+        let w = c.tensor(b, "mat2")?;
+        let o = c.tensor(out, "out")?;
+        for (v, n) in [(&x, "self"), (&w, "mat2"), (&o, "out")] {
+            need_dtype(v, n, FLOATS)?;
+            if v.dims.len() != 2 {
+                bail!(P_INVALID, "{n}: rank {} (this emulator implements 2-D {op} only)", v.dims.len());
+            }
+        }
+        if x.dt != w.dt || x.dt != o.dt {
+            bail!(P_INVALID, "self {:?}, mat2 {:?} and out {:?} must have one dtype", x.dt, w.dt, o.dt);
+        }
+        if x.dims[1] != w.dims[0] {
+            bail!(P_INVALID, "self {:?} and mat2 {:?}: inner dimensions differ", x.dims, w.dims);
+        }
+        need_shape(&o, "out", &[x.dims[0], w.dims[1]])?;
+        need_contig(&o, "out")?;
+        if !(0..=4).contains(&cube) {
+            bail!(P_INVALID, "cubeMathType {cube} outside [0, 4]");
+        }
+        let handles = std::mem::take(&mut c.handles);
+        let kernel: Kernel = Arc::new(move |m: &mut Memory| {
+            let (mm, k, n) = (x.dims[0] as usize, x.dims[1] as usize, w.dims[1] as usize);
+            let xa = m.load(&x, None)?;
+            let wa = m.load(&w, None)?;
+            let mut r = vec![0f64; mm * n];
+            for i in 0..mm {
+                for j in 0..n {
+                    r[i * n + j] = (0..k).map(|t| xa[i * k + t] * wa[t * n + j]).sum();
+                }
+            }
+            m.store(&o, &r)
+        });
+        // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
+        unsafe { finish(e, op, WS_MATMUL, handles, kernel, ws, ex) }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnMmGetWorkspaceSize(
+    self_: *const c_void,
+    mat2: *const c_void,
+    out: *mut c_void,
+    cube_math_type: i8,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    // SAFETY: forwarded C arguments.
+    guard("aclnnMmGetWorkspaceSize", || unsafe { matmul("aclnnMm", self_, mat2, out, cube_math_type, ws, ex) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnMatmulGetWorkspaceSize(
+    self_: *const c_void,
+    other: *const c_void,
+    out: *mut c_void,
+    cube_math_type: i8,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    // SAFETY: forwarded C arguments.
+    guard("aclnnMatmulGetWorkspaceSize", || unsafe { matmul("aclnnMatmul", self_, other, out, cube_math_type, ws, ex) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broadcast_and_promotion() {
+        assert_eq!(broadcast(&[2, 1, 4], &[3, 1]), Some(vec![2, 3, 4]));
+        assert_eq!(broadcast(&[2, 3], &[4, 3]), None);
+        assert_eq!(promote(Dt::F16, Dt::Bf16), Dt::F32);
+        assert_eq!(promote(Dt::I32, Dt::F16), Dt::F16);
+        assert_eq!(promote(Dt::I8, Dt::U8), Dt::I16);
+    }
+
+    #[test]
+    fn contiguity() {
+        let v = TView { addr: 0, dt: Dt::F32, dims: vec![2, 3], strides: vec![3, 1], offset: 0 };
+        assert!(is_contiguous(&v));
+        assert!(!is_contiguous(&TView { dims: vec![3, 2], strides: vec![1, 3], ..v.clone() }));
+        assert!(is_contiguous(&TView { dims: vec![1, 3], strides: vec![99, 1], ..v }));
+    }
+}

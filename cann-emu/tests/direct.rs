@@ -1,0 +1,105 @@
+//! The emulator's C entry points called directly (in-process, through the rlib): deferred
+//! streams, sticky faults, phase-1 validation codes, and executor single use.
+
+use std::ffi::{c_void, CStr};
+use std::ptr;
+
+use v4rt_cann_emu::{acl, codes, nnop, ops};
+
+fn recent() -> String {
+    let p = acl::aclGetRecentErrMsg();
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: the emulator returns a NUL-terminated string valid until the next call.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+fn init() {
+    let _ = acl::aclInit(ptr::null());
+    assert_eq!(acl::aclrtSetDevice(0), 0);
+}
+
+unsafe fn malloc(n: usize) -> *mut c_void {
+    let mut p = ptr::null_mut();
+    // SAFETY: valid out-pointer.
+    assert_eq!(unsafe { acl::aclrtMalloc(&mut p, n, 0) }, 0);
+    p
+}
+
+unsafe fn tensor(p: *mut c_void, dt: i32, dims: &[i64]) -> *mut c_void {
+    let strides: Vec<i64> = (0..dims.len()).map(|i| dims[i + 1..].iter().product()).collect();
+    let storage = [dims.iter().product::<i64>()];
+    // SAFETY: arrays valid for the call.
+    unsafe { nnop::aclCreateTensor(dims.as_ptr(), dims.len() as u64, dt, strides.as_ptr(), 0, 2, storage.as_ptr(), 1, p) }
+}
+
+#[test]
+fn work_without_a_bound_device_is_refused() {
+    let _ = acl::aclInit(ptr::null());
+    let t = std::thread::spawn(|| {
+        let mut p = ptr::null_mut();
+        // SAFETY: valid out-pointer.
+        let code = unsafe { acl::aclrtMalloc(&mut p, 16, 0) };
+        (code, recent())
+    });
+    let (code, msg) = t.join().unwrap();
+    assert_eq!(code, codes::RT_CONTEXT_NULL);
+    assert!(msg.contains("aclrtSetDevice"), "{msg}");
+}
+
+#[test]
+fn phase1_validation_uses_the_documented_codes() {
+    init();
+    // SAFETY: test-local device buffers and descriptors.
+    unsafe {
+        let (a, b) = (malloc(64), malloc(64));
+        let x = tensor(a, 0, &[4, 4]);
+        let w = tensor(b, 0, &[3, 4]);
+        let o = tensor(malloc(64), 0, &[4, 4]);
+        let (mut ws, mut ex) = (0u64, ptr::null_mut());
+        // Inner dimensions differ.
+        assert_eq!(ops::aclnnMmGetWorkspaceSize(x, w, o, 0, &mut ws, &mut ex), codes::ACLNN_PARAM_INVALID);
+        assert!(recent().contains("inner dimensions"));
+        // NULL tensor.
+        assert_eq!(ops::aclnnMmGetWorkspaceSize(ptr::null(), w, o, 0, &mut ws, &mut ex), codes::ACLNN_PARAM_NULLPTR);
+        // A view larger than its storage is refused at creation.
+        let storage = [4i64];
+        let dims = [8i64];
+        let strides = [1i64];
+        assert!(nnop::aclCreateTensor(dims.as_ptr(), 1, 0, strides.as_ptr(), 0, 2, storage.as_ptr(), 1, a).is_null());
+        assert!(recent().contains("storage has 4"));
+        // A descriptor over a host pointer fails at phase 1, not in a kernel.
+        let mut host = [0f32; 16];
+        let h = tensor(host.as_mut_ptr().cast(), 0, &[4, 4]);
+        assert_eq!(ops::aclnnMmGetWorkspaceSize(h, x, o, 0, &mut ws, &mut ex), codes::ACLNN_PARAM_INVALID);
+        assert!(recent().contains("not in any live allocation"), "{}", recent());
+    }
+}
+
+#[test]
+fn streams_defer_and_faults_stick() {
+    init();
+    // SAFETY: test-local buffers; the pinned buffers outlive the synchronizes.
+    unsafe {
+        let mut s = ptr::null_mut();
+        assert_eq!(acl::aclrtCreateStream(&mut s), 0);
+        let dev = malloc(16);
+        let mut host = ptr::null_mut();
+        assert_eq!(acl::aclrtMallocHost(&mut host, 16), 0);
+        std::slice::from_raw_parts_mut(host.cast::<u8>(), 16).fill(0);
+        assert_eq!(acl::aclrtMemcpyAsync(host, 16, dev, 16, 2, s), 0);
+        assert_eq!(std::slice::from_raw_parts(host.cast::<u8>(), 16), [0; 16], "nothing ran yet");
+        assert_eq!(acl::aclrtSynchronizeStream(s), 0);
+        assert_eq!(std::slice::from_raw_parts(host.cast::<u8>(), 16), [0xFF; 16], "fresh device memory is poisoned");
+        // Free the device buffer under a queued copy: the copy faults at the sync, and the
+        // stream stays faulted.
+        assert_eq!(acl::aclrtMemcpyAsync(host, 16, dev, 16, 2, s), 0);
+        assert_eq!(acl::aclrtFree(dev), 0);
+        assert_eq!(acl::aclrtSynchronizeStream(s), codes::RT_AICORE_EXCEPTION);
+        assert!(recent().contains("not in any live allocation"));
+        assert_eq!(acl::aclrtSynchronizeStream(s), codes::RT_AICORE_EXCEPTION);
+        assert_eq!(acl::aclrtFreeHost(host), 0);
+        assert_eq!(acl::aclrtDestroyStream(s), 0);
+    }
+}

@@ -1,0 +1,127 @@
+// Sparse attention with per-head sinks over the window plus compressed entries, and the window
+// ring store (hal::ops::attention).
+
+#define CKV_NONE 0
+#define CKV_ALL 1
+#define CKV_SELECTED 2
+
+// ring[slot, pos mod window] = kv[r] — only for the last row of its slot that maps to that ring
+// entry (row r + window of the same slot would overwrite it: rows in order).
+extern "C" __global__ void window_store(const float* kv, const int* slots, const int* pos, float* ring, i64 rows,
+                                       int num_slots, i64 window, i64 dim, const i64* err) {
+    if (err[0] != 0) return;
+    i64 total = rows * dim;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
+        i64 r = i / dim, c = i % dim;
+        int s = slots[r], p = pos[r];
+        if (s < 0 || s >= num_slots || p < 0) continue;
+        if (r + window < rows && slots[r + window] == s) continue;
+        ring[((i64)s * window + p % window) * dim + c] = kv[i];
+    }
+}
+
+struct AttnRow {
+    const float* kv;
+    const float* ring;
+    const float* comp;
+    const int* idx;
+    const int* slots;
+    const int* pos;
+    i64 r, d, window, cap;
+    int s, p, nwin, t0, mode, topk;
+};
+
+// Key kk of the row's key set (window oldest first, then compressed), or null if skipped.
+__device__ __forceinline__ const float* attn_key(const AttnRow& a, int kk) {
+    if (kk < a.nwin) {
+        int t = a.t0 + kk;
+        i64 rr = a.r - (i64)(a.p - t);
+        if (rr >= 0 && a.slots[rr] == a.s && a.pos[rr] == t) return a.kv + rr * a.d;
+        return a.ring + ((i64)a.s * a.window + t % a.window) * a.d;
+    }
+    int j = kk - a.nwin;
+    if (a.mode == CKV_SELECTED) {
+        j = a.idx[a.r * a.topk + j];
+        if (j < 0 || (i64)j >= a.cap) return 0;
+    }
+    return a.comp + ((i64)a.s * a.cap + j) * a.d;
+}
+
+// (q · k) · scale with the dot in f64, rounded once to f32 (as cpu-ref), by one warp.
+__device__ __forceinline__ float attn_logit(const float* q, const float* k, i64 d, float scale) {
+    int lane = threadIdx.x & 31;
+    double acc = 0.0;
+    for (i64 c = lane; c < d; c += 32) acc += (double)q[c] * (double)k[c];
+    acc = warp_sum_d(acc);
+    return (float)acc * scale;
+}
+
+// One block per (row, head). Pass 1: m = max logit; pass 2: Σ e^{ℓ−m} and Σ e^{ℓ−m}·k in f64
+// (per-warp partial sums in shared memory), then o = acc / (den + e^{sink−m}).
+// Dynamic shared memory: d floats (q) + warps·d doubles.
+extern "C" __global__ void sparse_attn(const float* q, const float* kv, const float* ring, const float* sink,
+                                       const int* slots, const int* pos, const float* comp, const int* idx,
+                                       i64 heads, i64 d, int num_slots, i64 window, int mode, i64 ratio, i64 cap,
+                                       int topk, float scale, float* out, const i64* err) {
+    extern __shared__ double shd[];
+    __shared__ float redf[32];
+    __shared__ double redd[32];
+    if (err[0] != 0) return;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    i64 r = blockIdx.x / heads, h = blockIdx.x % heads;
+    AttnRow a;
+    a.kv = kv; a.ring = ring; a.comp = comp; a.idx = idx; a.slots = slots; a.pos = pos;
+    a.r = r; a.d = d; a.window = window; a.cap = cap; a.mode = mode; a.topk = topk;
+    a.s = slots[r];
+    a.p = pos[r];
+    if (a.s < 0 || a.s >= num_slots || a.p < 0) return;
+    a.nwin = (i64)a.p + 1 < window ? a.p + 1 : (int)window;
+    a.t0 = a.p - a.nwin + 1;
+    int ncomp = 0;
+    if (mode == CKV_ALL) {
+        i64 n = ((i64)a.p + 1) / ratio;
+        ncomp = (int)(n < cap ? n : cap);
+    } else if (mode == CKV_SELECTED) {
+        ncomp = topk;
+    }
+    int nkeys = a.nwin + ncomp;
+
+    double* acc = shd;                    // [nw][d]
+    float* qs = (float*)(shd + nw * d);   // [d]
+    const float* qg = q + (r * heads + h) * d;
+    for (i64 c = threadIdx.x; c < d; c += blockDim.x) qs[c] = qg[c];
+    for (i64 c = threadIdx.x; c < nw * d; c += blockDim.x) acc[c] = 0.0;
+    __syncthreads();
+
+    float mx = __uint_as_float(0xff800000u);
+    for (int kk = warp; kk < nkeys; kk += nw) {
+        const float* kp = attn_key(a, kk);
+        if (!kp) continue;
+        mx = fmaxf(mx, attn_logit(qs, kp, d, scale));
+    }
+    float m = block_max_f(mx, redf);
+
+    double den = 0.0;
+    double* aw = acc + warp * d;
+    for (int kk = warp; kk < nkeys; kk += nw) {
+        const float* kp = attn_key(a, kk);
+        if (!kp) continue;
+        float l = attn_logit(qs, kp, d, scale);
+        double pe = exp((double)(l - m));
+        den += pe;
+        for (i64 c = lane; c < d; c += 32) aw[c] += pe * (double)kp[c];
+    }
+    if (lane != 0) den = 0.0;
+    den = block_sum_d(den, redd);
+    float* og = out + (r * heads + h) * d;
+    if (nkeys == 0) {
+        for (i64 c = threadIdx.x; c < d; c += blockDim.x) og[c] = 0.0f;
+        return;
+    }
+    den += exp((double)(sink[h] - m));
+    for (i64 c = threadIdx.x; c < d; c += blockDim.x) {
+        double t = 0.0;
+        for (int w = 0; w < nw; ++w) t += acc[w * d + c];
+        og[c] = (float)(t / den);
+    }
+}

@@ -1,0 +1,594 @@
+// v4rt CUDA kernels — shared prelude, prepended to every kernel family before NVRTC compiles it.
+//
+// Compiled with --fmad=false (a·b + c is never contracted: the reference rounds each product),
+// IEEE division and square root (NVRTC's defaults), and no fast math. Explicit fmaf() is used
+// only where a sum is accumulated in a different order from the reference anyway.
+//
+// Scalar codecs here are bit-for-bit ports of hal/src/dtype.rs and cpu-ref/src/ops/quant.rs.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+typedef unsigned long long u64;
+
+#define ROW_NONE 0x7fffffffffffffffLL
+#define FULL_MASK 0xffffffffu
+
+// ---- deferred argument errors ------------------------------------------------------------
+// err[0] = code (0: none), err[1] = op id, err[2] = row, err[3..5] = values for the message.
+// The host (ops/mod.rs) turns them into the cpu-ref message. Only the first error is kept:
+// a check kernel does nothing while err[0] != 0, and every kernel that could read or write out
+// of bounds on bad values returns at once while err[0] != 0.
+#define E_SLOT 1          // v0 = slot, v1 = number of slots
+#define E_POS_NEG 2       // v0 = position
+#define E_NOT_CONTIG 3    // v0 = slot, v1 = previous row of that slot
+#define E_NOT_CONSEC 4    // v0 = slot, v1 = position, v2 = previous row's position
+#define E_TOKEN 5         // v0 = token id, v1 = vocab
+#define E_GATHER 6        // v0 = index, v1 = rows
+#define E_SEES 7          // v0 = position, v1 = entries seen, v2 = capacity
+#define E_EMIT_CAP 8      // v0 = position, v1 = entry, v2 = capacity
+#define E_CINDEX 9        // v0 = index, v1 = capacity
+#define E_EXPERT_RANGE 10 // v0 = expert, v1 = experts
+#define E_EXPERT_DUP 11   // v0 = expert
+#define E_TID2EID 12      // v0 = token id, v1 = expert, v2 = experts
+
+// ---- scalar codecs -------------------------------------------------------------------------
+
+__device__ __forceinline__ float f32_nan() { return __uint_as_float(0x7fc00000u); }
+
+// Exact 2^e (subnormals included; 0 below 2^-149, +inf above 2^127).
+__device__ __forceinline__ float exp2i(int e) {
+    if (e >= -126 && e <= 127) return __uint_as_float((u32)(e + 127) << 23);
+    if (e > 127) return __uint_as_float(0x7f800000u);
+    if (e >= -149) return __uint_as_float(1u << (e + 149));
+    return 0.0f;
+}
+
+__device__ __forceinline__ float bf16_to_f32(u16 b) { return __uint_as_float(((u32)b) << 16); }
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    u32 s = ((u32)h & 0x8000u) << 16;
+    u32 e = ((u32)h >> 10) & 0x1Fu;
+    u32 m = (u32)h & 0x3FFu;
+    if (e == 0) {
+        float v = (float)m * exp2i(-24);
+        return s ? -v : v;
+    }
+    if (e == 31) return __uint_as_float(m == 0 ? (s | 0x7f800000u) : (s | 0x7fc00000u | (m << 13)));
+    return __uint_as_float(s | ((e + 112u) << 23) | (m << 13));
+}
+
+__device__ __forceinline__ float e4m3_to_f32(u8 code) {
+    int e = (code >> 3) & 0xF;
+    int m = code & 7;
+    if (e == 0xF && m == 7) return f32_nan();
+    float mag = (e == 0) ? (float)m * (1.0f / 512.0f) : (1.0f + (float)m / 8.0f) * exp2i(e - 7);
+    return (code & 0x80) ? -mag : mag;
+}
+
+// Round to nearest even, saturating at ±448, NaN → 0x7F (hal::dtype::f32_to_e4m3).
+__device__ __forceinline__ u8 f32_to_e4m3(float x) {
+    if (isnan(x)) return 0x7F;
+    u32 bits = __float_as_uint(x);
+    u8 sign = (u8)((bits >> 24) & 0x80);
+    float a = __uint_as_float(bits & 0x7FFFFFFFu);
+    if (a >= 448.0f) return sign | 0x7E;
+    if (a < 1.0f / 64.0f) return sign | (u8)rintf(a * 512.0f);
+    u32 ab = __float_as_uint(a);
+    int ex = (int)(ab >> 23) - 127;
+    u32 frac = ab & 0x7FFFFFu;
+    u32 q = frac >> 20, rest = frac & 0xFFFFFu;
+    if (rest > 0x80000u || (rest == 0x80000u && (q & 1u))) q += 1;
+    if (q == 8) { q = 0; ex += 1; }
+    u32 code = ((u32)(ex + 7) << 3) | q;
+    if (code > 0x7E) code = 0x7E;
+    return sign | (u8)code;
+}
+
+__device__ __forceinline__ float e8m0_to_f32(u8 b) { return b == 0xFF ? f32_nan() : exp2i((int)b - 127); }
+
+__device__ __forceinline__ float e2m1_to_f32(u8 code) {
+    int c = code & 7;
+    float v = c < 2 ? 0.5f * (float)c : (1.0f + 0.5f * (float)(c & 1)) * exp2i((c >> 1) - 1);
+    return (code & 8) ? -v : v;
+}
+
+// hal::dtype::f32_to_e2m1: midpoint thresholds, ties to the even code, saturating at ±6.
+__device__ __forceinline__ u8 f32_to_e2m1(float x) {
+    u8 sign = signbit(x) ? 8 : 0;
+    float a = fabsf(x);
+    int mag = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) + (a > 5.0f);
+    return sign | (u8)mag;
+}
+
+// Rust's f32::clamp: NaN passes through.
+__device__ __forceinline__ float clamp_nan(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+// ceil(log2 v) read off the bits of a positive f32 (subnormal v counts as 2^-126).
+__device__ __forceinline__ int log2_ceil_bits(float v) {
+    u32 b = __float_as_uint(v);
+    int e = (int)((b >> 23) & 0xFFu);
+    return e - 127 + ((b & 0x7FFFFFu) != 0 ? 1 : 0);
+}
+
+#define FMT_FP8 0
+#define FMT_FP4 1
+#define FP8_AMAX_FLOOR __uint_as_float(0x38d1b717u) /* 1e-4f */
+#define FP4_AMAX_FLOOR __uint_as_float(0x01c00000u) /* 6 * 2^-126 */
+#define INV_448 __uint_as_float(0x3b124925u)        /* fl32(1/448) */
+#define INV_6 __uint_as_float(0x3e2aaaabu)          /* fl32(1/6) */
+
+// The scale 2^k of a block with this amax (NaN-free max of |x|, not yet floored).
+__device__ __forceinline__ float quant_scale(float amax, int fmt) {
+    if (fmt == FMT_FP8) return exp2i(log2_ceil_bits(fmaxf(amax, FP8_AMAX_FLOOR) * INV_448));
+    return exp2i(log2_ceil_bits(fmaxf(amax, FP4_AMAX_FLOOR) * INV_6));
+}
+
+// One value through quantize-then-dequantize with scale s.
+__device__ __forceinline__ float quant_value(float v, float s, int fmt) {
+    if (fmt == FMT_FP8) return e4m3_to_f32(f32_to_e4m3(clamp_nan(v / s, -448.0f, 448.0f))) * s;
+    return e2m1_to_f32(f32_to_e2m1(clamp_nan(v / s, -6.0f, 6.0f))) * s;
+}
+
+// Orderable key of Rust's f32::total_cmp, as an unsigned integer (larger key = larger value;
+// positive NaN above +inf, negative NaN below -inf).
+__device__ __forceinline__ u32 total_key(float f) {
+    int b = __float_as_int(f);
+    b ^= (int)(((u32)(b >> 31)) >> 1);
+    return (u32)b ^ 0x80000000u;
+}
+
+// (key descending, index ascending) as one u64 to maximize.
+__device__ __forceinline__ u64 rank_code(float f, u32 idx) {
+    return ((u64)total_key(f) << 32) | (u64)(0xFFFFFFFFu - idx);
+}
+
+__device__ __forceinline__ double sigmoid_d(float z) { return 1.0 / (1.0 + exp(-(double)z)); }
+
+// ---- warp / block reductions -------------------------------------------------------------
+
+__device__ __forceinline__ float warp_max_f(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+__device__ __forceinline__ float warp_sum_f(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+__device__ __forceinline__ double warp_sum_d(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+__device__ __forceinline__ i64 warp_min_i64(i64 v) {
+    for (int o = 16; o > 0; o >>= 1) {
+        i64 w = __shfl_xor_sync(FULL_MASK, v, o);
+        v = w < v ? w : v;
+    }
+    return v;
+}
+
+// Sum over the block (every thread gets the result). `sh` holds 32 doubles.
+__device__ double block_sum_d(double v, double* sh) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_sum_d(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        double t = lane < nw ? sh[lane] : 0.0;
+        t = warp_sum_d(t);
+        if (lane == 0) sh[0] = t;
+    }
+    __syncthreads();
+    return sh[0];
+}
+
+// Max over the block, NaN-ignoring like f32::max (every thread gets the result).
+__device__ float block_max_f(float v, float* sh) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_max_f(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        float t = lane < nw ? sh[lane] : __uint_as_float(0xff800000u);
+        t = warp_max_f(t);
+        if (lane == 0) sh[0] = t;
+    }
+    __syncthreads();
+    return sh[0];
+}
+
+__device__ i64 block_min_i64(i64 v, i64* sh) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_min_i64(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        i64 t = lane < nw ? sh[lane] : ROW_NONE;
+        t = warp_min_i64(t);
+        if (lane == 0) sh[0] = t;
+    }
+    __syncthreads();
+    return sh[0];
+}
+
+__device__ __forceinline__ void report_error(i64* err, int code, int op, i64 row, i64 v0, i64 v1, i64 v2) {
+    if (err[0] != 0) return;
+    err[1] = op;
+    err[2] = row;
+    err[3] = v0;
+    err[4] = v1;
+    err[5] = v2;
+    __threadfence();
+    err[0] = code;
+}
+
+// ---- the row convention (cpu-ref ops::place_rows) ------------------------------------------
+
+// Error code of row r under the slot/position convention (0 if fine); fills v[0..3].
+__device__ int place_error(const int* slots, const int* pos, int r, int num_slots, i64* v) {
+    int s = slots[r], p = pos[r];
+    if (s < 0 || s >= num_slots) { v[0] = s; v[1] = num_slots; v[2] = 0; return E_SLOT; }
+    if (p < 0) { v[0] = p; v[1] = 0; v[2] = 0; return E_POS_NEG; }
+    if (r > 0 && slots[r - 1] == s) {
+        if ((i64)pos[r - 1] + 1 != (i64)p) { v[0] = s; v[1] = p; v[2] = pos[r - 1]; return E_NOT_CONSEC; }
+    } else {
+        for (int q = r - 2; q >= 0; --q) {
+            if (slots[q] == s) { v[0] = s; v[1] = q; v[2] = 0; return E_NOT_CONTIG; }
+        }
+    }
+    return 0;
+}
+
+#define CHECK_NONE 0
+#define CHECK_SEES 1     // (p + 1) / a > b
+#define CHECK_EMIT 2     // (p + 1) % a == 0 and p / a >= b
+#define CHECK_INDICES 3  // idx[r, 0..idx_cols] each −1 or in [0, b)
+
+__device__ int extra_error(int mode, const int* pos, int r, i64 a, i64 b, const int* idx, int idx_cols, i64* v) {
+    i64 p = pos[r];
+    if (mode == CHECK_SEES) {
+        i64 n = (p + 1) / a;
+        if (n > b) { v[0] = p; v[1] = n; v[2] = b; return E_SEES; }
+    } else if (mode == CHECK_EMIT) {
+        if ((p + 1) % a == 0 && p / a >= b) { v[0] = p; v[1] = p / a; v[2] = b; return E_EMIT_CAP; }
+    } else if (mode == CHECK_INDICES) {
+        for (int t = 0; t < idx_cols; ++t) {
+            int j = idx[(i64)r * idx_cols + t];
+            if (j != -1 && (j < 0 || (i64)j >= b)) { v[0] = j; v[1] = b; v[2] = 0; return E_CINDEX; }
+        }
+    }
+    return 0;
+}
+
+// One block. Reports the lowest row breaking the convention; if none, the lowest row failing the
+// op's extra check (the order in which cpu-ref finds them).
+extern "C" __global__ void __launch_bounds__(1024) check_rows(const int* slots, const int* pos, int rows, int num_slots, int op, int mode,
+                                      i64 a, i64 b, const int* idx, int idx_cols, i64* err) {
+    __shared__ i64 sh[32];
+    if (err[0] != 0) return;
+    i64 m0 = ROW_NONE, m1 = ROW_NONE;
+    i64 v[3];
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+        if (m0 == ROW_NONE && place_error(slots, pos, r, num_slots, v) != 0) m0 = r;
+        if (m1 == ROW_NONE && mode != CHECK_NONE && extra_error(mode, pos, r, a, b, idx, idx_cols, v) != 0) m1 = r;
+    }
+    m0 = block_min_i64(m0, sh);
+    m1 = block_min_i64(m1, sh);
+    if (threadIdx.x == 0) {
+        if (m0 != ROW_NONE) {
+            int code = place_error(slots, pos, (int)m0, num_slots, v);
+            report_error(err, code, op, m0, v[0], v[1], v[2]);
+        } else if (m1 != ROW_NONE) {
+            int code = extra_error(mode, pos, (int)m1, a, b, idx, idx_cols, v);
+            report_error(err, code, op, m1, v[0], v[1], v[2]);
+        }
+    }
+}
+
+// One block. Reports the lowest i with v[i] outside [0, bound) as `code` (v0 = value, v1 = bound).
+extern "C" __global__ void __launch_bounds__(1024) check_range(const int* vals, i64 n, i64 bound, int op, int code, i64* err) {
+    __shared__ i64 sh[32];
+    if (err[0] != 0) return;
+    i64 m = ROW_NONE;
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) {
+        i64 x = vals[i];
+        if (x < 0 || x >= bound) { m = i; break; }
+    }
+    m = block_min_i64(m, sh);
+    if (threadIdx.x == 0 && m != ROW_NONE) report_error(err, code, op, m, vals[m], bound, 0);
+}
+
+// ---- block quantization (act_quant / QuantSim), in place or out of place ---------------------
+
+// One warp per (row, block) of `block` values among the first `qdims` of each row (a short last
+// block is its own block). dst may equal src. Values past qdims are copied when dst != src.
+extern "C" __global__ void quant_rows(const float* src, float* dst, i64 rows, i64 dim, i64 qdims, int block,
+                                      int fmt) {
+    int lane = threadIdx.x & 31;
+    i64 nb = (qdims + block - 1) / block;
+    i64 warps = rows * nb;
+    i64 gw = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    i64 stride = ((i64)gridDim.x * blockDim.x) >> 5;
+    for (; gw < warps; gw += stride) {
+        i64 r = gw / nb, b = gw % nb;
+        i64 start = b * block;
+        i64 len = qdims - start < block ? qdims - start : block;
+        const float* xs = src + r * dim + start;
+        float* xd = dst + r * dim + start;
+        float amax = 0.0f;
+        for (i64 i = lane; i < len; i += 32) amax = fmaxf(amax, fabsf(xs[i]));
+        amax = warp_max_f(amax);
+        float s = quant_scale(amax, fmt);
+        for (i64 i = lane; i < len; i += 32) xd[i] = quant_value(xs[i], s, fmt);
+        if (src != dst && b == nb - 1) {
+            for (i64 i = qdims + lane; i < dim; i += 32) dst[r * dim + i] = src[r * dim + i];
+        }
+    }
+}
+
+// ---- Hadamard (Sylvester, natural order) over n = power of two doubles, by one block ---------
+
+// v holds the n values; on return v holds H·v (unnormalized). Same butterflies, same order of
+// operations per element as cpu-ref, so the doubles are bit-identical.
+__device__ void hadamard_block(double* v, int n) {
+    __syncthreads();
+    for (int h = 1; h < n; h <<= 1) {
+        for (int t = threadIdx.x; t < n / 2; t += blockDim.x) {
+            int j = (t / h) * 2 * h + (t % h);
+            double a = v[j], b = v[j + h];
+            v[j] = a + b;
+            v[j + h] = a - b;
+        }
+        __syncthreads();
+    }
+}
+
+// RoPE (cos, sin) of one angle: θ = fl32(pos · freq), cos/sin in double rounded to f32.
+__device__ __forceinline__ void rope_cs(float posf, float freq, float* c, float* s) {
+    float theta = posf * freq;
+    *c = (float)cos((double)theta);
+    *s = (float)sin((double)theta);
+}
+
+// ---- weight-format dot products (Linear, GroupedLinear, MoE experts) -----------------------
+
+#define WF_F32 0
+#define WF_BF16 1
+#define WF_FP8 2
+#define WF_FP4 3
+// Rows of x that one warp multiplies with each weight row it reads (multi-row kernels; the
+// single-row variants use 1).
+#define LIN_RT 4
+
+// Bytes of one [n, k] matrix in format fmt, and of its scales.
+__device__ __forceinline__ i64 mat_bytes(int fmt, i64 n, i64 k) {
+    return fmt == WF_F32 ? n * k * 4 : fmt == WF_BF16 ? n * k * 2 : fmt == WF_FP8 ? n * k : n * (k / 2);
+}
+__device__ __forceinline__ i64 scale_bytes(int fmt, i64 n, i64 k) {
+    return fmt == WF_FP8 ? ((n + 127) / 128) * ((k + 127) / 128) : fmt == WF_FP4 ? n * (k / 32) : 0;
+}
+
+// Fills the decode tables in shared memory: lut[0..256) e4m3, lut[256..272) e2m1 (call from every
+// thread, then __syncthreads).
+#define LUT_SIZE 272
+__device__ __forceinline__ void fill_luts(float* lut) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) lut[i] = e4m3_to_f32((u8)i);
+    for (int i = threadIdx.x; i < 16; i += blockDim.x) lut[256 + i] = e2m1_to_f32((u8)i);
+}
+
+// Lane partial sums acc[t] += Σ_{i ≡ lane (mod 32)} W[o, i] · xs[t][i] for t < nt, with W an
+// [n, k] matrix at `w` in format FMT (scales at `sc`) dequantized on the fly. f32 FMA.
+// Scalar path: any k, any alignment.
+template <int FMT, int RT>
+__device__ __forceinline__ void wdot(const u8* w, const u8* sc, i64 o, i64 k, const float* const* xs, int nt,
+                                     float* acc, const float* lut) {
+    int lane = threadIdx.x & 31;
+    if (FMT == WF_F32) {
+        const float* wr = (const float*)w + o * k;
+        for (i64 i = lane; i < k; i += 32) {
+            float wv = wr[i];
+#pragma unroll
+            for (int t = 0; t < RT; ++t)
+                if (t < nt) acc[t] = fmaf(wv, xs[t][i], acc[t]);
+        }
+    } else if (FMT == WF_BF16) {
+        const u16* wr = (const u16*)w + o * k;
+        for (i64 i = lane; i < k; i += 32) {
+            float wv = bf16_to_f32(wr[i]);
+#pragma unroll
+            for (int t = 0; t < RT; ++t)
+                if (t < nt) acc[t] = fmaf(wv, xs[t][i], acc[t]);
+        }
+    } else if (FMT == WF_FP8) {
+        const u8* wr = w + o * k;
+        const u8* sr = sc + (o >> 7) * ((k + 127) >> 7);
+        for (i64 i = lane; i < k; i += 32) {
+            float wv = lut[wr[i]] * e8m0_to_f32(sr[i >> 7]);
+#pragma unroll
+            for (int t = 0; t < RT; ++t)
+                if (t < nt) acc[t] = fmaf(wv, xs[t][i], acc[t]);
+        }
+    } else {
+        i64 kb = k / 2;
+        const u8* wr = w + o * kb;
+        const u8* sr = sc + o * (k / 32);
+        for (i64 j = lane; j < kb; j += 32) {
+            u8 b = wr[j];
+            float s = e8m0_to_f32(sr[j >> 4]);
+            float w0 = lut[256 + (b & 15)] * s, w1 = lut[256 + (b >> 4)] * s;
+#pragma unroll
+            for (int t = 0; t < RT; ++t)
+                if (t < nt) {
+                    acc[t] = fmaf(w0, xs[t][2 * j], acc[t]);
+                    acc[t] = fmaf(w1, xs[t][2 * j + 1], acc[t]);
+                }
+        }
+    }
+}
+
+// 2 × the e2m1 value of the low nibble of `c` (0, ±1, ±2, ±3, ±4, ±6, ±8, ±12): exact small integers.
+__device__ __forceinline__ float e2m1_x2(u32 c) {
+    float v = (float)((0xC8643210u >> (4 * (c & 7u))) & 0xFu);
+    return (c & 8u) ? -v : v;
+}
+
+// Elements of one 16-byte weight chunk.
+template <int FMT> struct Chunk { static const int E = FMT == WF_F32 ? 4 : FMT == WF_BF16 ? 8 : FMT == WF_FP8 ? 16 : 32; };
+
+// acc[t] += W[o, i0 .. i0 + E) · xs[t][i0 .. i0 + E) for one 16-byte chunk q of the weight row.
+// FP8/FP4: the chunk lies in one scale block, so the unscaled products are summed first and the
+// power-of-two scale applied once (exact scaling: the same sum as scaling every product).
+template <int FMT, int RT>
+__device__ __forceinline__ void chunk_fma(uint4 q, i64 i0, float s, const float* const* xs, int nt, float* acc,
+                                         const float* lut) {
+    u32 words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int t = 0; t < RT; ++t) {
+        if (t >= nt) break;
+        const float4* xp = (const float4*)(xs[t] + i0);
+        float a = acc[t];
+        if (FMT == WF_F32) {
+            float4 xv = xp[0];
+            a = fmaf(__uint_as_float(words[0]), xv.x, a);
+            a = fmaf(__uint_as_float(words[1]), xv.y, a);
+            a = fmaf(__uint_as_float(words[2]), xv.z, a);
+            a = fmaf(__uint_as_float(words[3]), xv.w, a);
+        } else if (FMT == WF_BF16) {
+#pragma unroll
+            for (int m = 0; m < 2; ++m) {
+                float4 xv = xp[m];
+                a = fmaf(__uint_as_float(words[2 * m] << 16), xv.x, a);
+                a = fmaf(__uint_as_float(words[2 * m] & 0xFFFF0000u), xv.y, a);
+                a = fmaf(__uint_as_float(words[2 * m + 1] << 16), xv.z, a);
+                a = fmaf(__uint_as_float(words[2 * m + 1] & 0xFFFF0000u), xv.w, a);
+            }
+        } else if (FMT == WF_FP8) {
+            float p = 0.0f;
+#pragma unroll
+            for (int m = 0; m < 4; ++m) {
+                float4 xv = xp[m];
+                u32 wd = words[m];
+                p = fmaf(lut[wd & 0xFFu], xv.x, p);
+                p = fmaf(lut[(wd >> 8) & 0xFFu], xv.y, p);
+                p = fmaf(lut[(wd >> 16) & 0xFFu], xv.z, p);
+                p = fmaf(lut[wd >> 24], xv.w, p);
+            }
+            a = fmaf(p, s, a);
+        } else {
+            // Products with 2·e2m1 (small integers, exact); the 1/2 goes into the scale.
+            float p = 0.0f;
+#pragma unroll
+            for (int m = 0; m < 4; ++m) {
+                u32 wd = words[m];
+                float4 xv = xp[2 * m], xw = xp[2 * m + 1];
+                p = fmaf(e2m1_x2(wd), xv.x, p);
+                p = fmaf(e2m1_x2(wd >> 4), xv.y, p);
+                p = fmaf(e2m1_x2(wd >> 8), xv.z, p);
+                p = fmaf(e2m1_x2(wd >> 12), xv.w, p);
+                p = fmaf(e2m1_x2(wd >> 16), xw.x, p);
+                p = fmaf(e2m1_x2(wd >> 20), xw.y, p);
+                p = fmaf(e2m1_x2(wd >> 24), xw.z, p);
+                p = fmaf(e2m1_x2(wd >> 28), xw.w, p);
+            }
+            a = fmaf(p, 0.5f * s, a);
+        }
+        acc[t] = a;
+    }
+}
+
+template <int FMT>
+__device__ __forceinline__ float chunk_scale(const u8* sc, i64 o, i64 k, i64 i0) {
+    if (FMT == WF_FP8) return e8m0_to_f32(sc[(o >> 7) * ((k + 127) >> 7) + (i0 >> 7)]);
+    if (FMT == WF_FP4) return e8m0_to_f32(sc[o * (k / 32) + (i0 >> 5)]);
+    return 1.0f;
+}
+
+// Vector path: each lane reads 16 bytes of the weight row (two chunks in flight per step) and the
+// matching float4s of x. Needs k % 32 == 0 (16-byte aligned weight rows in every format) and
+// 16-byte aligned x rows.
+template <int FMT, int RT>
+__device__ __forceinline__ void wdot_vec(const u8* w, const u8* sc, i64 o, i64 k, const float* const* xs, int nt,
+                                         float* acc, const float* lut) {
+    const int E = Chunk<FMT>::E;
+    int lane = threadIdx.x & 31;
+    i64 row_bytes = FMT == WF_F32 ? k * 4 : FMT == WF_BF16 ? k * 2 : FMT == WF_FP8 ? k : k / 2;
+    const uint4* wr = (const uint4*)(w + o * row_bytes);
+    i64 chunks = k / E;
+    for (i64 c = lane; c < chunks; c += 64) {
+        bool two = c + 32 < chunks;
+        uint4 qa = __ldg(wr + c);
+        uint4 qb = two ? __ldg(wr + c + 32) : qa;
+        float sa = chunk_scale<FMT>(sc, o, k, c * E);
+        float sb = two ? chunk_scale<FMT>(sc, o, k, (c + 32) * E) : sa;
+        chunk_fma<FMT, RT>(qa, c * E, sa, xs, nt, acc, lut);
+        if (two) chunk_fma<FMT, RT>(qb, (c + 32) * E, sb, xs, nt, acc, lut);
+    }
+}
+
+// One row, OT weight rows o0 .. o0 + no (no ≤ OT) at once: acc[j] += W[o0 + j, :] · x (lane
+// partial sums). OT independent 16-byte loads per lane per step keep enough bytes in flight for a
+// decode GEMV, and each x chunk is loaded once for the OT rows. Vector-path requirements as
+// wdot_vec.
+template <int FMT, int OT>
+__device__ __forceinline__ void wdot_vec_multi(const u8* w, const u8* sc, i64 o0, int no, i64 k, const float* x,
+                                               float* acc, const float* lut) {
+    const int E = Chunk<FMT>::E;
+    int lane = threadIdx.x & 31;
+    i64 row_bytes = FMT == WF_F32 ? k * 4 : FMT == WF_BF16 ? k * 2 : FMT == WF_FP8 ? k : k / 2;
+    i64 chunks = k / E;
+    const float* xs[1] = {x};
+    for (i64 c = lane; c < chunks; c += 32) {
+        uint4 q[OT];
+#pragma unroll
+        for (int j = 0; j < OT; ++j) {
+            i64 o = o0 + (j < no ? j : 0);
+            q[j] = __ldg((const uint4*)(w + o * row_bytes) + c);
+        }
+#pragma unroll
+        for (int j = 0; j < OT; ++j) {
+            i64 o = o0 + (j < no ? j : 0);
+            float s = chunk_scale<FMT>(sc, o, k, c * E);
+            float a[1] = {acc[j]};
+            chunk_fma<FMT, 1>(q[j], c * E, s, xs, 1, a, lut);
+            acc[j] = a[0];
+        }
+    }
+}
+
+template <int OT>
+__device__ __forceinline__ void wdot_multi_any(int fmt, const u8* w, const u8* sc, i64 o0, int no, i64 k,
+                                               const float* x, float* acc, const float* lut) {
+    switch (fmt) {
+        case WF_F32: wdot_vec_multi<WF_F32, OT>(w, sc, o0, no, k, x, acc, lut); break;
+        case WF_BF16: wdot_vec_multi<WF_BF16, OT>(w, sc, o0, no, k, x, acc, lut); break;
+        case WF_FP8: wdot_vec_multi<WF_FP8, OT>(w, sc, o0, no, k, x, acc, lut); break;
+        default: wdot_vec_multi<WF_FP4, OT>(w, sc, o0, no, k, x, acc, lut); break;
+    }
+}
+
+// Weight rows per warp step in the one-row (decode) kernels.
+#define LIN_OT 4
+
+template <int RT>
+__device__ __forceinline__ void wdot_any(int fmt, int vec, const u8* w, const u8* sc, i64 o, i64 k,
+                                         const float* const* xs, int nt, float* acc, const float* lut) {
+    if (vec) {
+        switch (fmt) {
+            case WF_F32: wdot_vec<WF_F32, RT>(w, sc, o, k, xs, nt, acc, lut); break;
+            case WF_BF16: wdot_vec<WF_BF16, RT>(w, sc, o, k, xs, nt, acc, lut); break;
+            case WF_FP8: wdot_vec<WF_FP8, RT>(w, sc, o, k, xs, nt, acc, lut); break;
+            default: wdot_vec<WF_FP4, RT>(w, sc, o, k, xs, nt, acc, lut); break;
+        }
+        return;
+    }
+    switch (fmt) {
+        case WF_F32: wdot<WF_F32, RT>(w, sc, o, k, xs, nt, acc, lut); break;
+        case WF_BF16: wdot<WF_BF16, RT>(w, sc, o, k, xs, nt, acc, lut); break;
+        case WF_FP8: wdot<WF_FP8, RT>(w, sc, o, k, xs, nt, acc, lut); break;
+        default: wdot<WF_FP4, RT>(w, sc, o, k, xs, nt, acc, lut); break;
+    }
+}

@@ -1,0 +1,67 @@
+// Linear and GroupedLinear over the checkpoint's weight formats (hal::ops::linear).
+// The act_quant of FP8/FP4 linears runs first as quant_rows (prelude) into a scratch buffer.
+
+// y[r, o] = Σ_i W[o, i] · x[r, (o / opg)·K + i] (opg = N for a plain linear). One warp per output
+// feature at a time (grid-stride over features), RT rows per pass; grid (feature blocks, row
+// tiles). `vec`: the 16-byte vector path may be used (k % 32 == 0 and x rows 16-byte aligned).
+template <int RT>
+__device__ __forceinline__ void linear_impl(const float* x, i64 x_stride, const u8* w, const u8* sc, float* y,
+                                            i64 y_stride, i64 rows, i64 k, i64 n, i64 opg, int fmt, int vec) {
+    __shared__ float lut[LUT_SIZE];
+    if (fmt >= WF_FP8) fill_luts(lut);
+    __syncthreads();
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpb = blockDim.x >> 5;
+    for (i64 o = (i64)blockIdx.x * wpb + warp; o < n; o += (i64)gridDim.x * wpb) {
+        i64 xo = (o / opg) * k;
+        for (i64 r0 = (i64)blockIdx.y * RT; r0 < rows; r0 += (i64)gridDim.y * RT) {
+            int nt = rows - r0 < RT ? (int)(rows - r0) : RT;
+            const float* xs[RT];
+            float acc[RT];
+#pragma unroll
+            for (int t = 0; t < RT; ++t) {
+                xs[t] = x + (r0 + (t < nt ? t : 0)) * x_stride + xo;
+                acc[t] = 0.0f;
+            }
+            wdot_any<RT>(fmt, vec, w, sc, o, k, xs, nt, acc, lut);
+#pragma unroll
+            for (int t = 0; t < RT; ++t) {
+                float v = warp_sum_f(acc[t]);
+                if (lane == 0 && t < nt) y[(r0 + t) * y_stride + o] = v;
+            }
+        }
+    }
+}
+
+// One row (decode): with the vector path each warp takes LIN_OT output features per step
+// (wdot_vec_multi); features of one step share the x group when opg is a multiple of LIN_OT.
+extern "C" __global__ void __launch_bounds__(256, 2)
+    linear_fwd_r1(const float* x, i64 x_stride, const u8* w, const u8* sc, float* y, i64 y_stride, i64 rows, i64 k,
+                  i64 n, i64 opg, int fmt, int vec) {
+    if (!vec || opg % LIN_OT != 0) {
+        linear_impl<1>(x, x_stride, w, sc, y, y_stride, rows, k, n, opg, fmt, vec);
+        return;
+    }
+    __shared__ float lut[LUT_SIZE];
+    if (fmt >= WF_FP8) fill_luts(lut);
+    __syncthreads();
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpb = blockDim.x >> 5;
+    for (i64 o0 = ((i64)blockIdx.x * wpb + warp) * LIN_OT; o0 < n; o0 += (i64)gridDim.x * wpb * LIN_OT) {
+        int no = n - o0 < LIN_OT ? (int)(n - o0) : LIN_OT;
+        float acc[LIN_OT];
+#pragma unroll
+        for (int j = 0; j < LIN_OT; ++j) acc[j] = 0.0f;
+        wdot_multi_any<LIN_OT>(fmt, w, sc, o0, no, k, x + (o0 / opg) * k, acc, lut);
+#pragma unroll
+        for (int j = 0; j < LIN_OT; ++j) {
+            float v = warp_sum_f(acc[j]);
+            if (lane == 0 && j < no) y[o0 + j] = v;
+        }
+    }
+}
+
+// LIN_RT rows per pass.
+extern "C" __global__ void __launch_bounds__(256, 2)
+    linear_fwd(const float* x, i64 x_stride, const u8* w, const u8* sc, float* y, i64 y_stride, i64 rows, i64 k,
+               i64 n, i64 opg, int fmt, int vec) {
+    linear_impl<LIN_RT>(x, x_stride, w, sc, y, y_stride, rows, k, n, opg, fmt, vec);
+}

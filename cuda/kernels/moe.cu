@@ -1,0 +1,328 @@
+// Mixture of experts (hal::ops::moe): gate, clamped SwiGLU, routed experts.
+
+__device__ __forceinline__ float swiglu_f(float g, float u, float limit) {
+    if (limit > 0.0f) {
+        g = g > limit ? limit : g;
+        u = clamp_nan(u, -limit, limit);
+    }
+    return (float)((double)g / (1.0 + exp(-(double)g))) * u;
+}
+
+extern "C" __global__ void swiglu(const float* g, const float* u, float* h, i64 n, float limit) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+        h[i] = swiglu_f(g[i], u[i], limit);
+}
+
+// s[r, e] = sqrt(softplus(dot(gate_w[e], x[r]))): one warp per (r, e), f64 dot rounded once.
+extern "C" __global__ void gate_scores(const float* x, const float* gw, i64 rows, i64 dim, i64 experts, float* s) {
+    int lane = threadIdx.x & 31;
+    i64 warps = rows * experts;
+    i64 stride = ((i64)gridDim.x * blockDim.x) >> 5;
+    for (i64 gw_i = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; gw_i < warps; gw_i += stride) {
+        i64 r = gw_i / experts, e = gw_i % experts;
+        const float* xr = x + r * dim;
+        const float* wr = gw + e * dim;
+        double acc = 0.0;
+        for (i64 i = lane; i < dim; i += 32) acc += (double)wr[i] * (double)xr[i];
+        acc = warp_sum_d(acc);
+        if (lane == 0) {
+            float z = (float)acc;
+            float sp = z > 20.0f ? z : (float)log1p(exp((double)z));
+            s[gw_i] = sqrtf(sp);
+        }
+    }
+}
+
+// One warp per row: expert set (scored: top-k of s + bias by total order, ties lower e first;
+// hashed: tid2eid[ids[r]]), then weights route_scale · s_e / Σ s (sum in f64, rounded once).
+extern "C" __global__ void gate_select(const float* s, const float* bias, const int* tid2eid, const int* ids,
+                                       i64 rows, int experts, int k, i64 vocab, int hashed, float route_scale,
+                                       int* out_e, float* out_w, const i64* err) {
+    if (err[0] != 0) return;
+    int lane = threadIdx.x & 31;
+    i64 stride = ((i64)gridDim.x * blockDim.x) >> 5;
+    for (i64 r = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows; r += stride) {
+        const float* sr = s + r * experts;
+        int* er = out_e + r * k;
+        if (hashed) {
+            i64 id = ids[r];
+            if (id < 0 || id >= vocab) continue;
+            bool ok = true;
+            for (int t = 0; t < k; ++t) {
+                int e = tid2eid[id * k + t];
+                if (e < 0 || e >= experts) ok = false;
+            }
+            if (!ok) continue;
+            if (lane == 0)
+                for (int t = 0; t < k; ++t) er[t] = tid2eid[id * k + t];
+        } else {
+            u64 prev = ~0ull;
+            for (int t = 0; t < k; ++t) {
+                u64 best = 0;
+                for (int e = lane; e < experts; e += 32) {
+                    u64 c = rank_code(sr[e] + bias[e], (u32)e);
+                    if (c < prev && c > best) best = c;
+                }
+                for (int o = 16; o > 0; o >>= 1) {
+                    u64 b2 = __shfl_xor_sync(FULL_MASK, best, o);
+                    best = b2 > best ? b2 : best;
+                }
+                if (lane == 0) er[t] = (int)(0xFFFFFFFFu - (u32)(best & 0xFFFFFFFFull));
+                prev = best;
+            }
+        }
+        __syncwarp();
+        if (lane == 0) {
+            double sum = 0.0;
+            for (int t = 0; t < k; ++t) sum += (double)sr[er[t]];
+            float sf = (float)sum;
+            for (int t = 0; t < k; ++t) out_w[r * k + t] = sr[er[t]] / sf * route_scale;
+        }
+    }
+}
+
+// One block. Hashed-gate argument check: token id range, then tid2eid entries (lowest row).
+extern "C" __global__ void __launch_bounds__(1024) check_gate_hashed(const int* ids, const int* tid2eid, i64 rows, int k, i64 vocab,
+                                             int experts, int op, i64* err) {
+    __shared__ i64 sh[32];
+    if (err[0] != 0) return;
+    i64 m = ROW_NONE;
+    for (i64 r = threadIdx.x; r < rows; r += blockDim.x) {
+        i64 id = ids[r];
+        bool bad = id < 0 || id >= vocab;
+        for (int t = 0; !bad && t < k; ++t) {
+            int e = tid2eid[id * k + t];
+            bad = e < 0 || e >= experts;
+        }
+        if (bad) { m = r; break; }
+    }
+    m = block_min_i64(m, sh);
+    if (threadIdx.x == 0 && m != ROW_NONE) {
+        i64 id = ids[m];
+        if (id < 0 || id >= vocab) {
+            report_error(err, E_TOKEN, op, m, id, vocab, 0);
+        } else {
+            for (int t = 0; t < k; ++t) {
+                int e = tid2eid[id * k + t];
+                if (e < 0 || e >= experts) { report_error(err, E_TID2EID, op, m, id, e, experts); break; }
+            }
+        }
+    }
+}
+
+// One block. Routed-experts argument check: each entry in range (list order), then no repeats
+// (the smallest repeated expert), lowest row first.
+__device__ int experts_row_error(const int* er, int k, int experts, i64* v) {
+    for (int t = 0; t < k; ++t)
+        if (er[t] < 0 || er[t] >= experts) { v[0] = er[t]; v[1] = experts; return E_EXPERT_RANGE; }
+    int dup = -1;
+    for (int a = 0; a < k; ++a)
+        for (int b = a + 1; b < k; ++b)
+            if (er[a] == er[b] && (dup < 0 || er[a] < dup)) dup = er[a];
+    if (dup >= 0) { v[0] = dup; v[1] = 0; return E_EXPERT_DUP; }
+    return 0;
+}
+
+extern "C" __global__ void __launch_bounds__(1024) check_experts(const int* ex, i64 rows, int k, int experts, int op, i64* err) {
+    __shared__ i64 sh[32];
+    if (err[0] != 0) return;
+    i64 m = ROW_NONE;
+    i64 v[2];
+    for (i64 r = threadIdx.x; r < rows; r += blockDim.x)
+        if (experts_row_error(ex + r * k, k, experts, v) != 0) { m = r; break; }
+    m = block_min_i64(m, sh);
+    if (threadIdx.x == 0 && m != ROW_NONE) {
+        int code = experts_row_error(ex + m * k, k, experts, v);
+        report_error(err, code, op, m, v[0], v[1], 0);
+    }
+}
+
+// Pairs p = r·k + t of this chunk into per-expert lists list[e, 0..cnt[e]) (any order), the
+// ascending-expert order of each row: order[r·k + rank] = t, and the experts in use:
+// active[0..cnt[experts]) (any order). cnt (experts + 1 ints) must be zero on entry.
+extern "C" __global__ void moe_route(const int* ex, i64 rows, int k, int experts, int* cnt, int* list, int* order,
+                                     int* active, const i64* err) {
+    if (err[0] != 0) return;
+    i64 pairs = rows * k;
+    for (i64 p = (i64)blockIdx.x * blockDim.x + threadIdx.x; p < pairs; p += (i64)gridDim.x * blockDim.x) {
+        i64 r = p / k;
+        int e = ex[p];
+        if (e < 0 || e >= experts) continue;
+        int slot = atomicAdd(&cnt[e], 1);
+        list[(i64)e * rows + slot] = (int)p;
+        if (slot == 0) active[atomicAdd(&cnt[experts], 1)] = e;
+        int rank = 0;
+        for (int t = 0; t < k; ++t) rank += ex[r * k + t] < e ? 1 : 0;
+        order[r * k + rank] = (int)(p - r * k);
+    }
+}
+
+// h[p, o] = weights[p] · SwiGlu(W1_e[o] · xq[r], W3_e[o] · xq[r]) for the pairs p of expert
+// e = active[blockIdx.y]. One warp per o (grid-stride), RT pairs per pass. W1, W3: [E, inter, dim].
+template <int RT>
+__device__ __forceinline__ void moe_up_impl(const float* xq, const u8* w1, const u8* s1, const u8* w3, const u8* s3,
+                                            const float* wts, const int* cnt, const int* list, const int* active,
+                                            int experts, i64 rows, int k, i64 dim, i64 inter, int fmt, float limit,
+                                            float* h, const i64* err) {
+    __shared__ float lut[LUT_SIZE];
+    if (err[0] != 0 || (int)blockIdx.y >= cnt[experts]) return;
+    if (fmt >= WF_FP8) fill_luts(lut);
+    __syncthreads();
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpb = blockDim.x >> 5;
+    i64 e = active[blockIdx.y];
+    int n = cnt[e];
+    const u8* w1e = w1 + e * mat_bytes(fmt, inter, dim);
+    const u8* w3e = w3 + e * mat_bytes(fmt, inter, dim);
+    const u8* s1e = s1 ? s1 + e * scale_bytes(fmt, inter, dim) : s1;
+    const u8* s3e = s3 ? s3 + e * scale_bytes(fmt, inter, dim) : s3;
+    for (i64 o = (i64)blockIdx.x * wpb + warp; o < inter; o += (i64)gridDim.x * wpb) {
+        for (i64 t0 = (i64)blockIdx.z * RT; t0 < n; t0 += (i64)gridDim.z * RT) {
+            int nt = n - t0 < RT ? (int)(n - t0) : RT;
+            const float* xs[RT];
+            int pr[RT];
+            float ag[RT], au[RT];
+#pragma unroll
+            for (int t = 0; t < RT; ++t) {
+                pr[t] = list[e * rows + t0 + (t < nt ? t : 0)];
+                xs[t] = xq + (i64)(pr[t] / k) * dim;
+                ag[t] = 0.0f;
+                au[t] = 0.0f;
+            }
+            wdot_any<RT>(fmt, 1, w1e, s1e, o, dim, xs, nt, ag, lut);
+            wdot_any<RT>(fmt, 1, w3e, s3e, o, dim, xs, nt, au, lut);
+#pragma unroll
+            for (int t = 0; t < RT; ++t) {
+                float g = warp_sum_f(ag[t]);
+                float u = warp_sum_f(au[t]);
+                if (lane == 0 && t < nt) h[(i64)pr[t] * inter + o] = swiglu_f(g, u, limit) * wts[pr[t]];
+            }
+        }
+    }
+}
+
+// ye[p, o] = W2_e[o] · hq[p] for the pairs of expert e = active[blockIdx.y]. W2: [E, dim, inter].
+template <int RT>
+__device__ __forceinline__ void moe_down_impl(const float* hq, const u8* w2, const u8* s2, const int* cnt,
+                                              const int* list, const int* active, int experts, i64 rows, i64 dim,
+                                              i64 inter, int fmt, float* ye, const i64* err) {
+    __shared__ float lut[LUT_SIZE];
+    if (err[0] != 0 || (int)blockIdx.y >= cnt[experts]) return;
+    if (fmt >= WF_FP8) fill_luts(lut);
+    __syncthreads();
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpb = blockDim.x >> 5;
+    i64 e = active[blockIdx.y];
+    int n = cnt[e];
+    const u8* w2e = w2 + e * mat_bytes(fmt, dim, inter);
+    const u8* s2e = s2 ? s2 + e * scale_bytes(fmt, dim, inter) : s2;
+    for (i64 o = (i64)blockIdx.x * wpb + warp; o < dim; o += (i64)gridDim.x * wpb) {
+        for (i64 t0 = (i64)blockIdx.z * RT; t0 < n; t0 += (i64)gridDim.z * RT) {
+            int nt = n - t0 < RT ? (int)(n - t0) : RT;
+            const float* xs[RT];
+            int pr[RT];
+            float acc[RT];
+#pragma unroll
+            for (int t = 0; t < RT; ++t) {
+                pr[t] = list[e * rows + t0 + (t < nt ? t : 0)];
+                xs[t] = hq + (i64)pr[t] * inter;
+                acc[t] = 0.0f;
+            }
+            wdot_any<RT>(fmt, 1, w2e, s2e, o, inter, xs, nt, acc, lut);
+#pragma unroll
+            for (int t = 0; t < RT; ++t) {
+                float v = warp_sum_f(acc[t]);
+                if (lane == 0 && t < nt) ye[(i64)pr[t] * dim + o] = v;
+            }
+        }
+    }
+}
+
+#define MOE_UP_ARGS                                                                                              \
+    const float *xq, const u8 *w1, const u8 *s1, const u8 *w3, const u8 *s3, const float *wts, const int *cnt, \
+        const int *list, const int *active, int experts, i64 rows, int k, i64 dim, i64 inter, int fmt,          \
+        float limit, float *h, const i64 *err
+#define MOE_DOWN_ARGS                                                                                          \
+    const float *hq, const u8 *w2, const u8 *s2, const int *cnt, const int *list, const int *active,          \
+        int experts, i64 rows, i64 dim, i64 inter, int fmt, float *ye, const i64 *err
+
+// `_r1`: experts with about one pair each (decode): each warp takes LIN_OT output features per
+// step for one pair at a time (wdot_vec_multi). Else LIN_RT pairs per pass.
+extern "C" __global__ void __launch_bounds__(256, 2) moe_up_r1(MOE_UP_ARGS) {
+    __shared__ float lut[LUT_SIZE];
+    if (err[0] != 0 || (int)blockIdx.y >= cnt[experts]) return;
+    if (fmt >= WF_FP8) fill_luts(lut);
+    __syncthreads();
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpb = blockDim.x >> 5;
+    i64 e = active[blockIdx.y];
+    int n = cnt[e];
+    const u8* w1e = w1 + e * mat_bytes(fmt, inter, dim);
+    const u8* w3e = w3 + e * mat_bytes(fmt, inter, dim);
+    const u8* s1e = s1 ? s1 + e * scale_bytes(fmt, inter, dim) : s1;
+    const u8* s3e = s3 ? s3 + e * scale_bytes(fmt, inter, dim) : s3;
+    for (i64 o0 = ((i64)blockIdx.x * wpb + warp) * LIN_OT; o0 < inter; o0 += (i64)gridDim.x * wpb * LIN_OT) {
+        int no = inter - o0 < LIN_OT ? (int)(inter - o0) : LIN_OT;
+        for (i64 t = blockIdx.z; t < n; t += gridDim.z) {
+            int p = list[e * rows + t];
+            const float* xr = xq + (i64)(p / k) * dim;
+            float ag[LIN_OT], au[LIN_OT];
+#pragma unroll
+            for (int j = 0; j < LIN_OT; ++j) {
+                ag[j] = 0.0f;
+                au[j] = 0.0f;
+            }
+            wdot_multi_any<LIN_OT>(fmt, w1e, s1e, o0, no, dim, xr, ag, lut);
+            wdot_multi_any<LIN_OT>(fmt, w3e, s3e, o0, no, dim, xr, au, lut);
+#pragma unroll
+            for (int j = 0; j < LIN_OT; ++j) {
+                float g = warp_sum_f(ag[j]);
+                float u = warp_sum_f(au[j]);
+                if (lane == 0 && j < no) h[(i64)p * inter + o0 + j] = swiglu_f(g, u, limit) * wts[p];
+            }
+        }
+    }
+}
+extern "C" __global__ void __launch_bounds__(256, 2) moe_up(MOE_UP_ARGS) {
+    moe_up_impl<LIN_RT>(xq, w1, s1, w3, s3, wts, cnt, list, active, experts, rows, k, dim, inter, fmt, limit, h,
+                        err);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) moe_down_r1(MOE_DOWN_ARGS) {
+    __shared__ float lut[LUT_SIZE];
+    if (err[0] != 0 || (int)blockIdx.y >= cnt[experts]) return;
+    if (fmt >= WF_FP8) fill_luts(lut);
+    __syncthreads();
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpb = blockDim.x >> 5;
+    i64 e = active[blockIdx.y];
+    int n = cnt[e];
+    const u8* w2e = w2 + e * mat_bytes(fmt, dim, inter);
+    const u8* s2e = s2 ? s2 + e * scale_bytes(fmt, dim, inter) : s2;
+    for (i64 o0 = ((i64)blockIdx.x * wpb + warp) * LIN_OT; o0 < dim; o0 += (i64)gridDim.x * wpb * LIN_OT) {
+        int no = dim - o0 < LIN_OT ? (int)(dim - o0) : LIN_OT;
+        for (i64 t = blockIdx.z; t < n; t += gridDim.z) {
+            int p = list[e * rows + t];
+            float acc[LIN_OT];
+#pragma unroll
+            for (int j = 0; j < LIN_OT; ++j) acc[j] = 0.0f;
+            wdot_multi_any<LIN_OT>(fmt, w2e, s2e, o0, no, inter, hq + (i64)p * inter, acc, lut);
+#pragma unroll
+            for (int j = 0; j < LIN_OT; ++j) {
+                float v = warp_sum_f(acc[j]);
+                if (lane == 0 && j < no) ye[(i64)p * dim + o0 + j] = v;
+            }
+        }
+    }
+}
+extern "C" __global__ void __launch_bounds__(256, 2) moe_down(MOE_DOWN_ARGS) {
+    moe_down_impl<LIN_RT>(hq, w2, s2, cnt, list, active, experts, rows, dim, inter, fmt, ye, err);
+}
+
+// y[r, o] = Σ over the row's experts in ascending order of ye[r·k + t, o] (f32, from 0).
+extern "C" __global__ void moe_combine(const float* ye, const int* order, i64 rows, int k, i64 dim, float* y,
+                                       const i64* err) {
+    if (err[0] != 0) return;
+    i64 total = rows * dim;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
+        i64 r = i / dim, o = i % dim;
+        float acc = 0.0f;
+        for (int t = 0; t < k; ++t) acc += ye[(r * k + order[r * k + t]) * dim + o];
+        y[i] = acc;
+    }
+}

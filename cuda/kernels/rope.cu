@@ -1,0 +1,26 @@
+// Rotary position embedding, interleaved pairs on the last rope_dim dims (hal::ops::rope).
+
+// In place over x [rows, heads, head_dim]. Negative positions were reported by check_range.
+extern "C" __global__ void rope(const float* freqs, const int* pos, float* x, i64 rows, i64 heads, i64 hd, i64 rd,
+                                int inverse, const i64* err) {
+    if (err[0] != 0) return;
+    i64 half = rd / 2;
+    i64 total = rows * heads * half;
+    i64 nope = hd - rd;
+    for (i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += (i64)gridDim.x * blockDim.x) {
+        i64 i = t % half, rh = t / half, r = rh / heads;
+        int p = pos[r];
+        if (p < 0) continue;
+        float c, s;
+        rope_cs((float)p, freqs[i], &c, &s);
+        float* pair = x + rh * hd + nope + 2 * i;
+        float a = pair[0], b = pair[1];
+        if (inverse) {
+            pair[0] = a * c + b * s;
+            pair[1] = b * c - a * s;
+        } else {
+            pair[0] = a * c - b * s;
+            pair[1] = a * s + b * c;
+        }
+    }
+}

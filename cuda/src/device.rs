@@ -1,0 +1,134 @@
+//! Device memory of the CUDA backend: [`CudaStorage`], the backend's context and its one stream,
+//! scratch buffers, the deferred-error word, and the mapping of driver errors to `hal::Error`.
+
+use std::any::Any;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::result::DriverError;
+use cudarc::driver::sys::CUresult;
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
+use hal::{Error, Result, Storage};
+
+use crate::kernels::Loaded;
+
+/// Name every CUDA storage reports as its owner.
+pub const BACKEND_NAME: &str = "cuda";
+
+/// Words of the deferred-error buffer (see the crate docs): code, op, row, three values, spare.
+pub(crate) const ERR_WORDS: usize = 8;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A CUDA tensor's bytes: one device allocation, made and used on the owning backend's stream.
+pub struct CudaStorage {
+    /// At least one byte, so that empty tensors still have a valid pointer.
+    pub(crate) buf: CudaSlice<u8>,
+    /// Logical size in bytes.
+    pub(crate) len: usize,
+    /// Id of the backend instance that made it.
+    pub(crate) owner: u64,
+}
+
+impl Storage for CudaStorage {
+    fn backend(&self) -> &'static str {
+        BACKEND_NAME
+    }
+    fn len_bytes(&self) -> usize {
+        self.len
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// One backend's device state.
+pub(crate) struct Dev {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub id: u64,
+    /// Largest dynamic shared memory a block may opt in to.
+    pub smem_optin: usize,
+    /// Streaming multiprocessors (sizes the grids of the weight-streaming kernels).
+    pub sms: usize,
+    /// Deferred argument errors, `ERR_WORDS` i64 (all zero: none). Locked while read and cleared.
+    pub err: Mutex<CudaSlice<i64>>,
+    pub err_ptr: u64,
+    pub kernels: Loaded,
+}
+
+impl Dev {
+    /// Context, stream and error word on device `ordinal`. Event tracking is turned off before
+    /// any allocation: everything runs on one stream, so cudarc's cross-stream events are waste.
+    pub fn new(ctx: Arc<CudaContext>, arch: String, smem_optin: usize, sms: usize) -> std::result::Result<Self, DriverError> {
+        // SAFETY: no slice exists yet, and this backend uses a single stream for all work.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream()?;
+        let err = stream.alloc_zeros::<i64>(ERR_WORDS)?;
+        let err_ptr = {
+            let (p, _sync) = err.device_ptr(&stream);
+            p
+        };
+        stream.synchronize()?;
+        Ok(Dev {
+            ctx,
+            stream,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            smem_optin,
+            sms: sms.max(1),
+            err: Mutex::new(err),
+            err_ptr,
+            kernels: Loaded::new(arch),
+        })
+    }
+
+    /// Raw device address of a slice (for kernel arguments).
+    pub fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        let (p, _sync) = s.device_ptr(&self.stream);
+        p
+    }
+
+    /// A zero-filled device buffer of `bytes` (at least one byte is allocated).
+    pub fn alloc_zeroed(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        self.stream.alloc_zeros::<u8>(bytes.max(1)).map_err(|e| self.alloc_err(e, bytes))
+    }
+
+    /// An uninitialized stream-ordered scratch buffer of `bytes` (freed, stream-ordered, on drop).
+    pub fn scratch(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        // SAFETY: scratch buffers are always written by a kernel before they are read.
+        unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| self.alloc_err(e, bytes))
+    }
+
+    pub fn storage(&self, buf: CudaSlice<u8>, len: usize) -> CudaStorage {
+        CudaStorage { buf, len, owner: self.id }
+    }
+
+    /// The loaded kernel `family::name`.
+    pub fn function(&self, family: &'static str, name: &'static str) -> Result<CudaFunction> {
+        self.kernels.function(&self.ctx, family, name).map_err(|m| Error::Device {
+            backend: BACKEND_NAME.into(),
+            code: -1,
+            message: m,
+        })
+    }
+
+    fn alloc_err(&self, e: DriverError, bytes: usize) -> Error {
+        if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            Error::OutOfMemory { backend: BACKEND_NAME.into(), bytes }
+        } else {
+            driver_err(e)
+        }
+    }
+}
+
+/// A driver error as `hal::Error::Device`.
+pub(crate) fn driver_err(e: DriverError) -> Error {
+    let message = match e.error_string() {
+        Ok(s) => format!("{:?}: {}", e.0, s.to_string_lossy()),
+        Err(_) => format!("{:?}", e.0),
+    };
+    Error::Device { backend: BACKEND_NAME.into(), code: e.0 as i64, message }
+}

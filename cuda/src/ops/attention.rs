@@ -1,0 +1,99 @@
+//! Sparse attention and the window ring store (`kernels/attention.cu`).
+
+use hal::ops::attention::CompressedKv;
+use hal::ops::{SparseAttention, WindowStore};
+use hal::{Error, Result};
+
+use super::{check_rows, grid_for, i, l, launch, smem, Arg, BLOCK, CHECK_INDICES, CHECK_NONE, CHECK_SEES};
+use crate::device::Dev;
+
+const FAMILY: &str = "attention";
+
+/// Dynamic shared memory of `sparse_attn` with `warps` warps: q (d f32) + per-warp f64 sums.
+pub(crate) fn smem_for(d: usize, warps: usize) -> usize {
+    d * 4 + warps * d * 8
+}
+
+/// [`WindowStore`]: row convention checked on the device, then the store (the last row of a
+/// slot mapping to a ring entry wins, as rows in order would).
+pub(crate) fn window_store(dev: &Dev, op: &WindowStore, ins: &[u64], outs: &[u64]) -> Result<()> {
+    let name = "window_store";
+    if op.window == 0 {
+        return Err(Error::invalid(name, "window must be at least 1"));
+    }
+    check_rows(dev, FAMILY, name, ins[1], ins[2], op.rows, op.slots, CHECK_NONE, 0, 0, 0, 0)?;
+    let n = op.rows * op.dim;
+    if n == 0 {
+        return Ok(());
+    }
+    let args = [
+        Arg::P(ins[0]),
+        Arg::P(ins[1]),
+        Arg::P(ins[2]),
+        Arg::P(outs[0]),
+        l(op.rows),
+        i(name, "slots", op.slots)?,
+        l(op.window),
+        l(op.dim),
+        Arg::P(dev.err_ptr),
+    ];
+    launch(dev, FAMILY, "window_store", (grid_for(n, BLOCK), 1, 1), BLOCK, 0, &args)
+}
+
+/// [`SparseAttention`]: row convention and compressed-entry checks on the device, then one block
+/// per (row, head).
+pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], outs: &[u64]) -> Result<()> {
+    let name = "sparse_attention";
+    let (h, d) = (op.heads, op.head_dim);
+    let (mode, ratio, cap, topk) = match op.compressed {
+        CompressedKv::None => (0, 1, 0, 0),
+        CompressedKv::All { ratio, capacity } => (1, ratio, capacity, 0),
+        CompressedKv::Selected { ratio, capacity, topk } => (2, ratio.max(1), capacity, topk),
+    };
+    let (check, a, b) = match op.compressed {
+        CompressedKv::None => (CHECK_NONE, 0, 0),
+        CompressedKv::All { ratio, capacity } => (CHECK_SEES, ratio.max(1) as i64, capacity as i64),
+        CompressedKv::Selected { capacity, .. } => (CHECK_INDICES, 0, capacity as i64),
+    };
+    let comp = ins.get(6).copied().unwrap_or(0);
+    let idx = ins.get(7).copied().unwrap_or(0);
+    // Host-side checks first: an op refused here launches nothing (no deferred error either).
+    if op.window == 0 {
+        return Err(Error::invalid(name, "window must be at least 1 (each row attends to itself)"));
+    }
+    if mode == 1 && ratio == 0 {
+        return Err(Error::invalid(name, "compressed ratio must be > 0"));
+    }
+    check_rows(dev, FAMILY, name, ins[4], ins[5], op.rows, op.slots, check, a, b, idx, topk)?;
+    if h == 0 || d == 0 || op.rows == 0 {
+        return Ok(());
+    }
+    let mut warps = 8;
+    while warps > 1 && smem_for(d, warps) > 48 * 1024 {
+        warps -= 1;
+    }
+    let shared = smem_for(d, warps);
+    let args = [
+        Arg::P(ins[0]),
+        Arg::P(ins[1]),
+        Arg::P(ins[2]),
+        Arg::P(ins[3]),
+        Arg::P(ins[4]),
+        Arg::P(ins[5]),
+        Arg::P(comp),
+        Arg::P(idx),
+        l(h),
+        l(d),
+        i(name, "slots", op.slots)?,
+        l(op.window),
+        Arg::I(mode),
+        l(ratio),
+        l(cap),
+        i(name, "topk", topk)?,
+        Arg::F(op.softmax_scale),
+        Arg::P(outs[0]),
+        Arg::P(dev.err_ptr),
+    ];
+    let blocks = u32::try_from(op.rows * h).map_err(|_| Error::invalid(name, "rows × heads exceeds 2^32"))?;
+    launch(dev, FAMILY, "sparse_attn", (blocks, 1, 1), 32 * warps as u32, smem(shared), &args)
+}

@@ -1,0 +1,77 @@
+//! The lightning indexer's scores and top-k (`kernels/indexer.cu`).
+
+use hal::ops::IndexerTopK;
+use hal::{Error, Result};
+
+use super::{check_rows, grid_for, i, l, launch, smem, Arg, BLOCK, CHECK_SEES};
+use crate::device::Dev;
+
+const FAMILY: &str = "indexer";
+/// Bytes of the per-call score scratch beyond which the rows are processed in chunks.
+const SCORE_SCRATCH: usize = 256 << 20;
+
+/// Dynamic shared memory of `topk_rows`: a power of two ≥ min(topk, capacity) of u64 keys.
+pub(crate) fn smem_for(x: &IndexerTopK) -> usize {
+    x.topk.min(x.capacity).max(1).next_power_of_two() * 8
+}
+
+/// [`IndexerTopK`]: checks on the device, then per chunk of rows the scores of every visible
+/// entry into a scratch `[rows, capacity]` and the per-row top-k.
+pub(crate) fn indexer_topk(dev: &Dev, op: &IndexerTopK, ins: &[u64], outs: &[u64]) -> Result<()> {
+    let name = "indexer_topk";
+    if op.ratio == 0 {
+        return Err(Error::invalid(name, "ratio must be > 0"));
+    }
+    let (q, w, keys, slots, positions) = (ins[0], ins[1], ins[2], ins[3], ins[4]);
+    let (cap, k) = (op.capacity, op.topk);
+    check_rows(dev, FAMILY, name, slots, positions, op.rows, op.slots, CHECK_SEES, op.ratio as i64, cap as i64, 0, 0)?;
+    if k == 0 || op.rows == 0 {
+        return Ok(());
+    }
+    let k_arg = i(name, "topk", k)?;
+    let ns = i(name, "slots", op.slots)?;
+    let chunk = (SCORE_SCRATCH / (cap.max(1) * 4)).clamp(1, op.rows).min(65_535);
+    let scores = dev.scratch(chunk * cap * 4)?;
+    let sp = dev.ptr(&scores);
+    let mut r0 = 0;
+    while r0 < op.rows {
+        let nrows = chunk.min(op.rows - r0);
+        let warps = nrows * cap;
+        let args = [
+            Arg::P(q),
+            Arg::P(w),
+            Arg::P(keys),
+            Arg::P(slots),
+            Arg::P(positions),
+            l(r0),
+            l(nrows),
+            l(op.heads),
+            l(op.head_dim),
+            ns,
+            l(cap),
+            l(op.ratio),
+            Arg::F(op.weight_scale),
+            Arg::P(sp),
+            Arg::P(dev.err_ptr),
+        ];
+        if warps > 0 {
+            launch(dev, FAMILY, "index_scores", (grid_for(warps * 32, BLOCK), 1, 1), BLOCK, 0, &args)?;
+        }
+        let args = [
+            Arg::P(sp),
+            Arg::P(slots),
+            Arg::P(positions),
+            l(r0),
+            l(cap),
+            l(op.ratio),
+            ns,
+            k_arg,
+            Arg::P(outs[0]),
+            Arg::P(outs[1]),
+            Arg::P(dev.err_ptr),
+        ];
+        launch(dev, FAMILY, "topk_rows", (nrows as u32, 1, 1), 1024, smem(smem_for(op)), &args)?;
+        r0 += nrows;
+    }
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! Linear layers over the checkpoint formats (`kernels/linear.cu`).
+//!
+//! FP8/FP4 linears first act_quant the input per row in blocks of 128 into an f32 scratch buffer
+//! (`quant_rows`, the dequantized x̃ that cpu-ref multiplies), then `linear_fwd` computes
+//! `y = W·x̃` with the weight dequantized on the fly: one warp per output feature at a time, one
+//! row (decode) or `LIN_RT` = 4 rows per pass, 16-byte weight loads, f32 FMA lane sums and a
+//! shuffle tree.
+
+use hal::ops::{GroupedLinear, Linear, WeightFormat};
+use hal::{Error, Result};
+
+use super::quant::{quant_rows, FMT_FP8};
+use super::{l, launch, Arg, BLOCK};
+use crate::device::Dev;
+
+const FAMILY: &str = "linear";
+/// Rows per warp pass in the multi-row kernels (`LIN_RT`); the `_r1` variants take one.
+pub(crate) const ROWS_PER_PASS: usize = 4;
+/// Block length of the linear-input activation quantization.
+pub(crate) const ACT_BLOCK: usize = 128;
+
+/// `WF_*` code of a weight format.
+pub(crate) fn format_code(f: WeightFormat) -> i32 {
+    match f {
+        WeightFormat::F32 => 0,
+        WeightFormat::Bf16 => 1,
+        WeightFormat::Fp8Block128 => 2,
+        WeightFormat::Fp4Group32 => 3,
+    }
+}
+
+/// Blocks along the output features for a weight-streaming kernel whose other grid dimensions
+/// hold `others` blocks: enough for about 8 blocks per SM in total (each warp then loops over
+/// several features), never more than one warp per feature.
+/// `per_warp`: features a warp takes per step (`LIN_OT` = 4 in the one-row kernels, else 1).
+pub(crate) fn feature_blocks(dev: &Dev, n: usize, others: usize, per_warp: usize) -> usize {
+    let wpb = BLOCK as usize / 32;
+    n.div_ceil(wpb * per_warp).min((dev.sms * 8).div_ceil(others.max(1))).max(1)
+}
+
+/// Output features per warp step in the one-row kernels (`LIN_OT`).
+pub(crate) const FEATURES_PER_STEP: usize = 4;
+
+/// Launches `linear_fwd`: `y[r, o] = Σ_i W[o, i] · x[r·x_stride + (o / opg)·k + i]`.
+#[allow(clippy::too_many_arguments, clippy::manual_is_multiple_of)] // `%`: the workspace MSRV is 1.80
+pub(crate) fn linear_fwd(
+    dev: &Dev,
+    x: u64,
+    x_stride: usize,
+    (w, sc): (u64, u64),
+    y: u64,
+    y_stride: usize,
+    rows: usize,
+    k: usize,
+    n: usize,
+    opg: usize,
+    format: WeightFormat,
+) -> Result<()> {
+    if rows == 0 || n == 0 {
+        return Ok(());
+    }
+    let per_pass = if rows == 1 { 1 } else { ROWS_PER_PASS };
+    let gy = rows.div_ceil(per_pass).min(65_535);
+    let gx = feature_blocks(dev, n, gy, if rows == 1 { FEATURES_PER_STEP } else { 1 }) as u32;
+    let gy = gy as u32;
+    let args = [
+        Arg::P(x),
+        l(x_stride),
+        Arg::P(w),
+        Arg::P(sc),
+        Arg::P(y),
+        l(y_stride),
+        l(rows),
+        l(k),
+        l(n),
+        l(opg.max(1)),
+        Arg::I(format_code(format)),
+        // 16-byte vector loads: every weight row and x row (group) starts 16-byte aligned.
+        Arg::I((k % 32 == 0 && x_stride % 4 == 0) as i32),
+    ];
+    let kernel = if rows == 1 { "linear_fwd_r1" } else { "linear_fwd" };
+    launch(dev, FAMILY, kernel, (gx, gy, 1), BLOCK, 0, &args)
+}
+
+/// [`Linear`].
+pub(crate) fn linear(dev: &Dev, op: &Linear, ins: &[u64], outs: &[u64]) -> Result<()> {
+    let (rows, k, n) = (op.rows, op.in_features, op.out_features);
+    if rows == 0 || n == 0 {
+        return Ok(());
+    }
+    let sc = ins.get(2).copied().unwrap_or(0);
+    let scratch;
+    let x = if op.format.quantizes_input() && k > 0 {
+        scratch = dev.scratch(rows * k * 4)?;
+        let xq = dev.ptr(&scratch);
+        quant_rows(dev, FAMILY, ins[0], xq, rows, k, k, ACT_BLOCK, FMT_FP8)?;
+        xq
+    } else {
+        ins[0]
+    };
+    linear_fwd(dev, x, k, (ins[1], sc), outs[0], n, rows, k, n, n, op.format)
+}
+
+/// [`GroupedLinear`]: the same kernel with the input column offset `(o / out_per_group)·in_per_group`;
+/// any weight format, never act_quant'ed (as cpu-ref).
+pub(crate) fn grouped_linear(dev: &Dev, op: &GroupedLinear, ins: &[u64], outs: &[u64]) -> Result<()> {
+    let (g, ipg, opg) = (op.groups, op.in_per_group, op.out_per_group);
+    if op.format == WeightFormat::Fp4Group32 && ipg % 32 != 0 {
+        return Err(Error::invalid(
+            "grouped_linear",
+            format!("FP4 weight input dimension {ipg} is not a multiple of 32"),
+        ));
+    }
+    let sc = ins.get(2).copied().unwrap_or(0);
+    linear_fwd(dev, ins[0], g * ipg, (ins[1], sc), outs[0], g * opg, op.rows, ipg, g * opg, opg, op.format)
+}

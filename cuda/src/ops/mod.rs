@@ -1,0 +1,260 @@
+//! The ops, one file per `hal::ops` family, each launching the kernels of `kernels/<family>.cu`.
+//!
+//! This module holds what they share: kernel arguments and launches, grid sizing, the device-side
+//! argument checks (launched before an op's kernels) and the host formatting of the errors they
+//! record, which reproduces cpu-ref's messages.
+
+pub mod attention;
+pub mod compressor;
+pub mod embed;
+pub mod hc;
+pub mod indexer;
+pub mod linear;
+pub mod moe;
+pub mod norm;
+pub mod quant;
+pub mod rope;
+
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use hal::{Error, Op, Result};
+
+use crate::device::{driver_err, Dev};
+
+/// One kernel argument, as the C signature declares it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Arg {
+    /// A device pointer (`T*`), 0 for null.
+    P(u64),
+    /// `int`.
+    I(i32),
+    /// `long long`.
+    L(i64),
+    /// `float`.
+    F(f32),
+}
+
+/// Threads per block for grid-stride kernels.
+pub(crate) const BLOCK: u32 = 256;
+
+/// Blocks for a grid-stride loop over `n` items (at least one; capped, the loop covers the rest).
+pub(crate) fn grid_for(n: usize, block: u32) -> u32 {
+    (n.div_ceil(block as usize)).clamp(1, 1 << 20) as u32
+}
+
+/// Launches `family::name` on the backend's stream. A grid with a zero dimension is a no-op.
+pub(crate) fn launch(
+    dev: &Dev,
+    family: &'static str,
+    name: &'static str,
+    grid: (u32, u32, u32),
+    block: u32,
+    smem: u32,
+    args: &[Arg],
+) -> Result<()> {
+    if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+        return Ok(());
+    }
+    let f = dev.function(family, name)?;
+    if smem > 48 * 1024 {
+        f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+            .map_err(driver_err)?;
+    }
+    let mut b = dev.stream.launch_builder(&f);
+    for a in args {
+        match a {
+            Arg::P(p) => b.arg(p),
+            Arg::I(v) => b.arg(v),
+            Arg::L(v) => b.arg(v),
+            Arg::F(v) => b.arg(v),
+        };
+    }
+    let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem };
+    // SAFETY: every kernel's argument list is built to match its C signature (ops/<family>.rs
+    // next to kernels/<family>.cu), and every pointer is a live allocation of this backend sized
+    // by the validated op signature.
+    unsafe { b.launch(cfg) }.map_err(driver_err)?;
+    Ok(())
+}
+
+/// Usize → i64 kernel argument (sizes always fit: they count bytes of one allocation).
+pub(crate) fn l(v: usize) -> Arg {
+    Arg::L(v as i64)
+}
+
+/// Usize → int kernel argument, checked.
+pub(crate) fn i(op: &str, what: &str, v: usize) -> Result<Arg> {
+    i32::try_from(v).map(Arg::I).map_err(|_| Error::invalid(op, format!("{what} {v} exceeds the 32-bit range of the CUDA kernels")))
+}
+
+// ---- device-side argument checks ---------------------------------------------------------------
+
+/// `check_rows` modes (kernels/common.cuh).
+pub(crate) const CHECK_NONE: i32 = 0;
+pub(crate) const CHECK_SEES: i32 = 1;
+pub(crate) const CHECK_EMIT: i32 = 2;
+pub(crate) const CHECK_INDICES: i32 = 3;
+
+/// Error codes written by the kernels (kernels/common.cuh).
+pub(crate) const E_SLOT: i64 = 1;
+pub(crate) const E_POS_NEG: i64 = 2;
+pub(crate) const E_NOT_CONTIG: i64 = 3;
+pub(crate) const E_NOT_CONSEC: i64 = 4;
+pub(crate) const E_TOKEN: i64 = 5;
+pub(crate) const E_GATHER: i64 = 6;
+pub(crate) const E_SEES: i64 = 7;
+pub(crate) const E_EMIT_CAP: i64 = 8;
+pub(crate) const E_CINDEX: i64 = 9;
+pub(crate) const E_EXPERT_RANGE: i64 = 10;
+pub(crate) const E_EXPERT_DUP: i64 = 11;
+pub(crate) const E_TID2EID: i64 = 12;
+
+/// Op ids recorded with a device-side error: index into this table of `Op::name()`s.
+const OP_NAMES: &[&str] = &[
+    "embed",
+    "hc_expand",
+    "add",
+    "gather_rows",
+    "hc_pre",
+    "hc_post",
+    "hc_head",
+    "rms_norm",
+    "linear",
+    "grouped_linear",
+    "rope",
+    "quant_sim",
+    "hadamard",
+    "window_store",
+    "compressor",
+    "indexer_topk",
+    "sparse_attention",
+    "moe_gate",
+    "moe_experts",
+    "swiglu",
+];
+
+/// The id of an op name in the error word.
+pub(crate) fn op_id(name: &str) -> i32 {
+    OP_NAMES.iter().position(|n| *n == name).unwrap_or(OP_NAMES.len()) as i32
+}
+
+/// Launches `check_rows` (slot/position convention plus an op-specific row check) in `family`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_rows(
+    dev: &Dev,
+    family: &'static str,
+    op: &str,
+    slots: u64,
+    positions: u64,
+    rows: usize,
+    num_slots: usize,
+    mode: i32,
+    a: i64,
+    b: i64,
+    idx: u64,
+    idx_cols: usize,
+) -> Result<()> {
+    if rows == 0 {
+        return Ok(());
+    }
+    let args = [
+        Arg::P(slots),
+        Arg::P(positions),
+        i(op, "rows", rows)?,
+        i(op, "slots", num_slots)?,
+        Arg::I(op_id(op)),
+        Arg::I(mode),
+        Arg::L(a),
+        Arg::L(b),
+        Arg::P(idx),
+        i(op, "topk", idx_cols)?,
+        Arg::P(dev.err_ptr),
+    ];
+    launch(dev, family, "check_rows", (1, 1, 1), 1024, 0, &args)
+}
+
+/// Launches `check_range`: the first `vals[i]` outside `[0, bound)` is reported as `code`.
+pub(crate) fn check_range(dev: &Dev, family: &'static str, op: &str, vals: u64, n: usize, bound: i64, code: i64) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let args = [Arg::P(vals), l(n), Arg::L(bound), Arg::I(op_id(op)), Arg::I(code as i32), Arg::P(dev.err_ptr)];
+    launch(dev, family, "check_range", (1, 1, 1), 1024, 0, &args)
+}
+
+/// The `hal::Error` for a recorded device-side error word (cpu-ref's context and message).
+pub(crate) fn format_device_error(w: &[i64]) -> Error {
+    let (code, row, v0, v1, v2) = (w[0], w[2], w[3], w[4], w[5]);
+    let op = OP_NAMES.get(w[1] as usize).copied().unwrap_or("cuda kernel");
+    let ctx = format!("{op} row {row}");
+    let (ctx, msg) = match code {
+        E_SLOT => (ctx, format!("slot {v0} outside [0, {v1})")),
+        E_POS_NEG => (ctx, format!("position {v0} is negative")),
+        E_NOT_CONTIG => (ctx, format!("rows of slot {v0} are not contiguous (previous one is row {v1})")),
+        E_NOT_CONSEC => (ctx, format!("slot {v0}: position {v1} does not follow position {v2} of the previous row")),
+        E_TOKEN => (ctx, format!("token id {v0} outside [0, {v1})")),
+        E_GATHER => (format!("{op} index {row}"), format!("row {v0} outside [0, {v1})")),
+        E_SEES if op == "sparse_attention" => {
+            (ctx, format!("position {v0} sees {v1} compressed entries, capacity is {v2}"))
+        }
+        E_SEES => (ctx, format!("position {v0} sees {v1} entries, capacity is {v2}")),
+        E_EMIT_CAP => (ctx, format!("position {v0} emits entry {v1} but the cache holds {v2}")),
+        E_CINDEX => (ctx, format!("compressed index {v0} outside [0, {v1}) (or −1)")),
+        E_EXPERT_RANGE => (ctx, format!("expert {v0} outside [0, {v1})")),
+        E_EXPERT_DUP => (ctx, format!("expert {v0} is listed twice")),
+        E_TID2EID => (ctx, format!("tid2eid[{v0}] holds expert {v1} outside [0, {v2})")),
+        _ => (ctx, format!("device-side argument error {code} (values {v0}, {v1}, {v2})")),
+    };
+    Error::invalid(ctx, msg)
+}
+
+/// Runs a validated op: `ins` / `outs` are the device addresses of its tensors in signature order.
+pub(crate) fn dispatch(dev: &Dev, op: &Op, ins: &[u64], outs: &[u64]) -> Result<()> {
+    match op {
+        Op::Embed(o) => embed::embed(dev, o, ins, outs),
+        Op::HcExpand(o) => embed::hc_expand(dev, o, ins, outs),
+        Op::Add(o) => embed::add(dev, o, ins, outs),
+        Op::GatherRows(o) => embed::gather_rows(dev, o, ins, outs),
+        Op::HcPre(o) => hc::hc_pre(dev, o, ins, outs),
+        Op::HcPost(o) => hc::hc_post(dev, o, ins, outs),
+        Op::HcHead(o) => hc::hc_head(dev, o, ins, outs),
+        Op::RmsNorm(o) => norm::rms_norm(dev, o, ins, outs),
+        Op::Linear(o) => linear::linear(dev, o, ins, outs),
+        Op::GroupedLinear(o) => linear::grouped_linear(dev, o, ins, outs),
+        Op::Rope(o) => rope::rope(dev, o, ins, outs),
+        Op::QuantSim(o) => quant::quant_sim(dev, o, outs),
+        Op::Hadamard(o) => quant::hadamard(dev, o, outs),
+        Op::WindowStore(o) => attention::window_store(dev, o, ins, outs),
+        Op::Compressor(o) => compressor::compressor(dev, o, ins, outs),
+        Op::IndexerTopK(o) => indexer::indexer_topk(dev, o, ins, outs),
+        Op::SparseAttention(o) => attention::sparse_attention(dev, o, ins, outs),
+        Op::MoeGate(o) => moe::moe_gate(dev, o, ins, outs),
+        Op::MoeExperts(o) => moe::moe_experts(dev, o, ins, outs),
+        Op::SwiGlu(o) => moe::swiglu(dev, o, ins, outs),
+    }
+}
+
+/// Why this backend cannot run `op` (sizes beyond the kernels' shared memory), if it cannot.
+pub(crate) fn unsupported(dev: &Dev, op: &Op) -> Option<String> {
+    match op {
+        Op::Embed(e) if !matches!(e.table_dtype, hal::DType::F32 | hal::DType::BF16 | hal::DType::F16) => {
+            Some(format!("embedding table dtype {} (use f32, bf16 or f16)", e.table_dtype))
+        }
+        Op::SparseAttention(a) if attention::smem_for(a.head_dim, 1) > dev.smem_optin => {
+            Some(format!("head_dim {} needs more shared memory than the device has", a.head_dim))
+        }
+        Op::Compressor(c) if compressor::smem_for(c) > dev.smem_optin => {
+            Some(format!("width {} needs more shared memory than the device has", c.width))
+        }
+        Op::IndexerTopK(x) if indexer::smem_for(x) > dev.smem_optin => {
+            Some(format!("topk {} needs more shared memory than the device has", x.topk))
+        }
+        Op::MoeExperts(m) if m.experts > 65_535 => Some(format!("{} experts (at most 65535)", m.experts)),
+        _ => None,
+    }
+}
+
+/// Dynamic shared memory for `bytes`, as a launch argument.
+pub(crate) fn smem(bytes: usize) -> u32 {
+    bytes as u32
+}

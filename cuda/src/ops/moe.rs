@@ -1,0 +1,202 @@
+//! Mixture of experts: gate, SwiGLU and the routed experts (`kernels/moe.cu`).
+//!
+//! Routed experts, per chunk of rows: `moe_route` builds per-expert lists of (row, slot) pairs,
+//! the list of experts in use and each row's ascending-expert order; `moe_up` (grid: output
+//! features × experts in use × pair tiles) computes `h = w·SwiGlu(W1·x̃, W3·x̃)` reading each expert's weights once per tile of
+//! up to 4 pairs (one when experts have about one pair each); `h` is act_quant'ed; `moe_down` computes `W2·h̃` per pair; `moe_combine` sums
+//! the pairs of each row in ascending expert order (f32, as cpu-ref).
+
+use hal::ops::{GateMode, MoeExperts, MoeGate, SwiGlu};
+use hal::{Error, Result};
+
+use super::linear::{feature_blocks, format_code, ACT_BLOCK, FEATURES_PER_STEP, ROWS_PER_PASS};
+use super::quant::{quant_rows, FMT_FP8};
+use super::{grid_for, i, l, launch, op_id, Arg, BLOCK};
+use crate::device::Dev;
+
+const FAMILY: &str = "moe";
+/// Bytes of the per-chunk pair scratch (h, h̃, expert outputs) beyond which rows are chunked.
+const PAIR_SCRATCH: usize = 512 << 20;
+
+fn check_limit(op: &str, limit: f32) -> Result<()> {
+    if limit >= 0.0 {
+        Ok(())
+    } else {
+        Err(Error::invalid(op, format!("swiglu limit {limit} must be ≥ 0 (0 disables the clamp)")))
+    }
+}
+
+/// [`SwiGlu`].
+pub(crate) fn swiglu(dev: &Dev, op: &SwiGlu, ins: &[u64], outs: &[u64]) -> Result<()> {
+    check_limit("swiglu", op.limit)?;
+    let n = op.rows * op.width;
+    if n == 0 {
+        return Ok(());
+    }
+    let args = [Arg::P(ins[0]), Arg::P(ins[1]), Arg::P(outs[0]), l(n), Arg::F(op.limit)];
+    launch(dev, FAMILY, "swiglu", (grid_for(n, BLOCK), 1, 1), BLOCK, 0, &args)
+}
+
+/// [`MoeGate`]: scores (one warp per row and expert), then selection and weights (one warp per
+/// row). Hashed ids and table entries are checked on the device.
+pub(crate) fn moe_gate(dev: &Dev, op: &MoeGate, ins: &[u64], outs: &[u64]) -> Result<()> {
+    let name = "moe_gate";
+    let (rows, d, e_n, k) = (op.rows, op.dim, op.experts, op.topk);
+    if op.mode == GateMode::Scored && k > e_n {
+        return Err(Error::invalid(name, format!("topk {k} exceeds the {e_n} experts")));
+    }
+    let (hashed, vocab, bias, tid2eid, ids) = match op.mode {
+        GateMode::Scored => (0, 0, ins[2], 0, 0),
+        GateMode::Hashed { vocab } => (1, vocab, 0, ins[2], ins[3]),
+    };
+    let experts_i = i(name, "experts", e_n)?;
+    let k_i = i(name, "topk", k)?;
+    if hashed == 1 && rows > 0 {
+        let args = [Arg::P(ids), Arg::P(tid2eid), l(rows), k_i, l(vocab), experts_i, Arg::I(op_id(name)), Arg::P(dev.err_ptr)];
+        launch(dev, FAMILY, "check_gate_hashed", (1, 1, 1), 1024, 0, &args)?;
+    }
+    if rows == 0 || k == 0 {
+        return Ok(());
+    }
+    let scores = dev.scratch(rows * e_n * 4)?;
+    let sp = dev.ptr(&scores);
+    let warps = rows * e_n;
+    if warps > 0 {
+        let args = [Arg::P(ins[0]), Arg::P(ins[1]), l(rows), l(d), l(e_n), Arg::P(sp)];
+        launch(dev, FAMILY, "gate_scores", (grid_for(warps * 32, BLOCK), 1, 1), BLOCK, 0, &args)?;
+    }
+    let args = [
+        Arg::P(sp),
+        Arg::P(bias),
+        Arg::P(tid2eid),
+        Arg::P(ids),
+        l(rows),
+        experts_i,
+        k_i,
+        l(vocab),
+        Arg::I(hashed),
+        Arg::F(op.route_scale),
+        Arg::P(outs[0]),
+        Arg::P(outs[1]),
+        Arg::P(dev.err_ptr),
+    ];
+    launch(dev, FAMILY, "gate_select", (grid_for(rows * 32, BLOCK), 1, 1), BLOCK, 0, &args)
+}
+
+/// [`MoeExperts`].
+pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64]) -> Result<()> {
+    let name = "moe_experts";
+    check_limit(name, op.swiglu_limit)?;
+    let (rows, d, inter, e_n, k) = (op.rows, op.dim, op.inter, op.experts, op.topk);
+    let (x, ex, wts) = (ins[0], ins[1], ins[2]);
+    let per = op.format.weight_specs(1, 1).len();
+    let weight = |m: usize| (ins[3 + m * per], if per == 2 { ins[4 + m * per] } else { 0 });
+    let ((w1, s1), (w3, s3), (w2, s2)) = (weight(0), weight(1), weight(2));
+    let k_i = i(name, "topk", k)?;
+    let e_i = i(name, "experts", e_n)?;
+    if rows > 0 {
+        let args = [Arg::P(ex), l(rows), k_i, e_i, Arg::I(op_id(name)), Arg::P(dev.err_ptr)];
+        launch(dev, FAMILY, "check_experts", (1, 1, 1), 1024, 0, &args)?;
+    }
+    if rows == 0 || d == 0 {
+        return Ok(());
+    }
+    let quantize = op.format.quantizes_input();
+    let xq_buf;
+    let xq = if quantize {
+        xq_buf = dev.scratch(rows * d * 4)?;
+        let p = dev.ptr(&xq_buf);
+        quant_rows(dev, FAMILY, x, p, rows, d, d, ACT_BLOCK, FMT_FP8)?;
+        p
+    } else {
+        x
+    };
+    let fmt = format_code(op.format);
+    let pair_bytes = (2 * inter + d) * 4;
+    let chunk = (PAIR_SCRATCH / (pair_bytes * k.max(1)).max(1)).clamp(1, rows);
+    let cnt = dev.scratch((e_n + 1) * 4)?;
+    let active = dev.scratch(e_n.max(1) * 4)?;
+    let list = dev.scratch(e_n.max(1) * chunk * 4)?;
+    let order = dev.scratch(chunk * k.max(1) * 4)?;
+    let h = dev.scratch(chunk * k * inter * 4)?;
+    let hq_buf = if quantize { Some(dev.scratch(chunk * k * inter * 4)?) } else { None };
+    let ye = dev.scratch(chunk * k * d * 4)?;
+    let (cp, lp, op_, hp, yep) = (dev.ptr(&cnt), dev.ptr(&list), dev.ptr(&order), dev.ptr(&h), dev.ptr(&ye));
+    let ap = dev.ptr(&active);
+    let hqp = hq_buf.as_ref().map(|b| dev.ptr(b)).unwrap_or(hp);
+    let mut cnt_buf = cnt;
+    let mut r0 = 0;
+    while r0 < rows {
+        let n = chunk.min(rows - r0);
+        let pairs = n * k;
+        dev.stream.memset_zeros(&mut cnt_buf).map_err(crate::device::driver_err)?;
+        let ex_c = ex + (r0 * k * 4) as u64;
+        let args = [Arg::P(ex_c), l(n), k_i, e_i, Arg::P(cp), Arg::P(lp), Arg::P(op_), Arg::P(ap), Arg::P(dev.err_ptr)];
+        if pairs > 0 {
+            launch(dev, FAMILY, "moe_route", (grid_for(pairs, BLOCK), 1, 1), BLOCK, 0, &args)?;
+        }
+        // Grid: output features × (at most) the experts in use × pair tiles; blocks past the
+        // number of experts in use, or past their expert's pairs, return at once.
+        let used = e_n.min(pairs) as u32;
+        // About one pair per expert in use (decode): the one-pair kernels, with fewer registers.
+        let single = 4 * pairs <= 5 * used as usize;
+        let per_pass = if single { 1 } else { ROWS_PER_PASS };
+        let (up_k, down_k) = if single { ("moe_up_r1", "moe_down_r1") } else { ("moe_up", "moe_down") };
+        let tiles = if single {
+            1
+        } else {
+            (2 * pairs).div_ceil(per_pass * used.max(1) as usize).clamp(1, n.div_ceil(per_pass)).min(65_535)
+        };
+        let others = used as usize * tiles;
+        let per_warp = if single { FEATURES_PER_STEP } else { 1 };
+        let tiles = tiles as u32;
+        if pairs > 0 && inter > 0 {
+            let args = [
+                Arg::P(xq + (r0 * d * 4) as u64),
+                Arg::P(w1),
+                Arg::P(s1),
+                Arg::P(w3),
+                Arg::P(s3),
+                Arg::P(wts + (r0 * k * 4) as u64),
+                Arg::P(cp),
+                Arg::P(lp),
+                Arg::P(ap),
+                e_i,
+                l(n),
+                k_i,
+                l(d),
+                l(inter),
+                Arg::I(fmt),
+                Arg::F(op.swiglu_limit),
+                Arg::P(hp),
+                Arg::P(dev.err_ptr),
+            ];
+            launch(dev, FAMILY, up_k, (feature_blocks(dev, inter, others, per_warp) as u32, used, tiles), BLOCK, 0, &args)?;
+            if quantize {
+                quant_rows(dev, FAMILY, hp, hqp, pairs, inter, inter, ACT_BLOCK, FMT_FP8)?;
+            }
+        }
+        if pairs > 0 {
+            let args = [
+                Arg::P(hqp),
+                Arg::P(w2),
+                Arg::P(s2),
+                Arg::P(cp),
+                Arg::P(lp),
+                Arg::P(ap),
+                e_i,
+                l(n),
+                l(d),
+                l(inter),
+                Arg::I(fmt),
+                Arg::P(yep),
+                Arg::P(dev.err_ptr),
+            ];
+            launch(dev, FAMILY, down_k, (feature_blocks(dev, d, others, per_warp) as u32, used, tiles), BLOCK, 0, &args)?;
+        }
+        let args = [Arg::P(yep), Arg::P(op_), l(n), k_i, l(d), Arg::P(outs[0] + (r0 * d * 4) as u64), Arg::P(dev.err_ptr)];
+        launch(dev, FAMILY, "moe_combine", (grid_for(n * d, BLOCK), 1, 1), BLOCK, 0, &args)?;
+        r0 += n;
+    }
+    Ok(())
+}

@@ -1,0 +1,63 @@
+//! Quantization simulation and the Hadamard rotation (`kernels/quant.cu`, `quant_rows` of the
+//! prelude).
+
+use hal::ops::{Hadamard, QuantFormat, QuantSim};
+use hal::Result;
+
+use super::{grid_for, l, launch, smem, Arg, BLOCK};
+use crate::device::Dev;
+
+/// `quant_rows` kernel format codes.
+pub(crate) const FMT_FP8: i32 = 0;
+pub(crate) const FMT_FP4: i32 = 1;
+
+/// Launches `quant_rows` (in `family`'s module): per row of `src [rows, dim]`, each block of
+/// `block` among the first `qdims` values through quantize-dequantize into `dst` (may be `src`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn quant_rows(
+    dev: &Dev,
+    family: &'static str,
+    src: u64,
+    dst: u64,
+    rows: usize,
+    dim: usize,
+    qdims: usize,
+    block: usize,
+    fmt: i32,
+) -> Result<()> {
+    if rows == 0 || dim == 0 || (qdims == 0 && src == dst) {
+        return Ok(());
+    }
+    let warps = rows * qdims.div_ceil(block.max(1)).max(1);
+    let args = [Arg::P(src), Arg::P(dst), l(rows), l(dim), l(qdims), Arg::I(block as i32), Arg::I(fmt)];
+    launch(dev, family, "quant_rows", (grid_for(warps * 32, BLOCK), 1, 1), BLOCK, 0, &args)
+}
+
+/// [`QuantSim`], in place.
+pub(crate) fn quant_sim(dev: &Dev, op: &QuantSim, outs: &[u64]) -> Result<()> {
+    let fmt = match op.format {
+        QuantFormat::Fp8E4M3 => FMT_FP8,
+        QuantFormat::Fp4E2M1 => FMT_FP4,
+    };
+    if op.quant_dims == 0 {
+        return Ok(());
+    }
+    quant_rows(dev, "quant", outs[0], outs[0], op.rows, op.dim, op.quant_dims, op.block, fmt)
+}
+
+/// [`Hadamard`], in place: one block per row, the f64 values in shared memory when they fit in
+/// 48 KiB, else in a global scratch buffer.
+pub(crate) fn hadamard(dev: &Dev, op: &Hadamard, outs: &[u64]) -> Result<()> {
+    if op.rows == 0 || op.dim == 0 {
+        return Ok(());
+    }
+    let bytes = op.dim * 8;
+    let (scratch, shared) = if bytes <= 48 * 1024 {
+        (None, bytes)
+    } else {
+        (Some(dev.scratch(op.rows * bytes)?), 0)
+    };
+    let sp = scratch.as_ref().map(|s| dev.ptr(s)).unwrap_or(0);
+    let args = [Arg::P(outs[0]), Arg::I(op.dim as i32), Arg::P(sp)];
+    launch(dev, "quant", "hadamard_rows", (op.rows as u32, 1, 1), BLOCK, smem(shared), &args)
+}
