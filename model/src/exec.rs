@@ -269,14 +269,15 @@ pub struct ExpertsW {
 }
 
 impl Exec<'_> {
-    /// The rows `keep` of `x [rows, width]`, in that order.
-    pub fn gather_rows(&self, x: &Tensor, keep: &[usize]) -> Result<Tensor> {
-        let (rows, width) = (x.shape()[0], x.shape()[1]);
-        let idx: Vec<i32> = keep.iter().map(|&k| k as i32).collect();
-        let idx_t = self.b.upload(&[keep.len()], DType::I32, &hal::dtype::i32_bytes(&idx))?;
-        let mut out = self.new_f32(&[keep.len(), width])?;
-        let op = ops::GatherRows { rows, width, out_rows: keep.len() };
-        self.run(Op::GatherRows(op), &[x, &idx_t], &mut [&mut out])?;
+    /// `out[i] = x[idx[i]]` for `x [rows, width]` and row indices `idx [n]` (i32).
+    pub fn gather_rows(&self, x: &Tensor, idx: &Tensor) -> Result<Tensor> {
+        let (rows, width, out_rows) = (x.shape()[0], x.shape()[1], idx.numel());
+        let mut out = self.new_f32(&[out_rows, width])?;
+        self.run(Op::GatherRows(ops::GatherRows { rows, width, out_rows }), &[x, idx], &mut [&mut out])?;
         Ok(out)
+    }
+
+    pub fn upload_i32(&self, values: &[i32]) -> Result<Tensor> {
+        Ok(self.b.upload(&[values.len()], DType::I32, &hal::dtype::i32_bytes(values))?)
     }
 }

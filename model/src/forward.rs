@@ -148,13 +148,30 @@ impl Model {
     }
 
     /// Runs one call: every chunk's tokens through the model, advancing their slots.
+    ///
+    /// Everything the call needs from the host is uploaded before the first block, so a
+    /// device backend runs the whole pass without waiting on the host.
     pub fn forward(&self, cache: &mut KvCache, chunks: &[Chunk], opts: &ForwardOptions) -> Result<ForwardOutput> {
         let rows = self.rows(cache, chunks)?;
-        if let Some(m) = opts.mtp_ids {
-            if m.len() != rows.n {
-                return Err(ModelError::Request(format!("{} MTP ids given for {} rows", m.len(), rows.n)));
+        let e = self.exec();
+        let mtp_ids = match opts.mtp_ids {
+            None => None,
+            Some(_) if self.weights.mtp.is_empty() => return Err(ModelError::Request("this model has no MTP block".into())),
+            Some(m) => Some(self.upload_ids(m, rows.n, "MTP")?),
+        };
+        let keep = match opts.logits {
+            LogitsAt::All => None,
+            LogitsAt::Last => {
+                let last: Vec<i32> = chunks
+                    .iter()
+                    .scan(0, |end, c| {
+                        *end += c.tokens.len();
+                        Some(*end as i32 - 1)
+                    })
+                    .collect();
+                Some(e.upload_i32(&last)?)
             }
-        }
+        };
         let mut x = self.embed_streams(&rows)?;
         let mut decisions = Vec::new();
         for layer in 0..self.cfg.n_layers {
@@ -162,30 +179,34 @@ impl Model {
             x = next;
             decisions.extend(d);
         }
-        let keep: Vec<usize> = match opts.logits {
-            LogitsAt::All => (0..rows.n).collect(),
-            LogitsAt::Last => chunks
-                .iter()
-                .scan(0, |end, c| {
-                    *end += c.tokens.len();
-                    Some(*end - 1)
-                })
-                .collect(),
-        };
-        let logits = self.head(&x, &keep)?;
-        let mtp_logits = match opts.mtp_ids {
-            Some(ids) if !self.weights.mtp.is_empty() => {
-                let (l, d) = self.mtp(0, cache, &rows, x, ids, opts.decisions)?;
+        let logits = self.head_with(&x, keep.as_ref(), &self.weights.hc_head, &self.weights.norm)?;
+        let mtp_logits = match mtp_ids {
+            Some(ids) => {
+                let (l, d) = self.mtp_with(0, cache, &rows, x, &ids, opts.decisions)?;
                 decisions.extend(d);
                 Some(l)
             }
-            Some(_) => return Err(ModelError::Request("this model has no MTP block".into())),
             None => None,
         };
         for c in chunks {
             cache.advance(c.slot, c.tokens.len());
         }
         Ok(ForwardOutput { logits, mtp_logits, decisions })
+    }
+
+    /// Checks token ids against the vocabulary and uploads them.
+    fn upload_ids(&self, ids: &[u32], rows: usize, what: &str) -> Result<Tensor> {
+        if ids.len() != rows {
+            return Err(ModelError::Request(format!("{} {what} ids given for {rows} rows", ids.len())));
+        }
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::Request(format!(
+                "{what} token id {bad} is outside the vocabulary [0, {})",
+                self.cfg.vocab_size
+            )));
+        }
+        let ids: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
+        self.exec().upload_i32(&ids)
     }
 
     /// `[rows, hc_mult, dim]`: each row's embedding copied into the residual streams.
@@ -344,14 +365,20 @@ impl Model {
 
     /// Final hc merge, norm and LM head for the rows `keep` → `[keep.len(), vocab]` f32.
     pub fn head(&self, x: &Tensor, keep: &[usize]) -> Result<Vec<f32>> {
-        self.head_with(x, keep, &self.weights.hc_head, &self.weights.norm)
+        let idx: Vec<i32> = keep.iter().map(|&k| k as i32).collect();
+        let idx = self.exec().upload_i32(&idx)?;
+        self.head_with(x, Some(&idx), &self.weights.hc_head, &self.weights.norm)
     }
 
-    fn head_with(&self, x: &Tensor, keep: &[usize], hc: &crate::exec::HcW, norm: &Tensor) -> Result<Vec<f32>> {
+    /// hc head, norm, then the LM head on the rows `keep` (all rows when `None`).
+    fn head_with(&self, x: &Tensor, keep: Option<&Tensor>, hc: &crate::exec::HcW, norm: &Tensor) -> Result<Vec<f32>> {
         let e = self.exec();
         let u = e.hc_head(x, hc, self.hc_params())?;
         let h = e.rms_norm(&u, Some(norm), self.cfg.norm_eps)?;
-        let h = e.gather_rows(&h, keep)?;
+        let h = match keep {
+            Some(idx) => e.gather_rows(&h, idx)?,
+            None => h,
+        };
         e.download_f32(&e.linear(&h, &self.weights.head)?)
     }
 
@@ -360,21 +387,21 @@ impl Model {
     /// then its own hc head and norm and the shared LM head (spec §3.10). Logits for every row.
     pub fn mtp(&self, k: usize, cache: &mut KvCache, rows: &Rows, x: Tensor, ids: &[u32], decisions: bool)
         -> Result<(Vec<f32>, Option<LayerDecisions>)> {
+        let ids = self.upload_ids(ids, rows.n, "MTP")?;
+        self.mtp_with(k, cache, rows, x, &ids, decisions)
+    }
+
+    fn mtp_with(&self, k: usize, cache: &mut KvCache, rows: &Rows, x: Tensor, ids: &Tensor, decisions: bool)
+        -> Result<(Vec<f32>, Option<LayerDecisions>)> {
         let (c, e) = (&self.cfg, self.exec());
-        let w = &self.weights.mtp[k];
+        let w = self.weights.mtp.get(k).ok_or_else(|| ModelError::Request(format!("this model has no MTP block {k}")))?;
         let (r, m, d) = (rows.n, c.hc_mult, c.dim);
-        if let Some(bad) = ids.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(ModelError::Request(format!("MTP token id {bad} is outside the vocabulary [0, {})", c.vocab_size)));
-        }
-        let ids: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
-        let id_t = self.backend().upload(&[r], hal::DType::I32, &hal::dtype::i32_bytes(&ids))?;
-        let emb = e.rms_norm(&e.embed(&id_t, &self.weights.embed)?, Some(&w.enorm), c.norm_eps)?;
+        let emb = e.rms_norm(&e.embed(ids, &self.weights.embed)?, Some(&w.enorm), c.norm_eps)?;
         let ep = e.linear(&emb, &w.e_proj)?;
         let h = e.rms_norm(&x.reshape(vec![r * m, d]), Some(&w.hnorm), c.norm_eps)?;
         let hp = e.linear(&h, &w.h_proj)?;
         let x0 = e.add(&hp, &ep)?.reshape(vec![r, m, d]);
-        let (x1, dec) = self.block_with(&w.block, &mut cache.mtp[k], rows, &id_t, &x0, decisions)?;
-        let all: Vec<usize> = (0..r).collect();
-        Ok((self.head_with(&x1, &all, &w.hc_head, &w.norm)?, dec))
+        let (x1, dec) = self.block_with(&w.block, &mut cache.mtp[k], rows, ids, &x0, decisions)?;
+        Ok((self.head_with(&x1, None, &w.hc_head, &w.norm)?, dec))
     }
 }
