@@ -138,7 +138,7 @@ pub fn probe() -> Probe {
     let device = match std::env::var("V4RT_ASCEND_DEVICE") {
         Ok(v) => match v.trim().parse::<i32>() {
             Ok(d) if d >= 0 => d,
-            _ => return Probe::Unavailable(format!("ascend: V4RT_ASCEND_DEVICE={v:?} is not a device index")),
+            _ => return Probe::Unavailable(format!("V4RT_ASCEND_DEVICE={v:?} is not a device index")),
         },
         Err(_) => 0,
     };
@@ -152,14 +152,14 @@ impl AscendBackend {
     /// Loads CANN (once per process), initializes ACL, and opens `device` with a new stream.
     pub fn open(cfg: &SearchConfig, device: i32) -> std::result::Result<AscendBackend, String> {
         let rt = Runtime::global(cfg)?;
-        let count = rt.device_count().map_err(|e| format!("ascend: {e}"))?;
+        let count = rt.device_count().map_err(|e| e.to_string())?;
         if count == 0 {
-            return Err("ascend: CANN is installed but reports no NPU (aclrtGetDeviceCount = 0)".into());
+            return Err("CANN is installed but reports no NPU (aclrtGetDeviceCount = 0)".into());
         }
         if device < 0 || device as u32 >= count {
-            return Err(format!("ascend: device {device} requested, {count} visible"));
+            return Err(format!("device {device} requested, {count} visible"));
         }
-        let stream = Stream::new(rt.clone(), device).map_err(|e| format!("ascend: {e}"))?;
+        let stream = Stream::new(rt.clone(), device).map_err(|e| e.to_string())?;
         let pool = Pool::new(stream.clone());
         let soc = rt.soc_name().unwrap_or_else(|| "unknown SoC".into());
         let profile = SocProfile::from_soc_name(&soc);

@@ -29,13 +29,13 @@ use crate::sys::{AclFns, AclOptFns, AclnnOps, HcclFns, NnopFns, NnopOptFns};
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// `libascendcl.so` was not found under any candidate directory nor via the loader path.
-    #[error("ascend: libascendcl.so not found; looked for it in [{}] and via the dynamic loader search path (LD_LIBRARY_PATH); install CANN and `source set_env.sh`, or set ASCEND_TOOLKIT_HOME", .searched.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    #[error("libascendcl.so not found; looked for it in [{}] and via the dynamic loader search path (LD_LIBRARY_PATH); install CANN and `source set_env.sh`, or set ASCEND_TOOLKIT_HOME", .searched.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
     NoToolkit { searched: Vec<PathBuf> },
     /// A required library next to `libascendcl.so` is missing or failed to open.
-    #[error("ascend: {lib} could not be loaded; looked for it in [{}]: {reason}", .searched.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    #[error("{lib} could not be loaded; looked for it in [{}]: {reason}", .searched.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
     MissingLibrary { lib: &'static str, searched: Vec<PathBuf>, reason: String },
     /// A library opened but lacks a required symbol.
-    #[error("ascend: {} does not export required symbol {symbol} (CANN too old, or not a CANN library)", .lib.display())]
+    #[error("{} does not export required symbol {symbol} (CANN too old, or not a CANN library)", .lib.display())]
     MissingSymbol { lib: PathBuf, symbol: String },
 }
 

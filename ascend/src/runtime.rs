@@ -65,7 +65,7 @@ impl Runtime {
         match &*slot {
             Slot::Live(rt) => return Ok(rt.clone()),
             Slot::Finalized => {
-                return Err("ascend: ACL was finalized in this process (aclInit may run only once per process)".into())
+                return Err("ACL was finalized in this process (aclInit may run only once per process)".into())
             }
             Slot::Empty => {}
         }
@@ -76,13 +76,13 @@ impl Runtime {
         // REPEAT_INITIALIZE: another component of this process initialized ACL already, which
         // is fine for us (we then never finalize it ourselves unless asked to).
         if code != sys::ACL_SUCCESS && code != sys::ACL_ERROR_REPEAT_INITIALIZE {
-            return Err(format!("ascend: aclInit failed with code {code}: {}", rt.recent_error()));
+            return Err(format!("aclInit failed with code {code}: {}", rt.recent_error()));
         }
         if let Some(init) = rt.api.nnop_opt.aclnnInit {
             // SAFETY: as for aclInit.
             let code = unsafe { init(ptr::null()) };
             if code != sys::ACLNN_SUCCESS {
-                return Err(format!("ascend: aclnnInit failed with code {code}: {}", rt.recent_error()));
+                return Err(format!("aclnnInit failed with code {code}: {}", rt.recent_error()));
             }
         }
         let rt = Arc::new(rt);

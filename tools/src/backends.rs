@@ -13,6 +13,7 @@ pub fn registry() -> Registry {
     let mut r = Registry::new();
     r.register("cpu-ref", cpu_ref::probe());
     r.register("cuda", cuda::probe());
+    r.register("ascend", ascend::probe());
     r
 }
 
