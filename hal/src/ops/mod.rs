@@ -25,6 +25,7 @@ pub mod moe;
 pub mod norm;
 pub mod quant;
 pub mod rope;
+pub mod rows;
 
 pub use attention::{SparseAttention, WindowStore};
 pub use compressor::Compressor;
