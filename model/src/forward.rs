@@ -219,12 +219,16 @@ impl Model {
     /// Block `layer` on streams `x [rows, hc_mult, dim]` → new streams (spec §3.3).
     pub fn block(&self, layer: usize, lc: &mut LayerCache, rows: &Rows, x: &Tensor, decisions: bool)
         -> Result<(Tensor, Option<LayerDecisions>)> {
-        self.block_with(&self.weights.blocks[layer], lc, rows, &rows.ids, x, decisions)
+        let w = self.weights.blocks.get(layer).ok_or_else(|| {
+            ModelError::Request(format!("block {layer} does not exist (the model has {})", self.cfg.n_layers))
+        })?;
+        self.block_with(w, lc, rows, &rows.ids, x, decisions)
     }
 
     /// The caches of block `layer` (for callers that run blocks one by one).
-    pub fn layer_cache<'c>(&self, cache: &'c mut KvCache, layer: usize) -> &'c mut LayerCache {
-        &mut cache.layers[layer]
+    pub fn layer_cache<'c>(&self, cache: &'c mut KvCache, layer: usize) -> Result<&'c mut LayerCache> {
+        let n = cache.layers.len();
+        cache.layers.get_mut(layer).ok_or_else(|| ModelError::Request(format!("block {layer} does not exist (the cache has {n})")))
     }
 
     /// `ids` are the token ids the hash gate routes by (the MTP block's own input ids there).

@@ -2449,7 +2449,7 @@ fn collect(m: &model::forward::Model, g: &Golden) -> Result<Runs, String> {
         for (a, z) in spans {
             let rows = m.rows(&cache, &[Chunk { slot, tokens: &g.tokens[a..z] }]).map_err(e)?;
             let x = streams(&input[a * width..z * width], z - a)?;
-            let (y, dd) = m.block(i, m.layer_cache(&mut cache, i), &rows, &x, true).map_err(e)?;
+            let (y, dd) = m.block(i, m.layer_cache(&mut cache, i).map_err(e)?, &rows, &x, true).map_err(e)?;
             cache.advance(slot, z - a);
             r.out.extend(dtype::bytes_f32(&be.download(&y).map_err(|e| e.to_string())?));
             let dd = dd.ok_or("no decisions")?;

@@ -71,7 +71,7 @@ fn teacher_forced(g: &Golden, i: usize, split: Option<usize>) -> (Vec<f32>, Vec<
     for (a, b) in spans {
         let rows = g.model.rows(&cache, &[Chunk { slot, tokens: &ids[a..b] }]).unwrap();
         let x = upload_streams(g, &input[a * width..b * width], b - a);
-        let (y, d) = g.model.block(i, g.model.layer_cache(&mut cache, i), &rows, &x, true).unwrap();
+        let (y, d) = g.model.block(i, g.model.layer_cache(&mut cache, i).unwrap(), &rows, &x, true).unwrap();
         cache.advance(slot, b - a);
         out.extend(hal::dtype::bytes_f32(&g.model.backend().download(&y).unwrap()));
         let d = d.unwrap();
