@@ -108,6 +108,10 @@ pub(crate) struct IssueState {
     idle: Vec<PinnedBuffer>,
     /// All-ones weights for weightless RMSNorm, by length.
     pub(crate) ones: std::collections::HashMap<usize, DeviceBuffer>,
+    /// Normalized Hadamard matrices `H_n / sqrt(n)` (f32 `[n, n]`), by `n`.
+    pub(crate) hadamard: std::collections::HashMap<usize, DeviceBuffer>,
+    /// Decode tables for FP8/FP4/E8M0 codes (f32), by name.
+    pub(crate) luts: std::collections::HashMap<&'static str, DeviceBuffer>,
 }
 
 /// Pending staging memory above which an upload first drains the stream (bounds host memory
@@ -182,6 +186,8 @@ impl AscendBackend {
                 pending_bytes: 0,
                 idle: Vec::new(),
                 ones: Default::default(),
+                hadamard: Default::default(),
+                luts: Default::default(),
             }),
         })
     }

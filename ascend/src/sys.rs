@@ -449,5 +449,36 @@ aclnn_table! {
         Cos(self_: *const aclTensor, out: *mut aclTensor);
         /// `out = sin(self)`.
         Sin(self_: *const aclTensor, out: *mut aclTensor);
+        /// 3-D batched matmul `out[b] = self[b] @ mat2[b]` (transposed views accepted).
+        BatchMatMul(self_: *const aclTensor, mat2: *const aclTensor, out: *mut aclTensor, cubeMathType: i8);
+        /// `out = softmax(self)` along `dim`.
+        Softmax(self_: *const aclTensor, dim: i64, out: *mut aclTensor);
+        /// `out = Σ self` over `dims` (kept as size 1 when `keepDims`), accumulated as `dtype`.
+        ReduceSum(self_: *const aclTensor, dims: *const aclIntArray, keepDims: bool, dtype: aclDataType, out: *mut aclTensor);
+        /// `out = self / other` (broadcasting).
+        Div(self_: *const aclTensor, other: *const aclTensor, out: *mut aclTensor);
+        /// `out = 1 / (1 + exp(−self))`.
+        Sigmoid(self_: *const aclTensor, out: *mut aclTensor);
+        /// `out = self · other` with a scalar `other`.
+        Muls(self_: *const aclTensor, other: *const aclScalar, out: *mut aclTensor);
+        /// `out = self + alpha·other` with a scalar `other`.
+        Adds(self_: *const aclTensor, other: *const aclScalar, alpha: *const aclScalar, out: *mut aclTensor);
+        /// `selfRef.index_copy_(dim, index, source)`: `selfRef[index[i]] = source[i]` along `dim`.
+        /// Documented for A2/A3 only (not 950), so the backend scatters rows with
+        /// `InplaceScatter` instead; kept for the table and the emulator's checks.
+        InplaceIndexCopy(selfRef: *mut aclTensor, dim: i64, index: *const aclTensor, source: *const aclTensor);
+        /// torch `scatter_`: `selfRef[.., index[i,j], ..] = src[i, j]` along `dim` (`reduce` 0 =
+        /// replace). Unlike `InplaceIndexCopy`, documented for A2, A3 and 950.
+        InplaceScatter(selfRef: *mut aclTensor, dim: i64, index: *const aclTensor, src: *const aclTensor, reduce: i64);
+        /// `out = log(1 + exp(beta·self)) / beta`, or `self` where `beta·self > threshold`.
+        Softplus(self_: *const aclTensor, beta: *const aclScalar, threshold: *const aclScalar, out: *mut aclTensor);
+        /// `out = sqrt(self)`.
+        Sqrt(self_: *const aclTensor, out: *mut aclTensor);
+        /// `out = max(self, 0)`.
+        Relu(self_: *const aclTensor, out: *mut aclTensor);
+        /// The `k` largest (or smallest) along `dim`; `indicesOut` is int64.
+        Topk(self_: *const aclTensor, k: i64, dim: i64, largest: bool, sorted: bool, valuesOut: *mut aclTensor, indicesOut: *mut aclTensor);
+        /// `out[..i..] = self[..index[..i..]..]` along `dim` (torch.gather).
+        Gather(self_: *const aclTensor, dim: i64, index: *const aclTensor, out: *mut aclTensor);
     }
 }

@@ -181,20 +181,19 @@ fn bad_indices_are_errors_naming_the_row() {
 }
 
 #[test]
-fn unimplemented_ops_say_so() {
+fn support_answers() {
     let be = backend();
+    // Every HAL op is implemented now (composed from generic aclnn ops).
     let hc = Op::HcPre(HcPre { rows: 1, mult: 2, dim: 4, sinkhorn_iters: 2, hc_eps: 1e-6, norm_eps: 1e-6 });
-    assert_eq!(be.supports(&hc), Support::No("not yet implemented on ascend".into()));
-    let sig = hc.signature();
-    let ins: Vec<Tensor> = sig.inputs.iter().map(|s| be.alloc(&s.shape, s.dtype).unwrap()).collect();
-    let mut outs: Vec<Tensor> = sig.outputs.iter().map(|s| be.alloc(&s.shape, s.dtype).unwrap()).collect();
-    let e = be.run(&hc, &ins.iter().collect::<Vec<_>>(), &mut outs.iter_mut().collect::<Vec<_>>()).unwrap_err();
-    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
-
+    assert_eq!(be.supports(&hc), Support::Yes);
+    // FP8 weights run on a 910B too, through the table-decoding dequant path.
     let fp8 = Op::Linear(Linear { rows: 1, in_features: 128, out_features: 128, format: WeightFormat::Fp8Block128 });
-    match be.supports(&fp8) {
-        Support::No(r) => assert!(r.starts_with("not yet implemented on ascend") && r.contains("no FP8/FP4 compute"), "{r}"),
-        Support::Yes => panic!("FP8 linear must not be supported on a 910B"),
+    assert_eq!(be.supports(&fp8), Support::Yes);
+    // A combination the HAL does not define says so instead of failing at run time.
+    let g = Op::GroupedLinear(hal::ops::GroupedLinear { rows: 1, groups: 2, in_per_group: 128, out_per_group: 128, format: WeightFormat::Fp8Block128 });
+    match be.supports(&g) {
+        Support::No(r) => assert!(r.contains("not defined by the HAL"), "{r}"),
+        Support::Yes => panic!("FP8 grouped_linear is not a HAL combination"),
     }
 }
 
@@ -588,10 +587,8 @@ fn child_entry() {
             assert_eq!(be.profile().family, SocFamily::Ascend950);
             assert!(be.profile().fp8_compute && be.profile().fp4_compute);
             let fp8 = Op::Linear(Linear { rows: 1, in_features: 128, out_features: 128, format: WeightFormat::Fp8Block128 });
-            match be.supports(&fp8) {
-                Support::No(r) => assert!(r.contains("aclnnQuantMatmulV5"), "{r}"),
-                Support::Yes => panic!("FP8 linear is not implemented yet"),
-            }
+            // FP8 weights take the FP8-Cast dequantizing path here (the table path on 910B).
+            assert_eq!(be.supports(&fp8), Support::Yes);
             // The same raw FP8 cast the 910B rejects runs here.
             let vals = [0.3f32, -1.7, 500.0, 0.001];
             let src = be.upload(&[4], DType::F32, &f32_bytes(&vals)).unwrap();
@@ -607,6 +604,21 @@ fn child_entry() {
             assert_eq!(got, want, "FP8 codes");
             for d in descs {
                 // SAFETY: live descriptors, destroyed once, after the launch.
+                unsafe { (api.nnop.aclDestroyTensor)(d) };
+            }
+            // aclnnInplaceIndexCopy is documented for A2/A3 only: the 950 profile refuses it
+            // (the backend scatters rows with aclnnInplaceScatter instead).
+            let (a, b, i) = (be.pool().alloc(32).unwrap(), be.pool().alloc(16).unwrap(), be.pool().alloc(8).unwrap());
+            let (sr, src, idx) = (desc(&be, a.ptr(), sys::ACL_FLOAT, &[4, 2]), desc(&be, b.ptr(), sys::ACL_FLOAT, &[2, 2]), desc(&be, i.ptr(), sys::ACL_INT32, &[2]));
+            let pair = api.ops.InplaceIndexCopy.expect("aclnnInplaceIndexCopy resolved");
+            let (mut ws, mut ex) = (0u64, ptr::null_mut());
+            // SAFETY: live descriptors and valid out-pointers.
+            let code = unsafe { (pair.get_workspace_size)(sr, 0, idx, src, &mut ws, &mut ex) };
+            assert_eq!(code, sys::ACLNN_ERR_PARAM_INVALID);
+            let msg = be.runtime().recent_error();
+            assert!(msg.contains("not supported on Ascend950"), "{msg}");
+            for d in [sr, src, idx] {
+                // SAFETY: live descriptors, destroyed once (no executor was created).
                 unsafe { (api.nnop.aclDestroyTensor)(d) };
             }
         }

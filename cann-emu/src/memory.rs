@@ -78,6 +78,15 @@ pub fn for_each_offset(dims: &[i64], strides: &[i64], base: i64, mut f: impl FnM
     }
 }
 
+/// Row-major element strides of a contiguous tensor of `dims`.
+pub fn contiguous_strides(dims: &[i64]) -> Vec<i64> {
+    let mut s = vec![1i64; dims.len()];
+    for i in (0..dims.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * dims[i + 1];
+    }
+    s
+}
+
 /// Strides of `v` broadcast to `out` (right-aligned; size-1 dims get stride 0).
 pub fn broadcast_strides(v: &TView, out: &[i64]) -> Option<Vec<i64>> {
     if v.dims.len() > out.len() {

@@ -19,6 +19,17 @@
 //! | Mm / Matmul | f32 f16 bf16, all equal | ✓ | 2-D only (Matmul: emulator subset) |
 //! | Clamp | float and int | ✓ | NULL bound = open, not both |
 //! | Silu, Cos, Sin | f32 f16 bf16 (f64 for Cos/Sin) | ✓ | |
+//! | Sigmoid | f32 f16 bf16 | ✓ | out dtype = self dtype |
+//! | Div | like Add (float result) | ✓ | broadcasting |
+//! | Muls / Adds | like Add, scalar other | ✓ | |
+//! | BatchMatMul | f32 f16 bf16, all equal | ✓ | 3-D, batch dims equal (no broadcast) |
+//! | Softmax | f32 f16 bf16, out = self dtype | ✓ | any dim (negative allowed) |
+//! | InplaceIndexCopy | selfRef/source equal dtype (any with a codec), index i32/i64 1-D | ✗ | indices checked at run time (fault); **rejected on 950** (ops-nn support table: A2/A3 only) |
+//! | InplaceScatter | selfRef/src equal dtype, index i32/i64, equal ranks | ✗ | reduce 0 (replace) / 1 (add) |
+//! | Softplus / Sqrt / Relu | f32 f16 bf16, out = self dtype | ✓ | Softplus: beta, threshold scalars (torch semantics) |
+//! | Topk | f32 f16 bf16; values = self dtype, indices i64 | ✗ | ties: lower index first (stable) — real-hardware tie order UNVERIFIED |
+//! | Gather | self any, index i32/i64 same rank | ✗ | out shape = index shape |
+//! | ReduceSum | f32 f16 bf16 (dtype arg = out dtype) | ✓ | dims as an aclIntArray, keepDims |
 //!
 //! Outputs must be contiguous everywhere except `InplaceCopy`'s `selfRef`.
 
@@ -273,7 +284,21 @@ phase2!(
     aclnnClamp,
     aclnnSilu,
     aclnnCos,
-    aclnnSin
+    aclnnSin,
+    aclnnBatchMatMul,
+    aclnnSoftmax,
+    aclnnReduceSum,
+    aclnnDiv,
+    aclnnSigmoid,
+    aclnnMuls,
+    aclnnAdds,
+    aclnnInplaceIndexCopy,
+    aclnnSoftplus,
+    aclnnSqrt,
+    aclnnRelu,
+    aclnnTopk,
+    aclnnGather,
+    aclnnInplaceScatter
 );
 
 // ---------------------------------------------------------------- elementwise binary
@@ -813,6 +838,641 @@ pub unsafe extern "C" fn aclnnMatmulGetWorkspaceSize(
 ) -> i32 {
     // SAFETY: forwarded C arguments.
     guard("aclnnMatmulGetWorkspaceSize", || unsafe { matmul("aclnnMatmul", self_, other, out, cube_math_type, ws, ex) })
+}
+
+// ---------------------------------------------------------------- phase-2 ops (hc, grouped linear)
+
+/// `out = self / other` (broadcasting, float result).
+#[no_mangle]
+pub unsafe extern "C" fn aclnnDivGetWorkspaceSize(
+    self_: *const c_void,
+    other: *const c_void,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    guard("aclnnDivGetWorkspaceSize", || {
+        with_emu(|e| {
+            let mut c = Check::new(e)?;
+            let a = c.tensor(self_, "self")?;
+            let b = c.tensor(other, "other")?;
+            let o = c.tensor(out, "out")?;
+            need_dtype(&a, "self", ARITH)?;
+            need_dtype(&b, "other", ARITH)?;
+            need_dtype(&o, "out", FLOATS)?;
+            need_rank(&a, "self", 0, 8)?;
+            need_rank(&b, "other", 0, 8)?;
+            need_contig(&o, "out")?;
+            let shape = broadcast(&a.dims, &b.dims)
+                .ok_or_else(|| Fail::new(P_INVALID, format!("self {:?} and other {:?} do not broadcast", a.dims, b.dims)))?;
+            need_shape(&o, "out", &shape)?;
+            let handles = std::mem::take(&mut c.handles);
+            let kernel: Kernel = Arc::new(move |m: &mut Memory| {
+                let x = m.load(&a, Some(&o.dims))?;
+                let y = m.load(&b, Some(&o.dims))?;
+                let r: Vec<f64> = x.iter().zip(&y).map(|(&x, &y)| x / y).collect();
+                m.store(&o, &r)
+            });
+            // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
+            unsafe { finish(e, "aclnnDiv", WS_ELEMENTWISE, handles, kernel, ws, ex) }
+        })
+    })
+}
+
+/// Elementwise with a scalar operand: `Muls` (`self · other`) and `Adds` (`self + alpha·other`).
+unsafe fn scalar_op(
+    op: &'static str,
+    add: bool,
+    self_: *const c_void,
+    other: *const c_void,
+    alpha: *const c_void,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> Result<(), Fail> {
+    with_emu(|e| {
+        let mut c = Check::new(e)?;
+        let a = c.tensor(self_, "self")?;
+        let o = c.tensor(out, "out")?;
+        let Some((_, v)) = c.e.scalar(other as usize, "other")? else { bail!(P_NULL, "other is nullptr") };
+        let alpha = if add {
+            match c.e.scalar(alpha as usize, "alpha")? {
+                Some((_, v)) => v,
+                None => bail!(P_NULL, "alpha is nullptr"),
+            }
+        } else {
+            1.0
+        };
+        need_dtype(&a, "self", ARITH)?;
+        need_dtype(&o, "out", ARITH)?;
+        need_rank(&a, "self", 0, 8)?;
+        need_contig(&o, "out")?;
+        need_shape(&o, "out", &a.dims)?;
+        let handles = std::mem::take(&mut c.handles);
+        let kernel: Kernel = Arc::new(move |m: &mut Memory| {
+            let x = m.load(&a, None)?;
+            let r: Vec<f64> = x.iter().map(|&x| if add { x + alpha * v } else { x * v }).collect();
+            m.store(&o, &r)
+        });
+        // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
+        unsafe { finish(e, op, WS_ELEMENTWISE, handles, kernel, ws, ex) }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnMulsGetWorkspaceSize(
+    self_: *const c_void,
+    other: *const c_void,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    // SAFETY: forwarded C arguments.
+    guard("aclnnMulsGetWorkspaceSize", || unsafe { scalar_op("aclnnMuls", false, self_, other, std::ptr::null(), out, ws, ex) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnAddsGetWorkspaceSize(
+    self_: *const c_void,
+    other: *const c_void,
+    alpha: *const c_void,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    // SAFETY: forwarded C arguments.
+    guard("aclnnAddsGetWorkspaceSize", || unsafe { scalar_op("aclnnAdds", true, self_, other, alpha, out, ws, ex) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnSigmoidGetWorkspaceSize(self_: *const c_void, out: *mut c_void, ws: *mut u64, ex: *mut *mut c_void) -> i32 {
+    guard("aclnnSigmoidGetWorkspaceSize", || {
+        with_emu(|e| {
+            let mut c = Check::new(e)?;
+            let x = c.tensor(self_, "self")?;
+            let o = c.tensor(out, "out")?;
+            need_dtype(&x, "self", FLOATS)?;
+            if o.dt != x.dt {
+                bail!(P_INVALID, "out dtype {:?} differs from self dtype {:?}", o.dt, x.dt);
+            }
+            need_rank(&x, "self", 0, 8)?;
+            need_contig(&o, "out")?;
+            need_shape(&o, "out", &x.dims)?;
+            let handles = std::mem::take(&mut c.handles);
+            let kernel: Kernel = Arc::new(move |m: &mut Memory| {
+                let v = m.load(&x, None)?;
+                let r: Vec<f64> = v.iter().map(|&v| 1.0 / (1.0 + (-v).exp())).collect();
+                m.store(&o, &r)
+            });
+            // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
+            unsafe { finish(e, "aclnnSigmoid", WS_ELEMENTWISE, handles, kernel, ws, ex) }
+        })
+    })
+}
+
+/// Normalizes a dim argument against `rank` (negative counts from the end).
+fn norm_dim(dim: i64, rank: usize, name: &str) -> Result<usize, Fail> {
+    let r = rank as i64;
+    if dim < -r || dim >= r {
+        bail!(P_INVALID, "{name} {dim} outside [{}, {r})", -r);
+    }
+    Ok(if dim < 0 { dim + r } else { dim } as usize)
+}
+
+/// `(outer, len, inner)` of the lanes along dim `d` of a contiguous `dims`.
+fn lanes(dims: &[i64], d: usize) -> (usize, usize, usize) {
+    let outer: i64 = dims[..d].iter().product();
+    let inner: i64 = dims[d + 1..].iter().product();
+    (outer as usize, dims[d] as usize, inner as usize)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnSoftmaxGetWorkspaceSize(
+    self_: *const c_void,
+    dim: i64,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    guard("aclnnSoftmaxGetWorkspaceSize", || {
+        with_emu(|e| {
+            let mut c = Check::new(e)?;
+            let x = c.tensor(self_, "self")?;
+            let o = c.tensor(out, "out")?;
+            need_dtype(&x, "self", FLOATS)?;
+            if o.dt != x.dt {
+                bail!(P_INVALID, "out dtype {:?} differs from self dtype {:?}", o.dt, x.dt);
+            }
+            need_rank(&x, "self", 1, 8)?;
+            need_contig(&o, "out")?;
+            need_shape(&o, "out", &x.dims)?;
+            let d = norm_dim(dim, x.dims.len(), "dim")?;
+            let handles = std::mem::take(&mut c.handles);
+            let kernel: Kernel = Arc::new(move |m: &mut Memory| {
+                let v = m.load(&x, None)?;
+                let (outer, len, inner) = lanes(&x.dims, d);
+                let mut r = vec![0f64; v.len()];
+                for a in 0..outer {
+                    for b in 0..inner {
+                        let at = |i: usize| (a * len + i) * inner + b;
+                        let mx = (0..len).map(|i| v[at(i)]).fold(f64::NEG_INFINITY, f64::max);
+                        let sum: f64 = (0..len).map(|i| (v[at(i)] - mx).exp()).sum();
+                        (0..len).for_each(|i| r[at(i)] = (v[at(i)] - mx).exp() / sum);
+                    }
+                }
+                m.store(&o, &r)
+            });
+            // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
+            unsafe { finish(e, "aclnnSoftmax", WS_NORM, handles, kernel, ws, ex) }
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnReduceSumGetWorkspaceSize(
+    self_: *const c_void,
+    dims: *const c_void,
+    keep_dims: bool,
+    dtype: i32,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    guard("aclnnReduceSumGetWorkspaceSize", || {
+        with_emu(|e| {
+            let mut c = Check::new(e)?;
+            let x = c.tensor(self_, "self")?;
+            let o = c.tensor(out, "out")?;
+            if dims.is_null() {
+                bail!(P_NULL, "dims is nullptr");
+            }
+            let Some(list) = c.e.int_arrays.get(&(dims as usize)).cloned() else {
+                bail!(P_INVALID, "dims ({dims:?}) is not a live aclIntArray");
+            };
+            need_dtype(&x, "self", FLOATS)?;
+            let want = Dt::from_acl(dtype).ok_or_else(|| Fail::new(P_INVALID, format!("unknown dtype {dtype}")))?;
+            if want != o.dt {
+                bail!(P_INVALID, "dtype argument {want:?} differs from out dtype {:?}", o.dt);
+            }
+            need_dtype(&o, "out", FLOATS)?;
+            need_rank(&x, "self", 1, 8)?;
+            need_contig(&o, "out")?;
+            let mut reduce = vec![false; x.dims.len()];
+            for &d in &list {
+                let d = norm_dim(d, x.dims.len(), "dims entry")?;
+                if reduce[d] {
+                    bail!(P_INVALID, "dims {list:?} repeats dim {d}");
+                }
+                reduce[d] = true;
+            }
+            let shape: Vec<i64> = x
+                .dims
+                .iter()
+                .zip(&reduce)
+                .filter_map(|(&n, &r)| if !r { Some(n) } else if keep_dims { Some(1) } else { None })
+                .collect();
+            need_shape(&o, "out", &shape)?;
+            let handles = std::mem::take(&mut c.handles);
+            let kernel: Kernel = Arc::new(move |m: &mut Memory| {
+                let v = m.load(&x, None)?;
+                let keep: Vec<i64> = x.dims.iter().zip(&reduce).map(|(&n, &r)| if r { 1 } else { n }).collect();
+                let ostr = crate::memory::contiguous_strides(&keep);
+                let mut r = vec![0f64; keep.iter().product::<i64>() as usize];
+                let mut idx = vec![0i64; x.dims.len()];
+                for &val in &v {
+                    let at: i64 = idx.iter().zip(&ostr).zip(&reduce).map(|((&i, &s), &red)| if red { 0 } else { i * s }).sum();
+                    r[at as usize] += val;
+                    for k in (0..idx.len()).rev() {
+                        idx[k] += 1;
+                        if idx[k] < x.dims[k] {
+                            break;
+                        }
+                        idx[k] = 0;
+                    }
+                }
+                m.store(&o, &r)
+            });
+            // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
+            unsafe { finish(e, "aclnnReduceSum", WS_NORM, handles, kernel, ws, ex) }
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnBatchMatMulGetWorkspaceSize(
+    self_: *const c_void,
+    mat2: *const c_void,
+    out: *mut c_void,
+    cube: i8,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    guard("aclnnBatchMatMulGetWorkspaceSize", || {
+        with_emu(|e| {
+            let mut c = Check::new(e)?;
+            let x = c.tensor(self_, "self")?;
+            let w = c.tensor(mat2, "mat2")?;
+            let o = c.tensor(out, "out")?;
+            for (v, n) in [(&x, "self"), (&w, "mat2"), (&o, "out")] {
+                need_dtype(v, n, FLOATS)?;
+                need_rank(v, n, 3, 3)?;
+            }
+            if x.dt != w.dt || x.dt != o.dt {
+                bail!(P_INVALID, "self {:?}, mat2 {:?} and out {:?} must have one dtype", x.dt, w.dt, o.dt);
+            }
+            if x.dims[0] != w.dims[0] {
+                bail!(P_INVALID, "self {:?} and mat2 {:?}: batch dimensions differ", x.dims, w.dims);
+            }
+            if x.dims[2] != w.dims[1] {
+                bail!(P_INVALID, "self {:?} and mat2 {:?}: inner dimensions differ", x.dims, w.dims);
+            }
+            need_shape(&o, "out", &[x.dims[0], x.dims[1], w.dims[2]])?;
+            need_contig(&o, "out")?;
+            if !(0..=4).contains(&cube) {
+                bail!(P_INVALID, "cubeMathType {cube} outside [0, 4]");
+            }
+            let handles = std::mem::take(&mut c.handles);
+            let kernel: Kernel = Arc::new(move |m: &mut Memory| {
+                let (b, mm, k, n) = (x.dims[0] as usize, x.dims[1] as usize, x.dims[2] as usize, w.dims[2] as usize);
+                let xa = m.load(&x, None)?;
+                let wa = m.load(&w, None)?;
+                let mut r = vec![0f64; b * mm * n];
+                for g in 0..b {
+                    let (xg, wg) = (&xa[g * mm * k..(g + 1) * mm * k], &wa[g * k * n..(g + 1) * k * n]);
+                    for i in 0..mm {
+                        for j in 0..n {
+                            r[(g * mm + i) * n + j] = (0..k).map(|t| xg[i * k + t] * wg[t * n + j]).sum();
+                        }
+                    }
+                }
+                m.store(&o, &r)
+            });
+            // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
+            unsafe { finish(e, "aclnnBatchMatMul", WS_MATMUL, handles, kernel, ws, ex) }
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnInplaceIndexCopyGetWorkspaceSize(
+    self_ref: *mut c_void,
+    dim: i64,
+    index: *const c_void,
+    source: *const c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    guard("aclnnInplaceIndexCopyGetWorkspaceSize", || {
+        with_emu(|e| {
+            if e.config.low_precision() {
+                bail!(P_INVALID, "aclnnInplaceIndexCopy is not supported on {} (Atlas A2/A3 only)", e.config.soc_name());
+            }
+            let mut c = Check::new(e)?;
+            let x = c.tensor(self_ref, "selfRef")?;
+            let i = c.tensor(index, "index")?;
+            let s = c.tensor(source, "source")?;
+            need_dtype(&i, "index", INDEX)?;
+            need_rank(&i, "index", 0, 1)?;
+            need_rank(&x, "selfRef", 1, 8)?;
+            if !x.dt.has_codec() || s.dt != x.dt {
+                bail!(P_INVALID, "selfRef {:?} and source {:?} must have one supported dtype", x.dt, s.dt);
+            }
+            for (v, n) in [(&x, "selfRef"), (&i, "index"), (&s, "source")] {
+                need_contig(v, n)?;
+            }
+            let d = norm_dim(dim, x.dims.len(), "dim")?;
+            let mut shape = x.dims.clone();
+            shape[d] = i.numel() as i64;
+            need_shape(&s, "source", &shape)?;
+            let handles = std::mem::take(&mut c.handles);
+            let kernel: Kernel = Arc::new(move |m: &mut Memory| {
+                let sel = indices(m, &i, x.dims[d])?;
+                let mut v = m.load(&x, None)?;
+                let src = m.load(&s, None)?;
+                let (outer, len, inner) = lanes(&x.dims, d);
+                for a in 0..outer {
+                    for (k, &t) in sel.iter().enumerate() {
+                        let to = (a * len + t as usize) * inner;
+                        let from = (a * sel.len() + k) * inner;
+                        v[to..to + inner].copy_from_slice(&src[from..from + inner]);
+                    }
+                }
+                m.store(&x, &v)
+            });
+            // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
+            unsafe { finish(e, "aclnnInplaceIndexCopy", WS_GATHER, handles, kernel, ws, ex) }
+        })
+    })
+}
+
+/// Elementwise float maps with out dtype = self dtype.
+#[derive(Clone, Copy)]
+enum Map {
+    Softplus { beta: f64, threshold: f64 },
+    Sqrt,
+    Relu,
+}
+
+unsafe fn float_map(op: &'static str, kind: Map, self_: *const c_void, out: *mut c_void, ws: *mut u64, ex: *mut *mut c_void) -> Result<(), Fail> {
+    with_emu(|e| {
+        let mut c = Check::new(e)?;
+        let x = c.tensor(self_, "self")?;
+        let o = c.tensor(out, "out")?;
+        need_dtype(&x, "self", FLOATS)?;
+        if o.dt != x.dt {
+            bail!(P_INVALID, "out dtype {:?} differs from self dtype {:?}", o.dt, x.dt);
+        }
+        need_rank(&x, "self", 0, 8)?;
+        need_contig(&o, "out")?;
+        need_shape(&o, "out", &x.dims)?;
+        let handles = std::mem::take(&mut c.handles);
+        let kernel: Kernel = Arc::new(move |m: &mut Memory| {
+            let v = m.load(&x, None)?;
+            let r: Vec<f64> = v
+                .iter()
+                .map(|&v| match kind {
+                    Map::Softplus { beta, threshold } => {
+                        if v * beta > threshold {
+                            v
+                        } else {
+                            (v * beta).exp().ln_1p() / beta
+                        }
+                    }
+                    Map::Sqrt => v.sqrt(),
+                    Map::Relu => v.max(0.0),
+                })
+                .collect();
+            m.store(&o, &r)
+        });
+        // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
+        unsafe { finish(e, op, WS_ELEMENTWISE, handles, kernel, ws, ex) }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnSoftplusGetWorkspaceSize(
+    self_: *const c_void,
+    beta: *const c_void,
+    threshold: *const c_void,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    guard("aclnnSoftplusGetWorkspaceSize", || {
+        let (b, t) = with_emu(|e| Ok((e.scalar(beta as usize, "beta")?, e.scalar(threshold as usize, "threshold")?)))?;
+        let (Some((_, beta)), Some((_, threshold))) = (b, t) else { bail!(P_NULL, "beta or threshold is nullptr") };
+        if beta == 0.0 {
+            bail!(P_INVALID, "beta must be non-zero");
+        }
+        // SAFETY: forwarded C arguments.
+        unsafe { float_map("aclnnSoftplus", Map::Softplus { beta, threshold }, self_, out, ws, ex) }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnSqrtGetWorkspaceSize(self_: *const c_void, out: *mut c_void, ws: *mut u64, ex: *mut *mut c_void) -> i32 {
+    // SAFETY: forwarded C arguments.
+    guard("aclnnSqrtGetWorkspaceSize", || unsafe { float_map("aclnnSqrt", Map::Sqrt, self_, out, ws, ex) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnReluGetWorkspaceSize(self_: *const c_void, out: *mut c_void, ws: *mut u64, ex: *mut *mut c_void) -> i32 {
+    // SAFETY: forwarded C arguments.
+    guard("aclnnReluGetWorkspaceSize", || unsafe { float_map("aclnnRelu", Map::Relu, self_, out, ws, ex) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnTopkGetWorkspaceSize(
+    self_: *const c_void,
+    k: i64,
+    dim: i64,
+    largest: bool,
+    sorted: bool,
+    values_out: *mut c_void,
+    indices_out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    guard("aclnnTopkGetWorkspaceSize", || {
+        with_emu(|e| {
+            let mut c = Check::new(e)?;
+            let x = c.tensor(self_, "self")?;
+            let v = c.tensor(values_out, "valuesOut")?;
+            let i = c.tensor(indices_out, "indicesOut")?;
+            need_dtype(&x, "self", FLOATS)?;
+            need_rank(&x, "self", 1, 8)?;
+            if v.dt != x.dt {
+                bail!(P_INVALID, "valuesOut dtype {:?} differs from self dtype {:?}", v.dt, x.dt);
+            }
+            need_dtype(&i, "indicesOut", &[Dt::I64])?;
+            for (t, n) in [(&x, "self"), (&v, "valuesOut"), (&i, "indicesOut")] {
+                need_contig(t, n)?;
+            }
+            let d = norm_dim(dim, x.dims.len(), "dim")?;
+            if k < 0 || k > x.dims[d] {
+                bail!(P_INVALID, "k {k} outside [0, {}]", x.dims[d]);
+            }
+            if !sorted {
+                bail!(P_INVALID, "this emulator implements sorted = true only");
+            }
+            let mut shape = x.dims.clone();
+            shape[d] = k;
+            need_shape(&v, "valuesOut", &shape)?;
+            need_shape(&i, "indicesOut", &shape)?;
+            let handles = std::mem::take(&mut c.handles);
+            let kernel: Kernel = Arc::new(move |m: &mut Memory| {
+                let a = m.load(&x, None)?;
+                let (outer, len, inner) = lanes(&x.dims, d);
+                let k = k as usize;
+                let (mut vals, mut idx) = (vec![0f64; outer * k * inner], vec![0f64; outer * k * inner]);
+                for o in 0..outer {
+                    for b in 0..inner {
+                        let mut order: Vec<usize> = (0..len).collect();
+                        let key = |j: usize| a[(o * len + j) * inner + b];
+                        // Stable: equal values keep ascending index order. NaN sorts as largest.
+                        order.sort_by(|&p, &q| {
+                            let c = key(p).total_cmp(&key(q));
+                            if largest { c.reverse() } else { c }
+                        });
+                        for (t, &j) in order.iter().take(k).enumerate() {
+                            vals[(o * k + t) * inner + b] = key(j);
+                            idx[(o * k + t) * inner + b] = j as f64;
+                        }
+                    }
+                }
+                m.store(&v, &vals)?;
+                m.store(&i, &idx)
+            });
+            // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
+            unsafe { finish(e, "aclnnTopk", WS_NORM, handles, kernel, ws, ex) }
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnGatherGetWorkspaceSize(
+    self_: *const c_void,
+    dim: i64,
+    index: *const c_void,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    guard("aclnnGatherGetWorkspaceSize", || {
+        with_emu(|e| {
+            let mut c = Check::new(e)?;
+            let x = c.tensor(self_, "self")?;
+            let i = c.tensor(index, "index")?;
+            let o = c.tensor(out, "out")?;
+            need_dtype(&x, "self", ARITH)?;
+            need_dtype(&i, "index", INDEX)?;
+            need_rank(&x, "self", 1, 8)?;
+            if i.dims.len() != x.dims.len() {
+                bail!(P_INVALID, "index rank {} differs from self rank {}", i.dims.len(), x.dims.len());
+            }
+            for (t, n) in [(&x, "self"), (&i, "index"), (&o, "out")] {
+                need_contig(t, n)?;
+            }
+            let d = norm_dim(dim, x.dims.len(), "dim")?;
+            if i.dims.iter().zip(&x.dims).enumerate().any(|(a, (&n, &m))| a != d && n > m) {
+                bail!(P_INVALID, "index {:?} exceeds self {:?} outside dim {d}", i.dims, x.dims);
+            }
+            need_shape(&o, "out", &i.dims)?;
+            if o.dt != x.dt {
+                bail!(P_INVALID, "out dtype {:?} differs from self dtype {:?}", o.dt, x.dt);
+            }
+            let handles = std::mem::take(&mut c.handles);
+            let kernel: Kernel = Arc::new(move |m: &mut Memory| {
+                let sel = indices(m, &i, x.dims[d])?;
+                let a = m.load(&x, None)?;
+                let xs = crate::memory::contiguous_strides(&x.dims);
+                let mut idx = vec![0i64; i.dims.len()];
+                let mut r = Vec::with_capacity(sel.len());
+                for &s in &sel {
+                    let at: i64 = idx.iter().zip(&xs).enumerate().map(|(a, (&t, &st))| if a == d { s * st } else { t * st }).sum();
+                    r.push(a[at as usize]);
+                    for q in (0..idx.len()).rev() {
+                        idx[q] += 1;
+                        if idx[q] < i.dims[q] {
+                            break;
+                        }
+                        idx[q] = 0;
+                    }
+                }
+                m.store(&o, &r)
+            });
+            // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
+            unsafe { finish(e, "aclnnGather", WS_GATHER, handles, kernel, ws, ex) }
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnInplaceScatterGetWorkspaceSize(
+    self_ref: *mut c_void,
+    dim: i64,
+    index: *const c_void,
+    src: *const c_void,
+    reduce: i64,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    guard("aclnnInplaceScatterGetWorkspaceSize", || {
+        with_emu(|e| {
+            let mut c = Check::new(e)?;
+            let x = c.tensor(self_ref, "selfRef")?;
+            let i = c.tensor(index, "index")?;
+            let s = c.tensor(src, "src")?;
+            need_dtype(&i, "index", INDEX)?;
+            need_rank(&x, "selfRef", 1, 8)?;
+            if !x.dt.has_codec() || s.dt != x.dt {
+                bail!(P_INVALID, "selfRef {:?} and src {:?} must have one supported dtype", x.dt, s.dt);
+            }
+            if i.dims.len() != x.dims.len() || s.dims.len() != x.dims.len() {
+                bail!(P_INVALID, "selfRef {:?}, index {:?} and src {:?} must have one rank", x.dims, i.dims, s.dims);
+            }
+            for (v, n) in [(&x, "selfRef"), (&i, "index"), (&s, "src")] {
+                need_contig(v, n)?;
+            }
+            let d = norm_dim(dim, x.dims.len(), "dim")?;
+            for a in 0..x.dims.len() {
+                if i.dims[a] > s.dims[a] || (a != d && i.dims[a] > x.dims[a]) {
+                    bail!(P_INVALID, "index {:?} exceeds src {:?} or selfRef {:?} in dim {a}", i.dims, s.dims, x.dims);
+                }
+            }
+            if !(0..=1).contains(&reduce) {
+                bail!(P_INVALID, "reduce {reduce}: this emulator implements 0 (replace) and 1 (add)");
+            }
+            let handles = std::mem::take(&mut c.handles);
+            let kernel: Kernel = Arc::new(move |m: &mut Memory| {
+                let sel = indices(m, &i, x.dims[d])?;
+                let mut v = m.load(&x, None)?;
+                let sv = m.load(&s, None)?;
+                let (xs, ss) = (crate::memory::contiguous_strides(&x.dims), crate::memory::contiguous_strides(&s.dims));
+                let mut idx = vec![0i64; i.dims.len()];
+                for &t in &sel {
+                    let to: i64 = idx.iter().zip(&xs).enumerate().map(|(a, (&k, &st))| if a == d { t * st } else { k * st }).sum();
+                    let from: i64 = idx.iter().zip(&ss).map(|(&k, &st)| k * st).sum();
+                    let val = sv[from as usize];
+                    if reduce == 1 {
+                        v[to as usize] += val;
+                    } else {
+                        v[to as usize] = val;
+                    }
+                    for q in (0..idx.len()).rev() {
+                        idx[q] += 1;
+                        if idx[q] < i.dims[q] {
+                            break;
+                        }
+                        idx[q] = 0;
+                    }
+                }
+                m.store(&x, &v)
+            });
+            // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
+            unsafe { finish(e, "aclnnInplaceScatter", WS_GATHER, handles, kernel, ws, ex) }
+        })
+    })
 }
 
 #[cfg(test)]

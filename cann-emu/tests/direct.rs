@@ -103,3 +103,37 @@ fn streams_defer_and_faults_stick() {
         assert_eq!(acl::aclrtDestroyStream(s), 0);
     }
 }
+
+#[test]
+fn new_ops_validate_their_documented_constraints() {
+    init();
+    // SAFETY: test-local device buffers and descriptors.
+    unsafe {
+        let (mut ws, mut ex) = (0u64, ptr::null_mut());
+        let x = tensor(malloc(4 * 24), 0, &[2, 3, 4]);
+        // Topk: indices must be int64.
+        let (v, i32_idx) = (tensor(malloc(4 * 12), 0, &[2, 3, 2]), tensor(malloc(4 * 12), 3, &[2, 3, 2]));
+        assert_eq!(ops::aclnnTopkGetWorkspaceSize(x, 2, -1, true, true, v, i32_idx, &mut ws, &mut ex), codes::ACLNN_PARAM_INVALID);
+        assert!(recent().contains("indicesOut"), "{}", recent());
+        // ReduceSum: a repeated dim is refused.
+        let dims = [1i64, -2];
+        let list = nnop::aclCreateIntArray(dims.as_ptr(), 2);
+        let o = tensor(malloc(4 * 8), 0, &[2, 1, 4]);
+        assert_eq!(ops::aclnnReduceSumGetWorkspaceSize(x, list, true, 0, o, &mut ws, &mut ex), codes::ACLNN_PARAM_INVALID);
+        assert!(recent().contains("repeats"), "{}", recent());
+        // BatchMatMul: batch sizes must agree (no broadcast).
+        let w = tensor(malloc(4 * 12), 0, &[3, 4, 1]);
+        let bo = tensor(malloc(4 * 6), 0, &[2, 3, 1]);
+        assert_eq!(ops::aclnnBatchMatMulGetWorkspaceSize(x, w, bo, 0, &mut ws, &mut ex), codes::ACLNN_PARAM_INVALID);
+        assert!(recent().contains("batch"), "{}", recent());
+        // InplaceScatter: index, src and selfRef must have one rank.
+        let idx = tensor(malloc(4 * 2), 3, &[2]);
+        let src = tensor(malloc(4 * 8), 0, &[2, 4]);
+        assert_eq!(ops::aclnnInplaceScatterGetWorkspaceSize(x, 0, idx, src, 0, &mut ws, &mut ex), codes::ACLNN_PARAM_INVALID);
+        assert!(recent().contains("one rank"), "{}", recent());
+        // Softplus: beta and threshold are required.
+        let so = tensor(malloc(4 * 24), 0, &[2, 3, 4]);
+        assert_eq!(ops::aclnnSoftplusGetWorkspaceSize(x, ptr::null(), ptr::null(), so, &mut ws, &mut ex), codes::ACLNN_PARAM_NULLPTR);
+        nnop::aclDestroyIntArray(list);
+    }
+}

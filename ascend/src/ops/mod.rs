@@ -2,10 +2,12 @@
 //! calls (`aclnnXxxGetWorkspaceSize` → workspace from the pool → `aclnnXxx` on the stream).
 //!
 //! This module holds what every family shares: tensor descriptors ([`View`] → `aclTensor`,
-//! destroyed after the launch, never between the phases), scalars, temporaries, the launch
-//! helper, and the support table. Families without an Ascend implementation yet (hc, quant,
-//! attention, compressor, indexer, MoE gate/experts, grouped linear) answer
-//! `Support::No("not yet implemented on ascend")`.
+//! destroyed after the launch, never between the phases), scalars, int arrays, temporaries,
+//! the launch helper, small elementwise wrappers, and the support table. Every HAL op has a
+//! composition; `supports()` answers `No` only when the loaded op library lacks an aclnn op a
+//! composition needs (naming it), or for a weight format the HAL does not define for the op.
+//! Host-side steps (index reads, host-planned gathers, quantization simulation) are labelled
+//! in each family's docs and listed in `docs/ascend.md`.
 //!
 //! Index-like inputs (token ids, row indices, positions) are validated on the host before any
 //! launch, because the HAL contract makes an out-of-range index an error naming the row, while
@@ -13,10 +15,16 @@
 //! stream synchronize per such op; a device-side check reported at the next synchronize is
 //! future work.
 
+pub mod attention;
+pub mod compressor;
 pub mod embed;
+pub mod hc;
+pub mod indexer;
 pub mod linear;
+pub mod lowp;
 pub mod moe;
 pub mod norm;
+pub mod quant;
 pub mod rope;
 
 use std::ffi::c_void;
@@ -150,6 +158,19 @@ impl Drop for ScalarDesc<'_> {
     fn drop(&mut self) {
         // SAFETY: created by aclCreateScalar, destroyed once, after the launch.
         unsafe { (self.api.nnop.aclDestroyScalar)(self.raw) };
+    }
+}
+
+/// An `aclIntArray` owned by us.
+pub struct IntArrayDesc<'a> {
+    raw: *mut crate::sys::aclIntArray,
+    api: &'a crate::loader::Api,
+}
+
+impl Drop for IntArrayDesc<'_> {
+    fn drop(&mut self) {
+        // SAFETY: created by aclCreateIntArray, destroyed once, after the launch.
+        unsafe { (self.api.nnop.aclDestroyIntArray)(self.raw) };
     }
 }
 
@@ -287,6 +308,70 @@ impl<'a> Ctx<'a> {
         }
     }
 
+    /// An `aclIntArray` (dims lists).
+    pub fn int_array(&self, values: &[i64]) -> Result<IntArrayDesc<'a>> {
+        let api = self.api();
+        // SAFETY: `values` is valid for its length during the call (ACL copies it).
+        let raw = unsafe { (api.nnop.aclCreateIntArray)(values.as_ptr(), values.len() as u64) };
+        if raw.is_null() {
+            return Err(self.be.rt.error(sys::ACLNN_ERR_PARAM_INVALID, &format!("aclCreateIntArray({values:?})")));
+        }
+        Ok(IntArrayDesc { raw, api })
+    }
+
+    /// `out = a / b` (broadcasting).
+    pub fn div(&mut self, a: &View, b: &View, out: &View) -> Result<()> {
+        let (x, y, o) = (self.tensor(a)?, self.tensor(b)?, self.tensor(out)?);
+        // SAFETY: descriptors outlive the launch; `ws`/`ex` are launch()'s out-pointers.
+        self.launch("Div", self.ops().Div, |f, ws, ex| unsafe { f(x.ptr(), y.ptr(), o.ptr(), ws, ex) })
+    }
+
+    /// `out = a + c` for a scalar `c`.
+    pub fn adds(&mut self, a: &View, c: f32, out: &View) -> Result<()> {
+        let (x, o) = (self.tensor(a)?, self.tensor(out)?);
+        let (cs, alpha) = (self.scalar_f32(c)?, self.scalar_f32(1.0)?);
+        // SAFETY: descriptors and scalars outlive the launch; `ws`/`ex` are launch()'s out-pointers.
+        self.launch("Adds", self.ops().Adds, |f, ws, ex| unsafe { f(x.ptr(), cs.raw, alpha.raw, o.ptr(), ws, ex) })
+    }
+
+    /// `out = a · c` for a scalar `c`.
+    pub fn muls(&mut self, a: &View, c: f32, out: &View) -> Result<()> {
+        let (x, o) = (self.tensor(a)?, self.tensor(out)?);
+        let cs = self.scalar_f32(c)?;
+        // SAFETY: descriptors and the scalar outlive the launch; `ws`/`ex` are launch()'s out-pointers.
+        self.launch("Muls", self.ops().Muls, |f, ws, ex| unsafe { f(x.ptr(), cs.raw, o.ptr(), ws, ex) })
+    }
+
+    /// `out = sigmoid(a)`.
+    pub fn sigmoid(&mut self, a: &View, out: &View) -> Result<()> {
+        let (x, o) = (self.tensor(a)?, self.tensor(out)?);
+        // SAFETY: descriptors outlive the launch; `ws`/`ex` are launch()'s out-pointers.
+        self.launch("Sigmoid", self.ops().Sigmoid, |f, ws, ex| unsafe { f(x.ptr(), o.ptr(), ws, ex) })
+    }
+
+    /// `out = softmax(a)` along `dim`.
+    pub fn softmax(&mut self, a: &View, dim: i64, out: &View) -> Result<()> {
+        let (x, o) = (self.tensor(a)?, self.tensor(out)?);
+        // SAFETY: descriptors outlive the launch; `ws`/`ex` are launch()'s out-pointers.
+        self.launch("Softmax", self.ops().Softmax, |f, ws, ex| unsafe { f(x.ptr(), dim, o.ptr(), ws, ex) })
+    }
+
+    /// `out = Σ a` over `dims`, kept as size-1 dims, accumulated in f32.
+    pub fn reduce_sum(&mut self, a: &View, dims: &[i64], out: &View) -> Result<()> {
+        let (x, o) = (self.tensor(a)?, self.tensor(out)?);
+        let d = self.int_array(dims)?;
+        // SAFETY: descriptors and the int array outlive the launch; `ws`/`ex` are launch()'s out-pointers.
+        self.launch("ReduceSum", self.ops().ReduceSum, |f, ws, ex| unsafe { f(x.ptr(), d.raw, true, sys::ACL_FLOAT, o.ptr(), ws, ex) })
+    }
+
+    /// `out[b] = a[b] @ b[b]` (3-D), fp32 kept as fp32 (`KEEP_DTYPE`).
+    pub fn batch_matmul(&mut self, a: &View, b: &View, out: &View) -> Result<()> {
+        let (x, y, o) = (self.tensor(a)?, self.tensor(b)?, self.tensor(out)?);
+        let cube = sys::CUBE_KEEP_DTYPE;
+        // SAFETY: descriptors outlive the launch; `ws`/`ex` are launch()'s out-pointers.
+        self.launch("BatchMatMul", self.ops().BatchMatMul, |f, ws, ex| unsafe { f(x.ptr(), y.ptr(), o.ptr(), cube, ws, ex) })
+    }
+
     /// `dst[...] = src` (src broadcast to dst's shape).
     pub fn copy(&mut self, dst: &View, src: &View) -> Result<()> {
         let (d, s) = (self.tensor(dst)?, self.tensor(src)?);
@@ -305,7 +390,6 @@ fn need(ops: &[(&str, bool)]) -> Support {
 
 /// Whether `op` runs on this device with these op libraries.
 pub fn supports(op: &Op, ops: &AclnnOps, profile: &SocProfile) -> Support {
-    let todo = || Support::No("not yet implemented on ascend".into());
     match op {
         Op::Embed(e) => embed::supports_embed(e, ops),
         Op::HcExpand(_) => need(&[("InplaceCopy", ops.InplaceCopy.is_some())]),
@@ -315,18 +399,18 @@ pub fn supports(op: &Op, ops: &AclnnOps, profile: &SocProfile) -> Support {
         Op::Linear(l) => linear::supports_linear(l, ops, profile),
         Op::SwiGlu(s) => moe::supports_swiglu(s, ops),
         Op::Rope(_) => rope::supports_rope(ops),
-        Op::HcPre(_)
-        | Op::HcPost(_)
-        | Op::HcHead(_)
-        | Op::GroupedLinear(_)
-        | Op::QuantSim(_)
-        | Op::Hadamard(_)
-        | Op::WindowStore(_)
-        | Op::Compressor(_)
-        | Op::IndexerTopK(_)
-        | Op::SparseAttention(_)
-        | Op::MoeGate(_)
-        | Op::MoeExperts(_) => todo(),
+        Op::HcPre(_) => hc::supports_hc(true, ops),
+        Op::HcHead(_) => hc::supports_hc(false, ops),
+        Op::HcPost(_) => hc::supports_hc_post(ops),
+        Op::GroupedLinear(g) => linear::supports_grouped_linear(g, ops),
+        Op::Hadamard(_) => quant::supports_hadamard(ops),
+        Op::QuantSim(_) => quant::supports_quant_sim(),
+        Op::WindowStore(_) => attention::supports_window_store(ops),
+        Op::SparseAttention(_) => attention::supports_sparse_attention(ops),
+        Op::MoeGate(g) => moe::supports_moe_gate(g, ops),
+        Op::IndexerTopK(_) => indexer::supports_indexer(ops),
+        Op::MoeExperts(m) => moe::supports_moe_experts(m, ops),
+        Op::Compressor(_) => compressor::supports_compressor(ops),
     }
 }
 
@@ -341,10 +425,17 @@ pub fn dispatch(cx: &mut Ctx<'_>, op: &Op, ins: &[Buf], outs: &[Buf]) -> Result<
         Op::Linear(o) => linear::run_linear(cx, o, ins, outs),
         Op::SwiGlu(o) => moe::run_swiglu(cx, o, ins, outs),
         Op::Rope(o) => rope::run_rope(cx, o, ins, outs),
-        other => Err(Error::Unsupported {
-            backend: BACKEND.into(),
-            op: other.name().into(),
-            reason: "not yet implemented on ascend".into(),
-        }),
+        Op::HcPre(o) => hc::run_hc_pre(cx, o, ins, outs),
+        Op::HcHead(o) => hc::run_hc_head(cx, o, ins, outs),
+        Op::HcPost(o) => hc::run_hc_post(cx, o, ins, outs),
+        Op::GroupedLinear(o) => linear::run_grouped_linear(cx, o, ins, outs),
+        Op::Hadamard(o) => quant::run_hadamard(cx, o, outs),
+        Op::QuantSim(o) => quant::run_quant_sim(cx, o, outs),
+        Op::IndexerTopK(o) => indexer::run_indexer_topk(cx, o, ins, outs),
+        Op::MoeGate(o) => moe::run_moe_gate(cx, o, ins, outs),
+        Op::Compressor(o) => compressor::run_compressor(cx, o, ins, outs),
+        Op::MoeExperts(o) => moe::run_moe_experts(cx, o, ins, outs),
+        Op::WindowStore(o) => attention::run_window_store(cx, o, ins, outs),
+        Op::SparseAttention(o) => attention::run_sparse_attention(cx, o, ins, outs),
     }
 }

@@ -8,7 +8,7 @@ use hal::{DType, Result};
 use super::{Buf, Ctx, View};
 
 /// The all-ones weight of width `dim`, uploaded on first use and kept by the backend.
-fn ones(cx: &mut Ctx<'_>, dim: usize) -> Result<Buf> {
+pub(crate) fn ones(cx: &mut Ctx<'_>, dim: usize) -> Result<Buf> {
     if let Some(b) = cx.st.ones.get(&dim) {
         return Ok(Buf::of(b));
     }
