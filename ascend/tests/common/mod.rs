@@ -117,39 +117,20 @@ pub fn run_child(scenario: &str, envs: &[(&str, &str)]) -> Output {
 }
 
 /// `Σ(g−w)² / Σw²`; infinite on a length mismatch or any non-finite value.
+/// NMSE of `got` against `want`; non-finite values or a length mismatch give infinity.
 pub fn nmse(got: &[f32], want: &[f32]) -> f64 {
-    if got.len() != want.len() || got.iter().chain(want).any(|v| !v.is_finite()) {
-        return f64::INFINITY;
-    }
-    let (mut num, mut den) = (0f64, 0f64);
-    for (&g, &w) in got.iter().zip(want) {
-        num += (g as f64 - w as f64).powi(2);
-        den += (w as f64).powi(2);
-    }
-    if den == 0.0 {
-        if num == 0.0 {
-            0.0
-        } else {
-            f64::INFINITY
-        }
-    } else {
-        num / den
-    }
+    v4rt_tests::metrics::compare(got, want, 0.0).nmse
 }
 
-/// A small deterministic generator (splitmix64).
-pub struct Rng(u64);
+/// Test-data draws on top of the model's deterministic generator (splitmix64).
+pub struct Rng(model::sample::Rng);
 
 impl Rng {
     pub fn new(seed: u64) -> Rng {
-        Rng(seed)
+        Rng(model::sample::Rng::new(seed))
     }
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     /// Uniform in [-1, 1).
     pub fn f32(&mut self) -> f32 {
@@ -164,12 +145,6 @@ impl Rng {
     }
 }
 
-pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-pub fn i32_bytes(v: &[i32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-pub fn bytes_f32(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-}
+// Shared by several test binaries; not every one uses these.
+#[allow(unused_imports)]
+pub use hal::dtype::{bytes_f32, f32_bytes, i32_bytes};
