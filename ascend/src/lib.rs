@@ -14,6 +14,7 @@
 //! Without hardware, the crate is exercised through `v4rt-cann-emu`, a strict emulator of the
 //! same C ABI, loaded through the unchanged production loader (see `README.md`).
 
+pub mod hccl;
 pub mod loader;
 pub mod ops;
 pub mod runtime;

@@ -181,7 +181,10 @@ abi_consts! {
     // HcclResult
     HCCL_SUCCESS: HcclResult = 0;
     HCCL_E_PARA: HcclResult = 1;
+    HCCL_E_PTR: HcclResult = 2;
     HCCL_E_NOT_SUPPORT: HcclResult = 5;
+    HCCL_E_UNAVAIL: HcclResult = 7;
+    HCCL_E_TIMEOUT: HcclResult = 9;
 
     // HcclDataType
     HCCL_DATA_TYPE_INT8: HcclDataType = 0;
@@ -189,11 +192,14 @@ abi_consts! {
     HCCL_DATA_TYPE_FP16: HcclDataType = 3;
     HCCL_DATA_TYPE_FP32: HcclDataType = 4;
     HCCL_DATA_TYPE_INT64: HcclDataType = 5;
+    HCCL_DATA_TYPE_UINT8: HcclDataType = 7;
     HCCL_DATA_TYPE_BFP16: HcclDataType = 11;
 
     // HcclReduceOp
     HCCL_REDUCE_SUM: HcclReduceOp = 0;
+    HCCL_REDUCE_PROD: HcclReduceOp = 1;
     HCCL_REDUCE_MAX: HcclReduceOp = 2;
+    HCCL_REDUCE_MIN: HcclReduceOp = 3;
 }
 
 /// aclnn status codes (`op_errno.h`; not in the checked headers).
@@ -353,7 +359,9 @@ opt_fn_table! {
         fn HcclAllReduce(sendBuf: *mut c_void, recvBuf: *mut c_void, count: u64, dataType: HcclDataType, op: HcclReduceOp, comm: HcclComm, stream: aclrtStream) -> HcclResult;
         fn HcclAllGather(sendBuf: *mut c_void, recvBuf: *mut c_void, sendCount: u64, dataType: HcclDataType, comm: HcclComm, stream: aclrtStream) -> HcclResult;
         fn HcclBroadcast(buf: *mut c_void, count: u64, dataType: HcclDataType, root: u32, comm: HcclComm, stream: aclrtStream) -> HcclResult;
+        fn HcclReduceScatter(sendBuf: *mut c_void, recvBuf: *mut c_void, recvCount: u64, dataType: HcclDataType, op: HcclReduceOp, comm: HcclComm, stream: aclrtStream) -> HcclResult;
         fn HcclBarrier(comm: HcclComm, stream: aclrtStream) -> HcclResult;
+        fn HcclGetCommAsyncError(comm: HcclComm, asyncError: *mut HcclResult) -> HcclResult;
         fn HcclGetErrorString(code: HcclResult) -> *const c_char;
     }
 }

@@ -6,12 +6,14 @@
 //!   a pageable buffer may be gone by the time a deferred copy runs.
 //! * Synchronous `aclrtMemcpy` runs at once and does not wait for queued stream work (so
 //!   reading results with it, without a synchronize, shows stale data).
+//! * The synchronize calls take the emulator lock per step, not for the whole drain: a queued
+//!   HCCL collective waits there for other ranks' threads ([`crate::state::sync_stream`]).
 
 #![allow(non_snake_case, clippy::missing_safety_doc)]
 
 use std::ffi::{c_char, c_void};
 
-use crate::state::{Event, Task};
+use crate::state::{sync_stream, Event, Task};
 use crate::{bail, codes, guard, set_thread_device, with_emu, write_out, Emu, Fail};
 
 const HOST_TO_HOST: u32 = 0;
@@ -148,11 +150,15 @@ pub extern "C" fn aclrtDestroyStream(stream: *mut c_void) -> i32 {
             if stream.is_null() {
                 bail!(codes::INVALID_PARAM, "the default stream cannot be destroyed");
             }
-            let id = e.stream_id(stream as usize)?;
+            e.stream_id(stream as usize)
+        })
+        .and_then(|id| {
             // Queued work still runs (its faults are lost with the stream).
-            let _ = e.synchronize(id);
-            e.streams.remove(&id);
-            Ok(())
+            let _ = sync_stream(id, None);
+            with_emu(|e| {
+                e.streams.remove(&id);
+                Ok(())
+            })
         })
     })
 }
@@ -160,21 +166,19 @@ pub extern "C" fn aclrtDestroyStream(stream: *mut c_void) -> i32 {
 #[no_mangle]
 pub extern "C" fn aclrtSynchronizeStream(stream: *mut c_void) -> i32 {
     guard("aclrtSynchronizeStream", || {
-        with_emu(|e| {
-            let id = e.stream_id(stream as usize)?;
-            e.synchronize(id)
-        })
+        let id = with_emu(|e| e.stream_id(stream as usize))?;
+        sync_stream(id, None)
     })
 }
 
 #[no_mangle]
 pub extern "C" fn aclrtSynchronizeDevice() -> i32 {
     guard("aclrtSynchronizeDevice", || {
-        with_emu(|e| {
+        let ids = with_emu(|e| {
             let dev = e.need_device()?;
-            let ids: Vec<usize> = e.streams.iter().filter(|(_, s)| s.device == dev).map(|(&k, _)| k).collect();
-            ids.into_iter().try_for_each(|id| e.synchronize(id))
-        })
+            Ok(e.streams.iter().filter(|(_, s)| s.device == dev).map(|(&k, _)| k).collect::<Vec<usize>>())
+        })?;
+        ids.into_iter().try_for_each(|id| sync_stream(id, None))
     })
 }
 
@@ -451,13 +455,14 @@ pub extern "C" fn aclrtStreamWaitEvent(stream: *mut c_void, event: *mut c_void) 
 #[no_mangle]
 pub extern "C" fn aclrtSynchronizeEvent(event: *mut c_void) -> i32 {
     guard("aclrtSynchronizeEvent", || {
-        with_emu(|e| {
+        let last = with_emu(|e| {
             e.need_device()?;
-            match event_mut(e, event)?.last {
-                Some((sid, seq)) => e.drain(sid, seq, 0),
-                None => Ok(()),
-            }
-        })
+            Ok(event_mut(e, event)?.last)
+        })?;
+        match last {
+            Some((sid, seq)) => sync_stream(sid, Some(seq)),
+            None => Ok(()),
+        }
     })
 }
 

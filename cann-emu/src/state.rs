@@ -6,10 +6,17 @@
 //! an event drains the recording stream up to it when the wait itself runs. A task that fails
 //! (a kernel error, a freed buffer, an injected fault) puts its stream in a sticky fault state:
 //! the rest of its queue is dropped and every later synchronize reports the same 507015 error.
+//!
+//! HCCL collectives ([`Task::Collective`]) are the one kind of task that cannot run under the
+//! emulator lock: executing one means waiting for the other ranks' threads, which need that
+//! lock to enqueue and drain their own streams. So [`Emu::drain`] stops in front of a
+//! collective and hands it back ([`Drained::Blocked`]), and the free functions
+//! [`sync_stream`] / [`advance_stream`] run it with the lock released, then pop it.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::CStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::dtype::Dt;
 use crate::memory::{Memory, TView};
@@ -48,6 +55,9 @@ pub struct Config {
     pub capacity: usize,
     pub devices: u32,
     pub eager: bool,
+    /// How long an HCCL rendezvous (communicator init, one collective) waits for the other
+    /// ranks before failing with `HCCL_E_TIMEOUT` (`V4RT_EMU_HCCL_TIMEOUT_MS`, default 10 s).
+    pub hccl_timeout: Duration,
 }
 
 impl Config {
@@ -65,6 +75,9 @@ impl Config {
             capacity: var("V4RT_EMU_MEM_MB").and_then(|v| v.parse::<usize>().ok()).unwrap_or(32 << 10) << 20,
             devices: var("V4RT_EMU_DEVICES").and_then(|v| v.parse().ok()).unwrap_or(1),
             eager: var("V4RT_EMU_EAGER").is_some_and(|v| v == "1"),
+            hccl_timeout: Duration::from_millis(
+                var("V4RT_EMU_HCCL_TIMEOUT_MS").and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(10_000),
+            ),
         }
     }
 
@@ -90,6 +103,17 @@ pub enum Task {
     Marker,
     /// Runs `stream` through `seq` first.
     Wait { stream: usize, seq: u64 },
+    /// An HCCL collective of one rank: a rendezvous with the other ranks, then their data
+    /// movement. Run outside the emulator lock (see the module docs).
+    Collective(Arc<crate::hccl::Call>),
+}
+
+/// How far [`Emu::drain`] got.
+pub enum Drained {
+    /// Everything up to the requested sequence number ran.
+    Done,
+    /// `stream` (the one drained, or one it waits on) has a collective at its front.
+    Blocked { stream: usize, seq: u64, call: Arc<crate::hccl::Call> },
 }
 
 pub struct Stream {
@@ -257,50 +281,94 @@ impl Emu {
         self.streams.get(&stream).map_or(0, |s| s.next_seq - 1)
     }
 
-    /// Runs `stream`'s tasks through `upto`; a fault is returned (and kept on the stream).
-    pub fn drain(&mut self, stream: usize, upto: u64, depth: u32) -> Result<(), Fail> {
+    /// Runs `stream`'s tasks through `upto`; a fault is returned (and kept on the stream). Stops
+    /// in front of a collective (its own or one on a stream it waits on) and reports it as
+    /// [`Drained::Blocked`], leaving it queued: only [`sync_stream`] / [`advance_stream`] run
+    /// collectives, because they can release the lock.
+    pub fn drain(&mut self, stream: usize, upto: u64, depth: u32) -> Result<Drained, Fail> {
         if depth > 64 {
             bail!(codes::RT_AICORE_EXCEPTION, "event wait cycle between streams");
         }
         loop {
-            let task = {
+            // Peek first: waits and collectives stay queued until they have completed.
+            let (seq, wait) = {
                 let Some(s) = self.streams.get_mut(&stream) else {
                     // A destroyed stream was drained when it was destroyed.
-                    return Ok(());
+                    return Ok(Drained::Done);
                 };
                 if let Some(f) = &s.fault {
                     return Err(f.clone());
                 }
                 match s.queue.front() {
-                    Some((seq, _)) if *seq <= upto => {}
-                    _ => return Ok(()),
-                }
-                match s.queue.pop_front() {
-                    Some((_, t)) => t,
-                    None => return Ok(()),
+                    Some((seq, Task::Collective(call))) if *seq <= upto => {
+                        return Ok(Drained::Blocked { stream, seq: *seq, call: call.clone() });
+                    }
+                    Some((seq, Task::Wait { stream: other, seq: until })) if *seq <= upto => (*seq, Some((*other, *until))),
+                    Some((seq, _)) if *seq <= upto => (*seq, None),
+                    _ => return Ok(Drained::Done),
                 }
             };
-            let result = match task {
-                Task::Work { name, run } => run(&mut self.mem).map_err(|m| Fail::new(codes::RT_AICORE_EXCEPTION, format!("{name}: {m}"))),
-                Task::Marker => Ok(()),
-                Task::Wait { stream: other, seq } => self.drain(other, seq, depth + 1).map_err(|f| {
-                    Fail::new(codes::RT_AICORE_EXCEPTION, format!("a stream this one waited on faulted: {}", f.msg))
-                }),
+            let result = match wait {
+                Some((other, until)) => match self.drain(other, until, depth + 1) {
+                    Ok(Drained::Done) => {
+                        self.pop_if_front(stream, seq);
+                        Ok(())
+                    }
+                    Ok(blocked @ Drained::Blocked { .. }) => return Ok(blocked),
+                    Err(f) => Err(Fail::new(codes::RT_AICORE_EXCEPTION, format!("a stream this one waited on faulted: {}", f.msg))),
+                },
+                None => match self.streams.get_mut(&stream).and_then(|s| s.queue.pop_front()) {
+                    Some((_, Task::Work { name, run })) => {
+                        run(&mut self.mem).map_err(|m| Fail::new(codes::RT_AICORE_EXCEPTION, format!("{name}: {m}")))
+                    }
+                    _ => Ok(()),
+                },
             };
             if let Err(f) = result {
-                if let Some(s) = self.streams.get_mut(&stream) {
-                    s.fault = Some(f.clone());
-                    s.queue.clear();
-                }
+                self.fault(stream, f.clone());
                 return Err(f);
             }
         }
     }
 
-    /// Runs everything queued on `stream`.
-    pub fn synchronize(&mut self, stream: usize) -> Result<(), Fail> {
-        let upto = self.last_seq(stream);
-        self.drain(stream, upto, 0)
+    /// Removes the task at the front of `stream` if it is number `seq`.
+    fn pop_if_front(&mut self, stream: usize, seq: u64) {
+        if let Some(s) = self.streams.get_mut(&stream) {
+            if s.queue.front().is_some_and(|(q, _)| *q == seq) {
+                s.queue.pop_front();
+            }
+        }
+    }
+
+    /// Puts `stream` into the sticky fault state (its remaining work is dropped).
+    fn fault(&mut self, stream: usize, f: Fail) {
+        if let Some(s) = self.streams.get_mut(&stream) {
+            s.fault = Some(f);
+            s.queue.clear();
+        }
+    }
+
+    /// Records the outcome of collective `seq` at the front of `stream`: popped on success, a
+    /// sticky fault otherwise. Another thread may have recorded it already (two threads
+    /// synchronizing one stream); then the stream's own state is the answer.
+    pub fn finish_collective(&mut self, stream: usize, seq: u64, outcome: Result<(), Fail>) -> Result<(), Fail> {
+        let Some(s) = self.streams.get_mut(&stream) else { return Ok(()) };
+        if let Some(f) = &s.fault {
+            return Err(f.clone());
+        }
+        if s.queue.front().is_none_or(|(q, _)| *q != seq) {
+            return Ok(());
+        }
+        match outcome {
+            Ok(()) => {
+                s.queue.pop_front();
+                Ok(())
+            }
+            Err(f) => {
+                self.fault(stream, f.clone());
+                Err(f)
+            }
+        }
     }
 
     /// A live tensor's record, or the matching aclnn error.
@@ -322,6 +390,50 @@ impl Emu {
         match self.scalars.get(&p) {
             Some(&s) => Ok(Some(s)),
             None => bail!(codes::ACLNN_PARAM_INVALID, "{name} ({p:#x}) is not a live aclScalar"),
+        }
+    }
+}
+
+/// Runs everything queued on `stream` up to `upto` (everything queued now when `None`),
+/// collectives included. Called without the emulator lock: a collective waits for the other
+/// ranks, whose threads need the lock meanwhile.
+pub fn sync_stream(stream: usize, upto: Option<u64>) -> Result<(), Fail> {
+    let upto = match upto {
+        Some(u) => u,
+        None => crate::with_emu(|e| Ok(e.last_seq(stream)))?,
+    };
+    loop {
+        match crate::with_emu(|e| e.drain(stream, upto, 0))? {
+            Drained::Done => return Ok(()),
+            Drained::Blocked { stream: s, seq, call } => {
+                let outcome = call.execute();
+                crate::with_emu(|e| e.finish_collective(s, seq, outcome))?;
+            }
+        }
+    }
+}
+
+/// Runs `stream` as far as it goes without waiting for another rank: its work runs, and a
+/// collective at its front is joined (arrival recorded, data moved if this was the last rank
+/// missing) but not waited for. One rank's wait calls this for the streams of the ranks it
+/// waits for, which stands in for their devices running queued work on their own; without it,
+/// one host thread driving several ranks (`HcclCommInitAll`) would wait forever on the first
+/// synchronize.
+pub fn advance_stream(stream: usize) {
+    let Ok(upto) = crate::with_emu(|e| Ok(e.last_seq(stream))) else { return };
+    // Each round either completes a collective (and goes on) or stops.
+    loop {
+        match crate::with_emu(|e| e.drain(stream, upto, 0)) {
+            Ok(Drained::Blocked { stream: s, seq, call }) => match call.arrive_only() {
+                Some(outcome) => {
+                    if crate::with_emu(|e| e.finish_collective(s, seq, outcome)).is_err() {
+                        return;
+                    }
+                }
+                None => return,
+            },
+            // Faults are reported to whoever synchronizes that stream.
+            Ok(Drained::Done) | Err(_) => return,
         }
     }
 }
