@@ -34,6 +34,7 @@
 
 pub mod acl;
 pub mod dtype;
+pub mod fused;
 pub mod hccl;
 pub mod memory;
 pub mod nnop;

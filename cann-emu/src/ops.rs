@@ -43,8 +43,8 @@ use crate::memory::{broadcast_strides, Memory, TView};
 use crate::state::{Executor, Kernel};
 use crate::{bail, codes, guard, with_emu, Emu, Fail};
 
-const P_NULL: i32 = codes::ACLNN_PARAM_NULLPTR;
-const P_INVALID: i32 = codes::ACLNN_PARAM_INVALID;
+pub(crate) const P_NULL: i32 = codes::ACLNN_PARAM_NULLPTR;
+pub(crate) const P_INVALID: i32 = codes::ACLNN_PARAM_INVALID;
 const FORMAT_ND: i32 = 2;
 
 /// Deterministic, non-zero workspace sizes (so the workspace path is always exercised).
@@ -58,20 +58,20 @@ const ARITH: &[Dt] = &[Dt::F32, Dt::F16, Dt::Bf16, Dt::F64, Dt::I8, Dt::U8, Dt::
 const INDEX: &[Dt] = &[Dt::I32, Dt::I64];
 
 /// Phase-1 argument checker: collects the tensor handles the executor must keep alive.
-struct Check<'a> {
-    e: &'a Emu,
+pub(crate) struct Check<'a> {
+    pub(crate) e: &'a Emu,
     device: i32,
-    handles: Vec<usize>,
+    pub(crate) handles: Vec<usize>,
 }
 
 impl<'a> Check<'a> {
-    fn new(e: &'a Emu) -> Result<Check<'a>, Fail> {
+    pub(crate) fn new(e: &'a Emu) -> Result<Check<'a>, Fail> {
         let device = e.need_device()?;
         Ok(Check { e, device, handles: Vec::new() })
     }
 
     /// A live, ND, SoC-computable tensor whose storage is a live allocation of this device.
-    fn tensor(&mut self, p: *const c_void, name: &str) -> Result<TView, Fail> {
+    pub(crate) fn tensor(&mut self, p: *const c_void, name: &str) -> Result<TView, Fail> {
         let t = self.e.tensor(p as usize, name)?;
         if t.format != FORMAT_ND {
             bail!(P_INVALID, "{name}: format {} is not supported (ND only)", t.format);
@@ -96,7 +96,7 @@ impl<'a> Check<'a> {
     }
 }
 
-fn need_dtype(v: &TView, name: &str, allowed: &[Dt]) -> Result<(), Fail> {
+pub(crate) fn need_dtype(v: &TView, name: &str, allowed: &[Dt]) -> Result<(), Fail> {
     if !allowed.contains(&v.dt) {
         bail!(P_INVALID, "{name}: dtype {:?} is not supported (expected one of {allowed:?})", v.dt);
     }
@@ -114,21 +114,21 @@ fn is_contiguous(v: &TView) -> bool {
     true
 }
 
-fn need_contig(v: &TView, name: &str) -> Result<(), Fail> {
+pub(crate) fn need_contig(v: &TView, name: &str) -> Result<(), Fail> {
     if !is_contiguous(v) {
         bail!(P_INVALID, "{name}: non-contiguous tensors are not supported here (dims {:?}, strides {:?})", v.dims, v.strides);
     }
     Ok(())
 }
 
-fn need_rank(v: &TView, name: &str, lo: usize, hi: usize) -> Result<(), Fail> {
+pub(crate) fn need_rank(v: &TView, name: &str, lo: usize, hi: usize) -> Result<(), Fail> {
     if v.dims.len() < lo || v.dims.len() > hi {
         bail!(P_INVALID, "{name}: rank {} outside [{lo}, {hi}]", v.dims.len());
     }
     Ok(())
 }
 
-fn need_shape(v: &TView, name: &str, want: &[i64]) -> Result<(), Fail> {
+pub(crate) fn need_shape(v: &TView, name: &str, want: &[i64]) -> Result<(), Fail> {
     if v.dims != want {
         bail!(P_INVALID, "{name}: shape {:?}, expected {want:?}", v.dims);
     }
@@ -177,7 +177,7 @@ fn promote(a: Dt, b: Dt) -> Dt {
 }
 
 /// Registers the executor and writes phase 1's out-parameters.
-unsafe fn finish(
+pub(crate) unsafe fn finish(
     e: &mut Emu,
     op: &'static str,
     workspace: u64,
@@ -200,7 +200,7 @@ unsafe fn finish(
 }
 
 /// Phase 2 shared by every op.
-fn launch(op: &'static str, workspace: *mut c_void, size: u64, executor: *mut c_void, stream: *mut c_void) -> i32 {
+pub(crate) fn launch(op: &'static str, workspace: *mut c_void, size: u64, executor: *mut c_void, stream: *mut c_void) -> i32 {
     guard(op, || {
         with_emu(|e| {
             let sid = e.stream_id(stream as usize)?;
@@ -269,6 +269,8 @@ macro_rules! phase2 {
         }
     )*};
 }
+/// Also used by `fused` for its phase-2 exports.
+pub(crate) use phase2;
 
 phase2!(
     aclnnAdd,
