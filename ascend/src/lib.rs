@@ -21,6 +21,7 @@ pub mod runtime;
 pub mod sys;
 
 use std::any::Any;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use hal::backend::{Backend, BackendInfo, Probe, Support};
@@ -76,9 +77,31 @@ impl SocProfile {
 /// ACL, and its bytes reach the host only through [`Backend::download`].
 pub struct AscendStorage {
     buf: DeviceBuffer,
+    /// Process-unique id and write generation: a load-time weight copy records them of the
+    /// scale tensor it was decoded with (`ops::lowp`), so that a later write to it is noticed.
+    uid: u64,
+    generation: AtomicU64,
+    /// This weight's load-time FP8/FP4 → BF16 copy made by `prepare` (`ops::lowp`); dropped
+    /// when the tensor's bytes are written.
+    converted: Mutex<Option<Arc<ops::lowp::Converted>>>,
 }
 
+/// Next [`AscendStorage`] id (a device address would not do: the pool reuses them).
+static NEXT_UID: AtomicU64 = AtomicU64::new(1);
+
 impl AscendStorage {
+    /// Storage for a fresh tensor: a new id, generation 0, nothing derived.
+    fn new(buf: DeviceBuffer) -> AscendStorage {
+        AscendStorage { buf, uid: NEXT_UID.fetch_add(1, Ordering::Relaxed), generation: AtomicU64::new(0), converted: Mutex::new(None) }
+    }
+
+    /// The bytes are about to change (`write`, or an op output): drop what `prepare` derived
+    /// from them, and make copies of other tensors decoded with them (as a scale) stale.
+    pub(crate) fn invalidate(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        lock(&self.converted).take();
+    }
+
     /// The device address (an opaque number; reading it on the host faults).
     pub fn device_ptr(&self) -> DevicePtr {
         self.buf.ptr()
@@ -113,6 +136,8 @@ pub(crate) struct IssueState {
     pub(crate) hadamard: std::collections::HashMap<usize, DeviceBuffer>,
     /// Decode tables for FP8/FP4/E8M0 codes (f32), by name.
     pub(crate) luts: std::collections::HashMap<&'static str, DeviceBuffer>,
+    /// FP8/FP4 weights: the load-time copies of the op being issued, and counters.
+    pub(crate) lowp: ops::lowp::LowpState,
 }
 
 /// Pending staging memory above which an upload first drains the stream (bounds host memory
@@ -175,6 +200,8 @@ impl AscendBackend {
         let api = rt.api();
         let hccl = if api.hccl.is_some() { ", HCCL" } else { "" };
         let device_desc = format!("{soc} (device {device}{mem}, {}{hccl})", api.opapi);
+        // How FP8/FP4 checkpoint weights run here: converted once by `prepare` (ops::lowp).
+        let device_desc = if profile.fp8_compute { device_desc } else { format!("{device_desc}, FP8/FP4 weights → BF16 at load (no FP8/FP4 compute)") };
         Ok(AscendBackend {
             info: BackendInfo { name: BACKEND, device: device_desc },
             rt,
@@ -189,6 +216,7 @@ impl AscendBackend {
                 ones: Default::default(),
                 hadamard: Default::default(),
                 luts: Default::default(),
+                lowp: Default::default(),
             }),
         })
     }
@@ -328,7 +356,7 @@ impl Backend for AscendBackend {
         let bytes = byte_len(shape, dtype)?;
         self.rt.bind(self.device)?;
         let buf = self.pool.alloc(bytes)?;
-        Ok(Tensor::from_storage(Box::new(AscendStorage { buf }), shape.to_vec(), dtype))
+        Ok(Tensor::from_storage(Box::new(AscendStorage::new(buf)), shape.to_vec(), dtype))
     }
 
     fn upload(&self, shape: &[usize], dtype: DType, bytes: &[u8]) -> Result<Tensor> {
@@ -339,7 +367,7 @@ impl Backend for AscendBackend {
         let mut st = self.lock_issue()?;
         let buf = self.pool.alloc(want)?;
         self.h2d_locked(&mut st, buf.ptr(), buf.capacity(), bytes)?;
-        Ok(Tensor::from_storage(Box::new(AscendStorage { buf }), shape.to_vec(), dtype))
+        Ok(Tensor::from_storage(Box::new(AscendStorage::new(buf)), shape.to_vec(), dtype))
     }
 
     fn write(&self, t: &mut Tensor, offset: usize, bytes: &[u8]) -> Result<()> {
@@ -353,6 +381,7 @@ impl Backend for AscendBackend {
             ));
         };
         let s = self.storage(t, || "write".into())?;
+        s.invalidate();
         let (dst, cap) = (s.buf.ptr().offset(start), s.buf.capacity() - start);
         let mut st = self.lock_issue()?;
         self.h2d_locked(&mut st, dst, cap, bytes)
@@ -370,19 +399,34 @@ impl Backend for AscendBackend {
             return Err(Error::Unsupported { backend: BACKEND.into(), op: op.name().into(), reason });
         }
         let sig = op.signature();
-        let ins = inputs
+        let in_st = inputs
             .iter()
             .zip(&sig.inputs)
-            .map(|(t, spec)| self.storage(t, || format!("{} input '{}'", op.name(), spec.name)).map(|s| ops::Buf::of(&s.buf)))
+            .map(|(t, spec)| self.storage(t, || format!("{} input '{}'", op.name(), spec.name)))
             .collect::<Result<Vec<_>>>()?;
+        let ins: Vec<ops::Buf> = in_st.iter().map(|s| ops::Buf::of(&s.buf)).collect();
         let outs = outputs
             .iter()
             .zip(&sig.outputs)
-            .map(|(t, spec)| self.storage(t, || format!("{} output '{}'", op.name(), spec.name)).map(|s| ops::Buf::of(&s.buf)))
+            .map(|(t, spec)| {
+                // The op writes it: whatever `prepare` derived from its bytes is stale.
+                self.storage(t, || format!("{} output '{}'", op.name(), spec.name)).map(|s| {
+                    s.invalidate();
+                    ops::Buf::of(&s.buf)
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
+        let copies = ops::lowp::attached(op, &in_st);
         let mut st = self.lock_issue()?;
+        // This op's load-time weight copies (ops::lowp); every run replaces them.
+        st.lowp.current = copies;
         let mut cx = ops::Ctx { be: self, st: &mut st };
         ops::dispatch(&mut cx, op, &ins, &outs)
+    }
+
+    fn prepare(&self, op: &Op, weights: &[Option<&Tensor>]) -> Result<hal::backend::Prepared> {
+        // FP8/FP4 weights on a SoC without FP8/FP4 compute: one exact BF16 copy (ops::lowp).
+        self.prepare_lowp(op, weights)
     }
 
     fn synchronize(&self) -> Result<()> {

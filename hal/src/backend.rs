@@ -35,6 +35,57 @@ pub struct Calibration {
     pub gemm_method: String,
 }
 
+/// What [`Backend::prepare`] did with an op's weights (the default: nothing).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Prepared {
+    /// Weight tensors the backend now also keeps in a converted form.
+    pub converted: usize,
+    /// Device bytes those converted copies occupy, on top of the tensors themselves.
+    pub bytes: usize,
+    /// Weight tensors left in their uploaded format although the backend would have converted
+    /// them (for example: no device memory for the copy); they take the per-call path.
+    pub kept: usize,
+    /// What was converted to what, and why; empty when nothing was done.
+    pub note: String,
+}
+
+impl Prepared {
+    /// Adds `other` to this summary (counts summed, first non-empty note kept).
+    pub fn absorb(&mut self, other: Prepared) {
+        self.converted += other.converted;
+        self.bytes += other.bytes;
+        self.kept += other.kept;
+        if self.note.is_empty() {
+            self.note = other.note;
+        }
+    }
+}
+
+/// Checks the arguments of [`Backend::prepare`]: one entry per input of [`Op::signature`],
+/// and every tensor given matches its spec (the descriptor's row count does not matter for
+/// weights, whose shapes do not depend on it). The default `prepare` runs only this.
+pub fn check_prepare(op: &Op, weights: &[Option<&Tensor>]) -> Result<()> {
+    op.check_params()?;
+    let sig = op.signature();
+    if weights.len() != sig.inputs.len() {
+        return Err(Error::invalid(
+            format!("{} prepare", op.name()),
+            format!("expected {} inputs (None for per-call ones), got {}", sig.inputs.len(), weights.len()),
+        ));
+    }
+    for (spec, t) in sig.inputs.iter().zip(weights) {
+        if let Some(t) = t {
+            if t.shape() != spec.shape.as_slice() || t.dtype() != spec.dtype {
+                return Err(Error::invalid(
+                    format!("{} prepare input '{}'", op.name(), spec.name),
+                    format!("expected {} {:?}, got {} {:?}", spec.dtype, spec.shape, t.dtype(), t.shape()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A compute device with its own memory and one in-order stream.
 ///
 /// Contract shared by every implementation:
@@ -78,6 +129,28 @@ pub trait Backend: Send + Sync {
             op: "calibrate".into(),
             reason: "this backend does not measure its copy bandwidth and GEMM rate".into(),
         })
+    }
+
+    /// Load-time hook for persistent weights. `weights` follows [`Op::signature`]'s inputs:
+    /// `Some` for the tensors that stay the same across calls (a `Linear`'s `weight`/`scale`,
+    /// `MoeExperts`' `w1`…`w2_scale`), `None` for per-call inputs (activations, routing); the
+    /// descriptor's row count is irrelevant. The model calls it once after uploading, for every
+    /// op it will issue with FP8/FP4 weights; it may be called for any op, any number of times.
+    ///
+    /// A backend may derive another format then (e.g. convert FP8/FP4 weights a chip cannot
+    /// compute into one it can) instead of converting on every `run`. Contract:
+    /// * later `run` results stay within the op's tolerance whether or not `prepare` ran; a
+    ///   lossless conversion (the only kind the backends here do) keeps them bit-identical;
+    /// * the tensors keep their bytes: `download` returns what was uploaded;
+    /// * writing a tensor (`write`, or as an op output) discards whatever was derived from it,
+    ///   so the next `run` uses the new bytes; derived data is freed with the tensor;
+    /// * a mismatch against the signature is [`Error::InvalidArgument`] naming the op and
+    ///   tensor, as for `run`.
+    ///
+    /// The default validates ([`check_prepare`]) and does nothing.
+    fn prepare(&self, op: &Op, weights: &[Option<&Tensor>]) -> Result<Prepared> {
+        check_prepare(op, weights)?;
+        Ok(Prepared::default())
     }
 }
 

@@ -98,6 +98,12 @@ impl Model {
         self.backend.as_ref()
     }
 
+    /// What the backend did with the FP8/FP4 weights at load ([`Backend::prepare`]): tensors
+    /// converted, bytes of the copies, and why (all zero and empty when it kept them as is).
+    pub fn prepared(&self) -> &hal::backend::Prepared {
+        &self.weights.prepared
+    }
+
     /// A cache for this model on its backend.
     pub fn new_cache(&self, slots: usize, capacity: usize) -> Result<KvCache> {
         KvCache::new(&self.cfg, self.backend(), slots, capacity)

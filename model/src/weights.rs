@@ -4,9 +4,17 @@
 //! (stacked per layer so a device backend sees one buffer), bf16 compressor/indexer/head
 //! weights. Converted on load, as the reference does: `wo_a` FP8 → f32 (exact, convert.py),
 //! norm weights and the gate weight bf16 → f32, `tid2eid` i64 → i32.
+//!
+//! After uploading, every FP8/FP4 linear and every layer's routed experts go through
+//! [`Backend::prepare`] once, so that a backend may convert them for its chip at load (the
+//! Ascend backend makes exact BF16 copies on 910B/910C, which have no FP8/FP4 compute);
+//! [`Weights::prepared`] sums up what the backend did.
 
-use hal::ops::WeightFormat;
-use hal::{Backend, DType, Tensor};
+use std::cell::RefCell;
+
+use hal::backend::Prepared;
+use hal::ops::{Linear, MoeExperts, WeightFormat};
+use hal::{Backend, DType, Op, Tensor};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{ExpertFormat, ModelConfig};
@@ -85,6 +93,8 @@ pub struct Weights {
     pub hc_head: HcW,
     pub blocks: Vec<BlockW>,
     pub mtp: Vec<MtpW>,
+    /// What the backend's load-time `prepare` did with the FP8/FP4 weights, summed.
+    pub prepared: Prepared,
 }
 
 /// Reads tensors from a checkpoint and uploads them.
@@ -92,6 +102,7 @@ struct Loader<'a> {
     ck: &'a Checkpoint,
     cfg: &'a ModelConfig,
     b: &'a dyn Backend,
+    prepared: RefCell<Prepared>,
 }
 
 impl Loader<'_> {
@@ -104,6 +115,18 @@ impl Loader<'_> {
     fn f32(&self, name: &str, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         let values = hal::dtype::decode_to_f32(dtype, self.ck.get(name, dtype, shape)?);
         Ok(self.b.upload(shape, DType::F32, &hal::dtype::f32_bytes(&values))?)
+    }
+
+    /// Offers `op`'s weights (`Some` in `weights`) to the backend's load-time `prepare`; a
+    /// failure is a load error naming `tensor`.
+    fn prepare(&self, tensor: &str, op: Op, weights: &[Option<&Tensor>]) -> Result<()> {
+        let done = self.b.prepare(&op, weights).map_err(|e| LoadError::Tensor {
+            file: self.ck.source_of(tensor),
+            tensor: tensor.to_string(),
+            message: format!("preparing it for the {} backend: {e}", self.b.info().name),
+        })?;
+        self.prepared.borrow_mut().absorb(done);
+        Ok(())
     }
 
     fn norm(&self, prefix: &str, dim: usize) -> Result<Tensor> {
@@ -119,6 +142,10 @@ impl Loader<'_> {
             Some(s) => Some(self.raw(&format!("{prefix}.scale"), s.dtype, &s.shape)?),
             None => None,
         };
+        if format.quantizes_input() {
+            let op = Op::Linear(Linear { rows: 0, in_features: inp, out_features: out, format });
+            self.prepare(&format!("{prefix}.weight"), op, &[None, Some(&weight), scale.as_ref()])?;
+        }
         Ok(LinearW { format, out, inp, weight, scale })
     }
 
@@ -214,6 +241,18 @@ impl Loader<'_> {
                 tensors.push(self.b.upload(&shape, spec.dtype, &bytes)?);
             }
         }
+        let op = MoeExperts {
+            rows: 0,
+            dim: c.dim,
+            inter: c.moe_inter_dim,
+            experts: c.n_routed_experts,
+            topk: c.n_activated_experts,
+            swiglu_limit: c.swiglu_limit,
+            format,
+        };
+        let mut weights: Vec<Option<&Tensor>> = vec![None; 3];
+        weights.extend(tensors.iter().map(Some));
+        self.prepare(&format!("{prefix}.experts"), Op::MoeExperts(op), &weights)?;
         Ok(ExpertsW { format, tensors })
     }
 
@@ -268,7 +307,7 @@ impl Loader<'_> {
 impl Weights {
     /// Uploads every weight of `cfg` from `ck` (which the caller validated) to `b`.
     pub fn load(cfg: &ModelConfig, ck: &Checkpoint, b: &dyn Backend) -> Result<Weights> {
-        let l = Loader { ck, cfg, b };
+        let l = Loader { ck, cfg, b, prepared: RefCell::new(Prepared::default()) };
         let (v, d, m) = (cfg.vocab_size, cfg.dim, cfg.hc_mult);
         let blocks = (0..cfg.n_layers)
             .map(|i| l.block(&format!("layers.{i}."), cfg.layer_ratio(i), cfg.is_hash_layer(i)))
@@ -294,6 +333,7 @@ impl Weights {
             hc_head: l.hc("", "head", m)?,
             blocks,
             mtp,
+            prepared: l.prepared.into_inner(),
         })
     }
 }

@@ -10,7 +10,8 @@
 //!   A bf16×bf16 cube product (casting x down) would be ~2× faster but gives NMSE ≈ 6e-6,
 //!   far outside the 1e-9 bound. The per-call widening costs one weight-sized temporary.
 //! * `aclnnMatmul` (same arguments) stands in when `aclnnMm` is missing.
-//! * FP8/FP4 formats: `super::lowp` (dequantize per SoC profile, act_quant on the host).
+//! * FP8/FP4 formats: `super::lowp` (the weight's load-time BF16 copy widened, or without
+//!   `prepare` a per-call dequantization per SoC profile; act_quant on the host).
 //! * [`GroupedLinear`] (block-diagonal `wo_a`): one `aclnnBatchMatMul` over the groups, with
 //!   `x` viewed as `[G, R, in_g]` (strides `(in_g, G·in_g, 1)`) and `W` as `[G, in_g, out_g]`
 //!   (strides `(out_g·in_g, 1, in_g)`), into a `[G, R, out_g]` temporary that
@@ -70,7 +71,8 @@ pub fn run_linear(cx: &mut Ctx<'_>, op: &Linear, ins: &[Buf], outs: &[Buf]) -> R
     }
     if op.format.quantizes_input() {
         let profile = cx.be.profile.clone();
-        return super::lowp::linear_lowp(cx, &profile, op.format, ins[0], ins[1], ins[2], outs[0], r, k, n);
+        let copy = super::lowp::current(cx, 1);
+        return super::lowp::linear_lowp(cx, &profile, op.format, copy.as_deref(), ins[0], ins[1], ins[2], outs[0], r, k, n);
     }
     let x = View::new(ins[0], DType::F32, &[r, k]);
     let y = View::new(outs[0], DType::F32, &[r, n]);

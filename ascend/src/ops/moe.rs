@@ -219,8 +219,9 @@ pub fn supports_moe_experts(m: &MoeExperts, ops: &AclnnOps) -> Support {
 /// SwiGLU composition above, `aclnnMul` by the gathered route weights, act_quant (host), the
 /// `W2` matmul, and `y[rows] = aclnnAdd(aclnnIndexSelect(y, rows), ·)` written back with
 /// `aclnnInplaceScatter` (rows). **Known slow path:** the routing table is read on the host (one
-/// D2H, also needed to reject repeated experts as the HAL requires), every expert's weight is
-/// dequantized per call, and each expert's `h` makes a host round trip for act_quant.
+/// D2H, also needed to reject repeated experts as the HAL requires), and each expert's `h`
+/// makes a host round trip for act_quant. Each used expert's three matrices are widened from
+/// their load-time BF16 copies (`Backend::prepare`, 910B/910C) or else dequantized per call.
 pub fn run_moe_experts(cx: &mut Ctx<'_>, op: &MoeExperts, ins: &[Buf], outs: &[Buf]) -> Result<()> {
     let name = "moe_experts";
     if op.swiglu_limit.is_nan() || op.swiglu_limit < 0.0 {
@@ -262,6 +263,8 @@ pub fn run_moe_experts(cx: &mut Ctx<'_>, op: &MoeExperts, ins: &[Buf], outs: &[B
     };
     let (s13, s2) = (sizes(inter, d), sizes(d, inter));
     let part = |b: Buf, e: usize, bytes: usize| Buf { ptr: b.ptr.offset(e * bytes), len: bytes };
+    // Load-time copies of w1, w3, w2 (`prepare`), when `run` attached them.
+    let copies = [3, 5, 7].map(|i| super::lowp::current(cx, i));
     let xq_buf = super::lowp::act_quant(cx, ins[0], r, d)?;
     let xq = View::of_temp(&xq_buf, DType::F32, &[r, d]);
     let y = View::new(outs[0], DType::F32, &[r, d]);
@@ -282,7 +285,8 @@ pub fn run_moe_experts(cx: &mut Ctx<'_>, op: &MoeExperts, ins: &[Buf], outs: &[B
         super::attention::index_select_dim(cx, &xq, 0, &rows_v, &xe)?;
         let (gb, ub) = (cx.temp(&[n, inter], DType::F32)?, cx.temp(&[n, inter], DType::F32)?);
         for (wi, out) in [(3usize, &gb), (5, &ub)] {
-            let (_wb, wv) = super::lowp::dequant(cx, &profile, fmt, part(ins[wi], e, s13[0]), part(ins[wi + 1], e, s13[1]), inter, d)?;
+            let copy = copies[(wi - 3) / 2].as_deref();
+            let (_wb, wv) = super::lowp::weight_f32(cx, &profile, fmt, copy, e, part(ins[wi], e, s13[0]), part(ins[wi + 1], e, s13[1]), inter, d)?;
             ms(cx, &xe, &wv.strided(&[d, inter], &[1, d], 0), &View::of_temp(out, DType::F32, &[n, inter]))?;
         }
         let hb = cx.temp(&[n, inter], DType::F32)?;
@@ -293,7 +297,7 @@ pub fn run_moe_experts(cx: &mut Ctx<'_>, op: &MoeExperts, ins: &[Buf], outs: &[B
         let hwb = cx.temp(&[n, inter], DType::F32)?;
         cx.mul(&View::of_temp(&hb, DType::F32, &[n, inter]), &wt.reshape(&[n, 1]), &View::of_temp(&hwb, DType::F32, &[n, inter]))?;
         let hq = super::lowp::act_quant(cx, Buf::of(&hwb), n, inter)?;
-        let (_w2b, w2) = super::lowp::dequant(cx, &profile, fmt, part(ins[7], e, s2[0]), part(ins[8], e, s2[1]), d, inter)?;
+        let (_w2b, w2) = super::lowp::weight_f32(cx, &profile, fmt, copies[2].as_deref(), e, part(ins[7], e, s2[0]), part(ins[8], e, s2[1]), d, inter)?;
         let yeb = cx.temp(&[n, d], DType::F32)?;
         let ye = View::of_temp(&yeb, DType::F32, &[n, d]);
         ms(cx, &View::of_temp(&hq, DType::F32, &[n, inter]), &w2.strided(&[inter, d], &[1, inter], 0), &ye)?;
