@@ -24,7 +24,7 @@ use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use hal::backend::{Backend, BackendInfo, Probe, Support};
+use hal::backend::{Backend, BackendInfo, Numerics, Probe, Support};
 use hal::{DType, Error, Op, Result, Storage, Tensor};
 
 use loader::SearchConfig;
@@ -154,6 +154,8 @@ pub struct AscendBackend {
     stream: Arc<Stream>,
     pool: Arc<Pool>,
     profile: SocProfile,
+    /// Use CANN's fused DeepSeek-V4 ops where they apply (`V4RT_ASCEND_OPS`, default on).
+    fused_ops: bool,
     issue: Mutex<IssueState>,
 }
 
@@ -181,6 +183,7 @@ pub fn probe() -> Probe {
 impl AscendBackend {
     /// Loads CANN (once per process), initializes ACL, and opens `device` with a new stream.
     pub fn open(cfg: &SearchConfig, device: i32) -> std::result::Result<AscendBackend, String> {
+        let fused_ops = ops::fused::policy_from_env()?;
         let rt = Runtime::global(cfg)?;
         let count = rt.device_count().map_err(|e| e.to_string())?;
         if count == 0 {
@@ -199,7 +202,9 @@ impl AscendBackend {
             .unwrap_or_default();
         let api = rt.api();
         let hccl = if api.hccl.is_some() { ", HCCL" } else { "" };
-        let device_desc = format!("{soc} (device {device}{mem}, {}{hccl})", api.opapi);
+        let fused = sys::FusedOps::NAMES.len() - api.fused.missing().len();
+        let path = if fused_ops { format!("fused ops: {fused}/{} exported", sys::FusedOps::NAMES.len()) } else { "fused ops off".into() };
+        let device_desc = format!("{soc} (device {device}{mem}, {}{hccl}, {path})", api.opapi);
         // How FP8/FP4 checkpoint weights run here: converted once by `prepare` (ops::lowp).
         let device_desc = if profile.fp8_compute { device_desc } else { format!("{device_desc}, FP8/FP4 weights → BF16 at load (no FP8/FP4 compute)") };
         Ok(AscendBackend {
@@ -209,6 +214,7 @@ impl AscendBackend {
             stream,
             pool,
             profile,
+            fused_ops,
             issue: Mutex::new(IssueState {
                 pending: Vec::new(),
                 pending_bytes: 0,
@@ -219,6 +225,15 @@ impl AscendBackend {
                 lowp: Default::default(),
             }),
         })
+    }
+
+    /// The fused CANN kernel `op` runs through here, if any (`None`: its composition).
+    pub fn fused_kernel(&self, op: &Op) -> Option<&'static str> {
+        let api = self.rt.api();
+        if !self.fused_ops {
+            return None;
+        }
+        ops::fused::kernel_for(op, &api.fused, &api.ops, &self.profile)
     }
 
     /// The SoC profile (what formats the device computes natively).
@@ -349,7 +364,14 @@ impl Backend for AscendBackend {
     }
 
     fn supports(&self, op: &Op) -> Support {
+        if self.fused_kernel(op).is_some() {
+            return Support::Yes;
+        }
         ops::supports(op, &self.rt.api().ops, &self.profile)
+    }
+
+    fn numerics(&self, op: &Op) -> Numerics {
+        ops::fused::numerics(self.fused_kernel(op))
     }
 
     fn alloc(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
@@ -416,12 +438,13 @@ impl Backend for AscendBackend {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let fused_path = self.fused_kernel(op).is_some();
         let copies = ops::lowp::attached(op, &in_st);
         let mut st = self.lock_issue()?;
         // This op's load-time weight copies (ops::lowp); every run replaces them.
         st.lowp.current = copies;
         let mut cx = ops::Ctx { be: self, st: &mut st };
-        ops::dispatch(&mut cx, op, &ins, &outs)
+        ops::dispatch(&mut cx, op, &ins, &outs, fused_path)
     }
 
     fn prepare(&self, op: &Op, weights: &[Option<&Tensor>]) -> Result<hal::backend::Prepared> {

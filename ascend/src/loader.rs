@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
 
-use crate::sys::{AclFns, AclOptFns, AclnnOps, HcclFns, NnopFns, NnopOptFns};
+use crate::sys::{AclFns, AclOptFns, AclnnOps, FusedOps, HcclFns, NnopFns, NnopOptFns};
 
 /// Why CANN could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +149,8 @@ pub struct Api {
     pub nnop_opt: NnopOptFns,
     /// aclnn op pairs; `None` where a pair is missing from the loaded op libraries.
     pub ops: AclnnOps,
+    /// CANN's fused DeepSeek-V4 ops (`docs/ascend-fused.md`); `None` where not exported.
+    pub fused: FusedOps,
     /// HCCL, when `libhccl.so` (and, in newer layouts, `libhcomm.so`) is present.
     pub hccl: Option<HcclFns>,
     /// The directory `libascendcl.so` was found in (`None`: found through the loader path).
@@ -302,6 +304,7 @@ pub fn load(cfg: &SearchConfig) -> Result<Api, LoadError> {
     let nnop = unsafe { NnopFns::resolve(nnop_lib) }.map_err(missing(nnop_lib))?;
     let nnop_opt = unsafe { NnopOptFns::resolve(&[nnop_lib]) };
     let ops = unsafe { AclnnOps::resolve(&op_libs) };
+    let fused = unsafe { FusedOps::resolve(&op_libs) };
     let hccl = if hccl_libs.is_empty() { None } else { Some(unsafe { HcclFns::resolve(&hccl_libs) }) };
 
     let mut libs = vec![acl_lib, nnop_lib];
@@ -313,6 +316,7 @@ pub fn load(cfg: &SearchConfig) -> Result<Api, LoadError> {
         nnop,
         nnop_opt,
         ops,
+        fused,
         hccl,
         lib_dir: found,
         opapi,

@@ -490,3 +490,20 @@ aclnn_table! {
         Gather(self_: *const aclTensor, dim: i64, index: *const aclTensor, out: *mut aclTensor);
     }
 }
+
+aclnn_table! {
+    /// CANN's fused DeepSeek-V4 ops (ops-transformer, CANN 9.0/9.1), used when exported; the
+    /// prototypes and our reading of every argument are in `docs/ascend-fused.md`.
+    pub struct FusedOps {
+        /// mHC post-mix: `out[t,k] = hPost[t,k]·hOut[t] + Σ_j hRes[t,j,k]·x[t,j]` (A2/A3/950).
+        MhcPost(x: *const aclTensor, hRes: *const aclTensor, hOut: *const aclTensor, hPost: *const aclTensor, out: *mut aclTensor);
+        /// mHC pre-mix: RMS-normalized projection, gates and the sub-layer input (950 only).
+        MhcPre(x: *const aclTensor, phi: *const aclTensor, alpha: *const aclTensor, bias: *const aclTensor, gammaOptional: *const aclTensor, normEps: f64, hcEps: f64, hIn: *mut aclTensor, hPost: *mut aclTensor, hRes: *mut aclTensor, invRmsOptional: *mut aclTensor, hMixOptional: *mut aclTensor, hPreOptional: *mut aclTensor);
+        /// DSA lightning indexer: `Σ_g w·ReLU(q·k)` then top-k (A2/A3/950, CANN 9.0).
+        LightningIndexer(query: *const aclTensor, key: *const aclTensor, weights: *const aclTensor, actualSeqLengthsQueryOptional: *const aclTensor, actualSeqLengthsKeyOptional: *const aclTensor, blockTableOptional: *const aclTensor, layoutQueryOptional: *mut c_char, layoutKeyOptional: *mut c_char, sparseCount: i64, sparseMode: i64, preTokens: i64, nextTokens: i64, returnValues: bool, sparseIndicesOut: *mut aclTensor, sparseValuesOut: *mut aclTensor);
+        /// Task split for `SparseFlashMla`; must be generated with the main op's parameters.
+        SparseFlashMlaMetadata(cuSeqlensQOptional: *const aclTensor, cuSeqlensOriKvOptional: *const aclTensor, cuSeqlensCmpKvOptional: *const aclTensor, sequsedQOptional: *const aclTensor, sequsedOriKvOptional: *const aclTensor, sequsedCmpKvOptional: *const aclTensor, cmpResidualKvOptional: *const aclTensor, oriTopkLengthOptional: *const aclTensor, cmpTopkLengthOptional: *const aclTensor, numHeadsQ: i64, numHeadsKv: i64, headDim: i64, batchSize: i64, maxSeqlenQ: i64, maxSeqlenKv: i64, cmpRatio: i64, oriMaskMode: i64, cmpMaskMode: i64, oriWinLeft: i64, oriWinRight: i64, layoutQ: *mut c_char, layoutKv: *mut c_char, hasOriKv: bool, hasCmpKv: bool, metaData: *mut aclTensor);
+        /// The V4 attention: shared K = V over window (ori) and compressed (cmp) keys, sinks.
+        SparseFlashMla(q: *const aclTensor, oriKvOptional: *const aclTensor, cmpKvOptional: *const aclTensor, oriSparseIndicesOptional: *const aclTensor, cmpSparseIndicesOptional: *const aclTensor, oriBlockTableOptional: *const aclTensor, cmpBlockTableOptional: *const aclTensor, cuSeqlensQOptional: *const aclTensor, cuSeqlensOriKvOptional: *const aclTensor, cuSeqlensCmpKvOptional: *const aclTensor, sequsedQOptional: *const aclTensor, sequsedOriKvOptional: *const aclTensor, sequsedCmpKvOptional: *const aclTensor, cmpResidualKvOptional: *const aclTensor, oriTopkLengthOptional: *const aclTensor, cmpTopkLengthOptional: *const aclTensor, sinksOptional: *const aclTensor, metadataOptional: *const aclTensor, softmaxScale: f64, cmpRatio: i64, oriMaskMode: i64, cmpMaskMode: i64, oriWinLeft: i64, oriWinRight: i64, layoutQ: *mut c_char, layoutKv: *mut c_char, topkValueMode: i64, returnSoftmaxLse: bool, attnOutOut: *mut aclTensor, softmaxLseOutOptional: *mut aclTensor);
+    }
+}

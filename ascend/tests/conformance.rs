@@ -1,36 +1,57 @@
-//! The shared conformance suite (`v4rt_tests::conformance`) against cpu-ref, run on the
-//! Ascend backend through the CANN emulator, once per SoC profile.
+//! The whole conformance suite (`v4rt_tests::conformance`: every op case, the real V4 shapes
+//! included, then the end-to-end golden tiers on tiny-flash) against cpu-ref, run on the
+//! Ascend backend through the CANN emulator, for both SoC profiles × both op paths:
 //!
-//! The SoC profile is read by the emulator at `aclInit`, once per process, so each profile
-//! runs in a child process (`V4RT_EMU_SOC`). Every case must pass; ops answering
-//! `supports() == No` are printed, and since the emulator exports every aclnn op the backend
-//! uses, none may be unsupported. `V4RT_ASCEND_CONFORMANCE_LARGE=1` adds the real V4 shapes,
-//! `V4RT_ASCEND_CONFORMANCE_MAX_CASES=N` caps the cases per op variant.
+//! | test | `V4RT_EMU_SOC` | `V4RT_ASCEND_OPS` |
+//! |---|---|---|
+//! | `conformance_910b_fused` | Ascend910B3 | fused (CANN's DeepSeek-V4 ops where they apply) |
+//! | `conformance_910b_composed` | Ascend910B3 | composed (generic aclnn ops only) |
+//! | `conformance_950_fused` | Ascend950PR | fused |
+//! | `conformance_950_composed` | Ascend950PR | composed |
+//!
+//! The emulator reads its profile at `aclInit`, once per process, so each configuration runs in
+//! a child process. Every case and every gating end-to-end check must pass, nothing may be
+//! unsupported (the emulator exports every aclnn op the backend uses), and the fused runs must
+//! really have used fused kernels (cases reported in bf16 numerics) while the composed runs
+//! must not. `V4RT_ASCEND_CONFORMANCE_QUICK=1` keeps the small op cases only (no real shapes,
+//! no end to end) for a fast local loop.
 
 mod common;
+
+use std::sync::Arc;
 
 use common::{run_child, use_emulator, CHILD_ENV};
 use hal::backend::Backend;
 use v4rt_ascend::loader::SearchConfig;
 use v4rt_ascend::AscendBackend;
-use v4rt_tests::conformance::{run_suite, RowResult, SuiteOptions};
+use v4rt_tests::conformance::{checks_passed, checks_table, end_to_end, run_suite, RowResult, SuiteOptions};
 
-fn run_profile(soc: &str) {
-    let out = run_child("conformance", &[("V4RT_EMU_SOC", soc)]);
+fn run_config(soc: &str, ops: &str) {
+    let out = run_child("conformance", &[("V4RT_EMU_SOC", soc), ("V4RT_ASCEND_OPS", ops)]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("==== {soc} ====\n{stdout}");
-    assert!(out.status.success() && stdout.contains("CHILD-OK"), "conformance on {soc} failed: {}\n{stdout}\n{stderr}", out.status);
+    println!("==== {soc}, {ops} ====\n{stdout}");
+    assert!(out.status.success() && stdout.contains("CHILD-OK"), "conformance on {soc} ({ops}) failed: {}\n{stdout}\n{stderr}", out.status);
 }
 
 #[test]
-fn conformance_ascend910b() {
-    run_profile("Ascend910B3");
+fn conformance_910b_fused() {
+    run_config("Ascend910B3", "fused");
 }
 
 #[test]
-fn conformance_ascend950() {
-    run_profile("Ascend950PR");
+fn conformance_910b_composed() {
+    run_config("Ascend910B3", "composed");
+}
+
+#[test]
+fn conformance_950_fused() {
+    run_config("Ascend950PR", "fused");
+}
+
+#[test]
+fn conformance_950_composed() {
+    run_config("Ascend950PR", "composed");
 }
 
 /// Entry point of the child processes above (does nothing in a normal run).
@@ -39,25 +60,18 @@ fn child_entry() {
     let Ok(scenario) = std::env::var(CHILD_ENV) else { return };
     assert_eq!(scenario, "conformance");
     use_emulator();
-    let be = AscendBackend::open(&SearchConfig::from_env(), 0).expect("emulated ascend backend");
-    let reference = cpu_ref::CpuBackend::new();
-    // The emulator runs every kernel in f64 on one host thread, so the real V4-Flash/V4-Pro
-    // shapes are opt-in (`V4RT_ASCEND_CONFORMANCE_LARGE=1`); every small case runs (≈ 3 s).
-    let max_cases = std::env::var("V4RT_ASCEND_CONFORMANCE_MAX_CASES").ok().and_then(|v| v.parse().ok());
-    let include_large = std::env::var("V4RT_ASCEND_CONFORMANCE_LARGE").is_ok_and(|v| v == "1");
-    let opts = SuiteOptions { allow_unsupported: true, include_large, max_cases_per_variant: max_cases, ..Default::default() };
-    let report = run_suite(&be, &reference, &opts);
+    let fused = std::env::var("V4RT_ASCEND_OPS").map_or(true, |v| v != "composed");
+    let quick = std::env::var("V4RT_ASCEND_CONFORMANCE_QUICK").is_ok_and(|v| v == "1");
+    let be = Arc::new(AscendBackend::open(&SearchConfig::from_env(), 0).expect("emulated ascend backend"));
+    let reference = Arc::new(cpu_ref::CpuBackend::new());
+    println!("device: {}", be.info().device);
+    let opts = SuiteOptions { allow_unsupported: true, include_large: !quick, ..Default::default() };
+    let report = run_suite(be.as_ref(), reference.as_ref(), &opts);
     println!("{}", report.table());
     let rows = report.rows();
     let unsupported: Vec<String> = rows.iter().filter(|r| r.result == RowResult::Unsupported).map(|r| r.op.clone()).collect();
-    let passing: Vec<String> = rows
-        .iter()
-        .filter(|r| r.result == RowResult::Pass)
-        .map(|r| format!("{} (worst nmse {})", r.op, r.worst_nmse.map_or("-".into(), |n| format!("{n:.2e}"))))
-        .collect();
-    println!("device: {}", be.info().device);
-    println!("PASSING ({}): {}", passing.len(), passing.join(", "));
-    println!("UNSUPPORTED ({}): {}", unsupported.len(), unsupported.join(", "));
+    let bf16_cases = report.cases.iter().filter(|c| c.numerics.is_some()).count();
+    println!("cases: {}, run through fused kernels (bf16 class): {bf16_cases}", report.cases.len());
     let failures = report.failures();
     for (c, f) in &failures {
         println!("FAIL {} [{}] {}: {} {}: {}", c.variant, c.label, c.descriptor, f.kind.name(), f.tensor, f.detail);
@@ -66,5 +80,16 @@ fn child_entry() {
     // The emulator exports every aclnn op the backend uses, so nothing may be unsupported here
     // (a real toolkit missing an op would legitimately list it).
     assert!(unsupported.is_empty(), "unsupported through the emulator: {unsupported:?}");
+    if fused {
+        assert!(bf16_cases > 0, "the fused path ran no case through a fused kernel");
+    } else {
+        assert_eq!(bf16_cases, 0, "V4RT_ASCEND_OPS=composed still ran fused kernels");
+    }
+    if !quick {
+        let golden = v4rt_tests::tiers::golden_dir().join("tiny-flash");
+        let checks = end_to_end(be.clone(), reference, &golden);
+        println!("end to end (tiny-flash goldens):\n{}", checks_table(&checks));
+        assert!(checks_passed(&checks), "end-to-end tiers failed");
+    }
     println!("CHILD-OK conformance");
 }

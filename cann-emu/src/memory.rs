@@ -229,6 +229,11 @@ impl Memory {
         Some((v.addr + v.offset as usize * size, (max - v.offset) as usize * size + size))
     }
 
+    /// Whether the view is row-major contiguous (its span holds exactly its elements, in order).
+    fn is_dense(v: &TView) -> bool {
+        v.strides == contiguous_strides(&v.dims)
+    }
+
     /// Checks the view lies inside one live allocation.
     pub fn check_view(&self, v: &TView) -> Result<(), String> {
         if let Some((start, len)) = Self::view_span(v) {
@@ -254,6 +259,14 @@ impl Memory {
         };
         let bytes = self.bytes(first, len)?;
         let size = v.dt.size();
+        if out_dims.is_none() && Self::is_dense(v) {
+            // The common case, kept off the per-element index walk (the emulator's hot path).
+            match v.dt {
+                Dt::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)),
+                dt => out.extend(bytes.chunks_exact(size).map(|c| dt.load(c))),
+            }
+            return Ok(out);
+        }
         for_each_offset(dims, &strides, 0, |off| {
             let b = off as usize * size;
             out.push(v.dt.load(&bytes[b..b + size]));
@@ -274,6 +287,13 @@ impl Memory {
         }
         let bytes = self.bytes_mut(first, len)?;
         let size = v.dt.size();
+        if Self::is_dense(v) {
+            match v.dt {
+                Dt::F32 => bytes.chunks_exact_mut(4).zip(vals).for_each(|(c, &x)| c.copy_from_slice(&(x as f32).to_le_bytes())),
+                dt => bytes.chunks_exact_mut(size).zip(vals).for_each(|(c, &x)| dt.store(x, c)),
+            }
+            return Ok(());
+        }
         let mut it = vals.iter();
         for_each_offset(&v.dims, &v.strides, 0, |off| {
             let b = off as usize * size;

@@ -96,6 +96,25 @@ impl<'a> Check<'a> {
     }
 }
 
+/// `a [m, k] · b [k, n]` in f64, each output summed over `t = 0..k` in order (`b` is
+/// transposed first so the inner loop reads both operands contiguously; same sums).
+fn gemm(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
+    let mut bt = vec![0f64; k * n];
+    for t in 0..k {
+        for j in 0..n {
+            bt[j * k + t] = b[t * n + j];
+        }
+    }
+    let mut r = vec![0f64; m * n];
+    for i in 0..m {
+        let row = &a[i * k..(i + 1) * k];
+        for j in 0..n {
+            r[i * n + j] = row.iter().zip(&bt[j * k..(j + 1) * k]).map(|(x, y)| x * y).sum();
+        }
+    }
+    r
+}
+
 pub(crate) fn need_dtype(v: &TView, name: &str, allowed: &[Dt]) -> Result<(), Fail> {
     if !allowed.contains(&v.dt) {
         bail!(P_INVALID, "{name}: dtype {:?} is not supported (expected one of {allowed:?})", v.dt);
@@ -803,13 +822,7 @@ unsafe fn matmul(
             let (mm, k, n) = (x.dims[0] as usize, x.dims[1] as usize, w.dims[1] as usize);
             let xa = m.load(&x, None)?;
             let wa = m.load(&w, None)?;
-            let mut r = vec![0f64; mm * n];
-            for i in 0..mm {
-                for j in 0..n {
-                    r[i * n + j] = (0..k).map(|t| xa[i * k + t] * wa[t * n + j]).sum();
-                }
-            }
-            m.store(&o, &r)
+            m.store(&o, &gemm(&xa, &wa, mm, k, n))
         });
         // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
         unsafe { finish(e, op, WS_MATMUL, handles, kernel, ws, ex) }
@@ -1138,14 +1151,9 @@ pub unsafe extern "C" fn aclnnBatchMatMulGetWorkspaceSize(
                 let (b, mm, k, n) = (x.dims[0] as usize, x.dims[1] as usize, x.dims[2] as usize, w.dims[2] as usize);
                 let xa = m.load(&x, None)?;
                 let wa = m.load(&w, None)?;
-                let mut r = vec![0f64; b * mm * n];
+                let mut r = Vec::with_capacity(b * mm * n);
                 for g in 0..b {
-                    let (xg, wg) = (&xa[g * mm * k..(g + 1) * mm * k], &wa[g * k * n..(g + 1) * k * n]);
-                    for i in 0..mm {
-                        for j in 0..n {
-                            r[(g * mm + i) * n + j] = (0..k).map(|t| xg[i * k + t] * wg[t * n + j]).sum();
-                        }
-                    }
+                    r.extend(gemm(&xa[g * mm * k..(g + 1) * mm * k], &wa[g * k * n..(g + 1) * k * n], mm, k, n));
                 }
                 m.store(&o, &r)
             });

@@ -21,6 +21,18 @@ pub enum Support {
     No(String),
 }
 
+/// The arithmetic a backend uses for one op: which tolerance class the conformance suite (and
+/// the end-to-end tiers) hold it to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Numerics {
+    /// The op's documented math in f32 (or wider): cpu-ref's tolerances, which leave only
+    /// summation order and ≤ 2-ulp transcendental functions to the implementation.
+    F32,
+    /// Activations rounded to bf16 somewhere inside the op (e.g. a vendor kernel that only
+    /// takes bf16); `why` names the kernel. Held to bf16-derived tolerances.
+    Bf16 { why: String },
+}
+
 /// Speeds of a device measured in the calling process ([`Backend::calibrate`]): the yardsticks a
 /// benchmark compares its achieved rates against.
 #[derive(Clone, Debug, PartialEq)]
@@ -101,6 +113,13 @@ pub trait Backend: Send + Sync {
     /// Whether `op` (with these sizes and formats) runs here. `run` on an op answered `No`
     /// returns [`Error::Unsupported`].
     fn supports(&self, op: &Op) -> Support;
+
+    /// The arithmetic `run` uses for `op` (asked after `supports` answered `Yes`). The default,
+    /// [`Numerics::F32`], is the HAL's contract; a backend answering `Bf16` trades accuracy for
+    /// a vendor kernel and must say so here so that callers and the conformance suite know.
+    fn numerics(&self, _op: &Op) -> Numerics {
+        Numerics::F32
+    }
 
     /// A tensor of the given shape and dtype. Contents are unspecified until written.
     fn alloc(&self, shape: &[usize], dtype: DType) -> Result<Tensor>;

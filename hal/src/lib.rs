@@ -19,7 +19,7 @@ pub mod error;
 pub mod ops;
 pub mod tensor;
 
-pub use backend::{Backend, BackendInfo, Calibration, Probe, Registry, Support};
+pub use backend::{Backend, BackendInfo, Calibration, Numerics, Probe, Registry, Support};
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use ops::Op;

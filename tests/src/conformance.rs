@@ -48,6 +48,18 @@
 //! | moe_experts · y | per-row NMSE ≤ 1e-7; a row may exceed it by ≤ 1/(topk·inter), in at most max(1, rows/4) rows | — | the intermediate h = w·SwiGLU(W1x̃, W3x̃) is computed and then act_quant'ed. A 1e-7 difference in h can cross an e4m3 rounding boundary and flip one code by one step (≤ 1/8 of that element), which moves that row's NMSE by ≤ ~0.25/(topk·inter). This is legitimate and rare (≈ 2e-6 per element). A missing act_quant of h moves every row by 7e-4–1.8e-3 (measured) |
 //! | compressor · cache | written entries: NMSE ≤ 1e-10 over elements within 1e-5·rms; the rest must be single quantization flips (\|Δ\| ≤ max(\|got\|, \|ref\|)), at most max(2, 1 %) of them. Entries the reference did not write must be bit-identical | — | the pooled entry goes through softmax, RMSNorm, RoPE and then e4m3 (block 64) or Hadamard + e2m1 (block 32) simulation, so a 1e-7 difference can flip one code by a whole step. Skipping a simulation, or using a wrong RoPE position, changes most elements |
 //!
+//! **bf16 class.** A backend may run an op through a vendor kernel that only takes bf16 (the
+//! Ascend backend's fused CANN ops); it must then answer [`Backend::numerics`] with
+//! `Numerics::Bf16`. Such a case gets its own report row (`op · bf16`) and every NMSE bound
+//! above becomes [`BF16_NMSE`] = 1e-4 (one bf16 rounding is NMSE ≈ 5e-6; inputs and output
+//! rounded, with softmax/ReLU amplification, stay within ×10 of that), the indexer's near-tie
+//! tolerance becomes [`BF16_SCORE_TOL`] = 1/32 of the row's largest |score|. Exact, set and
+//! cache metrics are unchanged. End to end, a backend that ran any op in bf16 is held to bf16
+//! tiers instead of T1/T2: MANIFEST §8's T3 for logits and decisions, and for teacher-forced
+//! blocks a bound of our own (`tier1_bf16`, with its rationale) because the MANIFEST's T3b is
+//! calibrated against bf16 goldens that are not shipped. At block level bf16 noise is as large
+//! as the subtler bugs, so for such a backend the op-level bf16 class is the sharp test.
+//!
 //! A backend that answers `supports() == No` for a case is listed as *unsupported*. This fails
 //! the suite unless [`SuiteOptions::allow_unsupported`] is set: a backend must implement every
 //! op the model issues.
@@ -82,7 +94,7 @@ use hal::ops::{
     IndexerTopK, Linear, MoeExperts, MoeGate, QuantFormat, QuantSim, RmsNorm, Rope, SparseAttention, SwiGlu,
     WeightFormat, WindowStore,
 };
-use hal::{Backend, Op, Support, Tensor};
+use hal::{Backend, Numerics, Op, Support, Tensor};
 use model::config::ModelConfig;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -1381,6 +1393,8 @@ pub struct CaseResult {
     /// Quantization flips tolerated (compressor elements, MoE rows).
     pub flips: usize,
     pub unsupported: Option<String>,
+    /// Why the backend ran this case in bf16 numerics (`None`: f32, the HAL's contract).
+    pub numerics: Option<String>,
     pub failures: Vec<Failure>,
     pub seconds: f64,
 }
@@ -1510,12 +1524,13 @@ pub fn run_case(under_test: &dyn Backend, reference: &dyn Backend, case: &Case) 
         variant: case.variant(),
         label: case.label.clone(),
         descriptor: format!("{:?}", case.op),
-        threshold_text: threshold_text(&case.op),
+        threshold_text: threshold_text(&case.op, false),
         nmse: None,
         threshold: None,
         agreement: None,
         flips: 0,
         unsupported: None,
+        numerics: None,
         failures: Vec::new(),
         seconds: 0.0,
     };
@@ -1524,12 +1539,22 @@ pub fn run_case(under_test: &dyn Backend, reference: &dyn Backend, case: &Case) 
         res.unsupported = Some(reason);
         return res;
     }
+    let bf16 = match under_test.numerics(&case.op) {
+        Numerics::F32 => false,
+        Numerics::Bf16 { why } => {
+            // Its own report row: the bf16 class has its own thresholds.
+            res.variant += " · bf16";
+            res.threshold_text = threshold_text(&case.op, true);
+            res.numerics = Some(why);
+            true
+        }
+    };
     let data = case.build();
     match run_reference(reference, case, &data) {
         Err(e) => res.failures.push(Failure::new(FailureKind::Error, "reference", e)),
         Ok(want) => match run_tested(under_test, case, &data) {
             Err((stage, e)) => res.failures.push(Failure::new(FailureKind::Error, stage, e)),
-            Ok(obs) => check(case, &data, &obs, &want, &mut res),
+            Ok(obs) => check(case, &data, &obs, &want, bf16, &mut res),
         },
     }
     if let Err(e) = under_test.synchronize() {
@@ -1631,6 +1656,27 @@ enum Metric {
     GateWeights,
 }
 
+/// NMSE bound of the bf16 class ([`Numerics::Bf16`]): one bf16 rounding has relative error
+/// ≤ 2⁻⁸ (rms 2⁻⁸/√3 ≈ 2.3e-3, NMSE ≈ 5e-6); rounding the inputs and the output of an op adds
+/// a few of those, and softmax or ReLU-gated sums can amplify input rounding by the logit
+/// magnitude. 1e-4 leaves a ×10 margin over the floor; docs/conformance.md lists the worst
+/// values measured per op. Wrong math (a missing sink, a skipped key) is ≳ 1e-2.
+pub const BF16_NMSE: f64 = 1e-4;
+/// Indexer near-tie tolerance of the bf16 class, relative to the row's largest |score|: a score
+/// is a sum over heads of bf16-rounded products, good to a few 2⁻⁸ of its terms.
+pub const BF16_SCORE_TOL: f64 = 1.0 / 32.0;
+/// The f32 class's indexer near-tie tolerance (see the module table).
+const F32_SCORE_TOL: f64 = 1e-5;
+
+/// [`metric`] for an op run in `bf16` numerics: every NMSE bound becomes [`BF16_NMSE`]; exact,
+/// set and cache metrics are unchanged (no bf16 kernel produces those outputs).
+fn metric_for(op: &Op, output: &str, bf16: bool) -> Metric {
+    match metric(op, output) {
+        Metric::Nmse(_) if bf16 => Metric::Nmse(BF16_NMSE),
+        m => m,
+    }
+}
+
 fn metric(op: &Op, output: &str) -> Metric {
     match (op, output) {
         (Op::Embed(_) | Op::HcExpand(_) | Op::Add(_) | Op::GatherRows(_) | Op::QuantSim(_) | Op::WindowStore(_), _) => Metric::Exact,
@@ -1651,11 +1697,11 @@ fn metric(op: &Op, output: &str) -> Metric {
 }
 
 /// Threshold text for the report (`exact`, `1e-9`, ...), per op variant.
-fn threshold_text(op: &Op) -> String {
+fn threshold_text(op: &Op, bf16: bool) -> String {
     let sig = op.signature();
     let mut parts: Vec<String> = Vec::new();
     for s in &sig.outputs {
-        let t = match metric(op, s.name) {
+        let t = match metric_for(op, s.name, bf16) {
             Metric::Exact => "exact".to_string(),
             Metric::Nmse(t) | Metric::Cache(t) | Metric::RowFlips(t) => format!("{t:.0e}"),
             Metric::IndexerSets | Metric::GateSets => "sets".to_string(),
@@ -1668,7 +1714,7 @@ fn threshold_text(op: &Op) -> String {
     parts.join(" / ")
 }
 
-fn check(case: &Case, data: &CaseData, obs: &Observed, want: &[Vec<u8>], res: &mut CaseResult) {
+fn check(case: &Case, data: &CaseData, obs: &Observed, want: &[Vec<u8>], bf16: bool, res: &mut CaseResult) {
     let sig = case.op.signature();
     for (k, s) in sig.inputs.iter().enumerate() {
         if obs.inputs[k] != data.inputs[k].bytes {
@@ -1721,7 +1767,7 @@ fn check(case: &Case, data: &CaseData, obs: &Observed, want: &[Vec<u8>], res: &m
             continue;
         }
         let (got, w) = (&obs.outputs[k], &want[k]);
-        match metric(&case.op, s.name) {
+        match metric_for(&case.op, s.name, bf16) {
             Metric::Exact => exact(s.name, s.dtype, got, w, res),
             Metric::Nmse(thr) => {
                 let n = nmse(&dtype::bytes_f32(got), &dtype::bytes_f32(w));
@@ -1741,7 +1787,8 @@ fn check(case: &Case, data: &CaseData, obs: &Observed, want: &[Vec<u8>], res: &m
             Metric::IndexerSets => {
                 if !skip[1] {
                     let Op::IndexerTopK(o) = &case.op else { unreachable!() };
-                    indexer_sets(o, data, &obs.outputs, want, res);
+                    let tol = if bf16 { BF16_SCORE_TOL } else { F32_SCORE_TOL };
+                    indexer_sets(o, data, &obs.outputs, want, tol, res);
                 }
             }
             Metric::GateSets => {
@@ -1876,9 +1923,10 @@ fn row_flips(name: &str, got: &[f32], want: &[f32], m: &MoeExperts, thr: f64, re
 }
 
 /// Indexer: per row, the selected sets must agree up to swaps between entries whose scores are
-/// within 1e-5·max|score| of the selection boundary; valid counts, ranges, trailing padding and
-/// index/score alignment are checked exactly.
-fn indexer_sets(o: &IndexerTopK, data: &CaseData, got: &[Vec<u8>], want: &[Vec<u8>], res: &mut CaseResult) {
+/// within `tol`·max|score| of the selection boundary (1e-5 for f32, [`BF16_SCORE_TOL`] for the
+/// bf16 class); valid counts, ranges, trailing padding and index/score alignment (within the
+/// same tolerance) are checked exactly.
+fn indexer_sets(o: &IndexerTopK, data: &CaseData, got: &[Vec<u8>], want: &[Vec<u8>], tol: f64, res: &mut CaseResult) {
     let k = o.topk;
     if k == 0 || o.rows == 0 {
         res.note_agreement(1.0);
@@ -1912,7 +1960,7 @@ fn indexer_sets(o: &IndexerTopK, data: &CaseData, got: &[Vec<u8>], want: &[Vec<u
                 return Err("scores are not in descending order".into());
             }
             let scale = ws[..vw].iter().chain(&gs[..vg]).fold(0f32, |m, s| m.max(s.abs())) as f64;
-            let tol = 1e-5 * scale.max(f64::MIN_POSITIVE);
+            let tol = tol * scale.max(f64::MIN_POSITIVE);
             let ref_score = |j: i32| wi[..vw].iter().position(|&x| x == j).map(|p| ws[p] as f64);
             for (p, &j) in gi[..vg].iter().enumerate() {
                 if let Some(s) = ref_score(j) {
@@ -2476,7 +2524,10 @@ fn collect(m: &model::forward::Model, g: &Golden) -> Result<Runs, String> {
 
 /// T1 (prefill) or T1d (decode, positions from `from`) bounds on one teacher-forced block.
 #[allow(clippy::too_many_arguments)]
-fn tier1(name: String, ours: &BlockOut, want_out: &[f32], want_experts: &[i64], want_topk: Option<&[i64]>, width: usize, k: usize, kk: usize, from: Option<usize>) -> Check {
+fn tier1(name: String, ours: &BlockOut, want_out: &[f32], want_experts: &[i64], want_topk: Option<&[i64]>, width: usize, k: usize, kk: usize, from: Option<usize>, bf16: bool) -> Check {
+    if bf16 {
+        return tier1_bf16(name, ours, want_out, want_experts, want_topk, width, k, kk, from);
+    }
     let f = from.unwrap_or(0);
     let rel = tiers::row_rel(&ours.out[f * width..], &want_out[f * width..], width);
     let (med, frac) = (tiers::median(&rel), tiers::frac_le(&rel, 1e-3));
@@ -2505,13 +2556,52 @@ fn tier1(name: String, ours: &BlockOut, want_out: &[f32], want_experts: &[i64], 
     Check::gate(name, measured, &bound, pass)
 }
 
-fn tier2_logits(name: String, ours: &[f32], want: &[f32], v: usize) -> Check {
+/// The teacher-forced block tier of a bf16-class backend ([`Numerics::Bf16`]), against the
+/// float32 goldens and cpu-ref: median rel ≤ 0.15, experts ≥ 0.90, indexer overlap ≥ 0.85.
+///
+/// No floor for "bf16 implementation vs float32 golden" per block is in the MANIFEST (its T3b,
+/// median ≤ 0.08, compares a bf16 implementation with the *bf16* goldens, which are not
+/// shipped). In bf16 the e4m3 activation quantizers turn one-ulp input differences into whole
+/// code flips, so a block moves by percents (MANIFEST §7.3); the fused Ascend path measured a
+/// worst block median of 0.093, experts 0.973, overlap 0.935 (docs/ascend.md). These bounds
+/// keep ≈ 1.6× headroom over that and still catch the gross bugs of MANIFEST §8's sensitivity
+/// table (block median 0.24–1.03); subtler bugs (a missing sink: 0.09) are at bf16-noise level
+/// here, so for them the op-level bf16 class (NMSE ≤ 1e-4; fused Ascend ops measured ≤ 1.1e-5)
+/// is the sharp test.
+#[allow(clippy::too_many_arguments)]
+fn tier1_bf16(name: String, ours: &BlockOut, want_out: &[f32], want_experts: &[i64], want_topk: Option<&[i64]>, width: usize, k: usize, kk: usize, from: Option<usize>) -> Check {
+    let f = from.unwrap_or(0);
+    let med = tiers::median(&tiers::row_rel(&ours.out[f * width..], &want_out[f * width..], width));
+    let mut measured = format!("median rel {med:.2e}");
+    let mut bound = "bf16: median ≤ 0.15".to_string();
+    let mut pass = med <= 0.15;
+    if k > 0 && !want_experts.is_empty() {
+        let e_eq = tiers::sets_equal(&ours.experts[f * k..], &want_experts[f * k..], k);
+        measured += &format!(", experts {e_eq:.3}");
+        bound += ", experts ≥ 0.90";
+        pass &= e_eq >= 0.90;
+    }
+    if let Some(wt) = want_topk {
+        let ov = tiers::sets_overlap(&ours.topk[f * kk..], &wt[f * kk..], kk);
+        measured += &format!(", indexer overlap {ov:.3}");
+        bound += ", indexer overlap ≥ 0.85";
+        pass &= ov >= 0.85;
+    }
+    Check::gate(name, measured, &bound, pass)
+}
+
+fn tier2_logits(name: String, ours: &[f32], want: &[f32], v: usize, bf16: bool) -> Check {
     if ours.len() != want.len() {
         return Check::gate(name, format!("{} logits vs {}", ours.len(), want.len()), "same shape", false);
     }
     let (cos, rel, am) = (tiers::row_cos(ours, want, v), tiers::row_rel(ours, want, v), tiers::argmax_agreement(ours, want, v));
     let (c, m) = (tiers::mean(&cos), tiers::median(&rel));
-    Check::gate(name, format!("cos mean {c:.4}, argmax {am:.3}, median rel {m:.3e}"), "cos ≥ 0.97, argmax ≥ 0.70, median rel ≤ 0.15", c >= 0.97 && am >= 0.70 && m <= 0.15)
+    let measured = format!("cos mean {c:.4}, argmax {am:.3}, median rel {m:.3e}");
+    if bf16 {
+        // MANIFEST §8 T3 (bf16 end to end).
+        return Check::gate(name, measured, "T3: cos ≥ 0.93, argmax ≥ 0.50, median rel ≤ 0.30", c >= 0.93 && am >= 0.50 && m <= 0.30);
+    }
+    Check::gate(name, measured, "cos ≥ 0.97, argmax ≥ 0.70, median rel ≤ 0.15", c >= 0.97 && am >= 0.70 && m <= 0.15)
 }
 
 fn tight_logits(name: String, ours: &[f32], want: &[f32], v: usize) -> Check {
@@ -2527,7 +2617,8 @@ fn tight_logits(name: String, ours: &[f32], want: &[f32], v: usize) -> Check {
 }
 
 /// The lowest expert-set agreement and indexer overlap over every layer of a decision set.
-fn tier2_decisions(name: String, ours: &[Vec<i64>], ours_topk: &[Option<Vec<i64>>], want: &[Vec<i64>], want_topk: &[Option<Vec<i64>>], k: usize, kk: usize) -> Check {
+#[allow(clippy::too_many_arguments)]
+fn tier2_decisions(name: String, ours: &[Vec<i64>], ours_topk: &[Option<Vec<i64>>], want: &[Vec<i64>], want_topk: &[Option<Vec<i64>>], k: usize, kk: usize, bf16: bool) -> Check {
     let mut e_min = f64::INFINITY;
     let mut o_min = f64::INFINITY;
     for (i, (o, w)) in ours.iter().zip(want).enumerate() {
@@ -2540,7 +2631,65 @@ fn tier2_decisions(name: String, ours: &[Vec<i64>], ours_topk: &[Option<Vec<i64>
         e_min = 0.0;
     }
     let o_show = if o_min.is_finite() { format!("{o_min:.3}") } else { "—".into() };
-    Check::gate(name, format!("experts ≥ {e_min:.3}, indexer overlap ≥ {o_show} (worst layer)"), "experts ≥ 0.80, indexer overlap ≥ 0.80", e_min >= 0.80 && (o_min.is_infinite() || o_min >= 0.80))
+    // bf16: MANIFEST §8 T3 (experts ≥ 0.6, indexer overlap ≥ 0.6).
+    let (lo, bound) = if bf16 { (0.60, "T3: experts ≥ 0.60, indexer overlap ≥ 0.60") } else { (0.80, "experts ≥ 0.80, indexer overlap ≥ 0.80") };
+    Check::gate(name, format!("experts ≥ {e_min:.3}, indexer overlap ≥ {o_show} (worst layer)"), bound, e_min >= lo && (o_min.is_infinite() || o_min >= lo))
+}
+
+/// Forwards to a backend and records which ops it ran in bf16 numerics (end-to-end tier choice).
+struct NumericsRecorder {
+    inner: Arc<dyn Backend>,
+    bf16: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl NumericsRecorder {
+    fn new(inner: Arc<dyn Backend>) -> Self {
+        NumericsRecorder { inner, bf16: Default::default() }
+    }
+    fn bf16_ops(&self) -> Vec<String> {
+        self.bf16.lock().map(|s| s.iter().cloned().collect()).unwrap_or_default()
+    }
+}
+
+impl Backend for NumericsRecorder {
+    fn info(&self) -> &hal::BackendInfo {
+        self.inner.info()
+    }
+    fn supports(&self, op: &Op) -> Support {
+        self.inner.supports(op)
+    }
+    fn numerics(&self, op: &Op) -> Numerics {
+        self.inner.numerics(op)
+    }
+    fn alloc(&self, shape: &[usize], dtype: DType) -> hal::Result<Tensor> {
+        self.inner.alloc(shape, dtype)
+    }
+    fn upload(&self, shape: &[usize], dtype: DType, bytes: &[u8]) -> hal::Result<Tensor> {
+        self.inner.upload(shape, dtype, bytes)
+    }
+    fn write(&self, t: &mut Tensor, offset: usize, bytes: &[u8]) -> hal::Result<()> {
+        self.inner.write(t, offset, bytes)
+    }
+    fn download(&self, t: &Tensor) -> hal::Result<Vec<u8>> {
+        self.inner.download(t)
+    }
+    fn run(&self, op: &Op, inputs: &[&Tensor], outputs: &mut [&mut Tensor]) -> hal::Result<()> {
+        if let Numerics::Bf16 { why } = self.inner.numerics(op) {
+            if let Ok(mut s) = self.bf16.lock() {
+                s.insert(format!("{}: {why}", op.name()));
+            }
+        }
+        self.inner.run(op, inputs, outputs)
+    }
+    fn synchronize(&self) -> hal::Result<()> {
+        self.inner.synchronize()
+    }
+    fn calibrate(&self) -> hal::Result<hal::Calibration> {
+        self.inner.calibrate()
+    }
+    fn prepare(&self, op: &Op, weights: &[Option<&Tensor>]) -> hal::Result<hal::backend::Prepared> {
+        self.inner.prepare(op, weights)
+    }
 }
 
 /// The tiny-flash golden protocol on `backend`, against the official float32 goldens in
@@ -2554,7 +2703,8 @@ pub fn end_to_end(backend: Arc<dyn Backend>, reference: Arc<dyn Backend>, golden
     };
     let name = backend.info().name;
     let ref_name = reference.info().name;
-    let ours = match model::forward::Model::load(golden_dir, backend).map_err(|e| e.to_string()).and_then(|m| Ok((collect(&m, &g)?, m.cfg))) {
+    let recorder = Arc::new(NumericsRecorder::new(backend));
+    let ours = match model::forward::Model::load(golden_dir, recorder.clone()).map_err(|e| e.to_string()).and_then(|m| Ok((collect(&m, &g)?, m.cfg))) {
         Ok(r) => r,
         Err(e) => return fail(&format!("tiny-flash on {name}"), e),
     };
@@ -2569,6 +2719,17 @@ pub fn end_to_end(backend: Arc<dyn Backend>, reference: Arc<dyn Backend>, golden
     let gi = |n: &str| g.logits.i64(n).unwrap_or_default();
     let gl_layers = |n: &str| g.layers.f32(n).unwrap_or_default();
     let mut checks = Vec::new();
+    // Which tiers: f32 (T1/T2) unless the backend ran some op in bf16 (then the bf16 block tier
+    // and MANIFEST §8's T3).
+    let bf16_ops = recorder.bf16_ops();
+    let bf16 = !bf16_ops.is_empty();
+    checks.push(Check {
+        name: "numerics".into(),
+        measured: if bf16 { format!("bf16 ops: {}", bf16_ops.join("; ")) } else { "f32 throughout".into() },
+        bound: if bf16 { "bf16 tiers (blocks: tier1_bf16; logits and decisions: T3)".into() } else { "f32 tiers (T1/T2)".into() },
+        pass: true,
+        informational: true,
+    });
 
     // T1 / T1d against the goldens (sequence 0) and against the reference.
     for i in 0..layers {
@@ -2577,39 +2738,39 @@ pub fn end_to_end(backend: Arc<dyn Backend>, reference: Arc<dyn Backend>, golden
         let ge: Vec<i64> = gi(&format!("layer{i}_experts")).into_iter().take(t * k).collect();
         let gt: Vec<i64> = gi(&format!("layer{i}_topk")).into_iter().take(t * kk).collect();
         let gt = csa.then_some(&gt[..]);
-        checks.push(tier1(format!("T1 block {i} vs golden"), &ours.t1[i], &want_out, &ge, gt, width, k, kk, None));
+        checks.push(tier1(format!("T1 block {i} vs golden"), &ours.t1[i], &want_out, &ge, gt, width, k, kk, None, bf16));
         let r = &theirs.t1[i];
-        checks.push(tier1(format!("T1 block {i} vs {ref_name}"), &ours.t1[i], &r.out, &r.experts, csa.then_some(&r.topk[..]), width, k, kk, None));
-        checks.push(tier1(format!("T1d block {i} vs golden"), &ours.t1d[i], &want_out, &ge, gt, width, k, kk, Some(DECODE_SPLIT)));
+        checks.push(tier1(format!("T1 block {i} vs {ref_name}"), &ours.t1[i], &r.out, &r.experts, csa.then_some(&r.topk[..]), width, k, kk, None, bf16));
+        checks.push(tier1(format!("T1d block {i} vs golden"), &ours.t1d[i], &want_out, &ge, gt, width, k, kk, Some(DECODE_SPLIT), bf16));
         let r = &theirs.t1d[i];
-        checks.push(tier1(format!("T1d block {i} vs {ref_name}"), &ours.t1d[i], &r.out, &r.experts, csa.then_some(&r.topk[..]), width, k, kk, Some(DECODE_SPLIT)));
+        checks.push(tier1(format!("T1d block {i} vs {ref_name}"), &ours.t1d[i], &r.out, &r.experts, csa.then_some(&r.topk[..]), width, k, kk, Some(DECODE_SPLIT), bf16));
     }
     let head_want: Vec<f32> = gl("prefill_logits").into_iter().take(t * v).collect();
-    checks.push(tier1("T1 head vs golden".into(), &BlockOut { out: ours.t1_head.clone(), ..BlockOut::default() }, &head_want, &[], None, v, 0, kk, None));
-    checks.push(tier1(format!("T1 head vs {ref_name}"), &BlockOut { out: ours.t1_head.clone(), ..BlockOut::default() }, &theirs.t1_head, &[], None, v, 0, kk, None));
+    checks.push(tier1("T1 head vs golden".into(), &BlockOut { out: ours.t1_head.clone(), ..BlockOut::default() }, &head_want, &[], None, v, 0, kk, None, bf16));
+    checks.push(tier1(format!("T1 head vs {ref_name}"), &BlockOut { out: ours.t1_head.clone(), ..BlockOut::default() }, &theirs.t1_head, &[], None, v, 0, kk, None, bf16));
     let mtp_want: Vec<f32> = gl("mtp_logits").into_iter().take(t * v).collect();
     let mtp_ge: Vec<i64> = gi("mtp_experts").into_iter().take(t * k).collect();
-    checks.push(tier1("T1 MTP block vs golden".into(), &ours.t1_mtp, &mtp_want, &mtp_ge, None, v, k, kk, None));
-    checks.push(tier1(format!("T1 MTP block vs {ref_name}"), &ours.t1_mtp, &theirs.t1_mtp.out, &theirs.t1_mtp.experts, None, v, k, kk, None));
+    checks.push(tier1("T1 MTP block vs golden".into(), &ours.t1_mtp, &mtp_want, &mtp_ge, None, v, k, kk, None, bf16));
+    checks.push(tier1(format!("T1 MTP block vs {ref_name}"), &ours.t1_mtp, &theirs.t1_mtp.out, &theirs.t1_mtp.experts, None, v, k, kk, None, bf16));
 
     // T2 against the goldens.
     for (what, o, key) in [("prefill", &ours.prefill, "prefill_logits"), ("decode", &ours.decode, "decode_logits"), ("MTP", &ours.mtp, "mtp_logits")] {
-        checks.push(tier2_logits(format!("T2 {what} logits vs golden"), o, &gl(key), v));
+        checks.push(tier2_logits(format!("T2 {what} logits vs golden"), o, &gl(key), v, bf16));
     }
     let mut ge: Vec<Vec<i64>> = (0..layers).map(|i| gi(&format!("layer{i}_experts"))).collect();
     ge.push(gi("mtp_experts"));
     let gt: Vec<Option<Vec<i64>>> = (0..=layers).map(|i| (i < layers && cfg.layer_ratio(i) == 4).then(|| gi(&format!("layer{i}_topk")))).collect();
-    checks.push(tier2_decisions("T2 prefill + MTP decisions vs golden".into(), &ours.prefill_experts, &ours.prefill_topk, &ge, &gt, k, kk));
+    checks.push(tier2_decisions("T2 prefill + MTP decisions vs golden".into(), &ours.prefill_experts, &ours.prefill_topk, &ge, &gt, k, kk, bf16));
     let dge: Vec<Vec<i64>> = (0..layers).map(|i| gi(&format!("decode_layer{i}_experts"))).collect();
     let dgt: Vec<Option<Vec<i64>>> = (0..layers).map(|i| (cfg.layer_ratio(i) == 4).then(|| gi(&format!("decode_layer{i}_topk")))).collect();
-    checks.push(tier2_decisions("T2 decode decisions vs golden".into(), &ours.decode_experts, &ours.decode_topk, &dge, &dgt, k, kk));
+    checks.push(tier2_decisions("T2 decode decisions vs golden".into(), &ours.decode_experts, &ours.decode_topk, &dge, &dgt, k, kk, bf16));
 
     // T2 against the reference, plus the (informational) tight bound.
     for (what, o, r) in [("prefill", &ours.prefill, &theirs.prefill), ("decode", &ours.decode, &theirs.decode), ("MTP", &ours.mtp, &theirs.mtp)] {
-        checks.push(tier2_logits(format!("T2 {what} logits vs {ref_name}"), o, r, v));
+        checks.push(tier2_logits(format!("T2 {what} logits vs {ref_name}"), o, r, v, bf16));
         checks.push(tight_logits(format!("tight {what} logits vs {ref_name}"), o, r, v));
     }
-    checks.push(tier2_decisions(format!("T2 prefill + MTP decisions vs {ref_name}"), &ours.prefill_experts, &ours.prefill_topk, &theirs.prefill_experts, &theirs.prefill_topk, k, kk));
-    checks.push(tier2_decisions(format!("T2 decode decisions vs {ref_name}"), &ours.decode_experts, &ours.decode_topk, &theirs.decode_experts, &theirs.decode_topk, k, kk));
+    checks.push(tier2_decisions(format!("T2 prefill + MTP decisions vs {ref_name}"), &ours.prefill_experts, &ours.prefill_topk, &theirs.prefill_experts, &theirs.prefill_topk, k, kk, bf16));
+    checks.push(tier2_decisions(format!("T2 decode decisions vs {ref_name}"), &ours.decode_experts, &ours.decode_topk, &theirs.decode_experts, &theirs.decode_topk, k, kk, bf16));
     checks
 }

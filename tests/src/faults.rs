@@ -167,6 +167,14 @@ impl Backend for FaultyBackend {
         &self.info
     }
 
+    fn prepare(&self, op: &Op, weights: &[Option<&Tensor>]) -> hal::Result<hal::backend::Prepared> {
+        self.inner.prepare(op, weights)
+    }
+
+    fn numerics(&self, op: &Op) -> hal::Numerics {
+        self.inner.numerics(op)
+    }
+
     fn supports(&self, op: &Op) -> Support {
         match &self.fault {
             Fault::Refuses(name) if op.name() == *name => Support::No(format!("{name} is not implemented (planted)")),

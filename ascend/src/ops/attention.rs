@@ -1,6 +1,7 @@
 //! Sparse attention and the window ring store, composed from generic aclnn ops with a
-//! host-side *plan* (which key rows each query row sees). CANN's fused
-//! `aclnnSparseFlashMla` (the V4 attention, CANN ≥ 9.1) is not used yet.
+//! host-side *plan* (which key rows each query row sees). Where CANN exports the fused
+//! `aclnnSparseFlashMla` (the V4 attention, CANN ≥ 9.1) and the shape fits it, `fused.rs` uses
+//! that instead; this composition is kept and tested on both profiles.
 //!
 //! **Host round trip (labelled slow path):** the key set of a row depends on its slot and
 //! position (and, for CSA, on the indexer's top-k list), i.e. on device data. Generic aclnn
@@ -118,6 +119,24 @@ pub(crate) fn index_select_dim(cx: &mut Ctx<'_>, x: &View, dim: i64, idx: &View,
     cx.launch("IndexSelect", pair, |f, ws, ex| unsafe { f(xt.ptr(), dim, it.ptr(), ot.ptr(), ws, ex) })
 }
 
+/// The window key rows of a row placed at `p`, oldest first, numbered in a source that holds
+/// the ring (`[0, S·W)`, slot-major) followed by this call's `kv` rows from `kv0`: positions
+/// from the row's own run come from `kv`, earlier ones from the ring.
+pub(crate) fn window_keys(p: &hal::ops::rows::RowPlace, w: usize, kv0: usize) -> impl Iterator<Item = i32> + '_ {
+    let first = if w == 0 { p.pos + 1 } else { p.pos.saturating_sub(w - 1) };
+    (first..=p.pos).map(move |t| if t >= p.run_pos { kv0 + p.run_row + (t - p.run_pos) } else { p.slot * w + t % w } as i32)
+}
+
+/// HCA: how many compressed entries the row at `p` sees, `⌊(pos + 1)/ratio⌋`, checked against
+/// the cache capacity.
+pub(crate) fn visible_entries(name: &str, row: usize, p: &hal::ops::rows::RowPlace, ratio: usize, capacity: usize) -> Result<usize> {
+    let n = (p.pos + 1) / ratio;
+    if n > capacity {
+        return Err(Error::invalid(format!("{name} row {row}"), format!("position {} sees {n} compressed entries, capacity is {capacity}", p.pos)));
+    }
+    Ok(n)
+}
+
 /// SparseAttention: the ops of the module docs.
 pub fn supports_sparse_attention(ops: &AclnnOps) -> Support {
     need(&[
@@ -150,19 +169,10 @@ pub fn run_sparse_attention(cx: &mut Ctx<'_>, op: &SparseAttention, ins: &[Buf],
     let mut keys: Vec<Vec<i32>> = Vec::with_capacity(r);
     for (row, p) in places.iter().enumerate() {
         let row_err = |m: String| Error::invalid(format!("{name} row {row}"), m);
-        let mut k = Vec::new();
-        for t in p.pos.saturating_sub(w.saturating_sub(1))..=p.pos {
-            if w == 0 {
-                break;
-            }
-            k.push(if t >= p.run_pos { kv0 + p.run_row + (t - p.run_pos) } else { p.slot * w + t % w } as i32);
-        }
+        let mut k: Vec<i32> = window_keys(p, w, kv0).collect();
         match (&op.compressed, &selected) {
             (CompressedKv::All { ratio, capacity }, _) => {
-                let n = (p.pos + 1) / ratio;
-                if n > *capacity {
-                    return Err(row_err(format!("position {} sees {n} compressed entries, capacity is {capacity}", p.pos)));
-                }
+                let n = visible_entries(name, row, p, *ratio, *capacity)?;
                 k.extend((0..n).map(|j| (c0 + p.slot * capacity + j) as i32));
             }
             (CompressedKv::Selected { .. }, Some((topk, idx))) => {

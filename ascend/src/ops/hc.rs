@@ -1,5 +1,6 @@
 //! Manifold-constrained hyper-connections (HcPre / HcPost / HcHead), composed from generic
-//! aclnn ops. CANN's fused `aclnnMhcPre`/`aclnnMhcPost` are not used yet (not probed).
+//! aclnn ops. Where CANN exports `aclnnMhcPre` (950) / `aclnnMhcPost`, `fused.rs` uses them
+//! instead (bf16 numerics); this file is the composition, kept and tested on both profiles.
 //!
 //! Shared mixing step (`HcPre`, `HcHead`), per row `r` of `x̄ = x[r] as [m·d]`:
 //! * `ρ`: `aclnnRmsNorm(x̄, ones, norm_eps)` — only its fp32 `rstd` output is used (it is exactly
@@ -139,12 +140,20 @@ pub fn run_hc_pre(cx: &mut Ctx<'_>, op: &HcPre, ins: &[Buf], outs: &[Buf]) -> Re
     let (_s1b, s1) = scratch(cx, &[r, m])?;
     cx.sigmoid(&z1, &s1)?;
     cx.muls(&s1, 2.0, &View::new(outs[1], F, &[r, m]))?;
-    // comb: softmax over k, + eps, then Sinkhorn (columns, then rows+columns iters−1 times)
-    let shape = [r, m, m];
+    // comb: softmax over k, + eps, then Sinkhorn
     let (_z2b, z2) = gate(cx, &mu, r, nm, 2 * m, m * m, scale, 2, base)?;
+    sinkhorn(cx, &z2.reshape(&[r, m, m]), outs[2], op)
+}
+
+/// `comb = Sinkhorn(logits)` for `logits [R, m, m]`: softmax over k, + eps, then column
+/// normalization, then `sinkhorn_iters − 1` times rows and columns (the HAL's step 4). Shared
+/// by the composed `HcPre` and the fused one (`aclnnMhcPre` returns the logits unnormalized).
+pub(crate) fn sinkhorn(cx: &mut Ctx<'_>, logits: &View, comb: Buf, op: &HcPre) -> Result<()> {
+    let (r, m) = (op.rows, op.mult);
+    let shape = [r, m, m];
     let (_ab, a) = scratch(cx, &shape)?;
     let (_bb, b) = scratch(cx, &shape)?;
-    cx.softmax(&z2.reshape(&shape), -1, &b)?;
+    cx.softmax(logits, -1, &b)?;
     cx.adds(&b, op.hc_eps, &a)?;
     let (_cs, col_sum) = scratch(cx, &[r, 1, m])?;
     let (_ce, col_eps) = scratch(cx, &[r, 1, m])?;
@@ -162,7 +171,7 @@ pub fn run_hc_pre(cx: &mut Ctx<'_>, op: &HcPre, ins: &[Buf], outs: &[Buf]) -> Re
         normalize(cx, &b, &a, 2, &row_sum, &row_eps)?;
         normalize(cx, &a, &b, 1, &col_sum, &col_eps)?;
     }
-    cx.copy(&View::new(outs[2], F, &shape), &b)
+    cx.copy(&View::new(comb, F, &shape), &b)
 }
 
 /// Op entry: [`HcPost`].

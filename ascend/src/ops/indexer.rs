@@ -1,5 +1,6 @@
 //! The lightning indexer's scoring and top-k ([`IndexerTopK`]), composed from generic aclnn
-//! ops. CANN's fused `aclnnLightningIndexer` is not used yet (not probed).
+//! ops. Where CANN exports `aclnnLightningIndexer`, `fused.rs` uses it instead (bf16
+//! numerics); this composition is kept and tested on both profiles.
 //!
 //! **Host round trip (labelled):** the visible count `n = (pos + 1) / ratio` of each row comes
 //! from device `slots`/`positions`, which are copied to the host (one small D2H + stream
@@ -43,6 +44,20 @@ pub fn supports_indexer(ops: &AclnnOps) -> Support {
     ])
 }
 
+/// Each row's visible key count `⌊(pos + 1)/ratio⌋` (0 when `head_dim = 0`), checked against
+/// the capacity. Shared with the fused path.
+pub(crate) fn visible_counts(name: &str, op: &IndexerTopK, places: &[hal::ops::rows::RowPlace]) -> Result<Vec<usize>> {
+    let mut counts = Vec::with_capacity(places.len());
+    for (row, p) in places.iter().enumerate() {
+        let n = (p.pos + 1) / op.ratio;
+        if n > op.capacity {
+            return Err(Error::invalid(format!("{name} row {row}"), format!("position {} sees {n} entries, capacity is {}", p.pos, op.capacity)));
+        }
+        counts.push(if op.head_dim == 0 { 0 } else { n });
+    }
+    Ok(counts)
+}
+
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -57,14 +72,7 @@ pub fn run_indexer_topk(cx: &mut Ctx<'_>, op: &IndexerTopK, ins: &[Buf], outs: &
     let slots = cx.read_i32(ins[3], r)?;
     let positions = cx.read_i32(ins[4], r)?;
     let places = place_rows(name, &slots, &positions, s)?;
-    let mut counts = Vec::with_capacity(r);
-    for (row, p) in places.iter().enumerate() {
-        let n = (p.pos + 1) / op.ratio;
-        if n > cap {
-            return Err(Error::invalid(format!("{name} row {row}"), format!("position {} sees {n} entries, capacity is {cap}", p.pos)));
-        }
-        counts.push(if d == 0 { 0 } else { n });
-    }
+    let counts = visible_counts(name, op, &places)?;
     if k == 0 {
         return Ok(());
     }

@@ -18,6 +18,7 @@
 pub mod attention;
 pub mod compressor;
 pub mod embed;
+pub mod fused;
 pub mod hc;
 pub mod indexer;
 pub mod linear;
@@ -34,7 +35,7 @@ use hal::backend::Support;
 use hal::{DType, Error, Op, Result};
 
 use crate::runtime::{DeviceBuffer, DevicePtr, BACKEND};
-use crate::sys::{self, aclDataType, aclOpExecutor, aclScalar, aclTensor, aclnnStatus, AclnnOps, OpPair};
+use crate::sys::{self, aclDataType, aclOpExecutor, aclScalar, aclTensor, aclnnStatus, AclnnOps, FusedOps, OpPair};
 use crate::{AscendBackend, IssueState, SocProfile};
 
 /// A device buffer's address and size, taken from a validated tensor.
@@ -188,6 +189,11 @@ impl<'a> Ctx<'a> {
     /// The aclnn op table.
     pub fn ops(&self) -> &'a AclnnOps {
         &self.be.rt.api().ops
+    }
+
+    /// CANN's fused DeepSeek-V4 op table.
+    pub fn fused(&self) -> &'a FusedOps {
+        &self.be.rt.api().fused
     }
 
     /// A temporary device buffer for `shape` × `dtype` (returned to the pool on drop; safe
@@ -414,8 +420,12 @@ pub fn supports(op: &Op, ops: &AclnnOps, profile: &SocProfile) -> Support {
     }
 }
 
-/// Issues a validated, supported op (`ins`/`outs` in signature order).
-pub fn dispatch(cx: &mut Ctx<'_>, op: &Op, ins: &[Buf], outs: &[Buf]) -> Result<()> {
+/// Issues a validated, supported op (`ins`/`outs` in signature order): through its fused CANN
+/// kernel when `fused_path` (see [`fused::kernel_for`]), else through its composition.
+pub fn dispatch(cx: &mut Ctx<'_>, op: &Op, ins: &[Buf], outs: &[Buf], fused_path: bool) -> Result<()> {
+    if fused_path {
+        return fused::dispatch(cx, op, ins, outs);
+    }
     match op {
         Op::Embed(o) => embed::run_embed(cx, o, ins, outs),
         Op::HcExpand(o) => embed::run_hc_expand(cx, o, ins, outs),
