@@ -488,6 +488,14 @@ aclnn_table! {
         Topk(self_: *const aclTensor, k: i64, dim: i64, largest: bool, sorted: bool, valuesOut: *mut aclTensor, indicesOut: *mut aclTensor);
         /// `out[..i..] = self[..index[..i..]..]` along `dim` (torch.gather).
         Gather(self_: *const aclTensor, dim: i64, index: *const aclTensor, out: *mut aclTensor);
+        /// `out = |self|`.
+        Abs(self_: *const aclTensor, out: *mut aclTensor);
+        /// `out = max(self)` over the dims in `dim`.
+        Amax(self_: *const aclTensor, dim: *const aclIntArray, keepDim: bool, out: *mut aclTensor);
+        /// `out = self & other` for an integer tensor and an integer scalar.
+        BitwiseAndScalar(self_: *const aclTensor, other: *const aclScalar, out: *mut aclTensor);
+        /// `out = self | other` for integer tensors (broadcasting).
+        BitwiseOrTensor(self_: *const aclTensor, other: *const aclTensor, out: *mut aclTensor);
     }
 }
 

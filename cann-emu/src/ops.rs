@@ -30,6 +30,9 @@
 //! | Topk | f32 f16 bf16; values = self dtype, indices i64 | ✗ | ties: lower index first (stable) — real-hardware tie order UNVERIFIED |
 //! | Gather | self any, index i32/i64 same rank | ✗ | out shape = index shape |
 //! | ReduceSum | f32 f16 bf16 (dtype arg = out dtype) | ✓ | dims as an aclIntArray, keepDims |
+//! | Abs | like Add, out = self dtype | ✓ | |
+//! | Amax | f32 f16 bf16, out = self dtype | ✓ | emulator subset: the last dim only, keepDim |
+//! | BitwiseAndScalar / BitwiseOrTensor | integer and bool, one dtype (scalar: integer) | ✓ | Or broadcasts |
 //!
 //! Outputs must be contiguous everywhere except `InplaceCopy`'s `selfRef`.
 
@@ -1505,4 +1508,167 @@ mod tests {
         assert!(!is_contiguous(&TView { dims: vec![3, 2], strides: vec![1, 3], ..v.clone() }));
         assert!(is_contiguous(&TView { dims: vec![1, 3], strides: vec![99, 1], ..v }));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exact quantization building blocks: |x|, row maxima and bit operations on INT32 views (the
+// backend reinterprets f32 bits as INT32 to take exponents without any libm rounding).
+// ---------------------------------------------------------------------------------------------
+
+phase2!(aclnnAbs, aclnnAmax, aclnnBitwiseAndScalar, aclnnBitwiseOrTensor);
+
+/// Integer dtypes the bitwise ops take.
+const BITWISE: &[Dt] = &[Dt::I8, Dt::U8, Dt::I16, Dt::I32, Dt::I64, Dt::Bool];
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnAbsGetWorkspaceSize(self_: *const c_void, out: *mut c_void, ws: *mut u64, ex: *mut *mut c_void) -> i32 {
+    guard("aclnnAbsGetWorkspaceSize", || {
+        with_emu(|e| {
+            let mut c = Check::new(e)?;
+            let x = c.tensor(self_, "self")?;
+            let o = c.tensor(out, "out")?;
+            need_dtype(&x, "self", ARITH)?;
+            if o.dt != x.dt {
+                bail!(P_INVALID, "out dtype {:?} differs from self dtype {:?}", o.dt, x.dt);
+            }
+            need_rank(&x, "self", 0, 8)?;
+            need_contig(&o, "out")?;
+            need_shape(&o, "out", &x.dims)?;
+            let handles = std::mem::take(&mut c.handles);
+            let kernel: Kernel = Arc::new(move |m: &mut Memory| {
+                let v = m.load(&x, None)?;
+                m.store(&o, &v.iter().map(|v| v.abs()).collect::<Vec<f64>>())
+            });
+            // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
+            unsafe { finish(e, "aclnnAbs", WS_ELEMENTWISE, handles, kernel, ws, ex) }
+        })
+    })
+}
+
+/// `out = max(self)` over `dim`. Emulator subset: `dim` must name the last dimension only.
+#[no_mangle]
+pub unsafe extern "C" fn aclnnAmaxGetWorkspaceSize(
+    self_: *const c_void,
+    dim: *const c_void,
+    keep_dim: bool,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    guard("aclnnAmaxGetWorkspaceSize", || {
+        with_emu(|e| {
+            let mut c = Check::new(e)?;
+            let x = c.tensor(self_, "self")?;
+            let o = c.tensor(out, "out")?;
+            if dim.is_null() {
+                bail!(P_NULL, "dim is nullptr");
+            }
+            let Some(list) = c.e.int_arrays.get(&(dim as usize)).cloned() else {
+                bail!(P_INVALID, "dim ({dim:?}) is not a live aclIntArray");
+            };
+            need_dtype(&x, "self", FLOATS)?;
+            if o.dt != x.dt {
+                bail!(P_INVALID, "out dtype {:?} differs from self dtype {:?}", o.dt, x.dt);
+            }
+            need_rank(&x, "self", 1, 8)?;
+            let last = x.dims.len() - 1;
+            if list.len() != 1 || norm_dim(list[0], x.dims.len(), "dim entry")? != last {
+                bail!(P_INVALID, "dim {list:?}: the emulator reduces the last dimension only");
+            }
+            if x.dims[last] == 0 {
+                bail!(P_INVALID, "self {:?}: cannot take the maximum of an empty dimension", x.dims);
+            }
+            need_contig(&o, "out")?;
+            let mut shape = x.dims.clone();
+            if keep_dim {
+                shape[last] = 1;
+            } else {
+                shape.pop();
+            }
+            need_shape(&o, "out", &shape)?;
+            let handles = std::mem::take(&mut c.handles);
+            let kernel: Kernel = Arc::new(move |m: &mut Memory| {
+                let v = m.load(&x, None)?;
+                let n = x.dims[x.dims.len() - 1] as usize;
+                let r: Vec<f64> = v.chunks(n).map(|l| l.iter().copied().fold(f64::NEG_INFINITY, f64::max)).collect();
+                m.store(&o, &r)
+            });
+            // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
+            unsafe { finish(e, "aclnnAmax", WS_NORM, handles, kernel, ws, ex) }
+        })
+    })
+}
+
+/// The integer value of an element loaded as f64 (exact for every integer dtype we take).
+fn as_int(v: f64) -> i64 {
+    v as i64
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnBitwiseAndScalarGetWorkspaceSize(
+    self_: *const c_void,
+    other: *const c_void,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    guard("aclnnBitwiseAndScalarGetWorkspaceSize", || {
+        with_emu(|e| {
+            let mut c = Check::new(e)?;
+            let x = c.tensor(self_, "self")?;
+            let o = c.tensor(out, "out")?;
+            let Some((sdt, s)) = c.e.scalar(other as usize, "other")? else { bail!(P_NULL, "other is nullptr") };
+            need_dtype(&x, "self", BITWISE)?;
+            if !BITWISE.contains(&sdt) {
+                bail!(P_INVALID, "other: scalar dtype {sdt:?} is not an integer type");
+            }
+            if o.dt != x.dt {
+                bail!(P_INVALID, "out dtype {:?} differs from self dtype {:?}", o.dt, x.dt);
+            }
+            need_rank(&x, "self", 0, 8)?;
+            need_contig(&o, "out")?;
+            need_shape(&o, "out", &x.dims)?;
+            let mask = as_int(s);
+            let handles = std::mem::take(&mut c.handles);
+            let kernel: Kernel = Arc::new(move |m: &mut Memory| {
+                let v = m.load(&x, None)?;
+                m.store(&o, &v.iter().map(|&v| (as_int(v) & mask) as f64).collect::<Vec<f64>>())
+            });
+            // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
+            unsafe { finish(e, "aclnnBitwiseAndScalar", WS_ELEMENTWISE, handles, kernel, ws, ex) }
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn aclnnBitwiseOrTensorGetWorkspaceSize(
+    self_: *const c_void,
+    other: *const c_void,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
+    guard("aclnnBitwiseOrTensorGetWorkspaceSize", || {
+        with_emu(|e| {
+            let mut c = Check::new(e)?;
+            let x = c.tensor(self_, "self")?;
+            let y = c.tensor(other, "other")?;
+            let o = c.tensor(out, "out")?;
+            need_dtype(&x, "self", BITWISE)?;
+            if y.dt != x.dt || o.dt != x.dt {
+                bail!(P_INVALID, "self {:?}, other {:?} and out {:?} must have one integer dtype", x.dt, y.dt, o.dt);
+            }
+            let shape = broadcast(&x.dims, &y.dims).ok_or_else(|| Fail::new(P_INVALID, format!("self {:?} and other {:?} do not broadcast", x.dims, y.dims)))?;
+            need_contig(&o, "out")?;
+            need_shape(&o, "out", &shape)?;
+            let handles = std::mem::take(&mut c.handles);
+            let kernel: Kernel = Arc::new(move |m: &mut Memory| {
+                let a = m.load(&x, Some(&shape))?;
+                let b = m.load(&y, Some(&shape))?;
+                m.store(&o, &a.iter().zip(&b).map(|(&a, &b)| (as_int(a) | as_int(b)) as f64).collect::<Vec<f64>>())
+            });
+            // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
+            unsafe { finish(e, "aclnnBitwiseOrTensor", WS_ELEMENTWISE, handles, kernel, ws, ex) }
+        })
+    })
 }

@@ -54,8 +54,9 @@
 //! `aclnnQuantMatmulV5` on the FP8/MX operands, where a BF16 copy would be the wrong
 //! investment), and FP4 stays on the per-call table path.
 //!
-//! **Activations — known slow path, host-side:** `act_quant(x)` goes through the host like
-//! `QuantSim` (see `quant.rs`), then `aclnnMm(x̃, Wᵀ, KEEP_DTYPE)`.
+//! **Activations — on the device:** `act_quant(x)` is `QuantSim` (e4m3, blocks of 128) on a
+//! copy of `x`, built from generic ops with exponents taken from the f32 bits (see `quant.rs`),
+//! then `aclnnMm(x̃, Wᵀ, KEEP_DTYPE)`.
 //!
 //! Planned (not done): on the 950, `aclnnQuantMatmulV5` with FP8 operands and G-B
 //! `[1,128,128]` / MX `[1,1,32]` scales.
@@ -285,12 +286,15 @@ impl AscendBackend {
 
 /// What the FP8/FP4 linear needs from the op library.
 pub fn supports_lowp(ops: &AclnnOps) -> Support {
-    need(&[
+    match need(&[
         ("Mm", ops.Mm.is_some() || ops.Matmul.is_some()),
         ("Cast", ops.Cast.is_some()),
         ("IndexSelect", ops.IndexSelect.is_some()),
         ("Mul", ops.Mul.is_some()),
-    ])
+    ]) {
+        Support::Yes => super::quant::supports_quant_sim(ops),
+        no => no,
+    }
 }
 
 /// The device lookup table `name` (built on the host once, then cached by the backend).
@@ -398,15 +402,15 @@ pub fn weight_f32(
     Ok((Some(b), v))
 }
 
-/// `x̃ = act_quant(x)` for `r` rows of `k` into a new f32 temporary — host-side slow path.
+/// `x̃ = act_quant(x)` for `r` rows of `k` into a new f32 temporary: a device copy, then the
+/// HAL's e4m3 simulation in blocks of 128 on the device (`quant::quant_sim_rows`).
 pub fn act_quant(cx: &mut Ctx<'_>, x: Buf, r: usize, k: usize) -> Result<DeviceBuffer> {
-    let bytes = cx.be.d2h_locked(cx.st, x.ptr, r * k * 4)?;
-    let mut v: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    for row in v.chunks_exact_mut(k.max(1)) {
-        row.chunks_mut(128).for_each(|b| super::quant::sim_block(b, QuantFormat::Fp8E4M3));
+    let out = cx.temp(&[r.max(1), k.max(1)], F)?;
+    if r * k > 0 {
+        cx.copy(&View::of_temp(&out, F, &[r, k]), &View::new(x, F, &[r, k]))?;
+        super::quant::quant_sim_rows(cx, Buf::of(&out), r, k, k, 128, QuantFormat::Fp8E4M3)?;
     }
-    let out: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
-    super::attention::upload(cx, &out)
+    Ok(out)
 }
 
 /// `y [r, n] = act_quant(x) · Wᵀ` for an FP8/FP4 weight (`copy`: its load-time copy, if any).

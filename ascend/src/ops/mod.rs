@@ -123,6 +123,12 @@ impl View {
         }
     }
 
+    /// The same bytes described as another dtype of the same size (f32 bits as INT32).
+    pub fn with_dtype(&self, dtype: DType) -> View {
+        debug_assert_eq!(dtype.size(), self.dtype.size(), "reinterpretation needs equal element sizes");
+        View { dtype, ..self.clone() }
+    }
+
     /// Number of elements in the view.
     pub fn numel(&self) -> i64 {
         self.shape.iter().product()
@@ -237,6 +243,18 @@ impl<'a> Ctx<'a> {
         let raw = unsafe { (api.nnop.aclCreateScalar)((&mut v as *mut f32).cast::<c_void>(), sys::ACL_FLOAT) };
         if raw.is_null() {
             return Err(self.be.rt.error(sys::ACLNN_ERR_PARAM_INVALID, "aclCreateScalar(float)"));
+        }
+        Ok(ScalarDesc { raw, api })
+    }
+
+    /// An int32 `aclScalar`.
+    pub fn scalar_i32(&self, value: i32) -> Result<ScalarDesc<'a>> {
+        let api = self.api();
+        let mut v = value;
+        // SAFETY: ACL reads exactly sizeof(int32_t) bytes from `v` during the call.
+        let raw = unsafe { (api.nnop.aclCreateScalar)((&mut v as *mut i32).cast::<c_void>(), sys::ACL_INT32) };
+        if raw.is_null() {
+            return Err(self.be.rt.error(sys::ACLNN_ERR_PARAM_INVALID, "aclCreateScalar(int32)"));
         }
         Ok(ScalarDesc { raw, api })
     }
@@ -410,7 +428,7 @@ pub fn supports(op: &Op, ops: &AclnnOps, profile: &SocProfile) -> Support {
         Op::HcPost(_) => hc::supports_hc_post(ops),
         Op::GroupedLinear(g) => linear::supports_grouped_linear(g, ops),
         Op::Hadamard(_) => quant::supports_hadamard(ops),
-        Op::QuantSim(_) => quant::supports_quant_sim(),
+        Op::QuantSim(_) => quant::supports_quant_sim(ops),
         Op::WindowStore(_) => attention::supports_window_store(ops),
         Op::SparseAttention(_) => attention::supports_sparse_attention(ops),
         Op::MoeGate(g) => moe::supports_moe_gate(g, ops),
