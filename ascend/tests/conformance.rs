@@ -20,7 +20,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{run_child, use_emulator, CHILD_ENV};
+use common::{assert_child_ok, run_child, use_emulator, CHILD_ENV};
 use hal::backend::Backend;
 use v4rt_ascend::loader::SearchConfig;
 use v4rt_ascend::AscendBackend;
@@ -28,10 +28,8 @@ use v4rt_tests::conformance::{checks_passed, checks_table, end_to_end, run_suite
 
 fn run_config(soc: &str, ops: &str) {
     let out = run_child("conformance", &[("V4RT_EMU_SOC", soc), ("V4RT_ASCEND_OPS", ops)]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("==== {soc}, {ops} ====\n{stdout}");
-    assert!(out.status.success() && stdout.contains("CHILD-OK"), "conformance on {soc} ({ops}) failed: {}\n{stdout}\n{stderr}", out.status);
+    println!("==== {soc}, {ops} ====\n{}", String::from_utf8_lossy(&out.stdout));
+    assert_child_ok(&out);
 }
 
 #[test]

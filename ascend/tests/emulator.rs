@@ -16,7 +16,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::ptr;
 use std::sync::Arc;
 
-use common::{bytes_f32, f32_bytes, i32_bytes, nmse, run_child, Rng, CHILD_ENV};
+use common::{assert_child_ok, bytes_f32, f32_bytes, i32_bytes, nmse, run_child, CHILD_ENV, Rng};
 use cpu_ref::CpuBackend;
 use hal::backend::{Backend, Probe, Support};
 use hal::ops::{Access, Add, Embed, GatherRows, HcExpand, HcPre, Linear, RmsNorm, Rope, SwiGlu, WeightFormat};
@@ -523,10 +523,6 @@ fn shutdown_finalizes_once() {
     assert_child_ok(&out);
 }
 
-fn assert_child_ok(out: &std::process::Output) {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && stdout.contains("CHILD-OK"), "child failed: {}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-}
 
 /// Entry point of the child processes above (does nothing in a normal run).
 #[test]

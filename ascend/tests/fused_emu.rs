@@ -19,7 +19,7 @@ mod common;
 use std::ffi::{c_char, CString};
 use std::ptr;
 
-use common::{f32_bytes, i32_bytes, run_child, Rng, CHILD_ENV};
+use common::{assert_child_ok, f32_bytes, i32_bytes, run_child, CHILD_ENV, Rng};
 use hal::backend::Backend;
 use hal::{DType, Error, Tensor};
 use v4rt_ascend::loader::SearchConfig;
@@ -1098,10 +1098,6 @@ fn mhc_post_validation() {
 
 // ---------------------------------------------------------------- child processes
 
-fn assert_child_ok(out: &std::process::Output) {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && stdout.contains("CHILD-OK"), "child failed: {}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-}
 
 /// Entry point of the child processes above (does nothing in a normal run).
 #[test]

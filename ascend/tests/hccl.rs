@@ -19,7 +19,7 @@ use std::ptr;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use common::{bytes_f32, f32_bytes, i32_bytes, run_child, Rng, CHILD_ENV};
+use common::{assert_child_ok, bytes_f32, f32_bytes, i32_bytes, run_child, Rng, CHILD_ENV};
 use hal::backend::Backend;
 use hal::dtype::{bf16_to_f32, bytes_i32, f32_to_bf16};
 use hal::{DType, Error, Tensor};
@@ -229,16 +229,6 @@ fn no_libhccl_is_unsupported() {
     let root = common::fake_toolkit("nohccl", common::Layout::Both);
     let root = root.to_str().expect("utf-8 scratch path");
     assert_child_ok(&run_child("no_hccl", &[DEVICES, ("ASCEND_TOOLKIT_HOME", root)]));
-}
-
-fn assert_child_ok(out: &std::process::Output) {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("CHILD-OK"),
-        "child failed: {}\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// The device error a failed collective leaves at synchronize: (ACL status, message).

@@ -16,7 +16,7 @@ mod common;
 use std::path::Path;
 use std::sync::Arc;
 
-use common::{bytes_f32, run_child, CHILD_ENV};
+use common::{assert_child_ok, bytes_f32, run_child, CHILD_ENV};
 use cpu_ref::CpuBackend;
 use hal::backend::{Backend, BackendInfo, Prepared, Support};
 use hal::ops::{Linear, MoeExperts, WeightFormat};
@@ -352,10 +352,6 @@ fn out_of_memory_keeps_the_per_call_path() {
     assert_child_ok(&run_child("oom", &[("V4RT_EMU_FAIL_ALLOC", "4")]));
 }
 
-fn assert_child_ok(out: &std::process::Output) {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && stdout.contains("CHILD-OK"), "child failed: {}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-}
 
 /// Entry point of the child processes above (does nothing in a normal run).
 #[test]

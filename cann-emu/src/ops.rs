@@ -436,6 +436,7 @@ enum Un {
     Silu,
     Cos,
     Sin,
+    Abs,
     Clamp(Option<f64>, Option<f64>),
 }
 
@@ -463,7 +464,7 @@ unsafe fn unary(
                 need_dtype(&x, "self", &[Dt::F32, Dt::F16, Dt::Bf16, Dt::F64])?;
                 need_dtype(&o, "out", &[Dt::F32, Dt::F16, Dt::Bf16, Dt::F64])?;
             }
-            Un::Clamp(..) => {
+            Un::Clamp(..) | Un::Abs => {
                 need_dtype(&x, "self", ARITH)?;
                 if o.dt != x.dt {
                     bail!(P_INVALID, "out dtype {:?} differs from self dtype {:?}", o.dt, x.dt);
@@ -482,6 +483,7 @@ unsafe fn unary(
                     Un::Silu => v / (1.0 + (-v).exp()),
                     Un::Cos => v.cos(),
                     Un::Sin => v.sin(),
+                    Un::Abs => v.abs(),
                     Un::Clamp(lo, hi) => {
                         if v.is_nan() {
                             v
@@ -1522,27 +1524,8 @@ const BITWISE: &[Dt] = &[Dt::I8, Dt::U8, Dt::I16, Dt::I32, Dt::I64, Dt::Bool];
 
 #[no_mangle]
 pub unsafe extern "C" fn aclnnAbsGetWorkspaceSize(self_: *const c_void, out: *mut c_void, ws: *mut u64, ex: *mut *mut c_void) -> i32 {
-    guard("aclnnAbsGetWorkspaceSize", || {
-        with_emu(|e| {
-            let mut c = Check::new(e)?;
-            let x = c.tensor(self_, "self")?;
-            let o = c.tensor(out, "out")?;
-            need_dtype(&x, "self", ARITH)?;
-            if o.dt != x.dt {
-                bail!(P_INVALID, "out dtype {:?} differs from self dtype {:?}", o.dt, x.dt);
-            }
-            need_rank(&x, "self", 0, 8)?;
-            need_contig(&o, "out")?;
-            need_shape(&o, "out", &x.dims)?;
-            let handles = std::mem::take(&mut c.handles);
-            let kernel: Kernel = Arc::new(move |m: &mut Memory| {
-                let v = m.load(&x, None)?;
-                m.store(&o, &v.iter().map(|v| v.abs()).collect::<Vec<f64>>())
-            });
-            // SAFETY: out-pointers from the caller, checked for NULL in `finish`.
-            unsafe { finish(e, "aclnnAbs", WS_ELEMENTWISE, handles, kernel, ws, ex) }
-        })
-    })
+    // SAFETY: forwarded C arguments.
+    guard("aclnnAbsGetWorkspaceSize", || unsafe { unary("aclnnAbs", Un::Abs, self_, out, ws, ex) })
 }
 
 /// `out = max(self)` over `dim`. Emulator subset: `dim` must name the last dimension only.

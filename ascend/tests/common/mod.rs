@@ -116,6 +116,13 @@ pub fn run_child(scenario: &str, envs: &[(&str, &str)]) -> Output {
         .expect("spawn child test process")
 }
 
+/// Fails the test unless a child process from [`run_child`] exited cleanly and printed
+/// `CHILD-OK` (its output is shown on failure).
+pub fn assert_child_ok(out: &Output) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("CHILD-OK"), "child failed: {}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+}
+
 /// `Σ(g−w)² / Σw²`; infinite on a length mismatch or any non-finite value.
 /// NMSE of `got` against `want`; non-finite values or a length mismatch give infinity.
 pub fn nmse(got: &[f32], want: &[f32]) -> f64 {
