@@ -341,6 +341,14 @@ impl Communicator {
         Ok(be.storage(t, || what.to_string())?.device_ptr())
     }
 
+    /// As [`Self::ptr`], for a tensor the collective writes: what the backend derived from its
+    /// bytes (load-time weight copies, host copies of indices) is dropped first.
+    fn out_ptr(be: &AscendBackend, t: &Tensor, what: &str) -> Result<DevicePtr> {
+        let s = be.storage(t, || what.to_string())?;
+        s.invalidate();
+        Ok(s.device_ptr())
+    }
+
     /// Issues `call` (which gets the stream) under `be`'s issue lock, and converts its status.
     fn issue(&self, be: &AscendBackend, what: &str, call: impl FnOnce(sys::aclrtStream) -> HcclResult) -> Result<()> {
         // The issue lock binds the device and orders this with every other issue on the stream.
@@ -360,7 +368,7 @@ impl Communicator {
         let dt = reduce_dtype(send.dtype())
             .ok_or_else(|| Error::invalid(WHAT, format!("send {send:?}: HCCL reduces int8, int32, fp16, fp32 and bf16 only")))?;
         let s = Self::ptr(be, send, "hccl all_reduce send")?;
-        let r = Self::ptr(be, recv, "hccl all_reduce recv")?;
+        let r = Self::out_ptr(be, recv, "hccl all_reduce recv")?;
         let f = sym(self.fns.HcclAllReduce, "HcclAllReduce")?;
         let count = send.numel() as u64;
         // SAFETY: device addresses of live tensors of `numel` elements, a live communicator, and
@@ -377,7 +385,7 @@ impl Communicator {
         self.check_backend(be, WHAT)?;
         let dt = reduce_dtype(buf.dtype())
             .ok_or_else(|| Error::invalid(WHAT, format!("buf {buf:?}: HCCL reduces int8, int32, fp16, fp32 and bf16 only")))?;
-        let p = Self::ptr(be, buf, "hccl all_reduce_in_place buf")?;
+        let p = Self::out_ptr(be, buf, "hccl all_reduce_in_place buf")?;
         let f = sym(self.fns.HcclAllReduce, "HcclAllReduce")?;
         let count = buf.numel() as u64;
         // SAFETY: as for `all_reduce`; HCCL accepts sendBuf == recvBuf.
@@ -399,7 +407,7 @@ impl Communicator {
             ));
         }
         let s = Self::ptr(be, send, "hccl all_gather send")?;
-        let r = Self::ptr(be, recv, "hccl all_gather recv")?;
+        let r = Self::out_ptr(be, recv, "hccl all_gather recv")?;
         let f = sym(self.fns.HcclAllGather, "HcclAllGather")?;
         let count = send.numel() as u64;
         // SAFETY: as for `all_reduce`; `recv` holds `size × count` elements (checked above).
@@ -423,7 +431,7 @@ impl Communicator {
         let dt = reduce_dtype(send.dtype())
             .ok_or_else(|| Error::invalid(WHAT, format!("send {send:?}: HCCL reduces int8, int32, fp16, fp32 and bf16 only")))?;
         let s = Self::ptr(be, send, "hccl reduce_scatter send")?;
-        let r = Self::ptr(be, recv, "hccl reduce_scatter recv")?;
+        let r = Self::out_ptr(be, recv, "hccl reduce_scatter recv")?;
         let f = sym(self.fns.HcclReduceScatter, "HcclReduceScatter")?;
         let count = recv.numel() as u64;
         // SAFETY: as for `all_reduce`; `send` holds `size × count` elements (checked above).
@@ -439,7 +447,7 @@ impl Communicator {
         if root >= self.size {
             return Err(Error::invalid(WHAT, format!("root {root} is out of range for {} ranks", self.size)));
         }
-        let p = Self::ptr(be, buf, "hccl broadcast buf")?;
+        let p = Self::out_ptr(be, buf, "hccl broadcast buf")?;
         let f = sym(self.fns.HcclBroadcast, "HcclBroadcast")?;
         let count = buf.numel() as u64;
         // SAFETY: as for `all_reduce`.

@@ -84,7 +84,15 @@ pub struct AscendStorage {
     /// This weight's load-time FP8/FP4 → BF16 copy made by `prepare` (`ops::lowp`); dropped
     /// when the tensor's bytes are written.
     converted: Mutex<Option<Arc<ops::lowp::Converted>>>,
+    /// For a small INT32 tensor whose bytes came from the host (`upload`, `write`): those
+    /// bytes, so that ops reading row metadata (slots, positions, ids) need no device→host copy
+    /// and stream drain. Dropped when a device op or collective writes the tensor.
+    host: Mutex<Option<Arc<Vec<u8>>>>,
 }
+
+/// Largest INT32 tensor whose host bytes are kept ([`AscendStorage`]`::host`): row metadata is
+/// a few values per row.
+const HOST_COPY_MAX: usize = 64 << 10;
 
 /// Next [`AscendStorage`] id (a device address would not do: the pool reuses them).
 static NEXT_UID: AtomicU64 = AtomicU64::new(1);
@@ -92,7 +100,12 @@ static NEXT_UID: AtomicU64 = AtomicU64::new(1);
 impl AscendStorage {
     /// Storage for a fresh tensor: a new id, generation 0, nothing derived.
     fn new(buf: DeviceBuffer) -> AscendStorage {
-        AscendStorage { buf, uid: NEXT_UID.fetch_add(1, Ordering::Relaxed), generation: AtomicU64::new(0), converted: Mutex::new(None) }
+        AscendStorage { buf, uid: NEXT_UID.fetch_add(1, Ordering::Relaxed), generation: AtomicU64::new(0), converted: Mutex::new(None), host: Mutex::new(None) }
+    }
+
+    /// The host bytes of a small INT32 tensor, if its contents came from the host.
+    pub(crate) fn host_bytes(&self) -> Option<Arc<Vec<u8>>> {
+        lock(&self.host).clone()
     }
 
     /// The bytes are about to change (`write`, or an op output): drop what `prepare` derived
@@ -100,6 +113,7 @@ impl AscendStorage {
     pub(crate) fn invalidate(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         lock(&self.converted).take();
+        lock(&self.host).take();
     }
 
     /// The device address (an opaque number; reading it on the host faults).
@@ -138,6 +152,19 @@ pub(crate) struct IssueState {
     pub(crate) luts: std::collections::HashMap<&'static str, DeviceBuffer>,
     /// FP8/FP4 weights: the load-time copies of the op being issued, and counters.
     pub(crate) lowp: ops::lowp::LowpState,
+    /// Host copies of the op being issued's small INT32 inputs, by device address.
+    pub(crate) host_inputs: Vec<(DevicePtr, Arc<Vec<u8>>)>,
+    /// Index reads answered from host copies / from the device (a D2H and a stream drain each).
+    pub(crate) index_reads: IndexReads,
+}
+
+/// How the ops' reads of index inputs (slots, positions, ids, selections) were served.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IndexReads {
+    /// From the host copy of an uploaded/written tensor: no device traffic.
+    pub host: u64,
+    /// From the device: a device→host copy and a stream drain.
+    pub device: u64,
 }
 
 /// Pending staging memory above which an upload first drains the stream (bounds host memory
@@ -223,6 +250,8 @@ impl AscendBackend {
                 hadamard: Default::default(),
                 luts: Default::default(),
                 lowp: Default::default(),
+                host_inputs: Vec::new(),
+                index_reads: IndexReads::default(),
             }),
         })
     }
@@ -234,6 +263,11 @@ impl AscendBackend {
             return None;
         }
         ops::fused::kernel_for(op, &api.fused, &api.ops, &self.profile)
+    }
+
+    /// How index inputs read by ops were served so far (host copies vs device reads).
+    pub fn index_reads(&self) -> IndexReads {
+        lock(&self.issue).index_reads
     }
 
     /// The SoC profile (what formats the device computes natively).
@@ -389,7 +423,11 @@ impl Backend for AscendBackend {
         let mut st = self.lock_issue()?;
         let buf = self.pool.alloc(want)?;
         self.h2d_locked(&mut st, buf.ptr(), buf.capacity(), bytes)?;
-        Ok(Tensor::from_storage(Box::new(AscendStorage::new(buf)), shape.to_vec(), dtype))
+        let storage = AscendStorage::new(buf);
+        if dtype == DType::I32 && want <= HOST_COPY_MAX {
+            *lock(&storage.host) = Some(Arc::new(bytes.to_vec()));
+        }
+        Ok(Tensor::from_storage(Box::new(storage), shape.to_vec(), dtype))
     }
 
     fn write(&self, t: &mut Tensor, offset: usize, bytes: &[u8]) -> Result<()> {
@@ -403,7 +441,18 @@ impl Backend for AscendBackend {
             ));
         };
         let s = self.storage(t, || "write".into())?;
+        let host = s.host_bytes();
         s.invalidate();
+        // Keep the host copy current (patched, or made when the whole tensor is written).
+        let patched = match host {
+            Some(h) => Some((*h).clone()),
+            None if t.dtype() == DType::I32 && start == 0 && bytes.len() == len && len <= HOST_COPY_MAX => Some(vec![0; len]),
+            None => None,
+        };
+        if let Some(mut h) = patched {
+            h[start..start + bytes.len()].copy_from_slice(bytes);
+            *lock(&s.host) = Some(Arc::new(h));
+        }
         let (dst, cap) = (s.buf.ptr().offset(start), s.buf.capacity() - start);
         let mut st = self.lock_issue()?;
         self.h2d_locked(&mut st, dst, cap, bytes)
@@ -440,7 +489,9 @@ impl Backend for AscendBackend {
             .collect::<Result<Vec<_>>>()?;
         let fused_path = self.fused_kernel(op).is_some();
         let copies = ops::lowp::attached(op, &in_st);
+        let host_inputs = in_st.iter().filter_map(|s| s.host_bytes().map(|h| (s.device_ptr(), h))).collect();
         let mut st = self.lock_issue()?;
+        st.host_inputs = host_inputs;
         // This op's load-time weight copies (ops::lowp); every run replaces them.
         st.lowp.current = copies;
         let mut cx = ops::Ctx { be: self, st: &mut st };

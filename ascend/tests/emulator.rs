@@ -634,3 +634,61 @@ fn child_entry() {
     }
     println!("CHILD-OK {scenario}");
 }
+
+/// Row metadata the model uploads is read from the backend's host copy (no device→host copy,
+/// no stream drain); a tensor a device op wrote is read from the device, so its host copy can
+/// never be stale; `write` keeps the copy current.
+#[test]
+fn index_inputs_use_host_copies_only_while_they_are_current() {
+    let be = backend();
+    let cpu = CpuBackend::new();
+    let (vocab, dim) = (4usize, 3usize);
+    let table_bytes = f32_bytes(&(0..vocab * dim).map(|i| i as f32).collect::<Vec<_>>());
+    let table = be.upload(&[vocab, dim], DType::F32, &table_bytes).unwrap();
+    let embed = |ids: &Tensor, n: usize| -> (Vec<f32>, Vec<f32>) {
+        let op = Op::Embed(Embed { rows: n, vocab, dim, table_dtype: DType::F32 });
+        let mut out = be.alloc(&[n, dim], DType::F32).unwrap();
+        be.run(&op, &[ids, &table], &mut [&mut out]).unwrap();
+        let got = bytes_f32(&be.download(&out).unwrap());
+        // cpu-ref on the ids as the device holds them now.
+        let ids_now = be.download(ids).unwrap();
+        let ci = cpu.upload(&[n], DType::I32, &ids_now).unwrap();
+        let ct = cpu.upload(&[vocab, dim], DType::F32, &table_bytes).unwrap();
+        let mut co = cpu.alloc(&[n, dim], DType::F32).unwrap();
+        cpu.run(&op, &[&ci, &ct], &mut [&mut co]).unwrap();
+        (got, bytes_f32(&cpu.download(&co).unwrap()))
+    };
+
+    // 1. Uploaded ids: served from the host copy.
+    let before = be.index_reads();
+    let ids = be.upload(&[4], DType::I32, &i32_bytes(&[3, 1, 0, 2])).unwrap();
+    let (got, want) = embed(&ids, 4);
+    assert_eq!(got, want);
+    let after = be.index_reads();
+    assert_eq!((after.host - before.host, after.device - before.device), (1, 0), "uploaded ids must not be read back");
+
+    // 2. A partial `write` patches the host copy.
+    let mut ids = ids;
+    be.write(&mut ids, 1, &i32_bytes(&[2, 2])).unwrap();
+    let (got, want) = embed(&ids, 4);
+    assert_eq!(got, want, "ids [3, 2, 2, 2] after the write");
+    assert_eq!(be.index_reads().device, after.device, "a written tensor keeps its (patched) host copy");
+
+    // 3. The same tensor overwritten by a device op (IndexerTopK's indices): read from the device.
+    let op = Op::IndexerTopK(hal::ops::IndexerTopK { rows: 2, heads: 1, head_dim: 1, slots: 1, capacity: 4, ratio: 1, topk: 2, weight_scale: 1.0 });
+    let q = be.upload(&[2, 1, 1], DType::F32, &f32_bytes(&[1.0, 1.0])).unwrap();
+    let w = be.upload(&[2, 1], DType::F32, &f32_bytes(&[1.0, 1.0])).unwrap();
+    // Key scores 0.5, 3, 1, 2: row 0 (sees 3) picks [1, 2], row 1 (sees 4) picks [1, 3].
+    let keys = be.upload(&[1, 4, 1], DType::F32, &f32_bytes(&[0.5, 3.0, 1.0, 2.0])).unwrap();
+    let slots = be.upload(&[2], DType::I32, &i32_bytes(&[0, 0])).unwrap();
+    let pos = be.upload(&[2], DType::I32, &i32_bytes(&[2, 3])).unwrap();
+    let mut idx = ids.reshape(vec![2, 2]);
+    let mut scores = be.alloc(&[2, 2], DType::F32).unwrap();
+    be.run(&op, &[&q, &w, &keys, &slots, &pos], &mut [&mut idx, &mut scores]).unwrap();
+    let ids = idx.reshape(vec![4]);
+    let device_reads = be.index_reads().device;
+    let (got, want) = embed(&ids, 4);
+    assert_eq!(got, want);
+    assert_eq!(hal::dtype::bytes_i32(&be.download(&ids).unwrap()), vec![1, 2, 1, 3]);
+    assert_eq!(be.index_reads().device, device_reads + 1, "ids written by a device op must be read from the device");
+}

@@ -17,8 +17,7 @@
 //! 3. `e = aclnnReduceSum(aclnnMul(aclnnSoftmax(scores, 1), kv), [1])`.
 //! 4. finish: `aclnnRmsNorm(e, norm_w)`, RoPE at `j·ratio` (the Rope composition of `rope.rs`),
 //!    then `rotate`: Hadamard (`quant.rs`, a matmul) + e2m1 simulation of all dims, else e4m3
-//!    simulation of the first `D − rope_dim` dims — the simulations are the host-side slow
-//!    path of `QuantSim`.
+//!    simulation of the first `D − rope_dim` dims (`QuantSim` on the device, `quant.rs`).
 //! 5. `aclnnInplaceScatter` (rows, see `attention::scatter_rows`) of the entries into
 //!    `cache [S·capacity, D]` and of the final state rows (`aclnnIndexSelect` from the
 //!    sources) into `state_kv` / `state_score`.

@@ -6,14 +6,14 @@
 //! the launch helper, small elementwise wrappers, and the support table. Every HAL op has a
 //! composition; `supports()` answers `No` only when the loaded op library lacks an aclnn op a
 //! composition needs (naming it), or for a weight format the HAL does not define for the op.
-//! Host-side steps (index reads, host-planned gathers, quantization simulation) are labelled
-//! in each family's docs and listed in `docs/ascend.md`.
+//! Host-side steps (index reads, host-planned gathers) are labelled in each family's docs and
+//! listed in `docs/ascend.md`.
 //!
 //! Index-like inputs (token ids, row indices, positions) are validated on the host before any
 //! launch, because the HAL contract makes an out-of-range index an error naming the row, while
-//! on the device it would be a kernel fault. That costs one small device→host copy and a
-//! stream synchronize per such op; a device-side check reported at the next synchronize is
-//! future work.
+//! on the device it would be a kernel fault. [`Ctx::read_i32`] serves them from the host copy
+//! the backend keeps of small host-written INT32 tensors (the model's row metadata), and only
+//! device-produced indices cost a device→host copy and a stream drain.
 
 pub mod attention;
 pub mod compressor;
@@ -293,9 +293,21 @@ impl<'a> Ctx<'a> {
         rt.check(code, &format!("aclnn{name}"))
     }
 
-    /// Reads `n` int32 values at `b` to the host (drains the stream).
+    /// Reads the first `n` int32 values of the input at `b` on the host.
+    /// From the input's host copy when it has one (row metadata uploaded by the model: no device
+    /// traffic), else by a device→host copy that drains the stream.
     pub fn read_i32(&mut self, b: Buf, n: usize) -> Result<Vec<i32>> {
-        let bytes = self.be.d2h_locked(self.st, b.ptr, n * 4)?;
+        let host = self.st.host_inputs.iter().find(|(p, h)| *p == b.ptr && h.len() >= n * 4).map(|(_, h)| h.clone());
+        let bytes = match host {
+            Some(h) => {
+                self.st.index_reads.host += 1;
+                h[..n * 4].to_vec()
+            }
+            None => {
+                self.st.index_reads.device += 1;
+                self.be.d2h_locked(self.st, b.ptr, n * 4)?
+            }
+        };
         Ok(bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
