@@ -183,6 +183,8 @@ pub struct AscendBackend {
     profile: SocProfile,
     /// Use CANN's fused DeepSeek-V4 ops where they apply (`V4RT_ASCEND_OPS`, default on).
     fused_ops: bool,
+    /// CANN `(major, minor)` when `aclsysGetVersionStr` reports one (fused-op gating).
+    cann_version: Option<(u32, u32)>,
     issue: Mutex<IssueState>,
 }
 
@@ -229,9 +231,12 @@ impl AscendBackend {
             .unwrap_or_default();
         let api = rt.api();
         let hccl = if api.hccl.is_some() { ", HCCL" } else { "" };
+        let version_str = rt.cann_version();
+        let cann_version = version_str.as_deref().and_then(ops::fused::parse_version);
         let fused = sys::FusedOps::NAMES.len() - api.fused.missing().len();
         let path = if fused_ops { format!("fused ops: {fused}/{} exported", sys::FusedOps::NAMES.len()) } else { "fused ops off".into() };
-        let device_desc = format!("{soc} (device {device}{mem}, {}{hccl}, {path})", api.opapi);
+        let version = version_str.map(|v| format!("CANN {v}, ")).unwrap_or_default();
+        let device_desc = format!("{soc} (device {device}{mem}, {version}{}{hccl}, {path})", api.opapi);
         // How FP8/FP4 checkpoint weights run here: converted once by `prepare` (ops::lowp).
         let device_desc = if profile.fp8_compute { device_desc } else { format!("{device_desc}, FP8/FP4 weights → BF16 at load (no FP8/FP4 compute)") };
         Ok(AscendBackend {
@@ -242,6 +247,7 @@ impl AscendBackend {
             pool,
             profile,
             fused_ops,
+            cann_version,
             issue: Mutex::new(IssueState {
                 pending: Vec::new(),
                 pending_bytes: 0,
@@ -262,7 +268,7 @@ impl AscendBackend {
         if !self.fused_ops {
             return None;
         }
-        ops::fused::kernel_for(op, &api.fused, &api.ops, &self.profile)
+        ops::fused::kernel_for(op, &api.fused, &api.ops, &self.profile, self.cann_version)
     }
 
     /// How index inputs read by ops were served so far (host copies vs device reads).

@@ -158,6 +158,27 @@ impl Runtime {
         Some(unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
     }
 
+    /// The installed CANN version string, when `aclsysGetVersionStr` is exported and answers
+    /// for one of the package names tried (`CANN`, `opp`, `runtime`; which names a given CANN
+    /// accepts is not verified). `None` otherwise: callers then rely on symbols alone.
+    pub fn cann_version(&self) -> Option<String> {
+        let f = self.api.acl_opt.aclsysGetVersionStr?;
+        for pkg in [c"CANN", c"opp", c"runtime"] {
+            let mut buf = [0 as std::ffi::c_char; 128];
+            // SAFETY: a NUL-terminated package name and a 128-byte buffer
+            // (ACL_PKG_VERSION_MAX_SIZE), both valid for the call.
+            let code = unsafe { f(pkg.as_ptr().cast_mut(), buf.as_mut_ptr()) };
+            if code == 0 {
+                // SAFETY: the buffer is NUL-terminated (zero-filled, and the API writes a C string).
+                let v = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().trim().to_string();
+                if !v.is_empty() {
+                    return Some(v);
+                }
+            }
+        }
+        None
+    }
+
     /// `(free, total)` HBM bytes of `device`.
     pub fn mem_info(&self, device: i32) -> Result<(usize, usize)> {
         self.bind(device)?;

@@ -21,7 +21,7 @@ use std::ptr;
 
 use common::{assert_child_ok, f32_bytes, i32_bytes, run_child, CHILD_ENV, Rng};
 use hal::backend::Backend;
-use hal::{DType, Error, Tensor};
+use hal::{DType, Error, Op, Tensor};
 use v4rt_ascend::loader::SearchConfig;
 use v4rt_ascend::runtime::{DeviceBuffer, Stream};
 use v4rt_ascend::sys::{self, aclOpExecutor, aclTensor, AclnnLaunchFn};
@@ -1118,7 +1118,42 @@ fn child_entry() {
             run_mla(&mut fx, &call, &meta, None);
             assert!((fx.get(call.out)[0] - 1.0 / 3.0).abs() < 2e-3);
         }
+        "version" => {
+            // Which fused kernels the backend picks for a given reported CANN version.
+            let want = std::env::var("WANT").expect("WANT");
+            let fx = Fx::new();
+            let be = &fx.be;
+            let ver = std::env::var("V4RT_EMU_CANN_VERSION").expect("V4RT_EMU_CANN_VERSION");
+            assert!(be.info().device.contains(&format!("CANN {ver}")), "{}", be.info().device);
+            let indexer = Op::IndexerTopK(hal::ops::IndexerTopK { rows: 2, heads: 4, head_dim: 128, slots: 1, capacity: 8, ratio: 4, topk: 2, weight_scale: 1.0 });
+            let attention = Op::SparseAttention(hal::ops::SparseAttention {
+                rows: 2,
+                heads: 4,
+                head_dim: 512,
+                slots: 1,
+                window: 4,
+                compressed: hal::ops::attention::CompressedKv::None,
+                softmax_scale: 1.0,
+            });
+            let post = Op::HcPost(hal::ops::HcPost { rows: 2, mult: 4, dim: 8 });
+            let got: Vec<&str> = [&indexer, &attention, &post].iter().filter_map(|op| be.fused_kernel(op)).collect();
+            assert_eq!(got.join(","), want, "fused kernels chosen at CANN {ver}");
+        }
         other => panic!("unknown child scenario {other}"),
     }
     println!("CHILD-OK {scenario}");
+}
+
+/// The CANN version gates the fused ops by their first documented release: LightningIndexer
+/// from 9.0, the others from 9.1; a version that does not parse leaves it to the symbols.
+#[test]
+fn fused_ops_follow_the_cann_version() {
+    for (ver, want) in [
+        ("9.1.0", "LightningIndexer,SparseFlashMla,MhcPost"),
+        ("9.0.0", "LightningIndexer"),
+        ("8.5.0", ""),
+        ("dev-build", "LightningIndexer,SparseFlashMla,MhcPost"),
+    ] {
+        assert_child_ok(&run_child("version", &[("V4RT_EMU_CANN_VERSION", ver), ("WANT", want)]));
+    }
 }

@@ -109,6 +109,35 @@ pub extern "C" fn aclrtGetSocName() -> *const c_char {
         .unwrap_or(std::ptr::null())
 }
 
+/// Package names `aclsysGetVersionStr` answers for (the CANN packages whose versions the docs
+/// list; every one reports the configured version).
+const VERSION_PACKAGES: &[&str] = &["CANN", "runtime", "opp", "toolkit", "compiler", "hccl"];
+/// `ACL_PKG_VERSION_MAX_SIZE`: the caller's buffer for the version string.
+const PKG_VERSION_MAX: usize = 128;
+
+#[no_mangle]
+pub unsafe extern "C" fn aclsysGetVersionStr(pkg_name: *mut c_char, version: *mut c_char) -> i32 {
+    guard("aclsysGetVersionStr", || {
+        if pkg_name.is_null() || version.is_null() {
+            bail!(codes::INVALID_PARAM, "pkgName and versionStr must not be NULL");
+        }
+        // SAFETY: non-NULL, NUL-terminated per the API.
+        let pkg = unsafe { std::ffi::CStr::from_ptr(pkg_name) }.to_string_lossy().into_owned();
+        if !VERSION_PACKAGES.contains(&pkg.as_str()) {
+            bail!(codes::INVALID_PARAM, "unknown package {pkg:?} (known: {VERSION_PACKAGES:?})");
+        }
+        let v = with_emu(|e| Ok(e.config.cann_version.clone()))?;
+        let bytes = v.as_bytes();
+        let n = bytes.len().min(PKG_VERSION_MAX - 1);
+        // SAFETY: the caller provides ACL_PKG_VERSION_MAX_SIZE bytes; we write at most that many.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), version.cast::<u8>(), n);
+            *version.add(n) = 0;
+        }
+        Ok(())
+    })
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn aclrtGetMemInfo(attr: u32, free: *mut usize, total: *mut usize) -> i32 {
     guard("aclrtGetMemInfo", || {

@@ -24,7 +24,8 @@
 //!   SoCs reject FP8/FP4/HiF8 dtypes), `V4RT_EMU_FAIL_ALLOC=N` / `V4RT_EMU_FAIL_LAUNCH=N` (fail
 //!   the Nth `aclrtMalloc` / aclnn launch; `N+` = the Nth and every later one),
 //!   `V4RT_EMU_MEM_MB` (reported capacity, default 32768), `V4RT_EMU_DEVICES` (default 1),
-//!   `V4RT_EMU_EAGER=1` (run work at enqueue, for debugging).
+//!   `V4RT_EMU_EAGER=1` (run work at enqueue, for debugging), `V4RT_EMU_CANN_VERSION` (what
+//!   `aclsysGetVersionStr` reports, default 9.1.0).
 //!
 //! Kernels are plain generic loops over strided views in f64, rounded to the output dtype:
 //! written for clarity, not speed, and independent of the v4rt reference backend.

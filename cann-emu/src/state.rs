@@ -58,6 +58,9 @@ pub struct Config {
     /// How long an HCCL rendezvous (communicator init, one collective) waits for the other
     /// ranks before failing with `HCCL_E_TIMEOUT` (`V4RT_EMU_HCCL_TIMEOUT_MS`, default 10 s).
     pub hccl_timeout: Duration,
+    /// What `aclsysGetVersionStr` reports for every package (`V4RT_EMU_CANN_VERSION`, default
+    /// "9.1.0", the first release whose docs have every fused op the backend binds).
+    pub cann_version: String,
 }
 
 impl Config {
@@ -78,6 +81,7 @@ impl Config {
             hccl_timeout: Duration::from_millis(
                 var("V4RT_EMU_HCCL_TIMEOUT_MS").and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(10_000),
             ),
+            cann_version: var("V4RT_EMU_CANN_VERSION").unwrap_or_else(|| "9.1.0".into()),
         }
     }
 

@@ -56,8 +56,36 @@ pub fn policy_from_env() -> std::result::Result<bool, String> {
     }
 }
 
-/// The fused op that runs `op` here, if any (the composition runs otherwise).
-pub fn kernel_for(op: &Op, fused: &FusedOps, ops: &AclnnOps, profile: &SocProfile) -> Option<&'static str> {
+/// `(major, minor)` from a CANN version string ("9.1.0", "8.0.RC1"); `None` if it does not
+/// start with two numbers.
+pub fn parse_version(v: &str) -> Option<(u32, u32)> {
+    let mut it = v.trim().split('.');
+    let major = it.next()?.trim().parse().ok()?;
+    let minor: String = it.next()?.chars().take_while(char::is_ascii_digit).collect();
+    Some((major, minor.parse().ok()?))
+}
+
+/// The first CANN release whose op docs have `kernel` (docs/ascend-fused.md headings; the docs'
+/// release branch is a proxy for the shipping version, UNVERIFIED).
+fn min_version(kernel: &str) -> (u32, u32) {
+    match kernel {
+        "LightningIndexer" => (9, 0),
+        _ => (9, 1),
+    }
+}
+
+/// The fused op that runs `op` here, if any (the composition runs otherwise). Needs the symbol
+/// pair; when the CANN version is known (`version`), also at least the op's first documented
+/// release (an older library exporting the symbol may have other semantics).
+pub fn kernel_for(op: &Op, fused: &FusedOps, ops: &AclnnOps, profile: &SocProfile, version: Option<(u32, u32)>) -> Option<&'static str> {
+    let kernel = kernel_by_symbol(op, fused, ops, profile)?;
+    match version {
+        Some(v) if v < min_version(kernel) => None,
+        _ => Some(kernel),
+    }
+}
+
+fn kernel_by_symbol(op: &Op, fused: &FusedOps, ops: &AclnnOps, profile: &SocProfile) -> Option<&'static str> {
     // Every fused path casts to and from bf16; the indexer scales its weights first.
     ops.Cast?;
     match op {
@@ -326,4 +354,19 @@ fn run_sparse_flash_mla(cx: &mut Ctx<'_>, op: &SparseAttention, ins: &[Buf], out
     }
     drop(keep);
     cx.cast(&out, &o32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        assert_eq!(parse_version("9.1.0"), Some((9, 1)));
+        assert_eq!(parse_version("8.0.RC1"), Some((8, 0)));
+        assert_eq!(parse_version(" 10.2 "), Some((10, 2)));
+        assert_eq!(parse_version("9"), None);
+        assert_eq!(parse_version("dev"), None);
+        assert!((9, 0) < min_version("SparseFlashMla") && (9, 0) >= min_version("LightningIndexer"));
+    }
 }
