@@ -472,8 +472,13 @@ impl Backend for AscendBackend {
 
     fn run(&self, op: &Op, inputs: &[&Tensor], outputs: &mut [&mut Tensor]) -> Result<()> {
         op.validate(inputs, outputs)?;
-        if let Support::No(reason) = self.supports(op) {
-            return Err(Error::Unsupported { backend: BACKEND.into(), op: op.name().into(), reason });
+        // The path is chosen once per call: the fused kernel when one applies, else the
+        // composition (which `supports` then vouches for).
+        let fused_path = self.fused_kernel(op).is_some();
+        if !fused_path {
+            if let Support::No(reason) = ops::supports(op, &self.rt.api().ops, &self.profile) {
+                return Err(Error::Unsupported { backend: BACKEND.into(), op: op.name().into(), reason });
+            }
         }
         let sig = op.signature();
         let in_st = inputs
@@ -493,7 +498,6 @@ impl Backend for AscendBackend {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let fused_path = self.fused_kernel(op).is_some();
         let copies = ops::lowp::attached(op, &in_st);
         let host_inputs = in_st.iter().filter_map(|s| s.host_bytes().map(|h| (s.device_ptr(), h))).collect();
         let mut st = self.lock_issue()?;

@@ -572,6 +572,23 @@ impl MlaParams {
     }
 }
 
+/// The length tensors of `SparseFlashMla` (and its metadata op) that the doc gives no meaning
+/// for v4rt's layout, in prototype order: refused when given (docs/ascend-fused.md §4).
+const UNUSED_LENGTH_TENSORS: [&str; 8] = [
+    "cuSeqlensOriKvOptional",
+    "cuSeqlensCmpKvOptional",
+    "sequsedQOptional",
+    "sequsedOriKvOptional",
+    "sequsedCmpKvOptional",
+    "cmpResidualKvOptional",
+    "oriTopkLengthOptional",
+    "cmpTopkLengthOptional",
+];
+
+fn refuse_length_tensors(ptrs: [*const c_void; 8]) -> Result<(), Fail> {
+    ptrs.into_iter().zip(UNUSED_LENGTH_TENSORS).try_for_each(|(p, name)| not_implemented(p, name))
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn aclnnSparseFlashMlaMetadataGetWorkspaceSize(
     cu_seqlens_q_optional: *const c_void,
@@ -606,18 +623,16 @@ pub unsafe extern "C" fn aclnnSparseFlashMlaMetadataGetWorkspaceSize(
         with_emu(|e| {
             let mut c = Check::new(e)?;
             let cuq = optional(&mut c, cu_seqlens_q_optional, "cuSeqlensQOptional")?;
-            for (p, name) in [
-                (cu_seqlens_ori_kv_optional, "cuSeqlensOriKvOptional"),
-                (cu_seqlens_cmp_kv_optional, "cuSeqlensCmpKvOptional"),
-                (seqused_q_optional, "sequsedQOptional"),
-                (seqused_ori_kv_optional, "sequsedOriKvOptional"),
-                (seqused_cmp_kv_optional, "sequsedCmpKvOptional"),
-                (cmp_residual_kv_optional, "cmpResidualKvOptional"),
-                (ori_topk_length_optional, "oriTopkLengthOptional"),
-                (cmp_topk_length_optional, "cmpTopkLengthOptional"),
-            ] {
-                not_implemented(p, name)?;
-            }
+            refuse_length_tensors([
+                cu_seqlens_ori_kv_optional,
+                cu_seqlens_cmp_kv_optional,
+                seqused_q_optional,
+                seqused_ori_kv_optional,
+                seqused_cmp_kv_optional,
+                cmp_residual_kv_optional,
+                ori_topk_length_optional,
+                cmp_topk_length_optional,
+            ])?;
             let md = c.tensor(meta_data, "metaData")?;
             if !(1..=MLA_MAX_HEADS_Q).contains(&num_heads_q) {
                 bail!(P_INVALID, "numHeadsQ {num_heads_q} outside [1, {MLA_MAX_HEADS_Q}]");
@@ -768,18 +783,16 @@ pub unsafe extern "C" fn aclnnSparseFlashMlaGetWorkspaceSize(
             if ori.is_none() && cmp.is_none() {
                 bail!(P_INVALID, "neither ori (oriKvOptional, …) nor cmp (cmpKvOptional, …) keys are given");
             }
-            for (p, name) in [
-                (cu_seqlens_ori_kv_optional, "cuSeqlensOriKvOptional"),
-                (cu_seqlens_cmp_kv_optional, "cuSeqlensCmpKvOptional"),
-                (seqused_q_optional, "sequsedQOptional"),
-                (seqused_ori_kv_optional, "sequsedOriKvOptional"),
-                (seqused_cmp_kv_optional, "sequsedCmpKvOptional"),
-                (cmp_residual_kv_optional, "cmpResidualKvOptional"),
-                (ori_topk_length_optional, "oriTopkLengthOptional"),
-                (cmp_topk_length_optional, "cmpTopkLengthOptional"),
-            ] {
-                not_implemented(p, name)?;
-            }
+            refuse_length_tensors([
+                cu_seqlens_ori_kv_optional,
+                cu_seqlens_cmp_kv_optional,
+                seqused_q_optional,
+                seqused_ori_kv_optional,
+                seqused_cmp_kv_optional,
+                cmp_residual_kv_optional,
+                ori_topk_length_optional,
+                cmp_topk_length_optional,
+            ])?;
             let sinks = optional(&mut c, sinks_optional, "sinksOptional")?;
             if let Some(s) = &sinks {
                 need(s, "sinksOptional", &[Dt::F32], &[heads])?;
