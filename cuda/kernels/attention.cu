@@ -56,13 +56,16 @@ __device__ __forceinline__ float attn_logit(const float* q, const float* k, i64 
     return (float)acc * scale;
 }
 
-// One block per (row, head). Pass 1: m = max logit; pass 2: Σ e^{ℓ−m} and Σ e^{ℓ−m}·k in f64
-// (per-warp partial sums in shared memory), then o = acc / (den + e^{sink−m}).
+// Grid: (row, head) × key splits. Each block takes a contiguous share of the row's keys. Pass 1:
+// m = max logit; pass 2: Σ e^{ℓ−m} and Σ e^{ℓ−m}·k in f64 (per-warp partial sums in shared
+// memory). With one split, o = acc / (den + e^{sink−m}); with several, the block writes (m, den,
+// acc) to pm / pden / pacc and sparse_attn_combine rescales them to the common max.
 // Dynamic shared memory: d floats (q) + warps·d doubles.
 extern "C" __global__ void sparse_attn(const float* q, const float* kv, const float* ring, const float* sink,
                                        const int* slots, const int* pos, const float* comp, const int* idx,
                                        i64 heads, i64 d, int num_slots, i64 window, int mode, i64 ratio, i64 cap,
-                                       int topk, float scale, float* out, const i64* err) {
+                                       int topk, float scale, float* out, const i64* err, int splits, float* pm,
+                                       double* pden, double* pacc) {
     extern __shared__ double shd[];
     __shared__ float redf[32];
     __shared__ double redd[32];
@@ -85,6 +88,8 @@ extern "C" __global__ void sparse_attn(const float* q, const float* kv, const fl
         ncomp = topk;
     }
     int nkeys = a.nwin + ncomp;
+    int per = (nkeys + splits - 1) / splits;
+    int k0 = blockIdx.y * per, k1 = k0 + per < nkeys ? k0 + per : nkeys;
 
     double* acc = shd;                    // [nw][d]
     float* qs = (float*)(shd + nw * d);   // [d]
@@ -94,7 +99,7 @@ extern "C" __global__ void sparse_attn(const float* q, const float* kv, const fl
     __syncthreads();
 
     float mx = __uint_as_float(0xff800000u);
-    for (int kk = warp; kk < nkeys; kk += nw) {
+    for (int kk = k0 + warp; kk < k1; kk += nw) {
         const float* kp = attn_key(a, kk);
         if (!kp) continue;
         mx = fmaxf(mx, attn_logit(qs, kp, d, scale));
@@ -103,7 +108,7 @@ extern "C" __global__ void sparse_attn(const float* q, const float* kv, const fl
 
     double den = 0.0;
     double* aw = acc + warp * d;
-    for (int kk = warp; kk < nkeys; kk += nw) {
+    for (int kk = k0 + warp; kk < k1; kk += nw) {
         const float* kp = attn_key(a, kk);
         if (!kp) continue;
         float l = attn_logit(qs, kp, d, scale);
@@ -113,6 +118,19 @@ extern "C" __global__ void sparse_attn(const float* q, const float* kv, const fl
     }
     if (lane != 0) den = 0.0;
     den = block_sum_d(den, redd);
+    if (splits > 1) {
+        i64 b = (i64)blockIdx.x * splits + blockIdx.y;
+        if (threadIdx.x == 0) {
+            pm[b] = m;
+            pden[b] = den;
+        }
+        for (i64 c = threadIdx.x; c < d; c += blockDim.x) {
+            double t = 0.0;
+            for (int w = 0; w < nw; ++w) t += acc[w * d + c];
+            pacc[b * d + c] = t;
+        }
+        return;
+    }
     float* og = out + (r * heads + h) * d;
     if (nkeys == 0) {
         for (i64 c = threadIdx.x; c < d; c += blockDim.x) og[c] = 0.0f;
@@ -122,6 +140,34 @@ extern "C" __global__ void sparse_attn(const float* q, const float* kv, const fl
     for (i64 c = threadIdx.x; c < d; c += blockDim.x) {
         double t = 0.0;
         for (int w = 0; w < nw; ++w) t += acc[w * d + c];
+        og[c] = (float)(t / den);
+    }
+}
+
+// One block per (row, head): o = Σ_s e^{m_s−M}·acc_s / (Σ_s e^{m_s−M}·den_s + e^{sink−M}) over the
+// key splits s of sparse_attn, M = max_s m_s. A row with no keys (M = −∞) gets zeros.
+extern "C" __global__ void sparse_attn_combine(const float* sink, const int* slots, const int* pos, i64 heads, i64 d,
+                                               int num_slots, int splits, const float* pm, const double* pden,
+                                               const double* pacc, float* out, const i64* err) {
+    if (err[0] != 0) return;
+    i64 rh = blockIdx.x, r = rh / heads, h = rh % heads;
+    int s = slots[r], p = pos[r];
+    if (s < 0 || s >= num_slots || p < 0) return;
+    const float* m = pm + rh * splits;
+    float mx = __uint_as_float(0xff800000u);
+    for (int j = 0; j < splits; ++j) mx = fmaxf(mx, m[j]);
+    float* og = out + rh * d;
+    if (mx == __uint_as_float(0xff800000u)) {
+        for (i64 c = threadIdx.x; c < d; c += blockDim.x) og[c] = 0.0f;
+        return;
+    }
+    double den = exp((double)(sink[h] - mx));
+    for (int j = 0; j < splits; ++j)
+        if (pden[rh * splits + j] != 0.0) den += pden[rh * splits + j] * exp((double)(m[j] - mx));
+    for (i64 c = threadIdx.x; c < d; c += blockDim.x) {
+        double t = 0.0;
+        for (int j = 0; j < splits; ++j)
+            if (pden[rh * splits + j] != 0.0) t += pacc[(rh * splits + j) * d + c] * exp((double)(m[j] - mx));
         og[c] = (float)(t / den);
     }
 }

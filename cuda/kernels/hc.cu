@@ -1,98 +1,122 @@
-// Manifold-constrained hyper-connections (hal::ops::hc), one block per row for HcPre/HcHead.
+// Manifold-constrained hyper-connections (hal::ops::hc).
 
-// Mixing logits μ_i = dot(fn[i], x̄) · ρ of one row into mu[0..nm) (shared), every thread waits.
-__device__ void hc_mixes(const float* xr, i64 n, const float* fnw, int nm, float norm_eps, float* mu, double* red) {
+// HcPre / HcHead run as three kernels so that a few rows (decode) still fill the device:
+// hc_mix_partial (grid: rows × column splits) sums x² and the nm mixing dots over its columns;
+// hc_pre_finish / hc_head_finish (one block per row) add the splits (f64), form the mixing
+// logits and the weights (Sinkhorn for HcPre); hc_merge (elementwise) forms u = Σ_i p_i · X_i.
+
+// part[(r·splits + s)·(nm + 1) + 0] = Σ x², [.. + 1 + i] = Σ fn[i]·x over columns of split s (f64).
+extern "C" __global__ void hc_mix_partial(const float* x, const float* fnw, i64 n, int nm, int splits, double* part) {
+    __shared__ double red[32];
+    i64 r = blockIdx.x;
+    int s = blockIdx.y;
+    i64 per = (n + splits - 1) / splits, c0 = s * per, c1 = c0 + per < n ? c0 + per : n;
+    const float* xr = x + r * n;
+    double* out = part + (r * splits + s) * (nm + 1);
     double ss = 0.0;
-    for (i64 i = threadIdx.x; i < n; i += blockDim.x) {
-        double v = (double)xr[i];
+    for (i64 c = c0 + threadIdx.x; c < c1; c += blockDim.x) {
+        double v = (double)xr[c];
         ss += v * v;
     }
     ss = block_sum_d(ss, red);
-    float ms = (float)(ss / (double)n);
-    float rho = (float)(1.0 / sqrt((double)(ms + norm_eps)));
+    if (threadIdx.x == 0) out[0] = ss;
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
     for (int i = w; i < nm; i += nw) {
         const float* fr = fnw + (i64)i * n;
         double acc = 0.0;
-        for (i64 c = lane; c < n; c += 32) acc += (double)fr[c] * (double)xr[c];
+        for (i64 c = c0 + lane; c < c1; c += 32) acc += (double)fr[c] * (double)xr[c];
         acc = warp_sum_d(acc);
-        if (lane == 0) mu[i] = (float)acc * rho;
+        if (lane == 0) out[1 + i] = acc;
     }
-    __syncthreads();
 }
 
-// u[c] = Σ_i p_i · X_i[c] (f64, stream order), p in shared memory.
-__device__ void hc_merge(const float* xr, const float* p, int m, i64 d, float* ur) {
-    for (i64 c = threadIdx.x; c < d; c += blockDim.x) {
+// Mixing logits μ_i = (Σ_s dot_i) · ρ of row r into mu[0..nm) (shared); every thread waits.
+__device__ void hc_mixes_from(const double* part, int splits, int nm, i64 n, float norm_eps, float* mu) {
+    i64 r = blockIdx.x;
+    const double* pr = part + r * splits * (nm + 1);
+    double ss = 0.0;
+    for (int s = 0; s < splits; ++s) ss += pr[s * (nm + 1)];
+    float ms = (float)(ss / (double)n);
+    float rho = (float)(1.0 / sqrt((double)(ms + norm_eps)));
+    for (int i = threadIdx.x; i < nm; i += blockDim.x) {
         double acc = 0.0;
-        for (int i = 0; i < m; ++i) acc += (double)p[i] * (double)xr[(i64)i * d + c];
-        ur[c] = (float)acc;
+        for (int s = 0; s < splits; ++s) acc += pr[s * (nm + 1) + 1 + i];
+        mu[i] = (float)acc * rho;
     }
+    __syncthreads();
 }
 
-// HcPre. Dynamic shared memory: (nm + m + m·m) floats.
-extern "C" __global__ void __launch_bounds__(1024) hc_pre(const float* x, const float* fnw, const float* base, const float* scale, int m,
-                                  i64 d, int iters, float hc_eps, float norm_eps, float* u, float* post, float* comb) {
+// HcPre weights of row r: pre (to `pre`, for hc_merge), post, comb (softmax rows + eps, then
+// Sinkhorn normalization). Element (j, k) of comb belongs to thread (j·m + k) mod blockDim; row
+// and column sums are taken in index order by every thread that needs them, so the values are
+// those of a sequential loop. Dynamic shared memory: (nm + 2·m·m) floats.
+extern "C" __global__ void hc_pre_finish(const double* part, int splits, const float* base, const float* scale, int m,
+                                         i64 n, int iters, float hc_eps, float norm_eps, float* pre, float* post,
+                                         float* comb) {
     extern __shared__ float shf[];
-    __shared__ double red[32];
-    int nm = (2 + m) * m;
+    int nm = (2 + m) * m, mm = m * m;
     float* mu = shf;
-    float* pre = shf + nm;
-    float* c = pre + m;
-    i64 r = blockIdx.x, n = (i64)m * d;
-    const float* xr = x + r * n;
-    hc_mixes(xr, n, fnw, nm, norm_eps, mu, red);
-    if (threadIdx.x == 0) {
-        for (int i = 0; i < m; ++i) pre[i] = (float)sigmoid_d(scale[0] * mu[i] + base[i]) + hc_eps;
-        for (int i = 0; i < m; ++i) post[r * m + i] = 2.0f * (float)sigmoid_d(scale[1] * mu[m + i] + base[m + i]);
-        for (int i = 0; i < m * m; ++i) c[i] = scale[2] * mu[2 * m + i] + base[2 * m + i];
-        // Row softmax + eps.
-        for (int j = 0; j < m; ++j) {
-            float* row = c + j * m;
-            float mx = __uint_as_float(0xff800000u);
-            for (int k = 0; k < m; ++k) mx = fmaxf(mx, row[k]);
-            double sum = 0.0;
-            for (int k = 0; k < m; ++k) sum += exp((double)(row[k] - mx));
-            for (int k = 0; k < m; ++k) row[k] = (float)(exp((double)(row[k] - mx)) / sum) + hc_eps;
-        }
-        // Column normalization, then iters − 1 × (row, column).
-        for (int it = 0; it < iters || it == 0; ++it) {
-            if (it > 0) {
-                for (int j = 0; j < m; ++j) {
-                    double s = 0.0;
-                    for (int k = 0; k < m; ++k) s += (double)c[j * m + k];
-                    float sf = (float)s + hc_eps;
-                    for (int k = 0; k < m; ++k) c[j * m + k] /= sf;
-                }
-            }
-            for (int k = 0; k < m; ++k) {
+    float* c = shf + nm;
+    float* t = c + mm;
+    i64 r = blockIdx.x;
+    hc_mixes_from(part, splits, nm, n, norm_eps, mu);
+    for (int i = threadIdx.x; i < m; i += blockDim.x) {
+        pre[r * m + i] = (float)sigmoid_d(scale[0] * mu[i] + base[i]) + hc_eps;
+        post[r * m + i] = 2.0f * (float)sigmoid_d(scale[1] * mu[m + i] + base[m + i]);
+    }
+    for (int e = threadIdx.x; e < mm; e += blockDim.x) c[e] = scale[2] * mu[2 * m + e] + base[2 * m + e];
+    __syncthreads();
+    // Row softmax + eps.
+    for (int e = threadIdx.x; e < mm; e += blockDim.x) {
+        const float* row = c + (e / m) * m;
+        float mx = __uint_as_float(0xff800000u);
+        for (int k = 0; k < m; ++k) mx = fmaxf(mx, row[k]);
+        double sum = 0.0;
+        for (int k = 0; k < m; ++k) sum += exp((double)(row[k] - mx));
+        t[e] = (float)(exp((double)(c[e] - mx)) / sum) + hc_eps;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < mm; e += blockDim.x) c[e] = t[e];
+    __syncthreads();
+    // Column normalization, then iters − 1 × (row, column).
+    for (int it = 0; it < iters || it == 0; ++it) {
+        for (int pass = it > 0 ? 0 : 1; pass < 2; ++pass) {
+            for (int e = threadIdx.x; e < mm; e += blockDim.x) {
+                int j = e / m, k = e % m;
                 double s = 0.0;
-                for (int j = 0; j < m; ++j) s += (double)c[j * m + k];
+                if (pass == 0)
+                    for (int q = 0; q < m; ++q) s += (double)c[j * m + q];
+                else
+                    for (int q = 0; q < m; ++q) s += (double)c[q * m + k];
                 float sf = (float)s + hc_eps;
-                for (int j = 0; j < m; ++j) c[j * m + k] /= sf;
+                t[e] = c[e] / sf;
             }
+            __syncthreads();
+            for (int e = threadIdx.x; e < mm; e += blockDim.x) c[e] = t[e];
+            __syncthreads();
         }
-        for (int i = 0; i < m * m; ++i) comb[r * m * m + i] = c[i];
     }
-    __syncthreads();
-    hc_merge(xr, pre, m, d, u + r * d);
+    for (int e = threadIdx.x; e < mm; e += blockDim.x) comb[r * mm + e] = c[e];
 }
 
-// HcHead. Dynamic shared memory: 2·m floats.
-extern "C" __global__ void __launch_bounds__(1024) hc_head(const float* x, const float* fnw, const float* base, const float* scale, int m,
-                                   i64 d, float hc_eps, float norm_eps, float* u) {
+// HcHead weights of row r into p. Dynamic shared memory: m floats.
+extern "C" __global__ void hc_head_finish(const double* part, int splits, const float* base, const float* scale,
+                                          int m, i64 n, float hc_eps, float norm_eps, float* p) {
     extern __shared__ float shf[];
-    __shared__ double red[32];
-    float* mu = shf;
-    float* p = shf + m;
-    i64 r = blockIdx.x, n = (i64)m * d;
-    const float* xr = x + r * n;
-    hc_mixes(xr, n, fnw, m, norm_eps, mu, red);
-    if (threadIdx.x == 0) {
-        for (int i = 0; i < m; ++i) p[i] = (float)sigmoid_d(scale[0] * mu[i] + base[i]) + hc_eps;
+    hc_mixes_from(part, splits, m, n, norm_eps, shf);
+    for (int i = threadIdx.x; i < m; i += blockDim.x)
+        p[blockIdx.x * m + i] = (float)sigmoid_d(scale[0] * shf[i] + base[i]) + hc_eps;
+}
+
+// u[r, c] = Σ_i p[r, i] · X[r, i, c] (f64, stream order, rounded once).
+extern "C" __global__ void hc_merge(const float* x, const float* p, i64 rows, int m, i64 d, float* u) {
+    i64 total = rows * d;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
+        i64 r = i / d, c = i % d;
+        double acc = 0.0;
+        for (int j = 0; j < m; ++j) acc += (double)p[r * m + j] * (double)x[(r * m + j) * d + c];
+        u[i] = (float)acc;
     }
-    __syncthreads();
-    hc_merge(xr, p, m, d, u + r * d);
 }
 
 // HcPost: out[r, k, c] = post[r, k]·f[r, c] + Σ_j comb[r, j, k]·x[r, j, c] (f64, rounded once).

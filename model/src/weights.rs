@@ -2,8 +2,9 @@
 //!
 //! Kept in checkpoint formats: FP8 linears as e4m3 + e8m0 blocks, routed experts as packed FP4
 //! (stacked per layer so a device backend sees one buffer), bf16 compressor/indexer/head
-//! weights. Converted on load, as the reference does: `wo_a` FP8 → f32 (exact, convert.py),
-//! norm weights and the gate weight bf16 → f32, `tid2eid` i64 → i32.
+//! weights, and `wo_a` FP8 where the backend runs an FP8 `GroupedLinear`. Converted on load, as
+//! the reference does: `wo_a` FP8 → f32 elsewhere (exact, convert.py), norm weights and the gate
+//! weight bf16 → f32, `tid2eid` i64 → i32.
 //!
 //! After uploading, every FP8/FP4 linear and every layer's routed experts go through
 //! [`Backend::prepare`] once, so that a backend may convert them for its chip at load (the
@@ -13,7 +14,8 @@
 use std::cell::RefCell;
 
 use hal::backend::Prepared;
-use hal::ops::{Linear, MoeExperts, WeightFormat};
+use hal::backend::Support;
+use hal::ops::{GroupedLinear, Linear, MoeExperts, WeightFormat};
 use hal::{Backend, DType, Op, Tensor};
 
 use crate::checkpoint::Checkpoint;
@@ -32,7 +34,8 @@ pub struct AttentionW {
     pub wq_b: LinearW,
     pub wkv: LinearW,
     pub kv_norm: Tensor,
-    /// Dequantized `wo_a`, one `[o_lora, H·head_dim/G]` block per group, stacked.
+    /// `wo_a`, one `[o_lora, H·head_dim/G]` block per group, stacked: FP8 blocks, or f32
+    /// dequantized at load where the backend has no FP8 `GroupedLinear`.
     pub wo_a: LinearW,
     pub wo_b: LinearW,
     pub compressor: Option<CompressorW>,
@@ -134,6 +137,16 @@ impl Loader<'_> {
     }
 
     fn linear(&self, prefix: &str, format: WeightFormat, out: usize, inp: usize) -> Result<LinearW> {
+        let w = self.linear_unprepared(prefix, format, out, inp)?;
+        if format.quantizes_input() {
+            let op = Op::Linear(Linear { rows: 0, in_features: inp, out_features: out, format });
+            self.prepare(&format!("{prefix}.weight"), op, &[None, Some(&w.weight), w.scale.as_ref()])?;
+        }
+        Ok(w)
+    }
+
+    /// The weight (and scale) of `prefix` uploaded in `format`, not offered to `prepare`.
+    fn linear_unprepared(&self, prefix: &str, format: WeightFormat, out: usize, inp: usize) -> Result<LinearW> {
         let specs = format.weight_specs(out, inp);
         let weight_spec = &specs[0];
         let stored = if weight_spec.dtype == DType::F4E2M1x2 { DType::I8 } else { weight_spec.dtype };
@@ -142,10 +155,6 @@ impl Loader<'_> {
             Some(s) => Some(self.raw(&format!("{prefix}.scale"), s.dtype, &s.shape)?),
             None => None,
         };
-        if format.quantizes_input() {
-            let op = Op::Linear(Linear { rows: 0, in_features: inp, out_features: out, format });
-            self.prepare(&format!("{prefix}.weight"), op, &[None, Some(&weight), scale.as_ref()])?;
-        }
         Ok(LinearW { format, out, inp, weight, scale })
     }
 
@@ -169,10 +178,26 @@ impl Loader<'_> {
         })
     }
 
-    /// `wo_a` is stored FP8; the reference runs it as a plain einsum over dequantized values.
+    /// `wo_a` is stored FP8; the reference runs it as a plain einsum over dequantized values
+    /// (no activation quantization), which is what `GroupedLinear` computes in any format. It
+    /// stays FP8 where the backend runs an FP8 `GroupedLinear` (a quarter of the f32 bytes per
+    /// decode step), and is dequantized to f32 once here otherwise (exact either way).
     fn wo_a(&self, prefix: &str) -> Result<LinearW> {
         let c = self.cfg;
         let (out, inp) = (c.o_groups * c.o_lora_rank, c.n_heads * c.head_dim / c.o_groups);
+        let fp8 = WeightFormat::Fp8Block128;
+        let op = Op::GroupedLinear(GroupedLinear {
+            rows: 1,
+            groups: c.o_groups,
+            in_per_group: inp,
+            out_per_group: c.o_lora_rank,
+            format: fp8,
+        });
+        if self.b.supports(&op) == Support::Yes {
+            let w = self.linear_unprepared(prefix, fp8, out, inp)?;
+            self.prepare(&format!("{prefix}.weight"), op, &[None, Some(&w.weight), w.scale.as_ref()])?;
+            return Ok(w);
+        }
         let name = format!("{prefix}.weight");
         let q = self.ck.get(&name, DType::F8E4M3, &[out, inp])?;
         let sname = format!("{prefix}.scale");

@@ -12,6 +12,7 @@
 //! [`prefill_gemm_flops`] (unit-tested below).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -23,6 +24,7 @@ use model::kv_layout::{kv_footprint, KvLayout};
 use model::sample::argmax;
 
 use crate::backends;
+use crate::profile::{self, Profiled};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -64,6 +66,10 @@ pub struct Args {
     /// Skip the backend calibration.
     #[arg(long)]
     no_calibrate: bool,
+    /// After the timed runs, time every op of this many more decode steps and of one more
+    /// prefill chunk (on a fresh cache), synchronizing around each op (see `profile.rs`).
+    #[arg(long, default_value_t = 0)]
+    profile: usize,
 }
 
 /// Indices into the preset's `compress_ratios` (main blocks, then MTP) used as the N blocks of
@@ -230,7 +236,8 @@ fn mib(b: f64) -> String {
 }
 
 pub fn run(a: &Args) -> anyhow::Result<()> {
-    let backend = backends::backend(&a.backend)?;
+    let profiler = Arc::new(Profiled::new(backends::backend(&a.backend)?));
+    let backend: Arc<dyn hal::Backend> = profiler.clone();
     let t_build = Instant::now();
     let (model, weights_bytes, gen_note) = match &a.preset {
         None => {
@@ -310,7 +317,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         }
     };
 
-    let mut cache = model.new_cache(b, prefill + a.decode + 1)?;
+    let mut cache = model.new_cache(b, prefill + a.decode + a.profile + 1)?;
     let slots: Vec<usize> = (0..b).map(|_| cache.alloc_slot(model.backend())).collect::<Result<_, _>>()?;
     // A fixed pseudo-random prompt (the speed of this model does not depend on the ids).
     let prompts: Vec<Vec<u32>> =
@@ -416,6 +423,26 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
             ),
             None => println!(),
         }
+    }
+    if a.profile > 0 {
+        let copy = cal.as_ref().map(|c| c.copy_bytes_per_s);
+        profiler.record(true);
+        for _ in 0..a.profile {
+            let chunks: Vec<Chunk> =
+                slots.iter().zip(&next).map(|(&s, tok)| Chunk { slot: s, tokens: std::slice::from_ref(tok) }).collect();
+            let out = model.forward(&mut cache, &chunks, &opts)?;
+            next = out.logits.chunks(v as usize).map(|l| argmax(l) as u32).collect();
+        }
+        profiler.record(false);
+        profile::print(&format!("decode, {} steps", a.profile), &profiler.report(), a.profile, copy);
+        let n = chunk.min(prefill);
+        let mut fresh = model.new_cache(b, n + 1)?;
+        let fs: Vec<usize> = (0..b).map(|_| fresh.alloc_slot(model.backend())).collect::<Result<_, _>>()?;
+        let chunks: Vec<Chunk> = fs.iter().zip(&prompts).map(|(&s, p)| Chunk { slot: s, tokens: &p[..n] }).collect();
+        profiler.record(true);
+        model.forward(&mut fresh, &chunks, &opts)?;
+        profiler.record(false);
+        profile::print(&format!("prefill, one chunk of {b} × {n} tokens at position 0"), &profiler.report(), 1, copy);
     }
     // Memory.
     let cap = cache.capacity() as u64;

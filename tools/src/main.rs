@@ -10,6 +10,7 @@ mod generate;
 mod inspect;
 mod kv_size;
 mod logits;
+mod profile;
 
 use std::process::ExitCode;
 

@@ -8,6 +8,8 @@ use super::{check_rows, grid_for, i, l, launch, smem, Arg, BLOCK, CHECK_INDICES,
 use crate::device::Dev;
 
 const FAMILY: &str = "attention";
+/// Fewest keys a split of one (row, head)'s key set takes in `sparse_attn`.
+const KEYS_PER_SPLIT: usize = 64;
 
 /// Dynamic shared memory of `sparse_attn` with `warps` warps: q (d f32) + per-warp f64 sums.
 pub(crate) fn smem_for(d: usize, warps: usize) -> usize {
@@ -95,5 +97,43 @@ pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], out
         Arg::P(dev.err_ptr),
     ];
     let blocks = u32::try_from(op.rows * h).map_err(|_| Error::invalid(name, "rows × heads exceeds 2^32"))?;
-    launch(dev, FAMILY, "sparse_attn", (blocks, 1, 1), 32 * warps as u32, smem(shared), &args)
+    // Key splits so that few (row, head) pairs (decode) still fill the device, each split
+    // keeping at least KEYS_PER_SPLIT keys of the longest possible key set.
+    let max_keys = op.window + match op.compressed {
+        CompressedKv::None => 0,
+        CompressedKv::All { capacity, .. } => capacity,
+        CompressedKv::Selected { topk, .. } => topk,
+    };
+    let splits = (4 * dev.sms).div_ceil(blocks as usize).min(max_keys.div_ceil(KEYS_PER_SPLIT)).clamp(1, 65_535);
+    let (parts, pm, pden, pacc) = if splits > 1 {
+        let n = blocks as usize * splits;
+        let buf = dev.scratch(n * 4 + n * 8 + n * d * 8)?;
+        let base = dev.ptr(&buf);
+        // Doubles first (8-byte aligned), then the f32 maxima.
+        (Some(buf), base + (n * 8 + n * d * 8) as u64, base, base + (n * 8) as u64)
+    } else {
+        (None, 0, 0, 0)
+    };
+    let mut args = args.to_vec();
+    args.extend([i(name, "splits", splits)?, Arg::P(pm), Arg::P(pden), Arg::P(pacc)]);
+    launch(dev, FAMILY, "sparse_attn", (blocks, splits as u32, 1), 32 * warps as u32, smem(shared), &args)?;
+    if splits > 1 {
+        let args = [
+            Arg::P(ins[3]),
+            Arg::P(ins[4]),
+            Arg::P(ins[5]),
+            l(h),
+            l(d),
+            i(name, "slots", op.slots)?,
+            i(name, "splits", splits)?,
+            Arg::P(pm),
+            Arg::P(pden),
+            Arg::P(pacc),
+            Arg::P(outs[0]),
+            Arg::P(dev.err_ptr),
+        ];
+        launch(dev, FAMILY, "sparse_attn_combine", (blocks, 1, 1), BLOCK, 0, &args)?;
+    }
+    drop(parts);
+    Ok(())
 }

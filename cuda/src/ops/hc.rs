@@ -7,31 +7,62 @@ use super::{grid_for, i, l, launch, smem, Arg, BLOCK};
 use crate::device::Dev;
 
 const FAMILY: &str = "hc";
-/// Threads per row block of hc_pre / hc_head: one warp per mixing logit (24 for mult 4).
-const HC_BLOCK: u32 = 1024;
+/// Threads per block of the mixing partial sums (one warp per mixing logit at a time).
+const MIX_BLOCK: u32 = 256;
+/// Threads per row of the finishing kernels (Sinkhorn: one thread per mixing-matrix element).
+const FINISH_BLOCK: u32 = 32;
+/// Fewest columns a split of the mixing sums takes.
+const MIN_SPLIT_COLS: usize = 128;
 
-/// [`HcPre`]: one block per row (norm, mixing logits, Sinkhorn by one thread, stream merge).
+/// Column splits of a row's mixing sums: enough blocks for about 4 per SM, at least
+/// `MIN_SPLIT_COLS` columns each (one split per row once the rows alone fill the device).
+fn splits(dev: &Dev, rows: usize, n: usize) -> usize {
+    (4 * dev.sms).div_ceil(rows.max(1)).min(n.div_ceil(MIN_SPLIT_COLS)).clamp(1, 65_535)
+}
+
+/// The mixing partial sums of `rows` rows of width `n` against `nm` mixing rows (`fnw`):
+/// returns the scratch holding them and its split count.
+fn mix_partials(dev: &Dev, op: &str, x: u64, fnw: u64, rows: usize, n: usize, nm: usize)
+    -> Result<(cudarc::driver::CudaSlice<u8>, usize)> {
+    let s = splits(dev, rows, n);
+    let part = dev.scratch(rows * s * (nm + 1) * 8)?;
+    let args = [Arg::P(x), Arg::P(fnw), l(n), i(op, "mixes", nm)?, i(op, "splits", s)?, Arg::P(dev.ptr(&part))];
+    launch(dev, FAMILY, "hc_mix_partial", (rows as u32, s as u32, 1), MIX_BLOCK, 0, &args)?;
+    Ok((part, s))
+}
+
+/// `u[r] = Σ_i p[r, i] · X[r, i]` over `rows` rows of `m` streams of width `d`.
+fn merge(dev: &Dev, op: &str, x: u64, p: u64, rows: usize, m: usize, d: usize, u: u64) -> Result<()> {
+    let args = [Arg::P(x), Arg::P(p), l(rows), i(op, "mult", m)?, l(d), Arg::P(u)];
+    launch(dev, FAMILY, "hc_merge", (grid_for(rows * d, BLOCK), 1, 1), BLOCK, 0, &args)
+}
+
+/// [`HcPre`]: mixing partial sums over column splits, per-row weights (Sinkhorn), stream merge.
 pub(crate) fn hc_pre(dev: &Dev, op: &HcPre, ins: &[u64], outs: &[u64]) -> Result<()> {
-    let (m, d) = (op.mult, op.dim);
-    if m == 0 || d == 0 || op.rows == 0 {
+    let name = "hc_pre";
+    let (m, d, rows) = (op.mult, op.dim, op.rows);
+    if m == 0 || d == 0 || rows == 0 {
         return Ok(());
     }
-    let shared = (op.mix_width() + m + m * m) * 4;
+    let nm = op.mix_width();
+    let (part, s) = mix_partials(dev, name, ins[0], ins[1], rows, m * d, nm)?;
+    let pre = dev.scratch(rows * m * 4)?;
     let args = [
-        Arg::P(ins[0]),
-        Arg::P(ins[1]),
+        Arg::P(dev.ptr(&part)),
+        i(name, "splits", s)?,
         Arg::P(ins[2]),
         Arg::P(ins[3]),
-        i("hc_pre", "mult", m)?,
-        l(d),
-        i("hc_pre", "sinkhorn_iters", op.sinkhorn_iters)?,
+        i(name, "mult", m)?,
+        l(m * d),
+        i(name, "sinkhorn_iters", op.sinkhorn_iters)?,
         Arg::F(op.hc_eps),
         Arg::F(op.norm_eps),
-        Arg::P(outs[0]),
+        Arg::P(dev.ptr(&pre)),
         Arg::P(outs[1]),
         Arg::P(outs[2]),
     ];
-    launch(dev, FAMILY, "hc_pre", (op.rows as u32, 1, 1), HC_BLOCK, smem(shared), &args)
+    launch(dev, FAMILY, "hc_pre_finish", (rows as u32, 1, 1), FINISH_BLOCK, smem((nm + 2 * m * m) * 4), &args)?;
+    merge(dev, name, ins[0], dev.ptr(&pre), rows, m, d, outs[0])
 }
 
 /// [`HcPost`]: elementwise, f64 sum per output.
@@ -53,22 +84,26 @@ pub(crate) fn hc_post(dev: &Dev, op: &HcPost, ins: &[u64], outs: &[u64]) -> Resu
     launch(dev, FAMILY, "hc_post", (grid_for(n, BLOCK), 1, 1), BLOCK, 0, &args)
 }
 
-/// [`HcHead`]: one block per row.
+/// [`HcHead`]: mixing partial sums, per-row weights, stream merge.
 pub(crate) fn hc_head(dev: &Dev, op: &HcHead, ins: &[u64], outs: &[u64]) -> Result<()> {
-    let (m, d) = (op.mult, op.dim);
-    if m == 0 || d == 0 || op.rows == 0 {
+    let name = "hc_head";
+    let (m, d, rows) = (op.mult, op.dim, op.rows);
+    if m == 0 || d == 0 || rows == 0 {
         return Ok(());
     }
+    let (part, s) = mix_partials(dev, name, ins[0], ins[1], rows, m * d, m)?;
+    let p = dev.scratch(rows * m * 4)?;
     let args = [
-        Arg::P(ins[0]),
-        Arg::P(ins[1]),
+        Arg::P(dev.ptr(&part)),
+        i(name, "splits", s)?,
         Arg::P(ins[2]),
         Arg::P(ins[3]),
-        i("hc_head", "mult", m)?,
-        l(d),
+        i(name, "mult", m)?,
+        l(m * d),
         Arg::F(op.hc_eps),
         Arg::F(op.norm_eps),
-        Arg::P(outs[0]),
+        Arg::P(dev.ptr(&p)),
     ];
-    launch(dev, FAMILY, "hc_head", (op.rows as u32, 1, 1), HC_BLOCK, smem(2 * m * 4), &args)
+    launch(dev, FAMILY, "hc_head_finish", (rows as u32, 1, 1), FINISH_BLOCK, smem(m * 4), &args)?;
+    merge(dev, name, ins[0], dev.ptr(&p), rows, m, d, outs[0])
 }
