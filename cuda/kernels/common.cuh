@@ -592,3 +592,243 @@ __device__ __forceinline__ void wdot_any(int fmt, int vec, const u8* w, const u8
         default: wdot<WF_FP4, RT>(w, sc, o, k, xs, nt, acc, lut); break;
     }
 }
+
+// ---- tensor-core tiles (sm_80+): an f32-class GEMM on bf16 mma ----------------------------------
+// Y[m, o] = Σ_i X[m, i]·W[o, i] for a tile of TC_BM rows × TC_BN output features (NMAT weight
+// matrices at once, sharing X). W is FP8/FP4 with its power-of-two scale folded into the value,
+// or BF16: exact in bf16 (for scales ≥ 2^-118, below which the product leaves bf16's normal range).
+// X is split into SPLIT bf16 terms whose sum is x exactly: 1 for act_quant'ed inputs (e4m3 value ×
+// power of two, which bf16 holds), 3 for any other f32. Products of bf16 values are exact in the
+// f32 accumulators, so the result differs from the f32 FMA kernels only in summation order.
+// Needs k % TC_BK == 0 and 16-byte aligned rows of X and W.
+#define TC_BM 64
+#define TC_BN 128
+#define TC_BK 32
+#define TC_LD (TC_BK + 8)  // padded row: the fragment loads of a warp hit 32 distinct banks
+
+template <int NMAT> struct TcSmem {
+    u16 x[3][TC_BM][TC_LD];
+    u16 w[NMAT][TC_BN][TC_LD];
+    const float* xrow[TC_BM];  // row pointers of the tile (null: a zero row)
+    int tag[TC_BM];            // caller's per-row tag (pair index in the MoE kernels)
+    float lut[LUT_SIZE];
+};
+
+__device__ __forceinline__ u32 bf16_rn_bits(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7F800000u) == 0x7F800000u) return (u >> 16) | ((u & 0xFFFFu) ? 0x40u : 0u);
+    return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    return (__float_as_uint(lo) >> 16) | (__float_as_uint(hi) & 0xFFFF0000u);
+}
+
+// Staged global loads of one TC_BK slice of the weight tile (issued before the previous slice's
+// mma so that they are in flight meanwhile).
+struct TcW {
+    uint4 q[2];
+    float s;
+};
+
+template <int FMT>
+__device__ __forceinline__ void tc_load_w(const u8* w, const u8* sc, i64 o0, i64 n, i64 k, i64 kb, TcW& t) {
+    int tid = threadIdx.x;
+    t.q[0] = make_uint4(0, 0, 0, 0);
+    t.q[1] = t.q[0];
+    t.s = 0.0f;
+    if (FMT == WF_FP8) {
+        i64 o = o0 + (tid >> 1);
+        if (o < n) {
+            t.q[0] = __ldg((const uint4*)(w + o * k + kb + (tid & 1) * 16));
+            t.s = e8m0_to_f32(sc[(o >> 7) * ((k + 127) >> 7) + (kb >> 7)]);
+        }
+    } else if (FMT == WF_FP4) {
+        i64 o = o0 + (tid >> 1);
+        if (o < n) {
+            uint2 v = __ldg((const uint2*)(w + o * (k / 2) + kb / 2 + (tid & 1) * 8));
+            t.q[0] = make_uint4(v.x, v.y, 0, 0);
+            t.s = e8m0_to_f32(sc[o * (k / 32) + kb / 32]);
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            int idx = tid + j * 256;
+            i64 o = o0 + (idx >> 2);
+            if (o < n) t.q[j] = __ldg((const uint4*)(w + (o * k + kb + (idx & 3) * 8) * 2));
+        }
+    }
+}
+
+template <int FMT>
+__device__ __forceinline__ void tc_store_w(u16 (*ws)[TC_LD], const TcW& t, const float* lut) {
+    int tid = threadIdx.x;
+    if (FMT == WF_BF16) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            int idx = tid + j * 256;
+            *(uint4*)&ws[idx >> 2][(idx & 3) * 8] = t.q[j];
+        }
+        return;
+    }
+    u32 words[4] = {t.q[0].x, t.q[0].y, t.q[0].z, t.q[0].w};
+    u32 out[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        float v0, v1;
+        if (FMT == WF_FP8) {
+            u32 wd = words[i >> 1];
+            int sh = (i & 1) * 16;
+            v0 = lut[(wd >> sh) & 0xFFu] * t.s;
+            v1 = lut[(wd >> (sh + 8)) & 0xFFu] * t.s;
+        } else {
+            u32 wd = words[i >> 2];
+            int sh = (i & 3) * 8;
+            v0 = lut[256 + ((wd >> sh) & 0xFu)] * t.s;
+            v1 = lut[256 + ((wd >> (sh + 4)) & 0xFu)] * t.s;
+        }
+        out[i] = pack2(v0, v1);
+    }
+    u16* dst = &ws[tid >> 1][(tid & 1) * 16];
+    *(uint4*)dst = make_uint4(out[0], out[1], out[2], out[3]);
+    *(uint4*)(dst + 8) = make_uint4(out[4], out[5], out[6], out[7]);
+}
+
+// X slice: 64 rows × 32 floats = 512 float4, two per thread.
+__device__ __forceinline__ void tc_load_x(const float* const* xrow, i64 kb, float4* v) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        int idx = threadIdx.x + j * 256;
+        const float* p = xrow[idx >> 3];
+        v[j] = p ? *(const float4*)(p + kb + (idx & 7) * 4) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+}
+
+template <int SPLIT>
+__device__ __forceinline__ void tc_store_x(u16 (*xs)[TC_BM][TC_LD], const float4* v) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        int idx = threadIdx.x + j * 256;
+        float f[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+        u32 parts[3][4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            float r = f[c];
+#pragma unroll
+            for (int s = 0; s < SPLIT; ++s) {
+                u32 b = bf16_rn_bits(r);
+                parts[s][c] = b;
+                float bv = __uint_as_float(b << 16);
+                r = (bv - bv != 0.0f) ? 0.0f : r - bv;  // inf/NaN: carried by the first term alone
+            }
+        }
+#pragma unroll
+        for (int s = 0; s < SPLIT; ++s)
+            *(uint2*)&xs[s][idx >> 3][(idx & 7) * 4] =
+                make_uint2(parts[s][0] | (parts[s][1] << 16), parts[s][2] | (parts[s][3] << 16));
+    }
+}
+
+__device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();  // the host never launches the tensor-core kernels below sm_80
+#endif
+}
+
+// acc[mat][mt][nt][4]: warp (wm, wn) = (warp / 4, warp % 4) owns rows wm·32 + mt·16 (+ g, + 8 + g)
+// and features wn·32 + nt·8 (+ 2t, + 2t + 1), g = lane / 4, t = lane % 4 (the mma C layout).
+template <int FMT, int NMAT, int SPLIT>
+__device__ void tc_tile(TcSmem<NMAT>& sm, const u8* const* w, const u8* const* sc, i64 o0, i64 n, i64 k,
+                        float (*acc)[2][4][4]) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
+    int wm = warp >> 2, wn = warp & 3;
+#pragma unroll
+    for (int mat = 0; mat < NMAT; ++mat)
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) acc[mat][mt][nt][q] = 0.0f;
+    TcW wr[NMAT];
+    float4 xv[2];
+#pragma unroll
+    for (int mat = 0; mat < NMAT; ++mat) tc_load_w<FMT>(w[mat], sc[mat], o0, n, k, 0, wr[mat]);
+    tc_load_x(sm.xrow, 0, xv);
+    for (i64 kb = 0; kb < k; kb += TC_BK) {
+#pragma unroll
+        for (int mat = 0; mat < NMAT; ++mat) tc_store_w<FMT>(sm.w[mat], wr[mat], sm.lut);
+        tc_store_x<SPLIT>(sm.x, xv);
+        __syncthreads();
+        if (kb + TC_BK < k) {
+#pragma unroll
+            for (int mat = 0; mat < NMAT; ++mat) tc_load_w<FMT>(w[mat], sc[mat], o0, n, k, kb + TC_BK, wr[mat]);
+            tc_load_x(sm.xrow, kb + TC_BK, xv);
+        }
+#pragma unroll
+        for (int ks = 0; ks < TC_BK; ks += 16) {
+            u32 b[NMAT][4][2];
+#pragma unroll
+            for (int mat = 0; mat < NMAT; ++mat)
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt) {
+                    const u16* row = sm.w[mat][wn * 32 + nt * 8 + g];
+                    b[mat][nt][0] = *(const u32*)&row[ks + 2 * t4];
+                    b[mat][nt][1] = *(const u32*)&row[ks + 2 * t4 + 8];
+                }
+#pragma unroll
+            for (int s = 0; s < SPLIT; ++s)
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt) {
+                    const u16* r0 = sm.x[s][wm * 32 + mt * 16 + g];
+                    const u16* r1 = sm.x[s][wm * 32 + mt * 16 + g + 8];
+                    u32 a[4] = {*(const u32*)&r0[ks + 2 * t4], *(const u32*)&r1[ks + 2 * t4],
+                                *(const u32*)&r0[ks + 2 * t4 + 8], *(const u32*)&r1[ks + 2 * t4 + 8]};
+#pragma unroll
+                    for (int mat = 0; mat < NMAT; ++mat)
+#pragma unroll
+                        for (int nt = 0; nt < 4; ++nt) mma_bf16(acc[mat][mt][nt], a, b[mat][nt][0], b[mat][nt][1]);
+                }
+        }
+        __syncthreads();
+    }
+}
+
+// tc_tile for a runtime (fmt, split): FP8, FP4 or BF16 weights; split 1 or 3.
+template <int NMAT>
+__device__ void tc_tile_any(int fmt, int split, TcSmem<NMAT>& sm, const u8* const* w, const u8* const* sc, i64 o0,
+                            i64 n, i64 k, float (*acc)[2][4][4]) {
+    if (split == 1) {
+        if (fmt == WF_FP8) tc_tile<WF_FP8, NMAT, 1>(sm, w, sc, o0, n, k, acc);
+        else if (fmt == WF_FP4) tc_tile<WF_FP4, NMAT, 1>(sm, w, sc, o0, n, k, acc);
+        else tc_tile<WF_BF16, NMAT, 1>(sm, w, sc, o0, n, k, acc);
+    } else {
+        if (fmt == WF_FP8) tc_tile<WF_FP8, NMAT, 3>(sm, w, sc, o0, n, k, acc);
+        else if (fmt == WF_FP4) tc_tile<WF_FP4, NMAT, 3>(sm, w, sc, o0, n, k, acc);
+        else tc_tile<WF_BF16, NMAT, 3>(sm, w, sc, o0, n, k, acc);
+    }
+}
+
+// Calls f(m, o, v[mat]) for every accumulator element of this thread (tile-relative row m,
+// tile-relative feature o).
+template <int NMAT, typename F>
+__device__ __forceinline__ void tc_epilogue(float (*acc)[2][4][4], F f) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
+    int wm = warp >> 2, wn = warp & 3;
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                float v[NMAT];
+#pragma unroll
+                for (int mat = 0; mat < NMAT; ++mat) v[mat] = acc[mat][mt][nt][q];
+                f(wm * 32 + mt * 16 + g + (q >> 1) * 8, wn * 32 + nt * 8 + 2 * t4 + (q & 1), v);
+            }
+}

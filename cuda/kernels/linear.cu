@@ -65,3 +65,27 @@ extern "C" __global__ void __launch_bounds__(256, 2)
                i64 n, i64 opg, int fmt, int vec) {
     linear_impl<LIN_RT>(x, x_stride, w, sc, y, y_stride, rows, k, n, opg, fmt, vec);
 }
+
+// Tensor-core path for many rows (common.cuh tc_tile): grid (feature tiles of TC_BN, row tiles of
+// TC_BM, grid-stride). A feature tile lies in one group (opg % TC_BN == 0, or one group).
+extern "C" __global__ void __launch_bounds__(256)
+    linear_tc(const float* x, i64 x_stride, const u8* w, const u8* sc, float* y, i64 y_stride, i64 rows, i64 k,
+              i64 n, i64 opg, int fmt, int split) {
+    __shared__ TcSmem<1> sm;
+    fill_luts(sm.lut);
+    i64 o0 = (i64)blockIdx.x * TC_BN, xo = (o0 / opg) * k;
+    const u8* wm[1] = {w};
+    const u8* sm_[1] = {sc};
+    for (i64 r0 = (i64)blockIdx.y * TC_BM; r0 < rows; r0 += (i64)gridDim.y * TC_BM) {
+        if (threadIdx.x < TC_BM) {
+            i64 r = r0 + threadIdx.x;
+            sm.xrow[threadIdx.x] = r < rows ? x + r * x_stride + xo : nullptr;
+        }
+        __syncthreads();
+        float acc[1][2][4][4];
+        tc_tile_any<1>(fmt, split, sm, wm, sm_, o0, n, k, acc);
+        tc_epilogue<1>(acc, [&](int m, int o, const float* v) {
+            if (r0 + m < rows && o0 + o < n) y[(r0 + m) * y_stride + o0 + o] = v[0];
+        });
+    }
+}

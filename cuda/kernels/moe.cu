@@ -326,3 +326,62 @@ extern "C" __global__ void moe_combine(const float* ye, const int* order, i64 ro
         y[i] = acc;
     }
 }
+
+// Tensor-core paths of moe_up / moe_down for experts with many pairs (common.cuh tc_tile): grid
+// (feature tiles of TC_BN, experts in use, pair tiles of TC_BM, grid-stride over the expert's
+// pairs). Same results as moe_up / moe_down up to summation order.
+// The tile's rows: pair p = list[e, t0 + i] (tag, −1 past the expert's pairs) and its input row
+// base + (p / k)·stride (k = 0: p·stride).
+template <int NMAT>
+__device__ __forceinline__ void tc_pairs(TcSmem<NMAT>& sm, const int* list, i64 e, i64 rows, int n, i64 t0,
+                                         const float* base, i64 stride, int k) {
+    if (threadIdx.x < TC_BM) {
+        i64 t = t0 + threadIdx.x;
+        int p = t < n ? list[e * rows + t] : -1;
+        sm.tag[threadIdx.x] = p;
+        sm.xrow[threadIdx.x] = p >= 0 ? base + (i64)(k > 0 ? p / k : p) * stride : nullptr;
+    }
+    __syncthreads();
+}
+
+extern "C" __global__ void __launch_bounds__(256) moe_up_tc(MOE_UP_ARGS, int split) {
+    __shared__ TcSmem<2> sm;
+    if (err[0] != 0 || (int)blockIdx.y >= cnt[experts]) return;
+    fill_luts(sm.lut);
+    i64 e = active[blockIdx.y];
+    int n = cnt[e];
+    const u8* wv[2] = {w1 + e * mat_bytes(fmt, inter, dim), w3 + e * mat_bytes(fmt, inter, dim)};
+    const u8* sv[2] = {s1 ? s1 + e * scale_bytes(fmt, inter, dim) : s1, s3 ? s3 + e * scale_bytes(fmt, inter, dim) : s3};
+    i64 o0 = (i64)blockIdx.x * TC_BN;
+    for (i64 t0 = (i64)blockIdx.z * TC_BM; t0 < n; t0 += (i64)gridDim.z * TC_BM) {
+        tc_pairs<2>(sm, list, e, rows, n, t0, xq, dim, k);
+        float acc[2][2][4][4];
+        tc_tile_any<2>(fmt, split, sm, wv, sv, o0, inter, dim, acc);
+        tc_epilogue<2>(acc, [&](int m, int o, const float* v) {
+            int p = sm.tag[m];
+            if (p >= 0 && o0 + o < inter) h[(i64)p * inter + o0 + o] = swiglu_f(v[0], v[1], limit) * wts[p];
+        });
+        __syncthreads();  // the epilogue reads tag before the next tile rewrites it
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) moe_down_tc(MOE_DOWN_ARGS, int split) {
+    __shared__ TcSmem<1> sm;
+    if (err[0] != 0 || (int)blockIdx.y >= cnt[experts]) return;
+    fill_luts(sm.lut);
+    i64 e = active[blockIdx.y];
+    int n = cnt[e];
+    const u8* wv[1] = {w2 + e * mat_bytes(fmt, dim, inter)};
+    const u8* sv[1] = {s2 ? s2 + e * scale_bytes(fmt, dim, inter) : s2};
+    i64 o0 = (i64)blockIdx.x * TC_BN;
+    for (i64 t0 = (i64)blockIdx.z * TC_BM; t0 < n; t0 += (i64)gridDim.z * TC_BM) {
+        tc_pairs<1>(sm, list, e, rows, n, t0, hq, inter, 0);
+        float acc[1][2][4][4];
+        tc_tile_any<1>(fmt, split, sm, wv, sv, o0, dim, inter, acc);
+        tc_epilogue<1>(acc, [&](int m, int o, const float* v) {
+            int p = sm.tag[m];
+            if (p >= 0 && o0 + o < dim) ye[(i64)p * dim + o0 + o] = v[0];
+        });
+        __syncthreads();  // the epilogue reads tag before the next tile rewrites it
+    }
+}

@@ -54,6 +54,9 @@ pub(crate) struct Dev {
     pub smem_optin: usize,
     /// Streaming multiprocessors (sizes the grids of the weight-streaming kernels).
     pub sms: usize,
+    /// Whether the bf16 `mma.sync` tensor-core GEMM tiles run here: sm_80 or newer, unless
+    /// `V4RT_CUDA_TENSOR_CORES=0` (the CUDA-core kernels then take every size, for comparison).
+    pub tensor_cores: bool,
     /// Deferred argument errors, `ERR_WORDS` i64 (all zero: none). Locked while read and cleared.
     pub err: Mutex<CudaSlice<i64>>,
     pub err_ptr: u64,
@@ -73,12 +76,15 @@ impl Dev {
             p
         };
         stream.synchronize()?;
+        let cc: u32 = arch.trim_start_matches("sm_").parse().unwrap_or(0);
+        let tensor_cores = cc >= 80 && std::env::var("V4RT_CUDA_TENSOR_CORES").map_or(true, |v| v != "0");
         Ok(Dev {
             ctx,
             stream,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             smem_optin,
             sms: sms.max(1),
+            tensor_cores,
             err: Mutex::new(err),
             err_ptr,
             kernels: Loaded::new(arch),

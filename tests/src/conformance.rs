@@ -612,6 +612,12 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
                 }));
                 out.push(Case::new(Op::Linear(Linear { rows: 1, in_features: 256, out_features: 131, format }), "edge: one token", s(format as u64)));
             }
+            // Prefill-sized: ≥ 16 rows take the CUDA tensor-core tiles (partial row and feature
+            // tiles here); F32 weights stay on the CUDA-core kernels at any size.
+            for (j, format) in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Fp8Block128, WeightFormat::Fp4Group32].into_iter().enumerate() {
+                let op = Linear { rows: 130, in_features: 384, out_features: 200, format };
+                out.push(Case::new(Op::Linear(op), "prefill: 130 rows", s(40 + j as u64)));
+            }
             for (j, format) in [WeightFormat::Fp8Block128, WeightFormat::Fp4Group32].into_iter().enumerate() {
                 let op = Linear { rows: 5, in_features: 384, out_features: 40, format };
                 out.push(Case::new(Op::Linear(op), "edge: act_quant ties, amax below the floor, zero row", s(5 + j as u64)).quant_edges());
@@ -636,18 +642,28 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
         }
         // ---- grouped_linear ----
         9 => {
-            for format in [WeightFormat::F32, WeightFormat::Bf16] {
+            for format in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Fp8Block128] {
                 out.extend(randoms(r, |r| {
                     let (rows, groups, ipg, opg, sd) = draw(r, (1usize..=6, 1usize..=8, 1usize..=200, 4usize..=64, seed_s));
+                    // FP8 as the checkpoint's wo_a: input width in whole 128-blocks.
+                    let ipg = if format == WeightFormat::Fp8Block128 { 128 * ipg.div_ceil(64) } else { ipg };
                     Case::new(Op::GroupedLinear(GroupedLinear { rows, groups, in_per_group: ipg, out_per_group: opg, format }), "", sd)
                 }));
             }
+            // Prefill-sized (CUDA tensor-core tiles when a 128-feature tile lies in one group).
+            let g = |rows, groups, in_per_group, out_per_group, format| GroupedLinear { rows, groups, in_per_group, out_per_group, format };
+            out.push(Case::new(Op::GroupedLinear(g(70, 2, 256, 128, WeightFormat::Fp8Block128)), "prefill: 70 rows, FP8", s(1)));
+            out.push(Case::new(Op::GroupedLinear(g(40, 3, 96, 128, WeightFormat::Bf16)), "prefill: 40 rows, bf16", s(2)));
+            out.push(Case::new(Op::GroupedLinear(g(33, 3, 64, 40, WeightFormat::Fp8Block128)), "prefill: 33 rows, groups narrower than a tile", s(3)));
             let one = GroupedLinear { rows: 1, groups: 4, in_per_group: 96, out_per_group: 17, format: WeightFormat::F32 };
             out.push(Case::new(Op::GroupedLinear(one), "edge: one token", s(0)));
             for (i, (name, c)) in reals.iter().enumerate() {
                 let ipg = c.n_heads * c.head_dim / c.o_groups;
-                let op = GroupedLinear { rows: 2, groups: c.o_groups, in_per_group: ipg, out_per_group: c.o_lora_rank, format: WeightFormat::F32 };
-                out.push(Case::new(Op::GroupedLinear(op), format!("{name}: wo_a, {} groups of {ipg} → {}", c.o_groups, c.o_lora_rank), s(10 + i as u64)).large());
+                for (j, format) in [WeightFormat::F32, WeightFormat::Fp8Block128].into_iter().enumerate() {
+                    let op = GroupedLinear { rows: 2, groups: c.o_groups, in_per_group: ipg, out_per_group: c.o_lora_rank, format };
+                    let what = format!("{name}: wo_a {format:?}, {} groups of {ipg} → {}", c.o_groups, c.o_lora_rank);
+                    out.push(Case::new(Op::GroupedLinear(op), what, s(10 + 2 * i as u64 + j as u64)).large());
+                }
             }
         }
         // ---- rope ----
@@ -893,6 +909,13 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
             out.push(Case::new(m(1, 4, 2), "edge: one token", s(0)));
             out.push(Case::new(m(5, 6, 1), "edge: all tokens routed to expert 3 (top-1)", s(1)).one_expert(3));
             out.push(Case::new(m(5, 6, 3), "edge: expert 0 in every row's list", s(2)).one_expert(0));
+            // Prefill-sized: many pairs per expert (CUDA tensor-core tiles), and one expert with
+            // more pairs than one 64-pair tile.
+            for (j, format) in [WeightFormat::Fp4Group32, WeightFormat::Fp8Block128].into_iter().enumerate() {
+                let op = MoeExperts { rows: 40, dim: 256, inter: 384, experts: 8, topk: 6, swiglu_limit: 10.0, format };
+                out.push(Case::new(Op::MoeExperts(op), "prefill: 40 rows × top-6 of 8", s(3 + j as u64)));
+            }
+            out.push(Case::new(m(70, 6, 1), "prefill: 70 rows all routed to expert 3 (top-1)", s(5)).one_expert(3));
             for (i, (name, c)) in reals.iter().enumerate() {
                 let i = i as u64;
                 let e = if i == 0 { 3 } else { 2 };

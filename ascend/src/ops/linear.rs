@@ -16,7 +16,8 @@
 //!   `x` viewed as `[G, R, in_g]` (strides `(in_g, G·in_g, 1)`) and `W` as `[G, in_g, out_g]`
 //!   (strides `(out_g·in_g, 1, in_g)`), into a `[G, R, out_g]` temporary that
 //!   `aclnnInplaceCopy` scatters into `y` viewed as `[G, R, out_g]` (strides
-//!   `(out_g, G·out_g, 1)`). Bf16 weights are widened first, as above.
+//!   `(out_g, G·out_g, 1)`). Bf16 weights are widened first, as above; FP8/FP4 ones (the
+//!   checkpoint's `wo_a`) come from `lowp`'s f32 weight, with no act_quant.
 
 use hal::backend::Support;
 use hal::ops::{GroupedLinear, Linear, WeightFormat};
@@ -97,16 +98,18 @@ fn weight_f32(cx: &mut Ctx<'_>, w: Buf, format: WeightFormat, n: usize, k: usize
     Ok(WeightF32 { view: t, _temp: Some(tb) })
 }
 
-/// GroupedLinear support: F32/BF16 weights (the only formats the HAL defines for it).
+/// GroupedLinear support: F32/BF16 weights, and FP8/FP4 through `lowp`'s f32 weight.
 pub fn supports_grouped_linear(g: &GroupedLinear, ops: &AclnnOps) -> Support {
-    match g.format {
-        WeightFormat::F32 | WeightFormat::Bf16 => super::need(&[
-            ("BatchMatMul", ops.BatchMatMul.is_some()),
-            ("InplaceCopy", ops.InplaceCopy.is_some()),
-            ("Cast", g.format == WeightFormat::F32 || ops.Cast.is_some()),
-        ]),
-        other => Support::No(format!("grouped_linear with {other:?} weights is not defined by the HAL")),
+    if g.format.quantizes_input() {
+        if let Support::No(why) = super::lowp::supports_lowp(ops) {
+            return Support::No(why);
+        }
     }
+    super::need(&[
+        ("BatchMatMul", ops.BatchMatMul.is_some()),
+        ("InplaceCopy", ops.InplaceCopy.is_some()),
+        ("Cast", g.format == WeightFormat::F32 || ops.Cast.is_some()),
+    ])
 }
 
 /// Op entry: [`GroupedLinear`].
@@ -119,8 +122,16 @@ pub fn run_grouped_linear(cx: &mut Ctx<'_>, op: &GroupedLinear, ins: &[Buf], out
         return cx.zero(outs[0]);
     }
     let x = View::new(ins[0], DType::F32, &[r, g * ki]).strided(&[g, r, ki], &[ki, g * ki, 1], 0);
-    let w = weight_f32(cx, ins[1], op.format, g * no, ki)?;
-    let wt = w.view.strided(&[g, ki, no], &[no * ki, 1, ki], 0);
+    // FP8/FP4: the exact f32 values (no act_quant: the reference's einsum over dequantized wo_a).
+    let (_lowp_temp, wv) = if op.format.quantizes_input() {
+        let profile = cx.be.profile.clone();
+        let copy = super::lowp::current(cx, 1);
+        super::lowp::weight_f32(cx, &profile, op.format, copy.as_deref(), 0, ins[1], ins[2], g * no, ki)?
+    } else {
+        let w = weight_f32(cx, ins[1], op.format, g * no, ki)?;
+        (w._temp, w.view)
+    };
+    let wt = wv.strided(&[g, ki, no], &[no * ki, 1, ki], 0);
     let tb = cx.temp(&[g, r, no], DType::F32)?;
     let t = View::of_temp(&tb, DType::F32, &[g, r, no]);
     cx.batch_matmul(&x, &wt, &t)?;

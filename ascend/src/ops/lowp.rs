@@ -157,6 +157,12 @@ fn slots(op: &Op) -> Vec<Slot> {
         Op::Linear(l) if l.format.quantizes_input() => {
             vec![Slot { values: 1, scale: 2, format: l.format, dims: [1, l.out_features, l.in_features] }]
         }
+        Op::GroupedLinear(g) if g.format.quantizes_input() => vec![Slot {
+            values: 1,
+            scale: 2,
+            format: g.format,
+            dims: [1, g.groups * g.out_per_group, g.in_per_group],
+        }],
         Op::MoeExperts(m) if m.format.quantizes_input() => [(3, m.inter, m.dim), (5, m.inter, m.dim), (7, m.dim, m.inter)]
             .into_iter()
             .map(|(values, n, k)| Slot { values, scale: values + 1, format: m.format, dims: [m.experts, n, k] })

@@ -41,6 +41,27 @@ pub(crate) fn feature_blocks(dev: &Dev, n: usize, others: usize, per_warp: usize
 /// Output features per warp step in the one-row kernels (`LIN_OT`).
 pub(crate) const FEATURES_PER_STEP: usize = 4;
 
+/// Fewest rows for which the tensor-core tiles replace the weight-streaming kernels (below it the
+/// step is bound by reading the weights, which the GEMV kernels do at fewer instructions).
+pub(crate) const TC_MIN_ROWS: usize = 16;
+/// Tensor-core tile: rows × output features, and the k step (`TC_BM`, `TC_BN`, `TC_BK`).
+pub(crate) const TC_ROWS: usize = 64;
+pub(crate) const TC_FEATURES: usize = 128;
+pub(crate) const TC_K: usize = 32;
+
+/// Whether the tensor-core tiles can take weights of `format` with inputs of `k` columns: bf16
+/// holds FP8/FP4 (times their scales) and BF16 weights exactly, not F32 ones.
+#[allow(clippy::manual_is_multiple_of)] // `%`: the workspace MSRV is 1.80
+pub(crate) fn tc_fits(dev: &Dev, format: WeightFormat, k: usize) -> bool {
+    dev.tensor_cores && format != WeightFormat::F32 && k % TC_K == 0 && k > 0
+}
+
+/// bf16 terms per input value in the tensor-core tiles: 1 for act_quant'ed inputs (exact in
+/// bf16), 3 otherwise (an exact split of any f32).
+pub(crate) fn tc_split(quantized: bool) -> Arg {
+    Arg::I(if quantized { 1 } else { 3 })
+}
+
 /// Launches `linear_fwd`: `y[r, o] = Σ_i W[o, i] · x[r·x_stride + (o / opg)·k + i]`.
 #[allow(clippy::too_many_arguments, clippy::manual_is_multiple_of)] // `%`: the workspace MSRV is 1.80
 pub(crate) fn linear_fwd(
@@ -55,9 +76,33 @@ pub(crate) fn linear_fwd(
     n: usize,
     opg: usize,
     format: WeightFormat,
+    quantized: bool,
 ) -> Result<()> {
     if rows == 0 || n == 0 {
         return Ok(());
+    }
+    if rows >= TC_MIN_ROWS
+        && tc_fits(dev, format, k)
+        && x_stride % 4 == 0
+        && (opg % TC_FEATURES == 0 || opg >= n)
+    {
+        let gx = n.div_ceil(TC_FEATURES) as u32;
+        let gy = rows.div_ceil(TC_ROWS).min(65_535) as u32;
+        let args = [
+            Arg::P(x),
+            l(x_stride),
+            Arg::P(w),
+            Arg::P(sc),
+            Arg::P(y),
+            l(y_stride),
+            l(rows),
+            l(k),
+            l(n),
+            l(opg.max(1)),
+            Arg::I(format_code(format)),
+            tc_split(quantized),
+        ];
+        return launch(dev, FAMILY, "linear_tc", (gx, gy, 1), BLOCK, 0, &args);
     }
     let per_pass = if rows == 1 { 1 } else { ROWS_PER_PASS };
     let gy = rows.div_ceil(per_pass).min(65_535);
@@ -98,7 +143,7 @@ pub(crate) fn linear(dev: &Dev, op: &Linear, ins: &[u64], outs: &[u64]) -> Resul
     } else {
         ins[0]
     };
-    linear_fwd(dev, x, k, (ins[1], sc), outs[0], n, rows, k, n, n, op.format)
+    linear_fwd(dev, x, k, (ins[1], sc), outs[0], n, rows, k, n, n, op.format, op.format.quantizes_input())
 }
 
 /// [`GroupedLinear`]: the same kernel with the input column offset `(o / out_per_group)·in_per_group`;
@@ -112,5 +157,5 @@ pub(crate) fn grouped_linear(dev: &Dev, op: &GroupedLinear, ins: &[u64], outs: &
         ));
     }
     let sc = ins.get(2).copied().unwrap_or(0);
-    linear_fwd(dev, ins[0], g * ipg, (ins[1], sc), outs[0], g * opg, op.rows, ipg, g * opg, opg, op.format)
+    linear_fwd(dev, ins[0], g * ipg, (ins[1], sc), outs[0], g * opg, op.rows, ipg, g * opg, opg, op.format, false)
 }

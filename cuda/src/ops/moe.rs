@@ -4,12 +4,17 @@
 //! the list of experts in use and each row's ascending-expert order; `moe_up` (grid: output
 //! features × experts in use × pair tiles) computes `h = w·SwiGlu(W1·x̃, W3·x̃)` reading each expert's weights once per tile of
 //! up to 4 pairs (one when experts have about one pair each); `h` is act_quant'ed; `moe_down` computes `W2·h̃` per pair; `moe_combine` sums
-//! the pairs of each row in ascending expert order (f32, as cpu-ref).
+//! the pairs of each row in ascending expert order (f32, as cpu-ref). With many pairs (prefill)
+//! `moe_up_tc` / `moe_down_tc` replace the two products: bf16 tensor-core tiles of 64 pairs of one
+//! expert × 128 features on exact bf16 operands (common.cuh), the same f32-class result.
 
 use hal::ops::{GateMode, MoeExperts, MoeGate, SwiGlu};
 use hal::{Error, Result};
 
-use super::linear::{feature_blocks, format_code, ACT_BLOCK, FEATURES_PER_STEP, ROWS_PER_PASS};
+use super::linear::{
+    feature_blocks, format_code, tc_fits, tc_split, ACT_BLOCK, FEATURES_PER_STEP, ROWS_PER_PASS, TC_FEATURES, TC_MIN_ROWS,
+    TC_ROWS,
+};
 use super::quant::{quant_rows, FMT_FP8};
 use super::{grid_for, i, l, launch, op_id, Arg, BLOCK};
 use crate::device::Dev;
@@ -140,15 +145,27 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
         let used = e_n.min(pairs) as u32;
         // About one pair per expert in use (decode): the one-pair kernels, with fewer registers.
         let single = 4 * pairs <= 5 * used as usize;
-        let per_pass = if single { 1 } else { ROWS_PER_PASS };
-        let (up_k, down_k) = if single { ("moe_up_r1", "moe_down_r1") } else { ("moe_up", "moe_down") };
-        let tiles = if single {
-            1
+        // Many pairs (prefill): the tensor-core tiles, TC_ROWS pairs of one expert per block.
+        let tc = !single && pairs >= TC_MIN_ROWS && tc_fits(dev, op.format, d) && tc_fits(dev, op.format, inter);
+        // Kernels, grid (x: feature blocks of up, of down; z: pair tiles) and trailing arguments.
+        let (up_k, down_k, up_x, down_x, tiles, extra) = if tc {
+            // About two pair tiles per expert in use; blocks loop over an expert's further tiles.
+            let tiles = (2 * pairs.div_ceil(TC_ROWS * used.max(1) as usize)).clamp(1, n.div_ceil(TC_ROWS).min(65_535));
+            let (fx, fd) = (inter.div_ceil(TC_FEATURES), d.div_ceil(TC_FEATURES));
+            ("moe_up_tc", "moe_down_tc", fx, fd, tiles, Some(tc_split(quantize)))
         } else {
-            (2 * pairs).div_ceil(per_pass * used.max(1) as usize).clamp(1, n.div_ceil(per_pass)).min(65_535)
+            let per_pass = if single { 1 } else { ROWS_PER_PASS };
+            let tiles = if single {
+                1
+            } else {
+                (2 * pairs).div_ceil(per_pass * used.max(1) as usize).clamp(1, n.div_ceil(per_pass)).min(65_535)
+            };
+            let others = used as usize * tiles;
+            let per_warp = if single { FEATURES_PER_STEP } else { 1 };
+            let (up_k, down_k) = if single { ("moe_up_r1", "moe_down_r1") } else { ("moe_up", "moe_down") };
+            let (fx, fd) = (feature_blocks(dev, inter, others, per_warp), feature_blocks(dev, d, others, per_warp));
+            (up_k, down_k, fx, fd, tiles, None)
         };
-        let others = used as usize * tiles;
-        let per_warp = if single { FEATURES_PER_STEP } else { 1 };
         let tiles = tiles as u32;
         if pairs > 0 && inter > 0 {
             let args = [
@@ -171,7 +188,8 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
                 Arg::P(hp),
                 Arg::P(dev.err_ptr),
             ];
-            launch(dev, FAMILY, up_k, (feature_blocks(dev, inter, others, per_warp) as u32, used, tiles), BLOCK, 0, &args)?;
+            let args: Vec<Arg> = args.into_iter().chain(extra).collect();
+            launch(dev, FAMILY, up_k, (up_x as u32, used, tiles), BLOCK, 0, &args)?;
             if quantize {
                 quant_rows(dev, FAMILY, hp, hqp, pairs, inter, inter, ACT_BLOCK, FMT_FP8)?;
             }
@@ -192,7 +210,8 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
                 Arg::P(yep),
                 Arg::P(dev.err_ptr),
             ];
-            launch(dev, FAMILY, down_k, (feature_blocks(dev, d, others, per_warp) as u32, used, tiles), BLOCK, 0, &args)?;
+            let args: Vec<Arg> = args.into_iter().chain(extra).collect();
+            launch(dev, FAMILY, down_k, (down_x as u32, used, tiles), BLOCK, 0, &args)?;
         }
         let args = [Arg::P(yep), Arg::P(op_), l(n), k_i, l(d), Arg::P(outs[0] + (r0 * d * 4) as u64), Arg::P(dev.err_ptr)];
         launch(dev, FAMILY, "moe_combine", (grid_for(n * d, BLOCK), 1, 1), BLOCK, 0, &args)?;

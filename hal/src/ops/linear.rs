@@ -72,8 +72,10 @@ impl Linear {
 /// Block-diagonal linear: the attention's grouped low-rank output projection `wo_a` (spec §3.4).
 ///
 /// `y[r, g·out_per_group + o] = Σ_i W[g·out_per_group + o, i] · x[r, g·in_per_group + i]`
-/// with `W [groups·out_per_group, in_per_group]` in `F32` or `Bf16` (the reference dequantizes
-/// the checkpoint's FP8 `wo_a` at load and runs this as a plain einsum, no act_quant).
+/// with `W [groups·out_per_group, in_per_group]` in any [`WeightFormat`] (scales over the whole
+/// `[groups·out_per_group, in_per_group]` matrix), used as its exact f32 values **without**
+/// act_quant: the reference dequantizes the checkpoint's FP8 `wo_a` at load and runs this as a
+/// plain einsum, so keeping it FP8 changes no value, only the bytes read.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GroupedLinear {
     pub rows: usize,
