@@ -6,7 +6,8 @@
 #   Run on the GPU machine, from the repository root:
 #     bash scripts/gpu-bench.sh [OUTDIR] [extra bench arguments...]
 #
-# Writes OUTDIR/env.txt and OUTDIR/bench-*.txt (default OUTDIR=out).
+# Writes OUTDIR/env.txt and OUTDIR/bench-*.txt (default OUTDIR=out): V4-Flash geometry, 4 blocks
+# (window, window, CSA, HCA), at 4K (with a per-op profile), 128K and 1M tokens of context.
 set -uo pipefail
 out=${1:-out}
 shift || true
@@ -19,5 +20,11 @@ export V4RT_KERNEL_CACHE=${V4RT_KERNEL_CACHE:-/tmp/v4rt-kernels}
   nproc
   "$bin" backends
 } 2>&1 | tee "$out/env.txt"
-"$bin" bench --preset v4-flash --layers 4 --backend cuda --context 4096 --decode 64 --profile 16 "$@" 2>&1 \
-  | tee "$out/bench-flash4-4k.txt"
+flash=(bench --preset v4-flash --backend cuda "$@")
+# 4K context: prefill, decode, per-op profile.
+"$bin" "${flash[@]}" --layers 4 --context 4096 --decode 64 --profile 16 2>&1 | tee "$out/bench-flash4-4k.txt"
+# 128K context, prefilled for real (32 chunks of 4096).
+"$bin" "${flash[@]}" --layers 4 --context 131072 --decode 32 --no-calibrate 2>&1 | grep -v "prefill chunk [0-9]*[1-9]\.\." \
+  | tee "$out/bench-flash4-128k.txt"
+# 1M context, filled synthetically: one prefill chunk and decode at 1M.
+"$bin" "${flash[@]}" --layers 4 --fill 1048576 --prompt 4096 --decode 32 --no-calibrate 2>&1 | tee "$out/bench-flash4-1m.txt"

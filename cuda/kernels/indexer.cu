@@ -30,6 +30,70 @@ extern "C" __global__ void index_scores(const float* q, const float* w, const fl
     }
 }
 
+// index_scores for 64 heads and d = 32·DW: one warp per (row, key); lane l holds the key's values
+// l, l + 32, … and forms its partial dot with every head; a reduce-scatter across the warp (31
+// exchanges per 32 heads instead of a 31-step sum per head) leaves lane l with the dots of heads
+// l and l + 32, each in f64 rounded to f32 as above; the weighted head sum is then a warp sum in
+// f64, rounded once. Same values as index_scores up to the order of the f64 sums.
+template <int DW>
+__device__ __forceinline__ void index_scores_h64_impl(const float* q, const float* w, const float* keys, const int* slots,
+                                                      const int* pos, i64 r0, i64 nrows, i64 d, int num_slots, i64 cap,
+                                                      i64 ratio, float ws, float* scores) {
+    int lane = threadIdx.x & 31;
+    i64 warps = nrows * cap;
+    i64 stride = ((i64)gridDim.x * blockDim.x) >> 5;
+    for (i64 g = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; g < warps; g += stride) {
+        i64 rl = g / cap, j = g % cap, r = r0 + rl;
+        int s = slots[r], p = pos[r];
+        if (s < 0 || s >= num_slots || p < 0) continue;
+        i64 n = ((i64)p + 1) / ratio;
+        if (j >= n || j >= cap) continue;
+        const float* k = keys + ((i64)s * cap + j) * d;
+        const float* qr = q + r * 64 * d;
+        double kv[DW];
+#pragma unroll
+        for (int c = 0; c < DW; ++c) kv[c] = (double)k[lane + 32 * c];
+        double total = 0.0;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            double v[32];
+#pragma unroll
+            for (int h = 0; h < 32; ++h) {
+                const float* qh = qr + (i64)(half * 32 + h) * d + lane;
+                double a = 0.0;
+#pragma unroll
+                for (int c = 0; c < DW; ++c) a += (double)qh[32 * c] * kv[c];
+                v[h] = a;
+            }
+#pragma unroll
+            for (int st = 16; st >= 1; st >>= 1) {
+                bool upper = (lane & st) != 0;
+#pragma unroll
+                for (int i = 0; i < st; ++i) {
+                    double give = upper ? v[i] : v[i + st];
+                    double keep = upper ? v[i + st] : v[i];
+                    v[i] = keep + __shfl_xor_sync(FULL_MASK, give, st);
+                }
+            }
+            float dot = fmaxf((float)v[0], 0.0f);
+            total += (double)(w[r * 64 + half * 32 + lane] * ws) * (double)dot;
+        }
+        total = warp_sum_d(total);
+        if (lane == 0) scores[rl * cap + j] = (float)total;
+    }
+}
+
+extern "C" __global__ void index_scores_h64(const float* q, const float* w, const float* keys, const int* slots,
+                                            const int* pos, i64 r0, i64 nrows, i64 heads, i64 d, int num_slots,
+                                            i64 cap, i64 ratio, float ws, float* scores, const i64* err) {
+    if (err[0] != 0) return;
+    switch (d) {
+        case 64: index_scores_h64_impl<2>(q, w, keys, slots, pos, r0, nrows, d, num_slots, cap, ratio, ws, scores); break;
+        case 128: index_scores_h64_impl<4>(q, w, keys, slots, pos, r0, nrows, d, num_slots, cap, ratio, ws, scores); break;
+        default: index_scores_h64_impl<8>(q, w, keys, slots, pos, r0, nrows, d, num_slots, cap, ratio, ws, scores); break;
+    }
+}
+
 // One block (1024 threads) per row r = r0 + blockIdx.x: the min(k, n) largest scores by
 // (score descending by f32::total_cmp, index ascending), as indices and scores, padded with −1
 // and −∞. Radix select of the k-th key (4 passes of 8 bits), ordered collection of the ties at

@@ -133,6 +133,49 @@ impl KvCache {
         }
     }
 
+    /// For benchmarks: puts allocated `slot` at position `len` as if `len` tokens had been
+    /// prefilled, with pseudo-random values in [−1, 1) (from `seed`) in its window rings and
+    /// compressed entries and a zero kv / −∞ score compressor state (a block boundary). The
+    /// values belong to no prompt; what a later decode step costs at this context length does
+    /// not depend on them, which is what `v4rt bench --fill` measures.
+    pub fn fill_synthetic(&mut self, b: &dyn Backend, slot: usize, len: usize, seed: u64) -> Result<()> {
+        self.position(slot)?;
+        if len > self.capacity {
+            return Err(ModelError::Request(format!("fill of {len} tokens exceeds the cache capacity {}", self.capacity)));
+        }
+        self.reset_slot(b, slot)?;
+        const CHUNK: usize = 1 << 22;
+        let mut state = seed | 1;
+        let noise: Vec<f32> = (0..CHUNK)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect();
+        let bytes = hal::dtype::f32_bytes(&noise);
+        let slots = self.slots;
+        let fill = |t: &mut Tensor| -> Result<()> {
+            let per_slot = t.numel() / slots;
+            let mut done = 0;
+            while done < per_slot {
+                let n = CHUNK.min(per_slot - done);
+                b.write(t, slot * per_slot + done, &bytes[..n * 4])?;
+                done += n;
+            }
+            Ok(())
+        };
+        for lc in self.layers.iter_mut().chain(self.mtp.iter_mut()) {
+            fill(&mut lc.ring)?;
+            for cc in lc.compressor.iter_mut().chain(lc.indexer.iter_mut()) {
+                fill(&mut cc.state.cache)?;
+            }
+        }
+        self.next[slot] = Some(len);
+        Ok(())
+    }
+
     /// Bytes held by the cache on its backend.
     pub fn bytes(&self) -> usize {
         self.layers

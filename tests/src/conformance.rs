@@ -822,6 +822,13 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
             out.push(Case::new(idx(&p, 1, 2), "edge: prefill 0..12, top-k 2 across the 4-block boundaries", s(2)).plan(p));
             let p = RowPlan::runs(&[(1, 60, 4), (0, 20, 1)]);
             out.push(Case::new(idx(&p, 2, 64), "edge: top-k 64 > capacity 16", s(3)).plan(p));
+            // 64 heads (CUDA's reduce-scatter scores) with the other key widths it takes.
+            for (j, head_dim) in [64usize, 256].into_iter().enumerate() {
+                let p = RowPlan::runs(&[(0, 0, 40), (1, 90, 3)]);
+                let ws = ((head_dim as f64).powf(-0.5) / 8.0) as f32;
+                let op = IndexerTopK { rows: p.rows(), heads: 64, head_dim, slots: 2, capacity: 32, ratio: 4, topk: 8, weight_scale: ws };
+                out.push(Case::new(Op::IndexerTopK(op), format!("64 heads × {head_dim}: prefill 0..40 and decode rows"), s(4 + j as u64)).plan(p));
+            }
             for (i, (name, c)) in reals.iter().enumerate() {
                 let cap = c.index_topk + 100;
                 let p = RowPlan::decode(&[4 * cap - 1, 4 * c.index_topk - 10]);

@@ -52,6 +52,11 @@ pub struct Args {
     /// --prompt when positive.
     #[arg(long, default_value_t = 0)]
     context: usize,
+    /// Tokens of context put in the cache synthetically before the prefill (`KvCache::
+    /// fill_synthetic`: random entries, no forward pass), so that prefill chunks and decode steps
+    /// are timed at that context length without prefilling it.
+    #[arg(long, default_value_t = 0)]
+    fill: usize,
     /// Prefill chunk (tokens per sequence per forward call).
     #[arg(long, default_value_t = 4096)]
     chunk: usize,
@@ -317,8 +322,16 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         }
     };
 
-    let mut cache = model.new_cache(b, prefill + a.decode + a.profile + 1)?;
+    let mut cache = model.new_cache(b, a.fill + prefill + a.decode + a.profile + 1)?;
     let slots: Vec<usize> = (0..b).map(|_| cache.alloc_slot(model.backend())).collect::<Result<_, _>>()?;
+    if a.fill > 0 {
+        let t = Instant::now();
+        for &s in &slots {
+            cache.fill_synthetic(model.backend(), s, a.fill, 0x5EED + s as u64)?;
+        }
+        model.backend().synchronize()?;
+        println!("synthetic context: {} token(s) per slot filled in {:.1} s (random cache entries, no forward pass)", a.fill, t.elapsed().as_secs_f64());
+    }
     // A fixed pseudo-random prompt (the speed of this model does not depend on the ids).
     let prompts: Vec<Vec<u32>> =
         (0..b).map(|s| (0..prefill).map(|i| ((i * 7919 + s * 104_729) as u32) % v).collect()).collect();
@@ -346,7 +359,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         out = Some(model.forward(&mut cache, &chunks, &opts)?);
         model.backend().synchronize()?;
         chunk_s.push(tc.elapsed().as_secs_f64());
-        eprintln!("  prefill chunk {start}..{end}: {:.1} ms", chunk_s[chunk_s.len() - 1] * 1e3);
+        eprintln!("  prefill chunk {}..{}: {:.1} ms", a.fill + start, a.fill + end, chunk_s[chunk_s.len() - 1] * 1e3);
     }
     let prefill_s = t.elapsed().as_secs_f64();
     let out = out.context("no prefill chunk ran")?;
@@ -372,7 +385,8 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     let flops = prefill_gemm_flops(&cfg, tokens, b * chunk_s.len());
     let tflops = flops / prefill_s / 1e12;
     println!(
-        "prefill: {b} × {prefill} tokens in {} chunk(s) of ≤ {chunk}: {:.1} ms = {:.0} tokens/s; first chunk {:.0} tokens/s, last {:.0} tokens/s",
+        "prefill: {b} × {prefill} tokens from position {} in {} chunk(s) of ≤ {chunk}: {:.1} ms = {:.0} tokens/s; first chunk {:.0} tokens/s, last {:.0} tokens/s",
+        a.fill,
         chunk_s.len(),
         prefill_s * 1e3,
         tokens as f64 / prefill_s,
@@ -387,15 +401,16 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     // Decode.
     if a.decode > 0 {
         let sb = step_bytes(&cfg, b);
-        let pos = prefill + a.decode / 2;
+        let pos = a.fill + prefill + a.decode / 2;
         let cache_rd = b as f64 * cache_read_bytes(&cfg, pos, 4);
         let cache_rd_fp8 = b as f64 * cache_read_bytes(&cfg, pos, 1);
         let moved = sb.total() + cache_rd;
         let gbs = moved / (median / 1e3) / 1e9;
         println!(
-            "decode: {} steps × batch {b} at context {prefill}..{}: median step {median:.3} ms ({:.3} ms per layer = step / {} layers, head included), {:.1} tokens/s (all steps), {:.1} tokens/s (median)",
+            "decode: {} steps × batch {b} at context {}..{}: median step {median:.3} ms ({:.3} ms per layer = step / {} layers, head included), {:.1} tokens/s (all steps), {:.1} tokens/s (median)",
             a.decode,
-            prefill + a.decode,
+            a.fill + prefill,
+            a.fill + prefill + a.decode,
             median / cfg.n_layers as f64,
             cfg.n_layers,
             (a.decode * b) as f64 / total_decode_s,

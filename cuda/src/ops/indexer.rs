@@ -55,7 +55,10 @@ pub(crate) fn indexer_topk(dev: &Dev, op: &IndexerTopK, ins: &[u64], outs: &[u64
             Arg::P(dev.err_ptr),
         ];
         if warps > 0 {
-            launch(dev, FAMILY, "index_scores", (grid_for(warps * 32, BLOCK), 1, 1), BLOCK, 0, &args)?;
+            // The reduce-scatter kernel where its shape fits (V4: 64 heads of 128).
+            let fast = op.heads == 64 && matches!(op.head_dim, 64 | 128 | 256);
+            let kernel = if fast { "index_scores_h64" } else { "index_scores" };
+            launch(dev, FAMILY, kernel, (grid_for(warps * 32, BLOCK), 1, 1), BLOCK, 0, &args)?;
         }
         let args = [
             Arg::P(sp),
