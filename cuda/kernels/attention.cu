@@ -56,28 +56,29 @@ __device__ __forceinline__ float attn_logit(const float* q, const float* k, i64 
     return (float)acc * scale;
 }
 
-// Grid: (row, head) × key splits. Each block takes a contiguous share of the row's keys. Pass 1:
-// m = max logit; pass 2: Σ e^{ℓ−m} and Σ e^{ℓ−m}·k in f64 (per-warp partial sums in shared
-// memory). With one split, o = acc / (den + e^{sink−m}); with several, the block writes (m, den,
-// acc) to pm / pden / pacc and sparse_attn_combine rescales them to the common max.
-// Dynamic shared memory: d floats (q) + warps·d doubles.
+// Grid: (row, group of `hg` heads) × key splits; warp w of a block is head group·hg + w, so the
+// block's warps walk the same keys (read once from L2 per block, then from L1) — the keys are
+// shared by all heads. Each warp takes a contiguous share of the row's keys: pass 1, m = max
+// logit; pass 2, Σ e^{ℓ−m} and Σ e^{ℓ−m}·k in f64 (its accumulator row in shared memory). With one
+// split, o = acc / (den + e^{sink−m}); with several, the warp writes (m, den, acc) to pm / pden /
+// pacc and sparse_attn_combine rescales them to the common max.
+// Dynamic shared memory: hg·d floats (q) + hg·d doubles (accumulators).
 extern "C" __global__ void sparse_attn(const float* q, const float* kv, const float* ring, const float* sink,
                                        const int* slots, const int* pos, const float* comp, const int* idx,
                                        i64 heads, i64 d, int num_slots, i64 window, int mode, i64 ratio, i64 cap,
                                        int topk, float scale, float* out, const i64* err, int splits, float* pm,
                                        double* pden, double* pacc) {
     extern __shared__ double shd[];
-    __shared__ float redf[32];
-    __shared__ double redd[32];
     if (err[0] != 0) return;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    i64 r = blockIdx.x / heads, h = blockIdx.x % heads;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, hg = blockDim.x >> 5;
+    i64 groups = (heads + hg - 1) / hg;
+    i64 r = blockIdx.x / groups, h = (blockIdx.x % groups) * hg + warp;
     AttnRow a;
     a.kv = kv; a.ring = ring; a.comp = comp; a.idx = idx; a.slots = slots; a.pos = pos;
     a.r = r; a.d = d; a.window = window; a.cap = cap; a.mode = mode; a.topk = topk;
     a.s = slots[r];
     a.p = pos[r];
-    if (a.s < 0 || a.s >= num_slots || a.p < 0) return;
+    if (a.s < 0 || a.s >= num_slots || a.p < 0 || h >= heads) return;
     a.nwin = (i64)a.p + 1 < window ? a.p + 1 : (int)window;
     a.t0 = a.p - a.nwin + 1;
     int ncomp = 0;
@@ -91,24 +92,23 @@ extern "C" __global__ void sparse_attn(const float* q, const float* kv, const fl
     int per = (nkeys + splits - 1) / splits;
     int k0 = blockIdx.y * per, k1 = k0 + per < nkeys ? k0 + per : nkeys;
 
-    double* acc = shd;                    // [nw][d]
-    float* qs = (float*)(shd + nw * d);   // [d]
+    double* aw = shd + (i64)warp * d;                        // [hg][d]
+    float* qs = (float*)(shd + (i64)hg * d) + (i64)warp * d;  // [hg][d]
     const float* qg = q + (r * heads + h) * d;
-    for (i64 c = threadIdx.x; c < d; c += blockDim.x) qs[c] = qg[c];
-    for (i64 c = threadIdx.x; c < nw * d; c += blockDim.x) acc[c] = 0.0;
-    __syncthreads();
+    for (i64 c = lane; c < d; c += 32) {
+        qs[c] = qg[c];
+        aw[c] = 0.0;
+    }
+    __syncwarp();
 
-    float mx = __uint_as_float(0xff800000u);
-    for (int kk = k0 + warp; kk < k1; kk += nw) {
+    float m = __uint_as_float(0xff800000u);
+    for (int kk = k0; kk < k1; ++kk) {
         const float* kp = attn_key(a, kk);
         if (!kp) continue;
-        mx = fmaxf(mx, attn_logit(qs, kp, d, scale));
+        m = fmaxf(m, attn_logit(qs, kp, d, scale));
     }
-    float m = block_max_f(mx, redf);
-
     double den = 0.0;
-    double* aw = acc + warp * d;
-    for (int kk = k0 + warp; kk < k1; kk += nw) {
+    for (int kk = k0; kk < k1; ++kk) {
         const float* kp = attn_key(a, kk);
         if (!kp) continue;
         float l = attn_logit(qs, kp, d, scale);
@@ -116,32 +116,22 @@ extern "C" __global__ void sparse_attn(const float* q, const float* kv, const fl
         den += pe;
         for (i64 c = lane; c < d; c += 32) aw[c] += pe * (double)kp[c];
     }
-    if (lane != 0) den = 0.0;
-    den = block_sum_d(den, redd);
     if (splits > 1) {
-        i64 b = (i64)blockIdx.x * splits + blockIdx.y;
-        if (threadIdx.x == 0) {
+        i64 b = (r * heads + h) * splits + blockIdx.y;
+        if (lane == 0) {
             pm[b] = m;
             pden[b] = den;
         }
-        for (i64 c = threadIdx.x; c < d; c += blockDim.x) {
-            double t = 0.0;
-            for (int w = 0; w < nw; ++w) t += acc[w * d + c];
-            pacc[b * d + c] = t;
-        }
+        for (i64 c = lane; c < d; c += 32) pacc[b * d + c] = aw[c];
         return;
     }
     float* og = out + (r * heads + h) * d;
     if (nkeys == 0) {
-        for (i64 c = threadIdx.x; c < d; c += blockDim.x) og[c] = 0.0f;
+        for (i64 c = lane; c < d; c += 32) og[c] = 0.0f;
         return;
     }
     den += exp((double)(sink[h] - m));
-    for (i64 c = threadIdx.x; c < d; c += blockDim.x) {
-        double t = 0.0;
-        for (int w = 0; w < nw; ++w) t += acc[w * d + c];
-        og[c] = (float)(t / den);
-    }
+    for (i64 c = lane; c < d; c += 32) og[c] = (float)(aw[c] / den);
 }
 
 // One block per (row, head): o = Σ_s e^{m_s−M}·acc_s / (Σ_s e^{m_s−M}·den_s + e^{sink−M}) over the

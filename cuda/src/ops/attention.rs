@@ -8,12 +8,15 @@ use super::{check_rows, grid_for, i, l, launch, smem, Arg, BLOCK, CHECK_INDICES,
 use crate::device::Dev;
 
 const FAMILY: &str = "attention";
+/// Heads per `sparse_attn` block (one warp each; fewer where shared memory is short).
+const HEADS_PER_BLOCK: usize = 8;
 /// Fewest keys a split of one (row, head)'s key set takes in `sparse_attn`.
 const KEYS_PER_SPLIT: usize = 64;
 
-/// Dynamic shared memory of `sparse_attn` with `warps` warps: q (d f32) + per-warp f64 sums.
-pub(crate) fn smem_for(d: usize, warps: usize) -> usize {
-    d * 4 + warps * d * 8
+/// Dynamic shared memory of `sparse_attn` with `heads` heads per block: per head, q (d f32) and
+/// the f64 accumulators.
+pub(crate) fn smem_for(d: usize, heads: usize) -> usize {
+    heads * d * (4 + 8)
 }
 
 /// [`WindowStore`]: row convention checked on the device, then the store (the last row of a
@@ -43,7 +46,7 @@ pub(crate) fn window_store(dev: &Dev, op: &WindowStore, ins: &[u64], outs: &[u64
 }
 
 /// [`SparseAttention`]: row convention and compressed-entry checks on the device, then one block
-/// per (row, head).
+/// per (row, group of heads) and key split, and the combination of the splits.
 pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], outs: &[u64]) -> Result<()> {
     let name = "sparse_attention";
     let (h, d) = (op.heads, op.head_dim);
@@ -70,11 +73,12 @@ pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], out
     if h == 0 || d == 0 || op.rows == 0 {
         return Ok(());
     }
-    let mut warps = 8;
-    while warps > 1 && smem_for(d, warps) > 48 * 1024 {
-        warps -= 1;
+    // Heads per block (one warp each), as many as the shared memory holds.
+    let mut hg = HEADS_PER_BLOCK.min(h);
+    while hg > 1 && smem_for(d, hg) > dev.smem_optin {
+        hg -= 1;
     }
-    let shared = smem_for(d, warps);
+    let shared = smem_for(d, hg);
     let args = [
         Arg::P(ins[0]),
         Arg::P(ins[1]),
@@ -96,7 +100,8 @@ pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], out
         Arg::P(outs[0]),
         Arg::P(dev.err_ptr),
     ];
-    let blocks = u32::try_from(op.rows * h).map_err(|_| Error::invalid(name, "rows × heads exceeds 2^32"))?;
+    let pairs = op.rows * h;
+    let blocks = u32::try_from(op.rows * h.div_ceil(hg)).map_err(|_| Error::invalid(name, "rows × heads exceeds 2^32"))?;
     // Key splits so that few (row, head) pairs (decode) still fill the device, each split
     // keeping at least KEYS_PER_SPLIT keys of the longest possible key set.
     let max_keys = op.window + match op.compressed {
@@ -106,7 +111,7 @@ pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], out
     };
     let splits = (4 * dev.sms).div_ceil(blocks as usize).min(max_keys.div_ceil(KEYS_PER_SPLIT)).clamp(1, 65_535);
     let (parts, pm, pden, pacc) = if splits > 1 {
-        let n = blocks as usize * splits;
+        let n = pairs * splits;
         let buf = dev.scratch(n * 4 + n * 8 + n * d * 8)?;
         let base = dev.ptr(&buf);
         // Doubles first (8-byte aligned), then the f32 maxima.
@@ -116,7 +121,7 @@ pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], out
     };
     let mut args = args.to_vec();
     args.extend([i(name, "splits", splits)?, Arg::P(pm), Arg::P(pden), Arg::P(pacc)]);
-    launch(dev, FAMILY, "sparse_attn", (blocks, splits as u32, 1), 32 * warps as u32, smem(shared), &args)?;
+    launch(dev, FAMILY, "sparse_attn", (blocks, splits as u32, 1), 32 * hg as u32, smem(shared), &args)?;
     if splits > 1 {
         let args = [
             Arg::P(ins[3]),
@@ -132,7 +137,8 @@ pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], out
             Arg::P(outs[0]),
             Arg::P(dev.err_ptr),
         ];
-        launch(dev, FAMILY, "sparse_attn_combine", (blocks, 1, 1), BLOCK, 0, &args)?;
+        let pairs = u32::try_from(pairs).map_err(|_| Error::invalid(name, "rows × heads exceeds 2^32"))?;
+        launch(dev, FAMILY, "sparse_attn_combine", (pairs, 1, 1), BLOCK, 0, &args)?;
     }
     drop(parts);
     Ok(())

@@ -15,6 +15,9 @@ pub(crate) fn smem_for(x: &IndexerTopK) -> usize {
     x.topk.min(x.capacity).max(1).next_power_of_two() * 8
 }
 
+/// Static shared memory of `topk_rows` (histograms and counters), on top of [`smem_for`].
+pub(crate) const TOPK_STATIC_SMEM: usize = (256 + 32 * 256 + 1024 + 4) * 4;
+
 /// [`IndexerTopK`]: checks on the device, then per chunk of rows the scores of every visible
 /// entry into a scratch `[rows, capacity]` and the per-row top-k.
 pub(crate) fn indexer_topk(dev: &Dev, op: &IndexerTopK, ins: &[u64], outs: &[u64]) -> Result<()> {

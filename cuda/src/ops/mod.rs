@@ -246,7 +246,7 @@ pub(crate) fn unsupported(dev: &Dev, op: &Op) -> Option<String> {
         Op::Compressor(c) if compressor::smem_for(c) > dev.smem_optin => {
             Some(format!("width {} needs more shared memory than the device has", c.width))
         }
-        Op::IndexerTopK(x) if indexer::smem_for(x) > dev.smem_optin => {
+        Op::IndexerTopK(x) if indexer::smem_for(x) + indexer::TOPK_STATIC_SMEM > dev.smem_optin => {
             Some(format!("topk {} needs more shared memory than the device has", x.topk))
         }
         Op::MoeExperts(m) if m.experts > 65_535 => Some(format!("{} experts (at most 65535)", m.experts)),
