@@ -11,7 +11,7 @@ const FAMILY: &str = "attention";
 /// Heads per `sparse_attn` block (one warp each; fewer where shared memory is short).
 const HEADS_PER_BLOCK: usize = 8;
 /// Fewest keys a split of one (row, head)'s key set takes in `sparse_attn`.
-const KEYS_PER_SPLIT: usize = 64;
+const KEYS_PER_SPLIT: usize = 16;
 
 /// Dynamic shared memory of `sparse_attn` with `heads` heads per block: per head, q (d f32) and
 /// the f64 accumulators.
