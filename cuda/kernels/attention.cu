@@ -145,6 +145,7 @@ extern "C" __global__ void sparse_attn_combine(const float* sink, const int* slo
     i64 rh = blockIdx.x, r = rh / heads, h = rh % heads;
     int s = slots[r], p = pos[r];
     if (s < 0 || s >= num_slots || p < 0) return;
+    extern __shared__ double fac[];  // e^{m_s − M}, 0 for empty splits
     const float* m = pm + rh * splits;
     float mx = __uint_as_float(0xff800000u);
     for (int j = 0; j < splits; ++j) mx = fmaxf(mx, m[j]);
@@ -153,13 +154,15 @@ extern "C" __global__ void sparse_attn_combine(const float* sink, const int* slo
         for (i64 c = threadIdx.x; c < d; c += blockDim.x) og[c] = 0.0f;
         return;
     }
+    for (int j = threadIdx.x; j < splits; j += blockDim.x)
+        fac[j] = pden[rh * splits + j] != 0.0 ? exp((double)(m[j] - mx)) : 0.0;
+    __syncthreads();
     double den = exp((double)(sink[h] - mx));
-    for (int j = 0; j < splits; ++j)
-        if (pden[rh * splits + j] != 0.0) den += pden[rh * splits + j] * exp((double)(m[j] - mx));
+    for (int j = 0; j < splits; ++j) den += pden[rh * splits + j] * fac[j];
     for (i64 c = threadIdx.x; c < d; c += blockDim.x) {
         double t = 0.0;
         for (int j = 0; j < splits; ++j)
-            if (pden[rh * splits + j] != 0.0) t += pacc[(rh * splits + j) * d + c] * exp((double)(m[j] - mx));
+            if (fac[j] != 0.0) t += pacc[(rh * splits + j) * d + c] * fac[j];
         og[c] = (float)(t / den);
     }
 }

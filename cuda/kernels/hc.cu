@@ -31,25 +31,28 @@ extern "C" __global__ void hc_mix_partial(const float* x, const float* fnw, i64 
 }
 
 // Mixing logits μ_i = (Σ_s dot_i) · ρ of row r into mu[0..nm) (shared); every thread waits.
-__device__ void hc_mixes_from(const double* part, int splits, int nm, i64 n, float norm_eps, float* mu) {
+// One warp per value (Σ x² first), lanes over the splits. `red` holds nm + 1 doubles.
+__device__ void hc_mixes_from(const double* part, int splits, int nm, i64 n, float norm_eps, float* mu, double* red) {
     i64 r = blockIdx.x;
     const double* pr = part + r * splits * (nm + 1);
-    double ss = 0.0;
-    for (int s = 0; s < splits; ++s) ss += pr[s * (nm + 1)];
-    float ms = (float)(ss / (double)n);
-    float rho = (float)(1.0 / sqrt((double)(ms + norm_eps)));
-    for (int i = threadIdx.x; i < nm; i += blockDim.x) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int i = w; i <= nm; i += nw) {
         double acc = 0.0;
-        for (int s = 0; s < splits; ++s) acc += pr[s * (nm + 1) + 1 + i];
-        mu[i] = (float)acc * rho;
+        for (int s = lane; s < splits; s += 32) acc += pr[s * (nm + 1) + i];
+        acc = warp_sum_d(acc);
+        if (lane == 0) red[i] = acc;
     }
+    __syncthreads();
+    float ms = (float)(red[0] / (double)n);
+    float rho = (float)(1.0 / sqrt((double)(ms + norm_eps)));
+    for (int i = threadIdx.x; i < nm; i += blockDim.x) mu[i] = (float)red[1 + i] * rho;
     __syncthreads();
 }
 
 // HcPre weights of row r: pre (to `pre`, for hc_merge), post, comb (softmax rows + eps, then
 // Sinkhorn normalization). Element (j, k) of comb belongs to thread (j·m + k) mod blockDim; row
 // and column sums are taken in index order by every thread that needs them, so the values are
-// those of a sequential loop. Dynamic shared memory: (nm + 2·m·m) floats.
+// those of a sequential loop. Dynamic shared memory: (nm + 2·m·m) floats, then nm + 1 doubles.
 extern "C" __global__ void hc_pre_finish(const double* part, int splits, const float* base, const float* scale, int m,
                                          i64 n, int iters, float hc_eps, float norm_eps, float* pre, float* post,
                                          float* comb) {
@@ -58,8 +61,9 @@ extern "C" __global__ void hc_pre_finish(const double* part, int splits, const f
     float* mu = shf;
     float* c = shf + nm;
     float* t = c + mm;
+    double* red = (double*)(shf + ((nm + 2 * mm + 1) & ~1));
     i64 r = blockIdx.x;
-    hc_mixes_from(part, splits, nm, n, norm_eps, mu);
+    hc_mixes_from(part, splits, nm, n, norm_eps, mu, red);
     for (int i = threadIdx.x; i < m; i += blockDim.x) {
         pre[r * m + i] = (float)sigmoid_d(scale[0] * mu[i] + base[i]) + hc_eps;
         post[r * m + i] = 2.0f * (float)sigmoid_d(scale[1] * mu[m + i] + base[m + i]);
@@ -99,11 +103,12 @@ extern "C" __global__ void hc_pre_finish(const double* part, int splits, const f
     for (int e = threadIdx.x; e < mm; e += blockDim.x) comb[r * mm + e] = c[e];
 }
 
-// HcHead weights of row r into p. Dynamic shared memory: m floats.
+// HcHead weights of row r into p. Dynamic shared memory: m floats (rounded up to even), then
+// m + 1 doubles.
 extern "C" __global__ void hc_head_finish(const double* part, int splits, const float* base, const float* scale,
                                           int m, i64 n, float hc_eps, float norm_eps, float* p) {
     extern __shared__ float shf[];
-    hc_mixes_from(part, splits, m, n, norm_eps, shf);
+    hc_mixes_from(part, splits, m, n, norm_eps, shf, (double*)(shf + ((m + 1) & ~1)));
     for (int i = threadIdx.x; i < m; i += blockDim.x)
         p[blockIdx.x * m + i] = (float)sigmoid_d(scale[0] * shf[i] + base[i]) + hc_eps;
 }

@@ -95,103 +95,102 @@ extern "C" __global__ void index_scores_h64(const float* q, const float* w, cons
     }
 }
 
-// One block (1024 threads) per row r = r0 + blockIdx.x: the min(k, n) largest scores by
-// (score descending by f32::total_cmp, index ascending), as indices and scores, padded with −1
-// and −∞. Radix select of the k-th key (4 passes of 8 bits), ordered collection of the ties at
-// the threshold (lowest indices first), then a bitonic sort in shared memory. Static shared
-// memory: about 37 KiB (TOPK_STATIC_SMEM on the host).
-// Dynamic shared memory: P u64 with P = the power of two ≥ min(k, cap) (host-sized).
-extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* scores, const int* slots, const int* pos, i64 r0, i64 cap,
-                                     i64 ratio, int num_slots, int k, int* out_idx, float* out_score,
-                                     const i64* err) {
-    extern __shared__ u64 sel[];
-    __shared__ u32 hist[256];
-    __shared__ u32 whist[32][256];
-    __shared__ u32 s_prefix;
-    __shared__ int s_remaining, s_gt;
-    __shared__ int s_cnt[1024];
-    if (err[0] != 0) return;
-    i64 rl = blockIdx.x, r = r0 + rl;
-    int s = slots[r], p = pos[r];
-    if (s < 0 || s >= num_slots || p < 0) return;
-    i64 n = ((i64)p + 1) / ratio;
-    if (n > cap) n = cap;
-    const float* sr = scores + rl * cap;
-    int m = (i64)k < n ? k : (int)n;
-    int P = 1;
-    while (P < m) P <<= 1;
+// ---- top-k ------------------------------------------------------------------------------------
+// Order: score descending by f32::total_cmp, index ascending — i.e. rank_code descending.
+
+// Element i of a top-k source: row scores (code rank_code(score, base + i)) or the sorted
+// candidate codes of topk_partial (0 = padding).
+struct TopkSrc {
+    const float* sr;
+    const u64* cr;
+    i64 base;
+    __device__ __forceinline__ u32 key(i64 i) const { return sr ? total_key(sr[i]) : (u32)(cr[i] >> 32); }
+    __device__ __forceinline__ u64 code(i64 i) const { return sr ? rank_code(sr[i], (u32)(base + i)) : cr[i]; }
+};
+
+struct TopkShared {
+    u32 hist[256];
+    u32 whist[32][256];
+    u32 prefix;
+    int remaining, gt;
+    int cnt[1024];
+};
+
+// The m = min(k, n) largest codes of src[0..n) into sel[0..m) (unordered), then sel[m..P) = 0 and
+// sorted descending; called by the whole block (1024 threads), P a power of two ≥ m. Radix select
+// of the k-th key (4 passes of 8 bits; per-warp histograms with one shared add per distinct digit
+// per warp step, since the keys share their top digits and 1024 threads adding to one bin
+// serialize), then the elements above it and the ties at it in source order (lowest index first).
+__device__ void topk_select_sort(const TopkSrc& src, i64 n, int k, int m, int P, u64* sel, TopkShared& sh) {
     int tid = threadIdx.x, bd = blockDim.x;
     if (n <= k) {
-        for (int i = tid; i < n; i += bd) sel[i] = rank_code(sr[i], (u32)i);
+        for (int i = tid; i < n; i += bd) sel[i] = src.code(i);
     } else {
         u32 prefix = 0, mask = 0;
         int remaining = k;
         for (int shift = 24; shift >= 0; shift -= 8) {
-            for (int i = tid; i < 32 * 256; i += bd) (&whist[0][0])[i] = 0;
+            for (int i = tid; i < 32 * 256; i += bd) (&sh.whist[0][0])[i] = 0;
             __syncthreads();
-            // Per-warp histograms, one shared-memory add per distinct digit per warp step: the
-            // keys of one row share their top digits, and single adds from 1024 threads to the
-            // same bin serialize (milliseconds at 10^5 keys).
             i64 nr = (n + bd - 1) / bd * bd;
             for (i64 i = tid; i < nr; i += bd) {
-                u32 u = i < n ? total_key(sr[i]) : 0u;
+                u32 u = i < n ? src.key(i) : 0u;
                 bool take = i < n && (u & mask) == prefix;
                 u32 digit = take ? (u >> shift) & 255u : 256u;
                 u32 peers = __match_any_sync(FULL_MASK, digit);
-                if (take && __ffs(peers) - 1 == (tid & 31)) atomicAdd(&whist[tid >> 5][digit], (u32)__popc(peers));
+                if (take && __ffs(peers) - 1 == (tid & 31)) atomicAdd(&sh.whist[tid >> 5][digit], (u32)__popc(peers));
             }
             __syncthreads();
             for (int dg = tid; dg < 256; dg += bd) {
                 u32 t = 0;
-                for (int w = 0; w < (bd >> 5); ++w) t += whist[w][dg];
-                hist[dg] = t;
+                for (int w = 0; w < (bd >> 5); ++w) t += sh.whist[w][dg];
+                sh.hist[dg] = t;
             }
             __syncthreads();
             if (tid == 0) {
                 u32 cum = 0;
                 for (int dgt = 255; dgt >= 0; --dgt) {
-                    if (cum + hist[dgt] >= (u32)remaining) {
+                    if (cum + sh.hist[dgt] >= (u32)remaining) {
                         prefix |= (u32)dgt << shift;
                         remaining -= (int)cum;
                         break;
                     }
-                    cum += hist[dgt];
+                    cum += sh.hist[dgt];
                 }
-                s_prefix = prefix;
-                s_remaining = remaining;
+                sh.prefix = prefix;
+                sh.remaining = remaining;
             }
             __syncthreads();
-            prefix = s_prefix;
-            remaining = s_remaining;
+            prefix = sh.prefix;
+            remaining = sh.remaining;
             mask |= 255u << shift;
         }
         // prefix = the k-th largest key; `remaining` of the elements equal to it are taken.
-        if (tid == 0) s_gt = 0;
+        if (tid == 0) sh.gt = 0;
         __syncthreads();
         i64 chunk = (n + bd - 1) / bd;
         i64 lo = tid * chunk, hi = lo + chunk < n ? lo + chunk : n;
         int eq = 0;
         for (i64 i = lo; i < hi; ++i) {
-            u32 u = total_key(sr[i]);
-            if (u > prefix) sel[atomicAdd(&s_gt, 1)] = rank_code(sr[i], (u32)i);
+            u32 u = src.key(i);
+            if (u > prefix) sel[atomicAdd(&sh.gt, 1)] = src.code(i);
             else if (u == prefix) ++eq;
         }
-        s_cnt[tid] = eq;
+        sh.cnt[tid] = eq;
         __syncthreads();
         if (tid == 0) {
             int acc = 0;
             for (int t = 0; t < bd; ++t) {
-                int c = s_cnt[t];
-                s_cnt[t] = acc;
+                int c = sh.cnt[t];
+                sh.cnt[t] = acc;
                 acc += c;
             }
         }
         __syncthreads();
-        int rank = s_cnt[tid];
+        int rank = sh.cnt[tid];
         int gt = k - remaining;
         for (i64 i = lo; i < hi && rank < remaining; ++i) {
-            if (total_key(sr[i]) == prefix) {
-                sel[gt + rank] = rank_code(sr[i], (u32)i);
+            if (src.key(i) == prefix) {
+                sel[gt + rank] = src.code(i);
                 ++rank;
             }
         }
@@ -215,7 +214,20 @@ extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* scores
             __syncthreads();
         }
     }
-    for (int t = tid; t < k; t += bd) {
+}
+
+// The visible entries n of row r, or −1 for a row the checks rejected.
+__device__ __forceinline__ i64 topk_visible(const int* slots, const int* pos, i64 r, int num_slots, i64 ratio, i64 cap) {
+    int s = slots[r], p = pos[r];
+    if (s < 0 || s >= num_slots || p < 0) return -1;
+    i64 n = ((i64)p + 1) / ratio;
+    return n < cap ? n : cap;
+}
+
+// Row r's indices and scores from the sorted codes sel[0..m), padded with −1 and −∞.
+__device__ __forceinline__ void topk_write(const u64* sel, int m, int k, const float* sr, i64 r, int* out_idx,
+                                           float* out_score) {
+    for (int t = threadIdx.x; t < k; t += blockDim.x) {
         if (t < m) {
             u32 idx = 0xFFFFFFFFu - (u32)(sel[t] & 0xFFFFFFFFull);
             out_idx[r * k + t] = (int)idx;
@@ -225,4 +237,68 @@ extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* scores
             out_score[r * k + t] = __uint_as_float(0xff800000u);
         }
     }
+}
+
+// One block (1024 threads) per row r = r0 + blockIdx.x: the top min(k, n) of the row's scores.
+// Dynamic shared memory: P u64 with P = the power of two ≥ min(k, cap) (host-sized).
+extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* scores, const int* slots, const int* pos, i64 r0, i64 cap,
+                                     i64 ratio, int num_slots, int k, int* out_idx, float* out_score,
+                                     const i64* err) {
+    extern __shared__ u64 sel[];
+    __shared__ TopkShared sh;
+    if (err[0] != 0) return;
+    i64 rl = blockIdx.x, r = r0 + rl;
+    i64 n = topk_visible(slots, pos, r, num_slots, ratio, cap);
+    if (n < 0) return;
+    const float* sr = scores + rl * cap;
+    int m = (i64)k < n ? k : (int)n;
+    int P = 1;
+    while (P < m) P <<= 1;
+    TopkSrc src = {sr, nullptr, 0};
+    topk_select_sort(src, n, k, m, P, sel, sh);
+    topk_write(sel, m, k, sr, r, out_idx, out_score);
+}
+
+// Long rows, stage 1: block (row, segment) writes the sorted top min(k, len) codes of its `seg`
+// scores to cand[(row·segments + segment)·k ..], padded with 0. Same shared memory as topk_rows.
+extern "C" __global__ void __launch_bounds__(1024) topk_partial(const float* scores, const int* slots, const int* pos, i64 r0,
+                                        i64 cap, i64 ratio, int num_slots, int k, i64 seg, u64* cand,
+                                        const i64* err) {
+    extern __shared__ u64 sel[];
+    __shared__ TopkShared sh;
+    if (err[0] != 0) return;
+    i64 rl = blockIdx.x, r = r0 + rl;
+    i64 n = topk_visible(slots, pos, r, num_slots, ratio, cap);
+    if (n < 0) return;
+    i64 lo = (i64)blockIdx.y * seg, len = n - lo < seg ? n - lo : seg;
+    u64* out = cand + ((i64)rl * gridDim.y + blockIdx.y) * k;
+    if (len <= 0) {
+        for (int t = threadIdx.x; t < k; t += blockDim.x) out[t] = 0;
+        return;
+    }
+    int m = (i64)k < len ? k : (int)len;
+    int P = 1;
+    while (P < m) P <<= 1;
+    TopkSrc src = {scores + rl * cap + lo, nullptr, lo};
+    topk_select_sort(src, len, k, m, P, sel, sh);
+    for (int t = threadIdx.x; t < k; t += blockDim.x) out[t] = t < m ? sel[t] : 0;
+}
+
+// Long rows, stage 2: the top min(k, n) of the row's segments·k candidates (the segments' top-k
+// contain the row's; equal scores stay in index order: segments in order, each sorted).
+extern "C" __global__ void __launch_bounds__(1024) topk_merge(const float* scores, const u64* cand, int segments,
+                                      const int* slots, const int* pos, i64 r0, i64 cap, i64 ratio,
+                                      int num_slots, int k, int* out_idx, float* out_score, const i64* err) {
+    extern __shared__ u64 sel[];
+    __shared__ TopkShared sh;
+    if (err[0] != 0) return;
+    i64 rl = blockIdx.x, r = r0 + rl;
+    i64 n = topk_visible(slots, pos, r, num_slots, ratio, cap);
+    if (n < 0) return;
+    int m = (i64)k < n ? k : (int)n;
+    int P = 1;
+    while (P < m) P <<= 1;
+    TopkSrc src = {nullptr, cand + (i64)rl * segments * k, 0};
+    topk_select_sort(src, (i64)segments * k, m, m, P, sel, sh);
+    topk_write(sel, m, k, scores + rl * cap, r, out_idx, out_score);
 }

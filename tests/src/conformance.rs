@@ -822,6 +822,11 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
             out.push(Case::new(idx(&p, 1, 2), "edge: prefill 0..12, top-k 2 across the 4-block boundaries", s(2)).plan(p));
             let p = RowPlan::runs(&[(1, 60, 4), (0, 20, 1)]);
             out.push(Case::new(idx(&p, 2, 64), "edge: top-k 64 > capacity 16", s(3)).plan(p));
+            // Rows of many entries (CUDA's two-stage top-k: segments of 8192, then their candidates),
+            // with the e2m1-grid ties crossing segment boundaries.
+            let p = RowPlan::decode(&[19_999, 16_383, 8_191]);
+            let op = IndexerTopK { rows: 3, heads: 4, head_dim: 32, slots: 3, capacity: 20_000, ratio: 1, topk: 64, weight_scale: 0.088 };
+            out.push(Case::new(Op::IndexerTopK(op), "long rows: 20000 entries, top-64", s(6)).plan(p));
             // 64 heads (CUDA's reduce-scatter scores) with the other key widths it takes.
             for (j, head_dim) in [64usize, 256].into_iter().enumerate() {
                 let p = RowPlan::runs(&[(0, 0, 40), (1, 90, 3)]);

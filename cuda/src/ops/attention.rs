@@ -138,7 +138,7 @@ pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], out
             Arg::P(dev.err_ptr),
         ];
         let pairs = u32::try_from(pairs).map_err(|_| Error::invalid(name, "rows × heads exceeds 2^32"))?;
-        launch(dev, FAMILY, "sparse_attn_combine", (pairs, 1, 1), BLOCK, 0, &args)?;
+        launch(dev, FAMILY, "sparse_attn_combine", (pairs, 1, 1), BLOCK, smem(splits * 8), &args)?;
     }
     drop(parts);
     Ok(())

@@ -9,8 +9,15 @@ use crate::device::Dev;
 const FAMILY: &str = "hc";
 /// Threads per block of the mixing partial sums (one warp per mixing logit at a time).
 const MIX_BLOCK: u32 = 256;
-/// Threads per row of the finishing kernels (Sinkhorn: one thread per mixing-matrix element).
-const FINISH_BLOCK: u32 = 32;
+/// Threads per row of the finishing kernels: a warp per split sum, then (Sinkhorn) a thread per
+/// mixing-matrix element.
+const FINISH_BLOCK: u32 = 256;
+
+/// Dynamic shared memory of a finishing kernel: `floats` f32 (padded to 8 bytes) then the
+/// `doubles` f64 split sums.
+fn finish_smem(floats: usize, doubles: usize) -> u32 {
+    smem(floats.next_multiple_of(2) * 4 + doubles * 8)
+}
 /// Fewest columns a split of the mixing sums takes.
 const MIN_SPLIT_COLS: usize = 128;
 
@@ -61,7 +68,7 @@ pub(crate) fn hc_pre(dev: &Dev, op: &HcPre, ins: &[u64], outs: &[u64]) -> Result
         Arg::P(outs[1]),
         Arg::P(outs[2]),
     ];
-    launch(dev, FAMILY, "hc_pre_finish", (rows as u32, 1, 1), FINISH_BLOCK, smem((nm + 2 * m * m) * 4), &args)?;
+    launch(dev, FAMILY, "hc_pre_finish", (rows as u32, 1, 1), FINISH_BLOCK, finish_smem(nm + 2 * m * m, nm + 1), &args)?;
     merge(dev, name, ins[0], dev.ptr(&pre), rows, m, d, outs[0])
 }
 
@@ -104,6 +111,6 @@ pub(crate) fn hc_head(dev: &Dev, op: &HcHead, ins: &[u64], outs: &[u64]) -> Resu
         Arg::F(op.norm_eps),
         Arg::P(dev.ptr(&p)),
     ];
-    launch(dev, FAMILY, "hc_head_finish", (rows as u32, 1, 1), FINISH_BLOCK, smem(m * 4), &args)?;
+    launch(dev, FAMILY, "hc_head_finish", (rows as u32, 1, 1), FINISH_BLOCK, finish_smem(m, m + 1), &args)?;
     merge(dev, name, ins[0], dev.ptr(&p), rows, m, d, outs[0])
 }

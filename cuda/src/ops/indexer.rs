@@ -15,8 +15,12 @@ pub(crate) fn smem_for(x: &IndexerTopK) -> usize {
     x.topk.min(x.capacity).max(1).next_power_of_two() * 8
 }
 
+/// Scores per block in the first stage of the top-k of long rows (at least 8·k); rows of at
+/// least two segments take the two-stage path (`topk_partial` + `topk_merge`).
+const TOPK_SEGMENT: usize = 8192;
+
 /// Static shared memory of `topk_rows` (histograms and counters), on top of [`smem_for`].
-pub(crate) const TOPK_STATIC_SMEM: usize = (256 + 32 * 256 + 1024 + 4) * 4;
+pub(crate) const TOPK_STATIC_SMEM: usize = (256 + 32 * 256 + 1024 + 4) * 4 + 16;
 
 /// [`IndexerTopK`]: checks on the device, then per chunk of rows the scores of every visible
 /// entry into a scratch `[rows, capacity]` and the per-row top-k.
@@ -63,20 +67,47 @@ pub(crate) fn indexer_topk(dev: &Dev, op: &IndexerTopK, ins: &[u64], outs: &[u64
             let kernel = if fast { "index_scores_h64" } else { "index_scores" };
             launch(dev, FAMILY, kernel, (grid_for(warps * 32, BLOCK), 1, 1), BLOCK, 0, &args)?;
         }
-        let args = [
-            Arg::P(sp),
-            Arg::P(slots),
-            Arg::P(positions),
-            l(r0),
-            l(cap),
-            l(op.ratio),
-            ns,
-            k_arg,
-            Arg::P(outs[0]),
-            Arg::P(outs[1]),
-            Arg::P(dev.err_ptr),
-        ];
-        launch(dev, FAMILY, "topk_rows", (nrows as u32, 1, 1), 1024, smem(smem_for(op)), &args)?;
+        let seg = TOPK_SEGMENT.max(8 * k);
+        if cap >= 2 * seg {
+            // Long rows: the top-k of each segment in parallel, then of their candidates.
+            let segments = cap.div_ceil(seg);
+            let cand = dev.scratch(nrows * segments * k * 8)?;
+            let cp = dev.ptr(&cand);
+            let args =
+                [Arg::P(sp), Arg::P(slots), Arg::P(positions), l(r0), l(cap), l(op.ratio), ns, k_arg, l(seg), Arg::P(cp), Arg::P(dev.err_ptr)];
+            launch(dev, FAMILY, "topk_partial", (nrows as u32, segments as u32, 1), 1024, smem(smem_for(op)), &args)?;
+            let args = [
+                Arg::P(sp),
+                Arg::P(cp),
+                i(name, "segments", segments)?,
+                Arg::P(slots),
+                Arg::P(positions),
+                l(r0),
+                l(cap),
+                l(op.ratio),
+                ns,
+                k_arg,
+                Arg::P(outs[0]),
+                Arg::P(outs[1]),
+                Arg::P(dev.err_ptr),
+            ];
+            launch(dev, FAMILY, "topk_merge", (nrows as u32, 1, 1), 1024, smem(smem_for(op)), &args)?;
+        } else {
+            let args = [
+                Arg::P(sp),
+                Arg::P(slots),
+                Arg::P(positions),
+                l(r0),
+                l(cap),
+                l(op.ratio),
+                ns,
+                k_arg,
+                Arg::P(outs[0]),
+                Arg::P(outs[1]),
+                Arg::P(dev.err_ptr),
+            ];
+            launch(dev, FAMILY, "topk_rows", (nrows as u32, 1, 1), 1024, smem(smem_for(op)), &args)?;
+        }
         r0 += nrows;
     }
     Ok(())
