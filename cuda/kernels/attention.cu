@@ -58,13 +58,97 @@ __device__ __forceinline__ float attn_logit(const float* q, const float* k, i64 
     return warp_sum_f(acc) * scale;
 }
 
+// One warp, one head: an online softmax over keys [k0, k1) — running max m, with den and the
+// weighted sum rescaled by e^{m_old − m} when it grows — then either the output (one split:
+// o = acc / (den + e^{sink−m}), zeros without keys) or the split's (m, den, acc) partials.
+// Logits in f32 (attn_logit), weights and sums in f64. DPL > 0: d = 32·DPL with q and the sums in
+// registers; DPL = 0: any d, q in `qs` and the sums in `aw` (shared memory, d each).
+template <int DPL>
+__device__ __forceinline__ void attn_head(const AttnRow& a, int k0, int k1, int nkeys, const float* qg, float scale,
+                                          float* qs, double* aw, float sink_h, int splits, i64 b, float* pm,
+                                          double* pden, double* pacc, float* og) {
+    int lane = threadIdx.x & 31;
+    i64 d = a.d;
+    float qr[DPL > 0 ? DPL : 1];
+    double acc[DPL > 0 ? DPL : 1];
+    if (DPL > 0) {
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) {
+            qr[i] = qg[lane + 32 * i];
+            acc[i] = 0.0;
+        }
+    } else {
+        for (i64 c = lane; c < d; c += 32) {
+            qs[c] = qg[c];
+            aw[c] = 0.0;
+        }
+        __syncwarp();
+    }
+    float m = __uint_as_float(0xff800000u);
+    double den = 0.0;
+    for (int kk = k0; kk < k1; ++kk) {
+        const float* kp = attn_key(a, kk);
+        if (!kp) continue;
+        float l;
+        if (DPL > 0) {
+            float t = 0.0f;
+#pragma unroll
+            for (int i = 0; i < DPL; ++i) t = fmaf(qr[i], kp[lane + 32 * i], t);
+            l = warp_sum_f(t) * scale;
+        } else {
+            l = attn_logit(qs, kp, d, scale);
+        }
+        if (l > m) {
+            double f = exp((double)(m - l));  // 0 for the first key (m = −∞)
+            den *= f;
+            if (DPL > 0) {
+#pragma unroll
+                for (int i = 0; i < DPL; ++i) acc[i] *= f;
+            } else {
+                for (i64 c = lane; c < d; c += 32) aw[c] *= f;
+            }
+            m = l;
+        }
+        double pe = exp((double)(l - m));
+        den += pe;
+        if (DPL > 0) {
+#pragma unroll
+            for (int i = 0; i < DPL; ++i) acc[i] += pe * (double)kp[lane + 32 * i];
+        } else {
+            for (i64 c = lane; c < d; c += 32) aw[c] += pe * (double)kp[c];
+        }
+    }
+    if (splits > 1) {
+        if (lane == 0) {
+            pm[b] = m;
+            pden[b] = den;
+        }
+        if (DPL > 0) {
+#pragma unroll
+            for (int i = 0; i < DPL; ++i) pacc[b * d + lane + 32 * i] = acc[i];
+        } else {
+            for (i64 c = lane; c < d; c += 32) pacc[b * d + c] = aw[c];
+        }
+        return;
+    }
+    if (nkeys == 0) {
+        for (i64 c = lane; c < d; c += 32) og[c] = 0.0f;
+        return;
+    }
+    den += exp((double)(sink_h - m));
+    if (DPL > 0) {
+#pragma unroll
+        for (int i = 0; i < DPL; ++i) og[lane + 32 * i] = (float)(acc[i] / den);
+    } else {
+        for (i64 c = lane; c < d; c += 32) og[c] = (float)(aw[c] / den);
+    }
+}
+
 // Grid: (row, group of `hg` heads) × key splits; warp w of a block is head group·hg + w, so the
 // block's warps walk the same keys (read once from L2 per block, then from L1) — the keys are
-// shared by all heads. Each warp takes a contiguous share of the row's keys: pass 1, m = max
-// logit; pass 2, Σ e^{ℓ−m} and Σ e^{ℓ−m}·k in f64 (its accumulator row in shared memory). With one
-// split, o = acc / (den + e^{sink−m}); with several, the warp writes (m, den, acc) to pm / pden /
-// pacc and sparse_attn_combine rescales them to the common max.
-// Dynamic shared memory: hg·d floats (q) + hg·d doubles (accumulators).
+// shared by all heads. Each warp takes a contiguous share of the row's keys (attn_head); with
+// several splits sparse_attn_combine rescales the partials to the common max.
+// Dynamic shared memory (d not 128, 256 or 512 only): hg·d doubles (sums) + hg·d floats (q).
 extern "C" __global__ void sparse_attn(const float* q, const float* kv, const float* ring, const float* sink,
                                        const int* slots, const int* pos, const float* comp, const int* idx,
                                        i64 heads, i64 d, int num_slots, i64 window, int mode, i64 ratio, i64 cap,
@@ -72,7 +156,7 @@ extern "C" __global__ void sparse_attn(const float* q, const float* kv, const fl
                                        double* pden, double* pacc) {
     extern __shared__ double shd[];
     if (err[0] != 0) return;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, hg = blockDim.x >> 5;
+    int warp = threadIdx.x >> 5, hg = blockDim.x >> 5;
     i64 groups = (heads + hg - 1) / hg;
     i64 r = blockIdx.x / groups, h = (blockIdx.x % groups) * hg + warp;
     AttnRow a;
@@ -93,47 +177,17 @@ extern "C" __global__ void sparse_attn(const float* q, const float* kv, const fl
     int nkeys = a.nwin + ncomp;
     int per = (nkeys + splits - 1) / splits;
     int k0 = blockIdx.y * per, k1 = k0 + per < nkeys ? k0 + per : nkeys;
-
-    double* aw = shd + (i64)warp * d;                        // [hg][d]
-    float* qs = (float*)(shd + (i64)hg * d) + (i64)warp * d;  // [hg][d]
     const float* qg = q + (r * heads + h) * d;
-    for (i64 c = lane; c < d; c += 32) {
-        qs[c] = qg[c];
-        aw[c] = 0.0;
-    }
-    __syncwarp();
-
-    float m = __uint_as_float(0xff800000u);
-    for (int kk = k0; kk < k1; ++kk) {
-        const float* kp = attn_key(a, kk);
-        if (!kp) continue;
-        m = fmaxf(m, attn_logit(qs, kp, d, scale));
-    }
-    double den = 0.0;
-    for (int kk = k0; kk < k1; ++kk) {
-        const float* kp = attn_key(a, kk);
-        if (!kp) continue;
-        float l = attn_logit(qs, kp, d, scale);
-        double pe = exp((double)(l - m));
-        den += pe;
-        for (i64 c = lane; c < d; c += 32) aw[c] += pe * (double)kp[c];
-    }
-    if (splits > 1) {
-        i64 b = (r * heads + h) * splits + blockIdx.y;
-        if (lane == 0) {
-            pm[b] = m;
-            pden[b] = den;
-        }
-        for (i64 c = lane; c < d; c += 32) pacc[b * d + c] = aw[c];
-        return;
-    }
+    i64 b = (r * heads + h) * splits + blockIdx.y;
     float* og = out + (r * heads + h) * d;
-    if (nkeys == 0) {
-        for (i64 c = lane; c < d; c += 32) og[c] = 0.0f;
-        return;
+    double* aw = shd + (i64)warp * d;
+    float* qs = (float*)(shd + (i64)hg * d) + (i64)warp * d;
+    switch (d) {
+        case 128: attn_head<4>(a, k0, k1, nkeys, qg, scale, qs, aw, sink[h], splits, b, pm, pden, pacc, og); break;
+        case 256: attn_head<8>(a, k0, k1, nkeys, qg, scale, qs, aw, sink[h], splits, b, pm, pden, pacc, og); break;
+        case 512: attn_head<16>(a, k0, k1, nkeys, qg, scale, qs, aw, sink[h], splits, b, pm, pden, pacc, og); break;
+        default: attn_head<0>(a, k0, k1, nkeys, qg, scale, qs, aw, sink[h], splits, b, pm, pden, pacc, og); break;
     }
-    den += exp((double)(sink[h] - m));
-    for (i64 c = lane; c < d; c += 32) og[c] = (float)(aw[c] / den);
 }
 
 // One block per (row, head): o = Σ_s e^{m_s−M}·acc_s / (Σ_s e^{m_s−M}·den_s + e^{sink−M}) over the

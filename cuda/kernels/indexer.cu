@@ -30,69 +30,61 @@ extern "C" __global__ void index_scores(const float* q, const float* w, const fl
     }
 }
 
-// index_scores for 64 heads and d = 32·DW: one warp per (row, key); lane l holds the key's values
-// l, l + 32, … and forms its partial dot with every head in f32 FMA; a reduce-scatter across the
-// warp (31 exchanges per 32 heads instead of a 31-step sum per head) leaves lane l with the dots
-// of heads l and l + 32; the weighted head sum is a warp sum in f64, rounded once. The dots are
-// f32, not index_scores' f64 (whose conversions run at 1/8 the f32 rate and dominate at 10^5
-// keys): within ~1e-6 of it, far inside the op's near-tie tolerance.
-template <int DW>
-__device__ __forceinline__ void index_scores_h64_impl(const float* q, const float* w, const float* keys, const int* slots,
-                                                      const int* pos, i64 r0, i64 nrows, i64 d, int num_slots, i64 cap,
-                                                      i64 ratio, float ws, float* scores) {
-    int lane = threadIdx.x & 31;
-    i64 warps = nrows * cap;
-    i64 stride = ((i64)gridDim.x * blockDim.x) >> 5;
-    for (i64 g = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; g < warps; g += stride) {
-        i64 rl = g / cap, j = g % cap, r = r0 + rl;
-        int s = slots[r], p = pos[r];
-        if (s < 0 || s >= num_slots || p < 0) continue;
-        i64 n = ((i64)p + 1) / ratio;
-        if (j >= n || j >= cap) continue;
-        const float* k = keys + ((i64)s * cap + j) * d;
-        const float* qr = q + r * 64 * d;
-        float kv[DW];
-#pragma unroll
-        for (int c = 0; c < DW; ++c) kv[c] = k[lane + 32 * c];
-        double total = 0.0;
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            float v[32];
-#pragma unroll
-            for (int h = 0; h < 32; ++h) {
-                const float* qh = qr + (i64)(half * 32 + h) * d + lane;
-                float a = 0.0f;
-#pragma unroll
-                for (int c = 0; c < DW; ++c) a = fmaf(qh[32 * c], kv[c], a);
-                v[h] = a;
-            }
-#pragma unroll
-            for (int st = 16; st >= 1; st >>= 1) {
-                bool upper = (lane & st) != 0;
-#pragma unroll
-                for (int i = 0; i < st; ++i) {
-                    float give = upper ? v[i] : v[i + st];
-                    float keep = upper ? v[i + st] : v[i];
-                    v[i] = keep + __shfl_xor_sync(FULL_MASK, give, st);
-                }
-            }
-            float dot = fmaxf(v[0], 0.0f);
-            total += (double)(w[r * 64 + half * 32 + lane] * ws) * (double)dot;
-        }
-        total = warp_sum_d(total);
-        if (lane == 0) scores[rl * cap + j] = (float)total;
-    }
-}
-
-extern "C" __global__ void index_scores_h64(const float* q, const float* w, const float* keys, const int* slots,
-                                            const int* pos, i64 r0, i64 nrows, i64 heads, i64 d, int num_slots,
-                                            i64 cap, i64 ratio, float ws, float* scores, const i64* err) {
+// index_scores with one thread per (row, key), for up to 64 heads and d % 4 == 0: the thread
+// forms the key's dots with every head at once in f32 FMA, reading q from shared memory
+// transposed to [d][64] (a float4 gives four heads, the same address for the whole warp, so no
+// bank conflicts and no cross-lane sums), then Σ_h (w·ws)·max(0, dot_h) in f64 in head order,
+// rounded once. The dots are f32, not index_scores' f64: f64 conversions run at 1/8 the f32 FMA
+// rate and dominate at 10^5 keys; the f32 dot is within ~1e-6 of the f64 one, far inside the
+// op's near-tie tolerance. Grid (key blocks, rows); dynamic shared memory d·64 floats.
+extern "C" __global__ void __launch_bounds__(256)
+    index_scores_t(const float* q, const float* w, const float* keys, const int* slots, const int* pos, i64 r0,
+                   i64 nrows, i64 heads, i64 d, int num_slots, i64 cap, i64 ratio, float ws, float* scores,
+                   const i64* err) {
+    extern __shared__ float qt[];
     if (err[0] != 0) return;
-    switch (d) {
-        case 64: index_scores_h64_impl<2>(q, w, keys, slots, pos, r0, nrows, d, num_slots, cap, ratio, ws, scores); break;
-        case 128: index_scores_h64_impl<4>(q, w, keys, slots, pos, r0, nrows, d, num_slots, cap, ratio, ws, scores); break;
-        default: index_scores_h64_impl<8>(q, w, keys, slots, pos, r0, nrows, d, num_slots, cap, ratio, ws, scores); break;
+    i64 rl = blockIdx.y, r = r0 + rl;
+    int s = slots[r], p = pos[r];
+    if (s < 0 || s >= num_slots || p < 0) return;
+    i64 n = ((i64)p + 1) / ratio;
+    if (n > cap) n = cap;
+    i64 j0 = (i64)blockIdx.x * blockDim.x;
+    if (j0 >= n) return;
+    const float* qr = q + r * heads * d;
+    for (i64 e = threadIdx.x; e < d * 64; e += blockDim.x) {
+        i64 c = e >> 6;
+        int h = (int)(e & 63);
+        qt[e] = h < heads ? qr[h * d + c] : 0.0f;
     }
+    __syncthreads();
+    i64 j = j0 + threadIdx.x;
+    if (j >= n) return;
+    const float4* k4 = (const float4*)(keys + ((i64)s * cap + j) * d);
+    float acc[64];
+#pragma unroll
+    for (int h = 0; h < 64; ++h) acc[h] = 0.0f;
+    for (i64 c4 = 0; c4 < d / 4; ++c4) {
+        float4 kv = k4[c4];
+        float kc[4] = {kv.x, kv.y, kv.z, kv.w};
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+            const float4* qrow = (const float4*)(qt + (c4 * 4 + cc) * 64);
+#pragma unroll
+            for (int h4 = 0; h4 < 16; ++h4) {
+                float4 qv = qrow[h4];
+                acc[4 * h4] = fmaf(qv.x, kc[cc], acc[4 * h4]);
+                acc[4 * h4 + 1] = fmaf(qv.y, kc[cc], acc[4 * h4 + 1]);
+                acc[4 * h4 + 2] = fmaf(qv.z, kc[cc], acc[4 * h4 + 2]);
+                acc[4 * h4 + 3] = fmaf(qv.w, kc[cc], acc[4 * h4 + 3]);
+            }
+        }
+    }
+    const float* wr = w + r * heads;
+    double total = 0.0;
+#pragma unroll
+    for (int h = 0; h < 64; ++h)
+        if (h < heads) total += (double)(wr[h] * ws) * (double)fmaxf(acc[h], 0.0f);
+    scores[rl * cap + j] = (float)total;
 }
 
 // ---- top-k ------------------------------------------------------------------------------------

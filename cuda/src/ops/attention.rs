@@ -78,7 +78,8 @@ pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], out
     while hg > 1 && smem_for(d, hg) > dev.smem_optin {
         hg -= 1;
     }
-    let shared = smem_for(d, hg);
+    // d = 128, 256, 512 keep q and the sums in registers (no shared memory).
+    let shared = if matches!(d, 128 | 256 | 512) { 0 } else { smem_for(d, hg) };
     let args = [
         Arg::P(ins[0]),
         Arg::P(ins[1]),

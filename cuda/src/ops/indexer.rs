@@ -15,6 +15,13 @@ pub(crate) fn smem_for(x: &IndexerTopK) -> usize {
     x.topk.min(x.capacity).max(1).next_power_of_two() * 8
 }
 
+/// Whether `index_scores_t` (a thread per key, all heads at once; V4: 64 heads of 128) takes the
+/// scores: at most 64 heads, key rows of whole float4s, q (transposed) in shared memory.
+#[allow(clippy::manual_is_multiple_of)] // `%`: the workspace MSRV is 1.80
+fn scores_by_key(dev: &Dev, op: &IndexerTopK) -> bool {
+    op.heads <= 64 && op.head_dim % 4 == 0 && op.head_dim > 0 && op.head_dim * 64 * 4 <= dev.smem_optin
+}
+
 /// Scores per block in the first stage of the top-k of long rows (at least 8·k); rows of at
 /// least two segments take the two-stage path (`topk_partial` + `topk_merge`).
 const TOPK_SEGMENT: usize = 8192;
@@ -62,10 +69,12 @@ pub(crate) fn indexer_topk(dev: &Dev, op: &IndexerTopK, ins: &[u64], outs: &[u64
             Arg::P(dev.err_ptr),
         ];
         if warps > 0 {
-            // The reduce-scatter kernel where its shape fits (V4: 64 heads of 128).
-            let fast = op.heads == 64 && matches!(op.head_dim, 64 | 128 | 256);
-            let kernel = if fast { "index_scores_h64" } else { "index_scores" };
-            launch(dev, FAMILY, kernel, (grid_for(warps * 32, BLOCK), 1, 1), BLOCK, 0, &args)?;
+            if scores_by_key(dev, op) {
+                let grid = (cap.div_ceil(BLOCK as usize) as u32, nrows as u32, 1);
+                launch(dev, FAMILY, "index_scores_t", grid, BLOCK, smem(op.head_dim * 64 * 4), &args)?;
+            } else {
+                launch(dev, FAMILY, "index_scores", (grid_for(warps * 32, BLOCK), 1, 1), BLOCK, 0, &args)?;
+            }
         }
         let seg = TOPK_SEGMENT.max(8 * k);
         if cap >= 2 * seg {
