@@ -322,7 +322,9 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         }
     };
 
-    let mut cache = model.new_cache(b, a.fill + prefill + a.decode + a.profile + 1)?;
+    // With --profile: a.profile more decode steps and one more chunk timed block by block.
+    let extra = if a.profile > 0 { a.profile + a.chunk.max(1).min(prefill) } else { 0 };
+    let mut cache = model.new_cache(b, a.fill + prefill + a.decode + extra + 1)?;
     let slots: Vec<usize> = (0..b).map(|_| cache.alloc_slot(model.backend())).collect::<Result<_, _>>()?;
     if a.fill > 0 {
         let t = Instant::now();
@@ -451,6 +453,15 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         profiler.record(false);
         profile::print(&format!("decode, {} steps", a.profile), &profiler.report(), a.profile, copy);
         let n = chunk.min(prefill);
+        let at = cache.position(slots[0])?;
+        let chunks: Vec<Chunk> = slots.iter().zip(&prompts).map(|(&s, p)| Chunk { slot: s, tokens: &p[..n] }).collect();
+        let times = block_times(&model, &mut cache, &chunks)?;
+        print!("prefill by block, one chunk of {b} × {n} tokens at position {at} (synchronized per block):");
+        for (i, t) in times.iter().enumerate() {
+            print!(" {i}:{} {:.1} ms", cfg.layer_kind(i).label(), t * 1e3);
+        }
+        println!();
+        let n = chunk.min(prefill);
         let mut fresh = model.new_cache(b, n + 1)?;
         let fs: Vec<usize> = (0..b).map(|_| fresh.alloc_slot(model.backend())).collect::<Result<_, _>>()?;
         let chunks: Vec<Chunk> = fs.iter().zip(&prompts).map(|(&s, p)| Chunk { slot: s, tokens: &p[..n] }).collect();
@@ -473,6 +484,27 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         println!("weights: {} in checkpoint format (FP8/FP4 codes + e8m0 scales, bf16, f32)", gib(w));
     }
     Ok(())
+}
+
+/// Runs one forward call's blocks one at a time (no head), waiting for the device after each:
+/// each block's wall time, and the cache advanced as `Model::forward` would.
+fn block_times(model: &Model, cache: &mut model::cache::KvCache, chunks: &[Chunk]) -> anyhow::Result<Vec<f64>> {
+    let rows = model.rows(cache, chunks)?;
+    let be = model.backend();
+    let mut x = model.embed_streams(&rows)?;
+    be.synchronize()?;
+    let mut times = Vec::with_capacity(model.cfg.n_layers);
+    for layer in 0..model.cfg.n_layers {
+        let t = Instant::now();
+        let (next, _) = model.block(layer, model.layer_cache(cache, layer)?, &rows, &x, false)?;
+        be.synchronize()?;
+        times.push(t.elapsed().as_secs_f64());
+        x = next;
+    }
+    for c in chunks {
+        cache.advance(c.slot, c.tokens.len());
+    }
+    Ok(times)
 }
 
 #[cfg(test)]
