@@ -208,8 +208,11 @@ extern "C" __global__ void sparse_attn_combine(const float* sink, const int* slo
         for (i64 c = threadIdx.x; c < d; c += blockDim.x) og[c] = 0.0f;
         return;
     }
-    for (int j = threadIdx.x; j < splits; j += blockDim.x)
-        fac[j] = pden[rh * splits + j] != 0.0 ? exp((double)(m[j] - mx)) : 0.0;
+    // Padded to a multiple of 4 with zeros (the host allocates that much): the loops below may be
+    // compiled to vector loads of fac.
+    int padded = (splits + 3) & ~3;
+    for (int j = threadIdx.x; j < padded; j += blockDim.x)
+        fac[j] = j < splits && pden[rh * splits + j] != 0.0 ? exp((double)(m[j] - mx)) : 0.0;
     __syncthreads();
     double den = exp((double)(sink[h] - mx));
     for (int j = 0; j < splits; ++j) den += pden[rh * splits + j] * fac[j];

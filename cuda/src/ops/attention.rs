@@ -139,7 +139,7 @@ pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], out
             Arg::P(dev.err_ptr),
         ];
         let pairs = u32::try_from(pairs).map_err(|_| Error::invalid(name, "rows × heads exceeds 2^32"))?;
-        launch(dev, FAMILY, "sparse_attn_combine", (pairs, 1, 1), BLOCK, smem(splits * 8), &args)?;
+        launch(dev, FAMILY, "sparse_attn_combine", (pairs, 1, 1), BLOCK, smem(splits.next_multiple_of(4) * 8), &args)?;
     }
     drop(parts);
     Ok(())
