@@ -68,6 +68,30 @@ extern "C" __global__ void hc_pre_finish(const double* part, int splits, const f
         pre[r * m + i] = (float)sigmoid_d(scale[0] * mu[i] + base[i]) + hc_eps;
         post[r * m + i] = 2.0f * (float)sigmoid_d(scale[1] * mu[m + i] + base[m + i]);
     }
+    if (mm <= 32) {
+        // One warp, element e in lane e, row and column sums gathered by shuffles in index order
+        // (the same values as the shared-memory passes below, without a block barrier per pass).
+        if (threadIdx.x >= 32) return;
+        int e = threadIdx.x;
+        bool own = e < mm;
+        int j = own ? e / m : 0, k = own ? e % m : 0;
+        float v = own ? scale[2] * mu[2 * m + e] + base[2 * m + e] : 0.0f;
+        float mx = __uint_as_float(0xff800000u);
+        for (int q = 0; q < m; ++q) mx = fmaxf(mx, __shfl_sync(FULL_MASK, v, j * m + q));
+        double sum = 0.0;
+        for (int q = 0; q < m; ++q) sum += exp((double)(__shfl_sync(FULL_MASK, v, j * m + q) - mx));
+        v = (float)(exp((double)(v - mx)) / sum) + hc_eps;
+        for (int it = 0; it < iters || it == 0; ++it) {
+            for (int pass = it > 0 ? 0 : 1; pass < 2; ++pass) {
+                double sd = 0.0;
+                for (int q = 0; q < m; ++q) sd += (double)__shfl_sync(FULL_MASK, v, pass == 0 ? j * m + q : q * m + k);
+                float sf = (float)sd + hc_eps;
+                v = v / sf;
+            }
+        }
+        if (own) comb[r * mm + e] = v;
+        return;
+    }
     for (int e = threadIdx.x; e < mm; e += blockDim.x) c[e] = scale[2] * mu[2 * m + e] + base[2 * m + e];
     __syncthreads();
     // Row softmax + eps.

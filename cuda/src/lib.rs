@@ -16,17 +16,27 @@
 //! simulation, e4m3/e2m1 rounding, e8m0 scales read off the float bits) are bit-exact ports;
 //! RoPE uses θ = fl32(f32(pos)·ω) with cos/sin in f64 rounded to f32; the Hadamard runs the same
 //! f64 butterflies; top-k orders by `f32::total_cmp` descending, ties to the lower index. Sums
-//! that cpu-ref takes in f64 are taken in f64 here too (norms, mHC, gate, attention, compressor
-//! pooling, indexer scores), in a different order; the large matrix products (Linear,
-//! GroupedLinear, MoE experts) accumulate in f32 with FMA, like the FP8 GEMMs of the official
-//! reference. Kernels are compiled with `--fmad=false` so that no `a·b + c` is contracted where
-//! cpu-ref rounds the product.
+//! that cpu-ref takes in f64 are taken in f64 here too (norms, mHC, gate, compressor pooling,
+//! attention softmax weights and weighted sums, the indexer's head sum), in a different order —
+//! except two dot products that dominate long contexts, taken in f32 FMA: attention logits
+//! (q·k) and the indexer's per-head dots (a conversion to f64 runs at 1/8 the f32 FMA rate;
+//! the HAL's math does not fix their precision, and the result stays within ~1e-6 relative).
+//! The large matrix products (Linear, GroupedLinear, MoE experts) accumulate in f32, like the
+//! FP8 GEMMs of the official reference: with FMA on the CUDA cores (decode), or on bf16 tensor
+//! cores (`mma.sync`, from 16 rows) with operands that bf16 holds exactly — FP8/FP4 weights times
+//! their power-of-two scales, act_quant'ed inputs as one bf16 term, any other f32 input split
+//! into three bf16 terms that sum to it — so the products are exact and only the summation
+//! order differs. Kernels are compiled with `--fmad=false` so that no `a·b + c` is contracted
+//! where cpu-ref rounds the product.
 //!
 //! ## Speed
-//! Correctness first. The weight-streaming kernels are GEMV-shaped (one warp per output feature,
-//! 16-byte weight loads, several features per warp step for one row): decode-sized calls run near
-//! memory bandwidth, prefill-sized ones run on the CUDA cores without tensor cores. Attention and
-//! the indexer use one block per (row, head) / one warp per (row, entry) with f64 dots.
+//! Figures and what bounds them: `docs/performance.md`. Weight-streaming GEMV kernels for few
+//! rows (one warp per output feature, 16-byte weight loads, several features per warp step);
+//! tensor-core tiles (64 rows × 128 features, `common.cuh` `tc_tile`) for prefill. Attention:
+//! a block per (row, 8 heads) walking shared keys, with key splits and a combine step so that
+//! decode fills the device. Indexer: a thread per key with all heads; the top-k of long rows in
+//! two stages (segments, then their candidates). `V4RT_CUDA_TENSOR_CORES=0` turns the tensor-core
+//! tiles off (the CUDA-core kernels then take every size, for comparison).
 //!
 //! Weights stay in checkpoint format on the device (e4m3 + e8m0 128×128 block scales, packed e2m1
 //! + e8m0 1×32 scales, bf16) and are dequantized inside the kernels.
