@@ -827,13 +827,6 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
             let p = RowPlan::decode(&[19_999, 16_383, 8_191]);
             let op = IndexerTopK { rows: 3, heads: 4, head_dim: 32, slots: 3, capacity: 20_000, ratio: 1, topk: 64, weight_scale: 0.088 };
             out.push(Case::new(Op::IndexerTopK(op), "long rows: 20000 entries, top-64", s(6)).plan(p));
-            // 64 heads (CUDA's reduce-scatter scores) with the other key widths it takes.
-            for (j, head_dim) in [64usize, 256].into_iter().enumerate() {
-                let p = RowPlan::runs(&[(0, 0, 40), (1, 90, 3)]);
-                let ws = ((head_dim as f64).powf(-0.5) / 8.0) as f32;
-                let op = IndexerTopK { rows: p.rows(), heads: 64, head_dim, slots: 2, capacity: 32, ratio: 4, topk: 8, weight_scale: ws };
-                out.push(Case::new(Op::IndexerTopK(op), format!("64 heads × {head_dim}: prefill 0..40 and decode rows"), s(4 + j as u64)).plan(p));
-            }
             for (i, (name, c)) in reals.iter().enumerate() {
                 let cap = c.index_topk + 100;
                 let p = RowPlan::decode(&[4 * cap - 1, 4 * c.index_topk - 10]);
