@@ -208,6 +208,13 @@ __device__ void topk_select_sort(const TopkSrc& src, i64 n, int k, int m, int P,
     }
 }
 
+// The bitonic sort's size for m codes: the smallest power of two ≥ m.
+__device__ __forceinline__ int pow2_at_least(int m) {
+    int P = 1;
+    while (P < m) P <<= 1;
+    return P;
+}
+
 // The visible entries n of row r, or −1 for a row the checks rejected.
 __device__ __forceinline__ i64 topk_visible(const int* slots, const int* pos, i64 r, int num_slots, i64 ratio, i64 cap) {
     int s = slots[r], p = pos[r];
@@ -244,8 +251,7 @@ extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* scores
     if (n < 0) return;
     const float* sr = scores + rl * cap;
     int m = (i64)k < n ? k : (int)n;
-    int P = 1;
-    while (P < m) P <<= 1;
+    int P = pow2_at_least(m);
     TopkSrc src = {sr, nullptr, 0};
     topk_select_sort(src, n, k, m, P, sel, sh);
     topk_write(sel, m, k, sr, r, out_idx, out_score);
@@ -269,8 +275,7 @@ extern "C" __global__ void __launch_bounds__(1024) topk_partial(const float* sco
         return;
     }
     int m = (i64)k < len ? k : (int)len;
-    int P = 1;
-    while (P < m) P <<= 1;
+    int P = pow2_at_least(m);
     TopkSrc src = {scores + rl * cap + lo, nullptr, lo};
     topk_select_sort(src, len, k, m, P, sel, sh);
     for (int t = threadIdx.x; t < k; t += blockDim.x) out[t] = t < m ? sel[t] : 0;
@@ -288,8 +293,7 @@ extern "C" __global__ void __launch_bounds__(1024) topk_merge(const float* score
     i64 n = topk_visible(slots, pos, r, num_slots, ratio, cap);
     if (n < 0) return;
     int m = (i64)k < n ? k : (int)n;
-    int P = 1;
-    while (P < m) P <<= 1;
+    int P = pow2_at_least(m);
     TopkSrc src = {nullptr, cand + (i64)rl * segments * k, 0};
     topk_select_sort(src, (i64)segments * k, m, m, P, sel, sh);
     topk_write(sel, m, k, scores + rl * cap, r, out_idx, out_score);

@@ -77,44 +77,24 @@ pub(crate) fn indexer_topk(dev: &Dev, op: &IndexerTopK, ins: &[u64], outs: &[u64
             }
         }
         let seg = TOPK_SEGMENT.max(8 * k);
+        // The top-k kernels' row arguments: scores and what precedes them, the row convention,
+        // then what follows it.
+        let row_args = |head: &[Arg], tail: &[Arg]| -> Vec<Arg> {
+            let rows = [Arg::P(slots), Arg::P(positions), l(r0), l(cap), l(op.ratio), ns, k_arg];
+            head.iter().chain(&rows).chain(tail).copied().collect()
+        };
+        let outputs = [Arg::P(outs[0]), Arg::P(outs[1]), Arg::P(dev.err_ptr)];
         if cap >= 2 * seg {
             // Long rows: the top-k of each segment in parallel, then of their candidates.
             let segments = cap.div_ceil(seg);
             let cand = dev.scratch(nrows * segments * k * 8)?;
             let cp = dev.ptr(&cand);
-            let args =
-                [Arg::P(sp), Arg::P(slots), Arg::P(positions), l(r0), l(cap), l(op.ratio), ns, k_arg, l(seg), Arg::P(cp), Arg::P(dev.err_ptr)];
+            let args = row_args(&[Arg::P(sp)], &[l(seg), Arg::P(cp), Arg::P(dev.err_ptr)]);
             launch(dev, FAMILY, "topk_partial", (nrows as u32, segments as u32, 1), 1024, smem(smem_for(op)), &args)?;
-            let args = [
-                Arg::P(sp),
-                Arg::P(cp),
-                i(name, "segments", segments)?,
-                Arg::P(slots),
-                Arg::P(positions),
-                l(r0),
-                l(cap),
-                l(op.ratio),
-                ns,
-                k_arg,
-                Arg::P(outs[0]),
-                Arg::P(outs[1]),
-                Arg::P(dev.err_ptr),
-            ];
+            let args = row_args(&[Arg::P(sp), Arg::P(cp), i(name, "segments", segments)?], &outputs);
             launch(dev, FAMILY, "topk_merge", (nrows as u32, 1, 1), 1024, smem(smem_for(op)), &args)?;
         } else {
-            let args = [
-                Arg::P(sp),
-                Arg::P(slots),
-                Arg::P(positions),
-                l(r0),
-                l(cap),
-                l(op.ratio),
-                ns,
-                k_arg,
-                Arg::P(outs[0]),
-                Arg::P(outs[1]),
-                Arg::P(dev.err_ptr),
-            ];
+            let args = row_args(&[Arg::P(sp)], &outputs);
             launch(dev, FAMILY, "topk_rows", (nrows as u32, 1, 1), 1024, smem(smem_for(op)), &args)?;
         }
         r0 += nrows;

@@ -81,34 +81,8 @@ pub(crate) fn linear_fwd(
     if rows == 0 || n == 0 {
         return Ok(());
     }
-    if rows >= TC_MIN_ROWS
-        && tc_fits(dev, format, k)
-        && x_stride % 4 == 0
-        && (opg % TC_FEATURES == 0 || opg >= n)
-    {
-        let gx = n.div_ceil(TC_FEATURES) as u32;
-        let gy = rows.div_ceil(TC_ROWS).min(65_535) as u32;
-        let args = [
-            Arg::P(x),
-            l(x_stride),
-            Arg::P(w),
-            Arg::P(sc),
-            Arg::P(y),
-            l(y_stride),
-            l(rows),
-            l(k),
-            l(n),
-            l(opg.max(1)),
-            Arg::I(format_code(format)),
-            tc_split(quantized),
-        ];
-        return launch(dev, FAMILY, "linear_tc", (gx, gy, 1), BLOCK, 0, &args);
-    }
-    let per_pass = if rows == 1 { 1 } else { ROWS_PER_PASS };
-    let gy = rows.div_ceil(per_pass).min(65_535);
-    let gx = feature_blocks(dev, n, gy, if rows == 1 { FEATURES_PER_STEP } else { 1 }) as u32;
-    let gy = gy as u32;
-    let args = [
+    // The arguments both kernels share; each takes one more (its variant flag).
+    let mut args = vec![
         Arg::P(x),
         l(x_stride),
         Arg::P(w),
@@ -120,9 +94,23 @@ pub(crate) fn linear_fwd(
         l(n),
         l(opg.max(1)),
         Arg::I(format_code(format)),
-        // 16-byte vector loads: every weight row and x row (group) starts 16-byte aligned.
-        Arg::I((k % 32 == 0 && x_stride % 4 == 0) as i32),
     ];
+    if rows >= TC_MIN_ROWS
+        && tc_fits(dev, format, k)
+        && x_stride % 4 == 0
+        && (opg % TC_FEATURES == 0 || opg >= n)
+    {
+        let gx = n.div_ceil(TC_FEATURES) as u32;
+        let gy = rows.div_ceil(TC_ROWS).min(65_535) as u32;
+        args.push(tc_split(quantized));
+        return launch(dev, FAMILY, "linear_tc", (gx, gy, 1), BLOCK, 0, &args);
+    }
+    let per_pass = if rows == 1 { 1 } else { ROWS_PER_PASS };
+    let gy = rows.div_ceil(per_pass).min(65_535);
+    let gx = feature_blocks(dev, n, gy, if rows == 1 { FEATURES_PER_STEP } else { 1 }) as u32;
+    let gy = gy as u32;
+    // 16-byte vector loads: every weight row and x row (group) starts 16-byte aligned.
+    args.push(Arg::I((k % 32 == 0 && x_stride % 4 == 0) as i32));
     let kernel = if rows == 1 { "linear_fwd_r1" } else { "linear_fwd" };
     launch(dev, FAMILY, kernel, (gx, gy, 1), BLOCK, 0, &args)
 }
