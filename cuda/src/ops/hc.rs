@@ -39,7 +39,7 @@ fn mix_partials(dev: &Dev, op: &str, x: u64, fnw: u64, rows: usize, n: usize, nm
 }
 
 /// `u[r] = Σ_i p[r, i] · X[r, i]` over `rows` rows of `m` streams of width `d`.
-fn merge(dev: &Dev, op: &str, x: u64, p: u64, rows: usize, m: usize, d: usize, u: u64) -> Result<()> {
+fn merge(dev: &Dev, op: &str, (x, p, u): (u64, u64, u64), (rows, m, d): (usize, usize, usize)) -> Result<()> {
     let args = [Arg::P(x), Arg::P(p), l(rows), i(op, "mult", m)?, l(d), Arg::P(u)];
     launch(dev, FAMILY, "hc_merge", (grid_for(rows * d, BLOCK), 1, 1), BLOCK, 0, &args)
 }
@@ -69,7 +69,7 @@ pub(crate) fn hc_pre(dev: &Dev, op: &HcPre, ins: &[u64], outs: &[u64]) -> Result
         Arg::P(outs[2]),
     ];
     launch(dev, FAMILY, "hc_pre_finish", (rows as u32, 1, 1), FINISH_BLOCK, finish_smem(nm + 2 * m * m, nm + 1), &args)?;
-    merge(dev, name, ins[0], dev.ptr(&pre), rows, m, d, outs[0])
+    merge(dev, name, (ins[0], dev.ptr(&pre), outs[0]), (rows, m, d))
 }
 
 /// [`HcPost`]: elementwise, f64 sum per output.
@@ -112,5 +112,5 @@ pub(crate) fn hc_head(dev: &Dev, op: &HcHead, ins: &[u64], outs: &[u64]) -> Resu
         Arg::P(dev.ptr(&p)),
     ];
     launch(dev, FAMILY, "hc_head_finish", (rows as u32, 1, 1), FINISH_BLOCK, finish_smem(m, m + 1), &args)?;
-    merge(dev, name, ins[0], dev.ptr(&p), rows, m, d, outs[0])
+    merge(dev, name, (ins[0], dev.ptr(&p), outs[0]), (rows, m, d))
 }
