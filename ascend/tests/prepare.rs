@@ -280,11 +280,12 @@ fn model_load_prepares_every_lowp_weight() {
     let p = model.prepared();
     println!("prepared at load: {p:?}; {stats:?}");
     let c = &model.cfg;
-    // Per block: wq_a, wq_b, wkv, wo_b, 3 shared-expert linears, 3 routed-expert stacks,
-    // plus the indexer's wq_b in CSA layers; the MTP head adds e_proj and h_proj.
+    // Per block: wq_a, wq_b, wkv, wo_a (kept FP8: Ascend runs an FP8 GroupedLinear), wo_b,
+    // 3 shared-expert linears, 3 routed-expert stacks, plus the indexer's wq_b in CSA layers;
+    // the MTP head adds e_proj and h_proj.
     let blocks = c.n_layers + c.n_mtp_layers;
     let csa = (0..blocks).filter(|&i| c.layer_ratio(i) == 4).count();
-    let want = blocks * 10 + csa + 2 * c.n_mtp_layers;
+    let want = blocks * 11 + csa + 2 * c.n_mtp_layers;
     assert_eq!(p.converted, want, "{p:?}");
     assert_eq!((p.kept, stats.converted, stats.converted_bytes), (0, want as u64, p.bytes as u64));
     assert!(p.note.contains("no FP8/FP4 compute"), "{}", p.note);
