@@ -145,15 +145,8 @@ impl KvCache {
         }
         self.reset_slot(b, slot)?;
         const CHUNK: usize = 1 << 22;
-        let mut state = seed | 1;
-        let noise: Vec<f32> = (0..CHUNK)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect();
+        let mut rng = crate::synthetic::SplitMix64(seed);
+        let noise: Vec<f32> = (0..CHUNK).map(|_| (2.0 * rng.uniform() - 1.0) as f32).collect();
         let bytes = hal::dtype::f32_bytes(&noise);
         let slots = self.slots;
         let fill = |t: &mut Tensor| -> Result<()> {

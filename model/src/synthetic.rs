@@ -28,8 +28,8 @@ use crate::config::ModelConfig;
 use crate::error::LoadError;
 use crate::safetensors::{self, WriteTensor};
 
-/// splitmix64: tiny, fast, statistically fine for test weights.
-struct SplitMix64(u64);
+/// splitmix64: tiny, fast, statistically fine for test weights (and synthetic cache entries).
+pub(crate) struct SplitMix64(pub(crate) u64);
 
 impl SplitMix64 {
     fn next_u64(&mut self) -> u64 {
@@ -41,7 +41,7 @@ impl SplitMix64 {
     }
 
     /// Uniform in the open interval (0, 1), so `ln` is finite.
-    fn uniform(&mut self) -> f64 {
+    pub(crate) fn uniform(&mut self) -> f64 {
         ((self.next_u64() >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64)
     }
 
