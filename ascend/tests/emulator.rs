@@ -672,7 +672,7 @@ fn index_inputs_use_host_copies_only_while_they_are_current() {
     assert_eq!(be.index_reads().device, after.device, "a written tensor keeps its (patched) host copy");
 
     // 3. The same tensor overwritten by a device op (IndexerTopK's indices): read from the device.
-    let op = Op::IndexerTopK(hal::ops::IndexerTopK { rows: 2, heads: 1, head_dim: 1, slots: 1, capacity: 4, ratio: 1, topk: 2, weight_scale: 1.0 });
+    let op = Op::IndexerTopK(hal::ops::IndexerTopK { rows: 2, heads: 1, head_dim: 1, slots: 1, capacity: 4, ratio: 1, topk: 2, weight_scale: 1.0, cache_dtype: hal::DType::F32 });
     let q = be.upload(&[2, 1, 1], DType::F32, &f32_bytes(&[1.0, 1.0])).unwrap();
     let w = be.upload(&[2, 1], DType::F32, &f32_bytes(&[1.0, 1.0])).unwrap();
     // Key scores 0.5, 3, 1, 2: row 0 (sees 3) picks [1, 2], row 1 (sees 4) picks [1, 3].
@@ -688,4 +688,85 @@ fn index_inputs_use_host_copies_only_while_they_are_current() {
     assert_eq!(got, want);
     assert_eq!(hal::dtype::bytes_i32(&be.download(&ids).unwrap()), vec![1, 2, 1, 3]);
     assert_eq!(be.index_reads().device, device_reads + 1, "ids written by a device op must be read from the device");
+}
+
+/// Runs `op` with `cache_dtype` BF16 and again with F32 caches holding the same (bf16) values
+/// and bf16-rounded `kv` rows: every output must agree bit for bit (a bf16 cache output after
+/// rounding the f32 run's). The ops and caches see the same keys either way, so this pins the
+/// casts: where they round, and that they lose nothing else.
+fn bf16_cache_equals_rounded_f32_cache(be: &AscendBackend, op16: Op, ints: &[(&str, Vec<i32>)]) {
+    use hal::dtype::{bf16_to_f32, f32_to_bf16};
+    let mut op32 = op16.clone();
+    match &mut op32 {
+        Op::WindowStore(o) => o.cache_dtype = DType::F32,
+        Op::SparseAttention(o) => o.cache_dtype = DType::F32,
+        Op::Compressor(o) => o.cache_dtype = DType::F32,
+        Op::IndexerTopK(o) => o.cache_dtype = DType::F32,
+        other => panic!("{} has no KV cache", other.name()),
+    }
+    let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| bf16_to_f32(f32_to_bf16(x))).collect() };
+    let (s16, s32) = (op16.signature(), op32.signature());
+    let mut rng = Rng::new(0xb16);
+    let (mut d16, mut d32) = (Vec::new(), Vec::new());
+    let specs = s16.inputs.iter().zip(&s32.inputs).chain(s16.outputs.iter().zip(&s32.outputs).filter(|(s, _)| s.access == Access::ReadWrite));
+    for (a, b) in specs {
+        if let Some((_, v)) = ints.iter().find(|(n, _)| *n == a.name) {
+            d16.push(i32_bytes(v));
+            d32.push(i32_bytes(v));
+            continue;
+        }
+        let v = rng.f32s(a.shape.iter().product(), 1.0);
+        if a.dtype == DType::BF16 {
+            d16.push(v.iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect());
+            d32.push(f32_bytes(&round(&v)));
+        } else if a.name == "kv" && matches!(op16, Op::SparseAttention(_) | Op::WindowStore(_)) {
+            // Fresh keys: the bf16 run rounds them itself.
+            d16.push(f32_bytes(&v));
+            d32.push(f32_bytes(&round(&v)));
+        } else {
+            assert_eq!(b.dtype, a.dtype, "{}", a.name);
+            d16.push(f32_bytes(&v));
+            d32.push(f32_bytes(&v));
+        }
+    }
+    assert_eq!(be.supports(&op16), Support::Yes, "{op16:?}");
+    let got = run_on(be, &op16, &d16).unwrap_or_else(|e| panic!("{} with a bf16 cache: {e}", op16.name()));
+    let want = run_on(be, &op32, &d32).unwrap_or_else(|e| panic!("{} with an f32 cache: {e}", op32.name()));
+    for ((spec, g), w) in s16.outputs.iter().zip(&got).zip(&want) {
+        let w = if spec.dtype == DType::BF16 { round(w) } else { w.clone() };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(bits(g) == bits(&w), "{} ({:?}) output '{}' differs: {:?} vs {:?}", op16.name(), be.fused_kernel(&op16), spec.name, &g[..g.len().min(4)], &w[..w.len().min(4)]);
+    }
+}
+
+#[test]
+fn bf16_caches_equal_f32_caches_holding_bf16_values() {
+    use hal::ops::attention::CompressedKv;
+    use hal::ops::{Compressor, IndexerTopK, SparseAttention, WindowStore};
+    let be = backend();
+    let bf = DType::BF16;
+    let rows = [("slots", vec![0, 0, 1]), ("positions", vec![5, 6, 3])];
+    // Attention: head_dim 512 takes aclnnSparseFlashMla (the default fused policy), 40 the composition.
+    for head_dim in [512, 40] {
+        for compressed in [CompressedKv::None, CompressedKv::All { ratio: 2, capacity: 4 }, CompressedKv::Selected { ratio: 2, capacity: 4, topk: 2 }] {
+            let op = Op::SparseAttention(SparseAttention { rows: 3, heads: 2, head_dim, slots: 2, window: 4, compressed, softmax_scale: 0.05, cache_dtype: bf });
+            assert_eq!(be.fused_kernel(&op).is_some(), head_dim == 512, "{op:?}");
+            let mut ints = rows.to_vec();
+            ints.push(("indices", vec![0, 2, 1, -1, 0, 1]));
+            bf16_cache_equals_rounded_f32_cache(&be, op, &ints);
+        }
+    }
+    let op = Op::WindowStore(WindowStore { rows: 3, slots: 2, window: 4, dim: 8, cache_dtype: bf });
+    bf16_cache_equals_rounded_f32_cache(&be, op, &rows);
+    // A 5-row prefill longer than the window: only the last 4 rows are stored.
+    let op = Op::WindowStore(WindowStore { rows: 5, slots: 1, window: 4, dim: 8, cache_dtype: bf });
+    bf16_cache_equals_rounded_f32_cache(&be, op, &[("slots", vec![0; 5]), ("positions", vec![2, 3, 4, 5, 6])]);
+    let op = Op::IndexerTopK(IndexerTopK { rows: 2, heads: 2, head_dim: 16, slots: 2, capacity: 8, ratio: 2, topk: 3, weight_scale: 0.3, cache_dtype: bf });
+    assert!(be.fused_kernel(&op).is_some(), "the emulator exports aclnnLightningIndexer");
+    bf16_cache_equals_rounded_f32_cache(&be, op, &[("slots", vec![0, 1]), ("positions", vec![7, 4])]);
+    for (overlap, rotate, width, rope_dim) in [(false, false, 80, 16), (true, true, 64, 16)] {
+        let ratio = if overlap { 4 } else { 2 };
+        let op = Op::Compressor(Compressor { rows: 8, slots: 1, ratio, overlap, width, rope_dim, rotate, capacity: 4, norm_eps: 1e-6, cache_dtype: bf });
+        bf16_cache_equals_rounded_f32_cache(&be, op, &[("slots", vec![0; 8]), ("positions", (0..8).collect())]);
+    }
 }

@@ -1125,7 +1125,7 @@ fn child_entry() {
             let be = &fx.be;
             let ver = std::env::var("V4RT_EMU_CANN_VERSION").expect("V4RT_EMU_CANN_VERSION");
             assert!(be.info().device.contains(&format!("CANN {ver}")), "{}", be.info().device);
-            let indexer = Op::IndexerTopK(hal::ops::IndexerTopK { rows: 2, heads: 4, head_dim: 128, slots: 1, capacity: 8, ratio: 4, topk: 2, weight_scale: 1.0 });
+            let indexer = Op::IndexerTopK(hal::ops::IndexerTopK { rows: 2, heads: 4, head_dim: 128, slots: 1, capacity: 8, ratio: 4, topk: 2, weight_scale: 1.0, cache_dtype: hal::DType::F32 });
             let attention = Op::SparseAttention(hal::ops::SparseAttention {
                 rows: 2,
                 heads: 4,
@@ -1134,6 +1134,7 @@ fn child_entry() {
                 window: 4,
                 compressed: hal::ops::attention::CompressedKv::None,
                 softmax_scale: 1.0,
+                cache_dtype: hal::DType::F32,
             });
             let post = Op::HcPost(hal::ops::HcPost { rows: 2, mult: 4, dim: 8 });
             let got: Vec<&str> = [&indexer, &attention, &post].iter().filter_map(|op| be.fused_kernel(op)).collect();

@@ -137,3 +137,60 @@ fn new_ops_validate_their_documented_constraints() {
         nnop::aclDestroyIntArray(list);
     }
 }
+
+/// Runs a planned executor on a fresh stream and waits for it.
+unsafe fn run(ws: u64, ex: *mut c_void, launch: extern "C" fn(*mut c_void, u64, *mut c_void, *mut c_void) -> i32) {
+    let mut s = ptr::null_mut();
+    // SAFETY: valid out-pointer; the workspace is a live device allocation.
+    unsafe {
+        assert_eq!(acl::aclrtCreateStream(&mut s), 0);
+        let w = if ws > 0 { malloc(ws as usize) } else { ptr::null_mut() };
+        assert_eq!(launch(w, ws, ex, s), 0, "{}", recent());
+    }
+    assert_eq!(acl::aclrtSynchronizeStream(s), 0, "{}", recent());
+    assert_eq!(acl::aclrtDestroyStream(s), 0);
+}
+
+#[test]
+fn bf16_caches_cast_to_nearest_even_and_keep_their_dtype() {
+    init();
+    const H2D: u32 = 1;
+    const D2H: u32 = 2;
+    const F32: i32 = 0;
+    const BF16: i32 = 27;
+    // SAFETY: test-local device buffers, descriptors and host arrays valid for each call.
+    unsafe {
+        let (mut ws, mut ex) = (0u64, ptr::null_mut());
+        // Ties go to the even bf16 (1 + 2^-8 → 1, 1 + 3·2^-8 → 1 + 2^-6), others to nearest.
+        let vals = [1.0f32, f32::from_bits(0x3F80_8000), f32::from_bits(0x3F81_8000), f32::from_bits(0x3F80_8001), -2.5, 0.0];
+        let want: [u16; 6] = [0x3F80, 0x3F80, 0x3F82, 0x3F81, 0xC020, 0x0000];
+        let src = malloc(4 * 6);
+        assert_eq!(acl::aclrtMemcpy(src, 24, vals.as_ptr().cast(), 24, H2D), 0);
+        let (x, b) = (tensor(src, F32, &[2, 3]), malloc(2 * 6));
+        let o = tensor(b, BF16, &[2, 3]);
+        assert_eq!(ops::aclnnCastGetWorkspaceSize(x, BF16, o, &mut ws, &mut ex), 0, "{}", recent());
+        run(ws, ex, ops::aclnnCast);
+        let mut got = [0u16; 6];
+        assert_eq!(acl::aclrtMemcpy(got.as_mut_ptr().cast(), 12, b, 12, D2H), 0);
+        assert_eq!(got, want);
+        // Widening back is exact.
+        let wide = malloc(4 * 6);
+        let w = tensor(wide, F32, &[2, 3]);
+        assert_eq!(ops::aclnnCastGetWorkspaceSize(o, F32, w, &mut ws, &mut ex), 0, "{}", recent());
+        run(ws, ex, ops::aclnnCast);
+        let mut back = [0f32; 6];
+        assert_eq!(acl::aclrtMemcpy(back.as_mut_ptr().cast(), 24, wide, 24, D2H), 0);
+        let exact: Vec<f32> = want.iter().map(|&h| f32::from_bits((h as u32) << 16)).collect();
+        assert_eq!(back.to_vec(), exact);
+        // A bf16 cache takes bf16 rows only: scattering f32 rows into it is refused.
+        let idx = tensor(malloc(4 * 3), 3, &[1, 3]);
+        let rows = tensor(malloc(4 * 3), F32, &[1, 3]);
+        assert_eq!(ops::aclnnInplaceScatterGetWorkspaceSize(o, 0, idx, rows, 0, &mut ws, &mut ex), codes::ACLNN_PARAM_INVALID);
+        assert!(recent().contains("one supported dtype"), "{}", recent());
+        // IndexSelect keeps the dtype: a bf16 source needs a bf16 out.
+        let sel = tensor(malloc(4), 3, &[1]);
+        let f_out = tensor(malloc(4 * 3), F32, &[1, 3]);
+        assert_eq!(ops::aclnnIndexSelectGetWorkspaceSize(o, 0, sel, f_out, &mut ws, &mut ex), codes::ACLNN_PARAM_INVALID);
+        assert!(recent().contains("differs from self dtype"), "{}", recent());
+    }
+}

@@ -10,8 +10,9 @@ use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
+use hal::dtype::{bf16_to_f32, f32_to_bf16};
 use hal::ops::WeightFormat;
-use hal::Storage;
+use hal::{DType, Storage};
 
 /// Name every cpu-ref storage reports as its owner.
 pub const BACKEND_NAME: &str = "cpu-ref";
@@ -89,6 +90,34 @@ impl CpuStorage {
         self.touch();
         let n = self.len / 4;
         &mut bytemuck::cast_slice_mut(&mut self.words)[..n]
+    }
+
+    /// A KV cache tensor's values (dtype `F32` or `BF16`, `hal::ops` conventions) as f32: the
+    /// f32 view itself, or every bf16 value widened (exactly).
+    pub fn cache_values(&self, dtype: DType) -> Cow<'_, [f32]> {
+        match dtype {
+            DType::BF16 => {
+                let halves: &[u16] = &bytemuck::cast_slice(&self.words)[..self.len / 2];
+                Cow::Owned(halves.iter().map(|&b| bf16_to_f32(b)).collect())
+            }
+            _ => Cow::Borrowed(self.f32s()),
+        }
+    }
+
+    /// Stores `values` at element `at` of a KV cache tensor of dtype `F32` or `BF16`; a BF16
+    /// cache keeps each value's nearest-even bf16.
+    pub fn cache_store(&mut self, dtype: DType, at: usize, values: &[f32]) {
+        match dtype {
+            DType::BF16 => {
+                self.touch();
+                let n = self.len / 2;
+                let halves: &mut [u16] = &mut bytemuck::cast_slice_mut(&mut self.words)[..n];
+                for (h, &v) in halves[at..at + values.len()].iter_mut().zip(values) {
+                    *h = f32_to_bf16(v);
+                }
+            }
+            _ => self.f32s_mut()[at..at + values.len()].copy_from_slice(values),
+        }
     }
 
     /// The bytes viewed as i32 values (meaningful for `I32` tensors).

@@ -66,6 +66,7 @@ fn window_reads_fresh_rows_then_ring() {
         window: w,
         compressed: CompressedKv::All { ratio: 2, capacity: cap },
         softmax_scale: 0.35,
+        cache_dtype: hal::DType::F32,
     };
     let ins = [
         f32t(&b, &[rows, h, d], &q),
@@ -123,6 +124,7 @@ fn attention_rejects_bad_rows_and_indices() {
             window: w,
             compressed: CompressedKv::Selected { ratio: 4, capacity: cap, topk: k },
             softmax_scale: 1.0,
+            cache_dtype: hal::DType::F32,
         };
         let ins = [
             f32t(&b, &[rows, h, d], &vec![0.5; rows * h * d]),
@@ -150,7 +152,7 @@ fn attention_rejects_bad_rows_and_indices() {
 fn window_store_keeps_the_last_window() {
     let b = CpuBackend::new();
     let (w, d, rows) = (2, 1, 3);
-    let op = WindowStore { rows, slots: 1, window: w, dim: d };
+    let op = WindowStore { rows, slots: 1, window: w, dim: d, cache_dtype: hal::DType::F32 };
     let ins = [f32t(&b, &[rows, d], &[10.0, 11.0, 12.0]), i32t(&b, &[rows], &[0, 0, 0]), i32t(&b, &[rows], &[4, 5, 6])];
     let mut ring = f32t(&b, &[1, w, d], &[0.0, 0.0]);
     b.run(&Op::WindowStore(op), &ins.iter().collect::<Vec<_>>(), &mut [&mut ring]).expect("run");
@@ -200,6 +202,7 @@ fn compressor_chunked_equals_token_by_token() {
         rotate: false,
         capacity: cap,
         norm_eps: 1e-6,
+        cache_dtype: hal::DType::F32,
     };
     let (cr, cd) = (2 * ratio, 2 * width);
     let kv = noise(n * cd, 21);
@@ -252,7 +255,7 @@ fn compressor_chunked_equals_token_by_token() {
 fn indexer_pads_with_minus_one() {
     let b = CpuBackend::new();
     let op =
-        IndexerTopK { rows: 1, heads: 1, head_dim: 2, slots: 1, capacity: 4, ratio: 4, topk: 3, weight_scale: 1.0 };
+        IndexerTopK { rows: 1, heads: 1, head_dim: 2, slots: 1, capacity: 4, ratio: 4, topk: 3, weight_scale: 1.0, cache_dtype: hal::DType::F32 };
     let ins = [
         f32t(&b, &[1, 1, 2], &[1.0, 0.0]),
         f32t(&b, &[1, 1], &[1.0]),
@@ -428,6 +431,7 @@ fn every_op(rows: usize) -> Vec<Op> {
         window: 4,
         compressed,
         softmax_scale: 0.25,
+        cache_dtype: hal::DType::F32,
     };
     let lin = |format| Linear { rows, in_features: 128, out_features: 130, format };
     let comp = |overlap, ratio, width, rope_dim, rotate| Compressor {
@@ -440,6 +444,7 @@ fn every_op(rows: usize) -> Vec<Op> {
         rotate,
         capacity: 4,
         norm_eps: 1e-6,
+        cache_dtype: hal::DType::F32,
     };
     let experts = |format| MoeExperts { rows, dim: 128, inter: 128, experts: 3, topk: 2, swiglu_limit: 10.0, format };
     vec![
@@ -473,7 +478,7 @@ fn every_op(rows: usize) -> Vec<Op> {
         Op::QuantSim(QuantSim { rows, dim: 96, quant_dims: 64, block: 64, format: QuantFormat::Fp8E4M3 }),
         Op::QuantSim(QuantSim { rows, dim: 64, quant_dims: 64, block: 32, format: QuantFormat::Fp4E2M1 }),
         Op::Hadamard(Hadamard { rows, dim: 64 }),
-        Op::WindowStore(WindowStore { rows, slots: 2, window: 4, dim: 8 }),
+        Op::WindowStore(WindowStore { rows, slots: 2, window: 4, dim: 8, cache_dtype: hal::DType::F32 }),
         Op::Compressor(comp(true, 4, 128, 64, false)),
         Op::Compressor(comp(false, 2, 64, 16, true)),
         Op::IndexerTopK(IndexerTopK {
@@ -485,6 +490,7 @@ fn every_op(rows: usize) -> Vec<Op> {
             ratio: 2,
             topk: 3,
             weight_scale: 0.1,
+            cache_dtype: hal::DType::F32,
         }),
         Op::SparseAttention(sa(CompressedKv::None)),
         Op::SparseAttention(sa(CompressedKv::All { ratio: 2, capacity: 4 })),
@@ -562,6 +568,7 @@ fn zero_sized_dimensions_do_not_panic() {
             ratio: 1,
             topk: 2,
             weight_scale: 1.0,
+            cache_dtype: hal::DType::F32,
         }),
         Op::SparseAttention(SparseAttention {
             rows: 1,
@@ -571,6 +578,7 @@ fn zero_sized_dimensions_do_not_panic() {
             window: 1,
             compressed: CompressedKv::None,
             softmax_scale: 1.0,
+            cache_dtype: hal::DType::F32,
         }),
         Op::Compressor(Compressor {
             rows: 1,
@@ -582,6 +590,7 @@ fn zero_sized_dimensions_do_not_panic() {
             rotate: false,
             capacity: 1,
             norm_eps: 1e-6,
+            cache_dtype: hal::DType::F32,
         }),
     ];
     for op in ops {

@@ -1,14 +1,17 @@
 // Sparse attention with per-head sinks over the window plus compressed entries, and the window
-// ring store (hal::ops::attention).
+// ring store (hal::ops::attention). The KV cache (ring, compressed entries) is f32 or bf16; with a
+// bf16 cache every key is a bf16 value, this call's fresh kv rows included (rounded on the fly).
 
 #define CKV_NONE 0
 #define CKV_ALL 1
 #define CKV_SELECTED 2
 
 // ring[slot, pos mod window] = kv[r] — only for the last row of its slot that maps to that ring
-// entry (row r + window of the same slot would overwrite it: rows in order).
-extern "C" __global__ void window_store(const float* kv, const int* slots, const int* pos, float* ring, i64 rows,
-                                       int num_slots, i64 window, i64 dim, const i64* err) {
+// entry (row r + window of the same slot would overwrite it: rows in order). C = float or u16: an
+// f32 or bf16 ring (cache_store keeps the nearest-even bf16).
+template <typename C>
+__device__ __forceinline__ void window_store_rows(const float* kv, const int* slots, const int* pos, C* ring, i64 rows,
+                                                  int num_slots, i64 window, i64 dim, const i64* err) {
     if (err[0] != 0) return;
     i64 total = rows * dim;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
@@ -16,14 +19,53 @@ extern "C" __global__ void window_store(const float* kv, const int* slots, const
         int s = slots[r], p = pos[r];
         if (s < 0 || s >= num_slots || p < 0) continue;
         if (r + window < rows && slots[r + window] == s) continue;
-        ring[((i64)s * window + p % window) * dim + c] = kv[i];
+        float v = kv[i];
+        cache_store(ring + ((i64)s * window + p % window) * dim + c, v);
     }
 }
 
-struct AttnRow {
+// window_store (f32 ring) and window_store_bf16 (bf16 ring); the host picks one (ops::cache_kernel).
+extern "C" __global__ void window_store(const float* kv, const int* slots, const int* pos, float* ring, i64 rows,
+                                       int num_slots, i64 window, i64 dim, const i64* err) {
+    window_store_rows(kv, slots, pos, ring, rows, num_slots, window, dim, err);
+}
+extern "C" __global__ void window_store_bf16(const float* kv, const int* slots, const int* pos, u16* ring, i64 rows,
+                                            int num_slots, i64 window, i64 dim, const i64* err) {
+    window_store_rows(kv, slots, pos, ring, rows, num_slots, window, dim, err);
+}
+
+// How the elements of a key are read (attn_key, key_elem): a row of this call's kv or an f32 cache
+// entry as stored (KEY_F32); a bf16 cache entry widened (KEY_BF16); with a bf16 cache, a row of
+// this call's kv rounded to bf16 (KEY_ROUNDED) — so that a key has the same value whether this
+// call reads it fresh or a later one from the ring.
+#define KEY_F32 0
+#define KEY_BF16 1
+#define KEY_ROUNDED 2
+
+template <int K>
+__device__ __forceinline__ float key_elem(const void* k, i64 c) {
+    if (K == KEY_BF16) return cache_load((const u16*)k + c);
+    float v = ((const float*)k)[c];
+    return K == KEY_ROUNDED ? bf16_round(v) : v;
+}
+
+// Calls f(KeyKind<K>()) for a key of kind K (attn_key) of a C cache: one branch per key, none per
+// element. With C = float there is one kind and no branch.
+template <int K> struct KeyKind {
+    static constexpr int value = K;
+};
+template <typename C, typename F>
+__device__ __forceinline__ void with_key_kind(int kind, F&& f) {
+    if (sizeof(C) == sizeof(float)) f(KeyKind<KEY_F32>());
+    else if (kind == KEY_ROUNDED) f(KeyKind<KEY_ROUNDED>());
+    else f(KeyKind<KEY_BF16>());
+}
+
+// C = float or u16: the cache (ring and compressed entries) is f32 or bf16.
+template <typename C> struct AttnRow {
     const float* kv;
-    const float* ring;
-    const float* comp;
+    const C* ring;
+    const C* comp;
     const int* idx;
     const int* slots;
     const int* pos;
@@ -31,12 +73,19 @@ struct AttnRow {
     int s, p, nwin, t0, mode, topk;
 };
 
-// Key kk of the row's key set (window oldest first, then compressed), or null if skipped.
-__device__ __forceinline__ const float* attn_key(const AttnRow& a, int kk) {
+// Key kk of the row's key set (window oldest first, then compressed), or null if skipped; *kind
+// says how to read it (KEY_*).
+template <typename C>
+__device__ __forceinline__ const void* attn_key(const AttnRow<C>& a, int kk, int* kind) {
+    const bool bf16 = sizeof(C) == 2;
+    *kind = bf16 ? KEY_BF16 : KEY_F32;
     if (kk < a.nwin) {
         int t = a.t0 + kk;
         i64 rr = a.r - (i64)(a.p - t);
-        if (rr >= 0 && a.slots[rr] == a.s && a.pos[rr] == t) return a.kv + rr * a.d;
+        if (rr >= 0 && a.slots[rr] == a.s && a.pos[rr] == t) {
+            *kind = bf16 ? KEY_ROUNDED : KEY_F32;
+            return a.kv + rr * a.d;
+        }
         return a.ring + ((i64)a.s * a.window + t % a.window) * a.d;
     }
     int j = kk - a.nwin;
@@ -51,20 +100,22 @@ __device__ __forceinline__ const float* attn_key(const AttnRow& a, int kk) {
 // than cpu-ref's f64: a conversion to f64 runs at 1/8 the f32 FMA rate, and at long context the
 // logits are most of the work; the f32 dot is within ~1e-6 of the f64 one, far inside the op's
 // tolerance. The softmax weights and the weighted sums stay in f64.
-__device__ __forceinline__ float attn_logit(const float* q, const float* k, i64 d, float scale) {
+template <int K>
+__device__ __forceinline__ float attn_logit(const float* q, const void* k, i64 d, float scale) {
     int lane = threadIdx.x & 31;
     float acc = 0.0f;
-    for (i64 c = lane; c < d; c += 32) acc = fmaf(q[c], k[c], acc);
+    for (i64 c = lane; c < d; c += 32) acc = fmaf(q[c], key_elem<K>(k, c), acc);
     return warp_sum_f(acc) * scale;
 }
 
 // One warp, one head: an online softmax over keys [k0, k1) — running max m, with den and the
 // weighted sum rescaled by e^{m_old − m} when it grows — then either the output (one split:
 // o = acc / (den + e^{sink−m}), zeros without keys) or the split's (m, den, acc) partials.
-// Logits in f32 (attn_logit), weights and sums in f64. DPL > 0: d = 32·DPL with q and the sums in
-// registers; DPL = 0: any d, q in `qs` and the sums in `aw` (shared memory, d each).
-template <int DPL>
-__device__ __forceinline__ void attn_head(const AttnRow& a, int k0, int k1, int nkeys, const float* qg, float scale,
+// Logits in f32 (attn_logit), weights and sums in f64. DPL > 0: d = 32·DPL with q, the sums and
+// the key's lane elements (read once for the logit and the sum) in registers; DPL = 0: any d, q
+// in `qs` and the sums in `aw` (shared memory, d each). C: the cache type (AttnRow).
+template <int DPL, typename C>
+__device__ __forceinline__ void attn_head(const AttnRow<C>& a, int k0, int k1, int nkeys, const float* qg, float scale,
                                           float* qs, double* aw, float sink_h, int splits, i64 b, float* pm,
                                           double* pden, double* pacc, float* og) {
     int lane = threadIdx.x & 31;
@@ -87,16 +138,22 @@ __device__ __forceinline__ void attn_head(const AttnRow& a, int k0, int k1, int 
     float m = __uint_as_float(0xff800000u);
     double den = 0.0;
     for (int kk = k0; kk < k1; ++kk) {
-        const float* kp = attn_key(a, kk);
+        int kind;
+        const void* kp = attn_key(a, kk, &kind);
         if (!kp) continue;
+        float kr[DPL > 0 ? DPL : 1];
         float l;
         if (DPL > 0) {
+            with_key_kind<C>(kind, [&](auto k) {
+#pragma unroll
+                for (int i = 0; i < DPL; ++i) kr[i] = key_elem<decltype(k)::value>(kp, lane + 32 * i);
+            });
             float t = 0.0f;
 #pragma unroll
-            for (int i = 0; i < DPL; ++i) t = fmaf(qr[i], kp[lane + 32 * i], t);
+            for (int i = 0; i < DPL; ++i) t = fmaf(qr[i], kr[i], t);
             l = warp_sum_f(t) * scale;
         } else {
-            l = attn_logit(qs, kp, d, scale);
+            with_key_kind<C>(kind, [&](auto k) { l = attn_logit<decltype(k)::value>(qs, kp, d, scale); });
         }
         if (l > m) {
             double f = exp((double)(m - l));  // 0 for the first key (m = −∞)
@@ -113,9 +170,11 @@ __device__ __forceinline__ void attn_head(const AttnRow& a, int k0, int k1, int 
         den += pe;
         if (DPL > 0) {
 #pragma unroll
-            for (int i = 0; i < DPL; ++i) acc[i] += pe * (double)kp[lane + 32 * i];
+            for (int i = 0; i < DPL; ++i) acc[i] += pe * (double)kr[i];
         } else {
-            for (i64 c = lane; c < d; c += 32) aw[c] += pe * (double)kp[c];
+            with_key_kind<C>(kind, [&](auto k) {
+                for (i64 c = lane; c < d; c += 32) aw[c] += pe * (double)key_elem<decltype(k)::value>(kp, c);
+            });
         }
     }
     if (splits > 1) {
@@ -149,17 +208,18 @@ __device__ __forceinline__ void attn_head(const AttnRow& a, int k0, int k1, int 
 // shared by all heads. Each warp takes a contiguous share of the row's keys (attn_head); with
 // several splits sparse_attn_combine rescales the partials to the common max.
 // Dynamic shared memory (d not 128, 256 or 512 only): hg·d doubles (sums) + hg·d floats (q).
-extern "C" __global__ void sparse_attn(const float* q, const float* kv, const float* ring, const float* sink,
-                                       const int* slots, const int* pos, const float* comp, const int* idx,
-                                       i64 heads, i64 d, int num_slots, i64 window, int mode, i64 ratio, i64 cap,
-                                       int topk, float scale, float* out, const i64* err, int splits, float* pm,
-                                       double* pden, double* pacc) {
+template <typename C>
+__device__ __forceinline__ void sparse_attn_rows(const float* q, const float* kv, const C* ring, const float* sink,
+                                                 const int* slots, const int* pos, const C* comp, const int* idx,
+                                                 i64 heads, i64 d, int num_slots, i64 window, int mode, i64 ratio,
+                                                 i64 cap, int topk, float scale, float* out, const i64* err,
+                                                 int splits, float* pm, double* pden, double* pacc) {
     extern __shared__ double shd[];
     if (err[0] != 0) return;
     int warp = threadIdx.x >> 5, hg = blockDim.x >> 5;
     i64 groups = (heads + hg - 1) / hg;
     i64 r = blockIdx.x / groups, h = (blockIdx.x % groups) * hg + warp;
-    AttnRow a;
+    AttnRow<C> a;
     a.kv = kv; a.ring = ring; a.comp = comp; a.idx = idx; a.slots = slots; a.pos = pos;
     a.r = r; a.d = d; a.window = window; a.cap = cap; a.mode = mode; a.topk = topk;
     a.s = slots[r];
@@ -189,6 +249,21 @@ extern "C" __global__ void sparse_attn(const float* q, const float* kv, const fl
         default: attn_head<0>(a, k0, k1, nkeys, qg, scale, qs, aw, sink[h], splits, b, pm, pden, pacc, og); break;
     }
 }
+
+// sparse_attn (f32 cache) and sparse_attn_bf16 (bf16 ring and compressed entries): one entry point
+// per cache type, each compiled (registers included) for its own instantiation; the host picks one
+// (ops::cache_kernel).
+#define SPARSE_ATTN_KERNEL(NAME, C)                                                                                  \
+    extern "C" __global__ void NAME(const float* q, const float* kv, const C* ring, const float* sink,               \
+                                    const int* slots, const int* pos, const C* comp, const int* idx, i64 heads,      \
+                                    i64 d, int num_slots, i64 window, int mode, i64 ratio, i64 cap, int topk,         \
+                                    float scale, float* out, const i64* err, int splits, float* pm, double* pden,    \
+                                    double* pacc) {                                                                  \
+        sparse_attn_rows(q, kv, ring, sink, slots, pos, comp, idx, heads, d, num_slots, window, mode, ratio, cap,     \
+                         topk, scale, out, err, splits, pm, pden, pacc);                                             \
+    }
+SPARSE_ATTN_KERNEL(sparse_attn, float)
+SPARSE_ATTN_KERNEL(sparse_attn_bf16, u16)
 
 // One block per (row, head): o = Σ_s e^{m_s−M}·acc_s / (Σ_s e^{m_s−M}·den_s + e^{sink−M}) over the
 // key splits s of sparse_attn, M = max_s m_s. A row with no keys (M = −∞) gets zeros.

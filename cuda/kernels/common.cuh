@@ -47,6 +47,26 @@ __device__ __forceinline__ float exp2i(int e) {
 
 __device__ __forceinline__ float bf16_to_f32(u16 b) { return __uint_as_float(((u32)b) << 16); }
 
+// Round to nearest even; NaN keeps its sign and top mantissa bits with the quiet bit set
+// (hal::dtype::f32_to_bf16, i.e. half's bf16::from_f32). A carry out of the mantissa rounds into
+// the exponent, so values past bf16's largest finite one become ±inf.
+__device__ __forceinline__ u16 f32_to_bf16(float x) {
+    u32 u = __float_as_uint(x);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (u16)((u >> 16) | 0x40u);
+    return (u16)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// x as its nearest bf16, widened back (what a bf16 KV cache holds for x).
+__device__ __forceinline__ float bf16_round(float x) { return bf16_to_f32(f32_to_bf16(x)); }
+
+// KV cache elements (hal::ops conventions): the cache type C is float (f32 cache) or u16 (bf16
+// cache: a store keeps the nearest-even bf16, a load widens exactly). Kernels that touch a cache
+// are templates on C with one entry point per type, NAME and NAME_bf16 (ops::cache_kernel picks).
+__device__ __forceinline__ float cache_load(const float* p) { return *p; }
+__device__ __forceinline__ float cache_load(const u16* p) { return bf16_to_f32(*p); }
+__device__ __forceinline__ void cache_store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void cache_store(u16* p, float v) { *p = f32_to_bf16(v); }
+
 __device__ __forceinline__ float f16_to_f32(u16 h) {
     u32 s = ((u32)h & 0x8000u) << 16;
     u32 e = ((u32)h >> 10) & 0x1Fu;

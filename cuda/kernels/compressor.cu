@@ -6,7 +6,8 @@
 // this call's rows when it is fresh (row rr = r − (p − t) has slot s and position t — valid under
 // the contiguity convention, which check_rows verified), else from the slot's state as it was when
 // the call started. Three kernels in stream order: emit (reads the old state), save_prev (overlap:
-// rows 0..ratio ← the last emitted block), save_rows (rows of the still open block).
+// rows 0..ratio ← the last emitted block), save_rows (rows of the still open block). The state is
+// f32; the cache of finished entries is f32 or bf16 (comp_emit / comp_emit_bf16).
 
 struct CompRow {
     const float* kv;
@@ -37,12 +38,15 @@ __device__ __forceinline__ void comp_value(const CompRow& a, i64 t, i64 c, int s
     }
 }
 
-// One block per row; rows that emit an entry pool it, finish it and write cache[s, j].
-// Dynamic shared memory: width floats, plus width doubles when rotate.
-extern "C" __global__ void comp_emit(const float* kv, const float* score, const float* ape, const float* norm_w,
-                                     const float* freqs, const int* slots, const int* pos, const float* state_kv,
-                                     const float* state_score, float* cache, int num_slots, int ratio, int overlap,
-                                     i64 width, i64 rope_dim, int rotate, i64 cap, float norm_eps, const i64* err) {
+// One block per row; rows that emit an entry pool it, finish it and write cache[s, j]: C = float
+// (f32 cache) or u16 (bf16 cache: cache_store keeps the nearest-even bf16). Dynamic shared memory:
+// width floats, plus width doubles when rotate.
+template <typename C>
+__device__ __forceinline__ void comp_emit_rows(const float* kv, const float* score, const float* ape,
+                                               const float* norm_w, const float* freqs, const int* slots,
+                                               const int* pos, const float* state_kv, const float* state_score,
+                                               C* cache, int num_slots, int ratio, int overlap, i64 width,
+                                               i64 rope_dim, int rotate, i64 cap, float norm_eps, const i64* err) {
     extern __shared__ double shd[];
     __shared__ double red[32];
     if (err[0] != 0) return;
@@ -154,9 +158,22 @@ extern "C" __global__ void comp_emit(const float* kv, const float* score, const 
         for (i64 i = lane; i < len; i += 32) xb[i] = quant_value(xb[i], sq, fmt);
     }
     __syncthreads();
-    float* dst = cache + ((i64)s * cap + j) * width;
-    for (i64 c = threadIdx.x; c < width; c += blockDim.x) dst[c] = e[c];
+    C* dst = cache + ((i64)s * cap + j) * width;
+    for (i64 c = threadIdx.x; c < width; c += blockDim.x) cache_store(dst + c, e[c]);
 }
+
+// comp_emit (f32 cache) and comp_emit_bf16 (bf16 cache): one entry point per cache type, each
+// compiled (registers included) for its own instantiation; the host picks one (ops::cache_kernel).
+#define COMP_EMIT_KERNEL(NAME, C)                                                                                    \
+    extern "C" __global__ void NAME(const float* kv, const float* score, const float* ape, const float* norm_w,      \
+                                    const float* freqs, const int* slots, const int* pos, const float* state_kv,     \
+                                    const float* state_score, C* cache, int num_slots, int ratio, int overlap,       \
+                                    i64 width, i64 rope_dim, int rotate, i64 cap, float norm_eps, const i64* err) {  \
+        comp_emit_rows(kv, score, ape, norm_w, freqs, slots, pos, state_kv, state_score, cache, num_slots, ratio,    \
+                       overlap, width, rope_dim, rotate, cap, norm_eps, err);                                        \
+    }
+COMP_EMIT_KERNEL(comp_emit, float)
+COMP_EMIT_KERNEL(comp_emit_bf16, u16)
 
 // Overlap only: for the last row of each slot's run that emits, state rows 0..ratio ← the rows of
 // the block it emitted (fresh rows, or the old state rows ratio..2·ratio). One block per row.

@@ -1,11 +1,17 @@
 // The lightning indexer's scores and top-k (hal::ops::indexer).
 
+// The keys (the indexer compressor's cache) are f32 or bf16: the scoring kernels are templates on
+// the key type C (float or u16, read through cache_load / key4), with one entry point per type
+// (index_scores / index_scores_bf16, index_scores_t / index_scores_t_bf16) that the host picks.
+
 // scores[r', j] = Σ_h (w[r, h]·ws) · max(0, q[r, h] · keys[s, j]) for j < n = (p + 1) / ratio,
 // r = r0 + r'. Each head dot in f64 rounded to f32, the head sum in f64 rounded once. One warp
 // per (row, key); grid-stride over rows·cap warps (keys past n are skipped).
-extern "C" __global__ void index_scores(const float* q, const float* w, const float* keys, const int* slots,
-                                        const int* pos, i64 r0, i64 nrows, i64 heads, i64 d, int num_slots, i64 cap,
-                                        i64 ratio, float ws, float* scores, const i64* err) {
+template <typename C>
+__device__ __forceinline__ void index_scores_rows(const float* q, const float* w, const C* keys, const int* slots,
+                                                  const int* pos, i64 r0, i64 nrows, i64 heads, i64 d,
+                                                  int num_slots, i64 cap, i64 ratio, float ws, float* scores,
+                                                  const i64* err) {
     if (err[0] != 0) return;
     int lane = threadIdx.x & 31;
     i64 warps = nrows * cap;
@@ -16,12 +22,12 @@ extern "C" __global__ void index_scores(const float* q, const float* w, const fl
         if (s < 0 || s >= num_slots || p < 0) continue;
         i64 n = ((i64)p + 1) / ratio;
         if (j >= n || j >= cap) continue;
-        const float* k = keys + ((i64)s * cap + j) * d;
+        const C* k = keys + ((i64)s * cap + j) * d;
         const float* qr = q + r * heads * d;
         double total = 0.0;
         for (i64 h = 0; h < heads; ++h) {
             double acc = 0.0;
-            for (i64 c = lane; c < d; c += 32) acc += (double)qr[h * d + c] * (double)k[c];
+            for (i64 c = lane; c < d; c += 32) acc += (double)qr[h * d + c] * (double)cache_load(k + c);
             acc = warp_sum_d(acc);
             float dot = fmaxf((float)acc, 0.0f);
             total += (double)(w[r * heads + h] * ws) * (double)dot;
@@ -30,17 +36,32 @@ extern "C" __global__ void index_scores(const float* q, const float* w, const fl
     }
 }
 
+// Elements 4·c4 .. 4·c4 + 3 of a key row: one float4 (f32), or one uint2 of four bf16 widened
+// (element 4·c4 in the low half of .x: little-endian).
+__device__ __forceinline__ void key4(const float* k, i64 c4, float* kc) {
+    float4 v = ((const float4*)k)[c4];
+    kc[0] = v.x; kc[1] = v.y; kc[2] = v.z; kc[3] = v.w;
+}
+__device__ __forceinline__ void key4(const u16* k, i64 c4, float* kc) {
+    uint2 v = ((const uint2*)k)[c4];
+    kc[0] = bf16_to_f32((u16)v.x); kc[1] = bf16_to_f32((u16)(v.x >> 16));
+    kc[2] = bf16_to_f32((u16)v.y); kc[3] = bf16_to_f32((u16)(v.y >> 16));
+}
+
 // index_scores with one thread per (row, key), for up to 64 heads and d % 4 == 0: the thread
 // forms the key's dots with every head at once in f32 FMA, reading q from shared memory
 // transposed to [d][64] (a float4 gives four heads, the same address for the whole warp, so no
 // bank conflicts and no cross-lane sums), then Σ_h (w·ws)·max(0, dot_h) in f64 in head order,
 // rounded once. The dots are f32, not index_scores' f64: f64 conversions run at 1/8 the f32 FMA
 // rate and dominate at 10^5 keys; the f32 dot is within ~1e-6 of the f64 one, far inside the
-// op's near-tie tolerance. Grid (key blocks, rows); dynamic shared memory d·64 floats.
-extern "C" __global__ void __launch_bounds__(256)
-    index_scores_t(const float* q, const float* w, const float* keys, const int* slots, const int* pos, i64 r0,
-                   i64 nrows, i64 heads, i64 d, int num_slots, i64 cap, i64 ratio, float ws, float* scores,
-                   const i64* err) {
+// op's near-tie tolerance. Grid (key blocks, rows); dynamic shared memory d·64 floats. The key is
+// read four elements at a time (key4: 16 bytes f32, 8 bytes bf16; key rows are aligned to that
+// since d % 4 == 0).
+template <typename C>
+__device__ __forceinline__ void index_scores_t_rows(const float* q, const float* w, const C* keys, const int* slots,
+                                                    const int* pos, i64 r0, i64 nrows, i64 heads, i64 d,
+                                                    int num_slots, i64 cap, i64 ratio, float ws, float* scores,
+                                                    const i64* err) {
     extern __shared__ float qt[];
     if (err[0] != 0) return;
     i64 rl = blockIdx.y, r = r0 + rl;
@@ -59,13 +80,13 @@ extern "C" __global__ void __launch_bounds__(256)
     __syncthreads();
     i64 j = j0 + threadIdx.x;
     if (j >= n) return;
-    const float4* k4 = (const float4*)(keys + ((i64)s * cap + j) * d);
+    const C* k = keys + ((i64)s * cap + j) * d;
     float acc[64];
 #pragma unroll
     for (int h = 0; h < 64; ++h) acc[h] = 0.0f;
     for (i64 c4 = 0; c4 < d / 4; ++c4) {
-        float4 kv = k4[c4];
-        float kc[4] = {kv.x, kv.y, kv.z, kv.w};
+        float kc[4];
+        key4(k, c4, kc);
 #pragma unroll
         for (int cc = 0; cc < 4; ++cc) {
             const float4* qrow = (const float4*)(qt + (c4 * 4 + cc) * 64);
@@ -86,6 +107,19 @@ extern "C" __global__ void __launch_bounds__(256)
         if (h < heads) total += (double)(wr[h] * ws) * (double)fmaxf(acc[h], 0.0f);
     scores[rl * cap + j] = (float)total;
 }
+
+// The entry points, one per key type (each compiled, registers included, for its own
+// instantiation); the host picks one (ops::cache_kernel).
+#define INDEX_SCORES_KERNEL(BOUNDS, NAME, BODY, C)                                                                   \
+    extern "C" __global__ void BOUNDS NAME(const float* q, const float* w, const C* keys, const int* slots,         \
+                                           const int* pos, i64 r0, i64 nrows, i64 heads, i64 d, int num_slots,     \
+                                           i64 cap, i64 ratio, float ws, float* scores, const i64* err) {          \
+        BODY(q, w, keys, slots, pos, r0, nrows, heads, d, num_slots, cap, ratio, ws, scores, err);                  \
+    }
+INDEX_SCORES_KERNEL(, index_scores, index_scores_rows, float)
+INDEX_SCORES_KERNEL(, index_scores_bf16, index_scores_rows, u16)
+INDEX_SCORES_KERNEL(__launch_bounds__(256), index_scores_t, index_scores_t_rows, float)
+INDEX_SCORES_KERNEL(__launch_bounds__(256), index_scores_t_bf16, index_scores_t_rows, u16)
 
 // ---- top-k ------------------------------------------------------------------------------------
 // Order: score descending by f32::total_cmp, index ascending — i.e. rank_code descending.

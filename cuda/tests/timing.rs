@@ -98,33 +98,33 @@ fn op_timings() {
             (vec![0; rows], (7680..7680 + rows as i32).collect())
         };
         let ns = rows.min(32);
-        {
+        // The attention and indexer caches as f32 and as bf16 (labels of the bf16 ones end in "bf16").
+        for cache_dtype in [DType::F32, DType::BF16] {
+            let tag = if cache_dtype == DType::F32 { "" } else { " bf16" };
             let (h, d, w, cap, topk) = (64, 512, 128, 2048, 512);
-            let op = SparseAttention { rows, heads: h, head_dim: d, slots: ns, window: w, compressed: CompressedKv::Selected { ratio: 4, capacity: cap, topk }, softmax_scale: 0.044 };
+            let op = SparseAttention { rows, heads: h, head_dim: d, slots: ns, window: w, compressed: CompressedKv::Selected { ratio: 4, capacity: cap, topk }, softmax_scale: 0.044, cache_dtype };
             let idx: Vec<i32> = (0..rows * topk).map(|i| (i % cap) as i32).collect();
             let ts = [
                 z(b, &[rows, h, d], DType::F32),
                 z(b, &[rows, d], DType::F32),
-                z(b, &[ns, w, d], DType::F32),
+                z(b, &[ns, w, d], cache_dtype),
                 z(b, &[h], DType::F32),
                 ints(b, &[rows], &slots),
                 ints(b, &[rows], &pos),
-                z(b, &[ns, cap, d], DType::F32),
+                z(b, &[ns, cap, d], cache_dtype),
                 ints(b, &[rows, topk], &idx),
             ];
             let mut o = z(b, &[rows, h, d], DType::F32);
-            time(b, &format!("sparse_attention 64h d512 w128 top512 {rows}"), &Op::SparseAttention(op), &ts.iter().collect::<Vec<_>>(), &mut [&mut o]);
-        }
-        {
-            let (h, d, cap, topk) = (64, 128, 2048, 512);
-            let op = IndexerTopK { rows, heads: h, head_dim: d, slots: ns, capacity: cap, ratio: 4, topk, weight_scale: 0.01 };
-            let ts = [z(b, &[rows, h, d], DType::F32), z(b, &[rows, h], DType::F32), z(b, &[ns, cap, d], DType::F32), ints(b, &[rows], &slots), ints(b, &[rows], &pos)];
+            time(b, &format!("sparse_attention 64h d512 w128 top512 {rows}{tag}"), &Op::SparseAttention(op), &ts.iter().collect::<Vec<_>>(), &mut [&mut o]);
+            let (h, d) = (64, 128);
+            let op = IndexerTopK { rows, heads: h, head_dim: d, slots: ns, capacity: cap, ratio: 4, topk, weight_scale: 0.01, cache_dtype };
+            let ts = [z(b, &[rows, h, d], DType::F32), z(b, &[rows, h], DType::F32), z(b, &[ns, cap, d], cache_dtype), ints(b, &[rows], &slots), ints(b, &[rows], &pos)];
             let (mut i, mut s) = (z(b, &[rows, topk], DType::I32), z(b, &[rows, topk], DType::F32));
-            time(b, &format!("indexer_topk 64h d128 2048 entries top512 {rows}"), &Op::IndexerTopK(op), &ts.iter().collect::<Vec<_>>(), &mut [&mut i, &mut s]);
+            time(b, &format!("indexer_topk 64h d128 2048 entries top512 {rows}{tag}"), &Op::IndexerTopK(op), &ts.iter().collect::<Vec<_>>(), &mut [&mut i, &mut s]);
         }
         {
             let (ratio, width, cap) = (4, 512, 2048);
-            let op = Compressor { rows, slots: ns, ratio, overlap: true, width, rope_dim: 64, rotate: false, capacity: cap, norm_eps: 1e-6 };
+            let op = Compressor { rows, slots: ns, ratio, overlap: true, width, rope_dim: 64, rotate: false, capacity: cap, norm_eps: 1e-6, cache_dtype: hal::DType::F32 };
             let ts = [
                 z(b, &[rows, 2 * width], DType::F32),
                 z(b, &[rows, 2 * width], DType::F32),

@@ -5,7 +5,7 @@
 //! copies, quantizers and compressor state; NMSE elsewhere. Every case prints one line.
 
 use cpu_ref::CpuBackend;
-use hal::dtype::{bytes_f32, bytes_i32, f32_bytes, f32_to_bf16, i32_bytes};
+use hal::dtype::{bf16_to_f32, bytes_f32, bytes_i32, f32_bytes, f32_to_bf16, i32_bytes};
 use hal::ops::attention::CompressedKv;
 use hal::ops::*;
 use hal::{Backend, DType, Probe, Tensor};
@@ -131,6 +131,11 @@ impl Suite {
     }
 
     fn judge(&mut self, name: &str, dtype: DType, cb: &[u8], gb: &[u8], check: Check, dt: std::time::Duration) {
+        if dtype == DType::BF16 {
+            // bf16 caches: widened exactly (so Exact still means bit-equal), then judged as f32.
+            let widen = |b: &[u8]| f32_bytes(&b.chunks_exact(2).map(|h| bf16_to_f32(u16::from_le_bytes([h[0], h[1]]))).collect::<Vec<_>>());
+            return self.judge(name, DType::F32, &widen(cb), &widen(gb), check, dt);
+        }
         let ok;
         let line;
         match (dtype, check) {
@@ -194,6 +199,13 @@ fn fp4_weight(rng: &mut Rng, out: usize, inp: usize) -> (HostT, HostT) {
 }
 fn bf16_of(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| f32_to_bf16(*x).to_le_bytes()).collect()
+}
+/// A KV cache tensor of dtype `dtype` (F32 or BF16) holding `v` (rounded to bf16 for BF16).
+fn tcache(shape: &[usize], dtype: DType, v: &[f32]) -> HostT {
+    match dtype {
+        DType::BF16 => tb(shape, dtype, bf16_of(v)),
+        _ => tf(shape, v),
+    }
 }
 fn weight(rng: &mut Rng, f: WeightFormat, out: usize, inp: usize) -> Vec<HostT> {
     match f {
@@ -351,9 +363,11 @@ fn cuda_matches_cpu_ref() {
     }
 
     // ---- attention: slot 0 prefill chunk at 5..=12 (window 8: reads ring for 0..4), slot 1 decode at 30,
-    // slot 2 a long prefill 0..=20 (longer than the window).
-    {
-        let (h, d, w, cap, ns) = (4, 64, 8, 16, 3);
+    // slot 2 a long prefill 0..=20 (longer than the window). With an f32 cache, and a bf16 one (fresh
+    // keys rounded too) at head_dim 64 (shared-memory path) and 128 (register path).
+    for (cache_dtype, d) in [(DType::F32, 64), (DType::BF16, 64), (DType::BF16, 128)] {
+        let (h, w, cap, ns) = (4, 8, 16, 3);
+        let tag = if cache_dtype == DType::F32 { String::new() } else { format!(" {cache_dtype} cache d{d}") };
         let mut slots = vec![0; 8];
         let mut pos: Vec<i32> = (5..13).collect();
         slots.push(1);
@@ -363,9 +377,9 @@ fn cuda_matches_cpu_ref() {
         let rows = slots.len();
         let q = tf(&[rows, h, d], &rng.vf(rows * h * d, 1.0));
         let kv = tf(&[rows, d], &rng.vf(rows * d, 1.0));
-        let ring = tf(&[ns, w, d], &rng.vf(ns * w * d, 1.0));
+        let ring = tcache(&[ns, w, d], cache_dtype, &rng.vf(ns * w * d, 1.0));
         let sink = tf(&[h], &rng.vf(h, 1.0));
-        let comp = tf(&[ns, cap, d], &rng.vf(ns * cap * d, 1.0));
+        let comp = tcache(&[ns, cap, d], cache_dtype, &rng.vf(ns * cap * d, 1.0));
         let topk = 6;
         let idx: Vec<i32> = (0..rows * topk).map(|i| if i % 5 == 4 { -1 } else { rng.below(cap as u64) as i32 }).collect();
         for (label, compressed) in [
@@ -373,7 +387,7 @@ fn cuda_matches_cpu_ref() {
             ("all r2", CompressedKv::All { ratio: 2, capacity: cap }),
             ("selected", CompressedKv::Selected { ratio: 4, capacity: cap, topk }),
         ] {
-            let op = Op::SparseAttention(SparseAttention { rows, heads: h, head_dim: d, slots: ns, window: w, compressed: compressed.clone(), softmax_scale: 0.125 });
+            let op = Op::SparseAttention(SparseAttention { rows, heads: h, head_dim: d, slots: ns, window: w, compressed: compressed.clone(), softmax_scale: 0.125, cache_dtype });
             let mut ins = vec![q.clone(), kv.clone(), ring.clone(), sink.clone(), ti(&[rows], &slots), ti(&[rows], &pos)];
             match compressed {
                 CompressedKv::None => {}
@@ -383,30 +397,47 @@ fn cuda_matches_cpu_ref() {
                     ins.push(ti(&[rows, topk], &idx));
                 }
             }
-            s.case(&format!("sparse_attention {label}"), &op, &ins, &[(poison(&[rows, h, d]), Some(Check::Nmse(1e-10)))]);
+            s.case(&format!("sparse_attention {label}{tag}"), &op, &ins, &[(poison(&[rows, h, d]), Some(Check::Nmse(1e-10)))]);
         }
-        let op = Op::WindowStore(WindowStore { rows, slots: ns, window: w, dim: d });
-        s.case("window_store", &op, &[kv.clone(), ti(&[rows], &slots), ti(&[rows], &pos)], &[(ring.clone(), Some(Check::Exact))]);
-        // head_dim 512 like the model, decode rows.
+        let op = Op::WindowStore(WindowStore { rows, slots: ns, window: w, dim: d, cache_dtype });
+        s.case(&format!("window_store{tag}"), &op, &[kv.clone(), ti(&[rows], &slots), ti(&[rows], &pos)], &[(ring.clone(), Some(Check::Exact))]);
+    }
+    // window_store into a bf16 ring, bit for bit on the rounding's edge cases: ties to even (down and
+    // up), just above a tie, overflow to ±inf, ±inf, NaNs (quiet bit set, payload kept), subnormals.
+    {
+        let special: [u32; 16] = [
+            0x3F80_8000, 0x3F81_8000, 0xBF80_8001, 0x7F7F_FFFF, 0xFF7F_FFFF, 0x7F80_0000, 0xFF80_0000, 0x7F81_0000,
+            0xFFC0_1234, 0x7FFF_FFFF, 0x0000_8000, 0x0001_8000, 0x8000_7FFF, 0x3F7F_FFFF, 0x0000_0000, 0x8000_0000,
+        ];
+        let kv: Vec<f32> = special.iter().map(|&b| f32::from_bits(b)).collect();
+        let op = Op::WindowStore(WindowStore { rows: 2, slots: 1, window: 4, dim: 8, cache_dtype: DType::BF16 });
+        let ring = tcache(&[1, 4, 8], DType::BF16, &rng.vf(32, 1.0));
+        s.case("window_store bf16 rounding", &op, &[tf(&[2, 8], &kv), ti(&[2], &[0, 0]), ti(&[2], &[5, 6])], &[(ring, Some(Check::Exact))]);
+    }
+    // head_dim 512 like the model, decode rows (key splits and their combination).
+    for cache_dtype in [DType::F32, DType::BF16] {
+        let tag = if cache_dtype == DType::F32 { String::new() } else { format!(" {cache_dtype} cache") };
         let (h, d) = (16, 512);
         let rows = 2;
-        let op = Op::SparseAttention(SparseAttention { rows, heads: h, head_dim: d, slots: 2, window: 128, compressed: CompressedKv::All { ratio: 4, capacity: 64 }, softmax_scale: 0.044 });
+        let op = Op::SparseAttention(SparseAttention { rows, heads: h, head_dim: d, slots: 2, window: 128, compressed: CompressedKv::All { ratio: 4, capacity: 64 }, softmax_scale: 0.044, cache_dtype });
         let ins = vec![
             tf(&[rows, h, d], &rng.vf(rows * h * d, 1.0)),
             tf(&[rows, d], &rng.vf(rows * d, 1.0)),
-            tf(&[2, 128, d], &rng.vf(2 * 128 * d, 1.0)),
+            tcache(&[2, 128, d], cache_dtype, &rng.vf(2 * 128 * d, 1.0)),
             tf(&[h], &rng.vf(h, 1.0)),
             ti(&[rows], &[0, 1]),
             ti(&[rows], &[200, 17]),
-            tf(&[2, 64, d], &rng.vf(2 * 64 * d, 1.0)),
+            tcache(&[2, 64, d], cache_dtype, &rng.vf(2 * 64 * d, 1.0)),
         ];
-        s.case("sparse_attention d512 decode", &op, &ins, &[(poison(&[rows, h, d]), Some(Check::Nmse(1e-10)))]);
+        s.case(&format!("sparse_attention d512 decode{tag}"), &op, &ins, &[(poison(&[rows, h, d]), Some(Check::Nmse(1e-10)))]);
     }
 
-    // ---- compressor sequences: three calls on persistent state per backend.
-    for (label, ratio, overlap, width, rope_dim, rotate) in
-        [("csa r4 overlap", 4usize, true, 128usize, 64usize, false), ("hca r8", 8, false, 128, 64, false), ("indexer r4 rotate", 4, true, 128, 64, true), ("r1 overlap", 1, true, 64, 0, false)]
-    {
+    // ---- compressor sequences: three calls on persistent state per backend, with an f32 cache and a
+    // bf16 one (the state stays f32).
+    let configs =
+        [("csa r4 overlap", 4usize, true, 128usize, 64usize, false), ("hca r8", 8, false, 128, 64, false), ("indexer r4 rotate", 4, true, 128, 64, true), ("r1 overlap", 1, true, 64, 0, false)];
+    for (cache_dtype, (label, ratio, overlap, width, rope_dim, rotate)) in [DType::F32, DType::BF16].into_iter().flat_map(|t| configs.map(move |c| (t, c))) {
+        let tag = if cache_dtype == DType::F32 { String::new() } else { format!(" {cache_dtype} cache") };
         let (ns, cap) = (2, 24 / ratio.min(4) * 4);
         let c = if overlap { 2 } else { 1 };
         let calls: [(Vec<i32>, Vec<i32>); 3] = [
@@ -422,12 +453,12 @@ fn cuda_matches_cpu_ref() {
         let mut state: Vec<HostT> = vec![
             tf(&[ns, c * ratio, c * width], &vec![0.0; ns * c * ratio * c * width]),
             tf(&[ns, c * ratio, c * width], &score0),
-            tf(&[ns, cap, width], &vec![0.0; ns * cap * width]),
+            tcache(&[ns, cap, width], cache_dtype, &vec![0.0; ns * cap * width]),
         ];
         let mut gstate = state.clone();
         for (ci, (sl, ps)) in calls.iter().enumerate() {
             let rows = sl.len();
-            let op = Op::Compressor(Compressor { rows, slots: ns, ratio, overlap, width, rope_dim, rotate, capacity: cap, norm_eps: 1e-6 });
+            let op = Op::Compressor(Compressor { rows, slots: ns, ratio, overlap, width, rope_dim, rotate, capacity: cap, norm_eps: 1e-6, cache_dtype });
             let ins = [
                 tf(&[rows, c * width], &rng.vf(rows * c * width, 1.0)),
                 tf(&[rows, c * width], &rng.vf(rows * c * width, 1.0)),
@@ -440,7 +471,7 @@ fn cuda_matches_cpu_ref() {
             // Both backends start each call from their own previous state (GPU state is
             // compared bit-exactly, so they stay equal when correct).
             let res = s.case_with_states(
-                &format!("compressor {label} call {ci}"),
+                &format!("compressor {label}{tag} call {ci}"),
                 &op,
                 &ins,
                 &state,
@@ -456,20 +487,21 @@ fn cuda_matches_cpu_ref() {
         }
     }
 
-    // ---- indexer
-    {
+    // ---- indexer, with f32 keys and bf16 ones (the indexer compressor's cache).
+    for cache_dtype in [DType::F32, DType::BF16] {
+        let tag = if cache_dtype == DType::F32 { String::new() } else { format!(" {cache_dtype} keys") };
         let (h, d, ns, cap, ratio, topk) = (8, 128, 2, 40, 4, 12);
         let slots = vec![0, 0, 0, 1];
         let pos = vec![60, 61, 62, 150];
         let rows = slots.len();
-        // e2m1-grid values so that exact ties appear.
+        // e2m1-grid values so that exact ties appear (bf16 holds them exactly).
         let grid = |r: &mut Rng, n: usize| -> Vec<f32> { (0..n).map(|_| hal::dtype::e2m1_to_f32(r.below(16) as u8) * 0.25).collect() };
         let q = tf(&[rows, h, d], &grid(&mut rng, rows * h * d));
         let w = tf(&[rows, h], &rng.vf(rows * h, 1.0));
-        let keys = tf(&[ns, cap, d], &grid(&mut rng, ns * cap * d));
-        let op = Op::IndexerTopK(IndexerTopK { rows, heads: h, head_dim: d, slots: ns, capacity: cap, ratio, topk, weight_scale: 0.03 });
+        let keys = tcache(&[ns, cap, d], cache_dtype, &grid(&mut rng, ns * cap * d));
+        let op = Op::IndexerTopK(IndexerTopK { rows, heads: h, head_dim: d, slots: ns, capacity: cap, ratio, topk, weight_scale: 0.03, cache_dtype });
         s.case(
-            "indexer_topk",
+            &format!("indexer_topk{tag}"),
             &op,
             &[q, w, keys, ti(&[rows], &slots), ti(&[rows], &pos)],
             &[(poison_i(&[rows, topk]), Some(Check::Indices)), (poison(&[rows, topk]), Some(Check::Nmse(1e-9)))],
@@ -480,12 +512,24 @@ fn cuda_matches_cpu_ref() {
         let pos = vec![11999, 40];
         let q = tf(&[2, h, d], &rng.vf(2 * h * d, 1.0));
         let w = tf(&[2, h], &rng.vf(2 * h, 1.0));
-        let keys = tf(&[2, cap, d], &rng.vf(2 * cap * d, 1.0));
-        let op = Op::IndexerTopK(IndexerTopK { rows: 2, heads: h, head_dim: d, slots: 2, capacity: cap, ratio, topk, weight_scale: 0.03 });
+        let keys = tcache(&[2, cap, d], cache_dtype, &rng.vf(2 * cap * d, 1.0));
+        let op = Op::IndexerTopK(IndexerTopK { rows: 2, heads: h, head_dim: d, slots: 2, capacity: cap, ratio, topk, weight_scale: 0.03, cache_dtype });
         s.case(
-            "indexer_topk 3000/512",
+            &format!("indexer_topk 3000/512{tag}"),
             &op,
             &[q, w, keys, ti(&[2], &slots), ti(&[2], &pos)],
+            &[(poison_i(&[2, topk]), Some(Check::Indices)), (poison(&[2, topk]), Some(Check::Nmse(1e-9)))],
+        );
+        // head_dim 30 (not a multiple of 4): the warp-per-key index_scores.
+        let (d, cap, topk) = (30, 50, 7);
+        let q = tf(&[2, h, d], &rng.vf(2 * h * d, 1.0));
+        let w = tf(&[2, h], &rng.vf(2 * h, 1.0));
+        let keys = tcache(&[2, cap, d], cache_dtype, &rng.vf(2 * cap * d, 1.0));
+        let op = Op::IndexerTopK(IndexerTopK { rows: 2, heads: h, head_dim: d, slots: 2, capacity: cap, ratio, topk, weight_scale: 0.03, cache_dtype });
+        s.case(
+            &format!("indexer_topk d30{tag}"),
+            &op,
+            &[q, w, keys, ti(&[2], &[0, 1]), ti(&[2], &[150, 9])],
             &[(poison_i(&[2, topk]), Some(Check::Indices)), (poison(&[2, topk]), Some(Check::Nmse(1e-9)))],
         );
     }
@@ -539,7 +583,7 @@ fn cuda_matches_cpu_ref() {
     );
     s.error_case(
         "window_store not contiguous",
-        &Op::WindowStore(WindowStore { rows: 3, slots: 2, window: 4, dim: 2 }),
+        &Op::WindowStore(WindowStore { rows: 3, slots: 2, window: 4, dim: 2, cache_dtype: hal::DType::F32 }),
         &[tf(&[3, 2], &[0.0; 6]), ti(&[3], &[0, 1, 0]), ti(&[3], &[3, 0, 4])],
         &[tf(&[2, 4, 2], &[0.0; 16])],
         "window_store row 2: rows of slot 0 are not contiguous (previous one is row 0)",
@@ -576,7 +620,7 @@ fn cuda_matches_cpu_ref() {
     {
         let (h, d, w, cap) = (1, 4, 4, 2);
         let base = |compressed: CompressedKv, extra: Vec<HostT>| {
-            let op = Op::SparseAttention(SparseAttention { rows: 2, heads: h, head_dim: d, slots: 1, window: w, compressed, softmax_scale: 1.0 });
+            let op = Op::SparseAttention(SparseAttention { rows: 2, heads: h, head_dim: d, slots: 1, window: w, compressed, softmax_scale: 1.0, cache_dtype: hal::DType::F32 });
             let mut ins = vec![tf(&[2, h, d], &[0.1; 8]), tf(&[2, d], &[0.2; 8]), tf(&[1, w, d], &[0.3; 16]), tf(&[h], &[0.0]), ti(&[2], &[0, 0]), ti(&[2], &[4, 5])];
             ins.extend(extra);
             (op, ins)
@@ -587,13 +631,13 @@ fn cuda_matches_cpu_ref() {
         s.error_case("sparse_attention capacity", &op, &ins, &[poison(&[2, h, d])], "sparse_attention row 1: position 5 sees 3 compressed entries, capacity is 2");
     }
     {
-        let op = Op::Compressor(Compressor { rows: 2, slots: 1, ratio: 2, overlap: false, width: 64, rope_dim: 0, rotate: false, capacity: 1, norm_eps: 1e-6 });
+        let op = Op::Compressor(Compressor { rows: 2, slots: 1, ratio: 2, overlap: false, width: 64, rope_dim: 0, rotate: false, capacity: 1, norm_eps: 1e-6, cache_dtype: hal::DType::F32 });
         let ins = [tf(&[2, 64], &[0.1; 128]), tf(&[2, 64], &[0.1; 128]), tf(&[2, 64], &[0.0; 128]), tf(&[64], &[1.0; 64]), tf(&[0], &[]), ti(&[2], &[0, 0]), ti(&[2], &[2, 3])];
         let outs = [tf(&[1, 2, 64], &[0.0; 128]), tf(&[1, 2, 64], &[0.0; 128]), tf(&[1, 1, 64], &[0.0; 64])];
         s.error_case("compressor capacity", &op, &ins, &outs, "compressor row 1: position 3 emits entry 1 but the cache holds 1");
     }
     {
-        let op = Op::IndexerTopK(IndexerTopK { rows: 1, heads: 1, head_dim: 4, slots: 1, capacity: 2, ratio: 4, topk: 2, weight_scale: 1.0 });
+        let op = Op::IndexerTopK(IndexerTopK { rows: 1, heads: 1, head_dim: 4, slots: 1, capacity: 2, ratio: 4, topk: 2, weight_scale: 1.0, cache_dtype: hal::DType::F32 });
         let ins = [tf(&[1, 1, 4], &[0.0; 4]), tf(&[1, 1], &[1.0]), tf(&[1, 2, 4], &[0.0; 8]), ti(&[1], &[0]), ti(&[1], &[11])];
         s.error_case("indexer capacity", &op, &ins, &[poison_i(&[1, 2]), poison(&[1, 2])], "indexer_topk row 0: position 11 sees 3 entries, capacity is 2");
     }
@@ -614,7 +658,7 @@ fn cuda_matches_cpu_ref() {
         let fr = tf(&[rope_dim / 2], &freqs(rope_dim / 2));
         for (ci, (p0, p1)) in [(0i32, 300i32), (300, 384)].into_iter().enumerate() {
             let rows = (p1 - p0) as usize;
-            let op = Op::Compressor(Compressor { rows, slots: 1, ratio, overlap: false, width, rope_dim, rotate: false, capacity: cap, norm_eps: 1e-6 });
+            let op = Op::Compressor(Compressor { rows, slots: 1, ratio, overlap: false, width, rope_dim, rotate: false, capacity: cap, norm_eps: 1e-6, cache_dtype: hal::DType::F32 });
             let ins = [
                 tf(&[rows, width], &rng.vf(rows * width, 1.0)),
                 tf(&[rows, width], &rng.vf(rows * width, 1.0)),
@@ -667,7 +711,7 @@ impl Suite {
         for (i, (c, g)) in cout.iter().zip(&gout).enumerate() {
             let cb = self.cpu.download(c).expect("cpu download");
             let gb = self.gpu.download(g).expect("gpu download");
-            self.judge(&format!("{name} out{i}"), DType::F32, &cb, &gb, checks[i], dt);
+            self.judge(&format!("{name} out{i}"), cstate[i].dtype, &cb, &gb, checks[i], dt);
             res.push((cb, gb));
         }
         res

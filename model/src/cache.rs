@@ -5,13 +5,26 @@
 //! * compressed layers: the compressor's state `[S, c·ratio, c·head_dim]` ×2 and its entries
 //!   `[S, C/ratio, head_dim]`;
 //! * CSA layers also the indexer compressor's state and keys `[S, C/4, index_head_dim]`.
+//!
 //! Capacity is fixed at creation and enforced per call: a sequence never silently wraps.
+//!
+//! Rings and entries are bf16 where the backend runs the cache ops with it: the reference's
+//! layout and the size `v4rt kv-size` gives (spec §4.1); f32 otherwise. The compressor state is
+//! f32 in both (the reference keeps it in fp32). [`KvCache::save`] / [`KvCache::load`] move a
+//! whole cache to a file and back, so a session (or a long prefill) can continue in another
+//! process.
 
-use hal::ops::Compressor;
-use hal::{Backend, DType, Tensor};
+use hal::backend::Support;
+use hal::ops::attention::CompressedKv;
+use hal::ops::{Compressor, IndexerTopK, SparseAttention, WindowStore};
+use hal::{Backend, DType, Op, Tensor};
+
+use std::collections::BTreeMap;
+use std::path::Path;
 
 use crate::config::ModelConfig;
-use crate::error::ModelError;
+use crate::error::{LoadError, ModelError};
+use crate::safetensors::{self, SafeTensors, WriteTensor};
 use crate::exec::CompressorState;
 
 type Result<T> = std::result::Result<T, ModelError>;
@@ -33,17 +46,87 @@ pub struct LayerCache {
 pub struct KvCache {
     slots: usize,
     capacity: usize,
+    dtype: DType,
     pub(crate) layers: Vec<LayerCache>,
     pub(crate) mtp: Vec<LayerCache>,
     /// Next position of each slot; `None` = free.
     next: Vec<Option<usize>>,
 }
 
+/// Why `b` cannot run this model's cache ops with entries of `dtype`, or `None` if it can.
+/// Asks [`Backend::supports`] for each cache op at the model's shapes.
+pub fn kv_dtype_unsupported(cfg: &ModelConfig, b: &dyn Backend, dtype: DType) -> Option<String> {
+    let (hd, id) = (cfg.head_dim, cfg.index_head_dim);
+    let comp = |width, rotate| Compressor {
+        rows: 1,
+        slots: 1,
+        ratio: 4,
+        overlap: true,
+        width,
+        rope_dim: cfg.rope_head_dim,
+        rotate,
+        capacity: 1,
+        norm_eps: cfg.norm_eps,
+        cache_dtype: dtype,
+    };
+    let probes = [
+        Op::WindowStore(WindowStore { rows: 1, slots: 1, window: cfg.window_size, dim: hd, cache_dtype: dtype }),
+        Op::SparseAttention(SparseAttention {
+            rows: 1,
+            heads: cfg.n_heads,
+            head_dim: hd,
+            slots: 1,
+            window: cfg.window_size,
+            compressed: CompressedKv::Selected { ratio: 4, capacity: 1, topk: cfg.index_topk },
+            softmax_scale: 1.0,
+            cache_dtype: dtype,
+        }),
+        Op::Compressor(comp(hd, false)),
+        Op::Compressor(comp(id, true)),
+        Op::IndexerTopK(IndexerTopK {
+            rows: 1,
+            heads: cfg.index_n_heads,
+            head_dim: id,
+            slots: 1,
+            capacity: 1,
+            ratio: 4,
+            topk: cfg.index_topk,
+            weight_scale: 1.0,
+            cache_dtype: dtype,
+        }),
+    ];
+    probes.iter().find_map(|op| match b.supports(op) {
+        Support::Yes => None,
+        Support::No(why) => Some(format!("{}: {why}", op.name())),
+    })
+}
+
+/// The entry dtype [`KvCache::new`] picks on `b`: bf16 where every cache op runs with it, else
+/// f32.
+pub fn preferred_kv_dtype(cfg: &ModelConfig, b: &dyn Backend) -> DType {
+    match kv_dtype_unsupported(cfg, b, DType::BF16) {
+        None => DType::BF16,
+        Some(_) => DType::F32,
+    }
+}
+
 impl KvCache {
-    /// A cache for `slots` sequences of up to `capacity` tokens each.
+    /// A cache for `slots` sequences of up to `capacity` tokens each, with entries in the
+    /// backend's [`preferred_kv_dtype`].
     pub fn new(cfg: &ModelConfig, b: &dyn Backend, slots: usize, capacity: usize) -> Result<KvCache> {
+        Self::with_dtype(cfg, b, slots, capacity, preferred_kv_dtype(cfg, b))
+    }
+
+    /// A cache whose rings and compressed entries have dtype `dtype` (f32 or bf16).
+    pub fn with_dtype(cfg: &ModelConfig, b: &dyn Backend, slots: usize, capacity: usize, dtype: DType) -> Result<KvCache> {
         if slots == 0 || capacity == 0 {
             return Err(ModelError::Request(format!("cache needs at least one slot and one token (slots {slots}, capacity {capacity})")));
+        }
+        if !hal::ops::cache_dtype_supported(dtype) {
+            return Err(ModelError::Request(format!("KV cache dtype {dtype} is not supported (use f32 or bf16)")));
+        }
+        if let Some(why) = kv_dtype_unsupported(cfg, b, dtype) {
+            return Err(ModelError::Request(format!("backend {} cannot keep a {dtype} KV cache ({why})", b.info().name)));
         }
         let layer = |ratio: usize| -> Result<LayerCache> {
             let compressor = |width: usize, rotate: bool| -> Result<CompressorCache> {
@@ -57,24 +140,30 @@ impl KvCache {
                     rotate,
                     capacity: (capacity / ratio).max(1),
                     norm_eps: cfg.norm_eps,
+                    cache_dtype: dtype,
                 };
                 let c = spec.coff();
                 let state = CompressorState {
                     kv: b.alloc(&[slots, c * ratio, c * width], DType::F32)?,
                     score: b.alloc(&[slots, c * ratio, c * width], DType::F32)?,
-                    cache: b.alloc(&[slots, spec.capacity, width], DType::F32)?,
+                    cache: b.alloc(&[slots, spec.capacity, width], dtype)?,
                 };
                 Ok(CompressorCache { spec, state })
             };
             Ok(LayerCache {
-                ring: b.alloc(&[slots, cfg.window_size, cfg.head_dim], DType::F32)?,
+                ring: b.alloc(&[slots, cfg.window_size, cfg.head_dim], dtype)?,
                 compressor: if ratio > 0 { Some(compressor(cfg.head_dim, false)?) } else { None },
                 indexer: if ratio == 4 { Some(compressor(cfg.index_head_dim, true)?) } else { None },
             })
         };
         let layers = (0..cfg.n_layers).map(|i| layer(cfg.layer_ratio(i))).collect::<Result<Vec<_>>>()?;
         let mtp = (0..cfg.n_mtp_layers).map(|k| layer(cfg.layer_ratio(cfg.n_layers + k))).collect::<Result<Vec<_>>>()?;
-        Ok(KvCache { slots, capacity, layers, mtp, next: vec![None; slots] })
+        Ok(KvCache { slots, capacity, dtype, layers, mtp, next: vec![None; slots] })
+    }
+
+    /// The dtype of the rings and compressed entries.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     pub fn slots(&self) -> usize {
@@ -147,14 +236,18 @@ impl KvCache {
         const CHUNK: usize = 1 << 22;
         let mut rng = crate::synthetic::SplitMix64(seed);
         let noise: Vec<f32> = (0..CHUNK).map(|_| (2.0 * rng.uniform() - 1.0) as f32).collect();
-        let bytes = hal::dtype::f32_bytes(&noise);
+        let bytes = match self.dtype {
+            DType::BF16 => noise.iter().flat_map(|&v| hal::dtype::f32_to_bf16(v).to_le_bytes()).collect(),
+            _ => hal::dtype::f32_bytes(&noise),
+        };
+        let size = self.dtype.size();
         let slots = self.slots;
         let fill = |t: &mut Tensor| -> Result<()> {
             let per_slot = t.numel() / slots;
             let mut done = 0;
             while done < per_slot {
                 let n = CHUNK.min(per_slot - done);
-                b.write(t, slot * per_slot + done, &bytes[..n * 4])?;
+                b.write(t, slot * per_slot + done, &bytes[..n * size])?;
                 done += n;
             }
             Ok(())
@@ -166,6 +259,75 @@ impl KvCache {
             }
         }
         self.next[slot] = Some(len);
+        Ok(())
+    }
+
+    /// Every tensor of the cache with its name in a saved file, in a fixed order.
+    fn named_tensors(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut out = Vec::new();
+        let groups = self.layers.iter_mut().enumerate().map(|(i, l)| (format!("layers.{i}"), l));
+        let mtp = self.mtp.iter_mut().enumerate().map(|(k, l)| (format!("mtp.{k}"), l));
+        for (prefix, lc) in groups.chain(mtp) {
+            out.push((format!("{prefix}.ring"), &mut lc.ring));
+            for (part, cc) in [("compressor", lc.compressor.as_mut()), ("indexer", lc.indexer.as_mut())] {
+                if let Some(cc) = cc {
+                    out.push((format!("{prefix}.{part}.state_kv"), &mut cc.state.kv));
+                    out.push((format!("{prefix}.{part}.state_score"), &mut cc.state.score));
+                    out.push((format!("{prefix}.{part}.cache"), &mut cc.state.cache));
+                }
+            }
+        }
+        out
+    }
+
+    /// Writes the whole cache (every slot's rings, compressor states and entries, and where each
+    /// slot stands) to a safetensors file that [`KvCache::load`] reads back: a session can stop
+    /// and resume in another process, or a long prefill can be split across processes.
+    pub fn save(&mut self, b: &dyn Backend, path: &Path) -> Result<()> {
+        let next = serde_json::to_string(&self.next).expect("positions serialize");
+        let mut host: Vec<(String, DType, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (name, t) in self.named_tensors() {
+            host.push((name, t.dtype(), t.shape().to_vec(), b.download(t)?));
+        }
+        let tensors: Vec<WriteTensor> =
+            host.iter().map(|(name, dtype, shape, data)| WriteTensor { name, dtype: *dtype, shape: shape.clone(), data }).collect();
+        let meta = BTreeMap::from([("v4rt.kv.positions".to_string(), next)]);
+        safetensors::write(path, &tensors, &meta)?;
+        Ok(())
+    }
+
+    /// Replaces this cache's contents with a file written by [`KvCache::save`] for a cache of the
+    /// same model, slots, capacity and dtype. Every tensor is checked (present, dtype, shape)
+    /// before anything is written; an error names the file and the tensor.
+    pub fn load(&mut self, b: &dyn Backend, path: &Path) -> Result<()> {
+        let file = SafeTensors::open(path)?;
+        let bad = |tensor: &str, message: String| ModelError::from(LoadError::Tensor { file: path.to_path_buf(), tensor: tensor.into(), message });
+        let meta_err = |message: String| ModelError::from(LoadError::Corrupt { file: path.to_path_buf(), message });
+        let next: Vec<Option<usize>> = file
+            .metadata()
+            .get("v4rt.kv.positions")
+            .ok_or_else(|| meta_err("no 'v4rt.kv.positions' metadata: not a saved v4rt KV cache".into()))
+            .and_then(|j| serde_json::from_str(j).map_err(|e| meta_err(format!("'v4rt.kv.positions': {e}"))))?;
+        if next.len() != self.slots {
+            return Err(meta_err(format!("saved for {} slots, this cache has {}", next.len(), self.slots)));
+        }
+        if let Some(p) = next.iter().flatten().find(|&&p| p > self.capacity) {
+            return Err(meta_err(format!("a slot stands at position {p}, past this cache's capacity {}", self.capacity)));
+        }
+        let mut tensors = self.named_tensors();
+        for (name, t) in &tensors {
+            let info = file.info(name).ok_or_else(|| bad(name, "missing".into()))?;
+            if info.dtype != t.dtype() || info.shape != t.shape() {
+                return Err(bad(name, format!("{} {:?} saved, this cache has {} {:?}", info.dtype, info.shape, t.dtype(), t.shape())));
+            }
+        }
+        if let Some(extra) = file.names().find(|n| !tensors.iter().any(|(name, _)| name == n)) {
+            return Err(bad(extra, "not a tensor of this model's cache".into()));
+        }
+        for (name, t) in tensors.iter_mut() {
+            b.write(t, 0, file.bytes(name)?)?;
+        }
+        self.next = next;
         Ok(())
     }
 

@@ -159,7 +159,7 @@ impl<'a> Exec<'a> {
 
     pub fn window_store(&self, kv: &Tensor, rows: &Rows, ring: &mut Tensor) -> Result<()> {
         let (slots, window, dim) = (ring.shape()[0], ring.shape()[1], ring.shape()[2]);
-        let op = ops::WindowStore { rows: rows.n, slots, window, dim };
+        let op = ops::WindowStore { rows: rows.n, slots, window, dim, cache_dtype: ring.dtype() };
         self.run(Op::WindowStore(op), &[kv, &rows.slots, &rows.positions], &mut [ring])
     }
 

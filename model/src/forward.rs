@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use hal::ops::attention::CompressedKv;
 use hal::ops::{self, GateMode, QuantFormat};
-use hal::{Backend, Tensor};
+use hal::{Backend, DType, Tensor};
 
 use crate::cache::{KvCache, LayerCache};
 use crate::checkpoint::Checkpoint;
@@ -104,9 +104,16 @@ impl Model {
         &self.weights.prepared
     }
 
-    /// A cache for this model on its backend.
+    /// A cache for this model on its backend, in the backend's preferred dtype
+    /// ([`crate::cache::preferred_kv_dtype`]).
     pub fn new_cache(&self, slots: usize, capacity: usize) -> Result<KvCache> {
         KvCache::new(&self.cfg, self.backend(), slots, capacity)
+    }
+
+    /// A cache whose entries have dtype `dtype` (f32 or bf16); an error if the backend cannot
+    /// run the cache ops with it.
+    pub fn new_cache_with(&self, slots: usize, capacity: usize, dtype: DType) -> Result<KvCache> {
+        KvCache::with_dtype(&self.cfg, self.backend(), slots, capacity, dtype)
     }
 
     fn exec(&self) -> Exec<'_> {
@@ -310,6 +317,7 @@ impl Model {
                     ratio: a.ratio,
                     topk: c.index_topk,
                     weight_scale: ((id as f64).powf(-0.5) * (ih as f64).powf(-0.5)) as f32,
+                    cache_dtype: ic.state.cache.dtype(),
                 };
                 Some(e.indexer_topk(op, &iq, &iwts, &ic.state.cache, rows)?)
             }
@@ -330,6 +338,7 @@ impl Model {
             window: ring_shape[1],
             compressed,
             softmax_scale: (1.0 / (hd as f64).sqrt()) as f32,
+            cache_dtype: lc.ring.dtype(),
         };
         let mut o = e.sparse_attention(op, &q, &kv, &lc.ring, &a.sink, rows,
             lc.compressor.as_ref().map(|cc| &cc.state.cache), topk.as_ref().map(|(i, _)| i))?;

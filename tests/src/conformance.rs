@@ -138,11 +138,19 @@ impl HostTensor {
     fn raw(shape: &[usize], dtype: DType, bytes: Vec<u8>) -> Self {
         HostTensor { shape: shape.to_vec(), dtype, bytes }
     }
+    /// A KV cache tensor of dtype `dtype` (f32, or bf16 holding each value's nearest bf16).
+    fn cache(shape: &[usize], dtype: DType, v: &[f32]) -> Self {
+        match dtype {
+            DType::BF16 => HostTensor::raw(shape, dtype, v.iter().flat_map(|x| dtype::f32_to_bf16(*x).to_le_bytes()).collect()),
+            _ => HostTensor::f32(shape, v),
+        }
+    }
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+    /// The values as f32 (f32 tensors as they are, bf16 ones widened).
     pub fn f32s(&self) -> Vec<f32> {
-        dtype::bytes_f32(&self.bytes)
+        dtype::decode_to_f32(self.dtype, &self.bytes)
     }
     pub fn i32s(&self) -> Vec<i32> {
         dtype::bytes_i32(&self.bytes)
@@ -398,6 +406,11 @@ pub fn variant(op: &Op) -> String {
         Op::HcExpand(_) | Op::Add(_) | Op::GatherRows(_) | Op::HcPre(_) | Op::HcPost(_) | Op::HcHead(_)
         | Op::Hadamard(_) | Op::WindowStore(_) | Op::IndexerTopK(_) | Op::SwiGlu(_) => None,
     };
+    let v = match (v, op.cache_dtype()) {
+        (v, None | Some(DType::F32)) => v,
+        (Some(v), Some(d)) => Some(format!("{v},{d} cache")),
+        (None, Some(d)) => Some(format!("{d} cache")),
+    };
     match v {
         Some(v) => format!("{}[{v}]", op.name()),
         None => op.name().to_string(),
@@ -463,7 +476,8 @@ pub fn cases(seed: u64) -> Vec<Case> {
     for kind in 0..N_KINDS {
         let mut r = runner(seed, kind as u64);
         let s = |i: u64| mix(seed, kind as u64, 1000 + i);
-        let cs = kind_cases(kind, &mut r, &s, &reals);
+        let mut cs = kind_cases(kind, &mut r, &s, &reals);
+        cs.extend(bf16_cache_cases(&cs));
         assert!(!cs.is_empty(), "op kind {kind} has no cases");
         for c in &cs {
             assert_eq!(kind_index(&c.op), kind, "case {} of kind {kind} builds a {}", c.label, c.op.name());
@@ -472,6 +486,26 @@ pub fn cases(seed: u64) -> Vec<Case> {
         all.extend(cs);
     }
     all
+}
+
+/// The KV-cache ops' cases again with a bf16 cache: every named case, and the first random case
+/// of each variant. Same seeds, so the same values, stored as bf16.
+fn bf16_cache_cases(cases: &[Case]) -> Vec<Case> {
+    cases
+        .iter()
+        .filter(|c| c.op.cache_dtype().is_some() && (!c.label.starts_with("random #") || c.label == "random #0"))
+        .map(|c| {
+            let mut op = c.op.clone();
+            match &mut op {
+                Op::WindowStore(o) => o.cache_dtype = DType::BF16,
+                Op::SparseAttention(o) => o.cache_dtype = DType::BF16,
+                Op::Compressor(o) => o.cache_dtype = DType::BF16,
+                Op::IndexerTopK(o) => o.cache_dtype = DType::BF16,
+                _ => unreachable!("filtered on cache_dtype"),
+            }
+            Case { op, label: format!("bf16 cache: {}", c.label), ..c.clone() }
+        })
+        .collect()
 }
 
 fn randoms<F: FnMut(&mut TestRunner) -> Case>(r: &mut TestRunner, mut f: F) -> Vec<Case> {
@@ -733,9 +767,9 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
             out.extend(randoms(r, |r| {
                 let (rows, slots, window, dim, sd) = draw(r, (1usize..=20, 1usize..=3, 1usize..=24, 1usize..=96, seed_s));
                 let plan = random_plan(&mut Rng::new(sd), rows, slots, 200);
-                Case::new(Op::WindowStore(WindowStore { rows: plan.rows(), slots, window, dim }), "", sd).plan(plan)
+                Case::new(Op::WindowStore(WindowStore { rows: plan.rows(), slots, window, dim, cache_dtype: hal::DType::F32 }), "", sd).plan(plan)
             }));
-            let ws = |plan: RowPlan, slots, window| Op::WindowStore(WindowStore { rows: plan.rows(), slots, window, dim: 24 });
+            let ws = |plan: RowPlan, slots, window| Op::WindowStore(WindowStore { rows: plan.rows(), slots, window, dim: 24, cache_dtype: hal::DType::F32 });
             let p = RowPlan::decode(&[7]);
             out.push(Case::new(ws(p.clone(), 1, 8), "edge: one token at window − 1", s(0)).plan(p));
             let p = RowPlan::decode(&[7, 8, 9, 0]);
@@ -746,7 +780,7 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
             out.push(Case::new(ws(p.clone(), 3, 8), "edge: chunk across the window boundary + a decode row", s(3)).plan(p));
             for (i, (name, c)) in reals.iter().enumerate() {
                 let p = RowPlan::decode(&[c.window_size - 1, c.window_size, 3000]);
-                let op = WindowStore { rows: 3, slots: 3, window: c.window_size, dim: c.head_dim };
+                let op = WindowStore { rows: 3, slots: 3, window: c.window_size, dim: c.head_dim, cache_dtype: hal::DType::F32 };
                 out.push(Case::new(Op::WindowStore(op), format!("{name}: window {} × {}, mixed decode", c.window_size, c.head_dim), s(10 + i as u64)).plan(p).large());
             }
         }
@@ -764,13 +798,13 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
                         (2 * half_rope + 64 * k, 2 * half_rope)
                     };
                     let plan = random_plan(&mut Rng::new(sd), rows, slots, cap * ratio);
-                    let op = Compressor { rows: plan.rows(), slots, ratio, overlap, width, rope_dim, rotate, capacity: cap, norm_eps: 1e-6 };
+                    let op = Compressor { rows: plan.rows(), slots, ratio, overlap, width, rope_dim, rotate, capacity: cap, norm_eps: 1e-6, cache_dtype: hal::DType::F32 };
                     Case::new(Op::Compressor(op), "", sd).plan(plan)
                 }));
             }
             let csa = |plan: RowPlan, slots, rotate: bool| {
                 let width = if rotate { 64 } else { 96 };
-                Op::Compressor(Compressor { rows: plan.rows(), slots, ratio: 4, overlap: true, width, rope_dim: 32, rotate, capacity: 8, norm_eps: 1e-6 })
+                Op::Compressor(Compressor { rows: plan.rows(), slots, ratio: 4, overlap: true, width, rope_dim: 32, rotate, capacity: 8, norm_eps: 1e-6, cache_dtype: hal::DType::F32 })
             };
             for (j, rotate) in [false, true].into_iter().enumerate() {
                 let j = 10 * j as u64;
@@ -786,7 +820,7 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
                 let p = RowPlan::decode(&[3, 6, 7, 0]);
                 out.push(Case::new(csa(p.clone(), 4, rotate), format!("edge: mixed decode slots at 3, 6, 7, 0{t}"), s(j + 9)).plan(p));
             }
-            let hca = |plan: RowPlan, slots| Op::Compressor(Compressor { rows: plan.rows(), slots, ratio: 128, overlap: false, width: 128, rope_dim: 64, rotate: false, capacity: 2, norm_eps: 1e-6 });
+            let hca = |plan: RowPlan, slots| Op::Compressor(Compressor { rows: plan.rows(), slots, ratio: 128, overlap: false, width: 128, rope_dim: 64, rotate: false, capacity: 2, norm_eps: 1e-6, cache_dtype: hal::DType::F32 });
             let p = RowPlan::decode(&[126, 127, 128]);
             out.push(Case::new(hca(p.clone(), 3), "edge: ratio 128, decode at 126, 127 (emits), 128", s(30)).plan(p));
             let p = RowPlan::runs(&[(0, 0, 130)]);
@@ -794,7 +828,7 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
             for (i, (name, c)) in reals.iter().enumerate() {
                 let i = i as u64;
                 let comp = |ratio: usize, width, rotate, cap, plan: &RowPlan| Op::Compressor(Compressor {
-                    rows: plan.rows(), slots: 3, ratio, overlap: ratio == 4, width, rope_dim: c.rope_head_dim, rotate, capacity: cap, norm_eps: c.norm_eps });
+                    rows: plan.rows(), slots: 3, ratio, overlap: ratio == 4, width, rope_dim: c.rope_head_dim, rotate, capacity: cap, norm_eps: c.norm_eps, cache_dtype: hal::DType::F32 });
                 let p4 = RowPlan::decode(&[3, 130, 255]);
                 let f4 = model::rope::layer_freqs(c, 4);
                 out.push(Case::new(comp(4, c.head_dim, false, 64, &p4), format!("{name}: CSA compressor, width {}", c.head_dim), s(40 + i)).plan(p4.clone()).freqs(f4.clone()).large());
@@ -809,11 +843,11 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
                 let (rows, heads, head_dim, slots, ratio, cap, topk, sd) = draw(r, (1usize..=9, 1usize..=8, 1usize..=64, 1usize..=3, 1usize..=8, 1usize..=40, 1usize..=48, seed_s));
                 let plan = random_plan(&mut Rng::new(sd), rows, slots, cap * ratio);
                 let ws = ((head_dim as f64).powf(-0.5) * (heads as f64).powf(-0.5)) as f32;
-                let op = IndexerTopK { rows: plan.rows(), heads, head_dim, slots, capacity: cap, ratio, topk, weight_scale: ws };
+                let op = IndexerTopK { rows: plan.rows(), heads, head_dim, slots, capacity: cap, ratio, topk, weight_scale: ws, cache_dtype: hal::DType::F32 };
                 Case::new(Op::IndexerTopK(op), "", sd).plan(plan)
             }));
             let idx = |plan: &RowPlan, slots, topk| Op::IndexerTopK(IndexerTopK {
-                rows: plan.rows(), heads: 4, head_dim: 32, slots, capacity: 16, ratio: 4, topk, weight_scale: 0.088 });
+                rows: plan.rows(), heads: 4, head_dim: 32, slots, capacity: 16, ratio: 4, topk, weight_scale: 0.088, cache_dtype: hal::DType::F32 });
             let p = RowPlan::decode(&[2]);
             out.push(Case::new(idx(&p, 1, 4), "edge: one token before the first entry (all −1)", s(0)).plan(p));
             let p = RowPlan::decode(&[3, 4, 7, 8]);
@@ -825,13 +859,13 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
             // Rows of many entries (CUDA's two-stage top-k: segments of 8192, then their candidates),
             // with the e2m1-grid ties crossing segment boundaries.
             let p = RowPlan::decode(&[19_999, 16_383, 8_191]);
-            let op = IndexerTopK { rows: 3, heads: 4, head_dim: 32, slots: 3, capacity: 20_000, ratio: 1, topk: 64, weight_scale: 0.088 };
+            let op = IndexerTopK { rows: 3, heads: 4, head_dim: 32, slots: 3, capacity: 20_000, ratio: 1, topk: 64, weight_scale: 0.088, cache_dtype: hal::DType::F32 };
             out.push(Case::new(Op::IndexerTopK(op), "long rows: 20000 entries, top-64", s(6)).plan(p));
             for (i, (name, c)) in reals.iter().enumerate() {
                 let cap = c.index_topk + 100;
                 let p = RowPlan::decode(&[4 * cap - 1, 4 * c.index_topk - 10]);
                 let ws = ((c.index_head_dim as f64).powf(-0.5) * (c.index_n_heads as f64).powf(-0.5)) as f32;
-                let op = IndexerTopK { rows: 2, heads: c.index_n_heads, head_dim: c.index_head_dim, slots: 2, capacity: cap, ratio: 4, topk: c.index_topk, weight_scale: ws };
+                let op = IndexerTopK { rows: 2, heads: c.index_n_heads, head_dim: c.index_head_dim, slots: 2, capacity: cap, ratio: 4, topk: c.index_topk, weight_scale: ws, cache_dtype: hal::DType::F32 };
                 out.push(Case::new(Op::IndexerTopK(op), format!("{name}: {} × {}, top-k {} (one row padded)", c.index_n_heads, c.index_head_dim, c.index_topk), s(10 + i as u64)).plan(p).large());
             }
         }
@@ -847,12 +881,12 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
                         _ => (CompressedKv::Selected { ratio: ratio.min(8), capacity: cap, topk }, cap * ratio.min(8)),
                     };
                     let plan = random_plan(&mut Rng::new(sd), rows, slots, max_end);
-                    let op = SparseAttention { rows: plan.rows(), heads, head_dim, slots, window, compressed, softmax_scale: (head_dim as f32).powf(-0.5) };
+                    let op = SparseAttention { rows: plan.rows(), heads, head_dim, slots, window, compressed, softmax_scale: (head_dim as f32).powf(-0.5), cache_dtype: hal::DType::F32 };
                     Case::new(Op::SparseAttention(op), "", sd).plan(plan)
                 }));
             }
             let sa = |plan: &RowPlan, slots, compressed| Op::SparseAttention(SparseAttention {
-                rows: plan.rows(), heads: 3, head_dim: 40, slots, window: 8, compressed, softmax_scale: 0.158 });
+                rows: plan.rows(), heads: 3, head_dim: 40, slots, window: 8, compressed, softmax_scale: 0.158, cache_dtype: hal::DType::F32 });
             let p = RowPlan::decode(&[0]);
             out.push(Case::new(sa(&p, 1, CompressedKv::None), "edge: one token at position 0", s(0)).plan(p));
             let p = RowPlan::decode(&[7, 8, 9, 30]);
@@ -871,7 +905,7 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
                 let i = i as u64;
                 let a = |plan: &RowPlan, compressed| Op::SparseAttention(SparseAttention {
                     rows: plan.rows(), heads: c.n_heads, head_dim: c.head_dim, slots: 2, window: c.window_size, compressed,
-                    softmax_scale: (1.0 / (c.head_dim as f64).sqrt()) as f32 });
+                    softmax_scale: (1.0 / (c.head_dim as f64).sqrt()) as f32, cache_dtype: hal::DType::F32 });
                 let cap = c.index_topk + 64;
                 let p = RowPlan::decode(&[4 * cap - 1, 300]);
                 out.push(Case::new(a(&p, CompressedKv::Selected { ratio: 4, capacity: cap, topk: c.index_topk }), format!("{name}: CSA, {} heads × {}, top-k {}", c.n_heads, c.head_dim, c.index_topk), s(10 + i)).plan(p).large());
@@ -1196,9 +1230,10 @@ fn build_data(case: &Case) -> CaseData {
         Op::Hadamard(o) => (vec![], vec![Some(f32t(&[o.rows, o.dim], &activations(rng, o.rows, o.dim)))]),
         Op::WindowStore(o) => {
             let p = plan();
+            let cache_t = |shape: &[usize], v: &[f32]| HostTensor::cache(shape, o.cache_dtype, v);
             (
                 vec![f32t(&[o.rows, o.dim], &rng.normals(o.rows * o.dim, 1.0)), i32t(&[o.rows], &p.slots), i32t(&[o.rows], &p.positions)],
-                vec![Some(f32t(&[o.slots, o.window, o.dim], &rng.normals(o.slots * o.window * o.dim, 1.0)))],
+                vec![Some(cache_t(&[o.slots, o.window, o.dim], &rng.normals(o.slots * o.window * o.dim, 1.0)))],
             )
         }
         Op::Compressor(o) => {
@@ -1230,7 +1265,7 @@ fn build_data(case: &Case) -> CaseData {
                 vec![
                     Some(f32t(&[s, rows_per_slot, cd], &skv)),
                     Some(f32t(&[s, rows_per_slot, cd], &ssc)),
-                    Some(f32t(&[s, o.capacity, d], &cache)),
+                    Some(HostTensor::cache(&[s, o.capacity, d], o.cache_dtype, &cache)),
                 ],
             )
         }
@@ -1241,7 +1276,7 @@ fn build_data(case: &Case) -> CaseData {
                 vec![
                     f32t(&[r, h, d], &e2m1_grid(rng, r * h * d, d)),
                     f32t(&[r, h], &rng.normals(r * h, 1.0)),
-                    f32t(&[o.slots, o.capacity, d], &e2m1_grid(rng, o.slots * o.capacity * d, d)),
+                    HostTensor::cache(&[o.slots, o.capacity, d], o.cache_dtype, &e2m1_grid(rng, o.slots * o.capacity * d, d)),
                     i32t(&[r], &p.slots),
                     i32t(&[r], &p.positions),
                 ],
@@ -1254,16 +1289,16 @@ fn build_data(case: &Case) -> CaseData {
             let mut ins = vec![
                 f32t(&[r, h, d], &rng.normals(r * h * d, 1.0)),
                 f32t(&[r, d], &rng.normals(r * d, 1.0)),
-                f32t(&[s, w, d], &rng.normals(s * w * d, 1.0)),
+                HostTensor::cache(&[s, w, d], o.cache_dtype, &rng.normals(s * w * d, 1.0)),
                 f32t(&[h], &rng.normals(h, 1.0)),
                 i32t(&[r], &p.slots),
                 i32t(&[r], &p.positions),
             ];
             match o.compressed {
                 CompressedKv::None => {}
-                CompressedKv::All { capacity, .. } => ins.push(f32t(&[s, capacity, d], &rng.normals(s * capacity * d, 1.0))),
+                CompressedKv::All { capacity, .. } => ins.push(HostTensor::cache(&[s, capacity, d], o.cache_dtype, &rng.normals(s * capacity * d, 1.0))),
                 CompressedKv::Selected { ratio, capacity, topk } => {
-                    ins.push(f32t(&[s, capacity, d], &rng.normals(s * capacity * d, 1.0)));
+                    ins.push(HostTensor::cache(&[s, capacity, d], o.cache_dtype, &rng.normals(s * capacity * d, 1.0)));
                     let mut idx = vec![-1i32; r * topk];
                     for row in 0..r {
                         let n = ((p.positions[row] as usize + 1) / ratio).min(capacity);
@@ -1777,8 +1812,8 @@ fn check(case: &Case, data: &CaseData, obs: &Observed, want: &[Vec<u8>], bf16: b
                 continue;
             }
         }
-        if s.dtype == DType::F32 {
-            let (g, r) = (dtype::bytes_f32(got), dtype::bytes_f32(w));
+        if matches!(s.dtype, DType::F32 | DType::BF16) {
+            let (g, r) = (dtype::decode_to_f32(s.dtype, got), dtype::decode_to_f32(s.dtype, w));
             let bad = g.iter().zip(&r).filter(|(g, r)| g.is_nan() || (g.is_infinite() && g.to_bits() != r.to_bits())).count();
             let missing_inf = g.iter().zip(&r).filter(|(g, r)| r.is_infinite() && g.to_bits() != r.to_bits()).count();
             if bad > 0 {
@@ -1806,7 +1841,8 @@ fn check(case: &Case, data: &CaseData, obs: &Observed, want: &[Vec<u8>], bf16: b
             }
             Metric::Cache(thr) => {
                 let pre = data.outputs[k].as_ref().expect("cache is read-write");
-                cache_compare(s.name, &dtype::bytes_f32(got), &dtype::bytes_f32(w), &pre.f32s(), thr, res);
+                let f = |b: &[u8]| dtype::decode_to_f32(s.dtype, b);
+                cache_compare(s.name, &f(got), &f(w), &pre.f32s(), thr, res);
             }
             Metric::RowFlips(thr) => {
                 let Op::MoeExperts(m) = &case.op else { unreachable!("row flips are for moe_experts") };
@@ -2455,7 +2491,9 @@ fn load_golden(dir: &Path) -> Result<Golden, String> {
     })
 }
 
-fn collect(m: &model::forward::Model, g: &Golden) -> Result<Runs, String> {
+/// Runs the golden inputs through `m` with KV caches of dtype `kv`: the T2 prefill (+ MTP) and
+/// decode runs, then (with `teacher`) the T1 teacher-forced blocks, head and MTP block.
+fn collect(m: &model::forward::Model, g: &Golden, kv: DType, teacher_forced: bool) -> Result<Runs, String> {
     use model::forward::{Chunk, ForwardOptions, LogitsAt};
     let e = |e: model::error::ModelError| e.to_string();
     let (b, t, p, v) = (g.b, g.t, DECODE_SPLIT, m.cfg.vocab_size);
@@ -2466,7 +2504,7 @@ fn collect(m: &model::forward::Model, g: &Golden) -> Result<Runs, String> {
     let streams = |x: &[f32], rows: usize| be.upload(&[rows, hc, d], DType::F32, &dtype::f32_bytes(x)).map_err(|e| e.to_string());
 
     // T2 prefill + MTP, all sequences in one call.
-    let mut cache = m.new_cache(b, t).map_err(e)?;
+    let mut cache = m.new_cache_with(b, t, kv).map_err(e)?;
     let slots: Vec<usize> = (0..b).map(|_| cache.alloc_slot(be)).collect::<Result<_, _>>().map_err(e)?;
     let chunks: Vec<Chunk> = slots.iter().map(|&s| Chunk { slot: s, tokens: &g.tokens[s * t..(s + 1) * t] }).collect();
     let next: Vec<u32> = (0..b * t).map(|r| if r % t + 1 < t { g.tokens[r + 1] } else { 0 }).collect();
@@ -2476,7 +2514,7 @@ fn collect(m: &model::forward::Model, g: &Golden) -> Result<Runs, String> {
     let (prefill, mtp) = (out.logits, out.mtp_logits.ok_or("no MTP logits")?);
 
     // T2 decode: prefill P, then one token per sequence per call.
-    let mut cache = m.new_cache(b, t).map_err(e)?;
+    let mut cache = m.new_cache_with(b, t, kv).map_err(e)?;
     let slots: Vec<usize> = (0..b).map(|_| cache.alloc_slot(be)).collect::<Result<_, _>>().map_err(e)?;
     let opts = ForwardOptions { logits: LogitsAt::All, decisions: true, mtp_ids: None };
     let chunks: Vec<Chunk> = slots.iter().map(|&s| Chunk { slot: s, tokens: &g.tokens[s * t..s * t + p] }).collect();
@@ -2515,7 +2553,7 @@ fn collect(m: &model::forward::Model, g: &Golden) -> Result<Runs, String> {
     };
     let teacher = |i: usize, split: Option<usize>| -> Result<BlockOut, String> {
         let input = block_input(i)?;
-        let mut cache = m.new_cache(1, t).map_err(e)?;
+        let mut cache = m.new_cache_with(1, t, kv).map_err(e)?;
         let slot = cache.alloc_slot(be).map_err(e)?;
         let spans: Vec<(usize, usize)> = match split {
             None => vec![(0, t)],
@@ -2537,12 +2575,16 @@ fn collect(m: &model::forward::Model, g: &Golden) -> Result<Runs, String> {
         }
         Ok(r)
     };
+    if !teacher_forced {
+        let t1_mtp = BlockOut::default();
+        return Ok(Runs { prefill, mtp, prefill_experts, prefill_topk, decode, decode_experts, decode_topk, t1: vec![], t1d: vec![], t1_head: vec![], t1_mtp });
+    }
     let t1 = (0..layers).map(|i| teacher(i, None)).collect::<Result<Vec<_>, _>>()?;
     let t1d = (0..layers).map(|i| teacher(i, Some(p))).collect::<Result<Vec<_>, _>>()?;
     let x_last = g.layers.f32(&format!("layer{}_out", layers - 1)).map_err(|e| e.to_string())?;
     let keep: Vec<usize> = (0..t).collect();
     let t1_head = m.head(&streams(&x_last, t)?, &keep).map_err(e)?;
-    let mut cache = m.new_cache(1, t).map_err(e)?;
+    let mut cache = m.new_cache_with(1, t, kv).map_err(e)?;
     let slot = cache.alloc_slot(be).map_err(e)?;
     let rows = m.rows(&cache, &[Chunk { slot, tokens: &g.tokens[..t] }]).map_err(e)?;
     let (mtp1, dd) = m.mtp(0, &mut cache, &rows, streams(&x_last, t)?, &next[..t], true).map_err(e)?;
@@ -2732,15 +2774,24 @@ pub fn end_to_end(backend: Arc<dyn Backend>, reference: Arc<dyn Backend>, golden
     let name = backend.info().name;
     let ref_name = reference.info().name;
     let recorder = Arc::new(NumericsRecorder::new(backend));
-    let ours = match model::forward::Model::load(golden_dir, recorder.clone()).map_err(|e| e.to_string()).and_then(|m| Ok((collect(&m, &g)?, m.cfg))) {
+    let ours_m = match model::forward::Model::load(golden_dir, recorder.clone()) {
+        Ok(m) => m,
+        Err(e) => return fail(&format!("tiny-flash on {name}"), e.to_string()),
+    };
+    let theirs_m = match model::forward::Model::load(golden_dir, reference) {
+        Ok(m) => m,
+        Err(e) => return fail(&format!("tiny-flash on the reference {ref_name}"), e.to_string()),
+    };
+    // The goldens are the reference's float32 mode, whose KV cache is float32.
+    let ours = match collect(&ours_m, &g, DType::F32, true) {
         Ok(r) => r,
         Err(e) => return fail(&format!("tiny-flash on {name}"), e),
     };
-    let theirs = match model::forward::Model::load(golden_dir, reference).map_err(|e| e.to_string()).and_then(|m| collect(&m, &g)) {
+    let theirs = match collect(&theirs_m, &g, DType::F32, true) {
         Ok(r) => r,
         Err(e) => return fail(&format!("tiny-flash on the reference {ref_name}"), e),
     };
-    let (ours, cfg) = ours;
+    let cfg = ours_m.cfg.clone();
     let (t, v, k, kk, layers) = (g.t, cfg.vocab_size, cfg.n_activated_experts, cfg.index_topk, cfg.n_layers);
     let width = cfg.hc_mult * cfg.dim;
     let gl = |n: &str| g.logits.f32(n).unwrap_or_default();
@@ -2800,5 +2851,32 @@ pub fn end_to_end(backend: Arc<dyn Backend>, reference: Arc<dyn Backend>, golden
     }
     checks.push(tier2_decisions(format!("T2 prefill + MTP decisions vs {ref_name}"), &ours.prefill_experts, &ours.prefill_topk, &theirs.prefill_experts, &theirs.prefill_topk, k, kk, bf16));
     checks.push(tier2_decisions(format!("T2 decode decisions vs {ref_name}"), &ours.decode_experts, &ours.decode_topk, &theirs.decode_experts, &theirs.decode_topk, k, kk, bf16));
+    checks.extend(bf16_cache_checks(&ours_m, &theirs_m, &g, bf16));
+    checks
+}
+
+/// The T2 runs again with bf16 KV caches (the reference's bf16-mode layout, what
+/// `Model::new_cache` picks where supported): against the float32 goldens under MANIFEST §8's
+/// T3 bounds (bf16 caches are not the goldens' float32 mode), and against the reference
+/// backend's own bf16-cache run under the backend's usual tier. A backend that cannot keep a
+/// bf16 cache gets an informational line saying so, not a pass.
+fn bf16_cache_checks(ours: &model::forward::Model, theirs: &model::forward::Model, g: &Golden, bf16: bool) -> Vec<Check> {
+    let (name, ref_name) = (ours.backend().info().name, theirs.backend().info().name);
+    if let Some(why) = model::cache::kv_dtype_unsupported(&ours.cfg, ours.backend(), DType::BF16) {
+        return vec![Check { name: "bf16 KV cache".into(), measured: format!("not run: {name} cannot keep one ({why})"), bound: "—".into(), pass: false, informational: true }];
+    }
+    let runs: Result<(Runs, Runs), String> = collect(ours, g, DType::BF16, false).and_then(|o| Ok((o, collect(theirs, g, DType::BF16, false)?)));
+    let (o, r) = match runs {
+        Ok(x) => x,
+        Err(e) => return vec![Check::gate("bf16 KV cache".to_string(), e, "runs", false)],
+    };
+    let (v, k, kk) = (ours.cfg.vocab_size, ours.cfg.n_activated_experts, ours.cfg.index_topk);
+    let gl = |n: &str| g.logits.f32(n).unwrap_or_default();
+    let mut checks = Vec::new();
+    for (what, ol, rl, key) in [("prefill", &o.prefill, &r.prefill, "prefill_logits"), ("decode", &o.decode, &r.decode, "decode_logits")] {
+        checks.push(tier2_logits(format!("bf16 KV cache: {what} logits vs golden"), ol, &gl(key), v, true));
+        checks.push(tier2_logits(format!("bf16 KV cache: {what} logits vs {ref_name}"), ol, rl, v, bf16));
+    }
+    checks.push(tier2_decisions(format!("bf16 KV cache: decode decisions vs {ref_name}"), &o.decode_experts, &o.decode_topk, &r.decode_experts, &r.decode_topk, k, kk, bf16));
     checks
 }

@@ -60,7 +60,7 @@ fn upload_streams(g: &Golden, v: &[f32], rows: usize) -> hal::Tensor {
 fn teacher_forced(g: &Golden, i: usize, split: Option<usize>) -> (Vec<f32>, Vec<i64>, Vec<i64>, Vec<f32>) {
     let (t, width) = (g.t, g.model.cfg.hc_mult * g.model.cfg.dim);
     let input = block_input(g, i);
-    let mut cache = g.model.new_cache(1, t).unwrap();
+    let mut cache = g.model.new_cache_with(1, t, DType::F32).unwrap();
     let slot = cache.alloc_slot(g.model.backend()).unwrap();
     let ids = &g.tokens[..t];
     let spans: Vec<(usize, usize)> = match split {
@@ -148,7 +148,7 @@ fn t1_teacher_forced_head_and_mtp() {
     println!("T1 head logits: {}", describe(&rel));
     assert!(median(&rel) <= 1e-5 && frac_le(&rel, 1e-3) >= 0.95, "head: {}", describe(&rel));
 
-    let mut cache = g.model.new_cache(1, t).unwrap();
+    let mut cache = g.model.new_cache_with(1, t, DType::F32).unwrap();
     let slot = cache.alloc_slot(g.model.backend()).unwrap();
     let rows = g.model.rows(&cache, &[Chunk { slot, tokens: &g.tokens[..t] }]).unwrap();
     let next: Vec<u32> = (0..t).map(|i| if i + 1 < t { g.tokens[i + 1] } else { 0 }).collect();
@@ -182,7 +182,7 @@ fn t2_end_to_end_prefill_and_mtp() {
     let g = golden();
     let (t, v, m) = (g.t, g.model.cfg.vocab_size, &g.model);
     let b = g.tokens.len() / t;
-    let mut cache = m.new_cache(b, t).unwrap();
+    let mut cache = m.new_cache_with(b, t, DType::F32).unwrap();
     let slots: Vec<usize> = (0..b).map(|_| cache.alloc_slot(m.backend()).unwrap()).collect();
     let chunks: Vec<Chunk> = slots.iter().map(|&s| Chunk { slot: s, tokens: &g.tokens[s * t..(s + 1) * t] }).collect();
     let next: Vec<u32> = (0..b * t).map(|r| if r % t + 1 < t { g.tokens[r + 1] } else { 0 }).collect();
@@ -208,7 +208,7 @@ fn t2_end_to_end_decode() {
     let g = golden();
     let (t, v, m) = (g.t, g.model.cfg.vocab_size, &g.model);
     let b = g.tokens.len() / t;
-    let mut cache = m.new_cache(b, t).unwrap();
+    let mut cache = m.new_cache_with(b, t, DType::F32).unwrap();
     let slots: Vec<usize> = (0..b).map(|_| cache.alloc_slot(m.backend()).unwrap()).collect();
     let opts = ForwardOptions { logits: LogitsAt::All, decisions: true, mtp_ids: None };
     let chunks: Vec<Chunk> = slots.iter().map(|&s| Chunk { slot: s, tokens: &g.tokens[s * t..s * t + P] }).collect();

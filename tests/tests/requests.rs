@@ -169,3 +169,48 @@ fn freed_slot_restarts_clean() {
     let differing = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
     assert_eq!(differing, 0, "{differing} of {} values differ from a fresh cache: state of the freed sequence leaked", want.len());
 }
+
+/// The cache dtype: bf16 by default on cpu-ref (it runs every cache op with it), half the entry
+/// bytes of f32 with the f32 compressor state unchanged, and a dtype no cache op defines is a
+/// request error naming it.
+#[test]
+fn kv_cache_dtypes() {
+    let m = model();
+    let (bf16, f32) = (m.new_cache(2, 300).unwrap(), m.new_cache_with(2, 300, hal::DType::F32).unwrap());
+    assert_eq!(bf16.dtype(), hal::DType::BF16);
+    assert_eq!(f32.dtype(), hal::DType::F32);
+    assert!(bf16.bytes() < f32.bytes() && 2 * bf16.bytes() > f32.bytes(), "bf16 {} vs f32 {} bytes", bf16.bytes(), f32.bytes());
+    let e = m.new_cache_with(1, 8, hal::DType::F16).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("f16") && e.contains("f32 or bf16"), "{e}");
+}
+
+/// `KvCache::save` then `load` into a fresh cache continues a sequence exactly as the original
+/// cache does; a file for another cache shape or dtype is refused naming the file and tensor.
+#[test]
+fn kv_cache_save_and_load() {
+    let m = model();
+    let path = std::env::temp_dir().join(format!("v4rt-kv-save-{}.safetensors", std::process::id()));
+    let toks: Vec<u32> = (0..40).map(|i| (i * 37 + 5) % m.cfg.vocab_size as u32).collect();
+    for kv in [hal::DType::BF16, hal::DType::F32] {
+        let mut a = m.new_cache_with(2, 64, kv).unwrap();
+        let (_, s) = (a.alloc_slot(m.backend()).unwrap(), a.alloc_slot(m.backend()).unwrap());
+        forward(&mut a, &[Chunk { slot: s, tokens: &toks[..30] }], &opts()).unwrap();
+        a.save(m.backend(), &path).unwrap();
+        let mut b = m.new_cache_with(2, 64, kv).unwrap();
+        b.load(m.backend(), &path).unwrap();
+        assert_eq!(b.position(s).unwrap(), 30);
+        let rest = &[Chunk { slot: s, tokens: &toks[30..] }];
+        let (x, y) = (forward(&mut a, rest, &opts()).unwrap().logits, forward(&mut b, rest, &opts()).unwrap().logits);
+        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{kv}: resumed logits differ");
+    }
+    // The file now holds an f32 cache of 2 slots × 64 tokens.
+    let name = path.display().to_string();
+    let e = m.new_cache_with(2, 64, hal::DType::BF16).unwrap().load(m.backend(), &path).unwrap_err().to_string();
+    assert!(e.contains(&name) && e.contains("layers.0.ring") && e.contains("bf16"), "{e}");
+    let e = m.new_cache_with(3, 64, hal::DType::F32).unwrap().load(m.backend(), &path).unwrap_err().to_string();
+    assert!(e.contains(&name) && e.contains("2 slots"), "{e}");
+    std::fs::write(&path, b"not a cache").unwrap();
+    let e = m.new_cache_with(2, 64, hal::DType::F32).unwrap().load(m.backend(), &path).unwrap_err().to_string();
+    let _ = std::fs::remove_file(&path);
+    assert!(e.contains(&name), "{e}");
+}

@@ -12,6 +12,7 @@
 
 use std::sync::Arc;
 
+use hal::DType;
 use model::config::ModelConfig;
 use model::forward::{Chunk, ForwardOptions, LogitsAt, Model};
 use proptest::prelude::*;
@@ -65,7 +66,12 @@ const ALL: ForwardOptions = ForwardOptions { logits: LogitsAt::All, decisions: f
 
 /// Logits of every position of `toks` processed as chunks of the given lengths.
 fn run_chunked(m: &Model, toks: &[u32], splits: &[usize]) -> Vec<f32> {
-    let mut cache = m.new_cache(1, toks.len()).unwrap();
+    run_chunked_kv(m, toks, splits, m.new_cache(1, toks.len()).unwrap().dtype())
+}
+
+/// [`run_chunked`] with a KV cache of dtype `kv`.
+fn run_chunked_kv(m: &Model, toks: &[u32], splits: &[usize], kv: DType) -> Vec<f32> {
+    let mut cache = m.new_cache_with(1, toks.len(), kv).unwrap();
     let slot = cache.alloc_slot(m.backend()).unwrap();
     let mut out = Vec::new();
     let mut at = 0;
@@ -100,6 +106,15 @@ fn wide_config_decode_equals_prefill() {
     let mut one_by_one = vec![5];
     one_by_one.extend(std::iter::repeat(1).take(134));
     assert_bits_eq(&run_chunked(&m, &toks, &one_by_one), &whole, "prefill 5 + 135 decode steps");
+    // Both cache dtypes: a bf16 cache rounds this call's fresh keys as it rounds stored ones,
+    // so a key's value does not depend on which call wrote it.
+    for kv in [DType::F32, DType::BF16] {
+        let whole = run_chunked_kv(&m, &toks, &[], kv);
+        assert_bits_eq(&run_chunked_kv(&m, &toks, &one_by_one, kv), &whole, &format!("{kv} cache: prefill 5 + 135 decode steps"));
+    }
+    // The two dtypes differ (the bf16 cache does round).
+    let (f, h) = (run_chunked_kv(&m, &toks, &[], DType::F32), run_chunked_kv(&m, &toks, &[], DType::BF16));
+    assert!(f.iter().zip(&h).any(|(a, b)| a.to_bits() != b.to_bits()), "bf16 and f32 caches gave identical logits");
 }
 
 #[test]

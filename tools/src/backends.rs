@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use hal::{Backend, Registry};
+use hal::{Backend, DType, Registry};
 use model::config::ModelConfig;
 use model::forward::Model;
 
@@ -46,5 +46,16 @@ pub fn load_model(dir: Option<&Path>, backend: Arc<dyn Backend>) -> anyhow::Resu
             let ck = model::synthetic::generate(&cfg, EMBEDDED_SEED);
             Model::from_checkpoint(cfg, &ck, backend).context("building the embedded model")
         }
+    }
+}
+
+/// The KV cache dtype a `--kv-dtype` flag names (`bf16` or `f32`); without the flag, the
+/// backend's preferred one (`model::cache::preferred_kv_dtype`: bf16 where it runs the cache ops).
+pub fn kv_dtype(flag: Option<&str>, model: &Model) -> anyhow::Result<DType> {
+    match flag {
+        None => Ok(model::cache::preferred_kv_dtype(&model.cfg, model.backend())),
+        Some("bf16") => Ok(DType::BF16),
+        Some("f32") => Ok(DType::F32),
+        Some(other) => anyhow::bail!("--kv-dtype {other}: use bf16 or f32"),
     }
 }

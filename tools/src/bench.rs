@@ -68,6 +68,22 @@ pub struct Args {
     batch: usize,
     #[arg(long, default_value = "cpu-ref")]
     backend: String,
+    /// KV cache entry dtype: `bf16` (the reference's layout) or `f32`. Default: the backend's
+    /// preferred one (`model::cache::preferred_kv_dtype`: bf16 where it runs the cache ops).
+    #[arg(long)]
+    kv_dtype: Option<String>,
+    /// Tokens of cache capacity per sequence. Default: exactly what the run needs. A run that
+    /// saves its cache for another to `--load-cache` must give both the same capacity.
+    #[arg(long)]
+    capacity: Option<usize>,
+    /// Start from a cache written by `--save-cache` (same preset, layers, batch, capacity and
+    /// KV dtype) instead of an empty one: the prefill continues at the saved position.
+    #[arg(long, conflicts_with = "fill")]
+    load_cache: Option<PathBuf>,
+    /// After the prefill, write the cache to this file (`KvCache::save`), so that a later run
+    /// can continue from it. A prefill longer than one process may run is split this way.
+    #[arg(long)]
+    save_cache: Option<PathBuf>,
     /// Skip the backend calibration.
     #[arg(long)]
     no_calibrate: bool,
@@ -324,8 +340,27 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
 
     // With --profile: a.profile more decode steps and one more chunk timed block by block.
     let extra = if a.profile > 0 { a.profile + a.chunk.max(1).min(prefill) } else { 0 };
-    let mut cache = model.new_cache(b, a.fill + prefill + a.decode + extra + 1)?;
+    let kv_dtype = backends::kv_dtype(a.kv_dtype.as_deref(), &model)?;
+    let needed = a.fill + prefill + a.decode + extra + 1;
+    let mut cache = model.new_cache_with(b, a.capacity.unwrap_or(needed), kv_dtype)?;
     let slots: Vec<usize> = (0..b).map(|_| cache.alloc_slot(model.backend())).collect::<Result<_, _>>()?;
+    if let Some(path) = &a.load_cache {
+        let t = Instant::now();
+        cache.load(model.backend(), path)?;
+        model.backend().synchronize()?;
+        println!("loaded cache {} in {:.1} s: {}", path.display(), t.elapsed().as_secs_f64(),
+            slots.iter().map(|&s| cache.position(s).map(|p| format!("slot {s} at {p}"))).collect::<Result<Vec<_>, _>>()?.join(", "));
+    }
+    // Where the prefill starts: after the fill or the loaded cache, the same for every slot.
+    let base = cache.position(slots[0])?;
+    for &s in &slots {
+        if cache.position(s)? != base {
+            bail!("slot {s} stands at {} but slot {} at {base}: the bench runs every slot at one position", cache.position(s)?, slots[0]);
+        }
+    }
+    if base + needed > cache.capacity() {
+        bail!("the run needs {needed} tokens of capacity per sequence from position {base}, the cache has {} (--capacity)", cache.capacity());
+    }
     if a.fill > 0 {
         let t = Instant::now();
         for &s in &slots {
@@ -334,15 +369,18 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         model.backend().synchronize()?;
         println!("synthetic context: {} token(s) per slot filled in {:.1} s (random cache entries, no forward pass)", a.fill, t.elapsed().as_secs_f64());
     }
-    // A fixed pseudo-random prompt (the speed of this model does not depend on the ids).
+    let base = cache.position(slots[0])?;
+    // A fixed pseudo-random prompt, a function of the absolute position so that a prefill split
+    // across runs (--save-cache / --load-cache) feeds the same ids as one run would (the speed
+    // of this model does not depend on the ids).
     let prompts: Vec<Vec<u32>> =
-        (0..b).map(|s| (0..prefill).map(|i| ((i * 7919 + s * 104_729) as u32) % v).collect()).collect();
+        (0..b).map(|s| (base..base + prefill).map(|i| ((i * 7919 + s * 104_729) as u32) % v).collect()).collect();
     let opts = ForwardOptions { logits: LogitsAt::Last, decisions: false, mtp_ids: None };
 
     // Warm-up on a scratch cache: backends prepare weights on first use (cpu-ref decodes each
     // FP8/FP4 matrix once, CUDA compiles its kernels), which is load time, not prefill time.
     let load = Instant::now();
-    let mut scratch = model.new_cache(1, 8)?;
+    let mut scratch = model.new_cache_with(1, 8, kv_dtype)?;
     let s0 = scratch.alloc_slot(model.backend())?;
     model.forward(&mut scratch, &[Chunk { slot: s0, tokens: &[0, 1] }], &opts)?;
     model.forward(&mut scratch, &[Chunk { slot: s0, tokens: &[2] }], &opts)?;
@@ -361,9 +399,14 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         out = Some(model.forward(&mut cache, &chunks, &opts)?);
         model.backend().synchronize()?;
         chunk_s.push(tc.elapsed().as_secs_f64());
-        eprintln!("  prefill chunk {}..{}: {:.1} ms", a.fill + start, a.fill + end, chunk_s[chunk_s.len() - 1] * 1e3);
+        eprintln!("  prefill chunk {}..{}: {:.1} ms", base + start, base + end, chunk_s[chunk_s.len() - 1] * 1e3);
     }
     let prefill_s = t.elapsed().as_secs_f64();
+    if let Some(path) = &a.save_cache {
+        let t = Instant::now();
+        cache.save(model.backend(), path)?;
+        println!("saved cache to {} in {:.1} s (after the prefill, before decode)", path.display(), t.elapsed().as_secs_f64());
+    }
     let out = out.context("no prefill chunk ran")?;
     let mut next: Vec<u32> = out.logits.chunks(v as usize).map(|l| argmax(l) as u32).collect();
 
@@ -388,7 +431,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     let tflops = flops / prefill_s / 1e12;
     println!(
         "prefill: {b} × {prefill} tokens from position {} in {} chunk(s) of ≤ {chunk}: {:.1} ms = {:.0} tokens/s; first chunk {:.0} tokens/s, last {:.0} tokens/s",
-        a.fill,
+        base,
         chunk_s.len(),
         prefill_s * 1e3,
         tokens as f64 / prefill_s,
@@ -403,23 +446,23 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     // Decode.
     if a.decode > 0 {
         let sb = step_bytes(&cfg, b);
-        let pos = a.fill + prefill + a.decode / 2;
-        let cache_rd = b as f64 * cache_read_bytes(&cfg, pos, 4);
+        let pos = base + prefill + a.decode / 2;
+        let cache_rd = b as f64 * cache_read_bytes(&cfg, pos, kv_dtype.size());
         let cache_rd_fp8 = b as f64 * cache_read_bytes(&cfg, pos, 1);
         let moved = sb.total() + cache_rd;
         let gbs = moved / (median / 1e3) / 1e9;
         println!(
             "decode: {} steps × batch {b} at context {}..{}: median step {median:.3} ms ({:.3} ms per layer = step / {} layers, head included), {:.1} tokens/s (all steps), {:.1} tokens/s (median)",
             a.decode,
-            a.fill + prefill,
-            a.fill + prefill + a.decode,
+            base + prefill,
+            base + prefill + a.decode,
             median / cfg.n_layers as f64,
             cfg.n_layers,
             (a.decode * b) as f64 / total_decode_s,
             b as f64 * 1e3 / median
         );
         println!(
-            "decode bytes per step: {} = weights {} (attention {}, routed experts {}, shared expert {}, other {}, head {}, embed {}) + cache read {} (f32 cache; {} if stored 1 byte/element)",
+            "decode bytes per step: {} = weights {} (attention {}, routed experts {}, shared expert {}, other {}, head {}, embed {}) + cache read {} ({kv_dtype} cache; {} if stored 1 byte/element)",
             mib(moved),
             mib(sb.total()),
             mib(sb.attention),
@@ -462,7 +505,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         }
         println!();
         let n = chunk.min(prefill);
-        let mut fresh = model.new_cache(b, n + 1)?;
+        let mut fresh = model.new_cache_with(b, n + 1, kv_dtype)?;
         let fs: Vec<usize> = (0..b).map(|_| fresh.alloc_slot(model.backend())).collect::<Result<_, _>>()?;
         let chunks: Vec<Chunk> = fs.iter().zip(&prompts).map(|(&s, p)| Chunk { slot: s, tokens: &p[..n] }).collect();
         profiler.record(true);
@@ -473,7 +516,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     // Memory.
     let cap = cache.capacity() as u64;
     let alloc = cache.bytes() as f64;
-    print!("kv cache: {} allocated for {b} slot(s) × {cap} tokens", mib(alloc));
+    print!("kv cache: {} allocated for {b} slot(s) × {cap} tokens ({} entries, f32 compressor state)", mib(alloc), cache.dtype());
     for layout in KvLayout::ALL {
         let f = kv_footprint(&cfg, layout, cap);
         let formula = b as f64 * (f.total_bytes + f.state_bytes as f64);

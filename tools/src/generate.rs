@@ -32,6 +32,10 @@ pub struct Args {
     /// Stop at this token id (default: the config's eos_token_id).
     #[arg(long)]
     eos: Option<u32>,
+    /// KV cache entry dtype: `bf16` (the reference's layout) or `f32`. Default: bf16 where the
+    /// backend runs the cache ops with it.
+    #[arg(long)]
+    kv_dtype: Option<String>,
 }
 
 pub fn run(a: &Args) -> anyhow::Result<()> {
@@ -43,7 +47,8 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         anyhow::bail!("--prompt-tokens: at least one token is needed");
     }
     let capacity = a.prompt_tokens.len() + a.max_new;
-    let mut cache = model.new_cache(1, capacity).context("allocating the KV cache")?;
+    let kv_dtype = backends::kv_dtype(a.kv_dtype.as_deref(), &model)?;
+    let mut cache = model.new_cache_with(1, capacity, kv_dtype).context("allocating the KV cache")?;
     let slot = cache.alloc_slot(model.backend())?;
     let eos = a.eos.unwrap_or(model.cfg.eos_token_id as u32);
     let opts = ForwardOptions { logits: LogitsAt::Last, decisions: false, mtp_ids: None };
@@ -53,7 +58,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         a.model.as_ref().map_or("embedded tiny-flash (random weights)".to_string(), |p| p.display().to_string()),
         model.cfg.n_layers, model.cfg.dim, model.cfg.n_routed_experts, model.backend().info().device
     );
-    println!("prompt: {:?}", a.prompt_tokens);
+    println!("prompt: {:?}; KV cache: {kv_dtype} entries", a.prompt_tokens);
 
     let t = Instant::now();
     let out = model.forward(&mut cache, &[Chunk { slot, tokens: &a.prompt_tokens }], &opts)?;

@@ -37,6 +37,10 @@ pub struct Args {
     /// input ids = the next tokens (tokens shifted left by one, last id 0).
     #[arg(long)]
     mtp: bool,
+    /// KV cache entry dtype: `f32` (default: the reference's float32 mode, which its goldens
+    /// use) or `bf16` (the reference's bf16-mode layout).
+    #[arg(long, default_value = "f32")]
+    kv_dtype: String,
 }
 
 pub fn run(a: &Args) -> anyhow::Result<()> {
@@ -58,7 +62,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     let p = a.prefill;
     let model = backends::load_model(Some(&a.model), backends::backend(&a.backend)?)?;
     let v = model.cfg.vocab_size;
-    let mut cache = model.new_cache(b, t)?;
+    let mut cache = model.new_cache_with(b, t, backends::kv_dtype(Some(&a.kv_dtype), &model)?)?;
     let slots: Vec<usize> = (0..b).map(|_| cache.alloc_slot(model.backend())).collect::<Result<_, _>>()?;
 
     let mut logits = vec![0f32; b * t * v];

@@ -11,10 +11,13 @@
 //! (gather indices, additive mask). All arithmetic stays on the device.
 //!
 //! [`SparseAttention`] (R rows, H heads, head dim d, L = window + max compressed keys):
-//! 1. gather source `src [S·W + R + 1 + S·C, d]`: `aclnnInplaceCopy` of `ring`, `kv`, a zero
-//!    row (`aclrtMemsetAsync`) and `compressed` into one temporary. **Known cost:** the caches
-//!    are copied once per call (O(cache), not O(keys)); the fused op removes this.
-//! 2. `K = aclnnIndexSelect(src, 0, gidx [R·L]) → [R, L, d]` (padding → the zero row).
+//! 1. gather source `src [S·W + R + 1 + S·C, d]` in the cache dtype: `aclnnInplaceCopy` of
+//!    `ring`, `kv`, a zero row (`aclrtMemsetAsync`) and `compressed` into one temporary. With
+//!    a bf16 cache, `kv` goes in through `aclnnCast` (nearest even — every key is then its
+//!    bf16 value, fresh rows included, as the HAL requires). **Known cost:** the caches are
+//!    copied once per call (O(cache), not O(keys)); the fused op removes this.
+//! 2. `K = aclnnIndexSelect(src, 0, gidx [R·L]) → [R, L, d]` (padding → the zero row); a bf16
+//!    `K` is widened by `aclnnCast` (exact; only the R·L gathered keys).
 //! 3. `ℓ = aclnnBatchMatMul(q [R, H, d], Kᵀ [R, d, L])`, `aclnnMuls(scale)`,
 //!    `aclnnAdd(·, mask [R, 1, L])` (0 or −∞).
 //! 4. `Z [R, H, L+1]`: `aclnnInplaceCopy` of the masked logits into `Z[:, :, :L]` and of
@@ -24,7 +27,8 @@
 //!
 //! [`WindowStore`]: destination rows `slot·W + pos mod W`, deduplicated on the host (the last
 //! row wins, as in issue order), then `aclnnIndexSelect(kv, rows)` (skipped when every row is
-//! kept) and `aclnnInplaceScatter(ring [S·W, d], 0, dest expanded to [n, d], rows)` — see
+//! kept), for a bf16 ring `aclnnCast` of those `n` rows (nearest even), and
+//! `aclnnInplaceScatter(ring [S·W, d], 0, dest expanded to [n, d], rows)` — see
 //! [`scatter_rows`] for why not `aclnnInplaceIndexCopy`.
 
 use hal::backend::Support;
@@ -48,7 +52,7 @@ pub(crate) fn upload(cx: &mut Ctx<'_>, bytes: &[u8]) -> Result<DeviceBuffer> {
     Ok(buf)
 }
 
-/// WindowStore: IndexSelect + InplaceScatter.
+/// WindowStore: IndexSelect + InplaceScatter (and `Cast` for a bf16 ring, `ops::supports`).
 pub fn supports_window_store(ops: &AclnnOps) -> Support {
     need(&[("IndexSelect", ops.IndexSelect.is_some()), ("InplaceScatter", ops.InplaceScatter.is_some())])
 }
@@ -85,7 +89,10 @@ pub fn run_window_store(cx: &mut Ctx<'_>, op: &WindowStore, ins: &[Buf], outs: &
         index_select(cx, &kv, &View::of_temp(&rows_buf, DType::I32, &[n]), &t)?;
         (Some(tb), t)
     };
-    scatter_rows(cx, &View::new(outs[0], F, &[s * w, d]), &dest, &src, d)
+    // A bf16 ring stores the kept rows' nearest-even bf16 (only those n rows are cast).
+    let cd = op.cache_dtype;
+    let (_cast_buf, src) = cx.to_cache_dtype(&src, cd, &[n, d])?;
+    scatter_rows(cx, &View::new(outs[0], cd, &[s * w, d]), &dest, &src, d)
 }
 
 /// `dst[rows[i], :] = src[i, :]` for a row-major `dst [N, w]` and `src [n, w]`, through
@@ -137,7 +144,7 @@ pub(crate) fn visible_entries(name: &str, row: usize, p: &hal::ops::rows::RowPla
     Ok(n)
 }
 
-/// SparseAttention: the ops of the module docs.
+/// SparseAttention: the ops of the module docs (and `Cast` for a bf16 cache, `ops::supports`).
 pub fn supports_sparse_attention(ops: &AclnnOps) -> Support {
     need(&[
         ("InplaceCopy", ops.InplaceCopy.is_some()),
@@ -206,23 +213,38 @@ pub fn run_sparse_attention(cx: &mut Ctx<'_>, op: &SparseAttention, ins: &[Buf],
     }
     let gidx_buf = upload(cx, &i32_bytes(&gidx))?;
     let mask_buf = upload(cx, &mask.iter().flat_map(|m| m.to_le_bytes()).collect::<Vec<u8>>())?;
-    // 1. one gather source
+    // 1. one gather source, in the cache dtype (a bf16 cache is copied as it is; this call's
+    //    kv rows are rounded into it, so they are the keys a later call reads from the ring)
+    let cd = op.cache_dtype;
     let n_src = c0 + s * cap;
-    let src_buf = cx.temp(&[n_src, d], F)?;
-    let src = View::of_temp(&src_buf, F, &[n_src, d]);
+    let src_buf = cx.temp(&[n_src, d], cd)?;
+    let src = View::of_temp(&src_buf, cd, &[n_src, d]);
     if s * w > 0 {
-        cx.copy(&src.strided(&[s * w, d], &[d, 1], 0), &View::new(ins[2], F, &[s * w, d]))?;
+        cx.copy(&src.strided(&[s * w, d], &[d, 1], 0), &View::new(ins[2], cd, &[s * w, d]))?;
     }
-    cx.copy(&src.strided(&[r, d], &[d, 1], kv0 * d), &View::new(ins[1], F, &[r, d]))?;
-    let zero_ptr = src_buf.ptr().offset(zero * d * 4);
-    cx.zero(Buf { ptr: zero_ptr, len: d * 4 })?;
+    let kv_dst = src.strided(&[r, d], &[d, 1], kv0 * d);
+    if cd == F {
+        cx.copy(&kv_dst, &View::new(ins[1], F, &[r, d]))?;
+    } else {
+        cx.cast(&View::new(ins[1], F, &[r, d]), &kv_dst)?;
+    }
+    let zero_ptr = src_buf.ptr().offset(zero * d * cd.size());
+    cx.zero(Buf { ptr: zero_ptr, len: d * cd.size() })?;
     if s * cap > 0 {
-        cx.copy(&src.strided(&[s * cap, d], &[d, 1], c0 * d), &View::new(ins[6], F, &[s * cap, d]))?;
+        cx.copy(&src.strided(&[s * cap, d], &[d, 1], c0 * d), &View::new(ins[6], cd, &[s * cap, d]))?;
     }
-    // 2. keys
-    let kb = cx.temp(&[r, l, d], F)?;
-    let kview = View::of_temp(&kb, F, &[r, l, d]);
-    index_select(cx, &src, &View::of_temp(&gidx_buf, DType::I32, &[r * l]), &kview.reshape(&[r * l, d]))?;
+    // 2. keys (a bf16 source: gathered as bf16, then only the gathered keys widened, exactly)
+    let gb = cx.temp(&[r, l, d], cd)?;
+    let gathered = View::of_temp(&gb, cd, &[r * l, d]);
+    index_select(cx, &src, &View::of_temp(&gidx_buf, DType::I32, &[r * l]), &gathered)?;
+    let (_kb, kview) = if cd == F {
+        (None, gathered.reshape(&[r, l, d]))
+    } else {
+        let kb = cx.temp(&[r, l, d], F)?;
+        let k = View::of_temp(&kb, F, &[r, l, d]);
+        cx.cast(&gathered.reshape(&[r, l, d]), &k)?;
+        (Some(kb), k)
+    };
     // 3. logits
     let lb = cx.temp(&[r, h, l], F)?;
     let logits = View::of_temp(&lb, F, &[r, h, l]);

@@ -19,8 +19,9 @@
 //!    then `rotate`: Hadamard (`quant.rs`, a matmul) + e2m1 simulation of all dims, else e4m3
 //!    simulation of the first `D − rope_dim` dims (`QuantSim` on the device, `quant.rs`).
 //! 5. `aclnnInplaceScatter` (rows, see `attention::scatter_rows`) of the entries into
-//!    `cache [S·capacity, D]` and of the final state rows (`aclnnIndexSelect` from the
-//!    sources) into `state_kv` / `state_score`.
+//!    `cache [S·capacity, D]` — a bf16 cache gets the entries' nearest-even bf16, one
+//!    `aclnnCast` of the `[E, D]` finished entries — and of the final state rows
+//!    (`aclnnIndexSelect` from the sources) into `state_kv` / `state_score` (f32 always).
 
 use hal::backend::Support;
 use hal::ops::{Compressor, Hadamard, QuantFormat, QuantSim, Rope};
@@ -200,7 +201,10 @@ pub fn run_compressor(cx: &mut Ctx<'_>, op: &Compressor, ins: &[Buf], outs: &[Bu
             QuantSim { rows: e_n, dim: d, quant_dims: d - rd, block: 64, format: QuantFormat::Fp8E4M3 }
         };
         super::quant::run_quant_sim(cx, &q, &[nbuf])?;
-        scatter_rows(cx, &View::new(outs[2], F, &[s * cap, d]), &dests, &normed, d)?;
+        // A bf16 cache stores the entries' nearest-even bf16 (the E emitted rows only).
+        let cd = op.cache_dtype;
+        let (_eb, entries) = cx.to_cache_dtype(&normed, cd, &[e_n, d])?;
+        scatter_rows(cx, &View::new(outs[2], cd, &[s * cap, d]), &dests, &entries, d)?;
     }
     // final state rows
     let (tdst, tsrc): (Vec<usize>, Vec<usize>) = (0..n_state).filter(|&g| touched[g]).map(|g| (g, refs[g])).unzip();

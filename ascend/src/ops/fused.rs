@@ -18,8 +18,13 @@
 //! indices go from `aclnnLightningIndexer`'s output to `aclnnSparseFlashMla`'s input on the
 //! device). What stays on the host: reading `slots`/`positions` (the HAL's row validation
 //! needs them, and the window positions and per-row key counts are planned from them).
-//! **Known cost:** the HAL's caches are f32, so the ring and the compressed cache are cast to
-//! bf16 per call; a bf16 cache in the HAL removes it.
+//!
+//! KV caches (`cache_dtype`): a **bf16** cache is what these kernels read natively — the
+//! indexer's keys and the compressed cache go to the kernel in place (no cast, no copy), and
+//! the ring is copied as it is into the `oriKv` block next to this call's `kv` rows (cast to
+//! bf16, nearest even: the values WindowStore stores for them). An **f32** cache costs a
+//! per-call bf16 cast of the whole ring and compressed/key cache (O(cache)). Either way the
+//! kernels see the same bf16 keys, so the numerics class (bf16) does not change.
 
 use std::ffi::{c_char, CString};
 use std::ptr;
@@ -146,6 +151,16 @@ fn to_bf16(cx: &mut Ctx<'_>, src: &View, shape: &[usize]) -> Result<(DeviceBuffe
     Ok((b, v))
 }
 
+/// A KV cache (`buf`, dtype `dtype`) as the bf16 tensor of `shape` the fused ops read: a bf16
+/// cache in place, an f32 one cast into a temporary (O(cache) per call).
+fn cache_as_bf16(cx: &mut Ctx<'_>, buf: Buf, dtype: DType, shape: &[usize]) -> Result<(Option<DeviceBuffer>, View)> {
+    if dtype == B {
+        return Ok((None, View::new(buf, B, shape)));
+    }
+    let (b, v) = to_bf16(cx, &View::new(buf, F, shape), shape)?;
+    Ok((Some(b), v))
+}
+
 /// A layout string for a `char*` argument (the op only reads it during phase 1).
 fn layout(s: &str) -> CString {
     CString::new(s).unwrap_or_default()
@@ -210,7 +225,7 @@ fn run_lightning_indexer(cx: &mut Ctx<'_>, op: &IndexerTopK, ins: &[Buf], outs: 
     let places = place_rows(name, &slots, &positions, s)?;
     let counts = super::indexer::visible_counts(name, op, &places)?;
     let (_qb, q) = to_bf16(cx, &View::new(ins[0], F, &[r, h, d]), &[r, h, d])?;
-    let (_kb, keys) = to_bf16(cx, &View::new(ins[2], F, &[s, cap, d]), &[s, cap, 1, d])?;
+    let (_kb, keys) = cache_as_bf16(cx, ins[2], op.cache_dtype, &[s, cap, 1, d])?;
     let wsb = cx.temp(&[r, h], F)?;
     let wscaled = View::of_temp(&wsb, F, &[r, h]);
     cx.muls(&View::new(ins[1], F, &[r, h]), op.weight_scale, &wscaled)?;
@@ -275,9 +290,11 @@ fn run_sparse_flash_mla(cx: &mut Ctx<'_>, op: &SparseAttention, ins: &[Buf], out
         let kb = cx.temp(&[n_ori, d], B)?;
         let kv = View::of_temp(&kb, B, &[1, n_ori, 1, d]);
         if kv0 > 0 {
-            cx.copy(&kv.strided(&[kv0, d], &[d, 1], 0), &View::new(ins[2], F, &[kv0, d]))?;
+            // A bf16 ring is copied as it is; an f32 one is rounded by the copy.
+            cx.copy(&kv.strided(&[kv0, d], &[d, 1], 0), &View::new(ins[2], op.cache_dtype, &[kv0, d]))?;
         }
-        cx.copy(&kv.strided(&[r, d], &[d, 1], kv0 * d), &View::new(ins[1], F, &[r, d]))?;
+        // This call's kv rows, rounded to nearest-even bf16 (what WindowStore stores for them).
+        cx.cast(&View::new(ins[1], F, &[r, d]), &kv.strided(&[r, d], &[d, 1], kv0 * d))?;
         let plan: Vec<i32> = ori_rows.iter().flat_map(|k| k.iter().copied().chain(std::iter::repeat_n(-1, k_ori - k.len()))).collect();
         let ib = upload(cx, &i32_bytes(&plan))?;
         let tb = upload(cx, &i32_bytes(&vec![0; r]))?;
@@ -291,7 +308,7 @@ fn run_sparse_flash_mla(cx: &mut Ctx<'_>, op: &SparseAttention, ins: &[Buf], out
     let cmp = match &cmp_plan {
         None => None,
         Some((width, plan)) => {
-            let (cb, kv) = to_bf16(cx, &View::new(ins[6], F, &[s, cap, d]), &[s, cap, 1, d])?;
+            let (cb, kv) = cache_as_bf16(cx, ins[6], op.cache_dtype, &[s, cap, 1, d])?;
             let idx = match plan {
                 Some(p) => {
                     let ib = upload(cx, &i32_bytes(p))?;
@@ -301,7 +318,7 @@ fn run_sparse_flash_mla(cx: &mut Ctx<'_>, op: &SparseAttention, ins: &[Buf], out
                 }
                 None => View::new(ins[7], DType::I32, &[r, 1, *width]),
             };
-            keep.push(cb);
+            keep.extend(cb);
             Some((kv, idx, View::new(ins[4], DType::I32, &[r, 1])))
         }
     };

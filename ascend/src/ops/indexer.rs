@@ -6,8 +6,10 @@
 //! from device `slots`/`positions`, which are copied to the host (one small D2H + stream
 //! drain, shared with the HAL's row validation); the host then uploads a `[R, n_max]` additive
 //! mask and a `[R, k']` validity table. The arithmetic stays on the device:
-//! 1. `Kg = aclnnIndexSelect(keys [S, cap·D], 0, slots) → [R, cap, D]`. **Known cost:** each
-//!    row gathers its slot's whole cache (O(R·cap·D)); the fused op reads in place.
+//! 1. `Kg = aclnnIndexSelect(keys [S, cap·D], 0, slots) → [R, cap, D]`, in the cache dtype.
+//!    **Known cost:** each row gathers its slot's whole cache (O(R·cap·D)); the fused op reads
+//!    in place. A bf16 cache is gathered as bf16, then `aclnnCast` widens (exactly) only the
+//!    first `n_max` entries of each row, the ones scored, into f32.
 //! 2. `dots = aclnnBatchMatMul(q [R, H, D], Kgᵀ [R, D, n_max])`, `aclnnRelu`,
 //!    `I = aclnnBatchMatMul(aclnnMuls(w, weight_scale) [R, 1, H], relu) → [R, n_max]`.
 //! 3. `aclnnAdd(I, mask)` (−∞ past each row's `n`), `aclnnTopk(k' = min(topk, n_max),
@@ -29,7 +31,7 @@ use crate::sys::AclnnOps;
 
 const F: DType = DType::F32;
 
-/// IndexerTopK: the ops of the module docs.
+/// IndexerTopK: the ops of the module docs (`Cast` also widens a bf16 key cache).
 pub fn supports_indexer(ops: &AclnnOps) -> Support {
     need(&[
         ("IndexSelect", ops.IndexSelect.is_some()),
@@ -102,21 +104,32 @@ pub fn run_indexer_topk(cx: &mut Ctx<'_>, op: &IndexerTopK, ins: &[Buf], outs: &
     let mask_buf = upload(cx, &f32_bytes(&mask))?;
     let valid_buf = upload(cx, &f32_bytes(&valid))?;
     let validm1_buf = upload(cx, &f32_bytes(&validm1))?;
-    // 1. per-row key gather
-    let kgb = cx.temp(&[r, cap, d], F)?;
-    let kg = View::of_temp(&kgb, F, &[r, cap * d]);
+    // 1. per-row key gather (in the cache dtype)
+    let cd = op.cache_dtype;
+    let kgb = cx.temp(&[r, cap, d], cd)?;
+    let kg = View::of_temp(&kgb, cd, &[r, cap * d]);
     {
-        let keys = View::new(ins[2], F, &[s, cap * d]);
+        let keys = View::new(ins[2], cd, &[s, cap * d]);
         let sl = View::of_temp(&slots_buf, DType::I32, &[r]);
         let (xt, it, ot) = (cx.tensor(&keys)?, cx.tensor(&sl)?, cx.tensor(&kg)?);
         let pair = cx.ops().IndexSelect;
         // SAFETY: descriptors outlive the launch; `ws`/`ex` are launch()'s out-pointers.
         cx.launch("IndexSelect", pair, |f, ws, ex| unsafe { f(xt.ptr(), 0, it.ptr(), ot.ptr(), ws, ex) })?;
     }
+    // A bf16 cache: only the first n_max entries of each gathered row are scored, so only those
+    // are widened (exactly) into an f32 [R, n_max·D].
+    let (_kfb, keys, row_stride) = if cd == F {
+        (None, kg, cap * d)
+    } else {
+        let kfb = cx.temp(&[r, n_max, d], F)?;
+        let kf = View::of_temp(&kfb, F, &[r, n_max * d]);
+        cx.cast(&kg.strided(&[r, n_max * d], &[cap * d, 1], 0), &kf)?;
+        (Some(kfb), kf, n_max * d)
+    };
     // 2. scores
     let db = cx.temp(&[r, h, n_max], F)?;
     let dots = View::of_temp(&db, F, &[r, h, n_max]);
-    cx.batch_matmul(&View::new(ins[0], F, &[r, h, d]), &kg.strided(&[r, d, n_max], &[cap * d, 1, d], 0), &dots)?;
+    cx.batch_matmul(&View::new(ins[0], F, &[r, h, d]), &keys.strided(&[r, d, n_max], &[row_stride, 1, d], 0), &dots)?;
     let rb = cx.temp(&[r, h, n_max], F)?;
     let relu = View::of_temp(&rb, F, &[r, h, n_max]);
     {

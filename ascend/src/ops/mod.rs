@@ -324,6 +324,20 @@ impl<'a> Ctx<'a> {
         self.launch("Cast", self.ops().Cast, |f, ws, ex| unsafe { f(s.ptr(), dt, o.ptr(), ws, ex) })
     }
 
+    /// `src` (f32, contiguous, `shape`) in the KV cache dtype `dtype` (`hal::ops` conventions):
+    /// `src` itself for an f32 cache; for a bf16 one, a new temporary holding each value's
+    /// nearest-even bf16 (`aclnnCast`). The buffer, when there is one, must outlive the
+    /// launches that read the view.
+    pub fn to_cache_dtype(&mut self, src: &View, dtype: DType, shape: &[usize]) -> Result<(Option<DeviceBuffer>, View)> {
+        if dtype == DType::F32 {
+            return Ok((None, src.clone()));
+        }
+        let b = self.temp(shape, dtype)?;
+        let v = View::of_temp(&b, dtype, shape);
+        self.cast(src, &v)?;
+        Ok((Some(b), v))
+    }
+
     /// `out = a · b` (broadcasting).
     pub fn mul(&mut self, a: &View, b: &View, out: &View) -> Result<()> {
         let (x, y, o) = (self.tensor(a)?, self.tensor(b)?, self.tensor(out)?);
@@ -424,8 +438,19 @@ fn need(ops: &[(&str, bool)]) -> Support {
     }
 }
 
+/// The `need` entry of a composition around a KV cache of dtype `d`: a bf16 cache is rounded
+/// into (stores) and widened out of (loads) by `aclnnCast`; an f32 cache needs nothing.
+fn cache_cast(d: DType, ops: &AclnnOps) -> (&'static str, bool) {
+    ("Cast", d == DType::F32 || ops.Cast.is_some())
+}
+
 /// Whether `op` runs on this device with these op libraries.
 pub fn supports(op: &Op, ops: &AclnnOps, profile: &SocProfile) -> Support {
+    if let Some(d) = op.cache_dtype() {
+        if let Support::No(why) = need(&[cache_cast(d, ops)]) {
+            return Support::No(why);
+        }
+    }
     match op {
         Op::Embed(e) => embed::supports_embed(e, ops),
         Op::HcExpand(_) => need(&[("InplaceCopy", ops.InplaceCopy.is_some())]),

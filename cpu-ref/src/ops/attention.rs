@@ -3,7 +3,10 @@
 
 use hal::ops::attention::CompressedKv;
 use hal::ops::{SparseAttention, WindowStore};
-use hal::{Error, Result};
+use std::borrow::Cow;
+
+use hal::dtype::{bf16_to_f32, f32_to_bf16};
+use hal::{DType, Error, Result};
 use rayon::prelude::*;
 
 use super::{dot, place_rows, PAR_MACS};
@@ -45,9 +48,15 @@ pub fn sparse_attn_row<'k>(
 pub fn run_sparse_attention(op: &SparseAttention, ins: &[&CpuStorage], outs: &mut [&mut CpuStorage]) -> Result<()> {
     let name = "sparse_attention";
     let (h, d, w) = (op.heads, op.head_dim, op.window);
-    let (q, kv, ring, sink) = (ins[0].f32s(), ins[1].f32s(), ins[2].f32s(), ins[3].f32s());
+    let (q, sink) = (ins[0].f32s(), ins[3].f32s());
+    // Every key as the cache holds it: with a bf16 cache the fresh rows are rounded too.
+    let kv: Cow<[f32]> = match op.cache_dtype {
+        DType::BF16 => Cow::Owned(ins[1].f32s().iter().map(|&v| bf16_to_f32(f32_to_bf16(v))).collect()),
+        _ => Cow::Borrowed(ins[1].f32s()),
+    };
+    let ring = ins[2].cache_values(op.cache_dtype);
     let places = place_rows(name, ins[4].i32s(), ins[5].i32s(), op.slots)?;
-    let compressed = ins.get(6).map(|c| c.f32s()).unwrap_or(&[]);
+    let compressed = ins.get(6).map(|c| c.cache_values(op.cache_dtype)).unwrap_or(Cow::Borrowed(&[]));
     let indices = ins.get(7).map(|c| c.i32s()).unwrap_or(&[]);
     let mut key_sets: Vec<Vec<&[f32]>> = Vec::with_capacity(places.len());
     for (r, p) in places.iter().enumerate() {
@@ -108,19 +117,15 @@ pub fn run_sparse_attention(op: &SparseAttention, ins: &[&CpuStorage], outs: &mu
     Ok(())
 }
 
-/// `ring[slot, pos mod window] = kv[r]` for every row in order.
-pub fn window_store(kv: &[f32], slots_pos: &[(usize, usize)], window: usize, dim: usize, ring: &mut [f32]) {
-    for (r, &(s, p)) in slots_pos.iter().enumerate() {
-        let i = s * window + p % window;
-        ring[i * dim..(i + 1) * dim].copy_from_slice(&kv[r * dim..(r + 1) * dim]);
-    }
-}
-
-/// Op entry: [`WindowStore`].
+/// Op entry: [`WindowStore`]: `ring[slot, pos mod window] = kv[r]` for every row in order, each
+/// value stored in the ring's dtype.
 pub fn run_window_store(op: &WindowStore, ins: &[&CpuStorage], outs: &mut [&mut CpuStorage]) -> Result<()> {
     let places = place_rows("window_store", ins[1].i32s(), ins[2].i32s(), op.slots)?;
-    let sp: Vec<(usize, usize)> = places.iter().map(|p| (p.slot, p.pos)).collect();
-    window_store(ins[0].f32s(), &sp, op.window, op.dim, outs[0].f32s_mut());
+    let (kv, d) = (ins[0].f32s(), op.dim);
+    for (r, p) in places.iter().enumerate() {
+        let i = p.slot * op.window + p.pos % op.window;
+        outs[0].cache_store(op.cache_dtype, i * d, &kv[r * d..(r + 1) * d]);
+    }
     Ok(())
 }
 

@@ -97,7 +97,7 @@ pub fn run_compressor(op: &Compressor, ins: &[&CpuStorage], outs: &mut [&mut Cpu
         }
     }
     let [state_kv, state_score, cache] = outs else { return Err(arity(name)) };
-    let (skv, ssc, cache) = (state_kv.f32s_mut(), state_score.f32s_mut(), cache.f32s_mut());
+    let (skv, ssc) = (state_kv.f32s_mut(), state_score.f32s_mut());
     let mut entry = vec![0.0f32; d];
     for (r, p) in places.iter().enumerate() {
         let i = p.pos % ratio;
@@ -122,7 +122,7 @@ pub fn run_compressor(op: &Compressor, ins: &[&CpuStorage], outs: &mut [&mut Cpu
         }
         finish_entry(&mut entry, norm_w, op.norm_eps, freqs, j * ratio, op.rotate);
         let at = (p.slot * cap + j) * d;
-        cache[at..at + d].copy_from_slice(&entry);
+        cache.cache_store(op.cache_dtype, at, &entry);
     }
     Ok(())
 }

@@ -44,7 +44,7 @@ pub fn top_k(scores: &[f32], k: usize, out: &mut [i32]) {
 pub fn run_indexer_topk(op: &IndexerTopK, ins: &[&CpuStorage], outs: &mut [&mut CpuStorage]) -> Result<()> {
     let name = "indexer_topk";
     let (h, d, cap, k) = (op.heads, op.head_dim, op.capacity, op.topk);
-    let (q, w, keys) = (ins[0].f32s(), ins[1].f32s(), ins[2].f32s());
+    let (q, w, keys) = (ins[0].f32s(), ins[1].f32s(), ins[2].cache_values(op.cache_dtype));
     let places = place_rows(name, ins[3].i32s(), ins[4].i32s(), op.slots)?;
     for (r, p) in places.iter().enumerate() {
         let n = (p.pos + 1) / op.ratio;

@@ -1,10 +1,11 @@
-//! Sparse attention and the window ring store (`kernels/attention.cu`).
+//! Sparse attention and the window ring store (`kernels/attention.cu`), over an f32 or bf16 KV
+//! cache (the `_bf16` kernels; with a bf16 cache the fresh `kv` rows are rounded to bf16 too).
 
 use hal::ops::attention::CompressedKv;
 use hal::ops::{SparseAttention, WindowStore};
 use hal::{Error, Result};
 
-use super::{check_rows, grid_for, i, l, launch, smem, Arg, BLOCK, CHECK_INDICES, CHECK_NONE, CHECK_SEES};
+use super::{cache_kernel, check_rows, grid_for, i, l, launch, smem, Arg, BLOCK, CHECK_INDICES, CHECK_NONE, CHECK_SEES};
 use crate::device::Dev;
 
 const FAMILY: &str = "attention";
@@ -42,7 +43,8 @@ pub(crate) fn window_store(dev: &Dev, op: &WindowStore, ins: &[u64], outs: &[u64
         l(op.dim),
         Arg::P(dev.err_ptr),
     ];
-    launch(dev, FAMILY, "window_store", (grid_for(n, BLOCK), 1, 1), BLOCK, 0, &args)
+    let kernel = cache_kernel(op.cache_dtype, "window_store", "window_store_bf16");
+    launch(dev, FAMILY, kernel, (grid_for(n, BLOCK), 1, 1), BLOCK, 0, &args)
 }
 
 /// [`SparseAttention`]: row convention and compressed-entry checks on the device, then one block
@@ -122,7 +124,8 @@ pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], out
     };
     let mut args = args.to_vec();
     args.extend([i(name, "splits", splits)?, Arg::P(pm), Arg::P(pden), Arg::P(pacc)]);
-    launch(dev, FAMILY, "sparse_attn", (blocks, splits as u32, 1), 32 * hg as u32, smem(shared), &args)?;
+    let kernel = cache_kernel(op.cache_dtype, "sparse_attn", "sparse_attn_bf16");
+    launch(dev, FAMILY, kernel, (blocks, splits as u32, 1), 32 * hg as u32, smem(shared), &args)?;
     if splits > 1 {
         let args = [
             Arg::P(ins[3]),

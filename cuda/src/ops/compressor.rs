@@ -1,11 +1,12 @@
 //! The KV compressor (`kernels/compressor.cu`): emit (pool, norm, RoPE, rotate/quantize) for
 //! every row that completes a block, then the state update — see the kernel file for how the
-//! sequential state machine of cpu-ref is computed in parallel.
+//! sequential state machine of cpu-ref is computed in parallel. The state is f32; the cache of
+//! finished entries is f32 or bf16 (`comp_emit_bf16`).
 
 use hal::ops::Compressor;
 use hal::{Error, Result};
 
-use super::{check_rows, grid_for, i, l, launch, smem, Arg, BLOCK, CHECK_EMIT};
+use super::{cache_kernel, check_rows, grid_for, i, l, launch, smem, Arg, BLOCK, CHECK_EMIT};
 use crate::device::Dev;
 
 const FAMILY: &str = "compressor";
@@ -59,7 +60,8 @@ pub(crate) fn compressor(dev: &Dev, op: &Compressor, ins: &[u64], outs: &[u64]) 
         Arg::F(op.norm_eps),
         Arg::P(dev.err_ptr),
     ];
-    launch(dev, FAMILY, "comp_emit", (rows, 1, 1), BLOCK, smem(smem_for(op)), &emit)?;
+    let kernel = cache_kernel(op.cache_dtype, "comp_emit", "comp_emit_bf16");
+    launch(dev, FAMILY, kernel, (rows, 1, 1), BLOCK, smem(smem_for(op)), &emit)?;
     if op.overlap {
         let args = [
             Arg::P(kv),

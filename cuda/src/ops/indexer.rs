@@ -1,9 +1,10 @@
-//! The lightning indexer's scores and top-k (`kernels/indexer.cu`).
+//! The lightning indexer's scores and top-k (`kernels/indexer.cu`). The keys (the indexer
+//! compressor's cache) are f32 or bf16: each scoring kernel has a `_bf16` twin.
 
 use hal::ops::IndexerTopK;
 use hal::{Error, Result};
 
-use super::{check_rows, grid_for, i, l, launch, smem, Arg, BLOCK, CHECK_SEES};
+use super::{cache_kernel, check_rows, grid_for, i, l, launch, smem, Arg, BLOCK, CHECK_SEES};
 use crate::device::Dev;
 
 const FAMILY: &str = "indexer";
@@ -16,7 +17,8 @@ pub(crate) fn smem_for(x: &IndexerTopK) -> usize {
 }
 
 /// Whether `index_scores_t` (a thread per key, all heads at once; V4: 64 heads of 128) takes the
-/// scores: at most 64 heads, key rows of whole float4s, q (transposed) in shared memory.
+/// scores: at most 64 heads, key rows of whole groups of 4 (one float4 of f32 keys, 8 bytes of
+/// bf16 ones), q (transposed) in shared memory.
 #[allow(clippy::manual_is_multiple_of)] // `%`: the workspace MSRV is 1.80
 fn scores_by_key(dev: &Dev, op: &IndexerTopK) -> bool {
     op.heads <= 64 && op.head_dim % 4 == 0 && op.head_dim > 0 && op.head_dim * 64 * 4 <= dev.smem_optin
@@ -71,9 +73,11 @@ pub(crate) fn indexer_topk(dev: &Dev, op: &IndexerTopK, ins: &[u64], outs: &[u64
         if warps > 0 {
             if scores_by_key(dev, op) {
                 let grid = (cap.div_ceil(BLOCK as usize) as u32, nrows as u32, 1);
-                launch(dev, FAMILY, "index_scores_t", grid, BLOCK, smem(op.head_dim * 64 * 4), &args)?;
+                let kernel = cache_kernel(op.cache_dtype, "index_scores_t", "index_scores_t_bf16");
+                launch(dev, FAMILY, kernel, grid, BLOCK, smem(op.head_dim * 64 * 4), &args)?;
             } else {
-                launch(dev, FAMILY, "index_scores", (grid_for(warps * 32, BLOCK), 1, 1), BLOCK, 0, &args)?;
+                let kernel = cache_kernel(op.cache_dtype, "index_scores", "index_scores_bf16");
+                launch(dev, FAMILY, kernel, (grid_for(warps * 32, BLOCK), 1, 1), BLOCK, 0, &args)?;
             }
         }
         let seg = TOPK_SEGMENT.max(8 * k);

@@ -77,6 +77,17 @@ pub(crate) fn launch(
     Ok(())
 }
 
+/// The kernel of a template over the KV cache type for a cache of dtype `cache` (F32 or BF16, as
+/// `Op::validate` checked): the f32 entry point `f32`, or its `_bf16` twin `bf16` (kernels/common.cuh,
+/// "KV cache elements"). Pointers into the cache are typed in the kernels, so the host passes only
+/// base addresses and element counts, never byte offsets into a cache.
+pub(crate) fn cache_kernel(cache: hal::DType, f32: &'static str, bf16: &'static str) -> &'static str {
+    match cache {
+        hal::DType::BF16 => bf16,
+        _ => f32,
+    }
+}
+
 /// Usize → i64 kernel argument (sizes always fit: they count bytes of one allocation).
 pub(crate) fn l(v: usize) -> Arg {
     Arg::L(v as i64)

@@ -27,6 +27,10 @@ pub enum CompressedKv {
 /// With `ℓ_j = (q[r, h] · k_j) · softmax_scale` and `m = max_j ℓ_j`:
 /// `o[r, h] = Σ_j e^{ℓ_j − m} k_j / (Σ_j e^{ℓ_j − m} + e^{sink[h] − m})`.
 /// The sink is a logit with a zero value vector and is not scaled. Keys are never deduplicated.
+///
+/// `ring` and `compressed` have dtype `cache_dtype` (module conventions). With a BF16 cache every
+/// key is its bf16 value, this call's fresh `kv` rows included (rounded to nearest-even), so a
+/// key does not change when a later call reads it from the ring instead.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SparseAttention {
     pub rows: usize,
@@ -36,6 +40,7 @@ pub struct SparseAttention {
     pub window: usize,
     pub compressed: CompressedKv,
     pub softmax_scale: f32,
+    pub cache_dtype: DType,
 }
 
 impl SparseAttention {
@@ -44,16 +49,16 @@ impl SparseAttention {
         let mut inputs = vec![
             input("q", &[r, h, d], DType::F32),
             input("kv", &[r, d], DType::F32),
-            input("ring", &[s, self.window, d], DType::F32),
+            input("ring", &[s, self.window, d], self.cache_dtype),
             input("sink", &[h], DType::F32),
             input("slots", &[r], DType::I32),
             input("positions", &[r], DType::I32),
         ];
         match self.compressed {
             CompressedKv::None => {}
-            CompressedKv::All { capacity, .. } => inputs.push(input("compressed", &[s, capacity, d], DType::F32)),
+            CompressedKv::All { capacity, .. } => inputs.push(input("compressed", &[s, capacity, d], self.cache_dtype)),
             CompressedKv::Selected { capacity, topk, .. } => {
-                inputs.push(input("compressed", &[s, capacity, d], DType::F32));
+                inputs.push(input("compressed", &[s, capacity, d], self.cache_dtype));
                 inputs.push(input("indices", &[r, topk], DType::I32));
             }
         }
@@ -63,13 +68,15 @@ impl SparseAttention {
 
 /// Stores this call's window entries: `ring[slot[r], pos[r] mod window] = kv[r]`, rows in
 /// order (so a prefill longer than the window leaves its last `window` entries). Issue it after
-/// the layer's [`SparseAttention`], which still needs the older ring entries.
+/// the layer's [`SparseAttention`], which still needs the older ring entries. The ring has dtype
+/// `cache_dtype` (module conventions: a BF16 ring stores the nearest-even bf16 of `kv`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct WindowStore {
     pub rows: usize,
     pub slots: usize,
     pub window: usize,
     pub dim: usize,
+    pub cache_dtype: DType,
 }
 
 impl WindowStore {
@@ -80,7 +87,7 @@ impl WindowStore {
                 input("slots", &[self.rows], DType::I32),
                 input("positions", &[self.rows], DType::I32),
             ],
-            outputs: vec![inout("ring", &[self.slots, self.window, self.dim], DType::F32)],
+            outputs: vec![inout("ring", &[self.slots, self.window, self.dim], self.cache_dtype)],
         }
     }
 }

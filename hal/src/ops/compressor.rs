@@ -22,7 +22,9 @@ use crate::dtype::DType;
 ///   `freqs`) on its last `rope_dim` dims at position `j·ratio`, then
 ///   `rotate = false`: e4m3 simulation (block 64) of the first `D − rope_dim` dims;
 ///   `rotate = true` (indexer keys): Hadamard over all D dims, then e2m1 simulation (block 32)
-///   of all D dims — and written to `cache[s, j]`. `j ≥ capacity` is an error.
+///   of all D dims — and written to `cache[s, j]`. `j ≥ capacity` is an error. `cache` has
+///   dtype `cache_dtype` (module conventions: a BF16 cache stores the nearest-even bf16 of ê);
+///   the state is f32.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Compressor {
     pub rows: usize,
@@ -34,6 +36,7 @@ pub struct Compressor {
     pub rotate: bool,
     pub capacity: usize,
     pub norm_eps: f32,
+    pub cache_dtype: DType,
 }
 
 impl Compressor {
@@ -60,7 +63,7 @@ impl Compressor {
             outputs: vec![
                 inout("state_kv", &[s, c * self.ratio, c * d], DType::F32),
                 inout("state_score", &[s, c * self.ratio, c * d], DType::F32),
-                inout("cache", &[s, self.capacity, d], DType::F32),
+                inout("cache", &[s, self.capacity, d], self.cache_dtype),
             ],
         }
     }

@@ -8,7 +8,7 @@ use crate::dtype::DType;
 /// For row r (slot s, position p), `n = floor((p + 1) / ratio)` entries are visible. With
 /// `q [R, H, D]` the finished index queries (RoPE, Hadamard, e2m1 simulation already applied),
 /// `w [R, H]` the raw `weights_proj · x` and `keys [S, capacity, D]` the indexer compressor's
-/// cache:
+/// cache (dtype `cache_dtype`, read exactly; module conventions):
 /// `I_j = Σ_h (w[r, h] · weight_scale) · max(0, q[r, h] · keys[s, j])` for j < n.
 /// Output `indices[r]` = the `min(topk, n)` j with the largest `I_j`, by descending score
 /// (ties: lower j first), then `−1` padding; `scores[r]` = their `I_j` (−∞ for padding).
@@ -28,6 +28,7 @@ pub struct IndexerTopK {
     pub topk: usize,
     /// `head_dim^{-1/2} · heads^{-1/2}` in the reference.
     pub weight_scale: f32,
+    pub cache_dtype: DType,
 }
 
 impl IndexerTopK {
@@ -37,7 +38,7 @@ impl IndexerTopK {
             inputs: vec![
                 input("q", &[r, h, d], DType::F32),
                 input("w", &[r, h], DType::F32),
-                input("keys", &[self.slots, self.capacity, d], DType::F32),
+                input("keys", &[self.slots, self.capacity, d], self.cache_dtype),
                 input("slots", &[r], DType::I32),
                 input("positions", &[r], DType::I32),
             ],

@@ -11,6 +11,11 @@
 //!   in that sequence), both `i32 [R]`. Rows of one slot form one contiguous run with consecutive
 //!   positions (a prefill chunk, or one decode token); different slots are independent.
 //! * Caches are indexed by slot: `[S, ...]` with `S` the number of slots.
+//! * KV cache tensors (the window ring, compressed entries, indexer keys) have the dtype named
+//!   by the op's `cache_dtype`: [`DType::F32`], or [`DType::BF16`] (what the reference stores:
+//!   half the bytes). A store rounds each f32 value to the nearest bf16 (ties to even); a load
+//!   widens it exactly. Entries are e4m3/e2m1-simulated before they are stored, so only their
+//!   unquantized RoPE dims change. The compressor's running state stays f32 either way.
 //! * "act_quant" = the reference's per-row e4m3 quantization of a linear layer's input, see
 //!   [`linear::Linear`]. "FP8/FP4 simulation" = quantize then dequantize in place, see
 //!   [`quant::QuantSim`].
@@ -41,6 +46,11 @@ pub use rope::Rope;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
+
+/// Whether `d` can hold a KV cache (see the module conventions): f32 or bf16.
+pub fn cache_dtype_supported(d: DType) -> bool {
+    matches!(d, DType::F32 | DType::BF16)
+}
 
 /// One op descriptor. See each variant's type for its math.
 #[derive(Clone, Debug, PartialEq)]
@@ -129,6 +139,17 @@ impl Op {
         }
     }
 
+    /// The KV cache dtype of the ops that read or write the cache; `None` for the others.
+    pub fn cache_dtype(&self) -> Option<DType> {
+        match self {
+            Op::WindowStore(o) => Some(o.cache_dtype),
+            Op::SparseAttention(o) => Some(o.cache_dtype),
+            Op::Compressor(o) => Some(o.cache_dtype),
+            Op::IndexerTopK(o) => Some(o.cache_dtype),
+            _ => None,
+        }
+    }
+
     /// Inputs then outputs, with shapes and dtypes, in the order `Backend::run` takes them.
     pub fn signature(&self) -> Signature {
         match self {
@@ -199,6 +220,14 @@ impl Op {
                 fail("compressed ratio must be > 0".into())
             }
             Op::IndexerTopK(i) if i.ratio == 0 => fail("ratio must be > 0".into()),
+            Op::WindowStore(WindowStore { cache_dtype: d, .. })
+            | Op::SparseAttention(SparseAttention { cache_dtype: d, .. })
+            | Op::Compressor(Compressor { cache_dtype: d, .. })
+            | Op::IndexerTopK(IndexerTopK { cache_dtype: d, .. })
+                if !cache_dtype_supported(*d) =>
+            {
+                fail(format!("cache dtype {d} is not a KV cache dtype (f32 or bf16)"))
+            }
             Op::Add(a) if (a.b_rows == 0 && a.rows > 0) || (a.b_rows > 0 && a.rows % a.b_rows != 0) => {
                 fail(format!("b_rows {} must divide rows {}", a.b_rows, a.rows))
             }
