@@ -695,16 +695,9 @@ fn index_inputs_use_host_copies_only_while_they_are_current() {
 /// rounding the f32 run's). The ops and caches see the same keys either way, so this pins the
 /// casts: where they round, and that they lose nothing else.
 fn bf16_cache_equals_rounded_f32_cache(be: &AscendBackend, op16: Op, ints: &[(&str, Vec<i32>)]) {
-    use hal::dtype::{bf16_to_f32, f32_to_bf16};
-    let mut op32 = op16.clone();
-    match &mut op32 {
-        Op::WindowStore(o) => o.cache_dtype = DType::F32,
-        Op::SparseAttention(o) => o.cache_dtype = DType::F32,
-        Op::Compressor(o) => o.cache_dtype = DType::F32,
-        Op::IndexerTopK(o) => o.cache_dtype = DType::F32,
-        other => panic!("{} has no KV cache", other.name()),
-    }
-    let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| bf16_to_f32(f32_to_bf16(x))).collect() };
+    use hal::dtype::{bf16_bytes, round_bf16};
+    let op32 = op16.with_cache_dtype(DType::F32).unwrap_or_else(|| panic!("{} has no KV cache", op16.name()));
+    let round = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| round_bf16(x)).collect() };
     let (s16, s32) = (op16.signature(), op32.signature());
     let mut rng = Rng::new(0xb16);
     let (mut d16, mut d32) = (Vec::new(), Vec::new());
@@ -717,7 +710,7 @@ fn bf16_cache_equals_rounded_f32_cache(be: &AscendBackend, op16: Op, ints: &[(&s
         }
         let v = rng.f32s(a.shape.iter().product(), 1.0);
         if a.dtype == DType::BF16 {
-            d16.push(v.iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect());
+            d16.push(bf16_bytes(&v));
             d32.push(f32_bytes(&round(&v)));
         } else if a.name == "kv" && matches!(op16, Op::SparseAttention(_) | Op::WindowStore(_)) {
             // Fresh keys: the bf16 run rounds them itself.

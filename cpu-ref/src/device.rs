@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use hal::dtype::{bf16_to_f32, f32_to_bf16};
+use hal::dtype::{decode_to_f32, f32_to_bf16};
 use hal::ops::WeightFormat;
 use hal::{DType, Storage};
 
@@ -96,10 +96,7 @@ impl CpuStorage {
     /// f32 view itself, or every bf16 value widened (exactly).
     pub fn cache_values(&self, dtype: DType) -> Cow<'_, [f32]> {
         match dtype {
-            DType::BF16 => {
-                let halves: &[u16] = &bytemuck::cast_slice(&self.words)[..self.len / 2];
-                Cow::Owned(halves.iter().map(|&b| bf16_to_f32(b)).collect())
-            }
+            DType::BF16 => Cow::Owned(decode_to_f32(DType::BF16, self.bytes())),
             _ => Cow::Borrowed(self.f32s()),
         }
     }

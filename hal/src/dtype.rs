@@ -106,6 +106,17 @@ pub fn f32_to_bf16(x: f32) -> u16 {
     half::bf16::from_f32(x).to_bits()
 }
 
+/// `x` rounded to the nearest bf16 value (ties to even), as f32.
+#[inline]
+pub fn round_bf16(x: f32) -> f32 {
+    bf16_to_f32(f32_to_bf16(x))
+}
+
+/// f32 slice → little-endian bf16 bytes, each value rounded to nearest even.
+pub fn bf16_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect()
+}
+
 /// f16 bits → f32 (exact).
 #[inline]
 pub fn f16_to_f32(bits: u16) -> f32 {

@@ -237,7 +237,7 @@ impl KvCache {
         let mut rng = crate::synthetic::SplitMix64(seed);
         let noise: Vec<f32> = (0..CHUNK).map(|_| (2.0 * rng.uniform() - 1.0) as f32).collect();
         let bytes = match self.dtype {
-            DType::BF16 => noise.iter().flat_map(|&v| hal::dtype::f32_to_bf16(v).to_le_bytes()).collect(),
+            DType::BF16 => hal::dtype::bf16_bytes(&noise),
             _ => hal::dtype::f32_bytes(&noise),
         };
         let size = self.dtype.size();

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use hal::dtype::{exp2i, f32_to_bf16, f32_to_e2m1, E2M1_MAX, E4M3_MAX};
+use hal::dtype::{bf16_bytes, exp2i, f32_to_e2m1, E2M1_MAX, E4M3_MAX};
 use hal::DType;
 
 use crate::checkpoint::{expected_tensors, Checkpoint, ExpectedTensor, OwnedTensor, INDEX_FILE};
@@ -145,10 +145,6 @@ fn quantize_fp4(w: &[f32], cols: usize) -> (Vec<u8>, Vec<u8>) {
         }
     }
     (packed, scales)
-}
-
-fn bf16_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes()).collect()
 }
 
 /// Standard deviation of a linear weight named `name` with `fan_in` inputs.

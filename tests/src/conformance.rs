@@ -141,7 +141,7 @@ impl HostTensor {
     /// A KV cache tensor of dtype `dtype` (f32, or bf16 holding each value's nearest bf16).
     fn cache(shape: &[usize], dtype: DType, v: &[f32]) -> Self {
         match dtype {
-            DType::BF16 => HostTensor::raw(shape, dtype, v.iter().flat_map(|x| dtype::f32_to_bf16(*x).to_le_bytes()).collect()),
+            DType::BF16 => HostTensor::raw(shape, dtype, dtype::bf16_bytes(v)),
             _ => HostTensor::f32(shape, v),
         }
     }
@@ -494,16 +494,9 @@ fn bf16_cache_cases(cases: &[Case]) -> Vec<Case> {
     cases
         .iter()
         .filter(|c| c.op.cache_dtype().is_some() && (!c.label.starts_with("random #") || c.label == "random #0"))
-        .map(|c| {
-            let mut op = c.op.clone();
-            match &mut op {
-                Op::WindowStore(o) => o.cache_dtype = DType::BF16,
-                Op::SparseAttention(o) => o.cache_dtype = DType::BF16,
-                Op::Compressor(o) => o.cache_dtype = DType::BF16,
-                Op::IndexerTopK(o) => o.cache_dtype = DType::BF16,
-                _ => unreachable!("filtered on cache_dtype"),
-            }
-            Case { op, label: format!("bf16 cache: {}", c.label), ..c.clone() }
+        .filter_map(|c| {
+            let op = c.op.with_cache_dtype(DType::BF16)?;
+            Some(Case { op, label: format!("bf16 cache: {}", c.label), ..c.clone() })
         })
         .collect()
 }
@@ -1024,7 +1017,7 @@ fn weights(rng: &mut Rng, format: WeightFormat, stacked: Option<usize>, out: usi
         WeightFormat::F32 => vec![HostTensor::f32(&shape(0), &rng.uniforms(n, amp))],
         WeightFormat::Bf16 => {
             let v = rng.uniforms(n, amp);
-            vec![HostTensor::raw(&shape(0), DType::BF16, v.iter().flat_map(|x| dtype::f32_to_bf16(*x).to_le_bytes()).collect())]
+            vec![HostTensor::raw(&shape(0), DType::BF16, dtype::bf16_bytes(&v))]
         }
         WeightFormat::Fp8Block128 => {
             // Random codes reach ±448; scales 2^-14..2^-10 keep W around 1/√inp for inp ≤ 7168.
@@ -1126,7 +1119,7 @@ fn build_data(case: &Case) -> CaseData {
             let n = o.vocab * o.dim;
             let table = match o.table_dtype {
                 DType::F32 => f32t(&[o.vocab, o.dim], &rng.normals(n, 1.0)),
-                DType::BF16 => HostTensor::raw(&[o.vocab, o.dim], DType::BF16, rng.normals(n, 1.0).iter().flat_map(|x| dtype::f32_to_bf16(*x).to_le_bytes()).collect()),
+                DType::BF16 => HostTensor::raw(&[o.vocab, o.dim], DType::BF16, dtype::bf16_bytes(&rng.normals(n, 1.0))),
                 DType::F16 => {
                     // Any finite f16 bit pattern (subnormals included).
                     let bits: Vec<u8> = (0..n)

@@ -5,7 +5,7 @@ use hal::ops::attention::CompressedKv;
 use hal::ops::{SparseAttention, WindowStore};
 use std::borrow::Cow;
 
-use hal::dtype::{bf16_to_f32, f32_to_bf16};
+use hal::dtype::round_bf16;
 use hal::{DType, Error, Result};
 use rayon::prelude::*;
 
@@ -51,7 +51,7 @@ pub fn run_sparse_attention(op: &SparseAttention, ins: &[&CpuStorage], outs: &mu
     let (q, sink) = (ins[0].f32s(), ins[3].f32s());
     // Every key as the cache holds it: with a bf16 cache the fresh rows are rounded too.
     let kv: Cow<[f32]> = match op.cache_dtype {
-        DType::BF16 => Cow::Owned(ins[1].f32s().iter().map(|&v| bf16_to_f32(f32_to_bf16(v))).collect()),
+        DType::BF16 => Cow::Owned(ins[1].f32s().iter().map(|&v| round_bf16(v)).collect()),
         _ => Cow::Borrowed(ins[1].f32s()),
     };
     let ring = ins[2].cache_values(op.cache_dtype);

@@ -150,6 +150,19 @@ impl Op {
         }
     }
 
+    /// This op with KV cache dtype `dtype`; `None` for ops that do not touch the cache.
+    pub fn with_cache_dtype(&self, dtype: DType) -> Option<Op> {
+        let mut op = self.clone();
+        match &mut op {
+            Op::WindowStore(o) => o.cache_dtype = dtype,
+            Op::SparseAttention(o) => o.cache_dtype = dtype,
+            Op::Compressor(o) => o.cache_dtype = dtype,
+            Op::IndexerTopK(o) => o.cache_dtype = dtype,
+            _ => return None,
+        }
+        Some(op)
+    }
+
     /// Inputs then outputs, with shapes and dtypes, in the order `Backend::run` takes them.
     pub fn signature(&self) -> Signature {
         match self {
