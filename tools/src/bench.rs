@@ -351,15 +351,13 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         println!("loaded cache {} in {:.1} s: {}", path.display(), t.elapsed().as_secs_f64(),
             slots.iter().map(|&s| cache.position(s).map(|p| format!("slot {s} at {p}"))).collect::<Result<Vec<_>, _>>()?.join(", "));
     }
-    // Where the prefill starts: after the fill or the loaded cache, the same for every slot.
-    let base = cache.position(slots[0])?;
-    for &s in &slots {
-        if cache.position(s)? != base {
-            bail!("slot {s} stands at {} but slot {} at {base}: the bench runs every slot at one position", cache.position(s)?, slots[0]);
-        }
+    // Where the run starts (0, or the loaded cache's position), the same for every slot.
+    let start = cache.position(slots[0])?;
+    if let Some(&s) = slots.iter().find(|&&s| cache.position(s).ok() != Some(start)) {
+        bail!("slot {s} does not stand at slot {}'s position {start}: the bench runs every slot at one position", slots[0]);
     }
-    if base + needed > cache.capacity() {
-        bail!("the run needs {needed} tokens of capacity per sequence from position {base}, the cache has {} (--capacity)", cache.capacity());
+    if start + needed > cache.capacity() {
+        bail!("the run needs {needed} tokens of capacity per sequence from position {start}, the cache has {} (--capacity)", cache.capacity());
     }
     if a.fill > 0 {
         let t = Instant::now();
@@ -369,7 +367,8 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         model.backend().synchronize()?;
         println!("synthetic context: {} token(s) per slot filled in {:.1} s (random cache entries, no forward pass)", a.fill, t.elapsed().as_secs_f64());
     }
-    let base = cache.position(slots[0])?;
+    // Where the prefill starts: after the fill or the loaded cache.
+    let base = start + a.fill;
     // A fixed pseudo-random prompt, a function of the absolute position so that a prefill split
     // across runs (--save-cache / --load-cache) feeds the same ids as one run would (the speed
     // of this model does not depend on the ids).
