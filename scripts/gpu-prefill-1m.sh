@@ -15,7 +15,7 @@ dir=${3:-/tmp}
 mkdir -p "$out"
 bin=${V4RT_BIN:-target/release/v4rt}
 export V4RT_KERNEL_CACHE=${V4RT_KERNEL_CACHE:-/tmp/v4rt-kernels}
-common=(bench --preset v4-flash --backend cuda --layers 8 --capacity 1048640)
+common=(bench --preset v4-flash --backend cuda --layers 8 --capacity 1048704)
 run() {
   case $1 in
     1) "$bin" "${common[@]}" --context 573440 --decode 1 --no-calibrate --save-cache "$dir/v4rt-kv1.safetensors" ;;

@@ -459,64 +459,70 @@ __device__ __forceinline__ float e2m1_x2(u32 c) {
 // Elements of one 16-byte weight chunk.
 template <int FMT> struct Chunk { static const int E = FMT == WF_F32 ? 4 : FMT == WF_BF16 ? 8 : FMT == WF_FP8 ? 16 : 32; };
 
+// a + W[o, i0 .. i0 + E) · xv[0 .. E) for one 16-byte chunk q of the weight row and the E
+// matching x values in registers. FP8/FP4: the chunk lies in one scale block, so the unscaled
+// products are summed first and the power-of-two scale applied once (exact scaling: the same sum
+// as scaling every product).
+template <int FMT>
+__device__ __forceinline__ float chunk_dot(uint4 q, const float* xv, float s, float a, const float* lut) {
+    u32 words[4] = {q.x, q.y, q.z, q.w};
+    if (FMT == WF_F32) {
+#pragma unroll
+        for (int m = 0; m < 4; ++m) a = fmaf(__uint_as_float(words[m]), xv[m], a);
+    } else if (FMT == WF_BF16) {
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+            a = fmaf(__uint_as_float(words[m] << 16), xv[2 * m], a);
+            a = fmaf(__uint_as_float(words[m] & 0xFFFF0000u), xv[2 * m + 1], a);
+        }
+    } else if (FMT == WF_FP8) {
+        float p = 0.0f;
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+            u32 wd = words[m];
+            p = fmaf(lut[wd & 0xFFu], xv[4 * m], p);
+            p = fmaf(lut[(wd >> 8) & 0xFFu], xv[4 * m + 1], p);
+            p = fmaf(lut[(wd >> 16) & 0xFFu], xv[4 * m + 2], p);
+            p = fmaf(lut[wd >> 24], xv[4 * m + 3], p);
+        }
+        a = fmaf(p, s, a);
+    } else {
+        // Products with 2·e2m1 (small integers, exact); the 1/2 goes into the scale.
+        float p = 0.0f;
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+            u32 wd = words[m];
+#pragma unroll
+            for (int h = 0; h < 8; ++h) p = fmaf(e2m1_x2(wd >> (4 * h)), xv[8 * m + h], p);
+        }
+        a = fmaf(p, 0.5f * s, a);
+    }
+    return a;
+}
+
+// The E x values of one chunk, from 16-byte aligned memory into registers.
+template <int FMT>
+__device__ __forceinline__ void chunk_x(const float* xp, float* xv) {
+#pragma unroll
+    for (int m = 0; m < Chunk<FMT>::E / 4; ++m) {
+        float4 v = ((const float4*)xp)[m];
+        xv[4 * m] = v.x;
+        xv[4 * m + 1] = v.y;
+        xv[4 * m + 2] = v.z;
+        xv[4 * m + 3] = v.w;
+    }
+}
+
 // acc[t] += W[o, i0 .. i0 + E) · xs[t][i0 .. i0 + E) for one 16-byte chunk q of the weight row.
-// FP8/FP4: the chunk lies in one scale block, so the unscaled products are summed first and the
-// power-of-two scale applied once (exact scaling: the same sum as scaling every product).
 template <int FMT, int RT>
 __device__ __forceinline__ void chunk_fma(uint4 q, i64 i0, float s, const float* const* xs, int nt, float* acc,
                                          const float* lut) {
-    u32 words[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
     for (int t = 0; t < RT; ++t) {
         if (t >= nt) break;
-        const float4* xp = (const float4*)(xs[t] + i0);
-        float a = acc[t];
-        if (FMT == WF_F32) {
-            float4 xv = xp[0];
-            a = fmaf(__uint_as_float(words[0]), xv.x, a);
-            a = fmaf(__uint_as_float(words[1]), xv.y, a);
-            a = fmaf(__uint_as_float(words[2]), xv.z, a);
-            a = fmaf(__uint_as_float(words[3]), xv.w, a);
-        } else if (FMT == WF_BF16) {
-#pragma unroll
-            for (int m = 0; m < 2; ++m) {
-                float4 xv = xp[m];
-                a = fmaf(__uint_as_float(words[2 * m] << 16), xv.x, a);
-                a = fmaf(__uint_as_float(words[2 * m] & 0xFFFF0000u), xv.y, a);
-                a = fmaf(__uint_as_float(words[2 * m + 1] << 16), xv.z, a);
-                a = fmaf(__uint_as_float(words[2 * m + 1] & 0xFFFF0000u), xv.w, a);
-            }
-        } else if (FMT == WF_FP8) {
-            float p = 0.0f;
-#pragma unroll
-            for (int m = 0; m < 4; ++m) {
-                float4 xv = xp[m];
-                u32 wd = words[m];
-                p = fmaf(lut[wd & 0xFFu], xv.x, p);
-                p = fmaf(lut[(wd >> 8) & 0xFFu], xv.y, p);
-                p = fmaf(lut[(wd >> 16) & 0xFFu], xv.z, p);
-                p = fmaf(lut[wd >> 24], xv.w, p);
-            }
-            a = fmaf(p, s, a);
-        } else {
-            // Products with 2·e2m1 (small integers, exact); the 1/2 goes into the scale.
-            float p = 0.0f;
-#pragma unroll
-            for (int m = 0; m < 4; ++m) {
-                u32 wd = words[m];
-                float4 xv = xp[2 * m], xw = xp[2 * m + 1];
-                p = fmaf(e2m1_x2(wd), xv.x, p);
-                p = fmaf(e2m1_x2(wd >> 4), xv.y, p);
-                p = fmaf(e2m1_x2(wd >> 8), xv.z, p);
-                p = fmaf(e2m1_x2(wd >> 12), xv.w, p);
-                p = fmaf(e2m1_x2(wd >> 16), xw.x, p);
-                p = fmaf(e2m1_x2(wd >> 20), xw.y, p);
-                p = fmaf(e2m1_x2(wd >> 24), xw.z, p);
-                p = fmaf(e2m1_x2(wd >> 28), xw.w, p);
-            }
-            a = fmaf(p, 0.5f * s, a);
-        }
-        acc[t] = a;
+        float xv[Chunk<FMT>::E];
+        chunk_x<FMT>(xs[t] + i0, xv);
+        acc[t] = chunk_dot<FMT>(q, xv, s, acc[t], lut);
     }
 }
 
@@ -549,49 +555,55 @@ __device__ __forceinline__ void wdot_vec(const u8* w, const u8* sc, i64 o, i64 k
     }
 }
 
-// One row, OT weight rows o0 .. o0 + no (no ≤ OT) at once: acc[j] += W[o0 + j, :] · x (lane
-// partial sums). OT independent 16-byte loads per lane per step keep enough bytes in flight for a
-// decode GEMV, and each x chunk is loaded once for the OT rows. Vector-path requirements as
-// wdot_vec.
+// Weight rows per warp step in the one-row (decode) kernels.
+#define LIN_OT 4
+
+// acc[j] += W[o0 + j, chunks of this warp] · x for OT weight rows o0 .. o0 + no (no ≤ OT) at once,
+// this warp being part `part` of `parts` warps that split the row's 16-byte chunks in interleaved
+// slabs of 32 (lane c of slab b takes chunk 32·b + c). OT independent 16-byte loads per lane per
+// step keep enough bytes in flight for a decode GEMV, and each x chunk is loaded once for the OT
+// rows. Needs k % 32 == 0 and 16-byte aligned x (global or shared memory).
 template <int FMT, int OT>
-__device__ __forceinline__ void wdot_vec_multi(const u8* w, const u8* sc, i64 o0, int no, i64 k, const float* x,
-                                               float* acc, const float* lut) {
+__device__ __forceinline__ void wdot_vec_split(const u8* w, const u8* sc, i64 o0, int no, i64 k, const float* x,
+                                               float* acc, const float* lut, int part, int parts) {
     const int E = Chunk<FMT>::E;
     int lane = threadIdx.x & 31;
     i64 row_bytes = FMT == WF_F32 ? k * 4 : FMT == WF_BF16 ? k * 2 : FMT == WF_FP8 ? k : k / 2;
     i64 chunks = k / E;
-    const float* xs[1] = {x};
-    for (i64 c = lane; c < chunks; c += 32) {
+    for (i64 c = (i64)part * 32 + lane; c < chunks; c += 32 * (i64)parts) {
         uint4 q[OT];
 #pragma unroll
         for (int j = 0; j < OT; ++j) {
             i64 o = o0 + (j < no ? j : 0);
             q[j] = __ldg((const uint4*)(w + o * row_bytes) + c);
         }
+        float xv[E];
+        chunk_x<FMT>(x + c * E, xv);
 #pragma unroll
         for (int j = 0; j < OT; ++j) {
             i64 o = o0 + (j < no ? j : 0);
-            float s = chunk_scale<FMT>(sc, o, k, c * E);
-            float a[1] = {acc[j]};
-            chunk_fma<FMT, 1>(q[j], c * E, s, xs, 1, a, lut);
-            acc[j] = a[0];
+            acc[j] = chunk_dot<FMT>(q[j], xv, chunk_scale<FMT>(sc, o, k, c * E), acc[j], lut);
         }
     }
 }
 
 template <int OT>
-__device__ __forceinline__ void wdot_multi_any(int fmt, const u8* w, const u8* sc, i64 o0, int no, i64 k,
-                                               const float* x, float* acc, const float* lut) {
+__device__ __forceinline__ void wdot_split_any(int fmt, const u8* w, const u8* sc, i64 o0, int no, i64 k,
+                                               const float* x, float* acc, const float* lut, int part, int parts) {
     switch (fmt) {
-        case WF_F32: wdot_vec_multi<WF_F32, OT>(w, sc, o0, no, k, x, acc, lut); break;
-        case WF_BF16: wdot_vec_multi<WF_BF16, OT>(w, sc, o0, no, k, x, acc, lut); break;
-        case WF_FP8: wdot_vec_multi<WF_FP8, OT>(w, sc, o0, no, k, x, acc, lut); break;
-        default: wdot_vec_multi<WF_FP4, OT>(w, sc, o0, no, k, x, acc, lut); break;
+        case WF_F32: wdot_vec_split<WF_F32, OT>(w, sc, o0, no, k, x, acc, lut, part, parts); break;
+        case WF_BF16: wdot_vec_split<WF_BF16, OT>(w, sc, o0, no, k, x, acc, lut, part, parts); break;
+        case WF_FP8: wdot_vec_split<WF_FP8, OT>(w, sc, o0, no, k, x, acc, lut, part, parts); break;
+        default: wdot_vec_split<WF_FP4, OT>(w, sc, o0, no, k, x, acc, lut, part, parts); break;
     }
 }
 
-// Weight rows per warp step in the one-row (decode) kernels.
-#define LIN_OT 4
+// wdot_vec_split by one warp over the whole row.
+template <int OT>
+__device__ __forceinline__ void wdot_multi_any(int fmt, const u8* w, const u8* sc, i64 o0, int no, i64 k,
+                                               const float* x, float* acc, const float* lut) {
+    wdot_split_any<OT>(fmt, w, sc, o0, no, k, x, acc, lut, 0, 1);
+}
 
 template <int RT>
 __device__ __forceinline__ void wdot_any(int fmt, int vec, const u8* w, const u8* sc, i64 o, i64 k,

@@ -32,30 +32,44 @@ __device__ __forceinline__ void linear_impl(const float* x, i64 x_stride, const 
     }
 }
 
-// One row (decode): with the vector path each warp takes LIN_OT output features per step
-// (wdot_vec_multi); features of one step share the x group when opg is a multiple of LIN_OT.
+// One row (decode). With the vector path the block's warps form groups of `ksplit` warps; a group
+// takes LIN_OT output features per step, its warps splitting the row in interleaved slabs
+// (wdot_vec_split), and their partial sums are added in warp order, so the result does not depend
+// on timing. ksplit > 1 gives short rows enough warps to keep HBM busy. Features of one step
+// share the x group when opg % LIN_OT == 0.
 extern "C" __global__ void __launch_bounds__(256, 2)
     linear_fwd_r1(const float* x, i64 x_stride, const u8* w, const u8* sc, float* y, i64 y_stride, i64 rows, i64 k,
-                  i64 n, i64 opg, int fmt, int vec) {
+                  i64 n, i64 opg, int fmt, int vec, int ksplit) {
     if (!vec || opg % LIN_OT != 0) {
         linear_impl<1>(x, x_stride, w, sc, y, y_stride, rows, k, n, opg, fmt, vec);
         return;
     }
     __shared__ float lut[LUT_SIZE];
+    __shared__ float part[8][LIN_OT];
     if (fmt >= WF_FP8) fill_luts(lut);
     __syncthreads();
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpb = blockDim.x >> 5;
-    for (i64 o0 = ((i64)blockIdx.x * wpb + warp) * LIN_OT; o0 < n; o0 += (i64)gridDim.x * wpb * LIN_OT) {
-        int no = n - o0 < LIN_OT ? (int)(n - o0) : LIN_OT;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int groups = (blockDim.x >> 5) / ksplit, g = warp / ksplit, p = warp % ksplit;
+    i64 per_block = (i64)groups * LIN_OT;
+    for (i64 base = (i64)blockIdx.x * per_block; base < n; base += (i64)gridDim.x * per_block) {
+        i64 o0 = base + (i64)g * LIN_OT;
+        int no = n - o0 >= LIN_OT ? LIN_OT : (n > o0 ? (int)(n - o0) : 0);
         float acc[LIN_OT];
 #pragma unroll
         for (int j = 0; j < LIN_OT; ++j) acc[j] = 0.0f;
-        wdot_multi_any<LIN_OT>(fmt, w, sc, o0, no, k, x + (o0 / opg) * k, acc, lut);
+        if (no > 0) wdot_split_any<LIN_OT>(fmt, w, sc, o0, no, k, x + (o0 / opg) * k, acc, lut, p, ksplit);
 #pragma unroll
         for (int j = 0; j < LIN_OT; ++j) {
             float v = warp_sum_f(acc[j]);
-            if (lane == 0 && j < no) y[o0 + j] = v;
+            if (lane == 0) part[warp][j] = v;
         }
+        __syncthreads();
+        if (p == 0 && lane < no) {
+            float v = part[warp][lane];
+            for (int q = 1; q < ksplit; ++q) v += part[warp + q][lane];
+            y[o0 + lane] = v;
+        }
+        __syncthreads();
     }
 }
 

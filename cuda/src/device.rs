@@ -2,7 +2,7 @@
 //! scratch buffers, the deferred-error word, and the mapping of driver errors to `hal::Error`.
 
 use std::any::Any;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::result::DriverError;
@@ -61,6 +61,8 @@ pub(crate) struct Dev {
     pub err: Mutex<CudaSlice<i64>>,
     pub err_ptr: u64,
     pub kernels: Loaded,
+    /// Whether `Backend::record` is capturing the stream now (see `record.rs`).
+    pub recording: AtomicBool,
 }
 
 impl Dev {
@@ -88,6 +90,7 @@ impl Dev {
             err: Mutex::new(err),
             err_ptr,
             kernels: Loaded::new(arch),
+            recording: AtomicBool::new(false),
         })
     }
 

@@ -10,6 +10,7 @@
 //! * [`kernels`] — the embedded sources, NVRTC options, the on-disk PTX cache, and
 //!   [`kernels::compile_all_for_check`] (NVRTC without a GPU, for CI).
 //! * [`ops`] — one file per op family, launching that family's kernels.
+//! * [`record`] — `Backend::record` as a CUDA graph captured from the stream.
 //!
 //! ## Numerics
 //! The kernels mirror `cpu-ref` operation for operation: quantizers (act_quant, FP8/FP4
@@ -72,12 +73,13 @@ mod calibrate;
 pub mod device;
 pub mod kernels;
 pub mod ops;
+pub mod record;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, DevicePtr, DevicePtrMut};
-use hal::backend::{Backend, BackendInfo, Calibration, Probe, Support};
+use hal::backend::{Backend, BackendInfo, Calibration, Probe, Recording, Support};
 use hal::{DType, Error, Op, Result, Tensor};
 
 use device::{driver_err, CudaStorage, Dev, BACKEND_NAME, ERR_WORDS};
@@ -222,6 +224,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload(&self, shape: &[usize], dtype: DType, bytes: &[u8]) -> Result<Tensor> {
+        self.dev.not_recording("upload")?;
         let want = byte_len(shape, dtype)?;
         if bytes.len() != want {
             return Err(Error::invalid("upload", format!("{dtype} {shape:?} needs {want} bytes, got {}", bytes.len())));
@@ -235,6 +238,7 @@ impl Backend for CudaBackend {
     }
 
     fn write(&self, t: &mut Tensor, offset: usize, bytes: &[u8]) -> Result<()> {
+        self.dev.not_recording("write")?;
         let (len, size) = (t.len_bytes(), t.dtype().size());
         let start = offset.checked_mul(size);
         let end = start.and_then(|s| s.checked_add(bytes.len())).filter(|&e| e <= len);
@@ -253,6 +257,7 @@ impl Backend for CudaBackend {
     }
 
     fn download(&self, t: &Tensor) -> Result<Vec<u8>> {
+        self.dev.not_recording("download")?;
         let s = self.storage(t, || "download".into())?;
         let mut out = vec![0u8; s.len];
         if s.len > 0 {
@@ -286,6 +291,7 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
+        self.dev.not_recording("synchronize")?;
         self.dev.stream.synchronize().map_err(driver_err)?;
         self.take_device_error()
     }
@@ -293,8 +299,15 @@ impl Backend for CudaBackend {
     /// Copy bandwidth (`cuMemcpyDtoDAsync`, 1 GiB) and the rate of our own f32 SIMT GEMM
     /// (4096³); see [`calibrate`](crate::calibrate) for the method.
     fn calibrate(&self) -> Result<Calibration> {
+        self.dev.not_recording("calibrate")?;
         self.take_device_error()?;
         calibrate::calibrate(&self.dev)
+    }
+
+    /// A CUDA graph captured from the stream ([`record`]); the graph runs once before this
+    /// returns.
+    fn record(&self, ops: &mut dyn FnMut() -> Result<()>) -> Result<Option<Box<dyn Recording>>> {
+        record::record(&self.dev, ops).map(Some)
     }
 }
 

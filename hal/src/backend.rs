@@ -171,6 +171,41 @@ pub trait Backend: Send + Sync {
         check_prepare(op, weights)?;
         Ok(Prepared::default())
     }
+
+    /// Runs `ops` once and, where this backend can, records what it issued so that
+    /// [`Recording::replay`] issues the same work again without the host building each op
+    /// (a CUDA graph; the point is a decode step whose few hundred small launches otherwise
+    /// cost more host time than device time). `None`: this backend does not record (the
+    /// default); `ops` then simply ran, as a plain sequence of `run` calls would.
+    ///
+    /// Contract for `ops`, which a recording backend checks where it can (an error, never a
+    /// silently wrong recording):
+    /// * it issues only `alloc` and `run`: `upload`, `write`, `download`, `synchronize` and
+    ///   `calibrate` return [`Error::InvalidArgument`] while recording;
+    /// * every tensor it allocates is dropped before it returns (a recording owns its
+    ///   intermediates; the results a caller wants go into tensors made before);
+    /// * the tensors it reads or writes that were made before must outlive the recording and
+    ///   are the ones every replay uses, with their contents at replay time. Whatever changes
+    ///   between replays (token ids, positions) therefore lives in such tensors, written with
+    ///   `write` before each replay, never in op descriptors.
+    ///
+    /// Errors from `ops` are returned and leave no recording. Deferred device-side argument
+    /// errors of recorded ops surface, as for `run`, at the next `download` or `synchronize`
+    /// after the first run or any replay.
+    fn record(&self, ops: &mut dyn FnMut() -> Result<()>) -> Result<Option<Box<dyn Recording>>> {
+        ops()?;
+        Ok(None)
+    }
+}
+
+/// Work recorded by [`Backend::record`].
+pub trait Recording {
+    /// Issues the recorded work again, in order after everything issued before, on the same
+    /// tensors. Like `run`, it may return before the device finished.
+    fn replay(&self) -> Result<()>;
+
+    /// What was recorded, in one line for reports (e.g. a CUDA graph's kernels by name).
+    fn describe(&self) -> String;
 }
 
 /// A probed backend: ready to use, or the reason it is not.

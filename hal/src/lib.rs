@@ -6,8 +6,9 @@
 //! * [`tensor`] — a backend-owned [`Storage`] behind a shape and a dtype.
 //! * [`ops`] — the fused-op vocabulary. One descriptor per op, whose doc comment is the op's
 //!   exact math and whose `signature()` lists its tensors. `cpu-ref` implements them literally.
-//! * [`backend`] — the [`Backend`] trait (alloc, upload, run, synchronize, `supports`) and the
-//!   [`Registry`] that probes backends and keeps the reason one is unavailable.
+//! * [`backend`] — the [`Backend`] trait (alloc, upload, run, synchronize, `supports`,
+//!   `record` for replayable [`Recording`]s) and the [`Registry`] that probes backends and keeps
+//!   the reason one is unavailable.
 //! * [`error`] — the one error enum.
 //!
 //! Each backend crate repeats one layout: `lib.rs` (the `Backend` impl and its probe),
@@ -19,7 +20,7 @@ pub mod error;
 pub mod ops;
 pub mod tensor;
 
-pub use backend::{Backend, BackendInfo, Calibration, Numerics, Probe, Registry, Support};
+pub use backend::{Backend, BackendInfo, Calibration, Numerics, Probe, Recording, Registry, Support};
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use ops::Op;

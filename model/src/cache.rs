@@ -21,6 +21,7 @@ use hal::{Backend, DType, Op, Tensor};
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::ModelConfig;
 use crate::error::{LoadError, ModelError};
@@ -44,6 +45,9 @@ pub struct LayerCache {
 
 /// All layers' caches plus the position each slot has reached.
 pub struct KvCache {
+    /// Unique per cache made in this process: a recorded decode step names the one cache whose
+    /// tensors it uses ([`crate::decode::DecodeStep`]).
+    id: u64,
     slots: usize,
     capacity: usize,
     dtype: DType,
@@ -158,7 +162,14 @@ impl KvCache {
         };
         let layers = (0..cfg.n_layers).map(|i| layer(cfg.layer_ratio(i))).collect::<Result<Vec<_>>>()?;
         let mtp = (0..cfg.n_mtp_layers).map(|k| layer(cfg.layer_ratio(cfg.n_layers + k))).collect::<Result<Vec<_>>>()?;
-        Ok(KvCache { slots, capacity, dtype, layers, mtp, next: vec![None; slots] })
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        Ok(KvCache { id, slots, capacity, dtype, layers, mtp, next: vec![None; slots] })
+    }
+
+    /// This cache's identity in the process (its tensors never change for its lifetime).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The dtype of the rings and compressed entries.

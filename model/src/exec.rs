@@ -116,13 +116,18 @@ impl<'a> Exec<'a> {
     }
 
     pub fn linear(&self, x: &Tensor, w: &LinearW) -> Result<Tensor> {
+        let mut y = self.new_f32(&[x.shape()[0], w.out])?;
+        self.linear_into(x, w, &mut y)?;
+        Ok(y)
+    }
+
+    /// [`Exec::linear`] into an existing `y [rows, out]`.
+    pub fn linear_into(&self, x: &Tensor, w: &LinearW, y: &mut Tensor) -> Result<()> {
         let rows = x.shape()[0];
         let op = ops::Linear { rows, in_features: w.inp, out_features: w.out, format: w.format };
-        let mut y = self.new_f32(&[rows, w.out])?;
         let mut inputs = vec![x];
         inputs.extend(w.tensors());
-        self.run(Op::Linear(op), &inputs, &mut [&mut y])?;
-        Ok(y)
+        self.run(Op::Linear(op), &inputs, &mut [y])
     }
 
     pub fn grouped_linear(&self, x: &Tensor, w: &LinearW, groups: usize) -> Result<Tensor> {

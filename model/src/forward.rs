@@ -126,6 +126,13 @@ impl Model {
 
     /// Checks a call against the vocabulary and the cache, and uploads its row metadata.
     pub fn rows(&self, cache: &KvCache, chunks: &[Chunk]) -> Result<Rows> {
+        let (slots, positions, ids) = self.row_values(cache, chunks)?;
+        self.exec().rows(&slots, &positions, &ids)
+    }
+
+    /// A call's per-row slots, positions and token ids, after checking the call against the
+    /// vocabulary and the cache.
+    pub(crate) fn row_values(&self, cache: &KvCache, chunks: &[Chunk]) -> Result<(Vec<i32>, Vec<i32>, Vec<i32>)> {
         if chunks.is_empty() {
             return Err(ModelError::Request("forward call with no sequences".into()));
         }
@@ -157,7 +164,7 @@ impl Model {
                 ids.push(t as i32);
             }
         }
-        self.exec().rows(&slots, &positions, &ids)
+        Ok((slots, positions, ids))
     }
 
     /// Runs one call: every chunk's tokens through the model, advancing their slots.
@@ -172,9 +179,9 @@ impl Model {
             Some(_) if self.weights.mtp.is_empty() => return Err(ModelError::Request("this model has no MTP block".into())),
             Some(m) => Some(self.upload_ids(m, rows.n, "MTP")?),
         };
+        // With one token per chunk every row is a last row: no gather.
         let keep = match opts.logits {
-            LogitsAt::All => None,
-            LogitsAt::Last => {
+            LogitsAt::Last if chunks.iter().any(|c| c.tokens.len() > 1) => {
                 let last: Vec<i32> = chunks
                     .iter()
                     .scan(0, |end, c| {
@@ -184,14 +191,9 @@ impl Model {
                     .collect();
                 Some(e.upload_i32(&last)?)
             }
+            _ => None,
         };
-        let mut x = self.embed_streams(&rows)?;
-        let mut decisions = Vec::new();
-        for layer in 0..self.cfg.n_layers {
-            let (next, d) = self.block(layer, &mut cache.layers[layer], &rows, &x, opts.decisions)?;
-            x = next;
-            decisions.extend(d);
-        }
+        let (x, mut decisions) = self.trunk(cache, &rows, opts.decisions)?;
         let logits = self.head_with(&x, keep.as_ref(), &self.weights.hc_head, &self.weights.norm)?;
         let mtp_logits = match mtp_ids {
             Some(ids) => {
@@ -205,6 +207,21 @@ impl Model {
             cache.advance(c.slot, c.tokens.len());
         }
         Ok(ForwardOutput { logits, mtp_logits, decisions })
+    }
+
+    /// Embedding and every block on `rows` → the final streams `[rows, hc_mult, dim]` (and
+    /// each block's decisions when asked). Issues only `alloc` and `run`, so that it can be
+    /// recorded ([`crate::decode::DecodeStep`]) when `decisions` is false. Does not advance
+    /// the cache.
+    pub(crate) fn trunk(&self, cache: &mut KvCache, rows: &Rows, decisions: bool) -> Result<(Tensor, Vec<LayerDecisions>)> {
+        let mut x = self.embed_streams(rows)?;
+        let mut out = Vec::new();
+        for layer in 0..self.cfg.n_layers {
+            let (next, d) = self.block(layer, &mut cache.layers[layer], rows, &x, decisions)?;
+            x = next;
+            out.extend(d);
+        }
+        Ok((x, out))
     }
 
     /// Checks token ids against the vocabulary and uploads them.
@@ -392,13 +409,26 @@ impl Model {
     /// hc head, norm, then the LM head on the rows `keep` (all rows when `None`).
     fn head_with(&self, x: &Tensor, keep: Option<&Tensor>, hc: &crate::exec::HcW, norm: &Tensor) -> Result<Vec<f32>> {
         let e = self.exec();
+        e.download_f32(&e.linear(&self.head_input(x, keep, hc, norm)?, &self.weights.head)?)
+    }
+
+    /// The LM head's input: hc head and norm of the streams `x`, on the rows `keep` (all when `None`).
+    fn head_input(&self, x: &Tensor, keep: Option<&Tensor>, hc: &crate::exec::HcW, norm: &Tensor) -> Result<Tensor> {
+        let e = self.exec();
         let u = e.hc_head(x, hc, self.hc_params())?;
         let h = e.rms_norm(&u, Some(norm), self.cfg.norm_eps)?;
-        let h = match keep {
-            Some(idx) => e.gather_rows(&h, idx)?,
-            None => h,
-        };
-        e.download_f32(&e.linear(&h, &self.weights.head)?)
+        match keep {
+            Some(idx) => e.gather_rows(&h, idx),
+            None => Ok(h),
+        }
+    }
+
+    /// The main model's logits of every row of `rows` into `logits [rows, vocab]` (f32, made
+    /// by the caller): [`Model::trunk`] and the head, issuing only `alloc` and `run`.
+    pub(crate) fn logits_into(&self, cache: &mut KvCache, rows: &Rows, logits: &mut Tensor) -> Result<()> {
+        let (x, _) = self.trunk(cache, rows, false)?;
+        let h = self.head_input(&x, None, &self.weights.hc_head, &self.weights.norm)?;
+        self.exec().linear_into(&h, &self.weights.head, logits)
     }
 
     /// MTP block `k` on the main model's final streams `x` with input `ids` (one per row):

@@ -4,11 +4,13 @@
 //! * [`safetensors`] / [`checkpoint`] — memory-mapped, validated checkpoint access.
 //! * [`synthetic`] — deterministic random checkpoints in the real format (embedded default
 //!   model, benchmarks).
-//! * the forward pass (weights, cache, block, session, MTP) issues HAL ops on any backend.
+//! * the forward pass (weights, cache, block, session, MTP) issues HAL ops on any backend;
+//!   [`decode`] records a decode step once and replays it where the backend can.
 
 pub mod cache;
 pub mod checkpoint;
 pub mod config;
+pub mod decode;
 pub mod error;
 pub mod exec;
 pub mod forward;

@@ -648,11 +648,17 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
             for (j, format) in [WeightFormat::Fp8Block128, WeightFormat::Fp4Group32].into_iter().enumerate() {
                 let op = Linear { rows: 5, in_features: 384, out_features: 40, format };
                 out.push(Case::new(Op::Linear(op), "edge: act_quant ties, amax below the floor, zero row", s(5 + j as u64)).quant_edges());
+                // One row of whole 1024-value spans: the CUDA GEMV act_quants it itself.
+                let op = Linear { rows: 1, in_features: 1024, out_features: 40, format };
+                out.push(Case::new(Op::Linear(op), "edge: act_quant ties, one token", s(7 + j as u64)).quant_edges());
             }
-            for (i, (name, c)) in reals.iter().enumerate() {
+            // The real shapes as prefill (2 rows) and as decode (1 row: the CUDA one-row GEMV with
+            // its split rows and in-kernel act_quant).
+            for (i, ((name, c), rows)) in reals.iter().flat_map(|r| [(r, 2usize), (r, 1)]).enumerate() {
                 let i = i as u64;
-                let lin = |in_features, out_features, format| Op::Linear(Linear { rows: 2, in_features, out_features, format });
+                let lin = |in_features, out_features, format| Op::Linear(Linear { rows, in_features, out_features, format });
                 let fp8 = WeightFormat::Fp8Block128;
+                let name = format!("{name}, {rows} row(s)");
                 let mut add = |op: Op, what: String, k: u64| out.push(Case::new(op, format!("{name}: {what}"), s(100 + 10 * k + i)).large());
                 add(lin(c.dim, c.q_lora_rank, fp8), format!("wq_a {} → {}", c.dim, c.q_lora_rank), 0);
                 add(lin(c.dim, c.head_dim, fp8), format!("wkv {} → {}", c.dim, c.head_dim), 1);
@@ -660,7 +666,7 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
                 add(lin(c.dim, c.index_n_heads, WeightFormat::Bf16), format!("indexer weights_proj {} → {} (bf16)", c.dim, c.index_n_heads), 3);
                 add(lin(c.dim, 2 * c.head_dim, WeightFormat::Bf16), format!("compressor wkv {} → {} (bf16)", c.dim, 2 * c.head_dim), 4);
                 add(lin(c.dim, c.moe_inter_dim, WeightFormat::Fp4Group32), format!("expert-shaped FP4 {} → {}", c.dim, c.moe_inter_dim), 5);
-                if i == 0 {
+                if i < 2 {
                     add(lin(c.o_groups * c.o_lora_rank, c.dim, fp8), format!("wo_b {} → {}", c.o_groups * c.o_lora_rank, c.dim), 6);
                 } else {
                     add(lin(c.moe_inter_dim, c.dim, fp8), format!("shared w2 {} → {}", c.moe_inter_dim, c.dim), 6);
@@ -691,6 +697,9 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
                     let what = format!("{name}: wo_a {format:?}, {} groups of {ipg} → {}", c.o_groups, c.o_lora_rank);
                     out.push(Case::new(Op::GroupedLinear(op), what, s(10 + 2 * i as u64 + j as u64)).large());
                 }
+                let op = GroupedLinear { rows: 1, groups: c.o_groups, in_per_group: ipg, out_per_group: c.o_lora_rank, format: WeightFormat::Fp8Block128 };
+                let what = format!("{name}: wo_a Fp8Block128, one token, {} groups of {ipg} → {}", c.o_groups, c.o_lora_rank);
+                out.push(Case::new(Op::GroupedLinear(op), what, s(20 + i as u64)).large());
             }
         }
         // ---- rope ----
@@ -2463,10 +2472,33 @@ struct Runs {
     decode: Vec<f32>,
     decode_experts: Vec<Vec<i64>>,
     decode_topk: Vec<Option<Vec<i64>>>,
+    /// The decode again through `Model::decode_step`.
+    decode_step: DecodeStepRun,
     t1: Vec<BlockOut>,
     t1d: Vec<BlockOut>,
     t1_head: Vec<f32>,
     t1_mtp: BlockOut,
+}
+
+/// The T2 decode run through a recorded decode step.
+struct DecodeStepRun {
+    logits: Vec<f32>,
+    /// Steps that replayed a recording (0 on a backend that does not record).
+    replays: usize,
+}
+
+/// The recorded decode step against the forward calls of the same backend: bit for bit, since
+/// both issue the same ops on the same values (bit-exactness is the point here).
+fn decode_step_check(name: String, r: &Runs) -> Check {
+    let (got, want) = (&r.decode_step.logits, &r.decode);
+    let bad = crate::metrics::bit_mismatches(got, want);
+    let nan = got.iter().any(|x| x.is_nan());
+    let how = match r.decode_step.replays {
+        0 => "no step replayed: the backend runs the ops directly".to_string(),
+        n => format!("{n} steps replayed a recording"),
+    };
+    let measured = format!("{} of {} logits differ in bits; {how}", bad.len(), got.len());
+    Check::gate(name, measured, "bit-identical, no NaN", got.len() == want.len() && !got.is_empty() && bad.is_empty() && !nan)
 }
 
 fn load_golden(dir: &Path) -> Result<Golden, String> {
@@ -2535,6 +2567,26 @@ fn collect(m: &model::forward::Model, g: &Golden, kv: DType, teacher_forced: boo
         }
     }
 
+    // The same decode through a recorded decode step (replayed from its third call where the
+    // backend records): the logits must be bit for bit the forward calls' above.
+    let mut cache = m.new_cache_with(b, t, kv).map_err(e)?;
+    let slots: Vec<usize> = (0..b).map(|_| cache.alloc_slot(be)).collect::<Result<_, _>>().map_err(e)?;
+    let chunks: Vec<Chunk> = slots.iter().map(|&s| Chunk { slot: s, tokens: &g.tokens[s * t..s * t + p] }).collect();
+    m.forward(&mut cache, &chunks, &ForwardOptions { logits: LogitsAt::Last, decisions: false, mtp_ids: None }).map_err(e)?;
+    let mut step = m.decode_step(&cache, &slots).map_err(e)?;
+    let mut decode_step = DecodeStepRun { logits: vec![0f32; b * steps * v], replays: 0 };
+    for pos in p..t {
+        let tokens: Vec<u32> = slots.iter().map(|&s| g.tokens[s * t + pos]).collect();
+        let replay = step.is_recorded();
+        let out = step.run(&mut cache, &tokens).map_err(e)?;
+        decode_step.replays += replay as usize;
+        let j = pos - p;
+        for s in 0..b {
+            decode_step.logits[(s * steps + j) * v..(s * steps + j + 1) * v].copy_from_slice(&out[s * v..(s + 1) * v]);
+        }
+    }
+    drop(step);
+
     // T1 / T1d: each block alone on the golden input streams of sequence 0.
     let block_input = |i: usize| -> Result<Vec<f32>, String> {
         if i == 0 {
@@ -2570,7 +2622,7 @@ fn collect(m: &model::forward::Model, g: &Golden, kv: DType, teacher_forced: boo
     };
     if !teacher_forced {
         let t1_mtp = BlockOut::default();
-        return Ok(Runs { prefill, mtp, prefill_experts, prefill_topk, decode, decode_experts, decode_topk, t1: vec![], t1d: vec![], t1_head: vec![], t1_mtp });
+        return Ok(Runs { prefill, mtp, prefill_experts, prefill_topk, decode, decode_experts, decode_topk, decode_step, t1: vec![], t1d: vec![], t1_head: vec![], t1_mtp });
     }
     let t1 = (0..layers).map(|i| teacher(i, None)).collect::<Result<Vec<_>, _>>()?;
     let t1d = (0..layers).map(|i| teacher(i, Some(p))).collect::<Result<Vec<_>, _>>()?;
@@ -2582,7 +2634,7 @@ fn collect(m: &model::forward::Model, g: &Golden, kv: DType, teacher_forced: boo
     let rows = m.rows(&cache, &[Chunk { slot, tokens: &g.tokens[..t] }]).map_err(e)?;
     let (mtp1, dd) = m.mtp(0, &mut cache, &rows, streams(&x_last, t)?, &next[..t], true).map_err(e)?;
     let t1_mtp = BlockOut { out: mtp1, experts: dd.ok_or("no MTP decisions")?.experts.iter().map(|&x| x as i64).collect(), ..BlockOut::default() };
-    Ok(Runs { prefill, mtp, prefill_experts, prefill_topk, decode, decode_experts, decode_topk, t1, t1d, t1_head, t1_mtp })
+    Ok(Runs { prefill, mtp, prefill_experts, prefill_topk, decode, decode_experts, decode_topk, decode_step, t1, t1d, t1_head, t1_mtp })
 }
 
 /// T1 (prefill) or T1d (decode, positions from `from`) bounds on one teacher-forced block.
@@ -2753,6 +2805,9 @@ impl Backend for NumericsRecorder {
     fn prepare(&self, op: &Op, weights: &[Option<&Tensor>]) -> hal::Result<hal::backend::Prepared> {
         self.inner.prepare(op, weights)
     }
+    fn record(&self, ops: &mut dyn FnMut() -> hal::Result<()>) -> hal::Result<Option<Box<dyn hal::Recording>>> {
+        self.inner.record(ops)
+    }
 }
 
 /// The tiny-flash golden protocol on `backend`, against the official float32 goldens in
@@ -2844,6 +2899,7 @@ pub fn end_to_end(backend: Arc<dyn Backend>, reference: Arc<dyn Backend>, golden
     }
     checks.push(tier2_decisions(format!("T2 prefill + MTP decisions vs {ref_name}"), &ours.prefill_experts, &ours.prefill_topk, &theirs.prefill_experts, &theirs.prefill_topk, k, kk, bf16));
     checks.push(tier2_decisions(format!("T2 decode decisions vs {ref_name}"), &ours.decode_experts, &ours.decode_topk, &theirs.decode_experts, &theirs.decode_topk, k, kk, bf16));
+    checks.push(decode_step_check(format!("decode step (recorded where {name} records) vs forward"), &ours));
     checks.extend(bf16_cache_checks(&ours_m, &theirs_m, &g, bf16));
     checks
 }
@@ -2871,5 +2927,6 @@ fn bf16_cache_checks(ours: &model::forward::Model, theirs: &model::forward::Mode
         checks.push(tier2_logits(format!("bf16 KV cache: {what} logits vs {ref_name}"), ol, rl, v, bf16));
     }
     checks.push(tier2_decisions(format!("bf16 KV cache: decode decisions vs {ref_name}"), &o.decode_experts, &o.decode_topk, &r.decode_experts, &r.decode_topk, k, kk, bf16));
+    checks.push(decode_step_check(format!("bf16 KV cache: decode step (recorded where {name} records) vs forward"), &o));
     checks
 }

@@ -214,3 +214,57 @@ fn kv_cache_save_and_load() {
     let _ = std::fs::remove_file(&path);
     assert!(e.contains(&name), "{e}");
 }
+
+/// `Model::decode_step` gives, step by step, the logits of one-token `Model::forward` calls bit
+/// for bit, for a batch of slots at different positions (a gap left at slot 1). On cpu-ref it
+/// never records (the backend runs the ops directly); the recorded path is checked against
+/// `forward` the same way on CUDA by the conformance suite's end-to-end "decode step" check.
+#[test]
+fn decode_step_matches_forward() {
+    let m = model();
+    let prompts: [Vec<u32>; 2] = [(0..9).map(|i| (i * 13 + 5) % 1024).collect(), (0..4).map(|i| (i * 71 + 2) % 1024).collect()];
+    let prefill = |c: &mut KvCache| {
+        forward(c, &[Chunk { slot: 0, tokens: &prompts[0] }, Chunk { slot: 2, tokens: &prompts[1] }], &opts()).unwrap();
+    };
+    let (mut a, mut b) = (cache(3, 20, 3), cache(3, 20, 3));
+    prefill(&mut a);
+    prefill(&mut b);
+    let mut step = m.decode_step(&b, &[2, 0]).unwrap();
+    assert_eq!(step.slots(), &[2, 0]);
+    let v = m.cfg.vocab_size;
+    for k in 0..6u32 {
+        let tokens = [(k * 29 + 3) % 1024, (k * 7 + 900) % 1024];
+        let want = forward(&mut a, &[Chunk { slot: 2, tokens: &tokens[..1] }, Chunk { slot: 0, tokens: &tokens[1..] }], &opts()).unwrap().logits;
+        let got = step.run(&mut b, &tokens).unwrap();
+        assert_eq!(got.len(), 2 * v);
+        assert!(got.iter().all(|x| x.is_finite()), "step {k}: non-finite logits");
+        let differing = got.iter().zip(&want).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+        assert_eq!(differing, 0, "step {k}: {differing} of {} logits differ from Model::forward", got.len());
+    }
+    assert!(!step.is_recorded(), "cpu-ref does not record");
+    assert_eq!((b.position(0).unwrap(), b.position(2).unwrap()), (15, 10));
+}
+
+/// Bad decode-step requests are request errors naming what is wrong, and leave the cache as it was.
+#[test]
+fn decode_step_bad_requests() {
+    let m = model();
+    let mut c = cache(2, 3, 1);
+    let other = cache(2, 3, 1);
+    expect_request_error(m.decode_step(&c, &[]), &["no slots"]);
+    expect_request_error(m.decode_step(&c, &[0, 2]), &["slot 2", "2 slots"]);
+    expect_request_error(m.decode_step(&c, &[0, 0]), &["slot 0", "twice"]);
+    let mut free = m.decode_step(&c, &[1]).unwrap();
+    expect_request_error(free.run(&mut c, &[1]), &["slot 1", "not allocated"]);
+    let mut step = m.decode_step(&c, &[0]).unwrap();
+    expect_request_error(step.run(&mut c, &[1, 2]), &["2 tokens for 1 slots"]);
+    expect_request_error(step.run(&mut c, &[1024]), &["token id 1024", "slot 0"]);
+    let mut o = other;
+    expect_request_error(step.run(&mut o, &[1]), &["another KV cache"]);
+    assert_eq!(c.position(0).unwrap(), 0, "a rejected step moved the slot");
+    for t in 0..3 {
+        step.run(&mut c, &[t]).unwrap();
+    }
+    expect_request_error(step.run(&mut c, &[4]), &["slot 0", "position 3", "capacity of 3"]);
+    assert_eq!(c.position(0).unwrap(), 3);
+}

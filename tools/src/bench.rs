@@ -60,7 +60,8 @@ pub struct Args {
     /// Prefill chunk (tokens per sequence per forward call).
     #[arg(long, default_value_t = 4096)]
     chunk: usize,
-    /// Decode steps.
+    /// Decode steps, timed twice: with every op issued by the host, then replaying a recorded
+    /// decode step (a CUDA graph on CUDA).
     #[arg(long, default_value_t = 256)]
     decode: usize,
     /// Independent sequences decoded together.
@@ -341,7 +342,9 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     // With --profile: a.profile more decode steps and one more chunk timed block by block.
     let extra = if a.profile > 0 { a.profile + a.chunk.max(1).min(prefill) } else { 0 };
     let kv_dtype = backends::kv_dtype(a.kv_dtype.as_deref(), &model)?;
-    let needed = a.fill + prefill + a.decode + extra + 1;
+    // Decode runs twice (host-issued, then the recorded step with its two untimed first calls).
+    let decode_tokens = if a.decode > 0 { 2 * a.decode + 2 } else { 0 };
+    let needed = a.fill + prefill + decode_tokens + extra + 1;
     let mut cache = model.new_cache_with(b, a.capacity.unwrap_or(needed), kv_dtype)?;
     let slots: Vec<usize> = (0..b).map(|_| cache.alloc_slot(model.backend())).collect::<Result<_, _>>()?;
     if let Some(path) = &a.load_cache {
@@ -409,19 +412,46 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     let out = out.context("no prefill chunk ran")?;
     let mut next: Vec<u32> = out.logits.chunks(v as usize).map(|l| argmax(l) as u32).collect();
 
-    let mut step_ms = Vec::with_capacity(a.decode);
+    // Decode, two ways in the same run: --decode steps with every op issued by the host
+    // (`Model::forward`), then --decode steps of a recorded decode step (`Model::decode_step`:
+    // replayed as one CUDA graph where the backend records; its first two calls, a warm-up and
+    // the recording, are not timed).
+    let start_decode = cache.position(slots[0])?;
+    let mut issued_ms = Vec::with_capacity(a.decode);
     for _ in 0..a.decode {
         let t = Instant::now();
         let chunks: Vec<Chunk> =
             slots.iter().zip(&next).map(|(&s, tok)| Chunk { slot: s, tokens: std::slice::from_ref(tok) }).collect();
         let out = model.forward(&mut cache, &chunks, &opts)?;
         next = out.logits.chunks(v as usize).map(|l| argmax(l) as u32).collect();
-        step_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        issued_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    let mut step_ms = Vec::with_capacity(a.decode);
+    let mut recorded = false;
+    if a.decode > 0 {
+        let mut step = model.decode_step(&cache, &slots)?;
+        for k in 0..a.decode + 2 {
+            let t = Instant::now();
+            let logits = step.run(&mut cache, &next)?;
+            next = logits.chunks(v as usize).map(|l| argmax(l) as u32).collect();
+            if k >= 2 {
+                step_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        recorded = step.is_recorded();
+        if let Some(d) = step.recording() {
+            println!("decode step recording: {d}");
+        }
+    }
+    let end_decode = cache.position(slots[0])?;
     let total_decode_s: f64 = step_ms.iter().sum::<f64>() / 1e3;
-    let mut sorted = step_ms.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+    let median_of = |ms: &[f64]| {
+        let mut sorted = ms.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
+    };
+    let median = median_of(&step_ms);
+    let median_issued = median_of(&issued_ms);
 
     println!("warm-up (first forwards: weight preparation, kernel compilation): {:.1} ms", warmup_s * 1e3);
     // Prefill.
@@ -445,20 +475,24 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     // Decode.
     if a.decode > 0 {
         let sb = step_bytes(&cfg, b);
-        let pos = base + prefill + a.decode / 2;
+        let pos = (start_decode + end_decode) / 2;
         let cache_rd = b as f64 * cache_read_bytes(&cfg, pos, kv_dtype.size());
         let cache_rd_fp8 = b as f64 * cache_read_bytes(&cfg, pos, 1);
         let moved = sb.total() + cache_rd;
         let gbs = moved / (median / 1e3) / 1e9;
         println!(
-            "decode: {} steps × batch {b} at context {}..{}: median step {median:.3} ms ({:.3} ms per layer = step / {} layers, head included), {:.1} tokens/s (all steps), {:.1} tokens/s (median)",
+            "decode, ops issued by the host (Model::forward): {} steps × batch {b} from context {start_decode}: median step {median_issued:.3} ms",
             a.decode,
-            base + prefill,
-            base + prefill + a.decode,
+        );
+        println!(
+            "decode, {} (Model::decode_step): {} steps × batch {b} up to context {end_decode}: median step {median:.3} ms ({:.3} ms per layer = step / {} layers, head included), {:.1} tokens/s (all steps), {:.1} tokens/s (median); {:.2}× the host-issued step",
+            if recorded { "recorded once, replayed" } else { "not recorded (the backend runs the ops directly)" },
+            a.decode,
             median / cfg.n_layers as f64,
             cfg.n_layers,
             (a.decode * b) as f64 / total_decode_s,
-            b as f64 * 1e3 / median
+            b as f64 * 1e3 / median,
+            median_issued / median
         );
         println!(
             "decode bytes per step: {} = weights {} (attention {}, routed experts {}, shared expert {}, other {}, head {}, embed {}) + cache read {} ({kv_dtype} cache; {} if stored 1 byte/element)",
@@ -485,14 +519,14 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     }
     if a.profile > 0 {
         let copy = cal.as_ref().map(|c| c.copy_bytes_per_s);
-        profiler.record(true);
+        profiler.set_profiling(true);
         for _ in 0..a.profile {
             let chunks: Vec<Chunk> =
                 slots.iter().zip(&next).map(|(&s, tok)| Chunk { slot: s, tokens: std::slice::from_ref(tok) }).collect();
             let out = model.forward(&mut cache, &chunks, &opts)?;
             next = out.logits.chunks(v as usize).map(|l| argmax(l) as u32).collect();
         }
-        profiler.record(false);
+        profiler.set_profiling(false);
         profile::print(&format!("decode, {} steps", a.profile), &profiler.report(), a.profile, copy);
         let n = chunk.min(prefill);
         let at = cache.position(slots[0])?;
@@ -507,9 +541,9 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         let mut fresh = model.new_cache_with(b, n + 1, kv_dtype)?;
         let fs: Vec<usize> = (0..b).map(|_| fresh.alloc_slot(model.backend())).collect::<Result<_, _>>()?;
         let chunks: Vec<Chunk> = fs.iter().zip(&prompts).map(|(&s, p)| Chunk { slot: s, tokens: &p[..n] }).collect();
-        profiler.record(true);
+        profiler.set_profiling(true);
         model.forward(&mut fresh, &chunks, &opts)?;
-        profiler.record(false);
+        profiler.set_profiling(false);
         profile::print(&format!("prefill, one chunk of {b} × {n} tokens at position 0"), &profiler.report(), 1, copy);
     }
     // Memory.

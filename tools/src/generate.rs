@@ -66,9 +66,11 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     let mut next = sample(&out.logits, a.temperature, &mut rng) as u32;
     let mut generated = vec![next];
     let t = Instant::now();
+    // One decode step, recorded once and replayed where the backend records (CUDA graphs).
+    let mut step = model.decode_step(&cache, &[slot])?;
     while generated.len() < a.max_new && next != eos {
-        let out = model.forward(&mut cache, &[Chunk { slot, tokens: &[next] }], &opts)?;
-        next = sample(&out.logits, a.temperature, &mut rng) as u32;
+        let logits = step.run(&mut cache, &[next])?;
+        next = sample(&logits, a.temperature, &mut rng) as u32;
         generated.push(next);
     }
     let decode_s = t.elapsed().as_secs_f64();

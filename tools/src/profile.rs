@@ -1,6 +1,6 @@
 //! `v4rt bench --profile`: time per op, measured by waiting for the device around each op.
 //!
-//! [`Profiled`] wraps a backend. While recording is on, every `run` is preceded and followed by
+//! [`Profiled`] wraps a backend. While profiling is on, every `run` is preceded and followed by
 //! `synchronize`, and the wall time between the two waits is charged to the op's key (its name
 //! plus the sizes that tell its instances apart: a linear's `rows×in→out format`). The time
 //! therefore includes the op's host-side launch cost and its kernels, but not the overlap the
@@ -39,8 +39,8 @@ impl Profiled {
         Profiled { inner, on: AtomicBool::new(false), stats: Mutex::new(HashMap::new()) }
     }
 
-    /// Starts (clearing earlier totals) or stops recording.
-    pub fn record(&self, on: bool) {
+    /// Starts (clearing earlier totals) or stops timing each op.
+    pub fn set_profiling(&self, on: bool) {
         if on {
             self.stats.lock().unwrap_or_else(|p| p.into_inner()).clear();
         }
@@ -133,6 +133,15 @@ impl Backend for Profiled {
     }
     fn prepare(&self, op: &Op, weights: &[Option<&Tensor>]) -> Result<Prepared> {
         self.inner.prepare(op, weights)
+    }
+    /// The inner backend's recording, except while profiling: timing each op needs them issued
+    /// one by one, so `ops` then just runs.
+    fn record(&self, ops: &mut dyn FnMut() -> Result<()>) -> Result<Option<Box<dyn hal::Recording>>> {
+        if self.on.load(Ordering::SeqCst) {
+            ops()?;
+            return Ok(None);
+        }
+        self.inner.record(ops)
     }
 }
 

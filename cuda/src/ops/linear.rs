@@ -2,9 +2,10 @@
 //!
 //! FP8/FP4 linears first act_quant the input per row in blocks of 128 into an f32 scratch buffer
 //! (`quant_rows`, the dequantized x̃ that cpu-ref multiplies), then `linear_fwd` computes
-//! `y = W·x̃` with the weight dequantized on the fly: one warp per output feature at a time, one
-//! row (decode) or `LIN_RT` = 4 rows per pass, 16-byte weight loads, f32 FMA lane sums and a
-//! shuffle tree.
+//! `y = W·x̃` with the weight dequantized on the fly: one warp per output feature at a time with
+//! `LIN_RT` = 4 rows per pass, or for one row a group of 1–8 warps per 4 features splitting the
+//! row ([`k_split`]); 16-byte weight loads, f32 FMA
+//! lane sums, a shuffle tree, and the group's partial sums added in warp order.
 
 use hal::ops::{GroupedLinear, Linear, WeightFormat};
 use hal::{Error, Result};
@@ -62,6 +63,26 @@ pub(crate) fn tc_split(quantized: bool) -> Arg {
     Arg::I(if quantized { 1 } else { 3 })
 }
 
+/// Warps that share one group of `FEATURES_PER_STEP` output features in the one-row kernel
+/// (1, 2, 4 or 8): the fewest that put about 16 warps per SM to work, and no more than the row
+/// has 32-chunk slabs. Short rows of few features (a 4096 → 512 projection) otherwise leave most
+/// of the GPU idle.
+pub(crate) fn k_split(dev: &Dev, n: usize, k: usize, format: WeightFormat) -> usize {
+    let chunk = match format {
+        WeightFormat::F32 => 4,
+        WeightFormat::Bf16 => 8,
+        WeightFormat::Fp8Block128 => 16,
+        WeightFormat::Fp4Group32 => 32,
+    };
+    let slabs = (k / chunk).div_ceil(32).max(1);
+    let groups = n.div_ceil(FEATURES_PER_STEP);
+    let mut split = 1;
+    while split < 8 && groups * split < dev.sms * 16 && split * 2 <= slabs {
+        split *= 2;
+    }
+    split
+}
+
 /// Launches `linear_fwd`: `y[r, o] = Σ_i W[o, i] · x[r·x_stride + (o / opg)·k + i]`.
 #[allow(clippy::too_many_arguments, clippy::manual_is_multiple_of)] // `%`: the workspace MSRV is 1.80
 pub(crate) fn linear_fwd(
@@ -105,14 +126,22 @@ pub(crate) fn linear_fwd(
         args.push(tc_split(quantized));
         return launch(dev, FAMILY, "linear_tc", (gx, gy, 1), BLOCK, 0, &args);
     }
-    let per_pass = if rows == 1 { 1 } else { ROWS_PER_PASS };
-    let gy = rows.div_ceil(per_pass).min(65_535);
-    let gx = feature_blocks(dev, n, gy, if rows == 1 { FEATURES_PER_STEP } else { 1 }) as u32;
-    let gy = gy as u32;
     // 16-byte vector loads: every weight row and x row (group) starts 16-byte aligned.
-    args.push(Arg::I((k % 32 == 0 && x_stride % 4 == 0) as i32));
-    let kernel = if rows == 1 { "linear_fwd_r1" } else { "linear_fwd" };
-    launch(dev, FAMILY, kernel, (gx, gy, 1), BLOCK, 0, &args)
+    let vec = k % 32 == 0 && x_stride % 4 == 0;
+    args.push(Arg::I(vec as i32));
+    if rows > 1 {
+        let gy = rows.div_ceil(ROWS_PER_PASS).min(65_535);
+        let gx = feature_blocks(dev, n, gy, 1) as u32;
+        return launch(dev, FAMILY, "linear_fwd", (gx, gy as u32, 1), BLOCK, 0, &args);
+    }
+    // One row: on the vector path groups of `split` warps take FEATURES_PER_STEP features each
+    // (k_split), else one warp takes one feature.
+    let vector = vec && opg % FEATURES_PER_STEP == 0;
+    let split = if vector { k_split(dev, n, k, format) } else { 1 };
+    let per_block = (BLOCK as usize / 32 / split) * if vector { FEATURES_PER_STEP } else { 1 };
+    let gx = n.div_ceil(per_block).min(dev.sms * 8) as u32;
+    args.push(Arg::I(split as i32));
+    launch(dev, FAMILY, "linear_fwd_r1", (gx, 1, 1), BLOCK, 0, &args)
 }
 
 /// [`Linear`].
@@ -147,3 +176,4 @@ pub(crate) fn grouped_linear(dev: &Dev, op: &GroupedLinear, ins: &[u64], outs: &
     let sc = ins.get(2).copied().unwrap_or(0);
     linear_fwd(dev, ins[0], g * ipg, (ins[1], sc), outs[0], g * opg, op.rows, ipg, g * opg, opg, op.format, false)
 }
+
