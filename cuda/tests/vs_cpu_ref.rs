@@ -505,32 +505,24 @@ fn cuda_matches_cpu_ref() {
             &[q, w, keys, ti(&[rows], &slots), ti(&[rows], &pos)],
             &[(poison_i(&[rows, topk]), Some(Check::Indices)), (poison(&[rows, topk]), Some(Check::Nmse(1e-9)))],
         );
-        // Random keys, more entries than topk, one row with fewer visible than topk.
-        let (cap, topk) = (3000, 512);
-        let slots = vec![0, 1];
-        let pos = vec![11999, 40];
-        let q = tf(&[2, h, d], &rng.vf(2 * h * d, 1.0));
-        let w = tf(&[2, h], &rng.vf(2 * h, 1.0));
-        let keys = tcache(&[2, cap, d], cache_dtype, &rng.vf(2 * cap * d, 1.0));
-        let op = Op::IndexerTopK(IndexerTopK { rows: 2, heads: h, head_dim: d, slots: 2, capacity: cap, ratio, topk, weight_scale: 0.03, cache_dtype });
-        s.case(
-            &format!("indexer_topk 3000/512{tag}"),
-            &op,
-            &[q, w, keys, ti(&[2], &slots), ti(&[2], &pos)],
-            &[(poison_i(&[2, topk]), Some(Check::Indices)), (poison(&[2, topk]), Some(Check::Nmse(1e-9)))],
-        );
-        // head_dim 30 (not a multiple of 4): the warp-per-key index_scores.
-        let (d, cap, topk) = (30, 50, 7);
-        let q = tf(&[2, h, d], &rng.vf(2 * h * d, 1.0));
-        let w = tf(&[2, h], &rng.vf(2 * h, 1.0));
-        let keys = tcache(&[2, cap, d], cache_dtype, &rng.vf(2 * cap * d, 1.0));
-        let op = Op::IndexerTopK(IndexerTopK { rows: 2, heads: h, head_dim: d, slots: 2, capacity: cap, ratio, topk, weight_scale: 0.03, cache_dtype });
-        s.case(
-            &format!("indexer_topk d30{tag}"),
-            &op,
-            &[q, w, keys, ti(&[2], &[0, 1]), ti(&[2], &[150, 9])],
-            &[(poison_i(&[2, topk]), Some(Check::Indices)), (poison(&[2, topk]), Some(Check::Nmse(1e-9)))],
-        );
+        // Random values, two slots: (name, head_dim, capacity, topk, positions).
+        for (what, d, cap, topk, pos) in [
+            // More entries than topk, one row with fewer visible than topk.
+            ("3000/512", 128, 3000, 512, [11999, 40]),
+            // head_dim 30 (not a multiple of 4): the warp-per-key index_scores.
+            ("d30", 30, 50, 7, [150, 9]),
+        ] {
+            let q = tf(&[2, h, d], &rng.vf(2 * h * d, 1.0));
+            let w = tf(&[2, h], &rng.vf(2 * h, 1.0));
+            let keys = tcache(&[2, cap, d], cache_dtype, &rng.vf(2 * cap * d, 1.0));
+            let op = Op::IndexerTopK(IndexerTopK { rows: 2, heads: h, head_dim: d, slots: 2, capacity: cap, ratio, topk, weight_scale: 0.03, cache_dtype });
+            s.case(
+                &format!("indexer_topk {what}{tag}"),
+                &op,
+                &[q, w, keys, ti(&[2], &[0, 1]), ti(&[2], &pos)],
+                &[(poison_i(&[2, topk]), Some(Check::Indices)), (poison(&[2, topk]), Some(Check::Nmse(1e-9)))],
+            );
+        }
     }
 
     // ---- moe

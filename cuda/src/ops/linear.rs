@@ -68,6 +68,7 @@ pub(crate) fn tc_split(quantized: bool) -> Arg {
 /// has 32-chunk slabs. Short rows of few features (a 4096 → 512 projection) otherwise leave most
 /// of the GPU idle.
 pub(crate) fn k_split(dev: &Dev, n: usize, k: usize, format: WeightFormat) -> usize {
+    // Weights per 16-byte chunk (`Chunk<FMT>::E` in common.cuh).
     let chunk = match format {
         WeightFormat::F32 => 4,
         WeightFormat::Bf16 => 8,
