@@ -294,7 +294,20 @@ extern "C" __global__ void __launch_bounds__(1024) check_rows(const int* slots, 
     i64 v[3];
     for (int r = threadIdx.x; r < rows; r += blockDim.x) {
         if (m0 == ROW_NONE && place_error(slots, pos, r, num_slots, v) != 0) m0 = r;
-        if (m1 == ROW_NONE && mode != CHECK_NONE && extra_error(mode, pos, r, a, b, idx, idx_cols, v) != 0) m1 = r;
+        if (m1 == ROW_NONE && mode != CHECK_NONE && mode != CHECK_INDICES &&
+            extra_error(mode, pos, r, a, b, idx, idx_cols, v) != 0)
+            m1 = r;
+    }
+    if (mode == CHECK_INDICES) {
+        // Over every index at once, not row by row: a decode row holds the top-k (512) indices.
+        i64 total = (i64)rows * idx_cols;
+        for (i64 e = threadIdx.x; e < total; e += blockDim.x) {
+            int j = idx[e];
+            if (j != -1 && (j < 0 || (i64)j >= b)) {
+                i64 r = e / idx_cols;
+                m1 = r < m1 ? r : m1;
+            }
+        }
     }
     m0 = block_min_i64(m0, sh);
     m1 = block_min_i64(m1, sh);
@@ -450,10 +463,50 @@ __device__ __forceinline__ void wdot(const u8* w, const u8* sc, i64 o, i64 k, co
     }
 }
 
-// 2 × the e2m1 value of the low nibble of `c` (0, ±1, ±2, ±3, ±4, ±6, ±8, ±12): exact small integers.
-__device__ __forceinline__ float e2m1_x2(u32 c) {
-    float v = (float)((0xC8643210u >> (4 * (c & 7u))) & 0xFu);
-    return (c & 8u) ? -v : v;
+// 2 × the e2m1 values of the eight nibbles of `wd` (nibble h → v[h]; 0, ±1, ±2, ±3, ±4, ±6, ±8,
+// ±12: small integers, exact; code 8 gives −0), in about 3 integer instructions a value. (Shifts
+// of a constant table and an int→float conversion took 8, one on a slow pipe, and bounded the FP4
+// expert GEMV.) Byte permutes look the magnitudes (bits 0–2 of a nibble) up in two
+// 8-entry tables holding the high and the low byte of their bf16 patterns, the sign bits (bit 3)
+// are gathered into the high bytes, and a third permute pairs two values as bf16x2, which widen to
+// f32 exactly. Selectors keep bit 3 of each nibble clear (bit 3 would replicate signs).
+#define E2M1_X2_HI_0_3 0x40403F00u  // high bytes of bf16(0, 1, 2, 3)
+#define E2M1_X2_HI_4_7 0x41414040u  // high bytes of bf16(4, 6, 8, 12)
+#define E2M1_X2_LO_0_3 0x40008000u  // low bytes of bf16(0, 1, 2, 3)
+#define E2M1_X2_LO_4_7 0x4000C080u  // low bytes of bf16(4, 6, 8, 12)
+__device__ __forceinline__ void e2m1_x2_word(u32 wd, float* v) {
+    u32 w4 = wd << 4;  // byte j's top bit: the sign of nibble 2j (wd's own: of nibble 2j + 1)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        u32 mag = (half ? wd >> 16 : wd) & 0x7777u;
+        u32 sign = __byte_perm(wd, w4, half ? 0x3726u : 0x1504u) & 0x80808080u;
+        u32 hi = __byte_perm(E2M1_X2_HI_0_3, E2M1_X2_HI_4_7, mag) | sign;
+        u32 lo = __byte_perm(E2M1_X2_LO_0_3, E2M1_X2_LO_4_7, mag);
+        u32 p01 = __byte_perm(lo, hi, 0x5140u), p23 = __byte_perm(lo, hi, 0x7362u);
+        v[4 * half] = __uint_as_float(p01 << 16);
+        v[4 * half + 1] = __uint_as_float(p01 & 0xFFFF0000u);
+        v[4 * half + 2] = __uint_as_float(p23 << 16);
+        v[4 * half + 3] = __uint_as_float(p23 & 0xFFFF0000u);
+    }
+}
+
+// The e4m3 values of the four bytes of `wd` (byte b → v[b]). sm_89 and later convert in hardware
+// (e4m3 pair → f16 pair → f32, each step exact; a NaN code gives a NaN): one shared-memory table
+// read per value kept the L1 busier than HBM in the one-row GEMV. Older GPUs read `lut`
+// (fill_luts).
+__device__ __forceinline__ void e4m3_word(u32 wd, float* v, const float* lut) {
+#if __CUDA_ARCH__ >= 890
+    u32 h01, h23;
+    asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %2;\ncvt.rn.f16x2.e4m3x2 %0, lo;\ncvt.rn.f16x2.e4m3x2 %1, hi;\n}"
+        : "=r"(h01), "=r"(h23)
+        : "r"(wd));
+    u16 h[4] = {(u16)(h01 & 0xFFFFu), (u16)(h01 >> 16), (u16)(h23 & 0xFFFFu), (u16)(h23 >> 16)};
+#pragma unroll
+    for (int b = 0; b < 4; ++b) asm("cvt.f32.f16 %0, %1;" : "=f"(v[b]) : "h"(h[b]));
+#else
+#pragma unroll
+    for (int b = 0; b < 4; ++b) v[b] = lut[(wd >> (8 * b)) & 0xFFu];
+#endif
 }
 
 // Elements of one 16-byte weight chunk.
@@ -479,11 +532,10 @@ __device__ __forceinline__ float chunk_dot(uint4 q, const float* xv, float s, fl
         float p = 0.0f;
 #pragma unroll
         for (int m = 0; m < 4; ++m) {
-            u32 wd = words[m];
-            p = fmaf(lut[wd & 0xFFu], xv[4 * m], p);
-            p = fmaf(lut[(wd >> 8) & 0xFFu], xv[4 * m + 1], p);
-            p = fmaf(lut[(wd >> 16) & 0xFFu], xv[4 * m + 2], p);
-            p = fmaf(lut[wd >> 24], xv[4 * m + 3], p);
+            float wv[4];
+            e4m3_word(words[m], wv, lut);
+#pragma unroll
+            for (int b = 0; b < 4; ++b) p = fmaf(wv[b], xv[4 * m + b], p);
         }
         a = fmaf(p, s, a);
     } else {
@@ -491,9 +543,10 @@ __device__ __forceinline__ float chunk_dot(uint4 q, const float* xv, float s, fl
         float p = 0.0f;
 #pragma unroll
         for (int m = 0; m < 4; ++m) {
-            u32 wd = words[m];
+            float wv[8];
+            e2m1_x2_word(words[m], wv);
 #pragma unroll
-            for (int h = 0; h < 8; ++h) p = fmaf(e2m1_x2(wd >> (4 * h)), xv[8 * m + h], p);
+            for (int h = 0; h < 8; ++h) p = fmaf(wv[h], xv[8 * m + h], p);
         }
         a = fmaf(p, 0.5f * s, a);
     }
@@ -558,38 +611,78 @@ __device__ __forceinline__ void wdot_vec(const u8* w, const u8* sc, i64 o, i64 k
 // Weight rows per warp step in the one-row (decode) kernels.
 #define LIN_OT 4
 
+// The one-row GEMV's x row in shared memory. Lane c multiplies weight chunk c with the F = E/4
+// float4s of x that the chunk spans (F = 8 for FP4: 128 bytes per lane), so the lanes of a warp
+// read x 16 bytes per line across up to 32 lines at a time: read from global memory that kept the
+// L1 busier than HBM. The copy is swizzled: float4 m of chunk c sits at c·F + (m ^ ((c·F/8) % F)),
+// so that the float4 m of 8 consecutive chunks (a quarter warp's request) lies in 8 distinct
+// 16-byte bank groups.
+__device__ __forceinline__ int x_f4_per_chunk(int fmt) {
+    return fmt == WF_F32 ? 1 : fmt == WF_BF16 ? 2 : fmt == WF_FP8 ? 4 : 8;
+}
+__device__ __forceinline__ i64 staged_slot(i64 c, int m, int f) { return c * f + (m ^ (int)((c * f / 8) % f)); }
+
+// Copies x[0 .. k) (k % 32 == 0, 16-byte aligned) into sx (k floats) for weights of format fmt.
+// Every thread calls it; the caller synchronizes before reading.
+__device__ __forceinline__ void stage_x(const float* x, i64 k, int fmt, float4* sx) {
+    int f = x_f4_per_chunk(fmt);
+    for (i64 j = threadIdx.x; j < k / 4; j += blockDim.x) sx[staged_slot(j / f, (int)(j % f), f)] = ((const float4*)x)[j];
+}
+
+// The E x values of chunk c from the staged copy, into registers.
+template <int FMT>
+__device__ __forceinline__ void chunk_x_staged(const float4* sx, i64 c, float* xv) {
+    const int F = Chunk<FMT>::E / 4;
+#pragma unroll
+    for (int m = 0; m < F; ++m) {
+        float4 v = sx[staged_slot(c, m, F)];
+        xv[4 * m] = v.x;
+        xv[4 * m + 1] = v.y;
+        xv[4 * m + 2] = v.z;
+        xv[4 * m + 3] = v.w;
+    }
+}
+
 // acc[j] += W[o0 + j, chunks of this warp] · x for OT weight rows o0 .. o0 + no (no ≤ OT) at once,
 // this warp being part `part` of `parts` warps that split the row's 16-byte chunks in interleaved
-// slabs of 32 (lane c of slab b takes chunk 32·b + c). OT independent 16-byte loads per lane per
-// step keep enough bytes in flight for a decode GEMV, and each x chunk is loaded once for the OT
-// rows. Needs k % 32 == 0 and 16-byte aligned x (global or shared memory).
+// slabs of 32 (lane c of slab b takes chunk 32·b + c). Each step loads two of the lane's chunks
+// of all OT rows (2·OT independent 16-byte loads in flight per lane: a decode GEMV is bound by
+// bytes in flight), then adds them in chunk order; each x chunk is read once for the OT rows.
+// x: the row staged by stage_x. Needs k % 32 == 0.
 template <int FMT, int OT>
-__device__ __forceinline__ void wdot_vec_split(const u8* w, const u8* sc, i64 o0, int no, i64 k, const float* x,
+__device__ __forceinline__ void wdot_vec_split(const u8* w, const u8* sc, i64 o0, int no, i64 k, const float4* sx,
                                                float* acc, const float* lut, int part, int parts) {
     const int E = Chunk<FMT>::E;
     int lane = threadIdx.x & 31;
     i64 row_bytes = FMT == WF_F32 ? k * 4 : FMT == WF_BF16 ? k * 2 : FMT == WF_FP8 ? k : k / 2;
-    i64 chunks = k / E;
-    for (i64 c = (i64)part * 32 + lane; c < chunks; c += 32 * (i64)parts) {
-        uint4 q[OT];
+    i64 chunks = k / E, slab = 32 * (i64)parts;
+    for (i64 c = (i64)part * 32 + lane; c < chunks; c += 2 * slab) {
+        i64 cs[2] = {c, c + slab < chunks ? c + slab : -1};
+        uint4 q[2][OT];
 #pragma unroll
-        for (int j = 0; j < OT; ++j) {
-            i64 o = o0 + (j < no ? j : 0);
-            q[j] = __ldg((const uint4*)(w + o * row_bytes) + c);
-        }
-        float xv[E];
-        chunk_x<FMT>(x + c * E, xv);
+        for (int u = 0; u < 2; ++u)
 #pragma unroll
-        for (int j = 0; j < OT; ++j) {
-            i64 o = o0 + (j < no ? j : 0);
-            acc[j] = chunk_dot<FMT>(q[j], xv, chunk_scale<FMT>(sc, o, k, c * E), acc[j], lut);
+            for (int j = 0; j < OT; ++j) {
+                i64 o = o0 + (j < no ? j : 0);
+                if (cs[u] >= 0) q[u][j] = __ldg((const uint4*)(w + o * row_bytes) + cs[u]);
+            }
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            if (cs[u] < 0) break;
+            float xv[E];
+            chunk_x_staged<FMT>(sx, cs[u], xv);
+#pragma unroll
+            for (int j = 0; j < OT; ++j) {
+                i64 o = o0 + (j < no ? j : 0);
+                acc[j] = chunk_dot<FMT>(q[u][j], xv, chunk_scale<FMT>(sc, o, k, cs[u] * E), acc[j], lut);
+            }
         }
     }
 }
 
 template <int OT>
 __device__ __forceinline__ void wdot_split_any(int fmt, const u8* w, const u8* sc, i64 o0, int no, i64 k,
-                                               const float* x, float* acc, const float* lut, int part, int parts) {
+                                               const float4* x, float* acc, const float* lut, int part, int parts) {
     switch (fmt) {
         case WF_F32: wdot_vec_split<WF_F32, OT>(w, sc, o0, no, k, x, acc, lut, part, parts); break;
         case WF_BF16: wdot_vec_split<WF_BF16, OT>(w, sc, o0, no, k, x, acc, lut, part, parts); break;
@@ -601,7 +694,7 @@ __device__ __forceinline__ void wdot_split_any(int fmt, const u8* w, const u8* s
 // wdot_vec_split by one warp over the whole row.
 template <int OT>
 __device__ __forceinline__ void wdot_multi_any(int fmt, const u8* w, const u8* sc, i64 o0, int no, i64 k,
-                                               const float* x, float* acc, const float* lut) {
+                                               const float4* x, float* acc, const float* lut) {
     wdot_split_any<OT>(fmt, w, sc, o0, no, k, x, acc, lut, 0, 1);
 }
 

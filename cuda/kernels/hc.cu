@@ -14,6 +14,8 @@ extern "C" __global__ void hc_mix_partial(const float* x, const float* fnw, i64 
     const float* xr = x + r * n;
     double* out = part + (r * splits + s) * (nm + 1);
     double ss = 0.0;
+    // Unrolled loops: the loads of several steps in flight (the sums' order is unchanged).
+#pragma unroll 4
     for (i64 c = c0 + threadIdx.x; c < c1; c += blockDim.x) {
         double v = (double)xr[c];
         ss += v * v;
@@ -24,6 +26,7 @@ extern "C" __global__ void hc_mix_partial(const float* x, const float* fnw, i64 
     for (int i = w; i < nm; i += nw) {
         const float* fr = fnw + (i64)i * n;
         double acc = 0.0;
+#pragma unroll 4
         for (i64 c = c0 + lane; c < c1; c += 32) acc += (double)fr[c] * (double)xr[c];
         acc = warp_sum_d(acc);
         if (lane == 0) out[1 + i] = acc;

@@ -32,32 +32,39 @@ __device__ __forceinline__ void linear_impl(const float* x, i64 x_stride, const 
     }
 }
 
-// One row (decode). With the vector path the block's warps form groups of `ksplit` warps; a group
-// takes LIN_OT output features per step, its warps splitting the row in interleaved slabs
+// One row (decode). With `staged` the block's warps form groups of `ksplit` warps; a group takes
+// LIN_OT output features per step, its warps splitting the row in interleaved slabs
 // (wdot_vec_split), and their partial sums are added in warp order, so the result does not depend
-// on timing. ksplit > 1 gives short rows enough warps to keep HBM busy. Features of one step
-// share the x group when opg % LIN_OT == 0.
+// on timing. ksplit > 1 gives short rows enough warps to keep HBM busy. The x group of the block's
+// features is staged in shared memory (stage_x; k floats of dynamic shared memory), so the host
+// sets `staged` only for the vector path (k % 32 == 0) with opg % LIN_OT == 0 and each block step's
+// features in one group; else one warp takes one feature (linear_impl).
 extern "C" __global__ void __launch_bounds__(256, 2)
     linear_fwd_r1(const float* x, i64 x_stride, const u8* w, const u8* sc, float* y, i64 y_stride, i64 rows, i64 k,
-                  i64 n, i64 opg, int fmt, int vec, int ksplit) {
-    if (!vec || opg % LIN_OT != 0) {
+                  i64 n, i64 opg, int fmt, int vec, int ksplit, int staged) {
+    if (!staged) {
         linear_impl<1>(x, x_stride, w, sc, y, y_stride, rows, k, n, opg, fmt, vec);
         return;
     }
+    extern __shared__ float4 sx[];
     __shared__ float lut[LUT_SIZE];
     __shared__ float part[8][LIN_OT];
-    if (fmt >= WF_FP8) fill_luts(lut);
-    __syncthreads();
+    if (fmt == WF_FP8) fill_luts(lut);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int groups = (blockDim.x >> 5) / ksplit, g = warp / ksplit, p = warp % ksplit;
-    i64 per_block = (i64)groups * LIN_OT;
+    i64 per_block = (i64)groups * LIN_OT, in_sx = -1;
     for (i64 base = (i64)blockIdx.x * per_block; base < n; base += (i64)gridDim.x * per_block) {
+        if (base / opg != in_sx) {  // block-uniform; the previous step ended with a barrier
+            in_sx = base / opg;
+            stage_x(x + in_sx * k, k, fmt, sx);
+        }
+        __syncthreads();
         i64 o0 = base + (i64)g * LIN_OT;
         int no = n - o0 >= LIN_OT ? LIN_OT : (n > o0 ? (int)(n - o0) : 0);
         float acc[LIN_OT];
 #pragma unroll
         for (int j = 0; j < LIN_OT; ++j) acc[j] = 0.0f;
-        if (no > 0) wdot_split_any<LIN_OT>(fmt, w, sc, o0, no, k, x + (o0 / opg) * k, acc, lut, p, ksplit);
+        if (no > 0) wdot_split_any<LIN_OT>(fmt, w, sc, o0, no, k, sx, acc, lut, p, ksplit);
 #pragma unroll
         for (int j = 0; j < LIN_OT; ++j) {
             float v = warp_sum_f(acc[j]);

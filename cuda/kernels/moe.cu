@@ -23,6 +23,8 @@ extern "C" __global__ void gate_scores(const float* x, const float* gw, i64 rows
         const float* xr = x + r * dim;
         const float* wr = gw + e * dim;
         double acc = 0.0;
+        // Unrolled: the loads of several steps in flight (the sum's order is unchanged).
+#pragma unroll 8
         for (i64 i = lane; i < dim; i += 32) acc += (double)wr[i] * (double)xr[i];
         acc = warp_sum_d(acc);
         if (lane == 0) {
@@ -244,13 +246,14 @@ __device__ __forceinline__ void moe_down_impl(const float* hq, const u8* w2, con
     const float *hq, const u8 *w2, const u8 *s2, const int *cnt, const int *list, const int *active,          \
         int experts, i64 rows, i64 dim, i64 inter, int fmt, float *ye, const i64 *err
 
-// `_r1`: experts with about one pair each (decode): each warp takes LIN_OT output features per
-// step for one pair at a time (wdot_vec_multi). Else LIN_RT pairs per pass.
+// `_r1`: experts with about one pair each (decode): for each pair of the block's expert, the pair's
+// input row is staged in shared memory (stage_x; dynamic shared memory of dim, resp. inter floats),
+// then each warp takes LIN_OT output features per step (wdot_multi_any). Else LIN_RT pairs per pass.
 extern "C" __global__ void __launch_bounds__(256, 2) moe_up_r1(MOE_UP_ARGS) {
+    extern __shared__ float4 sx[];
     __shared__ float lut[LUT_SIZE];
     if (err[0] != 0 || (int)blockIdx.y >= cnt[experts]) return;
-    if (fmt >= WF_FP8) fill_luts(lut);
-    __syncthreads();
+    if (fmt == WF_FP8) fill_luts(lut);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpb = blockDim.x >> 5;
     i64 e = active[blockIdx.y];
     int n = cnt[e];
@@ -258,19 +261,20 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_up_r1(MOE_UP_ARGS) {
     const u8* w3e = w3 + e * mat_bytes(fmt, inter, dim);
     const u8* s1e = s1 ? s1 + e * scale_bytes(fmt, inter, dim) : s1;
     const u8* s3e = s3 ? s3 + e * scale_bytes(fmt, inter, dim) : s3;
-    for (i64 o0 = ((i64)blockIdx.x * wpb + warp) * LIN_OT; o0 < inter; o0 += (i64)gridDim.x * wpb * LIN_OT) {
-        int no = inter - o0 < LIN_OT ? (int)(inter - o0) : LIN_OT;
-        for (i64 t = blockIdx.z; t < n; t += gridDim.z) {
-            int p = list[e * rows + t];
-            const float* xr = xq + (i64)(p / k) * dim;
+    for (i64 t = blockIdx.z; t < n; t += gridDim.z) {
+        int p = list[e * rows + t];
+        stage_x(xq + (i64)(p / k) * dim, dim, fmt, sx);
+        __syncthreads();
+        for (i64 o0 = ((i64)blockIdx.x * wpb + warp) * LIN_OT; o0 < inter; o0 += (i64)gridDim.x * wpb * LIN_OT) {
+            int no = inter - o0 < LIN_OT ? (int)(inter - o0) : LIN_OT;
             float ag[LIN_OT], au[LIN_OT];
 #pragma unroll
             for (int j = 0; j < LIN_OT; ++j) {
                 ag[j] = 0.0f;
                 au[j] = 0.0f;
             }
-            wdot_multi_any<LIN_OT>(fmt, w1e, s1e, o0, no, dim, xr, ag, lut);
-            wdot_multi_any<LIN_OT>(fmt, w3e, s3e, o0, no, dim, xr, au, lut);
+            wdot_multi_any<LIN_OT>(fmt, w1e, s1e, o0, no, dim, sx, ag, lut);
+            wdot_multi_any<LIN_OT>(fmt, w3e, s3e, o0, no, dim, sx, au, lut);
 #pragma unroll
             for (int j = 0; j < LIN_OT; ++j) {
                 float g = warp_sum_f(ag[j]);
@@ -278,6 +282,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_up_r1(MOE_UP_ARGS) {
                 if (lane == 0 && j < no) h[(i64)p * inter + o0 + j] = swiglu_f(g, u, limit) * wts[p];
             }
         }
+        __syncthreads();  // every warp is done with sx before the next pair's row replaces it
     }
 }
 extern "C" __global__ void __launch_bounds__(256, 2) moe_up(MOE_UP_ARGS) {
@@ -285,29 +290,32 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_up(MOE_UP_ARGS) {
                         err);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) moe_down_r1(MOE_DOWN_ARGS) {
+    extern __shared__ float4 sx[];
     __shared__ float lut[LUT_SIZE];
     if (err[0] != 0 || (int)blockIdx.y >= cnt[experts]) return;
-    if (fmt >= WF_FP8) fill_luts(lut);
-    __syncthreads();
+    if (fmt == WF_FP8) fill_luts(lut);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpb = blockDim.x >> 5;
     i64 e = active[blockIdx.y];
     int n = cnt[e];
     const u8* w2e = w2 + e * mat_bytes(fmt, dim, inter);
     const u8* s2e = s2 ? s2 + e * scale_bytes(fmt, dim, inter) : s2;
-    for (i64 o0 = ((i64)blockIdx.x * wpb + warp) * LIN_OT; o0 < dim; o0 += (i64)gridDim.x * wpb * LIN_OT) {
-        int no = dim - o0 < LIN_OT ? (int)(dim - o0) : LIN_OT;
-        for (i64 t = blockIdx.z; t < n; t += gridDim.z) {
-            int p = list[e * rows + t];
+    for (i64 t = blockIdx.z; t < n; t += gridDim.z) {
+        int p = list[e * rows + t];
+        stage_x(hq + (i64)p * inter, inter, fmt, sx);
+        __syncthreads();
+        for (i64 o0 = ((i64)blockIdx.x * wpb + warp) * LIN_OT; o0 < dim; o0 += (i64)gridDim.x * wpb * LIN_OT) {
+            int no = dim - o0 < LIN_OT ? (int)(dim - o0) : LIN_OT;
             float acc[LIN_OT];
 #pragma unroll
             for (int j = 0; j < LIN_OT; ++j) acc[j] = 0.0f;
-            wdot_multi_any<LIN_OT>(fmt, w2e, s2e, o0, no, inter, hq + (i64)p * inter, acc, lut);
+            wdot_multi_any<LIN_OT>(fmt, w2e, s2e, o0, no, inter, sx, acc, lut);
 #pragma unroll
             for (int j = 0; j < LIN_OT; ++j) {
                 float v = warp_sum_f(acc[j]);
                 if (lane == 0 && j < no) ye[(i64)p * dim + o0 + j] = v;
             }
         }
+        __syncthreads();  // every warp is done with sx before the next pair's row replaces it
     }
 }
 extern "C" __global__ void __launch_bounds__(256, 2) moe_down(MOE_DOWN_ARGS) {

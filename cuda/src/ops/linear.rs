@@ -39,6 +39,10 @@ pub(crate) fn feature_blocks(dev: &Dev, n: usize, others: usize, per_warp: usize
     n.div_ceil(wpb * per_warp).min((dev.sms * 8).div_ceil(others.max(1))).max(1)
 }
 
+/// Largest x row (bytes) that the one-row kernels stage in shared memory (`stage_x`); two blocks
+/// per SM still fit beside it. Longer rows take the one-warp-per-feature path.
+pub(crate) const STAGED_X_MAX: usize = 96 * 1024;
+
 /// Output features per warp step in the one-row kernels (`LIN_OT`).
 pub(crate) const FEATURES_PER_STEP: usize = 4;
 
@@ -136,13 +140,19 @@ pub(crate) fn linear_fwd(
         return launch(dev, FAMILY, "linear_fwd", (gx, gy as u32, 1), BLOCK, 0, &args);
     }
     // One row: on the vector path groups of `split` warps take FEATURES_PER_STEP features each
-    // (k_split), else one warp takes one feature.
-    let vector = vec && opg % FEATURES_PER_STEP == 0;
-    let split = if vector { k_split(dev, n, k, format) } else { 1 };
-    let per_block = (BLOCK as usize / 32 / split) * if vector { FEATURES_PER_STEP } else { 1 };
+    // (k_split) with the x row staged in shared memory, else one warp takes one feature.
+    let split = k_split(dev, n, k, format);
+    let staged_per_block = (BLOCK as usize / 32 / split) * FEATURES_PER_STEP;
+    let staged = vec
+        && opg % FEATURES_PER_STEP == 0
+        && (opg % staged_per_block == 0 || opg >= n)
+        && k * 4 <= STAGED_X_MAX;
+    let per_block = if staged { staged_per_block } else { BLOCK as usize / 32 };
     let gx = n.div_ceil(per_block).min(dev.sms * 8) as u32;
     args.push(Arg::I(split as i32));
-    launch(dev, FAMILY, "linear_fwd_r1", (gx, 1, 1), BLOCK, 0, &args)
+    args.push(Arg::I(staged as i32));
+    let smem = if staged { k * 4 } else { 0 };
+    launch(dev, FAMILY, "linear_fwd_r1", (gx, 1, 1), BLOCK, smem as u32, &args)
 }
 
 /// [`Linear`].

@@ -149,6 +149,13 @@ pub(crate) fn op_id(name: &str) -> i32 {
     OP_NAMES.iter().position(|n| *n == name).unwrap_or(OP_NAMES.len()) as i32
 }
 
+/// Threads of a one-block argument check over `n` items: a warp per 32 of them, at most 1024 (the
+/// kernels loop). A decode step's checks cover one row; a 1024-thread block for it costs more to
+/// launch and reduce over than the check itself.
+pub(crate) fn check_threads(n: usize) -> u32 {
+    (n.div_ceil(32) * 32).clamp(32, 1024) as u32
+}
+
 /// Launches `check_rows` (slot/position convention plus an op-specific row check) in `family`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn check_rows(
@@ -181,7 +188,8 @@ pub(crate) fn check_rows(
         i(op, "topk", idx_cols)?,
         Arg::P(dev.err_ptr),
     ];
-    launch(dev, family, "check_rows", (1, 1, 1), 1024, 0, &args)
+    let items = if mode == CHECK_INDICES { rows * idx_cols } else { rows };
+    launch(dev, family, "check_rows", (1, 1, 1), check_threads(items), 0, &args)
 }
 
 /// Launches `check_range`: the first `vals[i]` outside `[0, bound)` is reported as `code`.
@@ -190,7 +198,7 @@ pub(crate) fn check_range(dev: &Dev, family: &'static str, op: &str, vals: u64, 
         return Ok(());
     }
     let args = [Arg::P(vals), l(n), Arg::L(bound), Arg::I(op_id(op)), Arg::I(code as i32), Arg::P(dev.err_ptr)];
-    launch(dev, family, "check_range", (1, 1, 1), 1024, 0, &args)
+    launch(dev, family, "check_range", (1, 1, 1), check_threads(n), 0, &args)
 }
 
 /// The `hal::Error` for a recorded device-side error word (cpu-ref's context and message).

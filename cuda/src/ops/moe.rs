@@ -12,11 +12,11 @@ use hal::ops::{GateMode, MoeExperts, MoeGate, SwiGlu};
 use hal::{Error, Result};
 
 use super::linear::{
-    feature_blocks, format_code, tc_fits, tc_split, ACT_BLOCK, FEATURES_PER_STEP, ROWS_PER_PASS, TC_FEATURES, TC_MIN_ROWS,
-    TC_ROWS,
+    feature_blocks, format_code, tc_fits, tc_split, ACT_BLOCK, FEATURES_PER_STEP, ROWS_PER_PASS, STAGED_X_MAX, TC_FEATURES,
+    TC_MIN_ROWS, TC_ROWS,
 };
 use super::quant::{quant_rows, FMT_FP8};
-use super::{grid_for, i, l, launch, op_id, Arg, BLOCK};
+use super::{check_threads, grid_for, i, l, launch, op_id, Arg, BLOCK};
 use crate::device::Dev;
 
 const FAMILY: &str = "moe";
@@ -58,7 +58,7 @@ pub(crate) fn moe_gate(dev: &Dev, op: &MoeGate, ins: &[u64], outs: &[u64]) -> Re
     let k_i = i(name, "topk", k)?;
     if hashed == 1 && rows > 0 {
         let args = [Arg::P(ids), Arg::P(tid2eid), l(rows), k_i, l(vocab), experts_i, Arg::I(op_id(name)), Arg::P(dev.err_ptr)];
-        launch(dev, FAMILY, "check_gate_hashed", (1, 1, 1), 1024, 0, &args)?;
+        launch(dev, FAMILY, "check_gate_hashed", (1, 1, 1), check_threads(rows), 0, &args)?;
     }
     if rows == 0 || k == 0 {
         return Ok(());
@@ -101,7 +101,7 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
     let e_i = i(name, "experts", e_n)?;
     if rows > 0 {
         let args = [Arg::P(ex), l(rows), k_i, e_i, Arg::I(op_id(name)), Arg::P(dev.err_ptr)];
-        launch(dev, FAMILY, "check_experts", (1, 1, 1), 1024, 0, &args)?;
+        launch(dev, FAMILY, "check_experts", (1, 1, 1), check_threads(rows), 0, &args)?;
     }
     if rows == 0 || d == 0 {
         return Ok(());
@@ -144,7 +144,8 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
         // number of experts in use, or past their expert's pairs, return at once.
         let used = e_n.min(pairs) as u32;
         // About one pair per expert in use (decode): the one-pair kernels, with fewer registers.
-        let single = 4 * pairs <= 5 * used as usize;
+        // (Its input rows are staged in shared memory: at most STAGED_X_MAX bytes.)
+        let single = 4 * pairs <= 5 * used as usize && d.max(inter) * 4 <= STAGED_X_MAX;
         // Many pairs (prefill): the tensor-core tiles, TC_ROWS pairs of one expert per block.
         let tc = !single && pairs >= TC_MIN_ROWS && tc_fits(dev, op.format, d) && tc_fits(dev, op.format, inter);
         // Kernels, grid (x: feature blocks of up, of down; z: pair tiles) and trailing arguments.
@@ -167,6 +168,7 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
             (up_k, down_k, fx, fd, tiles, None)
         };
         let tiles = tiles as u32;
+        let staged_smem = |width: usize| if single { (width * 4) as u32 } else { 0 };
         if pairs > 0 && inter > 0 {
             let args = [
                 Arg::P(xq + (r0 * d * 4) as u64),
@@ -189,7 +191,7 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
                 Arg::P(dev.err_ptr),
             ];
             let args: Vec<Arg> = args.into_iter().chain(extra).collect();
-            launch(dev, FAMILY, up_k, (up_x as u32, used, tiles), BLOCK, 0, &args)?;
+            launch(dev, FAMILY, up_k, (up_x as u32, used, tiles), BLOCK, staged_smem(d), &args)?;
             if quantize {
                 quant_rows(dev, FAMILY, hp, hqp, pairs, inter, inter, ACT_BLOCK, FMT_FP8)?;
             }
@@ -211,7 +213,7 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
                 Arg::P(dev.err_ptr),
             ];
             let args: Vec<Arg> = args.into_iter().chain(extra).collect();
-            launch(dev, FAMILY, down_k, (down_x as u32, used, tiles), BLOCK, 0, &args)?;
+            launch(dev, FAMILY, down_k, (down_x as u32, used, tiles), BLOCK, staged_smem(inter), &args)?;
         }
         let args = [Arg::P(yep), Arg::P(op_), l(n), k_i, l(d), Arg::P(outs[0] + (r0 * d * 4) as u64), Arg::P(dev.err_ptr)];
         launch(dev, FAMILY, "moe_combine", (grid_for(n * d, BLOCK), 1, 1), BLOCK, 0, &args)?;
