@@ -13,25 +13,36 @@ extern "C" __global__ void swiglu(const float* g, const float* u, float* h, i64 
         h[i] = swiglu_f(g[i], u[i], limit);
 }
 
-// s[r, e] = sqrt(softplus(dot(gate_w[e], x[r]))): one warp per (r, e), f64 dot rounded once.
-extern "C" __global__ void gate_scores(const float* x, const float* gw, i64 rows, i64 dim, i64 experts, float* s) {
-    int lane = threadIdx.x & 31;
-    i64 warps = rows * experts;
-    i64 stride = ((i64)gridDim.x * blockDim.x) >> 5;
-    for (i64 gw_i = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; gw_i < warps; gw_i += stride) {
-        i64 r = gw_i / experts, e = gw_i % experts;
-        const float* xr = x + r * dim;
-        const float* wr = gw + e * dim;
+// s[r, e] = sqrt(softplus(dot(gate_w[e], x[r]))), the dot in f64 rounded once: `parts` warps (1,
+// 2, 4 or 8) per (r, e), each over an interleaved share of 32-column slabs, their partial sums
+// added in warp order. Several warps per dot let a decode row's 256 dots use more than 32 SMs.
+extern "C" __global__ void gate_scores(const float* x, const float* gw, i64 rows, i64 dim, i64 experts, int parts,
+                                       float* s) {
+    __shared__ double part[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int per_block = (blockDim.x >> 5) / parts, p = warp % parts;
+    i64 dots = rows * experts;
+    for (i64 base = (i64)blockIdx.x * per_block; base < dots; base += (i64)gridDim.x * per_block) {
+        i64 d = base + warp / parts;
         double acc = 0.0;
-        // Unrolled: the loads of several steps in flight (the sum's order is unchanged).
+        if (d < dots) {
+            const float* xr = x + (d / experts) * dim;
+            const float* wr = gw + (d % experts) * dim;
+            // Unrolled: the loads of several steps in flight (the sum's order is unchanged).
 #pragma unroll 8
-        for (i64 i = lane; i < dim; i += 32) acc += (double)wr[i] * (double)xr[i];
-        acc = warp_sum_d(acc);
-        if (lane == 0) {
-            float z = (float)acc;
-            float sp = z > 20.0f ? z : (float)log1p(exp((double)z));
-            s[gw_i] = sqrtf(sp);
+            for (i64 i = (i64)p * 32 + lane; i < dim; i += 32 * (i64)parts) acc += (double)wr[i] * (double)xr[i];
         }
+        acc = warp_sum_d(acc);
+        if (lane == 0) part[warp] = acc;
+        __syncthreads();
+        if (p == 0 && lane == 0 && d < dots) {
+            double t = part[warp];
+            for (int q = 1; q < parts; ++q) t += part[warp + q];
+            float z = (float)t;
+            float sp = z > 20.0f ? z : (float)log1p(exp((double)z));
+            s[d] = sqrtf(sp);
+        }
+        __syncthreads();
     }
 }
 

@@ -65,10 +65,16 @@ pub(crate) fn moe_gate(dev: &Dev, op: &MoeGate, ins: &[u64], outs: &[u64]) -> Re
     }
     let scores = dev.scratch(rows * e_n * 4)?;
     let sp = dev.ptr(&scores);
-    let warps = rows * e_n;
-    if warps > 0 {
-        let args = [Arg::P(ins[0]), Arg::P(ins[1]), l(rows), l(d), l(e_n), Arg::P(sp)];
-        launch(dev, FAMILY, "gate_scores", (grid_for(warps * 32, BLOCK), 1, 1), BLOCK, 0, &args)?;
+    let dots = rows * e_n;
+    if dots > 0 {
+        // Warps per dot: up to 8 while that keeps about 16 warps per SM busy at most.
+        let mut parts = 1;
+        while parts < 8 && dots * parts * 2 <= dev.sms * 16 && 32 * parts * 2 <= d.max(32) {
+            parts *= 2;
+        }
+        let per_block = BLOCK as usize / 32 / parts;
+        let args = [Arg::P(ins[0]), Arg::P(ins[1]), l(rows), l(d), l(e_n), Arg::I(parts as i32), Arg::P(sp)];
+        launch(dev, FAMILY, "gate_scores", (grid_for(dots, per_block as u32), 1, 1), BLOCK, 0, &args)?;
     }
     let args = [
         Arg::P(sp),
