@@ -13,34 +13,52 @@ extern "C" __global__ void swiglu(const float* g, const float* u, float* h, i64 
         h[i] = swiglu_f(g[i], u[i], limit);
 }
 
-// s[r, e] = sqrt(softplus(dot(gate_w[e], x[r]))), the dot in f64 rounded once: `parts` warps (1,
-// 2, 4 or 8) per (r, e), each over an interleaved share of 32-column slabs, their partial sums
-// added in warp order. Several warps per dot let a decode row's 256 dots use more than 32 SMs.
+// Lane partial sum of dot(wr, xr) in f64 over the columns first, first + stride, ... (unrolled:
+// the loads of several steps in flight; the order of the sum is that of the loop).
+__device__ __forceinline__ double gate_partial(const float* xr, const float* wr, i64 dim, i64 first, i64 stride) {
+    double acc = 0.0;
+#pragma unroll 8
+    for (i64 i = first; i < dim; i += stride) acc += (double)wr[i] * (double)xr[i];
+    return acc;
+}
+
+// sqrt(softplus(z)) of the dot rounded once to f32 (softplus(z) = z above 20).
+__device__ __forceinline__ float gate_score(double dot) {
+    float z = (float)dot;
+    float sp = z > 20.0f ? z : (float)log1p(exp((double)z));
+    return sqrtf(sp);
+}
+
+// s[r, e] = gate_score(dot(gate_w[e], x[r])), the dot in f64. parts == 1 (many rows): one warp per
+// (r, e), grid-stride. parts = 2, 4 or 8 (few rows: a decode row's 256 dots would use 32 SMs):
+// `parts` warps per (r, e), each over an interleaved share of 32-column slabs, their partial sums
+// added in warp order.
 extern "C" __global__ void gate_scores(const float* x, const float* gw, i64 rows, i64 dim, i64 experts, int parts,
                                        float* s) {
     __shared__ double part[32];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int per_block = (blockDim.x >> 5) / parts, p = warp % parts;
     i64 dots = rows * experts;
+    if (parts == 1) {
+        i64 stride = ((i64)gridDim.x * blockDim.x) >> 5;
+        for (i64 d = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; d < dots; d += stride) {
+            double acc = warp_sum_d(gate_partial(x + (d / experts) * dim, gw + (d % experts) * dim, dim, lane, 32));
+            if (lane == 0) s[d] = gate_score(acc);
+        }
+        return;
+    }
+    int per_block = (blockDim.x >> 5) / parts, p = warp % parts;
     for (i64 base = (i64)blockIdx.x * per_block; base < dots; base += (i64)gridDim.x * per_block) {
         i64 d = base + warp / parts;
         double acc = 0.0;
-        if (d < dots) {
-            const float* xr = x + (d / experts) * dim;
-            const float* wr = gw + (d % experts) * dim;
-            // Unrolled: the loads of several steps in flight (the sum's order is unchanged).
-#pragma unroll 8
-            for (i64 i = (i64)p * 32 + lane; i < dim; i += 32 * (i64)parts) acc += (double)wr[i] * (double)xr[i];
-        }
+        if (d < dots)
+            acc = gate_partial(x + (d / experts) * dim, gw + (d % experts) * dim, dim, (i64)p * 32 + lane, 32 * (i64)parts);
         acc = warp_sum_d(acc);
         if (lane == 0) part[warp] = acc;
         __syncthreads();
         if (p == 0 && lane == 0 && d < dots) {
             double t = part[warp];
             for (int q = 1; q < parts; ++q) t += part[warp + q];
-            float z = (float)t;
-            float sp = z > 20.0f ? z : (float)log1p(exp((double)z));
-            s[d] = sqrtf(sp);
+            s[d] = gate_score(t);
         }
         __syncthreads();
     }
