@@ -40,8 +40,15 @@ pub(crate) fn feature_blocks(dev: &Dev, n: usize, others: usize, per_warp: usize
 }
 
 /// Largest x row (bytes) that the one-row kernels stage in shared memory (`stage_x`); two blocks
-/// per SM still fit beside it. Longer rows take the one-warp-per-feature path.
-pub(crate) const STAGED_X_MAX: usize = 96 * 1024;
+/// per SM still fit beside it on an H100. Longer rows take the one-warp-per-feature path.
+const STAGED_X_MAX: usize = 96 * 1024;
+
+/// Whether a one-row kernel can stage an x row of `bytes` in dynamic shared memory: at most
+/// STAGED_X_MAX, and within the device's opt-in limit beside the kernels' static tables (under
+/// 2 KiB).
+pub(crate) fn stages_x(dev: &Dev, bytes: usize) -> bool {
+    bytes <= STAGED_X_MAX && bytes + 2048 <= dev.smem_optin
+}
 
 /// Output features per warp step in the one-row kernels (`LIN_OT`).
 pub(crate) const FEATURES_PER_STEP: usize = 4;
@@ -146,7 +153,7 @@ pub(crate) fn linear_fwd(
     let staged = vec
         && opg % FEATURES_PER_STEP == 0
         && (opg % staged_per_block == 0 || opg >= n)
-        && k * 4 <= STAGED_X_MAX;
+        && stages_x(dev, k * 4);
     let per_block = if staged { staged_per_block } else { BLOCK as usize / 32 };
     let gx = n.div_ceil(per_block).min(dev.sms * 8) as u32;
     args.push(Arg::I(split as i32));

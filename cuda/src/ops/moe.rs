@@ -12,7 +12,7 @@ use hal::ops::{GateMode, MoeExperts, MoeGate, SwiGlu};
 use hal::{Error, Result};
 
 use super::linear::{
-    feature_blocks, format_code, tc_fits, tc_split, ACT_BLOCK, FEATURES_PER_STEP, ROWS_PER_PASS, STAGED_X_MAX, TC_FEATURES,
+    feature_blocks, format_code, stages_x, tc_fits, tc_split, ACT_BLOCK, FEATURES_PER_STEP, ROWS_PER_PASS, TC_FEATURES,
     TC_MIN_ROWS, TC_ROWS,
 };
 use super::quant::{quant_rows, FMT_FP8};
@@ -152,8 +152,8 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
         // number of experts in use, or past their expert's pairs, return at once.
         let used = e_n.min(pairs) as u32;
         // About one pair per expert in use (decode): the one-pair kernels, with fewer registers.
-        // (Its input rows are staged in shared memory: at most STAGED_X_MAX bytes.)
-        let single = 4 * pairs <= 5 * used as usize && d.max(inter) * 4 <= STAGED_X_MAX;
+        // (Its input rows are staged in shared memory.)
+        let single = 4 * pairs <= 5 * used as usize && stages_x(dev, d.max(inter) * 4);
         // Many pairs (prefill): the tensor-core tiles, TC_ROWS pairs of one expert per block.
         let tc = !single && pairs >= TC_MIN_ROWS && tc_fits(dev, op.format, d) && tc_fits(dev, op.format, inter);
         // Kernels, grid (x: feature blocks of up, of down; z: pair tiles) and trailing arguments.
