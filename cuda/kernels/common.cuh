@@ -509,8 +509,20 @@ __device__ __forceinline__ void e4m3_word(u32 wd, float* v, const float* lut) {
 #endif
 }
 
-// Elements of one 16-byte weight chunk.
-template <int FMT> struct Chunk { static const int E = FMT == WF_F32 ? 4 : FMT == WF_BF16 ? 8 : FMT == WF_FP8 ? 16 : 32; };
+// Whether chunk_dot reads `lut` (fill_luts) for weights of format fmt: FP8 below sm_89. The
+// one-row kernels fill it only then.
+__device__ __forceinline__ bool chunk_dot_needs_lut(int fmt) {
+#if __CUDA_ARCH__ >= 890
+    return false;
+#else
+    return fmt == WF_FP8;
+#endif
+}
+
+// Elements of one 16-byte weight chunk of format fmt (Chunk<FMT>::E where the format is a template
+// argument).
+__device__ constexpr int chunk_elems(int fmt) { return fmt == WF_F32 ? 4 : fmt == WF_BF16 ? 8 : fmt == WF_FP8 ? 16 : 32; }
+template <int FMT> struct Chunk { static const int E = chunk_elems(FMT); };
 
 // a + W[o, i0 .. i0 + E) · xv[0 .. E) for one 16-byte chunk q of the weight row and the E
 // matching x values in registers. FP8/FP4: the chunk lies in one scale block, so the unscaled
@@ -617,15 +629,12 @@ __device__ __forceinline__ void wdot_vec(const u8* w, const u8* sc, i64 o, i64 k
 // L1 busier than HBM. The copy is swizzled: float4 m of chunk c sits at c·F + (m ^ ((c·F/8) % F)),
 // so that the float4 m of 8 consecutive chunks (a quarter warp's request) lies in 8 distinct
 // 16-byte bank groups.
-__device__ __forceinline__ int x_f4_per_chunk(int fmt) {
-    return fmt == WF_F32 ? 1 : fmt == WF_BF16 ? 2 : fmt == WF_FP8 ? 4 : 8;
-}
 __device__ __forceinline__ i64 staged_slot(i64 c, int m, int f) { return c * f + (m ^ (int)((c * f / 8) % f)); }
 
 // Copies x[0 .. k) (k % 32 == 0, 16-byte aligned) into sx (k floats) for weights of format fmt.
 // Every thread calls it; the caller synchronizes before reading.
 __device__ __forceinline__ void stage_x(const float* x, i64 k, int fmt, float4* sx) {
-    int f = x_f4_per_chunk(fmt);
+    int f = chunk_elems(fmt) / 4;
     for (i64 j = threadIdx.x; j < k / 4; j += blockDim.x) sx[staged_slot(j / f, (int)(j % f), f)] = ((const float4*)x)[j];
 }
 

@@ -49,7 +49,7 @@ extern "C" __global__ void __launch_bounds__(256, 2)
     extern __shared__ float4 sx[];
     __shared__ float lut[LUT_SIZE];
     __shared__ float part[8][LIN_OT];
-    if (fmt == WF_FP8) fill_luts(lut);
+    if (chunk_dot_needs_lut(fmt)) fill_luts(lut);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int groups = (blockDim.x >> 5) / ksplit, g = warp / ksplit, p = warp % ksplit;
     i64 per_block = (i64)groups * LIN_OT, in_sx = -1;

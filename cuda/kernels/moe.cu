@@ -282,7 +282,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_up_r1(MOE_UP_ARGS) {
     extern __shared__ float4 sx[];
     __shared__ float lut[LUT_SIZE];
     if (err[0] != 0 || (int)blockIdx.y >= cnt[experts]) return;
-    if (fmt == WF_FP8) fill_luts(lut);
+    if (chunk_dot_needs_lut(fmt)) fill_luts(lut);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpb = blockDim.x >> 5;
     i64 e = active[blockIdx.y];
     int n = cnt[e];
@@ -322,7 +322,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_down_r1(MOE_DOWN_ARGS) 
     extern __shared__ float4 sx[];
     __shared__ float lut[LUT_SIZE];
     if (err[0] != 0 || (int)blockIdx.y >= cnt[experts]) return;
-    if (fmt == WF_FP8) fill_luts(lut);
+    if (chunk_dot_needs_lut(fmt)) fill_luts(lut);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpb = blockDim.x >> 5;
     i64 e = active[blockIdx.y];
     int n = cnt[e];
