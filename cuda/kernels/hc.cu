@@ -41,6 +41,8 @@ __device__ void hc_mixes_from(const double* part, int splits, int nm, i64 n, flo
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
     for (int i = w; i <= nm; i += nw) {
         double acc = 0.0;
+        // Unrolled: a lane's loads (a decode row has 128 splits) in flight together.
+#pragma unroll 4
         for (int s = lane; s < splits; s += 32) acc += pr[s * (nm + 1) + i];
         acc = warp_sum_d(acc);
         if (lane == 0) red[i] = acc;
@@ -50,6 +52,39 @@ __device__ void hc_mixes_from(const double* part, int splits, int nm, i64 n, flo
     float rho = (float)(1.0 / sqrt((double)(ms + norm_eps)));
     for (int i = threadIdx.x; i < nm; i += blockDim.x) mu[i] = (float)red[1 + i] * rho;
     __syncthreads();
+}
+
+// The comb matrix (m×m, m·m ≤ 32) of one row from its mixing logits `mu`, by one warp: element e
+// in lane e, row softmax + eps, then Sinkhorn normalization (a column pass, then iters − 1 ×
+// (row, column)). Row and column sums are gathered by shuffles in index order and added in f64,
+// the values of a sequential loop. M = m known at compile time (4, V4's hc_mult) unrolls the
+// sums, so a pass's shuffles issue together instead of one dependent round each: the passes are
+// the kernel's critical path (40 of them at 20 iterations).
+template <int M>
+__device__ __forceinline__ void hc_comb_warp(const float* mu, const float* scale, const float* base, int m_rt,
+                                             int iters, float hc_eps, float* comb) {
+    const int m = M > 0 ? M : m_rt;
+    int e = threadIdx.x & 31, mm = m * m;
+    bool own = e < mm;
+    int j = own ? e / m : 0, k = own ? e % m : 0;
+    float v = own ? scale[2] * mu[2 * m + e] + base[2 * m + e] : 0.0f;
+    float mx = __uint_as_float(0xff800000u);
+#pragma unroll
+    for (int q = 0; q < m; ++q) mx = fmaxf(mx, __shfl_sync(FULL_MASK, v, j * m + q));
+    double sum = 0.0;
+#pragma unroll
+    for (int q = 0; q < m; ++q) sum += exp((double)(__shfl_sync(FULL_MASK, v, j * m + q) - mx));
+    v = (float)(exp((double)(v - mx)) / sum) + hc_eps;
+    for (int it = 0; it < iters || it == 0; ++it) {
+        for (int pass = it > 0 ? 0 : 1; pass < 2; ++pass) {
+            int first = pass == 0 ? j * m : k, step = pass == 0 ? 1 : m;
+            double sd = 0.0;
+#pragma unroll
+            for (int q = 0; q < m; ++q) sd += (double)__shfl_sync(FULL_MASK, v, first + q * step);
+            v = v / ((float)sd + hc_eps);
+        }
+    }
+    if (own) comb[e] = v;
 }
 
 // HcPre weights of row r: pre (to `pre`, for hc_merge), post, comb (softmax rows + eps, then
@@ -67,32 +102,19 @@ extern "C" __global__ void hc_pre_finish(const double* part, int splits, const f
     double* red = (double*)(shf + ((nm + 2 * mm + 1) & ~1));
     i64 r = blockIdx.x;
     hc_mixes_from(part, splits, nm, n, norm_eps, mu, red);
-    for (int i = threadIdx.x; i < m; i += blockDim.x) {
+    // Warp 0 goes straight on to the comb matrix (the critical path); the others write pre, post.
+    int off = blockDim.x > 32 ? 32 : 0;
+    for (int i = (int)threadIdx.x - off; i >= 0 && i < m; i += blockDim.x - off) {
         pre[r * m + i] = (float)sigmoid_d(scale[0] * mu[i] + base[i]) + hc_eps;
         post[r * m + i] = 2.0f * (float)sigmoid_d(scale[1] * mu[m + i] + base[m + i]);
     }
     if (mm <= 32) {
-        // One warp, element e in lane e, row and column sums gathered by shuffles in index order
-        // (the same values as the shared-memory passes below, without a block barrier per pass).
-        if (threadIdx.x >= 32) return;
-        int e = threadIdx.x;
-        bool own = e < mm;
-        int j = own ? e / m : 0, k = own ? e % m : 0;
-        float v = own ? scale[2] * mu[2 * m + e] + base[2 * m + e] : 0.0f;
-        float mx = __uint_as_float(0xff800000u);
-        for (int q = 0; q < m; ++q) mx = fmaxf(mx, __shfl_sync(FULL_MASK, v, j * m + q));
-        double sum = 0.0;
-        for (int q = 0; q < m; ++q) sum += exp((double)(__shfl_sync(FULL_MASK, v, j * m + q) - mx));
-        v = (float)(exp((double)(v - mx)) / sum) + hc_eps;
-        for (int it = 0; it < iters || it == 0; ++it) {
-            for (int pass = it > 0 ? 0 : 1; pass < 2; ++pass) {
-                double sd = 0.0;
-                for (int q = 0; q < m; ++q) sd += (double)__shfl_sync(FULL_MASK, v, pass == 0 ? j * m + q : q * m + k);
-                float sf = (float)sd + hc_eps;
-                v = v / sf;
-            }
+        if (threadIdx.x < 32) {
+            if (m == 4)
+                hc_comb_warp<4>(mu, scale, base, m, iters, hc_eps, comb + r * mm);
+            else
+                hc_comb_warp<0>(mu, scale, base, m, iters, hc_eps, comb + r * mm);
         }
-        if (own) comb[r * mm + e] = v;
         return;
     }
     for (int e = threadIdx.x; e < mm; e += blockDim.x) c[e] = scale[2] * mu[2 * m + e] + base[2 * m + e];

@@ -154,38 +154,58 @@ __device__ int experts_row_error(const int* er, int k, int experts, i64* v) {
     return 0;
 }
 
-extern "C" __global__ void __launch_bounds__(1024) check_experts(const int* ex, i64 rows, int k, int experts, int op, i64* err) {
-    __shared__ i64 sh[32];
-    if (err[0] != 0) return;
+// Whether every row of ex is valid, by the whole block; thread 0 reports the lowest bad row.
+__device__ bool experts_valid(const int* ex, i64 rows, int k, int experts, int op, i64* err, i64* sh) {
     i64 m = ROW_NONE;
     i64 v[2];
     for (i64 r = threadIdx.x; r < rows; r += blockDim.x)
         if (experts_row_error(ex + r * k, k, experts, v) != 0) { m = r; break; }
     m = block_min_i64(m, sh);
-    if (threadIdx.x == 0 && m != ROW_NONE) {
-        int code = experts_row_error(ex + m * k, k, experts, v);
-        report_error(err, code, op, m, v[0], v[1], 0);
-    }
+    if (m == ROW_NONE) return true;
+    if (threadIdx.x == 0) report_error(err, experts_row_error(ex + m * k, k, experts, v), op, m, v[0], v[1], 0);
+    return false;
 }
 
-// Pairs p = r·k + t of this chunk into per-expert lists list[e, 0..cnt[e]) (any order), the
+extern "C" __global__ void __launch_bounds__(1024) check_experts(const int* ex, i64 rows, int k, int experts, int op, i64* err) {
+    __shared__ i64 sh[32];
+    if (err[0] != 0) return;
+    experts_valid(ex, rows, k, experts, op, err, sh);
+}
+
+// Pair p = r·k + t of this chunk into the per-expert lists list[e, 0..cnt[e]) (any order), the
 // ascending-expert order of each row: order[r·k + rank] = t, and the experts in use:
-// active[0..cnt[experts]) (any order). cnt (experts + 1 ints) must be zero on entry.
+// active[0..cnt[experts]) (any order). cnt (experts + 1 ints) must be zero before the first pair.
+__device__ __forceinline__ void route_pair(i64 p, const int* ex, i64 rows, int k, int experts, int* cnt, int* list,
+                                           int* order, int* active) {
+    i64 r = p / k;
+    int e = ex[p];
+    if (e < 0 || e >= experts) return;
+    int slot = atomicAdd(&cnt[e], 1);
+    list[(i64)e * rows + slot] = (int)p;
+    if (slot == 0) active[atomicAdd(&cnt[experts], 1)] = e;
+    int rank = 0;
+    for (int t = 0; t < k; ++t) rank += ex[r * k + t] < e ? 1 : 0;
+    order[r * k + rank] = (int)(p - r * k);
+}
+
 extern "C" __global__ void moe_route(const int* ex, i64 rows, int k, int experts, int* cnt, int* list, int* order,
                                      int* active, const i64* err) {
     if (err[0] != 0) return;
     i64 pairs = rows * k;
-    for (i64 p = (i64)blockIdx.x * blockDim.x + threadIdx.x; p < pairs; p += (i64)gridDim.x * blockDim.x) {
-        i64 r = p / k;
-        int e = ex[p];
-        if (e < 0 || e >= experts) continue;
-        int slot = atomicAdd(&cnt[e], 1);
-        list[(i64)e * rows + slot] = (int)p;
-        if (slot == 0) active[atomicAdd(&cnt[experts], 1)] = e;
-        int rank = 0;
-        for (int t = 0; t < k; ++t) rank += ex[r * k + t] < e ? 1 : 0;
-        order[r * k + rank] = (int)(p - r * k);
-    }
+    for (i64 p = (i64)blockIdx.x * blockDim.x + threadIdx.x; p < pairs; p += (i64)gridDim.x * blockDim.x)
+        route_pair(p, ex, rows, k, experts, cnt, list, order, active);
+}
+
+// One block, for few pairs (a decode step): check_experts, the zeroing of cnt and moe_route in
+// one launch instead of three nodes. Routes nothing when a row is bad (the error is recorded).
+extern "C" __global__ void __launch_bounds__(1024) moe_route_checked(const int* ex, i64 rows, int k, int experts,
+                                                                    int op, int* cnt, int* list, int* order,
+                                                                    int* active, i64* err) {
+    __shared__ i64 sh[32];
+    if (err[0] != 0 || !experts_valid(ex, rows, k, experts, op, err, sh)) return;
+    for (int e = threadIdx.x; e <= experts; e += blockDim.x) cnt[e] = 0;
+    __syncthreads();
+    for (i64 p = threadIdx.x; p < rows * k; p += blockDim.x) route_pair(p, ex, rows, k, experts, cnt, list, order, active);
 }
 
 // h[p, o] = weights[p] · SwiGlu(W1_e[o] · xq[r], W3_e[o] · xq[r]) for the pairs p of expert

@@ -11,6 +11,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr
 use hal::{Error, Result, Storage};
 
 use crate::kernels::Loaded;
+use crate::memo::Memo;
 
 /// Name every CUDA storage reports as its owner.
 pub const BACKEND_NAME: &str = "cuda";
@@ -63,6 +64,8 @@ pub(crate) struct Dev {
     pub kernels: Loaded,
     /// Whether `Backend::record` is capturing the stream now (see `record.rs`).
     pub recording: AtomicBool,
+    /// Checks that passed and quantized inputs, on bytes unchanged since (see `memo.rs`).
+    pub memo: Memo,
 }
 
 impl Dev {
@@ -91,6 +94,7 @@ impl Dev {
             err_ptr,
             kernels: Loaded::new(arch),
             recording: AtomicBool::new(false),
+            memo: Memo::default(),
         })
     }
 

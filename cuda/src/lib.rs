@@ -72,6 +72,7 @@
 mod calibrate;
 pub mod device;
 pub mod kernels;
+mod memo;
 pub mod ops;
 pub mod record;
 
@@ -185,6 +186,8 @@ impl CudaBackend {
         if words[0] == 0 {
             return Ok(());
         }
+        // Checks issued while the error was recorded did nothing: forget what they "established".
+        dev.memo.clear();
         dev.stream.memset_zeros(&mut *err).map_err(driver_err)?;
         dev.stream.synchronize().map_err(driver_err)?;
         Err(ops::format_device_error(&words))
@@ -220,6 +223,7 @@ impl Backend for CudaBackend {
     fn alloc(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let bytes = byte_len(shape, dtype)?;
         let buf = self.dev.scratch(bytes)?;
+        self.dev.memo.written((self.dev.ptr(&buf), bytes.max(1)));
         Ok(Tensor::from_storage(Box::new(self.dev.storage(buf, bytes)), shape.to_vec(), dtype))
     }
 
@@ -230,6 +234,7 @@ impl Backend for CudaBackend {
             return Err(Error::invalid("upload", format!("{dtype} {shape:?} needs {want} bytes, got {}", bytes.len())));
         }
         let mut buf = self.dev.scratch(want)?;
+        self.dev.memo.written((self.dev.ptr(&buf), want.max(1)));
         if want > 0 {
             let mut view = buf.slice_mut(0..want);
             self.dev.stream.memcpy_htod(bytes, &mut view).map_err(driver_err)?;
@@ -250,6 +255,7 @@ impl Backend for CudaBackend {
         };
         let s = self.storage_mut(t, || "write".into())?;
         if end > start {
+            self.dev.memo.written((self.dev.ptr(&s.buf) + start as u64, end - start));
             let mut view = s.buf.slice_mut(start..end);
             self.dev.stream.memcpy_htod(bytes, &mut view).map_err(driver_err)?;
         }
@@ -282,10 +288,16 @@ impl Backend for CudaBackend {
             ins.push(p);
         }
         let mut outs = Vec::with_capacity(outputs.len());
+        let mut written = Vec::with_capacity(outputs.len());
         for (t, spec) in outputs.iter_mut().zip(&sig.outputs) {
             let s = self.storage_mut(t, || format!("{} output '{}'", op.name(), spec.name))?;
             let (p, _sync) = s.buf.device_ptr_mut(&self.dev.stream);
             outs.push(p);
+            written.push((p, s.len));
+        }
+        // What the memo derived from the outputs' bytes goes before the op's kernels are issued.
+        for w in written {
+            self.dev.memo.written(w);
         }
         ops::dispatch(&self.dev, op, &ins, &outs)
     }

@@ -24,12 +24,14 @@ pub struct CudaRecording {
     graph: CudaGraph,
     /// Node counts and kernels by name, taken once after capture.
     summary: String,
-    /// Keeps the context and stream alive as long as the graph.
-    _dev: Arc<Dev>,
+    /// Keeps the context and stream alive as long as the graph; its memo is cleared per replay.
+    dev: Arc<Dev>,
 }
 
 impl Recording for CudaRecording {
     fn replay(&self) -> Result<()> {
+        // The graph's ops write their outputs without passing through `run`.
+        self.dev.memo.clear();
         self.graph.launch().map_err(driver_err)
     }
 
@@ -49,12 +51,16 @@ pub(crate) fn record(dev: &Arc<Dev>, ops: &mut dyn FnMut() -> Result<()>) -> Res
     let graph = captured?;
     let summary = summarize(&graph);
     graph.launch().map_err(driver_err)?;
-    Ok(Box::new(CudaRecording { graph, summary, _dev: dev.clone() }))
+    Ok(Box::new(CudaRecording { graph, summary, dev: dev.clone() }))
 }
 
 fn capture(dev: &Dev, ops: &mut dyn FnMut() -> Result<()>) -> Result<CudaGraph> {
+    // Facts of eager work need not hold when the graph replays; the graph learns its own. What it
+    // keeps is freed inside the capture, as the graph's own memory must be.
+    dev.memo.clear();
     dev.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).map_err(driver_err)?;
     let issued = ops();
+    dev.memo.clear();
     // Capture always ends, also after an error, so that the stream works normally again.
     let ended = dev.stream.end_capture(CUgraphInstantiate_flags(0));
     issued?;

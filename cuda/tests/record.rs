@@ -7,18 +7,10 @@
 
 use hal::dtype::{bytes_f32, f32_bytes, i32_bytes};
 use hal::ops::{Add, Embed};
-use hal::{Backend, DType, Error, Op, Probe, Tensor};
+use hal::{Backend, DType, Error, Op, Tensor};
 
-fn gpu() -> Box<dyn Backend> {
-    match v4rt_cuda::probe() {
-        Probe::Available(b) => b,
-        Probe::Unavailable(r) => panic!("cuda backend unavailable: {r}"),
-    }
-}
-
-fn up(b: &dyn Backend, shape: &[usize], v: &[f32]) -> Tensor {
-    b.upload(shape, DType::F32, &f32_bytes(v)).unwrap()
-}
+mod common;
+use common::{gpu, up};
 
 /// `out = (x + y) + y`, through an intermediate allocated inside the recording.
 fn twice(b: &dyn Backend, x: &Tensor, y: &Tensor, out: &mut Tensor) -> hal::Result<()> {

@@ -10,7 +10,7 @@
 use hal::ops::{GroupedLinear, Linear, WeightFormat};
 use hal::{Error, Result};
 
-use super::quant::{quant_rows, FMT_FP8};
+use super::quant::act_quant;
 use super::{l, launch, Arg, BLOCK};
 use crate::device::Dev;
 
@@ -169,14 +169,10 @@ pub(crate) fn linear(dev: &Dev, op: &Linear, ins: &[u64], outs: &[u64]) -> Resul
         return Ok(());
     }
     let sc = ins.get(2).copied().unwrap_or(0);
-    let scratch;
-    let x = if op.format.quantizes_input() && k > 0 {
-        scratch = dev.scratch(rows * k * 4)?;
-        let xq = dev.ptr(&scratch);
-        quant_rows(dev, FAMILY, ins[0], xq, rows, k, k, ACT_BLOCK, FMT_FP8)?;
-        xq
+    let (x, _held) = if op.format.quantizes_input() && k > 0 {
+        act_quant(dev, FAMILY, ins[0], rows, k, ACT_BLOCK)?
     } else {
-        ins[0]
+        (ins[0], None)
     };
     linear_fwd(dev, x, k, (ins[1], sc), outs[0], n, rows, k, n, n, op.format, op.format.quantizes_input())
 }

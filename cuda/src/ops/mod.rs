@@ -20,6 +20,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use hal::{Error, Op, Result};
 
 use crate::device::{driver_err, Dev};
+pub(crate) use crate::memo::Fact;
 
 /// One kernel argument, as the C signature declares it.
 #[derive(Clone, Copy, Debug)]
@@ -156,7 +157,9 @@ pub(crate) fn check_threads(n: usize) -> u32 {
     (n.div_ceil(32) * 32).clamp(32, 1024) as u32
 }
 
-/// Launches `check_rows` (slot/position convention plus an op-specific row check) in `family`.
+/// Launches `check_rows` (slot/position convention plus an op-specific row check) in `family`,
+/// unless both parts already passed on the same, unchanged tensors (`Dev::memo`): a decode step
+/// checks its one slot and position tensor before every cache op.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn check_rows(
     dev: &Dev,
@@ -175,6 +178,18 @@ pub(crate) fn check_rows(
     if rows == 0 {
         return Ok(());
     }
+    let row_bytes = (positions, rows * 4);
+    let place = Fact { kernel: "check_rows/place", args: vec![slots as i64, positions as i64, rows as i64, num_slots as i64] };
+    let place_reads = [(slots, rows * 4), row_bytes];
+    let idx_bytes = if mode == CHECK_INDICES { rows * idx_cols * 4 } else { 0 };
+    let extra = (mode != CHECK_NONE).then(|| Fact {
+        kernel: "check_rows/extra",
+        args: vec![positions as i64, rows as i64, mode as i64, a, b, idx as i64, idx_cols as i64],
+    });
+    let extra_reads = [row_bytes, (idx, idx_bytes)];
+    if dev.memo.knows(&place) && extra.as_ref().map_or(true, |f| dev.memo.knows(f)) {
+        return Ok(());
+    }
     let args = [
         Arg::P(slots),
         Arg::P(positions),
@@ -189,16 +204,28 @@ pub(crate) fn check_rows(
         Arg::P(dev.err_ptr),
     ];
     let items = if mode == CHECK_INDICES { rows * idx_cols } else { rows };
-    launch(dev, family, "check_rows", (1, 1, 1), check_threads(items), 0, &args)
+    launch(dev, family, "check_rows", (1, 1, 1), check_threads(items), 0, &args)?;
+    dev.memo.learn(place, &place_reads);
+    if let Some(f) = extra {
+        dev.memo.learn(f, &extra_reads);
+    }
+    Ok(())
 }
 
 /// Launches `check_range`: the first `vals[i]` outside `[0, bound)` is reported as `code`.
+/// Skipped when the same range check already passed on the same, unchanged tensor (`Dev::memo`).
 pub(crate) fn check_range(dev: &Dev, family: &'static str, op: &str, vals: u64, n: usize, bound: i64, code: i64) -> Result<()> {
     if n == 0 {
         return Ok(());
     }
+    let fact = Fact { kernel: "check_range", args: vec![vals as i64, n as i64, bound] };
+    if dev.memo.knows(&fact) {
+        return Ok(());
+    }
     let args = [Arg::P(vals), l(n), Arg::L(bound), Arg::I(op_id(op)), Arg::I(code as i32), Arg::P(dev.err_ptr)];
-    launch(dev, family, "check_range", (1, 1, 1), check_threads(n), 0, &args)
+    launch(dev, family, "check_range", (1, 1, 1), check_threads(n), 0, &args)?;
+    dev.memo.learn(fact, &[(vals, n * 4)]);
+    Ok(())
 }
 
 /// The `hal::Error` for a recorded device-side error word (cpu-ref's context and message).

@@ -1,7 +1,10 @@
 //! Mixture of experts: gate, SwiGLU and the routed experts (`kernels/moe.cu`).
 //!
 //! Routed experts, per chunk of rows: `moe_route` builds per-expert lists of (row, slot) pairs,
-//! the list of experts in use and each row's ascending-expert order; `moe_up` (grid: output
+//! the list of experts in use and each row's ascending-expert order (`moe_route_checked` also
+//! checks the experts and zeroes the counts when the rows are few, one launch instead of three;
+//! the input's act_quant copy is shared with the shared expert's linears through `Dev::memo`);
+//! `moe_up` (grid: output
 //! features × experts in use × pair tiles) computes `h = w·SwiGlu(W1·x̃, W3·x̃)` reading each expert's weights once per tile of
 //! up to 4 pairs (one when experts have about one pair each); `h` is act_quant'ed; `moe_down` computes `W2·h̃` per pair; `moe_combine` sums
 //! the pairs of each row in ascending expert order (f32, as cpu-ref). With many pairs (prefill)
@@ -15,11 +18,13 @@ use super::linear::{
     feature_blocks, format_code, stages_x, tc_fits, tc_split, ACT_BLOCK, FEATURES_PER_STEP, ROWS_PER_PASS, TC_FEATURES,
     TC_MIN_ROWS, TC_ROWS,
 };
-use super::quant::{quant_rows, FMT_FP8};
+use super::quant::{act_quant, quant_rows, FMT_FP8};
 use super::{check_threads, grid_for, i, l, launch, op_id, Arg, BLOCK};
 use crate::device::Dev;
 
 const FAMILY: &str = "moe";
+/// Most (row, expert) pairs routed by the one-block `moe_route_checked`.
+const ROUTE_CHECKED_PAIRS: usize = 1024;
 /// Bytes of the per-chunk pair scratch (h, h̃, expert outputs) beyond which rows are chunked.
 const PAIR_SCRATCH: usize = 512 << 20;
 
@@ -107,23 +112,15 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
     let ((w1, s1), (w3, s3), (w2, s2)) = (weight(0), weight(1), weight(2));
     let k_i = i(name, "topk", k)?;
     let e_i = i(name, "experts", e_n)?;
-    if rows > 0 {
-        let args = [Arg::P(ex), l(rows), k_i, e_i, Arg::I(op_id(name)), Arg::P(dev.err_ptr)];
-        launch(dev, FAMILY, "check_experts", (1, 1, 1), check_threads(rows), 0, &args)?;
-    }
     if rows == 0 || d == 0 {
+        if rows > 0 {
+            let args = [Arg::P(ex), l(rows), k_i, e_i, Arg::I(op_id(name)), Arg::P(dev.err_ptr)];
+            launch(dev, FAMILY, "check_experts", (1, 1, 1), check_threads(rows), 0, &args)?;
+        }
         return Ok(());
     }
     let quantize = op.format.quantizes_input();
-    let xq_buf;
-    let xq = if quantize {
-        xq_buf = dev.scratch(rows * d * 4)?;
-        let p = dev.ptr(&xq_buf);
-        quant_rows(dev, FAMILY, x, p, rows, d, d, ACT_BLOCK, FMT_FP8)?;
-        p
-    } else {
-        x
-    };
+    let (xq, _held) = if quantize { act_quant(dev, FAMILY, x, rows, d, ACT_BLOCK)? } else { (x, None) };
     let fmt = format_code(op.format);
     let pair_bytes = (2 * inter + d) * 4;
     let chunk = (PAIR_SCRATCH / (pair_bytes * k.max(1)).max(1)).clamp(1, rows);
@@ -138,15 +135,27 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
     let ap = dev.ptr(&active);
     let hqp = hq_buf.as_ref().map(|b| dev.ptr(b)).unwrap_or(hp);
     let mut cnt_buf = cnt;
+    // Few pairs in one chunk (decode): check, zeroing and routing in one one-block kernel.
+    let checked_route = chunk >= rows && rows * k <= ROUTE_CHECKED_PAIRS;
+    if !checked_route {
+        let args = [Arg::P(ex), l(rows), k_i, e_i, Arg::I(op_id(name)), Arg::P(dev.err_ptr)];
+        launch(dev, FAMILY, "check_experts", (1, 1, 1), check_threads(rows), 0, &args)?;
+    }
     let mut r0 = 0;
     while r0 < rows {
         let n = chunk.min(rows - r0);
         let pairs = n * k;
-        dev.stream.memset_zeros(&mut cnt_buf).map_err(crate::device::driver_err)?;
         let ex_c = ex + (r0 * k * 4) as u64;
-        let args = [Arg::P(ex_c), l(n), k_i, e_i, Arg::P(cp), Arg::P(lp), Arg::P(op_), Arg::P(ap), Arg::P(dev.err_ptr)];
-        if pairs > 0 {
-            launch(dev, FAMILY, "moe_route", (grid_for(pairs, BLOCK), 1, 1), BLOCK, 0, &args)?;
+        if checked_route {
+            let args =
+                [Arg::P(ex_c), l(n), k_i, e_i, Arg::I(op_id(name)), Arg::P(cp), Arg::P(lp), Arg::P(op_), Arg::P(ap), Arg::P(dev.err_ptr)];
+            launch(dev, FAMILY, "moe_route_checked", (1, 1, 1), BLOCK, 0, &args)?;
+        } else {
+            dev.stream.memset_zeros(&mut cnt_buf).map_err(crate::device::driver_err)?;
+            let args = [Arg::P(ex_c), l(n), k_i, e_i, Arg::P(cp), Arg::P(lp), Arg::P(op_), Arg::P(ap), Arg::P(dev.err_ptr)];
+            if pairs > 0 {
+                launch(dev, FAMILY, "moe_route", (grid_for(pairs, BLOCK), 1, 1), BLOCK, 0, &args)?;
+            }
         }
         // Grid: output features × (at most) the experts in use × pair tiles; blocks past the
         // number of experts in use, or past their expert's pairs, return at once.

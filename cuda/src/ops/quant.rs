@@ -6,6 +6,8 @@ use hal::Result;
 
 use super::{grid_for, l, launch, smem, Arg, BLOCK};
 use crate::device::Dev;
+use crate::memo::{Memo, QuantKey};
+use cudarc::driver::CudaSlice;
 
 /// `quant_rows` kernel format codes.
 pub(crate) const FMT_FP8: i32 = 0;
@@ -31,6 +33,35 @@ pub(crate) fn quant_rows(
     let warps = rows * qdims.div_ceil(block.max(1)).max(1);
     let args = [Arg::P(src), Arg::P(dst), l(rows), l(dim), l(qdims), Arg::I(block as i32), Arg::I(fmt)];
     launch(dev, family, "quant_rows", (grid_for(warps * 32, BLOCK), 1, 1), BLOCK, 0, &args)
+}
+
+/// The act_quant'ed copy (FP8, blocks of `block`) of an op input `x [rows, dim]` that a linear
+/// multiplies: the memo's copy if the same unchanged input was quantized before (a decode step
+/// quantizes the attention norm's output for `wq_a` and `wkv`, and the FFN norm's for the routed
+/// and both shared-expert projections), else a new one, kept in the memo when small. Returns its
+/// address and, when the memo does not keep it, the buffer to hold until the op's kernels are
+/// issued.
+pub(crate) fn act_quant(
+    dev: &Dev,
+    family: &'static str,
+    x: u64,
+    rows: usize,
+    dim: usize,
+    block: usize,
+) -> Result<(u64, Option<CudaSlice<u8>>)> {
+    let key = QuantKey { src: x, rows, dim, block, fmt: FMT_FP8 };
+    if let Some(p) = dev.memo.quantized(&key) {
+        return Ok((p, None));
+    }
+    let buf = dev.scratch(rows * dim * 4)?;
+    let p = dev.ptr(&buf);
+    quant_rows(dev, family, x, p, rows, dim, dim, block, FMT_FP8)?;
+    if Memo::keeps(&key) {
+        dev.memo.keep_quantized(key, p, buf);
+        Ok((p, None))
+    } else {
+        Ok((p, Some(buf)))
+    }
 }
 
 /// [`QuantSim`], in place.
