@@ -115,6 +115,14 @@ impl Dev {
         unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| self.alloc_err(e, bytes))
     }
 
+    /// An uninitialized buffer of `bytes` for a new tensor. Its address may be a freed tensor's,
+    /// so the memo forgets what it derived from those bytes.
+    pub fn tensor_buffer(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        let buf = self.scratch(bytes)?;
+        self.memo.written((self.ptr(&buf), bytes.max(1)));
+        Ok(buf)
+    }
+
     pub fn storage(&self, buf: CudaSlice<u8>, len: usize) -> CudaStorage {
         CudaStorage { buf, len, owner: self.id }
     }

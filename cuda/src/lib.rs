@@ -222,8 +222,7 @@ impl Backend for CudaBackend {
     /// before each run to prove it).
     fn alloc(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let bytes = byte_len(shape, dtype)?;
-        let buf = self.dev.scratch(bytes)?;
-        self.dev.memo.written((self.dev.ptr(&buf), bytes.max(1)));
+        let buf = self.dev.tensor_buffer(bytes)?;
         Ok(Tensor::from_storage(Box::new(self.dev.storage(buf, bytes)), shape.to_vec(), dtype))
     }
 
@@ -233,8 +232,7 @@ impl Backend for CudaBackend {
         if bytes.len() != want {
             return Err(Error::invalid("upload", format!("{dtype} {shape:?} needs {want} bytes, got {}", bytes.len())));
         }
-        let mut buf = self.dev.scratch(want)?;
-        self.dev.memo.written((self.dev.ptr(&buf), want.max(1)));
+        let mut buf = self.dev.tensor_buffer(want)?;
         if want > 0 {
             let mut view = buf.slice_mut(0..want);
             self.dev.stream.memcpy_htod(bytes, &mut view).map_err(driver_err)?;

@@ -4,10 +4,9 @@
 //! A decode step checks the same slot and position tensors before every cache op (13 RoPE calls,
 //! 12 row checks in a 4-block step) and quantizes the same normed activation for every linear that
 //! reads it (`wq_a` and `wkv`; the routed and the two shared-expert projections; `wq_b` and the
-//! indexer's `wq_b`). Each of those
-//! kernels costs a few µs of a 1.5 ms step, for work already done. The memo remembers the facts
-//! and buffers, each with the device byte ranges it was derived from, and forgets an entry as soon
-//! as anything may have changed one of those ranges:
+//! indexer's `wq_b`). Each of those kernels costs a few µs of a 1.5 ms step, for work already
+//! done. The memo remembers the facts and buffers, each with the device byte ranges it was derived
+//! from, and forgets an entry as soon as anything may have changed one of those ranges:
 //! * an op writes an output overlapping it (`Backend::run`, before the op's kernels are issued);
 //! * the host writes into it, or a new tensor is allocated over it (`alloc`, `upload`, `write`:
 //!   a freed tensor's address may come back with other contents);

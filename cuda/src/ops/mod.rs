@@ -20,7 +20,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use hal::{Error, Op, Result};
 
 use crate::device::{driver_err, Dev};
-pub(crate) use crate::memo::Fact;
+use crate::memo::Fact;
 
 /// One kernel argument, as the C signature declares it.
 #[derive(Clone, Copy, Debug)]

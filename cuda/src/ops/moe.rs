@@ -112,10 +112,14 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
     let ((w1, s1), (w3, s3), (w2, s2)) = (weight(0), weight(1), weight(2));
     let k_i = i(name, "topk", k)?;
     let e_i = i(name, "experts", e_n)?;
+    // The experts' own check kernel; moe_route_checked checks them itself.
+    let check_experts = || {
+        let args = [Arg::P(ex), l(rows), k_i, e_i, Arg::I(op_id(name)), Arg::P(dev.err_ptr)];
+        launch(dev, FAMILY, "check_experts", (1, 1, 1), check_threads(rows), 0, &args)
+    };
     if rows == 0 || d == 0 {
         if rows > 0 {
-            let args = [Arg::P(ex), l(rows), k_i, e_i, Arg::I(op_id(name)), Arg::P(dev.err_ptr)];
-            launch(dev, FAMILY, "check_experts", (1, 1, 1), check_threads(rows), 0, &args)?;
+            check_experts()?;
         }
         return Ok(());
     }
@@ -138,8 +142,7 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
     // Few pairs in one chunk (decode): check, zeroing and routing in one one-block kernel.
     let checked_route = chunk >= rows && rows * k <= ROUTE_CHECKED_PAIRS;
     if !checked_route {
-        let args = [Arg::P(ex), l(rows), k_i, e_i, Arg::I(op_id(name)), Arg::P(dev.err_ptr)];
-        launch(dev, FAMILY, "check_experts", (1, 1, 1), check_threads(rows), 0, &args)?;
+        check_experts()?;
     }
     let mut r0 = 0;
     while r0 < rows {
