@@ -363,6 +363,35 @@ extern "C" __global__ void quant_rows(const float* src, float* dst, i64 rows, i6
     }
 }
 
+// bf16 bits of f, rounded to nearest even (NaN stays NaN).
+__device__ __forceinline__ u32 bf16_rn_bits(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7F800000u) == 0x7F800000u) return (u >> 16) | ((u & 0xFFFFu) ? 0x40u : 0u);
+    return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+
+// act_quant (FP8 blocks of `block`) of src [rows, dim] into bf16 dst [rows, dim]: the same values
+// quant_rows writes, which bf16 holds exactly (e4m3 × power of two), for the tensor-core tiles.
+extern "C" __global__ void quant_rows_bf16(const float* src, u16* dst, i64 rows, i64 dim, int block) {
+    int lane = threadIdx.x & 31;
+    i64 nb = (dim + block - 1) / block;
+    i64 warps = rows * nb;
+    i64 gw = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    i64 stride = ((i64)gridDim.x * blockDim.x) >> 5;
+    for (; gw < warps; gw += stride) {
+        i64 r = gw / nb, b = gw % nb;
+        i64 start = b * block;
+        i64 len = dim - start < block ? dim - start : block;
+        const float* xs = src + r * dim + start;
+        u16* xd = dst + r * dim + start;
+        float amax = 0.0f;
+        for (i64 i = lane; i < len; i += 32) amax = fmaxf(amax, fabsf(xs[i]));
+        amax = warp_max_f(amax);
+        float s = quant_scale(amax, FMT_FP8);
+        for (i64 i = lane; i < len; i += 32) xd[i] = (u16)bf16_rn_bits(quant_value(xs[i], s, FMT_FP8));
+    }
+}
+
 // ---- Hadamard (Sylvester, natural order) over n = power of two doubles, by one block ---------
 
 // v holds the n values; on return v holds H·v (unnormalized). Same butterflies, same order of
@@ -728,122 +757,159 @@ __device__ __forceinline__ void wdot_any(int fmt, int vec, const u8* w, const u8
 }
 
 // ---- tensor-core tiles (sm_80+): an f32-class GEMM on bf16 mma ----------------------------------
-// Y[m, o] = Σ_i X[m, i]·W[o, i] for a tile of TC_BM rows × TC_BN output features (NMAT weight
-// matrices at once, sharing X). W is FP8/FP4 with its power-of-two scale folded into the value,
-// or BF16: exact in bf16 (for scales ≥ 2^-118, below which the product leaves bf16's normal range).
-// X is split into SPLIT bf16 terms whose sum is x exactly: 1 for act_quant'ed inputs (e4m3 value ×
-// power of two, which bf16 holds), 3 for any other f32. Products of bf16 values are exact in the
+// Y[m, c] = Σ_i X[m, i]·W_c[i] for a tile of TC_BM rows × TC_BN weight rows. The caller maps each
+// tile column c to one weight row (TcWRow: matrix, scales, row index), so one tile can hold rows
+// of two matrices (moe_up_tc interleaves W1 and W3) and keep the accumulators of one.
+// W is FP8/FP4 with its power-of-two scale folded into the value, or BF16: exact in bf16 (for
+// scales ≥ 2^-118, below which the product leaves bf16's normal range).
+// X enters as SPLIT bf16 terms whose sum is x exactly. SPLIT 1: X is stored in bf16 (act_quant'ed
+// inputs: e4m3 value × power of two, which bf16 holds, written so by quant_rows_bf16); SPLIT 3: X
+// is any f32, split in the tile. Products of bf16 values are exact in the
 // f32 accumulators, so the result differs from the f32 FMA kernels only in summation order.
 // Needs k % TC_BK == 0 and 16-byte aligned rows of X and W.
 #define TC_BM 64
 #define TC_BN 128
 #define TC_BK 32
-#define TC_LD (TC_BK + 8)  // padded row: the fragment loads of a warp hit 32 distinct banks
+// Padded row (80 bytes): the eight 16-byte rows an ldmatrix phase reads fall in distinct banks.
+#define TC_LD (TC_BK + 8)
 
-template <int NMAT> struct TcSmem {
-    u16 x[3][TC_BM][TC_LD];
-    u16 w[NMAT][TC_BN][TC_LD];
-    const float* xrow[TC_BM];  // row pointers of the tile (null: a zero row)
+// The tile's row table and dequantization tables (static shared memory).
+struct TcSmem {
+    const u8* xrow[TC_BM];     // row starts of the tile, bf16 (SPLIT 1) or f32 (null: a zero row)
     int tag[TC_BM];            // caller's per-row tag (pair index in the MoE kernels)
     float lut[LUT_SIZE];
 };
 
-__device__ __forceinline__ u32 bf16_rn_bits(float f) {
-    u32 u = __float_as_uint(f);
-    if ((u & 0x7F800000u) == 0x7F800000u) return (u >> 16) | ((u & 0xFFFFu) ? 0x40u : 0u);
-    return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-}
+// The operand stages live in dynamic shared memory (tc_stage_bytes): two stages, each the bf16
+// weight slice [TC_BN][TC_LD] then the SPLIT bf16 input slices [TC_BM][TC_LD]. While the warps
+// multiply one stage the next slice is stored into the other, so a k step needs one barrier.
+template <int SPLIT> struct TcStage {
+    static const int ELEMS = (TC_BN + SPLIT * TC_BM) * TC_LD;
+    u16 (*w)[TC_LD];
+    u16 (*x)[TC_BM][TC_LD];
+    __device__ __forceinline__ TcStage(u16* base, int s)
+        : w((u16(*)[TC_LD])(base + s * ELEMS)), x((u16(*)[TC_BM][TC_LD])(base + s * ELEMS + TC_BN * TC_LD)) {}
+};
+
+// One weight row of a tile column: row o of the [n, k] matrix at w with scales sc; o < 0: zeros.
+struct TcWRow {
+    const u8* w;
+    const u8* sc;
+    i64 o;
+};
+
 __device__ __forceinline__ u32 pack2(float lo, float hi) {
     return (__float_as_uint(lo) >> 16) | (__float_as_uint(hi) & 0xFFFF0000u);
 }
 
 // Staged global loads of one TC_BK slice of the weight tile (issued before the previous slice's
-// mma so that they are in flight meanwhile).
+// mma so that they are in flight meanwhile). FP8/FP4: thread t stages half t % 2 of tile column
+// t / 2; BF16: quarter t % 4 of columns t / 4 and t / 4 + 64 (TcRows::r).
 struct TcW {
     uint4 q[2];
     float s;
 };
+struct TcRows {
+    TcWRow r[2];
+};
+
+template <int FMT, typename RowOf>
+__device__ __forceinline__ TcRows tc_rows(RowOf row_of) {
+    TcRows t;
+    if (FMT == WF_BF16) {
+        t.r[0] = row_of((int)threadIdx.x >> 2);
+        t.r[1] = row_of(((int)threadIdx.x >> 2) + TC_BN / 2);
+    } else {
+        t.r[0] = row_of((int)threadIdx.x >> 1);
+        t.r[1] = t.r[0];
+    }
+    return t;
+}
 
 template <int FMT>
-__device__ __forceinline__ void tc_load_w(const u8* w, const u8* sc, i64 o0, i64 n, i64 k, i64 kb, TcW& t) {
+__device__ __forceinline__ void tc_load_w(const TcRows& rows, i64 k, i64 kb, TcW& t) {
     int tid = threadIdx.x;
     t.q[0] = make_uint4(0, 0, 0, 0);
     t.q[1] = t.q[0];
     t.s = 0.0f;
+    const TcWRow& r = rows.r[0];
     if (FMT == WF_FP8) {
-        i64 o = o0 + (tid >> 1);
-        if (o < n) {
-            t.q[0] = __ldg((const uint4*)(w + o * k + kb + (tid & 1) * 16));
-            t.s = e8m0_to_f32(sc[(o >> 7) * ((k + 127) >> 7) + (kb >> 7)]);
+        if (r.o >= 0) {
+            t.q[0] = __ldg((const uint4*)(r.w + r.o * k + kb + (tid & 1) * 16));
+            t.s = e8m0_to_f32(r.sc[(r.o >> 7) * ((k + 127) >> 7) + (kb >> 7)]);
         }
     } else if (FMT == WF_FP4) {
-        i64 o = o0 + (tid >> 1);
-        if (o < n) {
-            uint2 v = __ldg((const uint2*)(w + o * (k / 2) + kb / 2 + (tid & 1) * 8));
+        if (r.o >= 0) {
+            uint2 v = __ldg((const uint2*)(r.w + r.o * (k / 2) + kb / 2 + (tid & 1) * 8));
             t.q[0] = make_uint4(v.x, v.y, 0, 0);
-            t.s = e8m0_to_f32(sc[o * (k / 32) + kb / 32]);
+            t.s = e8m0_to_f32(r.sc[r.o * (k / 32) + kb / 32]);
         }
     } else {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-            int idx = tid + j * 256;
-            i64 o = o0 + (idx >> 2);
-            if (o < n) t.q[j] = __ldg((const uint4*)(w + (o * k + kb + (idx & 3) * 8) * 2));
+            const TcWRow& rj = rows.r[j];
+            if (rj.o >= 0) t.q[j] = __ldg((const uint4*)(rj.w + (rj.o * k + kb + (tid & 3) * 8) * 2));
         }
     }
 }
 
+// Dequantizes the staged slice into bf16 (FP8 in hardware from sm_89, FP4 by byte permutes; see
+// e4m3_word / e2m1_x2_word) and stores it in the weight tile.
 template <int FMT>
 __device__ __forceinline__ void tc_store_w(u16 (*ws)[TC_LD], const TcW& t, const float* lut) {
     int tid = threadIdx.x;
     if (FMT == WF_BF16) {
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            int idx = tid + j * 256;
-            *(uint4*)&ws[idx >> 2][(idx & 3) * 8] = t.q[j];
-        }
+        for (int j = 0; j < 2; ++j) *(uint4*)&ws[(tid >> 2) + j * (TC_BN / 2)][(tid & 3) * 8] = t.q[j];
         return;
     }
     u32 words[4] = {t.q[0].x, t.q[0].y, t.q[0].z, t.q[0].w};
+    float v[16];
+    if (FMT == WF_FP8) {
+#pragma unroll
+        for (int m = 0; m < 4; ++m) e4m3_word(words[m], &v[4 * m], lut);
+#pragma unroll
+        for (int i = 0; i < 16; ++i) v[i] *= t.s;
+    } else {
+#pragma unroll
+        for (int m = 0; m < 2; ++m) e2m1_x2_word(words[m], &v[8 * m]);
+        float s = 0.5f * t.s;  // e2m1_x2_word gives 2·e2m1
+#pragma unroll
+        for (int i = 0; i < 16; ++i) v[i] *= s;
+    }
     u32 out[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        float v0, v1;
-        if (FMT == WF_FP8) {
-            u32 wd = words[i >> 1];
-            int sh = (i & 1) * 16;
-            v0 = lut[(wd >> sh) & 0xFFu] * t.s;
-            v1 = lut[(wd >> (sh + 8)) & 0xFFu] * t.s;
-        } else {
-            u32 wd = words[i >> 2];
-            int sh = (i & 3) * 8;
-            v0 = lut[256 + ((wd >> sh) & 0xFu)] * t.s;
-            v1 = lut[256 + ((wd >> (sh + 4)) & 0xFu)] * t.s;
-        }
-        out[i] = pack2(v0, v1);
-    }
+    for (int i = 0; i < 8; ++i) out[i] = pack2(v[2 * i], v[2 * i + 1]);
     u16* dst = &ws[tid >> 1][(tid & 1) * 16];
     *(uint4*)dst = make_uint4(out[0], out[1], out[2], out[3]);
     *(uint4*)(dst + 8) = make_uint4(out[4], out[5], out[6], out[7]);
 }
 
-// X slice: 64 rows × 32 floats = 512 float4, two per thread.
-__device__ __forceinline__ void tc_load_x(const float* const* xrow, i64 kb, float4* v) {
+// X slice: 64 rows × 32 values; bf16 (SPLIT 1): 256 uint4, one per thread; f32: 512, two per
+// thread.
+template <int SPLIT>
+__device__ __forceinline__ void tc_load_x(const u8* const* xrow, i64 kb, uint4* v) {
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
+    for (int j = 0; j < (SPLIT == 1 ? 1 : 2); ++j) {
         int idx = threadIdx.x + j * 256;
-        const float* p = xrow[idx >> 3];
-        v[j] = p ? *(const float4*)(p + kb + (idx & 7) * 4) : make_float4(0.f, 0.f, 0.f, 0.f);
+        const u8* p = xrow[SPLIT == 1 ? idx >> 2 : idx >> 3];
+        i64 off = SPLIT == 1 ? (kb + (idx & 3) * 8) * 2 : (kb + (idx & 7) * 4) * 4;
+        v[j] = p ? *(const uint4*)(p + off) : make_uint4(0, 0, 0, 0);
     }
 }
 
 template <int SPLIT>
-__device__ __forceinline__ void tc_store_x(u16 (*xs)[TC_BM][TC_LD], const float4* v) {
+__device__ __forceinline__ void tc_store_x(u16 (*xs)[TC_BM][TC_LD], const uint4* v) {
+    if (SPLIT == 1) {
+        *(uint4*)&xs[0][threadIdx.x >> 2][(threadIdx.x & 3) * 8] = v[0];
+        return;
+    }
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
         int idx = threadIdx.x + j * 256;
-        float f[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
-        u32 parts[3][4];
+        float f[4] = {__uint_as_float(v[j].x), __uint_as_float(v[j].y), __uint_as_float(v[j].z),
+                      __uint_as_float(v[j].w)};
+        u32 parts[SPLIT][4];
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
             float r = f[c];
@@ -874,95 +940,125 @@ __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1)
 #endif
 }
 
-// acc[mat][mt][nt][4]: warp (wm, wn) = (warp / 4, warp % 4) owns rows wm·32 + mt·16 (+ g, + 8 + g)
-// and features wn·32 + nt·8 (+ 2t, + 2t + 1), g = lane / 4, t = lane % 4 (the mma C layout).
-template <int FMT, int NMAT, int SPLIT>
-__device__ void tc_tile(TcSmem<NMAT>& sm, const u8* const* w, const u8* const* sc, i64 o0, i64 n, i64 k,
-                        float (*acc)[2][4][4]) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
-    int wm = warp >> 2, wn = warp & 3;
-#pragma unroll
-    for (int mat = 0; mat < NMAT; ++mat)
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-                for (int q = 0; q < 4; ++q) acc[mat][mt][nt][q] = 0.0f;
-    TcW wr[NMAT];
-    float4 xv[2];
-#pragma unroll
-    for (int mat = 0; mat < NMAT; ++mat) tc_load_w<FMT>(w[mat], sc[mat], o0, n, k, 0, wr[mat]);
-    tc_load_x(sm.xrow, 0, xv);
-    for (i64 kb = 0; kb < k; kb += TC_BK) {
-#pragma unroll
-        for (int mat = 0; mat < NMAT; ++mat) tc_store_w<FMT>(sm.w[mat], wr[mat], sm.lut);
-        tc_store_x<SPLIT>(sm.x, xv);
-        __syncthreads();
-        if (kb + TC_BK < k) {
-#pragma unroll
-            for (int mat = 0; mat < NMAT; ++mat) tc_load_w<FMT>(w[mat], sc[mat], o0, n, k, kb + TC_BK, wr[mat]);
-            tc_load_x(sm.xrow, kb + TC_BK, xv);
-        }
-#pragma unroll
-        for (int ks = 0; ks < TC_BK; ks += 16) {
-            u32 b[NMAT][4][2];
-#pragma unroll
-            for (int mat = 0; mat < NMAT; ++mat)
-#pragma unroll
-                for (int nt = 0; nt < 4; ++nt) {
-                    const u16* row = sm.w[mat][wn * 32 + nt * 8 + g];
-                    b[mat][nt][0] = *(const u32*)&row[ks + 2 * t4];
-                    b[mat][nt][1] = *(const u32*)&row[ks + 2 * t4 + 8];
-                }
-#pragma unroll
-            for (int s = 0; s < SPLIT; ++s)
-#pragma unroll
-                for (int mt = 0; mt < 2; ++mt) {
-                    const u16* r0 = sm.x[s][wm * 32 + mt * 16 + g];
-                    const u16* r1 = sm.x[s][wm * 32 + mt * 16 + g + 8];
-                    u32 a[4] = {*(const u32*)&r0[ks + 2 * t4], *(const u32*)&r1[ks + 2 * t4],
-                                *(const u32*)&r0[ks + 2 * t4 + 8], *(const u32*)&r1[ks + 2 * t4 + 8]};
-#pragma unroll
-                    for (int mat = 0; mat < NMAT; ++mat)
-#pragma unroll
-                        for (int nt = 0; nt < 4; ++nt) mma_bf16(acc[mat][mt][nt], a, b[mat][nt][0], b[mat][nt][1]);
-                }
-        }
-        __syncthreads();
-    }
+// Four 8×8 bf16 matrices from shared memory, lanes 8j … 8j + 7 giving the row addresses of matrix
+// j: r[j] holds row lane / 4, columns 2·(lane % 4) and + 1 of matrix j (the mma fragment layout).
+__device__ __forceinline__ void ldmatrix_x4(u32* r, const u16* p) {
+#if __CUDA_ARCH__ >= 800
+    u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#else
+    __trap();
+#endif
 }
 
-// tc_tile for a runtime (fmt, split): FP8, FP4 or BF16 weights; split 1 or 3.
-template <int NMAT>
-__device__ void tc_tile_any(int fmt, int split, TcSmem<NMAT>& sm, const u8* const* w, const u8* const* sc, i64 o0,
-                            i64 n, i64 k, float (*acc)[2][4][4]) {
-    if (split == 1) {
-        if (fmt == WF_FP8) tc_tile<WF_FP8, NMAT, 1>(sm, w, sc, o0, n, k, acc);
-        else if (fmt == WF_FP4) tc_tile<WF_FP4, NMAT, 1>(sm, w, sc, o0, n, k, acc);
-        else tc_tile<WF_BF16, NMAT, 1>(sm, w, sc, o0, n, k, acc);
-    } else {
-        if (fmt == WF_FP8) tc_tile<WF_FP8, NMAT, 3>(sm, w, sc, o0, n, k, acc);
-        else if (fmt == WF_FP4) tc_tile<WF_FP4, NMAT, 3>(sm, w, sc, o0, n, k, acc);
-        else tc_tile<WF_BF16, NMAT, 3>(sm, w, sc, o0, n, k, acc);
-    }
-}
-
-// Calls f(m, o, v[mat]) for every accumulator element of this thread (tile-relative row m,
-// tile-relative feature o).
-template <int NMAT, typename F>
-__device__ __forceinline__ void tc_epilogue(float (*acc)[2][4][4], F f) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
+// acc[mt][nt][4]: warp (wm, wn) = (warp / 4, warp % 4) owns rows wm·32 + mt·16 (+ g, + 8 + g) and
+// tile columns wn·32 + nt·8 (+ 2t, + 2t + 1), g = lane / 4, t = lane % 4 (the mma C layout).
+// row_of(c) gives tile column c's weight row (TcWRow); `stages` is the dynamic shared memory.
+template <int FMT, int SPLIT, typename RowOf>
+__device__ void tc_tile(TcSmem& sm, u16* stages, RowOf row_of, i64 k, float (*acc)[4][4]) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int wm = warp >> 2, wn = warp & 3;
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                float v[NMAT];
+            for (int q = 0; q < 4; ++q) acc[mt][nt][q] = 0.0f;
+    TcRows rows = tc_rows<FMT>(row_of);
+    TcW wr;
+    uint4 xv[2];
+    tc_load_w<FMT>(rows, k, 0, wr);
+    tc_load_x<SPLIT>(sm.xrow, 0, xv);
+    {
+        TcStage<SPLIT> st(stages, 0);
+        tc_store_w<FMT>(st.w, wr, sm.lut);
+        tc_store_x<SPLIT>(st.x, xv);
+    }
+    __syncthreads();
+    // ldmatrix row addresses: A matrices (rows 0–7, 8–15) × (k, k + 8); B matrices
+    // (columns nt·8 … + 7 for two nt) × (k, k + 8).
+    int a_row = wm * 32 + (lane & 15), a_col = (lane >> 4) * 8;
+    int bm = lane >> 3;
+    int b_row = wn * 32 + (bm >> 1) * 8 + (lane & 7), b_col = (bm & 1) * 8;
+    // The tile's live rows form a prefix (callers fill xrow in order): a warp skips the mma of
+    // its 16-row halves past it, which leaves the tensor cores to the warps with work (an
+    // expert's last pair tile is often less than half full).
+    bool live[2] = {sm.xrow[wm * 32] != nullptr, sm.xrow[wm * 32 + 16] != nullptr};
+    int cur = 0;
+    for (i64 kb = 0; kb < k; kb += TC_BK) {
+        bool more = kb + TC_BK < k;
+        if (more) {
+            tc_load_w<FMT>(rows, k, kb + TC_BK, wr);
+            tc_load_x<SPLIT>(sm.xrow, kb + TC_BK, xv);
+        }
+        TcStage<SPLIT> st(stages, cur);
 #pragma unroll
-                for (int mat = 0; mat < NMAT; ++mat) v[mat] = acc[mat][mt][nt][q];
-                f(wm * 32 + mt * 16 + g + (q >> 1) * 8, wn * 32 + nt * 8 + 2 * t4 + (q & 1), v);
+        for (int ks = 0; ks < TC_BK; ks += 16) {
+            u32 b[4][2];
+#pragma unroll
+            for (int np = 0; np < 2; ++np) {
+                u32 r[4];
+                ldmatrix_x4(r, &st.w[b_row + np * 16][b_col + ks]);
+                b[2 * np][0] = r[0];
+                b[2 * np][1] = r[1];
+                b[2 * np + 1][0] = r[2];
+                b[2 * np + 1][1] = r[3];
             }
+#pragma unroll
+            for (int s = 0; s < SPLIT; ++s)
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt) {
+                    if (!live[mt]) continue;
+                    u32 a[4];
+                    ldmatrix_x4(a, &st.x[s][a_row + mt * 16][a_col + ks]);
+#pragma unroll
+                    for (int nt = 0; nt < 4; ++nt) mma_bf16(acc[mt][nt], a, b[nt][0], b[nt][1]);
+                }
+        }
+        if (more) {
+            TcStage<SPLIT> nx(stages, cur ^ 1);
+            tc_store_w<FMT>(nx.w, wr, sm.lut);
+            tc_store_x<SPLIT>(nx.x, xv);
+        }
+        __syncthreads();
+        cur ^= 1;
+    }
+}
+
+// tc_tile for a runtime (fmt, split): FP8, FP4 or BF16 weights; split 1 or 3.
+template <typename RowOf>
+__device__ void tc_tile_any(int fmt, int split, TcSmem& sm, u16* stages, RowOf row_of, i64 k, float (*acc)[4][4]) {
+    if (split == 1) {
+        if (fmt == WF_FP8) tc_tile<WF_FP8, 1>(sm, stages, row_of, k, acc);
+        else if (fmt == WF_FP4) tc_tile<WF_FP4, 1>(sm, stages, row_of, k, acc);
+        else tc_tile<WF_BF16, 1>(sm, stages, row_of, k, acc);
+    } else {
+        if (fmt == WF_FP8) tc_tile<WF_FP8, 3>(sm, stages, row_of, k, acc);
+        else if (fmt == WF_FP4) tc_tile<WF_FP4, 3>(sm, stages, row_of, k, acc);
+        else tc_tile<WF_BF16, 3>(sm, stages, row_of, k, acc);
+    }
+}
+
+// The tile-relative row m and column c of accumulator element acc[mt][nt][q] of this thread.
+__device__ __forceinline__ int tc_row(int mt, int q) {
+    int lane = threadIdx.x & 31, wm = (threadIdx.x >> 5) >> 2;
+    return wm * 32 + mt * 16 + (lane >> 2) + (q >> 1) * 8;
+}
+__device__ __forceinline__ int tc_col(int nt, int q) {
+    int lane = threadIdx.x & 31, wn = (threadIdx.x >> 5) & 3;
+    return wn * 32 + nt * 8 + 2 * (lane & 3) + (q & 1);
+}
+
+// Calls f(m, c, v) for every accumulator element v of this thread (tile-relative row m and
+// column c).
+template <typename F>
+__device__ __forceinline__ void tc_epilogue(float (*acc)[4][4], F f) {
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) f(tc_row(mt, q), tc_col(nt, q), acc[mt][nt][q]);
 }

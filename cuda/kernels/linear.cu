@@ -89,24 +89,26 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 
 // Tensor-core path for many rows (common.cuh tc_tile): grid (feature tiles of TC_BN, row tiles of
 // TC_BM, grid-stride). A feature tile lies in one group (opg % TC_BN == 0, or one group).
+// x is bf16 when split is 1 (quant_rows_bf16), else f32; x_stride counts elements.
 extern "C" __global__ void __launch_bounds__(256)
-    linear_tc(const float* x, i64 x_stride, const u8* w, const u8* sc, float* y, i64 y_stride, i64 rows, i64 k,
+    linear_tc(const u8* x, i64 x_stride, const u8* w, const u8* sc, float* y, i64 y_stride, i64 rows, i64 k,
               i64 n, i64 opg, int fmt, int split) {
-    __shared__ TcSmem<1> sm;
+    __shared__ TcSmem sm;
+    extern __shared__ uint4 tc_stages[];
     fill_luts(sm.lut);
     i64 o0 = (i64)blockIdx.x * TC_BN, xo = (o0 / opg) * k;
-    const u8* wm[1] = {w};
-    const u8* sm_[1] = {sc};
+    i64 esize = split == 1 ? 2 : 4;
+    auto row_of = [&](int c) { return TcWRow{w, sc, o0 + c < n ? o0 + c : -1}; };
     for (i64 r0 = (i64)blockIdx.y * TC_BM; r0 < rows; r0 += (i64)gridDim.y * TC_BM) {
         if (threadIdx.x < TC_BM) {
             i64 r = r0 + threadIdx.x;
-            sm.xrow[threadIdx.x] = r < rows ? x + r * x_stride + xo : nullptr;
+            sm.xrow[threadIdx.x] = r < rows ? x + (r * x_stride + xo) * esize : nullptr;
         }
         __syncthreads();
-        float acc[1][2][4][4];
-        tc_tile_any<1>(fmt, split, sm, wm, sm_, o0, n, k, acc);
-        tc_epilogue<1>(acc, [&](int m, int o, const float* v) {
-            if (r0 + m < rows && o0 + o < n) y[(r0 + m) * y_stride + o0 + o] = v[0];
+        float acc[2][4][4];
+        tc_tile_any(fmt, split, sm, (u16*)tc_stages, row_of, k, acc);
+        tc_epilogue(acc, [&](int m, int c, float v) {
+            if (r0 + m < rows && o0 + c < n) y[(r0 + m) * y_stride + o0 + c] = v;
         });
     }
 }

@@ -385,59 +385,83 @@ extern "C" __global__ void moe_combine(const float* ye, const int* order, i64 ro
 }
 
 // Tensor-core paths of moe_up / moe_down for experts with many pairs (common.cuh tc_tile): grid
-// (feature tiles of TC_BN, experts in use, pair tiles of TC_BM, grid-stride over the expert's
-// pairs). Same results as moe_up / moe_down up to summation order.
+// (column tiles, experts in use, pair tiles of TC_BM, grid-stride over the expert's pairs). Same
+// results as moe_up / moe_down up to summation order.
+// Their input (xq, hq) is bf16 when split is 1 (quant_rows_bf16), else f32.
 // The tile's rows: pair p = list[e, t0 + i] (tag, −1 past the expert's pairs) and its input row
-// base + (p / k)·stride (k = 0: p·stride).
-template <int NMAT>
-__device__ __forceinline__ void tc_pairs(TcSmem<NMAT>& sm, const int* list, i64 e, i64 rows, int n, i64 t0,
-                                         const float* base, i64 stride, int k) {
+// base + (p / k)·stride elements of `split`'s size (k = 0: p·stride).
+__device__ __forceinline__ void tc_pairs(TcSmem& sm, const int* list, i64 e, i64 rows, int n, i64 t0,
+                                         const void* base, i64 stride, int k, int split) {
     if (threadIdx.x < TC_BM) {
         i64 t = t0 + threadIdx.x;
         int p = t < n ? list[e * rows + t] : -1;
         sm.tag[threadIdx.x] = p;
-        sm.xrow[threadIdx.x] = p >= 0 ? base + (i64)(k > 0 ? p / k : p) * stride : nullptr;
+        i64 row = k > 0 ? p / k : p;
+        sm.xrow[threadIdx.x] = p >= 0 ? (const u8*)base + row * stride * (split == 1 ? 2 : 4) : nullptr;
     }
     __syncthreads();
 }
 
+// moe_up_tc: a tile of TC_BN columns holds TC_BN / 2 features f of W1 and the same of W3, so that
+// one thread's accumulators hold both halves of each of its SwiGLU inputs: column c is feature
+// f0 + (c / 32)·16 + c % 16 of W1 when (c / 16) is even, else of W3 (tc_col: nt 0, 1 are W1's, nt
+// 2, 3 the matching W3's). One set of accumulators instead of two keeps the kernel at two blocks
+// per SM.
 extern "C" __global__ void __launch_bounds__(256) moe_up_tc(MOE_UP_ARGS, int split) {
-    __shared__ TcSmem<2> sm;
+    __shared__ TcSmem sm;
+    extern __shared__ uint4 tc_stages[];
     if (err[0] != 0 || (int)blockIdx.y >= cnt[experts]) return;
     fill_luts(sm.lut);
     i64 e = active[blockIdx.y];
     int n = cnt[e];
-    const u8* wv[2] = {w1 + e * mat_bytes(fmt, inter, dim), w3 + e * mat_bytes(fmt, inter, dim)};
-    const u8* sv[2] = {s1 ? s1 + e * scale_bytes(fmt, inter, dim) : s1, s3 ? s3 + e * scale_bytes(fmt, inter, dim) : s3};
-    i64 o0 = (i64)blockIdx.x * TC_BN;
+    const u8* w1e = w1 + e * mat_bytes(fmt, inter, dim);
+    const u8* w3e = w3 + e * mat_bytes(fmt, inter, dim);
+    const u8* s1e = s1 ? s1 + e * scale_bytes(fmt, inter, dim) : s1;
+    const u8* s3e = s3 ? s3 + e * scale_bytes(fmt, inter, dim) : s3;
+    i64 f0 = (i64)blockIdx.x * (TC_BN / 2);
+    auto row_of = [&](int c) {
+        i64 f = f0 + (c >> 5) * 16 + (c & 15);
+        bool third = (c >> 4) & 1;
+        return TcWRow{third ? w3e : w1e, third ? s3e : s1e, f < inter ? f : -1};
+    };
     for (i64 t0 = (i64)blockIdx.z * TC_BM; t0 < n; t0 += (i64)gridDim.z * TC_BM) {
-        tc_pairs<2>(sm, list, e, rows, n, t0, xq, dim, k);
-        float acc[2][2][4][4];
-        tc_tile_any<2>(fmt, split, sm, wv, sv, o0, inter, dim, acc);
-        tc_epilogue<2>(acc, [&](int m, int o, const float* v) {
-            int p = sm.tag[m];
-            if (p >= 0 && o0 + o < inter) h[(i64)p * inter + o0 + o] = swiglu_f(v[0], v[1], limit) * wts[p];
-        });
+        tc_pairs(sm, list, e, rows, n, t0, xq, dim, k, split);
+        float acc[2][4][4];
+        tc_tile_any(fmt, split, sm, (u16*)tc_stages, row_of, dim, acc);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    int m = tc_row(mt, q), c = tc_col(nt, q);
+                    i64 f = f0 + (c >> 5) * 16 + (c & 15);
+                    int p = sm.tag[m];
+                    if (p >= 0 && f < inter)
+                        h[(i64)p * inter + f] = swiglu_f(acc[mt][nt][q], acc[mt][nt + 2][q], limit) * wts[p];
+                }
         __syncthreads();  // the epilogue reads tag before the next tile rewrites it
     }
 }
 
 extern "C" __global__ void __launch_bounds__(256) moe_down_tc(MOE_DOWN_ARGS, int split) {
-    __shared__ TcSmem<1> sm;
+    __shared__ TcSmem sm;
+    extern __shared__ uint4 tc_stages[];
     if (err[0] != 0 || (int)blockIdx.y >= cnt[experts]) return;
     fill_luts(sm.lut);
     i64 e = active[blockIdx.y];
     int n = cnt[e];
-    const u8* wv[1] = {w2 + e * mat_bytes(fmt, dim, inter)};
-    const u8* sv[1] = {s2 ? s2 + e * scale_bytes(fmt, dim, inter) : s2};
+    const u8* w2e = w2 + e * mat_bytes(fmt, dim, inter);
+    const u8* s2e = s2 ? s2 + e * scale_bytes(fmt, dim, inter) : s2;
     i64 o0 = (i64)blockIdx.x * TC_BN;
+    auto row_of = [&](int c) { return TcWRow{w2e, s2e, o0 + c < dim ? o0 + c : -1}; };
     for (i64 t0 = (i64)blockIdx.z * TC_BM; t0 < n; t0 += (i64)gridDim.z * TC_BM) {
-        tc_pairs<1>(sm, list, e, rows, n, t0, hq, inter, 0);
-        float acc[1][2][4][4];
-        tc_tile_any<1>(fmt, split, sm, wv, sv, o0, dim, inter, acc);
-        tc_epilogue<1>(acc, [&](int m, int o, const float* v) {
+        tc_pairs(sm, list, e, rows, n, t0, hq, inter, 0, split);
+        float acc[2][4][4];
+        tc_tile_any(fmt, split, sm, (u16*)tc_stages, row_of, inter, acc);
+        tc_epilogue(acc, [&](int m, int c, float v) {
             int p = sm.tag[m];
-            if (p >= 0 && o0 + o < dim) ye[(i64)p * dim + o0 + o] = v[0];
+            if (p >= 0 && o0 + c < dim) ye[(i64)p * dim + o0 + c] = v;
         });
         __syncthreads();  // the epilogue reads tag before the next tile rewrites it
     }

@@ -65,7 +65,7 @@ pub(crate) fn calibrate(dev: &Dev) -> Result<Calibration> {
     dev.stream.synchronize().map_err(driver_err)?;
     let gemm_s = t.elapsed().as_secs_f64();
     let kernel = if dev.tensor_cores {
-        "v4rt linear_tc: own bf16 mma.sync tiles (64×128×32, f32 accumulators), BF16 weights, one bf16 term per input"
+        "v4rt linear_tc: own bf16 mma.sync tiles (64×128×32, f32 accumulators, two shared-memory stages, ldmatrix), bf16 inputs, BF16 weights"
     } else {
         "v4rt calibrate_sgemm: own f32 SIMT tiled kernel (CUDA cores, no tensor cores)"
     };

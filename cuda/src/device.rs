@@ -74,6 +74,9 @@ impl Dev {
     pub fn new(ctx: Arc<CudaContext>, arch: String, smem_optin: usize, sms: usize) -> std::result::Result<Self, DriverError> {
         // SAFETY: no slice exists yet, and this backend uses a single stream for all work.
         unsafe { ctx.disable_event_tracking() };
+        if ctx.has_async_alloc() {
+            keep_freed_memory(&ctx)?;
+        }
         let stream = ctx.new_stream()?;
         let err = stream.alloc_zeros::<i64>(ERR_WORDS)?;
         let err_ptr = {
@@ -152,4 +155,26 @@ pub(crate) fn driver_err(e: DriverError) -> Error {
         Err(_) => format!("{:?}", e.0),
     };
     Error::Device { backend: BACKEND_NAME.into(), code: e.0 as i64, message }
+}
+
+/// Lets the device's default memory pool (which `cuMemAllocAsync` draws from) keep the memory
+/// freed into it instead of returning it to the driver at every synchronization. Its default
+/// release threshold of 0 made each prefill chunk map its large scratch (some 800 MiB of MoE
+/// pair buffers at 4096 tokens) anew. The pool then holds at most the peak the backend used.
+fn keep_freed_memory(ctx: &CudaContext) -> std::result::Result<(), DriverError> {
+    use cudarc::driver::sys;
+    ctx.bind_to_thread()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: the device handle is the context's own; `pool` and `threshold` outlive the calls,
+    // and the attribute takes a u64 value.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()
+    }
 }

@@ -1,7 +1,8 @@
 //! Linear layers over the checkpoint formats (`kernels/linear.cu`).
 //!
-//! FP8/FP4 linears first act_quant the input per row in blocks of 128 into an f32 scratch buffer
-//! (`quant_rows`, the dequantized x̃ that cpu-ref multiplies), then `linear_fwd` computes
+//! FP8/FP4 linears first act_quant the input per row in blocks of 128 into a scratch buffer
+//! (`quant_rows`, the dequantized x̃ that cpu-ref multiplies; in bf16, which holds it exactly, for
+//! the tensor-core tiles that many rows take: `quant_rows_bf16`, [`takes_tc`]), then `linear_fwd` computes
 //! `y = W·x̃` with the weight dequantized on the fly: one warp per output feature at a time with
 //! `LIN_RT` = 4 rows per pass, or for one row a group of 1–8 warps per 4 features splitting the
 //! row ([`k_split`]); 16-byte weight loads, f32 FMA
@@ -70,8 +71,24 @@ pub(crate) fn tc_fits(dev: &Dev, format: WeightFormat, k: usize) -> bool {
 
 /// bf16 terms per input value in the tensor-core tiles: 1 for act_quant'ed inputs (exact in
 /// bf16), 3 otherwise (an exact split of any f32).
+fn tc_terms(quantized: bool) -> usize {
+    if quantized {
+        1
+    } else {
+        3
+    }
+}
+
+/// [`tc_terms`] as the tensor-core kernels' `split` argument.
 pub(crate) fn tc_split(quantized: bool) -> Arg {
-    Arg::I(if quantized { 1 } else { 3 })
+    Arg::I(tc_terms(quantized) as i32)
+}
+
+/// Dynamic shared memory of a tensor-core kernel: two stages, each a bf16 slice of the weight
+/// tile and one of each input term, rows padded by 8 (`TcStage` in common.cuh). 30 KiB for
+/// act_quant'ed inputs, 50 KiB for three terms.
+pub(crate) fn tc_stage_bytes(quantized: bool) -> u32 {
+    (2 * (TC_FEATURES + tc_terms(quantized) * TC_ROWS) * (TC_K + 8) * 2) as u32
 }
 
 /// Warps that share one group of `FEATURES_PER_STEP` output features in the one-row kernel
@@ -95,7 +112,17 @@ pub(crate) fn k_split(dev: &Dev, n: usize, k: usize, format: WeightFormat) -> us
     split
 }
 
-/// Launches `linear_fwd`: `y[r, o] = Σ_i W[o, i] · x[r·x_stride + (o / opg)·k + i]`.
+/// Whether [`linear_fwd`] takes the tensor-core tiles (`linear_tc`) for this shape; they read an
+/// act_quant'ed input (`quantized`) in bf16, any other in f32.
+#[allow(clippy::too_many_arguments, clippy::manual_is_multiple_of)] // `%`: the workspace MSRV is 1.80
+pub(crate) fn takes_tc(dev: &Dev, rows: usize, k: usize, n: usize, opg: usize, x_stride: usize, format: WeightFormat, quantized: bool) -> bool {
+    // 16-byte aligned input rows.
+    let align = if quantized { 8 } else { 4 };
+    rows >= TC_MIN_ROWS && tc_fits(dev, format, k) && x_stride % align == 0 && (opg % TC_FEATURES == 0 || opg >= n)
+}
+
+/// Launches `linear_fwd`: `y[r, o] = Σ_i W[o, i] · x[r·x_stride + (o / opg)·k + i]`. With
+/// `quantized` (x holds act_quant'ed values) x is bf16 where [`takes_tc`], else f32.
 #[allow(clippy::too_many_arguments, clippy::manual_is_multiple_of)] // `%`: the workspace MSRV is 1.80
 pub(crate) fn linear_fwd(
     dev: &Dev,
@@ -128,15 +155,11 @@ pub(crate) fn linear_fwd(
         l(opg.max(1)),
         Arg::I(format_code(format)),
     ];
-    if rows >= TC_MIN_ROWS
-        && tc_fits(dev, format, k)
-        && x_stride % 4 == 0
-        && (opg % TC_FEATURES == 0 || opg >= n)
-    {
+    if takes_tc(dev, rows, k, n, opg, x_stride, format, quantized) {
         let gx = n.div_ceil(TC_FEATURES) as u32;
         let gy = rows.div_ceil(TC_ROWS).min(65_535) as u32;
         args.push(tc_split(quantized));
-        return launch(dev, FAMILY, "linear_tc", (gx, gy, 1), BLOCK, 0, &args);
+        return launch(dev, FAMILY, "linear_tc", (gx, gy, 1), BLOCK, tc_stage_bytes(quantized), &args);
     }
     // 16-byte vector loads: every weight row and x row (group) starts 16-byte aligned.
     let vec = k % 32 == 0 && x_stride % 4 == 0;
@@ -169,12 +192,14 @@ pub(crate) fn linear(dev: &Dev, op: &Linear, ins: &[u64], outs: &[u64]) -> Resul
         return Ok(());
     }
     let sc = ins.get(2).copied().unwrap_or(0);
-    let (x, _held) = if op.format.quantizes_input() && k > 0 {
-        act_quant(dev, FAMILY, ins[0], rows, k, ACT_BLOCK)?
+    let quantized = op.format.quantizes_input();
+    let (x, _held) = if quantized && k > 0 {
+        let bf16 = takes_tc(dev, rows, k, n, n, k, op.format, quantized);
+        act_quant(dev, FAMILY, ins[0], rows, k, ACT_BLOCK, bf16)?
     } else {
         (ins[0], None)
     };
-    linear_fwd(dev, x, k, (ins[1], sc), outs[0], n, rows, k, n, n, op.format, op.format.quantizes_input())
+    linear_fwd(dev, x, k, (ins[1], sc), outs[0], n, rows, k, n, n, op.format, quantized)
 }
 
 /// [`GroupedLinear`]: the same kernel with the input column offset `(o / out_per_group)·in_per_group`;

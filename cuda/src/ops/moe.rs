@@ -9,24 +9,27 @@
 //! up to 4 pairs (one when experts have about one pair each); `h` is act_quant'ed; `moe_down` computes `W2·h̃` per pair; `moe_combine` sums
 //! the pairs of each row in ascending expert order (f32, as cpu-ref). With many pairs (prefill)
 //! `moe_up_tc` / `moe_down_tc` replace the two products: bf16 tensor-core tiles of 64 pairs of one
-//! expert × 128 features on exact bf16 operands (common.cuh), the same f32-class result.
+//! expert × 128 weight rows (64 features of W1 and W3 each in `moe_up_tc`) on exact bf16 operands
+//! (common.cuh), the same f32-class result.
 
 use hal::ops::{GateMode, MoeExperts, MoeGate, SwiGlu};
 use hal::{Error, Result};
 
 use super::linear::{
-    feature_blocks, format_code, stages_x, tc_fits, tc_split, ACT_BLOCK, FEATURES_PER_STEP, ROWS_PER_PASS, TC_FEATURES,
+    feature_blocks, format_code, stages_x, tc_fits, tc_split, tc_stage_bytes, ACT_BLOCK, FEATURES_PER_STEP, ROWS_PER_PASS, TC_FEATURES,
     TC_MIN_ROWS, TC_ROWS,
 };
-use super::quant::{act_quant, quant_rows, FMT_FP8};
+use super::quant::{act_quant, quant_rows, quant_rows_bf16, FMT_FP8};
 use super::{check_threads, grid_for, i, l, launch, op_id, Arg, BLOCK};
 use crate::device::Dev;
 
 const FAMILY: &str = "moe";
 /// Most (row, expert) pairs routed by the one-block `moe_route_checked`.
 const ROUTE_CHECKED_PAIRS: usize = 1024;
-/// Bytes of the per-chunk pair scratch (h, h̃, expert outputs) beyond which rows are chunked.
-const PAIR_SCRATCH: usize = 512 << 20;
+/// Bytes of the per-chunk pair scratch (h, h̃, expert outputs) beyond which rows are chunked:
+/// a 4096-token prefill chunk of V4-Flash (six pairs a row) fits in one. Every chunk streams all
+/// the experts' weights once more, and a smaller one fills the tensor-core pair tiles less.
+const PAIR_SCRATCH: usize = 1 << 30;
 
 fn check_limit(op: &str, limit: f32) -> Result<()> {
     if limit >= 0.0 {
@@ -124,10 +127,12 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
         return Ok(());
     }
     let quantize = op.format.quantizes_input();
-    let (xq, _held) = if quantize { act_quant(dev, FAMILY, x, rows, d, ACT_BLOCK)? } else { (x, None) };
     let fmt = format_code(op.format);
+    // h (f32), h̃ (f32; bf16 would do for the tensor-core tiles) and the expert output (f32).
     let pair_bytes = (2 * inter + d) * 4;
-    let chunk = (PAIR_SCRATCH / (pair_bytes * k.max(1)).max(1)).clamp(1, rows);
+    let most = (PAIR_SCRATCH / (pair_bytes * k.max(1)).max(1)).clamp(1, rows);
+    // Chunks of even size: a short last chunk would fill its pair tiles poorly.
+    let chunk = rows.div_ceil(rows.div_ceil(most));
     let cnt = dev.scratch((e_n + 1) * 4)?;
     let active = dev.scratch(e_n.max(1) * 4)?;
     let list = dev.scratch(e_n.max(1) * chunk * 4)?;
@@ -172,7 +177,8 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
         let (up_k, down_k, up_x, down_x, tiles, extra) = if tc {
             // About two pair tiles per expert in use; blocks loop over an expert's further tiles.
             let tiles = (2 * pairs.div_ceil(TC_ROWS * used.max(1) as usize)).clamp(1, n.div_ceil(TC_ROWS).min(65_535));
-            let (fx, fd) = (inter.div_ceil(TC_FEATURES), d.div_ceil(TC_FEATURES));
+            // A moe_up_tc tile holds TC_FEATURES / 2 features of each of W1 and W3.
+            let (fx, fd) = (inter.div_ceil(TC_FEATURES / 2), d.div_ceil(TC_FEATURES));
             ("moe_up_tc", "moe_down_tc", fx, fd, tiles, Some(tc_split(quantize)))
         } else {
             let per_pass = if single { 1 } else { ROWS_PER_PASS };
@@ -188,10 +194,21 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
             (up_k, down_k, fx, fd, tiles, None)
         };
         let tiles = tiles as u32;
-        let staged_smem = |width: usize| if single { (width * 4) as u32 } else { 0 };
+        // The chunk's input rows, act_quant'ed (bf16 for the tensor-core tiles).
+        let x_c = x + (r0 * d * 4) as u64;
+        let (xq, _held) = if quantize { act_quant(dev, FAMILY, x_c, n, d, ACT_BLOCK, tc)? } else { (x_c, None) };
+        let staged_smem = |width: usize| {
+            if single {
+                (width * 4) as u32
+            } else if tc {
+                tc_stage_bytes(quantize)
+            } else {
+                0
+            }
+        };
         if pairs > 0 && inter > 0 {
             let args = [
-                Arg::P(xq + (r0 * d * 4) as u64),
+                Arg::P(xq),
                 Arg::P(w1),
                 Arg::P(s1),
                 Arg::P(w3),
@@ -212,7 +229,9 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
             ];
             let args: Vec<Arg> = args.into_iter().chain(extra).collect();
             launch(dev, FAMILY, up_k, (up_x as u32, used, tiles), BLOCK, staged_smem(d), &args)?;
-            if quantize {
+            if quantize && tc {
+                quant_rows_bf16(dev, FAMILY, hp, hqp, pairs, inter, ACT_BLOCK)?;
+            } else if quantize {
                 quant_rows(dev, FAMILY, hp, hqp, pairs, inter, inter, ACT_BLOCK, FMT_FP8)?;
             }
         }

@@ -12,6 +12,8 @@ use cudarc::driver::CudaSlice;
 /// `quant_rows` kernel format codes.
 pub(crate) const FMT_FP8: i32 = 0;
 pub(crate) const FMT_FP4: i32 = 1;
+/// [`QuantKey`] format of an FP8 act_quant'ed copy stored in bf16 (`quant_rows_bf16`).
+const FMT_FP8_IN_BF16: i32 = 2;
 
 /// Launches `quant_rows` (in `family`'s module): per row of `src [rows, dim]`, each block of
 /// `block` among the first `qdims` values through quantize-dequantize into `dst` (may be `src`).
@@ -35,12 +37,24 @@ pub(crate) fn quant_rows(
     launch(dev, family, "quant_rows", (grid_for(warps * 32, BLOCK), 1, 1), BLOCK, 0, &args)
 }
 
+/// Launches `quant_rows_bf16` (in `family`'s module): the FP8 act_quant of `src [rows, dim]` in
+/// blocks of `block`, written as bf16 into `dst` (exact: e4m3 × power of two), the input form of
+/// the tensor-core tiles.
+pub(crate) fn quant_rows_bf16(dev: &Dev, family: &'static str, src: u64, dst: u64, rows: usize, dim: usize, block: usize) -> Result<()> {
+    if rows == 0 || dim == 0 {
+        return Ok(());
+    }
+    let warps = rows * dim.div_ceil(block.max(1));
+    let args = [Arg::P(src), Arg::P(dst), l(rows), l(dim), Arg::I(block as i32)];
+    launch(dev, family, "quant_rows_bf16", (grid_for(warps * 32, BLOCK), 1, 1), BLOCK, 0, &args)
+}
+
 /// The act_quant'ed copy (FP8, blocks of `block`) of an op input `x [rows, dim]` that a linear
-/// multiplies: the memo's copy if the same unchanged input was quantized before (a decode step
-/// quantizes the attention norm's output for `wq_a` and `wkv`, and the FFN norm's for the routed
-/// and both shared-expert projections), else a new one, kept in the memo when small. Returns its
-/// address and, when the memo does not keep it, the buffer to hold until the op's kernels are
-/// issued.
+/// multiplies, in f32, or in bf16 (`bf16`) for the tensor-core tiles: the memo's copy if the same
+/// unchanged input was quantized before (a decode step quantizes the attention norm's output for
+/// `wq_a` and `wkv`, and the FFN norm's for the routed and both shared-expert projections), else
+/// a new one, kept in the memo when small. Returns its address and, when the memo does not keep
+/// it, the buffer to hold until the op's kernels are issued.
 pub(crate) fn act_quant(
     dev: &Dev,
     family: &'static str,
@@ -48,14 +62,19 @@ pub(crate) fn act_quant(
     rows: usize,
     dim: usize,
     block: usize,
+    bf16: bool,
 ) -> Result<(u64, Option<CudaSlice<u8>>)> {
-    let key = QuantKey { src: x, rows, dim, block, fmt: FMT_FP8 };
+    let key = QuantKey { src: x, rows, dim, block, fmt: if bf16 { FMT_FP8_IN_BF16 } else { FMT_FP8 } };
     if let Some(p) = dev.memo.quantized(&key) {
         return Ok((p, None));
     }
-    let buf = dev.scratch(rows * dim * 4)?;
+    let buf = dev.scratch(rows * dim * if bf16 { 2 } else { 4 })?;
     let p = dev.ptr(&buf);
-    quant_rows(dev, family, x, p, rows, dim, dim, block, FMT_FP8)?;
+    if bf16 {
+        quant_rows_bf16(dev, family, x, p, rows, dim, block)?;
+    } else {
+        quant_rows(dev, family, x, p, rows, dim, dim, block, FMT_FP8)?;
+    }
     if Memo::keeps(&key) {
         dev.memo.keep_quantized(key, p, buf);
         Ok((p, None))
