@@ -162,6 +162,8 @@ impl Backend for CpuBackend {
             dense_flops_per_s: 2.0 * (m * n * k) as f64 / gemm_s,
             copy_method: format!("host memcpy of 256 MiB over {} threads, best of 5", rayon::current_num_threads()),
             gemm_method: format!("cpu-ref f32 linear (f64 accumulation), {m}×{n}×{k}, best of 3"),
+            vendor_flops_per_s: None,
+            vendor_method: "none (cpu-ref has no vendor GEMM)".into(),
         })
     }
 }

@@ -70,6 +70,7 @@
 //! previous one; outputs written by ops issued after the failing one are unspecified.
 
 mod calibrate;
+mod cublas;
 pub mod device;
 pub mod kernels;
 mod memo;

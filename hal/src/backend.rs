@@ -45,6 +45,12 @@ pub struct Calibration {
     pub copy_method: String,
     /// What the GEMM was (kernel, precision, M×N×K, repetitions).
     pub gemm_method: String,
+    /// The vendor library's dense GEMM on the same problem (cuBLAS on CUDA), where the backend
+    /// has one and can load it: what the chip reaches, beside `dense_flops_per_s` of our own
+    /// kernel.
+    pub vendor_flops_per_s: Option<f64>,
+    /// What that GEMM was, or why it was not measured.
+    pub vendor_method: String,
 }
 
 /// What [`Backend::prepare`] did with an op's weights (the default: nothing).

@@ -330,6 +330,15 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
                     c.dense_flops_per_s / 1e12,
                     c.gemm_method
                 );
+                match c.vendor_flops_per_s {
+                    Some(f) => println!(
+                        "calibration: vendor dense GEMM {:.3} TFLOP/s ({}); ours is {:.1}% of it",
+                        f / 1e12,
+                        c.vendor_method,
+                        100.0 * c.dense_flops_per_s / f
+                    ),
+                    None => println!("calibration: vendor dense GEMM: {}", c.vendor_method),
+                }
                 Some(c)
             }
             Err(e) => {
@@ -469,7 +478,13 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     );
     print!("prefill GEMM work: {:.3} TFLOP (linear layers only) → {tflops:.3} TFLOP/s over the whole prefill time", flops / 1e12);
     match &cal {
-        Some(c) => println!(" = {:.1}% of the calibrated dense rate", 100.0 * tflops * 1e12 / c.dense_flops_per_s),
+        Some(c) => {
+            print!(" = {:.1}% of the calibrated dense rate", 100.0 * tflops * 1e12 / c.dense_flops_per_s);
+            match c.vendor_flops_per_s {
+                Some(f) => println!(", {:.1}% of the vendor's", 100.0 * tflops * 1e12 / f),
+                None => println!(),
+            }
+        }
         None => println!(),
     }
     // Decode.
@@ -518,7 +533,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         }
     }
     if a.profile > 0 {
-        let copy = cal.as_ref().map(|c| c.copy_bytes_per_s);
+        let cal = cal.as_ref();
         profiler.set_profiling(true);
         for _ in 0..a.profile {
             let chunks: Vec<Chunk> =
@@ -527,7 +542,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
             next = out.logits.chunks(v as usize).map(|l| argmax(l) as u32).collect();
         }
         profiler.set_profiling(false);
-        profile::print(&format!("decode, {} steps", a.profile), &profiler.report(), a.profile, copy);
+        profile::print(&format!("decode, {} steps", a.profile), &profiler.report(), a.profile, cal, false);
         let n = chunk.min(prefill);
         let at = cache.position(slots[0])?;
         let chunks: Vec<Chunk> = slots.iter().zip(&prompts).map(|(&s, p)| Chunk { slot: s, tokens: &p[..n] }).collect();
@@ -544,7 +559,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         profiler.set_profiling(true);
         model.forward(&mut fresh, &chunks, &opts)?;
         profiler.set_profiling(false);
-        profile::print(&format!("prefill, one chunk of {b} × {n} tokens at position 0"), &profiler.report(), 1, copy);
+        profile::print(&format!("prefill, one chunk of {b} × {n} tokens at position 0"), &profiler.report(), 1, cal, true);
     }
     // Memory.
     let cap = cache.capacity() as u64;

@@ -25,6 +25,8 @@ pub struct OpStat {
     pub calls: u64,
     pub seconds: f64,
     pub bytes: f64,
+    /// Multiply-add FLOPs of the GEMM ops ([`op_flops`]), 0 for the others.
+    pub flops: f64,
 }
 
 /// A backend that can time each op (see the module docs).
@@ -86,6 +88,18 @@ pub fn op_bytes(op: &Op, inputs: &[&Tensor], outputs: &[&mut Tensor]) -> f64 {
     }
 }
 
+/// FLOPs (2 per multiply-add) of the GEMM ops: linear, grouped_linear and moe_experts (the
+/// useful work of its k experts per row: W1, W3 and W2); 0 for every other op. The same count as
+/// `bench::prefill_gemm_flops` for the layers' weights.
+pub fn op_flops(op: &Op) -> f64 {
+    match op {
+        Op::Linear(l) => 2.0 * (l.rows * l.in_features * l.out_features) as f64,
+        Op::GroupedLinear(g) => 2.0 * (g.rows * g.groups * g.in_per_group * g.out_per_group) as f64,
+        Op::MoeExperts(m) => 2.0 * 3.0 * (m.rows * m.topk * m.dim * m.inter) as f64,
+        _ => 0.0,
+    }
+}
+
 impl Backend for Profiled {
     fn info(&self) -> &BackendInfo {
         self.inner.info()
@@ -123,6 +137,7 @@ impl Backend for Profiled {
         e.calls += 1;
         e.seconds += s;
         e.bytes += bytes;
+        e.flops += op_flops(op);
         Ok(())
     }
     fn synchronize(&self) -> Result<()> {
@@ -145,9 +160,12 @@ impl Backend for Profiled {
     }
 }
 
-/// Prints a profile: per key, calls, total and per-call time, share, and GB/s over its bytes.
+/// Prints a profile: per key, calls, total and per-call time, share, and GB/s over its bytes;
+/// with `gemm_rate` (a prefill: the GEMMs are compute-bound there, not in a decode step) then
+/// the GEMM ops' rate against the calibration's dense GEMMs.
 /// `per`: the number of steps recorded (times are shown per step).
-pub fn print(title: &str, stats: &[(String, OpStat)], per: usize, copy_bytes_per_s: Option<f64>) {
+pub fn print(title: &str, stats: &[(String, OpStat)], per: usize, cal: Option<&Calibration>, gemm_rate: bool) {
+    let copy_bytes_per_s = cal.map(|c| c.copy_bytes_per_s);
     let total: f64 = stats.iter().map(|(_, s)| s.seconds).sum();
     let per = per.max(1) as f64;
     println!("profile ({title}; each op synchronized, so the sum exceeds the unprofiled time): {:.3} ms per step", total / per * 1e3);
@@ -164,5 +182,28 @@ pub fn print(title: &str, stats: &[(String, OpStat)], per: usize, copy_bytes_per
             gbs,
             pct
         );
+    }
+    let (gemm_s, gemm_flops) = stats.iter().fold((0.0, 0.0), |(t, f), (_, s)| {
+        if s.flops > 0.0 {
+            (t + s.seconds, f + s.flops)
+        } else {
+            (t, f)
+        }
+    });
+    if gemm_rate && gemm_flops > 0.0 {
+        let rate = gemm_flops / gemm_s.max(1e-12);
+        print!(
+            "  GEMM ops (linear, grouped_linear, moe_experts with its routing and combine): {:.3} ms for {:.3} TFLOP = {:.2} TFLOP/s",
+            gemm_s / per * 1e3,
+            gemm_flops / per / 1e12,
+            rate / 1e12
+        );
+        if let Some(c) = cal {
+            print!(" = {:.1}% of the calibrated dense rate", 100.0 * rate / c.dense_flops_per_s);
+            if let Some(v) = c.vendor_flops_per_s {
+                print!(", {:.1}% of the vendor's", 100.0 * rate / v);
+            }
+        }
+        println!();
     }
 }
