@@ -335,6 +335,48 @@ extern "C" __global__ void __launch_bounds__(1024) check_range(const int* vals, 
     if (threadIdx.x == 0 && m != ROW_NONE) report_error(err, code, op, m, vals[m], bound, 0);
 }
 
+// ---- f64 dots of row tiles (many rows against a few dozen weight rows) -------------------------
+
+// The products of f32 values are exact in f64 and summed in f64, as cpu-ref does; only the order
+// differs (each thread sums its dots column by column). A block of 256 threads multiplies 32 rows
+// of x against 32 rows of w, staging 32 columns of each in shared memory, so that every loaded
+// weight serves 32 rows (one warp per dot re-read the weights once per row: the gate of a
+// 4096-row prefill read 4 GiB of them).
+#define DOT_TILE 32
+
+// Thread (ty, tx) = (tid / 32, tid % 32) gets in acc[j] the dot over columns [c0, c1) of x row
+// 4·ty + j with w row tx (x, w: row starts, row stride n; rows past xr / wr read as zeros). Lane
+// `sq` (−1: none) dots x with itself instead: Σ x². Needs blockDim.x == 256.
+__device__ void dot_tile_f64(const float* x, int xr, const float* w, int wr, i64 n, int sq, i64 c0, i64 c1,
+                             double* acc) {
+    // Widened to f64 once as staged: f32 → f64 conversions run at a quarter of the f64 FMA rate.
+    __shared__ double xs[DOT_TILE][DOT_TILE + 1];
+    __shared__ double ws[DOT_TILE][DOT_TILE + 1];
+    int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[j] = 0.0;
+    for (i64 c = c0; c < c1; c += DOT_TILE) {
+        i64 col = c + tx;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            int row = ty * 4 + j;
+            xs[row][tx] = row < xr && col < c1 ? (double)x[row * n + col] : 0.0;
+            ws[row][tx] = row < wr && col < c1 ? (double)w[row * n + col] : 0.0;
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int kk = 0; kk < DOT_TILE; ++kk) {
+            double wv = ws[tx][kk];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                double xv = xs[ty * 4 + j][kk];
+                acc[j] = fma(xv, tx == sq ? xv : wv, acc[j]);
+            }
+        }
+        __syncthreads();
+    }
+}
+
 // ---- block quantization (act_quant / QuantSim), in place or out of place ---------------------
 
 // One warp per (row, block) of `block` values among the first `qdims` of each row (a short last

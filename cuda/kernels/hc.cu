@@ -33,6 +33,23 @@ extern "C" __global__ void hc_mix_partial(const float* x, const float* fnw, i64 
     }
 }
 
+// hc_mix_partial for many rows (nm < 32): grid (row tiles of DOT_TILE, column splits), the same
+// part layout; lane nm of each row group sums x² (dot_tile_f64).
+extern "C" __global__ void __launch_bounds__(256) hc_mix_tiled(const float* x, const float* fnw, i64 rows, i64 n, int nm,
+                                                               int splits, double* part) {
+    i64 r0 = (i64)blockIdx.x * DOT_TILE;
+    int s = blockIdx.y;
+    i64 per = (n + splits - 1) / splits, c0 = s * per, c1 = c0 + per < n ? c0 + per : n;
+    int xr = (int)(rows - r0 < DOT_TILE ? rows - r0 : DOT_TILE);
+    double acc[4];
+    dot_tile_f64(x + r0 * n, xr, fnw, nm, n, nm, c0, c1, acc);
+    int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+    if (tx > nm) return;
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+        if (ty * 4 + j < xr) part[((r0 + ty * 4 + j) * splits + s) * (nm + 1) + (tx == nm ? 0 : 1 + tx)] = acc[j];
+}
+
 // Mixing logits μ_i = (Σ_s dot_i) · ρ of row r into mu[0..nm) (shared); every thread waits.
 // One warp per value (Σ x² first), lanes over the splits. `red` holds nm + 1 doubles.
 __device__ void hc_mixes_from(const double* part, int splits, int nm, i64 n, float norm_eps, float* mu, double* red) {

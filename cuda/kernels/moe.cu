@@ -29,6 +29,20 @@ __device__ __forceinline__ float gate_score(double dot) {
     return sqrtf(sp);
 }
 
+// gate_scores for many rows: grid (row tiles, expert tiles) of DOT_TILE each (dot_tile_f64).
+extern "C" __global__ void __launch_bounds__(256) gate_scores_tiled(const float* x, const float* gw, i64 rows, i64 dim,
+                                                                    i64 experts, float* s) {
+    i64 r0 = (i64)blockIdx.x * DOT_TILE, e0 = (i64)blockIdx.y * DOT_TILE;
+    int xr = (int)(rows - r0 < DOT_TILE ? rows - r0 : DOT_TILE);
+    int wr = (int)(experts - e0 < DOT_TILE ? experts - e0 : DOT_TILE);
+    double acc[4];
+    dot_tile_f64(x + r0 * dim, xr, gw + e0 * dim, wr, dim, -1, 0, dim, acc);
+    int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+        if (ty * 4 + j < xr && tx < wr) s[(r0 + ty * 4 + j) * experts + e0 + tx] = gate_score(acc[j]);
+}
+
 // s[r, e] = gate_score(dot(gate_w[e], x[r])), the dot in f64. parts == 1 (many rows): one warp per
 // (r, e), grid-stride. parts = 2, 4 or 8 (few rows: a decode row's 256 dots would use 32 SMs):
 // `parts` warps per (r, e), each over an interleaved share of 32-column slabs, their partial sums

@@ -582,6 +582,9 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
             let one = HcPre { rows: 1, mult: 4, dim: 64, sinkhorn_iters: 20, hc_eps: 1e-6, norm_eps: 1e-6 };
             out.push(Case::new(Op::HcPre(one.clone()), "edge: one token", s(0)));
             out.push(Case::new(Op::HcPre(HcPre { sinkhorn_iters: 1, ..one }), "edge: one Sinkhorn iteration", s(1)));
+            // Prefill-sized: CUDA sums the mixes over tiles of 32 rows (the last one partial).
+            let many = HcPre { rows: 70, mult: 4, dim: 300, ..one };
+            out.push(Case::new(Op::HcPre(many), "prefill-sized: 70 tokens", s(2)));
             for (i, (name, c)) in reals.iter().enumerate() {
                 let op = HcPre { rows: 2, mult: c.hc_mult, dim: c.dim, sinkhorn_iters: c.hc_sinkhorn_iters, hc_eps: c.hc_eps, norm_eps: c.norm_eps };
                 out.push(Case::new(Op::HcPre(op), format!("{name}: 4 × {}", c.dim), s(10 + i as u64)).large());
@@ -606,6 +609,8 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
                 Case::new(Op::HcHead(HcHead { rows, mult, dim, hc_eps: 1e-6, norm_eps: 1e-6 }), "", sd)
             }));
             out.push(Case::new(Op::HcHead(HcHead { rows: 1, mult: 4, dim: 64, hc_eps: 1e-6, norm_eps: 1e-6 }), "edge: one token", s(0)));
+            let many = HcHead { rows: 70, mult: 4, dim: 300, hc_eps: 1e-6, norm_eps: 1e-6 };
+            out.push(Case::new(Op::HcHead(many), "prefill-sized: 70 tokens (tiles of 32 rows on CUDA)", s(1)));
             for (i, (name, c)) in reals.iter().enumerate() {
                 let op = HcHead { rows: 2, mult: c.hc_mult, dim: c.dim, hc_eps: c.hc_eps, norm_eps: c.norm_eps };
                 out.push(Case::new(Op::HcHead(op), format!("{name}: 4 × {}", c.dim), s(10 + i as u64)).large());
@@ -931,6 +936,11 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
             out.push(Case::new(g(6, 8, 2, GateMode::Scored), "edge: all tokens routed to expert 5 (bias)", s(1)).one_expert(5));
             out.push(Case::new(g(6, 8, 1, GateMode::Hashed { vocab: 50 }), "edge: all tokens hashed to expert 7", s(2)).one_expert(7));
             out.push(Case::new(g(3, 6, 6, GateMode::Scored), "edge: top-k = every expert", s(3)));
+            // Prefill-sized: CUDA scores tiles of 32 rows × 32 experts (the last of each partial).
+            for (j, mode) in [GateMode::Scored, GateMode::Hashed { vocab: 300 }].into_iter().enumerate() {
+                let op = MoeGate { rows: 70, dim: 300, experts: 40, topk: 6, route_scale: 1.5, mode };
+                out.push(Case::new(Op::MoeGate(op), "prefill-sized: 70 tokens, 40 experts", s(4 + j as u64)));
+            }
             for (i, (name, c)) in reals.iter().enumerate() {
                 let i = i as u64;
                 let g = |mode| Op::MoeGate(MoeGate { rows: 3, dim: c.dim, experts: c.n_routed_experts, topk: c.n_activated_experts, route_scale: c.route_scale, mode });

@@ -38,6 +38,10 @@ pub(crate) enum Arg {
 /// Threads per block for grid-stride kernels.
 pub(crate) const BLOCK: u32 = 256;
 
+/// Rows (and weight rows) of the f64 dot tiles (`DOT_TILE`, `dot_tile_f64` in common.cuh) of the
+/// gate and the mHC mixing sums; their kernels run BLOCK threads.
+pub(crate) const DOT_ROWS: usize = 32;
+
 /// Blocks for a grid-stride loop over `n` items (at least one; capped, the loop covers the rest).
 pub(crate) fn grid_for(n: usize, block: u32) -> u32 {
     (n.div_ceil(block as usize)).clamp(1, 1 << 20) as u32

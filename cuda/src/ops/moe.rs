@@ -20,7 +20,7 @@ use super::linear::{
     TC_MIN_ROWS, TC_ROWS,
 };
 use super::quant::{act_quant, quant_rows, quant_rows_bf16, FMT_FP8};
-use super::{check_threads, grid_for, i, l, launch, op_id, Arg, BLOCK};
+use super::{check_threads, grid_for, i, l, launch, op_id, Arg, BLOCK, DOT_ROWS};
 use crate::device::Dev;
 
 const FAMILY: &str = "moe";
@@ -74,7 +74,12 @@ pub(crate) fn moe_gate(dev: &Dev, op: &MoeGate, ins: &[u64], outs: &[u64]) -> Re
     let scores = dev.scratch(rows * e_n * 4)?;
     let sp = dev.ptr(&scores);
     let dots = rows * e_n;
-    if dots > 0 {
+    if rows >= DOT_ROWS && e_n > 0 {
+        // Many rows: tiles of DOT_ROWS rows × DOT_ROWS experts share each loaded weight.
+        let args = [Arg::P(ins[0]), Arg::P(ins[1]), l(rows), l(d), l(e_n), Arg::P(sp)];
+        let grid = (rows.div_ceil(DOT_ROWS) as u32, e_n.div_ceil(DOT_ROWS) as u32, 1);
+        launch(dev, FAMILY, "gate_scores_tiled", grid, BLOCK, 0, &args)?;
+    } else if dots > 0 {
         // Warps per dot: up to 8 while that keeps about 16 warps per SM busy at most. (Many dots
         // take the one-warp form: the split form cost a 4096-row prefill's 1M dots 3.6× as much.)
         let mut parts = 1;
