@@ -5,9 +5,10 @@
 //!   written (2 GiB per copy) over the wall time between two stream synchronizations.
 //! * GEMM, M = N = K = 4096, 1 warm-up (which also compiles it) + 5 timed runs:
 //!   - with tensor cores (sm_80+): `linear_tc`, the bf16 `mma.sync` tiles the prefill linears and
-//!     experts run on, with BF16 weights and one bf16 term per input (the dense best case of the
-//!     same kernel: no dequantization, no input split). Our own kernel, not cuBLAS: it measures
-//!     how well the real shapes use our tiles, not how close the tiles are to the chip's peak;
+//!     experts run on, with random bf16 inputs and BF16 weights (the dense best case of the same
+//!     kernel: no dequantization, no input split). It measures how well the real shapes use our
+//!     tiles. Beside it, cuBLAS on the same buffers (`cublas.rs`, when libcublas loads) says how
+//!     close the tiles are to what the chip reaches;
 //!   - otherwise `kernels/calibrate.cu::calibrate_sgemm`, our own register-tiled f32 SIMT kernel
 //!     (128×128 tiles, 8×8 per thread, explicit FMA), the yardstick for the CUDA-core kernels.
 

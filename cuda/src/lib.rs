@@ -33,7 +33,9 @@
 //! ## Speed
 //! Figures and what bounds them: `docs/performance.md`. Weight-streaming GEMV kernels for few
 //! rows (one warp per output feature, 16-byte weight loads, several features per warp step);
-//! tensor-core tiles (64 rows × 128 features, `common.cuh` `tc_tile`) for prefill. Attention:
+//! tensor-core tiles (64 rows × 128 features, two shared-memory stages, `common.cuh` `tc_tile`;
+//! act_quant'ed inputs arrive in bf16) for prefill; f64 dot tiles of 32 rows for the gate and the
+//! mHC mixing sums of many rows. Attention:
 //! a block per (row, 8 heads) walking shared keys, with key splits and a combine step so that
 //! decode fills the device. Indexer: a thread per key with all heads; the top-k of long rows in
 //! two stages (segments, then their candidates). `V4RT_CUDA_TENSOR_CORES=0` turns the tensor-core
