@@ -380,9 +380,11 @@ __device__ void dot_tile_f64(const float* x, int xr, const float* w, int wr, i64
 // ---- block quantization (act_quant / QuantSim), in place or out of place ---------------------
 
 // One warp per (row, block) of `block` values among the first `qdims` of each row (a short last
-// block is its own block). dst may equal src. Values past qdims are copied when dst != src.
-extern "C" __global__ void quant_rows(const float* src, float* dst, i64 rows, i64 dim, i64 qdims, int block,
-                                      int fmt) {
+// block is its own block), grid-stride: put(i, v) receives the quantize-dequantized value v of
+// element i = row·dim + column.
+template <typename Put>
+__device__ __forceinline__ void quant_row_blocks(const float* src, i64 rows, i64 dim, i64 qdims, int block, int fmt,
+                                                 Put put) {
     int lane = threadIdx.x & 31;
     i64 nb = (qdims + block - 1) / block;
     i64 warps = rows * nb;
@@ -393,15 +395,23 @@ extern "C" __global__ void quant_rows(const float* src, float* dst, i64 rows, i6
         i64 start = b * block;
         i64 len = qdims - start < block ? qdims - start : block;
         const float* xs = src + r * dim + start;
-        float* xd = dst + r * dim + start;
         float amax = 0.0f;
         for (i64 i = lane; i < len; i += 32) amax = fmaxf(amax, fabsf(xs[i]));
         amax = warp_max_f(amax);
         float s = quant_scale(amax, fmt);
-        for (i64 i = lane; i < len; i += 32) xd[i] = quant_value(xs[i], s, fmt);
-        if (src != dst && b == nb - 1) {
-            for (i64 i = qdims + lane; i < dim; i += 32) dst[r * dim + i] = src[r * dim + i];
-        }
+        for (i64 i = lane; i < len; i += 32) put(r * dim + start + i, quant_value(xs[i], s, fmt));
+    }
+}
+
+// quant_row_blocks into dst, which may equal src. Values past qdims are copied when dst != src.
+extern "C" __global__ void quant_rows(const float* src, float* dst, i64 rows, i64 dim, i64 qdims, int block,
+                                      int fmt) {
+    quant_row_blocks(src, rows, dim, qdims, block, fmt, [&](i64 i, float v) { dst[i] = v; });
+    if (src == dst || qdims >= dim) return;
+    i64 tail = dim - qdims, n = rows * tail;
+    for (i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x; t < n; t += (i64)gridDim.x * blockDim.x) {
+        i64 i = (t / tail) * dim + qdims + t % tail;
+        dst[i] = src[i];
     }
 }
 
@@ -415,23 +425,7 @@ __device__ __forceinline__ u32 bf16_rn_bits(float f) {
 // act_quant (FP8 blocks of `block`) of src [rows, dim] into bf16 dst [rows, dim]: the same values
 // quant_rows writes, which bf16 holds exactly (e4m3 × power of two), for the tensor-core tiles.
 extern "C" __global__ void quant_rows_bf16(const float* src, u16* dst, i64 rows, i64 dim, int block) {
-    int lane = threadIdx.x & 31;
-    i64 nb = (dim + block - 1) / block;
-    i64 warps = rows * nb;
-    i64 gw = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    i64 stride = ((i64)gridDim.x * blockDim.x) >> 5;
-    for (; gw < warps; gw += stride) {
-        i64 r = gw / nb, b = gw % nb;
-        i64 start = b * block;
-        i64 len = dim - start < block ? dim - start : block;
-        const float* xs = src + r * dim + start;
-        u16* xd = dst + r * dim + start;
-        float amax = 0.0f;
-        for (i64 i = lane; i < len; i += 32) amax = fmaxf(amax, fabsf(xs[i]));
-        amax = warp_max_f(amax);
-        float s = quant_scale(amax, FMT_FP8);
-        for (i64 i = lane; i < len; i += 32) xd[i] = (u16)bf16_rn_bits(quant_value(xs[i], s, FMT_FP8));
-    }
+    quant_row_blocks(src, rows, dim, dim, block, FMT_FP8, [&](i64 i, float v) { dst[i] = (u16)bf16_rn_bits(v); });
 }
 
 // ---- Hadamard (Sylvester, natural order) over n = power of two doubles, by one block ---------

@@ -24,27 +24,16 @@ const CUBLAS_GEMM_DEFAULT: i32 = -1;
 type CreateFn = unsafe extern "C" fn(*mut Handle) -> Status;
 type DestroyFn = unsafe extern "C" fn(Handle) -> Status;
 type SetStreamFn = unsafe extern "C" fn(Handle, *mut c_void) -> Status;
-#[allow(clippy::type_complexity)]
+#[rustfmt::skip]
 type GemmExFn = unsafe extern "C" fn(
-    Handle,
-    i32,
-    i32,
-    i32,
-    i32,
-    i32,
-    *const c_void,
-    *const c_void,
-    i32,
-    i32,
-    *const c_void,
-    i32,
-    i32,
-    *const c_void,
-    *mut c_void,
-    i32,
-    i32,
-    i32,
-    i32,
+    Handle, i32, i32,         // handle, transa, transb
+    i32, i32, i32,            // m, n, k
+    *const c_void,            // alpha
+    *const c_void, i32, i32,  // A, Atype, lda
+    *const c_void, i32, i32,  // B, Btype, ldb
+    *const c_void,            // beta
+    *mut c_void, i32, i32,    // C, Ctype, ldc
+    i32, i32,                 // computeType, algo
 ) -> Status;
 
 /// Library names tried in order after `V4RT_CUBLAS`.
