@@ -46,19 +46,18 @@ pub(crate) fn calibrate(dev: &Dev) -> Result<Calibration> {
     // Dense GEMM on random bf16 inputs (A: rows, B: weights; tensor-core power, and so the clock,
     // depends on the data, and zeros would flatter it).
     let n = GEMM_N;
-    let a = dev.alloc_zeroed(n * n * 4)?;
-    let b = dev.alloc_zeroed(n * n * 4)?;
+    let mut a = dev.alloc_zeroed(n * n * 4)?;
+    let mut b = dev.alloc_zeroed(n * n * 4)?;
     let c = dev.alloc_zeroed(n * n * 4)?;
     let (pa, pb, pc) = (dev.ptr(&a), dev.ptr(&b), dev.ptr(&c));
     if dev.tensor_cores {
-        let mut a = a;
-        let mut b = b;
-        let mut view = a.slice_mut(0..n * n * 2);
-        dev.stream.memcpy_htod(&random_bf16(n * n, 1), &mut view).map_err(driver_err)?;
-        let mut view = b.slice_mut(0..n * n * 2);
-        dev.stream.memcpy_htod(&random_bf16(n * n, 2), &mut view).map_err(driver_err)?;
+        for (buf, seed) in [(&mut a, 1), (&mut b, 2)] {
+            let mut view = buf.slice_mut(0..n * n * 2);
+            dev.stream.memcpy_htod(&random_bf16(n * n, seed), &mut view).map_err(driver_err)?;
+        }
         dev.stream.synchronize().map_err(driver_err)?;
-        return finish(dev, copy_s, &|| linear_fwd(dev, pa, n, (pb, 0), pc, n, n, n, n, n, WeightFormat::Bf16, true), (pa, pb, pc));
+        let run = || linear_fwd(dev, pa, n, (pb, 0), pc, n, n, n, n, n, WeightFormat::Bf16, true);
+        return finish(dev, copy_s, &run, (pa, pb, pc));
     }
     let args = [Arg::P(pa), Arg::P(pb), Arg::P(pc), Arg::I(n as i32), Arg::I(n as i32), Arg::I(n as i32)];
     let run = || launch(dev, "calibrate", "calibrate_sgemm", ((n / 128) as u32, (n / 128) as u32, 1), 256, 0, &args);

@@ -477,16 +477,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         (b * (prefill - (chunk_s.len() - 1) * chunk)) as f64 / chunk_s[chunk_s.len() - 1],
     );
     print!("prefill GEMM work: {:.3} TFLOP (linear layers only) → {tflops:.3} TFLOP/s over the whole prefill time", flops / 1e12);
-    match &cal {
-        Some(c) => {
-            print!(" = {:.1}% of the calibrated dense rate", 100.0 * tflops * 1e12 / c.dense_flops_per_s);
-            match c.vendor_flops_per_s {
-                Some(f) => println!(", {:.1}% of the vendor's", 100.0 * tflops * 1e12 / f),
-                None => println!(),
-            }
-        }
-        None => println!(),
-    }
+    println!("{}", cal.as_ref().map_or(String::new(), |c| profile::shares_of_dense(tflops * 1e12, c)));
     // Decode.
     if a.decode > 0 {
         let sb = step_bytes(&cfg, b);

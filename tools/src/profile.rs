@@ -198,12 +198,15 @@ pub fn print(title: &str, stats: &[(String, OpStat)], per: usize, cal: Option<&C
             gemm_flops / per / 1e12,
             rate / 1e12
         );
-        if let Some(c) = cal {
-            print!(" = {:.1}% of the calibrated dense rate", 100.0 * rate / c.dense_flops_per_s);
-            if let Some(v) = c.vendor_flops_per_s {
-                print!(", {:.1}% of the vendor's", 100.0 * rate / v);
-            }
-        }
-        println!();
+        println!("{}", cal.map_or(String::new(), |c| shares_of_dense(rate, c)));
     }
+}
+
+/// " = X% of the calibrated dense rate[, Y% of the vendor's]" for a GEMM rate in FLOP/s.
+pub fn shares_of_dense(flops_per_s: f64, cal: &Calibration) -> String {
+    let mut s = format!(" = {:.1}% of the calibrated dense rate", 100.0 * flops_per_s / cal.dense_flops_per_s);
+    if let Some(v) = cal.vendor_flops_per_s {
+        s += &format!(", {:.1}% of the vendor's", 100.0 * flops_per_s / v);
+    }
+    s
 }

@@ -19,7 +19,7 @@ use super::linear::{
     feature_blocks, format_code, stages_x, tc_fits, tc_split, tc_stage_bytes, ACT_BLOCK, FEATURES_PER_STEP, ROWS_PER_PASS, TC_FEATURES,
     TC_MIN_ROWS, TC_ROWS,
 };
-use super::quant::{act_quant, quant_rows, quant_rows_bf16, FMT_FP8};
+use super::quant::{act_quant, act_quant_into};
 use super::{check_threads, grid_for, i, l, launch, op_id, Arg, BLOCK, DOT_ROWS};
 use crate::device::Dev;
 
@@ -234,10 +234,8 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
             ];
             let args: Vec<Arg> = args.into_iter().chain(extra).collect();
             launch(dev, FAMILY, up_k, (up_x as u32, used, tiles), BLOCK, staged_smem(d), &args)?;
-            if quantize && tc {
-                quant_rows_bf16(dev, FAMILY, hp, hqp, pairs, inter, ACT_BLOCK)?;
-            } else if quantize {
-                quant_rows(dev, FAMILY, hp, hqp, pairs, inter, inter, ACT_BLOCK, FMT_FP8)?;
+            if quantize {
+                act_quant_into(dev, FAMILY, hp, hqp, pairs, inter, ACT_BLOCK, tc)?;
             }
         }
         if pairs > 0 {

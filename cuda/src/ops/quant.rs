@@ -37,10 +37,23 @@ pub(crate) fn quant_rows(
     launch(dev, family, "quant_rows", (grid_for(warps * 32, BLOCK), 1, 1), BLOCK, 0, &args)
 }
 
-/// Launches `quant_rows_bf16` (in `family`'s module): the FP8 act_quant of `src [rows, dim]` in
-/// blocks of `block`, written as bf16 into `dst` (exact: e4m3 × power of two), the input form of
-/// the tensor-core tiles.
-pub(crate) fn quant_rows_bf16(dev: &Dev, family: &'static str, src: u64, dst: u64, rows: usize, dim: usize, block: usize) -> Result<()> {
+/// The FP8 act_quant of `src [rows, dim]` in blocks of `block` into `dst`: f32 (`quant_rows`),
+/// or bf16 with `bf16` (`quant_rows_bf16`; exact, as e4m3 × power of two), the input form of the
+/// tensor-core tiles. Launched in `family`'s module.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn act_quant_into(
+    dev: &Dev,
+    family: &'static str,
+    src: u64,
+    dst: u64,
+    rows: usize,
+    dim: usize,
+    block: usize,
+    bf16: bool,
+) -> Result<()> {
+    if !bf16 {
+        return quant_rows(dev, family, src, dst, rows, dim, dim, block, FMT_FP8);
+    }
     if rows == 0 || dim == 0 {
         return Ok(());
     }
@@ -70,11 +83,7 @@ pub(crate) fn act_quant(
     }
     let buf = dev.scratch(rows * dim * if bf16 { 2 } else { 4 })?;
     let p = dev.ptr(&buf);
-    if bf16 {
-        quant_rows_bf16(dev, family, x, p, rows, dim, block)?;
-    } else {
-        quant_rows(dev, family, x, p, rows, dim, dim, block, FMT_FP8)?;
-    }
+    act_quant_into(dev, family, x, p, rows, dim, block, bf16)?;
     if Memo::keeps(&key) {
         dev.memo.keep_quantized(key, p, buf);
         Ok((p, None))
