@@ -27,10 +27,12 @@ __device__ __forceinline__ void window_store_rows(const float* kv, const int* sl
 // window_store (f32 ring) and window_store_bf16 (bf16 ring); the host picks one (ops::cache_kernel).
 extern "C" __global__ void window_store(const float* kv, const int* slots, const int* pos, float* ring, i64 rows,
                                        int num_slots, i64 window, i64 dim, const i64* err) {
+    grid_dep_begin();
     window_store_rows(kv, slots, pos, ring, rows, num_slots, window, dim, err);
 }
 extern "C" __global__ void window_store_bf16(const float* kv, const int* slots, const int* pos, u16* ring, i64 rows,
                                             int num_slots, i64 window, i64 dim, const i64* err) {
+    grid_dep_begin();
     window_store_rows(kv, slots, pos, ring, rows, num_slots, window, dim, err);
 }
 
@@ -259,6 +261,7 @@ __device__ __forceinline__ void sparse_attn_rows(const float* q, const float* kv
                                     i64 d, int num_slots, i64 window, int mode, i64 ratio, i64 cap, int topk,         \
                                     float scale, float* out, const i64* err, int splits, float* pm, double* pden,    \
                                     double* pacc) {                                                                  \
+        grid_dep_begin();                                                                                            \
         sparse_attn_rows(q, kv, ring, sink, slots, pos, comp, idx, heads, d, num_slots, window, mode, ratio, cap,     \
                          topk, scale, out, err, splits, pm, pden, pacc);                                             \
     }
@@ -270,6 +273,7 @@ SPARSE_ATTN_KERNEL(sparse_attn_bf16, u16)
 extern "C" __global__ void sparse_attn_combine(const float* sink, const int* slots, const int* pos, i64 heads, i64 d,
                                                int num_slots, int splits, const float* pm, const double* pden,
                                                const double* pacc, float* out, const i64* err) {
+    grid_dep_begin();
     if (err[0] != 0) return;
     i64 rh = blockIdx.x, r = rh / heads, h = rh % heads;
     int s = slots[r], p = pos[r];

@@ -10,6 +10,7 @@
 extern "C" __global__ void __launch_bounds__(256) calibrate_sgemm(const float* __restrict__ A,
                                                                    const float* __restrict__ B,
                                                                    float* __restrict__ C, int M, int N, int K) {
+    grid_dep_begin();
     __shared__ float As[8][128 + 4];
     __shared__ float Bs[8][128 + 4];
     const int tid = threadIdx.x;

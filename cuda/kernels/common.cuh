@@ -33,6 +33,22 @@ typedef unsigned long long u64;
 #define E_EXPERT_DUP 11   // v0 = expert
 #define E_TID2EID 12      // v0 = token id, v1 = expert, v2 = experts
 
+// ---- programmatic dependent launch (sm_90+) --------------------------------------------------
+// Where the device has it, the host launches every kernel with programmatic stream serialization
+// (ops::launch), so a kernel's blocks may be scheduled while its predecessor in the stream still
+// runs. Every kernel therefore starts with grid_dep_begin() (kernels.rs checks the sources):
+// launch_dependents lets the next kernel be scheduled once all of this grid's blocks run, and
+// wait blocks until the predecessor grid has completed with its writes visible; nothing may read
+// or write global memory before it. Completion is transitive (a grid cannot complete before its
+// own wait returned), so a kernel also sees every earlier kernel's writes.
+// Without the launch attribute, and below sm_90, both instructions are no-ops.
+__device__ __forceinline__ void grid_dep_begin() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // ---- scalar codecs -------------------------------------------------------------------------
 
 __device__ __forceinline__ float f32_nan() { return __uint_as_float(0x7fc00000u); }
@@ -288,6 +304,7 @@ __device__ int extra_error(int mode, const int* pos, int r, i64 a, i64 b, const 
 // op's extra check (the order in which cpu-ref finds them).
 extern "C" __global__ void __launch_bounds__(1024) check_rows(const int* slots, const int* pos, int rows, int num_slots, int op, int mode,
                                       i64 a, i64 b, const int* idx, int idx_cols, i64* err) {
+    grid_dep_begin();
     __shared__ i64 sh[32];
     if (err[0] != 0) return;
     i64 m0 = ROW_NONE, m1 = ROW_NONE;
@@ -324,6 +341,7 @@ extern "C" __global__ void __launch_bounds__(1024) check_rows(const int* slots, 
 
 // One block. Reports the lowest i with v[i] outside [0, bound) as `code` (v0 = value, v1 = bound).
 extern "C" __global__ void __launch_bounds__(1024) check_range(const int* vals, i64 n, i64 bound, int op, int code, i64* err) {
+    grid_dep_begin();
     __shared__ i64 sh[32];
     if (err[0] != 0) return;
     i64 m = ROW_NONE;
@@ -406,6 +424,7 @@ __device__ __forceinline__ void quant_row_blocks(const float* src, i64 rows, i64
 // quant_row_blocks into dst, which may equal src. Values past qdims are copied when dst != src.
 extern "C" __global__ void quant_rows(const float* src, float* dst, i64 rows, i64 dim, i64 qdims, int block,
                                       int fmt) {
+    grid_dep_begin();
     quant_row_blocks(src, rows, dim, qdims, block, fmt, [&](i64 i, float v) { dst[i] = v; });
     if (src == dst || qdims >= dim) return;
     i64 tail = dim - qdims, n = rows * tail;
@@ -425,6 +444,7 @@ __device__ __forceinline__ u32 bf16_rn_bits(float f) {
 // act_quant (FP8 blocks of `block`) of src [rows, dim] into bf16 dst [rows, dim]: the same values
 // quant_rows writes, which bf16 holds exactly (e4m3 × power of two), for the tensor-core tiles.
 extern "C" __global__ void quant_rows_bf16(const float* src, u16* dst, i64 rows, i64 dim, int block) {
+    grid_dep_begin();
     quant_row_blocks(src, rows, dim, dim, block, FMT_FP8, [&](i64 i, float v) { dst[i] = (u16)bf16_rn_bits(v); });
 }
 

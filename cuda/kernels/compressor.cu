@@ -169,6 +169,7 @@ __device__ __forceinline__ void comp_emit_rows(const float* kv, const float* sco
                                     const float* freqs, const int* slots, const int* pos, const float* state_kv,     \
                                     const float* state_score, C* cache, int num_slots, int ratio, int overlap,       \
                                     i64 width, i64 rope_dim, int rotate, i64 cap, float norm_eps, const i64* err) {  \
+        grid_dep_begin();                                                                                            \
         comp_emit_rows(kv, score, ape, norm_w, freqs, slots, pos, state_kv, state_score, cache, num_slots, ratio,    \
                        overlap, width, rope_dim, rotate, cap, norm_eps, err);                                        \
     }
@@ -180,6 +181,7 @@ COMP_EMIT_KERNEL(comp_emit_bf16, u16)
 extern "C" __global__ void comp_save_prev(const float* kv, const float* score, const float* ape, const int* slots,
                                           const int* pos, float* state_kv, float* state_score, i64 rows,
                                           int num_slots, int ratio, i64 width, i64 cap, const i64* err) {
+    grid_dep_begin();
     if (err[0] != 0) return;
     i64 r = blockIdx.x;
     int s = slots[r], p = pos[r];
@@ -209,6 +211,7 @@ extern "C" __global__ void comp_save_prev(const float* kv, const float* score, c
 extern "C" __global__ void comp_save_rows(const float* kv, const float* score, const float* ape, const int* slots,
                                           const int* pos, float* state_kv, float* state_score, i64 rows,
                                           int num_slots, int ratio, int overlap, i64 width, const i64* err) {
+    grid_dep_begin();
     if (err[0] != 0) return;
     int co = overlap ? 2 : 1;
     i64 cd = co * width, cr = (i64)co * ratio;

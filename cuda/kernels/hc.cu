@@ -7,6 +7,7 @@
 
 // part[(r·splits + s)·(nm + 1) + 0] = Σ x², [.. + 1 + i] = Σ fn[i]·x over columns of split s (f64).
 extern "C" __global__ void hc_mix_partial(const float* x, const float* fnw, i64 n, int nm, int splits, double* part) {
+    grid_dep_begin();
     __shared__ double red[32];
     i64 r = blockIdx.x;
     int s = blockIdx.y;
@@ -37,6 +38,7 @@ extern "C" __global__ void hc_mix_partial(const float* x, const float* fnw, i64 
 // part layout; lane nm of each row group sums x² (dot_tile_f64).
 extern "C" __global__ void __launch_bounds__(256) hc_mix_tiled(const float* x, const float* fnw, i64 rows, i64 n, int nm,
                                                                int splits, double* part) {
+    grid_dep_begin();
     i64 r0 = (i64)blockIdx.x * DOT_TILE;
     int s = blockIdx.y;
     i64 per = (n + splits - 1) / splits, c0 = s * per, c1 = c0 + per < n ? c0 + per : n;
@@ -111,6 +113,7 @@ __device__ __forceinline__ void hc_comb_warp(const float* mu, const float* scale
 extern "C" __global__ void hc_pre_finish(const double* part, int splits, const float* base, const float* scale, int m,
                                          i64 n, int iters, float hc_eps, float norm_eps, float* pre, float* post,
                                          float* comb) {
+    grid_dep_begin();
     extern __shared__ float shf[];
     int nm = (2 + m) * m, mm = m * m;
     float* mu = shf;
@@ -173,6 +176,7 @@ extern "C" __global__ void hc_pre_finish(const double* part, int splits, const f
 // m + 1 doubles.
 extern "C" __global__ void hc_head_finish(const double* part, int splits, const float* base, const float* scale,
                                           int m, i64 n, float hc_eps, float norm_eps, float* p) {
+    grid_dep_begin();
     extern __shared__ float shf[];
     hc_mixes_from(part, splits, m, n, norm_eps, shf, (double*)(shf + ((m + 1) & ~1)));
     for (int i = threadIdx.x; i < m; i += blockDim.x)
@@ -181,6 +185,7 @@ extern "C" __global__ void hc_head_finish(const double* part, int splits, const 
 
 // u[r, c] = Σ_i p[r, i] · X[r, i, c] (f64, stream order, rounded once).
 extern "C" __global__ void hc_merge(const float* x, const float* p, i64 rows, int m, i64 d, float* u) {
+    grid_dep_begin();
     i64 total = rows * d;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
         i64 r = i / d, c = i % d;
@@ -193,6 +198,7 @@ extern "C" __global__ void hc_merge(const float* x, const float* p, i64 rows, in
 // HcPost: out[r, k, c] = post[r, k]·f[r, c] + Σ_j comb[r, j, k]·x[r, j, c] (f64, rounded once).
 extern "C" __global__ void hc_post(const float* f, const float* x, const float* post, const float* comb, float* out,
                                    i64 rows, int m, i64 d) {
+    grid_dep_begin();
     i64 total = rows * m * d;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
         i64 c = i % d, k = (i / d) % m, r = i / ((i64)m * d);

@@ -114,6 +114,7 @@ __device__ __forceinline__ void index_scores_t_rows(const float* q, const float*
     extern "C" __global__ void BOUNDS NAME(const float* q, const float* w, const C* keys, const int* slots,         \
                                            const int* pos, i64 r0, i64 nrows, i64 heads, i64 d, int num_slots,     \
                                            i64 cap, i64 ratio, float ws, float* scores, const i64* err) {          \
+        grid_dep_begin();                                                                                          \
         BODY(q, w, keys, slots, pos, r0, nrows, heads, d, num_slots, cap, ratio, ws, scores, err);                  \
     }
 INDEX_SCORES_KERNEL(, index_scores, index_scores_rows, float)
@@ -277,6 +278,7 @@ __device__ __forceinline__ void topk_write(const u64* sel, int m, int k, const f
 extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* scores, const int* slots, const int* pos, i64 r0, i64 cap,
                                      i64 ratio, int num_slots, int k, int* out_idx, float* out_score,
                                      const i64* err) {
+    grid_dep_begin();
     extern __shared__ u64 sel[];
     __shared__ TopkShared sh;
     if (err[0] != 0) return;
@@ -296,6 +298,7 @@ extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* scores
 extern "C" __global__ void __launch_bounds__(1024) topk_partial(const float* scores, const int* slots, const int* pos, i64 r0,
                                         i64 cap, i64 ratio, int num_slots, int k, i64 seg, u64* cand,
                                         const i64* err) {
+    grid_dep_begin();
     extern __shared__ u64 sel[];
     __shared__ TopkShared sh;
     if (err[0] != 0) return;
@@ -320,6 +323,7 @@ extern "C" __global__ void __launch_bounds__(1024) topk_partial(const float* sco
 extern "C" __global__ void __launch_bounds__(1024) topk_merge(const float* scores, const u64* cand, int segments,
                                       const int* slots, const int* pos, i64 r0, i64 cap, i64 ratio,
                                       int num_slots, int k, int* out_idx, float* out_score, const i64* err) {
+    grid_dep_begin();
     extern __shared__ u64 sel[];
     __shared__ TopkShared sh;
     if (err[0] != 0) return;

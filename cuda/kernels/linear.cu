@@ -42,6 +42,7 @@ __device__ __forceinline__ void linear_impl(const float* x, i64 x_stride, const 
 extern "C" __global__ void __launch_bounds__(256, 2)
     linear_fwd_r1(const float* x, i64 x_stride, const u8* w, const u8* sc, float* y, i64 y_stride, i64 rows, i64 k,
                   i64 n, i64 opg, int fmt, int vec, int ksplit, int staged) {
+    grid_dep_begin();
     if (!staged) {
         linear_impl<1>(x, x_stride, w, sc, y, y_stride, rows, k, n, opg, fmt, vec);
         return;
@@ -84,6 +85,7 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 extern "C" __global__ void __launch_bounds__(256, 2)
     linear_fwd(const float* x, i64 x_stride, const u8* w, const u8* sc, float* y, i64 y_stride, i64 rows, i64 k,
                i64 n, i64 opg, int fmt, int vec) {
+    grid_dep_begin();
     linear_impl<LIN_RT>(x, x_stride, w, sc, y, y_stride, rows, k, n, opg, fmt, vec);
 }
 
@@ -93,6 +95,7 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 extern "C" __global__ void __launch_bounds__(256)
     linear_tc(const u8* x, i64 x_stride, const u8* w, const u8* sc, float* y, i64 y_stride, i64 rows, i64 k,
               i64 n, i64 opg, int fmt, int split) {
+    grid_dep_begin();
     __shared__ TcSmem sm;
     extern __shared__ uint4 tc_stages[];
     fill_luts(sm.lut);

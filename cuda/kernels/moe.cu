@@ -9,6 +9,7 @@ __device__ __forceinline__ float swiglu_f(float g, float u, float limit) {
 }
 
 extern "C" __global__ void swiglu(const float* g, const float* u, float* h, i64 n, float limit) {
+    grid_dep_begin();
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
         h[i] = swiglu_f(g[i], u[i], limit);
 }
@@ -32,6 +33,7 @@ __device__ __forceinline__ float gate_score(double dot) {
 // gate_scores for many rows: grid (row tiles, expert tiles) of DOT_TILE each (dot_tile_f64).
 extern "C" __global__ void __launch_bounds__(256) gate_scores_tiled(const float* x, const float* gw, i64 rows, i64 dim,
                                                                     i64 experts, float* s) {
+    grid_dep_begin();
     i64 r0 = (i64)blockIdx.x * DOT_TILE, e0 = (i64)blockIdx.y * DOT_TILE;
     int xr = (int)(rows - r0 < DOT_TILE ? rows - r0 : DOT_TILE);
     int wr = (int)(experts - e0 < DOT_TILE ? experts - e0 : DOT_TILE);
@@ -49,6 +51,7 @@ extern "C" __global__ void __launch_bounds__(256) gate_scores_tiled(const float*
 // added in warp order.
 extern "C" __global__ void gate_scores(const float* x, const float* gw, i64 rows, i64 dim, i64 experts, int parts,
                                        float* s) {
+    grid_dep_begin();
     __shared__ double part[32];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     i64 dots = rows * experts;
@@ -83,6 +86,7 @@ extern "C" __global__ void gate_scores(const float* x, const float* gw, i64 rows
 extern "C" __global__ void gate_select(const float* s, const float* bias, const int* tid2eid, const int* ids,
                                        i64 rows, int experts, int k, i64 vocab, int hashed, float route_scale,
                                        int* out_e, float* out_w, const i64* err) {
+    grid_dep_begin();
     if (err[0] != 0) return;
     int lane = threadIdx.x & 31;
     i64 stride = ((i64)gridDim.x * blockDim.x) >> 5;
@@ -129,6 +133,7 @@ extern "C" __global__ void gate_select(const float* s, const float* bias, const 
 // One block. Hashed-gate argument check: token id range, then tid2eid entries (lowest row).
 extern "C" __global__ void __launch_bounds__(1024) check_gate_hashed(const int* ids, const int* tid2eid, i64 rows, int k, i64 vocab,
                                              int experts, int op, i64* err) {
+    grid_dep_begin();
     __shared__ i64 sh[32];
     if (err[0] != 0) return;
     i64 m = ROW_NONE;
@@ -181,6 +186,7 @@ __device__ bool experts_valid(const int* ex, i64 rows, int k, int experts, int o
 }
 
 extern "C" __global__ void __launch_bounds__(1024) check_experts(const int* ex, i64 rows, int k, int experts, int op, i64* err) {
+    grid_dep_begin();
     __shared__ i64 sh[32];
     if (err[0] != 0) return;
     experts_valid(ex, rows, k, experts, op, err, sh);
@@ -204,6 +210,7 @@ __device__ __forceinline__ void route_pair(i64 p, const int* ex, i64 rows, int k
 
 extern "C" __global__ void moe_route(const int* ex, i64 rows, int k, int experts, int* cnt, int* list, int* order,
                                      int* active, const i64* err) {
+    grid_dep_begin();
     if (err[0] != 0) return;
     i64 pairs = rows * k;
     for (i64 p = (i64)blockIdx.x * blockDim.x + threadIdx.x; p < pairs; p += (i64)gridDim.x * blockDim.x)
@@ -215,6 +222,7 @@ extern "C" __global__ void moe_route(const int* ex, i64 rows, int k, int experts
 extern "C" __global__ void __launch_bounds__(1024) moe_route_checked(const int* ex, i64 rows, int k, int experts,
                                                                     int op, int* cnt, int* list, int* order,
                                                                     int* active, i64* err) {
+    grid_dep_begin();
     __shared__ i64 sh[32];
     if (err[0] != 0 || !experts_valid(ex, rows, k, experts, op, err, sh)) return;
     for (int e = threadIdx.x; e <= experts; e += blockDim.x) cnt[e] = 0;
@@ -313,6 +321,7 @@ __device__ __forceinline__ void moe_down_impl(const float* hq, const u8* w2, con
 // input row is staged in shared memory (stage_x; dynamic shared memory of dim, resp. inter floats),
 // then each warp takes LIN_OT output features per step (wdot_multi_any). Else LIN_RT pairs per pass.
 extern "C" __global__ void __launch_bounds__(256, 2) moe_up_r1(MOE_UP_ARGS) {
+    grid_dep_begin();
     extern __shared__ float4 sx[];
     __shared__ float lut[LUT_SIZE];
     if (err[0] != 0 || (int)blockIdx.y >= cnt[experts]) return;
@@ -349,10 +358,12 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_up_r1(MOE_UP_ARGS) {
     }
 }
 extern "C" __global__ void __launch_bounds__(256, 2) moe_up(MOE_UP_ARGS) {
+    grid_dep_begin();
     moe_up_impl<LIN_RT>(xq, w1, s1, w3, s3, wts, cnt, list, active, experts, rows, k, dim, inter, fmt, limit, h,
                         err);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) moe_down_r1(MOE_DOWN_ARGS) {
+    grid_dep_begin();
     extern __shared__ float4 sx[];
     __shared__ float lut[LUT_SIZE];
     if (err[0] != 0 || (int)blockIdx.y >= cnt[experts]) return;
@@ -382,12 +393,14 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_down_r1(MOE_DOWN_ARGS) 
     }
 }
 extern "C" __global__ void __launch_bounds__(256, 2) moe_down(MOE_DOWN_ARGS) {
+    grid_dep_begin();
     moe_down_impl<LIN_RT>(hq, w2, s2, cnt, list, active, experts, rows, dim, inter, fmt, ye, err);
 }
 
 // y[r, o] = Σ over the row's experts in ascending order of ye[r·k + t, o] (f32, from 0).
 extern "C" __global__ void moe_combine(const float* ye, const int* order, i64 rows, int k, i64 dim, float* y,
                                        const i64* err) {
+    grid_dep_begin();
     if (err[0] != 0) return;
     i64 total = rows * dim;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
@@ -422,6 +435,7 @@ __device__ __forceinline__ void tc_pairs(TcSmem& sm, const int* list, i64 e, i64
 // 2, 3 the matching W3's). One set of accumulators instead of two keeps the kernel at two blocks
 // per SM.
 extern "C" __global__ void __launch_bounds__(256) moe_up_tc(MOE_UP_ARGS, int split) {
+    grid_dep_begin();
     __shared__ TcSmem sm;
     extern __shared__ uint4 tc_stages[];
     if (err[0] != 0 || (int)blockIdx.y >= cnt[experts]) return;
@@ -459,6 +473,7 @@ extern "C" __global__ void __launch_bounds__(256) moe_up_tc(MOE_UP_ARGS, int spl
 }
 
 extern "C" __global__ void __launch_bounds__(256) moe_down_tc(MOE_DOWN_ARGS, int split) {
+    grid_dep_begin();
     __shared__ TcSmem sm;
     extern __shared__ uint4 tc_stages[];
     if (err[0] != 0 || (int)blockIdx.y >= cnt[experts]) return;

@@ -2,6 +2,7 @@
 
 // y = w ⊙ (x · r), r = fl32(1 / sqrt(fl32(mean(x²)) + eps)); weight may be null.
 extern "C" __global__ void rms_norm(const float* x, const float* w, float* y, i64 dim, float eps) {
+    grid_dep_begin();
     __shared__ double red[32];
     i64 r = blockIdx.x;
     const float* xr = x + r * dim;

@@ -3,6 +3,7 @@
 // In place over x [rows, heads, head_dim]. Negative positions were reported by check_range.
 extern "C" __global__ void rope(const float* freqs, const int* pos, float* x, i64 rows, i64 heads, i64 hd, i64 rd,
                                 int inverse, const i64* err) {
+    grid_dep_begin();
     if (err[0] != 0) return;
     i64 half = rd / 2;
     i64 total = rows * heads * half;

@@ -12,6 +12,7 @@ use hal::{Error, Result, Storage};
 
 use crate::kernels::Loaded;
 use crate::memo::Memo;
+use crate::record::Arena;
 
 /// Name every CUDA storage reports as its owner.
 pub const BACKEND_NAME: &str = "cuda";
@@ -21,10 +22,42 @@ pub(crate) const ERR_WORDS: usize = 8;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Device bytes of a tensor or of an op's scratch, at least one byte (so that empty tensors still
+/// have a valid pointer): a stream-ordered allocation from the device's memory pool, freed in
+/// stream order on drop, or, while a recording is captured, a block of its arena
+/// (`record::Arena`), handed back to it on drop.
+pub(crate) struct DevBuf {
+    ptr: u64,
+    home: Home,
+}
+
+enum Home {
+    Pool(#[allow(dead_code)] CudaSlice<u8>), // held for its stream-ordered free on drop
+    Arena(Arc<Arena>, usize),
+}
+
+impl DevBuf {
+    /// Device address.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub(crate) fn in_arena(ptr: u64, arena: Arc<Arena>, block: usize) -> DevBuf {
+        DevBuf { ptr, home: Home::Arena(arena, block) }
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        if let Home::Arena(arena, block) = &self.home {
+            arena.give_back(self.ptr, *block);
+        }
+    }
+}
+
 /// A CUDA tensor's bytes: one device allocation, made and used on the owning backend's stream.
 pub struct CudaStorage {
-    /// At least one byte, so that empty tensors still have a valid pointer.
-    pub(crate) buf: CudaSlice<u8>,
+    pub(crate) buf: DevBuf,
     /// Logical size in bytes.
     pub(crate) len: usize,
     /// Id of the backend instance that made it.
@@ -58,6 +91,9 @@ pub(crate) struct Dev {
     /// Whether the bf16 `mma.sync` tensor-core GEMM tiles run here: sm_80 or newer, unless
     /// `V4RT_CUDA_TENSOR_CORES=0` (the CUDA-core kernels then take every size, for comparison).
     pub tensor_cores: bool,
+    /// Whether kernels are launched with programmatic stream serialization (programmatic
+    /// dependent launch, `ops::launch`): sm_90 or newer, unless `V4RT_CUDA_PDL=0`.
+    pub dependent_launch: bool,
     /// Deferred argument errors, `ERR_WORDS` i64 (all zero: none). Locked while read and cleared.
     pub err: Mutex<CudaSlice<i64>>,
     pub err_ptr: u64,
@@ -66,6 +102,8 @@ pub(crate) struct Dev {
     pub recording: AtomicBool,
     /// Checks that passed and quantized inputs, on bytes unchanged since (see `memo.rs`).
     pub memo: Memo,
+    /// Where scratch and tensors come from while a recording is captured (see `record.rs`).
+    pub arena: Mutex<Option<Arc<Arena>>>,
 }
 
 impl Dev {
@@ -85,7 +123,9 @@ impl Dev {
         };
         stream.synchronize()?;
         let cc: u32 = arch.trim_start_matches("sm_").parse().unwrap_or(0);
-        let tensor_cores = cc >= 80 && std::env::var("V4RT_CUDA_TENSOR_CORES").map_or(true, |v| v != "0");
+        let enabled = |var: &str| std::env::var(var).map_or(true, |v| v != "0");
+        let tensor_cores = cc >= 80 && enabled("V4RT_CUDA_TENSOR_CORES");
+        let dependent_launch = cc >= 90 && enabled("V4RT_CUDA_PDL");
         Ok(Dev {
             ctx,
             stream,
@@ -93,11 +133,13 @@ impl Dev {
             smem_optin,
             sms: sms.max(1),
             tensor_cores,
+            dependent_launch,
             err: Mutex::new(err),
             err_ptr,
             kernels: Loaded::new(arch),
             recording: AtomicBool::new(false),
             memo: Memo::default(),
+            arena: Mutex::new(None),
         })
     }
 
@@ -109,24 +151,53 @@ impl Dev {
 
     /// A zero-filled device buffer of `bytes` (at least one byte is allocated).
     pub fn alloc_zeroed(&self, bytes: usize) -> Result<CudaSlice<u8>> {
-        self.stream.alloc_zeros::<u8>(bytes.max(1)).map_err(|e| self.alloc_err(e, bytes))
+        self.stream.alloc_zeros::<u8>(bytes.max(1)).map_err(|e| alloc_err(e, bytes))
     }
 
-    /// An uninitialized stream-ordered scratch buffer of `bytes` (freed, stream-ordered, on drop).
-    pub fn scratch(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+    /// An uninitialized scratch buffer of `bytes`, from the device pool (stream-ordered) or,
+    /// while recording, the recording's arena.
+    pub fn scratch(&self, bytes: usize) -> Result<DevBuf> {
+        if let Some(arena) = self.arena.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return arena.take(bytes);
+        }
         // SAFETY: scratch buffers are always written by a kernel before they are read.
-        unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| self.alloc_err(e, bytes))
+        let slice = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| alloc_err(e, bytes))?;
+        Ok(DevBuf { ptr: self.ptr(&slice), home: Home::Pool(slice) })
     }
 
     /// An uninitialized buffer of `bytes` for a new tensor. Its address may be a freed tensor's,
     /// so the memo forgets what it derived from those bytes.
-    pub fn tensor_buffer(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+    pub fn tensor_buffer(&self, bytes: usize) -> Result<DevBuf> {
         let buf = self.scratch(bytes)?;
-        self.memo.written((self.ptr(&buf), bytes.max(1)));
+        self.memo.written((buf.ptr(), bytes.max(1)));
         Ok(buf)
     }
 
-    pub fn storage(&self, buf: CudaSlice<u8>, len: usize) -> CudaStorage {
+    /// Copies `bytes` to device address `dst` (stream-ordered; pageable host memory, so the
+    /// call returns once the bytes are staged).
+    pub fn copy_in(&self, dst: u64, bytes: &[u8]) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(driver_err)?;
+        // SAFETY: the caller passes the address of a live allocation of at least `bytes.len()`.
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst, bytes, self.stream.cu_stream()) }.map_err(driver_err)
+    }
+
+    /// Copies `out.len()` bytes from device address `src` into `out` and waits for them.
+    pub fn copy_out(&self, src: u64, out: &mut [u8]) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(driver_err)?;
+        // SAFETY: the caller passes the address of a live allocation of at least `out.len()`;
+        // the synchronize below completes the copy before `out` is used.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(out, src, self.stream.cu_stream()) }.map_err(driver_err)?;
+        self.stream.synchronize().map_err(driver_err)
+    }
+
+    /// Zeroes `bytes` at device address `dst` (stream-ordered).
+    pub fn zero(&self, dst: u64, bytes: usize) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(driver_err)?;
+        // SAFETY: the caller passes the address of a live allocation of at least `bytes`.
+        unsafe { cudarc::driver::result::memset_d8_async(dst, 0, bytes, self.stream.cu_stream()) }.map_err(driver_err)
+    }
+
+    pub fn storage(&self, buf: DevBuf, len: usize) -> CudaStorage {
         CudaStorage { buf, len, owner: self.id }
     }
 
@@ -138,13 +209,14 @@ impl Dev {
             message: m,
         })
     }
+}
 
-    fn alloc_err(&self, e: DriverError, bytes: usize) -> Error {
-        if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-            Error::OutOfMemory { backend: BACKEND_NAME.into(), bytes }
-        } else {
-            driver_err(e)
-        }
+/// An allocation failure of `bytes` as `hal::Error` (out of memory, or the driver's error).
+pub(crate) fn alloc_err(e: DriverError, bytes: usize) -> Error {
+    if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        Error::OutOfMemory { backend: BACKEND_NAME.into(), bytes }
+    } else {
+        driver_err(e)
     }
 }
 

@@ -272,4 +272,24 @@ mod tests {
             assert!(src.contains("extern \"C\" __global__"), "{name}");
         }
     }
+
+    /// The kernels are launched with programmatic stream serialization (ops::launch), so each
+    /// must wait for its predecessor before touching memory: its first statement is
+    /// `grid_dep_begin()` (common.cuh).
+    #[test]
+    fn every_kernel_starts_with_grid_dep() {
+        let families = KERNEL_SOURCES.iter().copied().chain([("common", COMMON)]);
+        let mut kernels = 0;
+        for (family, src) in families {
+            for (at, _) in src.match_indices("extern \"C\" __global__") {
+                let body = &src[at..][src[at..].find('{').expect("kernel body") + 1..];
+                let first = body.trim_start_matches(|c: char| c.is_whitespace() || c == '\\');
+                let head = src[at..].split(['(', ')', ' ', '\n']).filter(|t| !t.is_empty());
+                let name = head.skip(4).find(|t| *t != "__launch_bounds__" && !t.starts_with(char::is_numeric)).unwrap_or("?");
+                assert!(first.starts_with("grid_dep_begin();"), "{family}: kernel {name} does not start with grid_dep_begin()");
+                kernels += 1;
+            }
+        }
+        assert!(kernels >= 40, "found only {kernels} kernels");
+    }
 }

@@ -82,7 +82,7 @@ pub mod record;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, DevicePtr, DevicePtrMut};
+use cudarc::driver::CudaContext;
 use hal::backend::{Backend, BackendInfo, Calibration, Probe, Recording, Support};
 use hal::{DType, Error, Op, Result, Tensor};
 
@@ -235,10 +235,9 @@ impl Backend for CudaBackend {
         if bytes.len() != want {
             return Err(Error::invalid("upload", format!("{dtype} {shape:?} needs {want} bytes, got {}", bytes.len())));
         }
-        let mut buf = self.dev.tensor_buffer(want)?;
+        let buf = self.dev.tensor_buffer(want)?;
         if want > 0 {
-            let mut view = buf.slice_mut(0..want);
-            self.dev.stream.memcpy_htod(bytes, &mut view).map_err(driver_err)?;
+            self.dev.copy_in(buf.ptr(), bytes)?;
         }
         Ok(Tensor::from_storage(Box::new(self.dev.storage(buf, want)), shape.to_vec(), dtype))
     }
@@ -256,9 +255,8 @@ impl Backend for CudaBackend {
         };
         let s = self.storage_mut(t, || "write".into())?;
         if end > start {
-            self.dev.memo.written((self.dev.ptr(&s.buf) + start as u64, end - start));
-            let mut view = s.buf.slice_mut(start..end);
-            self.dev.stream.memcpy_htod(bytes, &mut view).map_err(driver_err)?;
+            self.dev.memo.written((s.buf.ptr() + start as u64, end - start));
+            self.dev.copy_in(s.buf.ptr() + start as u64, bytes)?;
         }
         Ok(())
     }
@@ -268,10 +266,10 @@ impl Backend for CudaBackend {
         let s = self.storage(t, || "download".into())?;
         let mut out = vec![0u8; s.len];
         if s.len > 0 {
-            let view = s.buf.slice(0..s.len);
-            self.dev.stream.memcpy_dtoh(&view, &mut out[..]).map_err(driver_err)?;
+            self.dev.copy_out(s.buf.ptr(), &mut out)?;
+        } else {
+            self.dev.stream.synchronize().map_err(driver_err)?;
         }
-        self.dev.stream.synchronize().map_err(driver_err)?;
         self.take_device_error()?;
         Ok(out)
     }
@@ -285,14 +283,13 @@ impl Backend for CudaBackend {
         let mut ins = Vec::with_capacity(inputs.len());
         for (t, spec) in inputs.iter().zip(&sig.inputs) {
             let s = self.storage(t, || format!("{} input '{}'", op.name(), spec.name))?;
-            let (p, _sync) = s.buf.device_ptr(&self.dev.stream);
-            ins.push(p);
+            ins.push(s.buf.ptr());
         }
         let mut outs = Vec::with_capacity(outputs.len());
         let mut written = Vec::with_capacity(outputs.len());
         for (t, spec) in outputs.iter_mut().zip(&sig.outputs) {
             let s = self.storage_mut(t, || format!("{} output '{}'", op.name(), spec.name))?;
-            let (p, _sync) = s.buf.device_ptr_mut(&self.dev.stream);
+            let p = s.buf.ptr();
             outs.push(p);
             written.push((p, s.len));
         }

@@ -24,7 +24,7 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use cudarc::driver::CudaSlice;
+use crate::device::DevBuf;
 
 /// A device-side check that passed, by kernel and the arguments that decide it (not the op id or
 /// error code, which only label a failure).
@@ -59,7 +59,7 @@ const QUANT_MAX_BYTES: usize = 8 << 20;
 #[derive(Default)]
 struct State {
     facts: Vec<(Fact, Vec<Range>)>,
-    quants: VecDeque<(QuantKey, u64, CudaSlice<u8>)>,
+    quants: VecDeque<(QuantKey, u64, DevBuf)>,
 }
 
 /// The memo of one backend (see the module docs). Lookups are linear: a step holds a few
@@ -100,7 +100,7 @@ impl Memo {
 
     /// Keeps `buf` (at device address `ptr`), the quantized copy for `key`, once the kernel that
     /// fills it has been issued.
-    pub fn keep_quantized(&self, key: QuantKey, ptr: u64, buf: CudaSlice<u8>) {
+    pub fn keep_quantized(&self, key: QuantKey, ptr: u64, buf: DevBuf) {
         let mut s = self.state();
         if s.quants.len() == QUANT_ENTRIES {
             s.quants.pop_front();

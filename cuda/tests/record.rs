@@ -37,6 +37,8 @@ fn replay_reads_current_contents() {
     let want = |xs: &[f32]| -> Vec<f32> { xs.iter().zip(&ys).map(|(a, c)| (a + c) + c).collect() };
     let what = rec.describe();
     assert!(what.contains("2 kernels"), "{what}");
+    // The intermediate comes from the recording's arena: no memory nodes between the kernels.
+    assert!(!what.contains("allocations") && !what.contains("frees"), "{what}");
     // The recording ran once when made.
     assert_eq!(bytes_f32(&b.download(&out).unwrap()), want(&xs));
     for k in 1..4 {
@@ -74,6 +76,32 @@ fn host_transfers_are_refused_while_recording_and_errors_leave_no_recording() {
     // The stream works normally afterwards, and nothing above wrote to `t`.
     let add = Op::Add(Add { rows: 1, b_rows: 1, width: 4 });
     b.run(&add, &[&t, &t], &mut [&mut out]).unwrap();
+    assert_eq!(bytes_f32(&b.download(&out).unwrap()), vec![2.0, 4.0, 6.0, 8.0]);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test -p v4rt-cuda -- --ignored"]
+fn a_tensor_kept_past_the_recording_is_refused() {
+    let b = gpu();
+    let b = b.as_ref();
+    let x = up(b, &[1, 4], &[1.0, 2.0, 3.0, 4.0]);
+    let mut kept = None;
+    let r = b.record(&mut || {
+        let mut mid = b.alloc(&[1, 4], DType::F32)?;
+        b.run(&Op::Add(Add { rows: 1, b_rows: 1, width: 4 }), &[&x, &x], &mut [&mut mid])?;
+        kept = Some(mid);
+        Ok(())
+    });
+    match r {
+        Err(Error::InvalidArgument { context, message }) => {
+            assert!(context == "record" && message.contains("still held"), "{context}: {message}")
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("a recording whose tensor outlived it was accepted"),
+    }
+    drop(kept);
+    let mut out = b.alloc(&[1, 4], DType::F32).unwrap();
+    b.run(&Op::Add(Add { rows: 1, b_rows: 1, width: 4 }), &[&x, &x], &mut [&mut out]).unwrap();
     assert_eq!(bytes_f32(&b.download(&out).unwrap()), vec![2.0, 4.0, 6.0, 8.0]);
 }
 

@@ -116,7 +116,7 @@ pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], out
     let (parts, pm, pden, pacc) = if splits > 1 {
         let n = pairs * splits;
         let buf = dev.scratch(n * 4 + n * 8 + n * d * 8)?;
-        let base = dev.ptr(&buf);
+        let base = buf.ptr();
         // Doubles first (8-byte aligned), then the f32 maxima.
         (Some(buf), base + (n * 8 + n * d * 8) as u64, base, base + (n * 8) as u64)
     } else {

@@ -31,7 +31,7 @@ fn splits(dev: &Dev, row_blocks: usize, n: usize) -> usize {
 /// The mixing partial sums of `rows` rows of width `n` against `nm` mixing rows (`fnw`):
 /// returns the scratch holding them and its split count.
 fn mix_partials(dev: &Dev, op: &str, x: u64, fnw: u64, rows: usize, n: usize, nm: usize)
-    -> Result<(cudarc::driver::CudaSlice<u8>, usize)> {
+    -> Result<(crate::device::DevBuf, usize)> {
     // Many rows: tiles of DOT_ROWS rows share each loaded mixing weight (`hc_mix_tiled`; the
     // mixes and Σ x² take one lane each of 32, so with few mixes most lanes idle: at 4096 rows
     // the HcPre op (24 mixes) went from 1.51 to 0.84 ms, HcHead (4) from 0.64 to 0.79 ms). Few
@@ -40,7 +40,7 @@ fn mix_partials(dev: &Dev, op: &str, x: u64, fnw: u64, rows: usize, n: usize, nm
     let row_blocks = if tiled { rows.div_ceil(DOT_ROWS) } else { rows };
     let s = splits(dev, row_blocks, n);
     let part = dev.scratch(rows * s * (nm + 1) * 8)?;
-    let (nm_i, s_i, pp) = (i(op, "mixes", nm)?, i(op, "splits", s)?, Arg::P(dev.ptr(&part)));
+    let (nm_i, s_i, pp) = (i(op, "mixes", nm)?, i(op, "splits", s)?, Arg::P(part.ptr()));
     if tiled {
         let args = [Arg::P(x), Arg::P(fnw), l(rows), l(n), nm_i, s_i, pp];
         launch(dev, FAMILY, "hc_mix_tiled", (row_blocks as u32, s as u32, 1), BLOCK, 0, &args)?;
@@ -68,7 +68,7 @@ pub(crate) fn hc_pre(dev: &Dev, op: &HcPre, ins: &[u64], outs: &[u64]) -> Result
     let (part, s) = mix_partials(dev, name, ins[0], ins[1], rows, m * d, nm)?;
     let pre = dev.scratch(rows * m * 4)?;
     let args = [
-        Arg::P(dev.ptr(&part)),
+        Arg::P(part.ptr()),
         i(name, "splits", s)?,
         Arg::P(ins[2]),
         Arg::P(ins[3]),
@@ -77,12 +77,12 @@ pub(crate) fn hc_pre(dev: &Dev, op: &HcPre, ins: &[u64], outs: &[u64]) -> Result
         i(name, "sinkhorn_iters", op.sinkhorn_iters)?,
         Arg::F(op.hc_eps),
         Arg::F(op.norm_eps),
-        Arg::P(dev.ptr(&pre)),
+        Arg::P(pre.ptr()),
         Arg::P(outs[1]),
         Arg::P(outs[2]),
     ];
     launch(dev, FAMILY, "hc_pre_finish", (rows as u32, 1, 1), FINISH_BLOCK, finish_smem(nm + 2 * m * m, nm + 1), &args)?;
-    merge(dev, name, (ins[0], dev.ptr(&pre), outs[0]), (rows, m, d))
+    merge(dev, name, (ins[0], pre.ptr(), outs[0]), (rows, m, d))
 }
 
 /// [`HcPost`]: elementwise, f64 sum per output.
@@ -114,7 +114,7 @@ pub(crate) fn hc_head(dev: &Dev, op: &HcHead, ins: &[u64], outs: &[u64]) -> Resu
     let (part, s) = mix_partials(dev, name, ins[0], ins[1], rows, m * d, m)?;
     let p = dev.scratch(rows * m * 4)?;
     let args = [
-        Arg::P(dev.ptr(&part)),
+        Arg::P(part.ptr()),
         i(name, "splits", s)?,
         Arg::P(ins[2]),
         Arg::P(ins[3]),
@@ -122,8 +122,8 @@ pub(crate) fn hc_head(dev: &Dev, op: &HcHead, ins: &[u64], outs: &[u64]) -> Resu
         l(m * d),
         Arg::F(op.hc_eps),
         Arg::F(op.norm_eps),
-        Arg::P(dev.ptr(&p)),
+        Arg::P(p.ptr()),
     ];
     launch(dev, FAMILY, "hc_head_finish", (rows as u32, 1, 1), FINISH_BLOCK, finish_smem(m, m + 1), &args)?;
-    merge(dev, name, (ins[0], dev.ptr(&p), outs[0]), (rows, m, d))
+    merge(dev, name, (ins[0], p.ptr(), outs[0]), (rows, m, d))
 }

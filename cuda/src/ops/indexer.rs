@@ -48,7 +48,7 @@ pub(crate) fn indexer_topk(dev: &Dev, op: &IndexerTopK, ins: &[u64], outs: &[u64
     let ns = i(name, "slots", op.slots)?;
     let chunk = (SCORE_SCRATCH / (cap.max(1) * 4)).clamp(1, op.rows).min(65_535);
     let scores = dev.scratch(chunk * cap * 4)?;
-    let sp = dev.ptr(&scores);
+    let sp = scores.ptr();
     let mut r0 = 0;
     while r0 < op.rows {
         let nrows = chunk.min(op.rows - r0);
@@ -92,7 +92,7 @@ pub(crate) fn indexer_topk(dev: &Dev, op: &IndexerTopK, ins: &[u64], outs: &[u64
             // Long rows: the top-k of each segment in parallel, then of their candidates.
             let segments = cap.div_ceil(seg);
             let cand = dev.scratch(nrows * segments * k * 8)?;
-            let cp = dev.ptr(&cand);
+            let cp = cand.ptr();
             let args = row_args(&[Arg::P(sp)], &[l(seg), Arg::P(cp), Arg::P(dev.err_ptr)]);
             launch(dev, FAMILY, "topk_partial", (nrows as u32, segments as u32, 1), 1024, smem(smem_for(op)), &args)?;
             let args = row_args(&[Arg::P(sp), Arg::P(cp), i(name, "segments", segments)?], &outputs);

@@ -16,7 +16,6 @@ pub mod quant;
 pub mod rope;
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
 use hal::{Error, Op, Result};
 
 use crate::device::{driver_err, Dev};
@@ -47,7 +46,25 @@ pub(crate) fn grid_for(n: usize, block: u32) -> u32 {
     (n.div_ceil(block as usize)).clamp(1, 1 << 20) as u32
 }
 
+impl Arg {
+    /// The argument's bytes at the start of a u64, as `cuLaunchKernelEx` reads a parameter of
+    /// the kernel's declared size from the address it is given.
+    fn word(self) -> u64 {
+        let mut w = [0u8; 8];
+        match self {
+            Arg::P(p) => w = p.to_ne_bytes(),
+            Arg::L(v) => w = v.to_ne_bytes(),
+            Arg::I(v) => w[..4].copy_from_slice(&v.to_ne_bytes()),
+            Arg::F(v) => w[..4].copy_from_slice(&v.to_ne_bytes()),
+        }
+        u64::from_ne_bytes(w)
+    }
+}
+
 /// Launches `family::name` on the backend's stream. A grid with a zero dimension is a no-op.
+/// Where the device has it (`Dev::dependent_launch`), the kernel may be scheduled while its
+/// predecessor still runs (programmatic stream serialization); every kernel begins by waiting
+/// for it (`grid_dep_begin`, common.cuh), so only its launch and ramp overlap the predecessor.
 pub(crate) fn launch(
     dev: &Dev,
     family: &'static str,
@@ -57,6 +74,7 @@ pub(crate) fn launch(
     smem: u32,
     args: &[Arg],
 ) -> Result<()> {
+    use cudarc::driver::sys;
     if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
         return Ok(());
     }
@@ -65,21 +83,32 @@ pub(crate) fn launch(
         f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
             .map_err(driver_err)?;
     }
-    let mut b = dev.stream.launch_builder(&f);
-    for a in args {
-        match a {
-            Arg::P(p) => b.arg(p),
-            Arg::I(v) => b.arg(v),
-            Arg::L(v) => b.arg(v),
-            Arg::F(v) => b.arg(v),
-        };
-    }
-    let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem };
+    let mut words: Vec<u64> = args.iter().map(|a| a.word()).collect();
+    let mut params: Vec<*mut std::ffi::c_void> = words.iter_mut().map(|w| (w as *mut u64).cast()).collect();
+    // SAFETY: a zeroed attribute is valid plain data; the id and its union member are set below.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let cfg = sys::CUlaunchConfig {
+        gridDimX: grid.0,
+        gridDimY: grid.1,
+        gridDimZ: grid.2,
+        blockDimX: block,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem,
+        hStream: dev.stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: dev.dependent_launch as u32,
+    };
+    dev.ctx.bind_to_thread().map_err(driver_err)?;
     // SAFETY: every kernel's argument list is built to match its C signature (ops/<family>.rs
-    // next to kernels/<family>.cu), and every pointer is a live allocation of this backend sized
-    // by the validated op signature.
-    unsafe { b.launch(cfg) }.map_err(driver_err)?;
-    Ok(())
+    // next to kernels/<family>.cu), `params` points at one word per argument for the duration of
+    // the call, and every pointer is a live allocation of this backend sized by the validated op
+    // signature. The function belongs to this backend's context, bound above.
+    unsafe { sys::cuLaunchKernelEx(&cfg, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
+        .result()
+        .map_err(driver_err)
 }
 
 /// The kernel of a template over the KV cache type for a cache of dtype `cache` (F32 or BF16, as

@@ -72,7 +72,7 @@ pub(crate) fn moe_gate(dev: &Dev, op: &MoeGate, ins: &[u64], outs: &[u64]) -> Re
         return Ok(());
     }
     let scores = dev.scratch(rows * e_n * 4)?;
-    let sp = dev.ptr(&scores);
+    let sp = scores.ptr();
     let dots = rows * e_n;
     if rows >= DOT_ROWS && e_n > 0 {
         // Many rows: tiles of DOT_ROWS rows × DOT_ROWS experts share each loaded weight.
@@ -145,10 +145,9 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
     let h = dev.scratch(chunk * k * inter * 4)?;
     let hq_buf = if quantize { Some(dev.scratch(chunk * k * inter * 4)?) } else { None };
     let ye = dev.scratch(chunk * k * d * 4)?;
-    let (cp, lp, op_, hp, yep) = (dev.ptr(&cnt), dev.ptr(&list), dev.ptr(&order), dev.ptr(&h), dev.ptr(&ye));
-    let ap = dev.ptr(&active);
-    let hqp = hq_buf.as_ref().map(|b| dev.ptr(b)).unwrap_or(hp);
-    let mut cnt_buf = cnt;
+    let (cp, lp, op_, hp, yep) = (cnt.ptr(), list.ptr(), order.ptr(), h.ptr(), ye.ptr());
+    let ap = active.ptr();
+    let hqp = hq_buf.as_ref().map(|b| b.ptr()).unwrap_or(hp);
     // Few pairs in one chunk (decode): check, zeroing and routing in one one-block kernel.
     let checked_route = chunk >= rows && rows * k <= ROUTE_CHECKED_PAIRS;
     if !checked_route {
@@ -164,7 +163,7 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
                 [Arg::P(ex_c), l(n), k_i, e_i, Arg::I(op_id(name)), Arg::P(cp), Arg::P(lp), Arg::P(op_), Arg::P(ap), Arg::P(dev.err_ptr)];
             launch(dev, FAMILY, "moe_route_checked", (1, 1, 1), BLOCK, 0, &args)?;
         } else {
-            dev.stream.memset_zeros(&mut cnt_buf).map_err(crate::device::driver_err)?;
+            dev.zero(cp, (e_n + 1) * 4)?;
             let args = [Arg::P(ex_c), l(n), k_i, e_i, Arg::P(cp), Arg::P(lp), Arg::P(op_), Arg::P(ap), Arg::P(dev.err_ptr)];
             if pairs > 0 {
                 launch(dev, FAMILY, "moe_route", (grid_for(pairs, BLOCK), 1, 1), BLOCK, 0, &args)?;

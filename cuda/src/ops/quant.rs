@@ -7,7 +7,7 @@ use hal::Result;
 use super::{grid_for, l, launch, smem, Arg, BLOCK};
 use crate::device::Dev;
 use crate::memo::{Memo, QuantKey};
-use cudarc::driver::CudaSlice;
+use crate::device::DevBuf;
 
 /// `quant_rows` kernel format codes.
 pub(crate) const FMT_FP8: i32 = 0;
@@ -76,13 +76,13 @@ pub(crate) fn act_quant(
     dim: usize,
     block: usize,
     bf16: bool,
-) -> Result<(u64, Option<CudaSlice<u8>>)> {
+) -> Result<(u64, Option<DevBuf>)> {
     let key = QuantKey { src: x, rows, dim, block, fmt: if bf16 { FMT_FP8_IN_BF16 } else { FMT_FP8 } };
     if let Some(p) = dev.memo.quantized(&key) {
         return Ok((p, None));
     }
     let buf = dev.scratch(rows * dim * if bf16 { 2 } else { 4 })?;
-    let p = dev.ptr(&buf);
+    let p = buf.ptr();
     act_quant_into(dev, family, x, p, rows, dim, block, bf16)?;
     if Memo::keeps(&key) {
         dev.memo.keep_quantized(key, p, buf);
@@ -116,7 +116,7 @@ pub(crate) fn hadamard(dev: &Dev, op: &Hadamard, outs: &[u64]) -> Result<()> {
     } else {
         (Some(dev.scratch(op.rows * bytes)?), 0)
     };
-    let sp = scratch.as_ref().map(|s| dev.ptr(s)).unwrap_or(0);
+    let sp = scratch.as_ref().map(|s| s.ptr()).unwrap_or(0);
     let args = [Arg::P(outs[0]), Arg::I(op.dim as i32), Arg::P(sp)];
     launch(dev, "quant", "hadamard_rows", (op.rows as u32, 1, 1), BLOCK, smem(shared), &args)
 }
