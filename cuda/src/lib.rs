@@ -10,7 +10,8 @@
 //! * [`kernels`] — the embedded sources, NVRTC options, the on-disk PTX cache, and
 //!   [`kernels::compile_all_for_check`] (NVRTC without a GPU, for CI).
 //! * [`ops`] — one file per op family, launching that family's kernels.
-//! * [`record`] — `Backend::record` as a CUDA graph captured from the stream.
+//! * [`record`] — `Backend::record` as a CUDA graph captured from the stream, with the memory
+//!   its ops allocate in an arena of its own.
 //!
 //! ## Numerics
 //! The kernels mirror `cpu-ref` operation for operation: quantizers (act_quant, FP8/FP4
@@ -47,7 +48,10 @@
 //! ## Stream and host round trips
 //! All work is issued in order on one stream; `run` never copies device data to the host, so it
 //! returns as soon as the kernels are queued. `upload`/`write` copy from pageable host memory
-//! (cudarc synchronizes the stream for that); `download` and `synchronize` wait for everything.
+//! (the driver stages the bytes before the call returns); `download` and `synchronize` wait for
+//! everything. On sm_90+ kernels are launched as programmatic dependents of their predecessor
+//! (`ops::launch`): each may be scheduled early and waits at its first statement
+//! (`grid_dep_begin`, common.cuh) until the predecessor has completed.
 //!
 //! ## Deferred argument errors
 //! Shape and dtype errors, and every check that needs only the op descriptor, are returned by
