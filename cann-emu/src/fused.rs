@@ -5,10 +5,10 @@
 //!
 //! | op | SoC | phase-1 checks (beyond [`crate::ops`]'s per-tensor ones) |
 //! |---|---|---|
-//! | `aclnnMhcPost` | 910B, 950 | x BF16/FP16 [T,n,D]; hRes f32 [T,n,n]; hOut = x [T,D]; hPost f32 [T,n]; out = x [T,n,D] |
-//! | `aclnnMhcPre` | **950 only** | x [T,n,D]; phi f32 [n²+2n, n·D]; alpha f32 [3]; bias f32 [n²+2n]; optional gamma/invRms/hMix/hPre |
-//! | `aclnnLightningIndexer` | 910B, 950 | layouts "TND"/"PA_BSND" only; sparseMode 3 only; K ≥ 1; block table [B, maxBlocks]; values required with returnValues |
-//! | `aclnnSparseFlashMlaMetadata` | 910B, 950 | numHeadsKv 1, headDim 512, numHeadsQ ∈ [1,128]; mask modes 0; metaData INT32 [1024] |
+//! | `aclnnMhcPost` | 910B, 950 | x BF16/FP16 \[T,n,D\]; hRes f32 \[T,n,n\]; hOut = x \[T,D\]; hPost f32 \[T,n\]; out = x \[T,n,D\] |
+//! | `aclnnMhcPre` | **950 only** | x \[T,n,D\]; phi f32 \[n²+2n, n·D\]; alpha f32 \[3\]; bias f32 \[n²+2n\]; optional gamma/invRms/hMix/hPre |
+//! | `aclnnLightningIndexer` | 910B, 950 | layouts "TND"/"PA_BSND" only; sparseMode 3 only; K ≥ 1; block table \[B, maxBlocks\]; values required with returnValues |
+//! | `aclnnSparseFlashMlaMetadata` | 910B, 950 | numHeadsKv 1, headDim 512, numHeadsQ ∈ \[1,128\]; mask modes 0; metaData INT32 \[1024\] |
 //! | `aclnnSparseFlashMla` | 910B, 950 | the same limits from the shapes; ori/cmp (kv, indices, block table) given as whole triples |
 //!
 //! Every tensor must be contiguous *(emulator choice: the docs mark no argument as accepting

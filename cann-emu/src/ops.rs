@@ -13,7 +13,7 @@
 //! | Add/Sub/Mul | f32 f16 bf16 f64 int bool | ✓ | broadcasting, type promotion, alpha scalar |
 //! | Cast | any with a codec | ✓ | FP8 only on 950; floats round to nearest even (f32 → bf16 included), widening is exact |
 //! | InplaceCopy | any with a codec | ✓ (both) | src broadcast to selfRef |
-//! | Embedding | weight f32/f16/bf16, indices i32/i64 | ✗ | out = indices.shape + [dim] |
+//! | Embedding | weight f32/f16/bf16, indices i32/i64 | ✗ | out = `indices.shape + [dim]` |
 //! | IndexSelect | self any, index i32/i64 (≤1-D) | ✗ | |
 //! | RmsNorm | f32 f16 bf16 (gamma same), rstd f32 | ✗ | |
 //! | Mm / Matmul | f32 f16 bf16, all equal | ✓ | 2-D only (Matmul: emulator subset) |

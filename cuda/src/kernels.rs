@@ -292,4 +292,19 @@ mod tests {
         }
         assert!(kernels >= 40, "found only {kernels} kernels");
     }
+
+    /// The host sizes grids and buffers with constants that the kernels define again.
+    #[test]
+    fn host_constants_match_the_kernels() {
+        use crate::ops::linear::{FEATURES_PER_STEP, TC_FEATURES, TC_K, TC_ROWS};
+        let define = |name: &str| -> usize {
+            let at = COMMON.find(&format!("#define {name} ")).unwrap_or_else(|| panic!("no #define {name}"));
+            let rest = &COMMON[at + name.len() + 9..];
+            rest.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("#define {name}: not a number"))
+        };
+        assert_eq!(define("LIN_OT"), FEATURES_PER_STEP);
+        assert_eq!(define("TC_BM"), TC_ROWS);
+        assert_eq!(define("TC_BN"), TC_FEATURES);
+        assert_eq!(define("TC_BK"), TC_K);
+    }
 }

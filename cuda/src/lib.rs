@@ -311,7 +311,7 @@ impl Backend for CudaBackend {
     }
 
     /// Copy bandwidth (`cuMemcpyDtoDAsync`, 1 GiB) and the rate of our own f32 SIMT GEMM
-    /// (4096³); see [`calibrate`](crate::calibrate) for the method.
+    /// (4096³); see the `calibrate` module for the method.
     fn calibrate(&self) -> Result<Calibration> {
         self.dev.not_recording("calibrate")?;
         self.take_device_error()?;

@@ -4,7 +4,7 @@
 //! per-call values (slots, positions, ids) from device tensors, never from the host, so a
 //! captured op sequence is valid for any later contents of those tensors.
 //!
-//! Scratch and outputs allocated inside the capture come from the recording's [`Arena`] (fixed
+//! Scratch and outputs allocated inside the capture come from the recording's `Arena` (fixed
 //! addresses, reused every replay); the contract makes the caller drop them inside the capture,
 //! and the capture fails if any is still held. The arena, not stream-ordered allocations, keeps
 //! the graph free of memory nodes: an allocation node between two kernels would be a plain

@@ -1,4 +1,4 @@
-//! Decode steps recorded once and replayed ([`Backend::record`]).
+//! Decode steps recorded once and replayed ([`Backend::record`](hal::Backend::record)).
 //!
 //! A decode step of one token per sequence issues the same ops every time; only the token ids
 //! and positions change, and those live in device tensors. [`DecodeStep`] keeps those tensors

@@ -29,7 +29,7 @@
 //! row wins, as in issue order), then `aclnnIndexSelect(kv, rows)` (skipped when every row is
 //! kept), for a bf16 ring `aclnnCast` of those `n` rows (nearest even), and
 //! `aclnnInplaceScatter(ring [S·W, d], 0, dest expanded to [n, d], rows)` — see
-//! [`scatter_rows`] for why not `aclnnInplaceIndexCopy`.
+//! `scatter_rows` for why not `aclnnInplaceIndexCopy`.
 
 use hal::backend::Support;
 use hal::ops::attention::CompressedKv;

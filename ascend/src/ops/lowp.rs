@@ -94,7 +94,7 @@ pub fn exact_in_bf16(format: WeightFormat, scales: &[u8]) -> bool {
 }
 
 /// A load-time copy of one FP8/FP4 weight tensor (all its matrices), made by
-/// [`Backend::prepare`](hal::Backend::prepare) and kept in the weight's `AscendStorage`.
+/// [`Backend::prepare`] and kept in the weight's `AscendStorage`.
 pub struct Converted {
     buf: DeviceBuffer,
     /// BF16 (exact), or F32 when a scale lies outside [`exact_in_bf16`]'s range.
@@ -199,7 +199,7 @@ impl AscendBackend {
         lock(&self.issue).lowp.stats
     }
 
-    /// [`Backend::prepare`](hal::Backend::prepare): on a profile without FP8 (FP4) compute,
+    /// [`Backend::prepare`]: on a profile without FP8 (FP4) compute,
     /// every FP8 (FP4) weight of `op` given in `weights` gets a load-time copy (module docs).
     pub(crate) fn prepare_lowp(&self, op: &Op, weights: &[Option<&Tensor>]) -> Result<Prepared> {
         hal::backend::check_prepare(op, weights)?;

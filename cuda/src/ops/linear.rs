@@ -2,10 +2,10 @@
 //!
 //! FP8/FP4 linears first act_quant the input per row in blocks of 128 into a scratch buffer
 //! (`quant_rows`, the dequantized x̃ that cpu-ref multiplies; in bf16, which holds it exactly, for
-//! the tensor-core tiles that many rows take: `act_quant_into`, [`takes_tc`]), then `linear_fwd` computes
+//! the tensor-core tiles that many rows take: `act_quant_into`, `takes_tc`), then `linear_fwd` computes
 //! `y = W·x̃` with the weight dequantized on the fly: one warp per output feature at a time with
 //! `LIN_RT` = 4 rows per pass, or for one row a group of 1–8 warps per 4 features splitting the
-//! row ([`k_split`]); 16-byte weight loads, f32 FMA
+//! row (`k_split`); 16-byte weight loads, f32 FMA
 //! lane sums, a shuffle tree, and the group's partial sums added in warp order.
 
 use hal::ops::{GroupedLinear, Linear, WeightFormat};
