@@ -298,9 +298,10 @@ mod tests {
     fn host_constants_match_the_kernels() {
         use crate::ops::linear::{FEATURES_PER_STEP, TC_FEATURES, TC_K, TC_ROWS};
         let define = |name: &str| -> usize {
-            let at = COMMON.find(&format!("#define {name} ")).unwrap_or_else(|| panic!("no #define {name}"));
-            let rest = &COMMON[at + name.len() + 9..];
-            rest.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("#define {name}: not a number"))
+            let pattern = format!("#define {name} ");
+            let at = COMMON.find(&pattern).unwrap_or_else(|| panic!("no #define {name}"));
+            let value = COMMON[at + pattern.len()..].split_whitespace().next();
+            value.and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("#define {name}: not a number"))
         };
         assert_eq!(define("LIN_OT"), FEATURES_PER_STEP);
         assert_eq!(define("TC_BM"), TC_ROWS);

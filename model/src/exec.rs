@@ -267,7 +267,8 @@ pub struct CompressorState {
     pub cache: Tensor,
 }
 
-/// Routed experts stacked per expert: w1, (w1_scale), w3, (w3_scale), w2, (w2_scale); the scales where the format has them.
+/// Routed experts stacked per expert: w1, (w1_scale), w3, (w3_scale), w2, (w2_scale); the scales
+/// where the format has them.
 pub struct ExpertsW {
     pub format: WeightFormat,
     pub tensors: Vec<Tensor>,
