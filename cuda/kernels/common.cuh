@@ -161,9 +161,12 @@ __device__ __forceinline__ float quant_scale(float amax, int fmt) {
     return exp2i(log2_ceil_bits(fmaxf(amax, FP4_AMAX_FLOOR) * INV_6));
 }
 
+// The e4m3 code of v in a block of scale s.
+__device__ __forceinline__ u8 quant_code_e4m3(float v, float s) { return f32_to_e4m3(clamp_nan(v / s, -448.0f, 448.0f)); }
+
 // One value through quantize-then-dequantize with scale s.
 __device__ __forceinline__ float quant_value(float v, float s, int fmt) {
-    if (fmt == FMT_FP8) return e4m3_to_f32(f32_to_e4m3(clamp_nan(v / s, -448.0f, 448.0f))) * s;
+    if (fmt == FMT_FP8) return e4m3_to_f32(quant_code_e4m3(v, s)) * s;
     return e2m1_to_f32(f32_to_e2m1(clamp_nan(v / s, -6.0f, 6.0f))) * s;
 }
 
@@ -398,11 +401,12 @@ __device__ void dot_tile_f64(const float* x, int xr, const float* w, int wr, i64
 // ---- block quantization (act_quant / QuantSim), in place or out of place ---------------------
 
 // One warp per (row, block) of `block` values among the first `qdims` of each row (a short last
-// block is its own block), grid-stride: put(i, v) receives the quantize-dequantized value v of
-// element i = row·dim + column.
-template <typename Put>
+// block is its own block), grid-stride: put(i, x, s) receives element i = row·dim + column, its
+// value x and its block's scale s (quant_value(x, s, fmt) is the quantize-dequantized value);
+// lane 0 then calls at_block(row, block index, s).
+template <typename Put, typename AtBlock>
 __device__ __forceinline__ void quant_row_blocks(const float* src, i64 rows, i64 dim, i64 qdims, int block, int fmt,
-                                                 Put put) {
+                                                 Put put, AtBlock at_block) {
     int lane = threadIdx.x & 31;
     i64 nb = (qdims + block - 1) / block;
     i64 warps = rows * nb;
@@ -417,7 +421,8 @@ __device__ __forceinline__ void quant_row_blocks(const float* src, i64 rows, i64
         for (i64 i = lane; i < len; i += 32) amax = fmaxf(amax, fabsf(xs[i]));
         amax = warp_max_f(amax);
         float s = quant_scale(amax, fmt);
-        for (i64 i = lane; i < len; i += 32) put(r * dim + start + i, quant_value(xs[i], s, fmt));
+        for (i64 i = lane; i < len; i += 32) put(r * dim + start + i, xs[i], s);
+        if (lane == 0) at_block(r, b, s);
     }
 }
 
@@ -425,7 +430,8 @@ __device__ __forceinline__ void quant_row_blocks(const float* src, i64 rows, i64
 extern "C" __global__ void quant_rows(const float* src, float* dst, i64 rows, i64 dim, i64 qdims, int block,
                                       int fmt) {
     grid_dep_begin();
-    quant_row_blocks(src, rows, dim, qdims, block, fmt, [&](i64 i, float v) { dst[i] = v; });
+    quant_row_blocks(src, rows, dim, qdims, block, fmt, [&](i64 i, float v, float s) { dst[i] = quant_value(v, s, fmt); },
+                     [](i64, i64, float) {});
     if (src == dst || qdims >= dim) return;
     i64 tail = dim - qdims, n = rows * tail;
     for (i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x; t < n; t += (i64)gridDim.x * blockDim.x) {
@@ -445,7 +451,27 @@ __device__ __forceinline__ u32 bf16_rn_bits(float f) {
 // quant_rows writes, which bf16 holds exactly (e4m3 × power of two), for the tensor-core tiles.
 extern "C" __global__ void quant_rows_bf16(const float* src, u16* dst, i64 rows, i64 dim, int block) {
     grid_dep_begin();
-    quant_row_blocks(src, rows, dim, dim, block, FMT_FP8, [&](i64 i, float v) { dst[i] = (u16)bf16_rn_bits(v); });
+    quant_row_blocks(src, rows, dim, dim, block, FMT_FP8,
+                     [&](i64 i, float v, float s) { dst[i] = (u16)bf16_rn_bits(quant_value(v, s, FMT_FP8)); },
+                     [](i64, i64, float) {});
+}
+
+// act_quant (FP8 blocks of `block`, dim % block == 0) of src [rows, dim] as e4m3 codes
+// codes [rows, dim] and their scales [rows, dim / block] (value = code × scale), for the FP8
+// tensor-core GEMV (linear_fp8_r1), and, unless `vals` is null, the values quant_rows writes
+// into vals [rows, dim] (a decode step feeds the FFN norm's row to both kinds of consumer).
+extern "C" __global__ void quant_rows_e4m3(const float* src, u8* codes, float* scales, float* vals, i64 rows, i64 dim,
+                                           int block) {
+    grid_dep_begin();
+    i64 nb = dim / block;
+    quant_row_blocks(
+        src, rows, dim, dim, block, FMT_FP8,
+        [&](i64 i, float v, float s) {
+            u8 q = quant_code_e4m3(v, s);
+            codes[i] = q;
+            if (vals) vals[i] = e4m3_to_f32(q) * s;
+        },
+        [&](i64 r, i64 b, float s) { scales[r * nb + b] = s; });
 }
 
 // ---- Hadamard (Sylvester, natural order) over n = power of two doubles, by one block ---------
@@ -704,6 +730,18 @@ __device__ __forceinline__ void wdot_vec(const u8* w, const u8* sc, i64 o, i64 k
         if (two) chunk_fma<FMT, RT>(qb, (c + 32) * E, sb, xs, nt, acc, lut);
     }
 }
+
+#if __CUDA_ARCH__ >= 890
+// d += A·B for one m16n8k32 e4m3 tile (f32 accumulators): a0/a2 row g, a1/a3 row g + 8, columns
+// 4t.. and 16 + 4t..; b0/b1 rows 4t.. and 16 + 4t.. of column g (PTX ISA, mma.m16n8k32 layouts).
+__device__ __forceinline__ void mma_e4m3_16x8x32(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+#endif
 
 // Weight rows per warp step in the one-row (decode) kernels.
 #define LIN_OT 4

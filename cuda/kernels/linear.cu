@@ -81,6 +81,90 @@ extern "C" __global__ void __launch_bounds__(256, 2)
     }
 }
 
+// ---- FP8 one-row GEMV on tensor cores (sm_89+) ----------------------------------------------
+// y[o] = Σ_kb sw[o / 128, kb]·sx[kb]·Σ_{i in block kb} W[o, i]·q[i] over the 128-column blocks
+// kb, with the row act_quant'ed as e4m3 codes q and power-of-two scales sx (quant_rows_e4m3).
+// A warp takes F8_ROWS weight rows and multiplies them with mma.sync m16n8k32 e4m3 → f32: the
+// raw weight bytes are the A fragments and the codes of x the B fragments, so nothing is
+// dequantized: about 6 warp instructions per 512 weight bytes, where linear_fwd_r1 issues about
+// 116 (e4m3 → f16 → f32 conversions and one FMA per weight; ncu, the 1024 → 32768 projection).
+// Each 128-column block is summed by 4 mma into fresh f32 accumulators and then scaled into
+// the f32 total: the promotion of DeepSeek's FP8 GEMM, whose tensor cores keep ~14 bits between
+// promotions (the conformance bound for FP8 linears allows for it).
+//
+// The k order inside an mma is free as long as A and B agree: lane (g, t) loads 16 bytes of rows
+// g and g + 8 and of x at column 16·t of each 64-column step, and each of its 32-bit words is
+// the fragment word the PTX layout puts at row g (g + 8), columns 4t.. (16 + 4t..) of one of two
+// mma, so every lane's loads are whole 16-byte vectors. x fills all 8 B columns alike; column
+// 0 of D is read (lanes t = 0: c0 for row g, c2 for row g + 8).
+//
+// The block's 8 warps are F8_GROUPS = 8 / ksplit row groups of ksplit warps, each warp one
+// contiguous run of the k blocks; the group's partial sums are added in warp order through
+// shared memory, so the result does not depend on timing. Each warp issues the loads of its next
+// k block before the mma of the current one. Three blocks per SM (80 registers; ptxas -v for
+// sm_90: one 4-byte spill). Needs k % 128 == 0.
+#define F8_ROWS 16
+extern "C" __global__ void __launch_bounds__(256, 3)
+    linear_fp8_r1(const u8* xq, const float* xs, const u8* w, const u8* sc, float* y, i64 n, i64 k, int ksplit) {
+    grid_dep_begin();
+#if __CUDA_ARCH__ >= 890
+    __shared__ float part[8][F8_ROWS];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    int groups = 8 / ksplit, lg = warp / ksplit, p = warp % ksplit;
+    i64 r0 = ((i64)blockIdx.x * groups + lg) * F8_ROWS;
+    i64 kblocks = k >> 7, per = (kblocks + ksplit - 1) / ksplit;
+    i64 kb0 = r0 < n ? p * per : 0, kb1 = r0 < n ? min(kblocks, kb0 + per) : 0;
+    i64 ra = min(r0 + g, n - 1), rb = min(r0 + g + 8, n - 1);
+    const u8* wa = w + ra * k + 16 * t;
+    const u8* wb = w + rb * k + 16 * t;
+    const u8* xt = xq + 16 * t;
+    const u8* srow = sc + (r0 >> 7) * kblocks;
+    // One k block: rows g and g + 8 and x at both 64-column steps, and the block's scale.
+    struct Blk {
+        uint4 q[6];
+        float s;
+    };
+    auto load = [&](i64 kb, Blk& b) {
+        i64 o = kb << 7;
+        b.q[0] = __ldg((const uint4*)(wa + o));
+        b.q[1] = __ldg((const uint4*)(wb + o));
+        b.q[2] = __ldg((const uint4*)(wa + o + 64));
+        b.q[3] = __ldg((const uint4*)(wb + o + 64));
+        b.q[4] = __ldg((const uint4*)(xt + o));
+        b.q[5] = __ldg((const uint4*)(xt + o + 64));
+        b.s = e8m0_to_f32(srow[kb]) * xs[kb];
+    };
+    float acc0 = 0.0f, acc2 = 0.0f;
+    Blk cur, nxt;
+    if (kb0 < kb1) load(kb0, cur);
+    for (i64 kb = kb0; kb < kb1; ++kb) {
+        if (kb + 1 < kb1) load(kb + 1, nxt);
+        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const uint4 &ra4 = cur.q[2 * h], &rb4 = cur.q[2 * h + 1], &x4 = cur.q[4 + h];
+            mma_e4m3_16x8x32(d, ra4.x, rb4.x, ra4.y, rb4.y, x4.x, x4.y);
+            mma_e4m3_16x8x32(d, ra4.z, rb4.z, ra4.w, rb4.w, x4.z, x4.w);
+        }
+        acc0 = fmaf(d[0], cur.s, acc0);
+        acc2 = fmaf(d[2], cur.s, acc2);
+        cur = nxt;
+    }
+    if (t == 0) {
+        part[warp][g] = acc0;
+        part[warp][g + 8] = acc2;
+    }
+    __syncthreads();
+    if (threadIdx.x < groups * F8_ROWS) {
+        int q = threadIdx.x / F8_ROWS, r = threadIdx.x % F8_ROWS;
+        i64 o = ((i64)blockIdx.x * groups + q) * F8_ROWS + r;
+        float v = part[q * ksplit][r];
+        for (int j = 1; j < ksplit; ++j) v += part[q * ksplit + j][r];
+        if (o < n) y[o] = v;
+    }
+#endif
+}
+
 // LIN_RT rows per pass.
 extern "C" __global__ void __launch_bounds__(256, 2)
     linear_fwd(const float* x, i64 x_stride, const u8* w, const u8* sc, float* y, i64 y_stride, i64 rows, i64 k,

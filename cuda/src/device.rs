@@ -91,6 +91,9 @@ pub(crate) struct Dev {
     /// Whether the bf16 `mma.sync` tensor-core GEMM tiles run here: sm_80 or newer, unless
     /// `V4RT_CUDA_TENSOR_CORES=0` (the CUDA-core kernels then take every size, for comparison).
     pub tensor_cores: bool,
+    /// Whether one-row FP8 linears run on the e4m3 `mma.sync` GEMV (`linear_fp8_r1`): sm_89 or
+    /// newer, unless `V4RT_CUDA_FP8_MMA=0` (the CUDA-core GEMV then takes them, for comparison).
+    pub fp8_mma: bool,
     /// Whether kernels are launched with programmatic stream serialization (programmatic
     /// dependent launch, `ops::launch`): sm_90 or newer, unless `V4RT_CUDA_PDL=0`.
     pub dependent_launch: bool,
@@ -125,6 +128,7 @@ impl Dev {
         let cc: u32 = arch.trim_start_matches("sm_").parse().unwrap_or(0);
         let enabled = |var: &str| std::env::var(var).map_or(true, |v| v != "0");
         let tensor_cores = cc >= 80 && enabled("V4RT_CUDA_TENSOR_CORES");
+        let fp8_mma = cc >= 89 && enabled("V4RT_CUDA_FP8_MMA");
         let dependent_launch = cc >= 90 && enabled("V4RT_CUDA_PDL");
         Ok(Dev {
             ctx,
@@ -133,6 +137,7 @@ impl Dev {
             smem_optin,
             sms: sms.max(1),
             tensor_cores,
+            fp8_mma,
             dependent_launch,
             err: Mutex::new(err),
             err_ptr,

@@ -296,16 +296,21 @@ mod tests {
     /// The host sizes grids and buffers with constants that the kernels define again.
     #[test]
     fn host_constants_match_the_kernels() {
-        use crate::ops::linear::{FEATURES_PER_STEP, TC_FEATURES, TC_K, TC_ROWS};
+        use crate::ops::linear::{FEATURES_PER_STEP, FP8_MMA_ROWS, TC_FEATURES, TC_K, TC_ROWS};
         let define = |name: &str| -> usize {
             let pattern = format!("#define {name} ");
-            let at = COMMON.find(&pattern).unwrap_or_else(|| panic!("no #define {name}"));
-            let value = COMMON[at + pattern.len()..].split_whitespace().next();
+            let sources = std::iter::once(COMMON).chain(KERNEL_SOURCES.iter().map(|(_, src)| *src));
+            let (src, at) = sources
+                .filter_map(|src| src.find(&pattern).map(|at| (src, at)))
+                .next()
+                .unwrap_or_else(|| panic!("no #define {name}"));
+            let value = src[at + pattern.len()..].split_whitespace().next();
             value.and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("#define {name}: not a number"))
         };
         assert_eq!(define("LIN_OT"), FEATURES_PER_STEP);
         assert_eq!(define("TC_BM"), TC_ROWS);
         assert_eq!(define("TC_BN"), TC_FEATURES);
         assert_eq!(define("TC_BK"), TC_K);
+        assert_eq!(define("F8_ROWS"), FP8_MMA_ROWS);
     }
 }

@@ -22,7 +22,7 @@
 //! until the error is taken (which clears the memo).
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::device::DevBuf;
 
@@ -52,14 +52,15 @@ fn overlaps(a: Range, b: Range) -> bool {
 }
 
 /// Most quantized copies kept at once (least recently made dropped first), and the largest one
-/// kept: a decode row's copies are 4–32 KiB; prefill chunks would pin 64–128 MiB each.
-const QUANT_ENTRIES: usize = 4;
+/// kept: a decode row's copies are 4–32 KiB, and its FP8 row is kept in two forms (f32 and e4m3,
+/// `ops::quant::act_quant`); prefill chunks would pin 64–128 MiB each.
+const QUANT_ENTRIES: usize = 8;
 const QUANT_MAX_BYTES: usize = 8 << 20;
 
 #[derive(Default)]
 struct State {
     facts: Vec<(Fact, Vec<Range>)>,
-    quants: VecDeque<(QuantKey, u64, DevBuf)>,
+    quants: VecDeque<(QuantKey, u64, Arc<DevBuf>)>,
 }
 
 /// The memo of one backend (see the module docs). Lookups are linear: a step holds a few
@@ -98,9 +99,9 @@ impl Memo {
         key.rows * key.dim * 4 <= QUANT_MAX_BYTES
     }
 
-    /// Keeps `buf` (at device address `ptr`), the quantized copy for `key`, once the kernel that
-    /// fills it has been issued.
-    pub fn keep_quantized(&self, key: QuantKey, ptr: u64, buf: DevBuf) {
+    /// Keeps `buf`, which holds the quantized copy for `key` at device address `ptr`, once the
+    /// kernel that fills it has been issued. One buffer may hold the copies of several keys.
+    pub fn keep_quantized(&self, key: QuantKey, ptr: u64, buf: Arc<DevBuf>) {
         let mut s = self.state();
         if s.quants.len() == QUANT_ENTRIES {
             s.quants.pop_front();

@@ -7,11 +7,15 @@
 //! `LIN_RT` = 4 rows per pass, or for one row a group of 1–8 warps per 4 features splitting the
 //! row (`k_split`); 16-byte weight loads, f32 FMA
 //! lane sums, a shuffle tree, and the group's partial sums added in warp order.
+//!
+//! One-row FP8 linears on sm_89+ (the decode projections) take `linear_fp8_r1` instead: the row
+//! act_quant'ed as e4m3 codes and scales (`ActForm::E4m3`), multiplied with the raw weight
+//! bytes by `mma.sync` e4m3 tiles and promoted to f32 every 128 columns (`takes_fp8_mma`).
 
 use hal::ops::{GroupedLinear, Linear, WeightFormat};
 use hal::{Error, Result};
 
-use super::quant::act_quant;
+use super::quant::{act_quant, codes_scales_offset, ActForm};
 use super::{l, launch, Arg, BLOCK};
 use crate::device::Dev;
 
@@ -185,6 +189,37 @@ pub(crate) fn linear_fwd(
     launch(dev, FAMILY, "linear_fwd_r1", (gx, 1, 1), BLOCK, smem as u32, &args)
 }
 
+/// Rows of a warp's tile in `linear_fp8_r1` (`F8_ROWS`, the mma's M).
+pub(crate) const FP8_MMA_ROWS: usize = 16;
+
+/// Whether a one-row FP8 linear takes the e4m3 tensor-core GEMV (`linear_fp8_r1`).
+#[allow(clippy::manual_is_multiple_of)] // `%`: the workspace MSRV is 1.80
+fn takes_fp8_mma(dev: &Dev, rows: usize, k: usize, format: WeightFormat) -> bool {
+    dev.fp8_mma && rows == 1 && format == WeightFormat::Fp8Block128 && k > 0 && k % ACT_BLOCK == 0
+}
+
+/// Warps that split one 16-row group's k blocks in `linear_fp8_r1` (1, 2, 4 or 8): the fewest
+/// that put about 16 warps per SM to work, and no more than there are k blocks.
+fn fp8_k_split(dev: &Dev, n: usize, k: usize) -> usize {
+    let groups = n.div_ceil(FP8_MMA_ROWS);
+    let mut split = 1;
+    while split < 8 && groups * split < dev.sms * 16 && split * 2 <= k / ACT_BLOCK {
+        split *= 2;
+    }
+    split
+}
+
+/// Launches `linear_fp8_r1`: `y = W·x̃` for one row, x̃ act_quant'ed as e4m3 codes and scales at
+/// `xq` ([`ActForm::E4m3`]).
+fn linear_fp8_mma(dev: &Dev, xq: u64, (w, sc): (u64, u64), y: u64, k: usize, n: usize) -> Result<()> {
+    let split = fp8_k_split(dev, n, k);
+    let groups_per_block = BLOCK as usize / 32 / split;
+    let grid = n.div_ceil(FP8_MMA_ROWS * groups_per_block) as u32;
+    let xs = xq + codes_scales_offset(1, k) as u64;
+    let args = [Arg::P(xq), Arg::P(xs), Arg::P(w), Arg::P(sc), Arg::P(y), l(n), l(k), Arg::I(split as i32)];
+    launch(dev, FAMILY, "linear_fp8_r1", (grid, 1, 1), BLOCK, 0, &args)
+}
+
 /// [`Linear`].
 pub(crate) fn linear(dev: &Dev, op: &Linear, ins: &[u64], outs: &[u64]) -> Result<()> {
     let (rows, k, n) = (op.rows, op.in_features, op.out_features);
@@ -193,9 +228,13 @@ pub(crate) fn linear(dev: &Dev, op: &Linear, ins: &[u64], outs: &[u64]) -> Resul
     }
     let sc = ins.get(2).copied().unwrap_or(0);
     let quantized = op.format.quantizes_input();
+    if quantized && takes_fp8_mma(dev, rows, k, op.format) {
+        let (xq, _held) = act_quant(dev, FAMILY, ins[0], rows, k, ACT_BLOCK, ActForm::E4m3)?;
+        return linear_fp8_mma(dev, xq, (ins[1], sc), outs[0], k, n);
+    }
     let (x, _held) = if quantized && k > 0 {
-        let bf16 = takes_tc(dev, rows, k, n, n, k, op.format, quantized);
-        act_quant(dev, FAMILY, ins[0], rows, k, ACT_BLOCK, bf16)?
+        let form = if takes_tc(dev, rows, k, n, n, k, op.format, quantized) { ActForm::Bf16 } else { ActForm::F32 };
+        act_quant(dev, FAMILY, ins[0], rows, k, ACT_BLOCK, form)?
     } else {
         (ins[0], None)
     };

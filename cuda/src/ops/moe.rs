@@ -19,7 +19,7 @@ use super::linear::{
     feature_blocks, format_code, stages_x, tc_fits, tc_split, tc_stage_bytes, ACT_BLOCK, FEATURES_PER_STEP, ROWS_PER_PASS, TC_FEATURES,
     TC_MIN_ROWS, TC_ROWS,
 };
-use super::quant::{act_quant, act_quant_into};
+use super::quant::{act_quant, act_quant_into, ActForm};
 use super::{check_threads, grid_for, i, l, launch, op_id, Arg, BLOCK, DOT_ROWS};
 use crate::device::Dev;
 
@@ -200,7 +200,8 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
         let tiles = tiles as u32;
         // The chunk's input rows, act_quant'ed (bf16 for the tensor-core tiles).
         let x_c = x + (r0 * d * 4) as u64;
-        let (xq, _held) = if quantize { act_quant(dev, FAMILY, x_c, n, d, ACT_BLOCK, tc)? } else { (x_c, None) };
+        let form = if tc { ActForm::Bf16 } else { ActForm::F32 };
+        let (xq, _held) = if quantize { act_quant(dev, FAMILY, x_c, n, d, ACT_BLOCK, form)? } else { (x_c, None) };
         let staged_smem = |width: usize| {
             if single {
                 (width * 4) as u32
@@ -234,7 +235,7 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
             let args: Vec<Arg> = args.into_iter().chain(extra).collect();
             launch(dev, FAMILY, up_k, (up_x as u32, used, tiles), BLOCK, staged_smem(d), &args)?;
             if quantize {
-                act_quant_into(dev, FAMILY, hp, hqp, pairs, inter, ACT_BLOCK, tc)?;
+                act_quant_into(dev, FAMILY, hp, hqp, pairs, inter, ACT_BLOCK, form)?;
             }
         }
         if pairs > 0 {

@@ -8,12 +8,49 @@ use super::{grid_for, l, launch, smem, Arg, BLOCK};
 use crate::device::Dev;
 use crate::memo::{Memo, QuantKey};
 use crate::device::DevBuf;
+use std::sync::Arc;
 
 /// `quant_rows` kernel format codes.
 pub(crate) const FMT_FP8: i32 = 0;
 pub(crate) const FMT_FP4: i32 = 1;
-/// [`QuantKey`] format of an FP8 act_quant'ed copy stored in bf16 (`quant_rows_bf16`).
-const FMT_FP8_IN_BF16: i32 = 2;
+
+/// How an FP8 act_quant'ed input is stored for the kernel that multiplies it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ActForm {
+    /// The dequantized values in f32 (`quant_rows`): the CUDA-core kernels.
+    F32,
+    /// The same values in bf16, which holds them exactly (e4m3 × power of two;
+    /// `quant_rows_bf16`): the tensor-core tiles.
+    Bf16,
+    /// The e4m3 codes, then their f32 scales at [`codes_scales_offset`] (`quant_rows_e4m3`):
+    /// the FP8 tensor-core GEMV. Needs `dim % block == 0`.
+    E4m3,
+}
+
+impl ActForm {
+    /// [`QuantKey`] format code (`FMT_FP8` for F32, as `quant_rows` writes it).
+    fn key_code(self) -> i32 {
+        match self {
+            ActForm::F32 => FMT_FP8,
+            ActForm::Bf16 => 2,
+            ActForm::E4m3 => 3,
+        }
+    }
+
+    /// Bytes of the copy of `rows × dim` values in blocks of `block`.
+    fn bytes(self, rows: usize, dim: usize, block: usize) -> usize {
+        match self {
+            ActForm::F32 => rows * dim * 4,
+            ActForm::Bf16 => rows * dim * 2,
+            ActForm::E4m3 => codes_scales_offset(rows, dim) + rows * (dim / block.max(1)) * 4,
+        }
+    }
+}
+
+/// Byte offset of the scales in an [`ActForm::E4m3`] copy: after the codes, 16-byte aligned.
+pub(crate) fn codes_scales_offset(rows: usize, dim: usize) -> usize {
+    (rows * dim).div_ceil(16) * 16
+}
 
 /// Launches `quant_rows` (in `family`'s module): per row of `src [rows, dim]`, each block of
 /// `block` among the first `qdims` values through quantize-dequantize into `dst` (may be `src`).
@@ -37,9 +74,8 @@ pub(crate) fn quant_rows(
     launch(dev, family, "quant_rows", (grid_for(warps * 32, BLOCK), 1, 1), BLOCK, 0, &args)
 }
 
-/// The FP8 act_quant of `src [rows, dim]` in blocks of `block` into `dst`: f32 (`quant_rows`),
-/// or bf16 with `bf16` (`quant_rows_bf16`; exact, as e4m3 × power of two), the input form of the
-/// tensor-core tiles. Launched in `family`'s module.
+/// The FP8 act_quant of `src [rows, dim]` in blocks of `block` into `dst`, stored as `form`
+/// says. Launched in `family`'s module.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn act_quant_into(
     dev: &Dev,
@@ -49,25 +85,56 @@ pub(crate) fn act_quant_into(
     rows: usize,
     dim: usize,
     block: usize,
-    bf16: bool,
+    form: ActForm,
 ) -> Result<()> {
-    if !bf16 {
-        return quant_rows(dev, family, src, dst, rows, dim, dim, block, FMT_FP8);
+    match form {
+        ActForm::F32 => quant_rows(dev, family, src, dst, rows, dim, dim, block, FMT_FP8),
+        ActForm::Bf16 => {
+            if rows == 0 || dim == 0 {
+                return Ok(());
+            }
+            let args = [Arg::P(src), Arg::P(dst), l(rows), l(dim), Arg::I(block as i32)];
+            launch(dev, family, "quant_rows_bf16", quant_grid(rows, dim, block), BLOCK, 0, &args)
+        }
+        ActForm::E4m3 => quant_rows_e4m3(dev, family, src, dst, 0, rows, dim, block),
     }
+}
+
+fn quant_grid(rows: usize, dim: usize, block: usize) -> (u32, u32, u32) {
+    (grid_for(rows * dim.div_ceil(block.max(1)) * 32, BLOCK), 1, 1)
+}
+
+/// Launches `quant_rows_e4m3`: the [`ActForm::E4m3`] copy at `codes` and, unless `vals` is 0,
+/// the [`ActForm::F32`] copy at `vals`.
+#[allow(clippy::too_many_arguments)]
+fn quant_rows_e4m3(
+    dev: &Dev,
+    family: &'static str,
+    src: u64,
+    codes: u64,
+    vals: u64,
+    rows: usize,
+    dim: usize,
+    block: usize,
+) -> Result<()> {
     if rows == 0 || dim == 0 {
         return Ok(());
     }
-    let warps = rows * dim.div_ceil(block.max(1));
-    let args = [Arg::P(src), Arg::P(dst), l(rows), l(dim), Arg::I(block as i32)];
-    launch(dev, family, "quant_rows_bf16", (grid_for(warps * 32, BLOCK), 1, 1), BLOCK, 0, &args)
+    let scales = codes + codes_scales_offset(rows, dim) as u64;
+    let args = [Arg::P(src), Arg::P(codes), Arg::P(scales), Arg::P(vals), l(rows), l(dim), Arg::I(block as i32)];
+    launch(dev, family, "quant_rows_e4m3", quant_grid(rows, dim, block), BLOCK, 0, &args)
 }
 
 /// The act_quant'ed copy (FP8, blocks of `block`) of an op input `x [rows, dim]` that a linear
-/// multiplies, in f32, or in bf16 (`bf16`) for the tensor-core tiles: the memo's copy if the same
-/// unchanged input was quantized before (a decode step quantizes the attention norm's output for
-/// `wq_a` and `wkv`, and the FFN norm's for the routed and both shared-expert projections), else
-/// a new one, kept in the memo when small. Returns its address and, when the memo does not keep
-/// it, the buffer to hold until the op's kernels are issued.
+/// multiplies, stored as `form` says: the memo's copy if the same unchanged input was quantized
+/// before (a decode step quantizes the attention norm's output for `wq_a` and `wkv`, and the FFN
+/// norm's for the routed and both shared-expert projections), else a new one, kept in the memo
+/// when small. Returns its address and, when the memo does not keep it, the buffer to hold until
+/// the op's kernels are issued.
+///
+/// One row (decode) in f32 or e4m3 form, where the FP8 GEMV runs, is quantized into both forms by
+/// one kernel: the FFN norm's row feeds the routed experts (f32) and the shared expert (e4m3), and
+/// a second kernel of a few µs would cost more than writing the other form along.
 pub(crate) fn act_quant(
     dev: &Dev,
     family: &'static str,
@@ -75,15 +142,27 @@ pub(crate) fn act_quant(
     rows: usize,
     dim: usize,
     block: usize,
-    bf16: bool,
-) -> Result<(u64, Option<DevBuf>)> {
-    let key = QuantKey { src: x, rows, dim, block, fmt: if bf16 { FMT_FP8_IN_BF16 } else { FMT_FP8 } };
+    form: ActForm,
+) -> Result<(u64, Option<Arc<DevBuf>>)> {
+    let key = QuantKey { src: x, rows, dim, block, fmt: form.key_code() };
     if let Some(p) = dev.memo.quantized(&key) {
         return Ok((p, None));
     }
-    let buf = dev.scratch(rows * dim * if bf16 { 2 } else { 4 })?;
+    #[allow(clippy::manual_is_multiple_of)] // `%`: the workspace MSRV is 1.80
+    let both = dev.fp8_mma && rows == 1 && form != ActForm::Bf16 && block > 0 && dim % block == 0;
+    if both && Memo::keeps(&key) {
+        let f32_bytes = ActForm::F32.bytes(rows, dim, block).div_ceil(16) * 16;
+        let buf = Arc::new(dev.scratch(f32_bytes + ActForm::E4m3.bytes(rows, dim, block))?);
+        let (vals, codes) = (buf.ptr(), buf.ptr() + f32_bytes as u64);
+        quant_rows_e4m3(dev, family, x, codes, vals, rows, dim, block)?;
+        for (f, p) in [(ActForm::F32, vals), (ActForm::E4m3, codes)] {
+            dev.memo.keep_quantized(QuantKey { fmt: f.key_code(), ..key }, p, buf.clone());
+        }
+        return Ok((if form == ActForm::F32 { vals } else { codes }, None));
+    }
+    let buf = Arc::new(dev.scratch(form.bytes(rows, dim, block))?);
     let p = buf.ptr();
-    act_quant_into(dev, family, x, p, rows, dim, block, bf16)?;
+    act_quant_into(dev, family, x, p, rows, dim, block, form)?;
     if Memo::keeps(&key) {
         dev.memo.keep_quantized(key, p, buf);
         Ok((p, None))
