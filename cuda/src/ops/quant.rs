@@ -1,6 +1,8 @@
 //! Quantization simulation and the Hadamard rotation (`kernels/quant.cu`, `quant_rows` of the
 //! prelude).
 
+use std::sync::Arc;
+
 use hal::ops::{Hadamard, QuantFormat, QuantSim};
 use hal::Result;
 
@@ -8,7 +10,6 @@ use super::{grid_for, l, launch, smem, Arg, BLOCK};
 use crate::device::Dev;
 use crate::memo::{Memo, QuantKey};
 use crate::device::DevBuf;
-use std::sync::Arc;
 
 /// `quant_rows` kernel format codes.
 pub(crate) const FMT_FP8: i32 = 0;
@@ -100,6 +101,7 @@ pub(crate) fn act_quant_into(
     }
 }
 
+/// Grid of the block-quantization kernels: one warp per (row, block).
 fn quant_grid(rows: usize, dim: usize, block: usize) -> (u32, u32, u32) {
     (grid_for(rows * dim.div_ceil(block.max(1)) * 32, BLOCK), 1, 1)
 }
