@@ -103,7 +103,6 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 // shared memory, so the result does not depend on timing. Each warp issues the loads of its next
 // k block before the mma of the current one. Three blocks per SM (80 registers; ptxas -v for
 // sm_90: one 4-byte spill). Needs k % 128 == 0.
-#define F8_ROWS 16
 extern "C" __global__ void __launch_bounds__(256, 3)
     linear_fp8_r1(const u8* xq, const float* xs, const u8* w, const u8* sc, float* y, i64 n, i64 k, int ksplit) {
     grid_dep_begin();

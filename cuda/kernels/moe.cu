@@ -397,6 +397,165 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_down(MOE_DOWN_ARGS) {
     moe_down_impl<LIN_RT>(hq, w2, s2, cnt, list, active, experts, rows, dim, inter, fmt, ye, err);
 }
 
+// ---- FP4 experts on tensor cores, about one pair each (decode; sm_89+) -------------------------
+// The one-pair kernels again, with the dot products on mma.sync m16n8k32 e4m3 tiles as in
+// linear_fp8_r1: a warp takes F8_ROWS weight rows, the pair's input row comes act_quant'ed as e4m3
+// codes with f32 scales per 128 columns (quant_rows_e4m3), and the e2m1 weights become e4m3 codes
+// in registers (e2m1x8_to_e4m3, exact). Each mma spans one 32-column block, the span of one
+// weight scale (a scale per row), so its f32 result is scaled per row and added to the total:
+// lane (g, t) supplies word t (columns 8t .. 8t + 8) of the block's 16 bytes of rows g and g + 8,
+// and x codes 8t .. 8t + 8 of the block. A 128-column step loads, per lane, four such words of each
+// row and matrix (4-byte loads: a fragment word is a quarter of a 16-byte block row), the four
+// blocks' scales of each row (one word) and x; the next step's loads are issued before this
+// step's mma. The block's 8 warps are 8 / ksplit row groups of ksplit warps splitting the
+// 128-column steps; partial sums are added in warp order. Needs dim % 128 == 0 and inter % 128 == 0.
+#if __CUDA_ARCH__ >= 890
+template <int NM> struct Fp4Step {
+    u32 w[NM][2][4];  // [matrix][row g, g + 8][32-column block]: the lane's word
+    u32 s[NM][2];     // the four blocks' scale bytes, per matrix and row
+    uint2 x[4];       // x codes 8t .. 8t + 8 of each block
+    float xs;         // x's scale over the 128 columns
+};
+
+// acc[m][0|1] += Σ over 128-column steps [q0, q1) of rows g and g + 8 of the NM matrices (row
+// starts w[m][0|1], their scale rows sc[m][0|1]) with x (codes xq, scales xs, one per step).
+template <int NM>
+__device__ __forceinline__ void fp4_mma_rows(const u8* const (&w)[NM][2], const u8* const (&sc)[NM][2], const u8* xq,
+                                             const float* xs, i64 q0, i64 q1, float (&acc)[NM][2]) {
+    int t = threadIdx.x & 3;
+    auto load = [&](i64 q, Fp4Step<NM>& st) {
+#pragma unroll
+        for (int m = 0; m < NM; ++m)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) st.w[m][h][j] = __ldg((const u32*)(w[m][h] + q * 64 + j * 16 + 4 * t));
+                st.s[m][h] = __ldg((const u32*)(sc[m][h] + q * 4));
+            }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) st.x[j] = __ldg((const uint2*)(xq + q * 128 + j * 32 + 8 * t));
+        st.xs = xs[q];
+    };
+    Fp4Step<NM> cur, nxt;
+    if (q0 < q1) load(q0, cur);
+    for (i64 q = q0; q < q1; ++q) {
+        if (q + 1 < q1) load(q + 1, nxt);
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int m = 0; m < NM; ++m) {
+                u32 a0, a1, a2, a3;
+                e2m1x8_to_e4m3(cur.w[m][0][j], &a0, &a2);
+                e2m1x8_to_e4m3(cur.w[m][1][j], &a1, &a3);
+                float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                mma_e4m3_16x8x32(d, a0, a1, a2, a3, cur.x[j].x, cur.x[j].y);
+                float sa = e8m0_to_f32((u8)(cur.s[m][0] >> (8 * j))) * cur.xs;
+                float sb = e8m0_to_f32((u8)(cur.s[m][1] >> (8 * j))) * cur.xs;
+                acc[m][0] = fmaf(d[0], sa, acc[m][0]);
+                acc[m][1] = fmaf(d[2], sb, acc[m][1]);
+            }
+        cur = nxt;
+    }
+}
+
+// The warp's part of a one-pair kernel: its row group (first row r0), rows g and g + 8 clamped to
+// n − 1, and its run [q0, q1) of the kd / 128 steps (none past n).
+struct Fp4Part {
+    i64 r0, ra, rb, q0, q1;
+};
+__device__ __forceinline__ Fp4Part fp4_part(i64 n, i64 kd, int ksplit) {
+    int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
+    int groups = 8 / ksplit;
+    Fp4Part pt;
+    pt.r0 = ((i64)blockIdx.x * groups + warp / ksplit) * F8_ROWS;
+    i64 qn = kd >> 7, per = (qn + ksplit - 1) / ksplit;
+    pt.q0 = pt.r0 < n ? (warp % ksplit) * per : 0;
+    pt.q1 = pt.r0 < n ? min(qn, pt.q0 + per) : 0;
+    pt.ra = min(pt.r0 + g, n - 1);
+    pt.rb = min(pt.r0 + g + 8, n - 1);
+    return pt;
+}
+
+// Writes the warp's sums of NM matrices to part (lanes t = 0), then, after a barrier, calls
+// out(o, sums) for each of the block's rows o < n with the sums of its ksplit warps in warp order.
+template <int NM, typename Out>
+__device__ __forceinline__ void fp4_reduce(float (*part)[8][F8_ROWS], const float (&acc)[NM][2], i64 n, int ksplit,
+                                           Out out) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, groups = 8 / ksplit;
+    if ((lane & 3) == 0)
+#pragma unroll
+        for (int m = 0; m < NM; ++m) {
+            part[m][warp][g] = acc[m][0];
+            part[m][warp][g + 8] = acc[m][1];
+        }
+    __syncthreads();
+    if (threadIdx.x < groups * F8_ROWS) {
+        int q = threadIdx.x / F8_ROWS, r = threadIdx.x % F8_ROWS;
+        i64 o = ((i64)blockIdx.x * groups + q) * F8_ROWS + r;
+        float v[NM];
+#pragma unroll
+        for (int m = 0; m < NM; ++m) {
+            v[m] = part[m][q * ksplit][r];
+            for (int j = 1; j < ksplit; ++j) v[m] += part[m][q * ksplit + j][r];
+        }
+        if (o < n) out(o, v);
+    }
+    __syncthreads();
+}
+#endif
+
+// moe_up_r1 for FP4 weights (fmt) on tensor cores: xq holds the input rows' e4m3 codes, xs their
+// scales.
+extern "C" __global__ void __launch_bounds__(256, 2) moe_up_fp4_r1(MOE_UP_ARGS, const float* xs, int ksplit) {
+    grid_dep_begin();
+#if __CUDA_ARCH__ >= 890
+    __shared__ float part[2][8][F8_ROWS];
+    if (err[0] != 0 || (int)blockIdx.y >= cnt[experts]) return;
+    i64 e = active[blockIdx.y];
+    int n = cnt[e];
+    Fp4Part pt = fp4_part(inter, dim, ksplit);
+    const u8* w1e = w1 + e * mat_bytes(WF_FP4, inter, dim);
+    const u8* w3e = w3 + e * mat_bytes(WF_FP4, inter, dim);
+    const u8* s1e = s1 + e * scale_bytes(WF_FP4, inter, dim);
+    const u8* s3e = s3 + e * scale_bytes(WF_FP4, inter, dim);
+    const u8* const w[2][2] = {{w1e + pt.ra * (dim / 2), w1e + pt.rb * (dim / 2)},
+                               {w3e + pt.ra * (dim / 2), w3e + pt.rb * (dim / 2)}};
+    const u8* const sc[2][2] = {{s1e + pt.ra * (dim / 32), s1e + pt.rb * (dim / 32)},
+                                {s3e + pt.ra * (dim / 32), s3e + pt.rb * (dim / 32)}};
+    for (i64 t = blockIdx.z; t < n; t += gridDim.z) {
+        int p = list[e * rows + t];
+        i64 xr = p / k;
+        float acc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+        fp4_mma_rows<2>(w, sc, (const u8*)xq + xr * dim, xs + xr * (dim >> 7), pt.q0, pt.q1, acc);
+        fp4_reduce<2>(part, acc, inter, ksplit,
+                      [&](i64 o, const float* v) { h[(i64)p * inter + o] = swiglu_f(v[0], v[1], limit) * wts[p]; });
+    }
+#endif
+}
+
+// moe_down_r1 for FP4 weights (fmt) on tensor cores: hq holds the h rows' e4m3 codes, hs their
+// scales.
+extern "C" __global__ void __launch_bounds__(256, 2) moe_down_fp4_r1(MOE_DOWN_ARGS, const float* hs, int ksplit) {
+    grid_dep_begin();
+#if __CUDA_ARCH__ >= 890
+    __shared__ float part[1][8][F8_ROWS];
+    if (err[0] != 0 || (int)blockIdx.y >= cnt[experts]) return;
+    i64 e = active[blockIdx.y];
+    int n = cnt[e];
+    Fp4Part pt = fp4_part(dim, inter, ksplit);
+    const u8* w2e = w2 + e * mat_bytes(WF_FP4, dim, inter);
+    const u8* s2e = s2 + e * scale_bytes(WF_FP4, dim, inter);
+    const u8* const w[1][2] = {{w2e + pt.ra * (inter / 2), w2e + pt.rb * (inter / 2)}};
+    const u8* const sc[1][2] = {{s2e + pt.ra * (inter / 32), s2e + pt.rb * (inter / 32)}};
+    for (i64 t = blockIdx.z; t < n; t += gridDim.z) {
+        int p = list[e * rows + t];
+        float acc[1][2] = {{0.0f, 0.0f}};
+        fp4_mma_rows<1>(w, sc, (const u8*)hq + (i64)p * inter, hs + (i64)p * (inter >> 7), pt.q0, pt.q1, acc);
+        fp4_reduce<1>(part, acc, dim, ksplit, [&](i64 o, const float* v) { ye[(i64)p * dim + o] = v[0]; });
+    }
+#endif
+}
+
 // y[r, o] = Σ over the row's experts in ascending order of ye[r·k + t, o] (f32, from 0).
 extern "C" __global__ void moe_combine(const float* ye, const int* order, i64 rows, int k, i64 dim, float* y,
                                        const i64* err) {

@@ -94,6 +94,10 @@ pub(crate) struct Dev {
     /// Whether one-row FP8 linears run on the e4m3 `mma.sync` GEMV (`linear_fp8_r1`): sm_89 or
     /// newer, unless `V4RT_CUDA_FP8_MMA=0` (the CUDA-core GEMV then takes them, for comparison).
     pub fp8_mma: bool,
+    /// Whether the one-pair FP4 expert kernels run on e4m3 `mma.sync` tiles (`moe_up_fp4_r1`,
+    /// `moe_down_fp4_r1`): sm_89 or newer, and only with `V4RT_CUDA_FP4_MMA=1` until they have been
+    /// measured on a GPU (docs/performance.md).
+    pub fp4_mma: bool,
     /// Whether kernels are launched with programmatic stream serialization (programmatic
     /// dependent launch, `ops::launch`): sm_90 or newer, unless `V4RT_CUDA_PDL=0`.
     pub dependent_launch: bool,
@@ -129,6 +133,7 @@ impl Dev {
         let enabled = |var: &str| std::env::var(var).map_or(true, |v| v != "0");
         let tensor_cores = cc >= 80 && enabled("V4RT_CUDA_TENSOR_CORES");
         let fp8_mma = cc >= 89 && enabled("V4RT_CUDA_FP8_MMA");
+        let fp4_mma = cc >= 89 && std::env::var("V4RT_CUDA_FP4_MMA").is_ok_and(|v| v == "1");
         let dependent_launch = cc >= 90 && enabled("V4RT_CUDA_PDL");
         Ok(Dev {
             ctx,
@@ -138,6 +143,7 @@ impl Dev {
             sms: sms.max(1),
             tensor_cores,
             fp8_mma,
+            fp4_mma,
             dependent_launch,
             err: Mutex::new(err),
             err_ptr,

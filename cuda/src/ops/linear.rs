@@ -198,12 +198,12 @@ fn takes_fp8_mma(dev: &Dev, rows: usize, k: usize, format: WeightFormat) -> bool
     dev.fp8_mma && rows == 1 && format == WeightFormat::Fp8Block128 && k > 0 && k % ACT_BLOCK == 0
 }
 
-/// Warps that split one 16-row group's k blocks in `linear_fp8_r1` (1, 2, 4 or 8): the fewest
-/// that put about 16 warps per SM to work, and no more than there are k blocks.
-fn fp8_k_split(dev: &Dev, n: usize, k: usize) -> usize {
-    let groups = n.div_ceil(FP8_MMA_ROWS);
+/// Warps that split one 16-row group's 128-column steps in the one-row tensor-core kernels
+/// (`linear_fp8_r1`, `moe_*_fp4_r1`; 1, 2, 4 or 8), for `row_groups` groups in all and rows of `k`
+/// columns: the fewest that put about 16 warps per SM to work, and no more than there are steps.
+pub(crate) fn mma_k_split(dev: &Dev, row_groups: usize, k: usize) -> usize {
     let mut split = 1;
-    while split < 8 && groups * split < dev.sms * 16 && split * 2 <= k / ACT_BLOCK {
+    while split < 8 && row_groups * split < dev.sms * 16 && split * 2 <= k / ACT_BLOCK {
         split *= 2;
     }
     split
@@ -212,7 +212,7 @@ fn fp8_k_split(dev: &Dev, n: usize, k: usize) -> usize {
 /// Launches `linear_fp8_r1`: `y = W·x̃` for one row, x̃ act_quant'ed as e4m3 codes and scales at
 /// `xq` ([`ActForm::E4m3`]).
 fn linear_fp8_mma(dev: &Dev, xq: u64, (w, sc): (u64, u64), y: u64, k: usize, n: usize) -> Result<()> {
-    let split = fp8_k_split(dev, n, k);
+    let split = mma_k_split(dev, n.div_ceil(FP8_MMA_ROWS), k);
     let groups_per_block = BLOCK as usize / 32 / split;
     let grid = n.div_ceil(FP8_MMA_ROWS * groups_per_block) as u32;
     let xs = xq + codes_scales_offset(1, k) as u64;

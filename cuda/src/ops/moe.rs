@@ -12,14 +12,14 @@
 //! expert × 128 weight rows (64 features of W1 and W3 each in `moe_up_tc`) on exact bf16 operands
 //! (common.cuh), the same f32-class result.
 
-use hal::ops::{GateMode, MoeExperts, MoeGate, SwiGlu};
+use hal::ops::{GateMode, MoeExperts, MoeGate, SwiGlu, WeightFormat};
 use hal::{Error, Result};
 
 use super::linear::{
-    feature_blocks, format_code, stages_x, tc_fits, tc_split, tc_stage_bytes, ACT_BLOCK, FEATURES_PER_STEP, ROWS_PER_PASS, TC_FEATURES,
+    feature_blocks, format_code, mma_k_split, stages_x, FP8_MMA_ROWS, tc_fits, tc_split, tc_stage_bytes, ACT_BLOCK, FEATURES_PER_STEP, ROWS_PER_PASS, TC_FEATURES,
     TC_MIN_ROWS, TC_ROWS,
 };
-use super::quant::{act_quant, act_quant_into, ActForm};
+use super::quant::{act_quant, act_quant_into, codes_scales_offset, ActForm};
 use super::{check_threads, grid_for, i, l, launch, op_id, Arg, BLOCK, DOT_ROWS};
 use crate::device::Dev;
 
@@ -198,10 +198,39 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
             (up_k, down_k, fx, fd, tiles, None)
         };
         let tiles = tiles as u32;
+        // FP4 experts with about one pair each, where enabled: the one-pair kernels on e4m3
+        // tensor-core tiles, their inputs act_quant'ed as e4m3 codes and scales.
+        #[allow(clippy::manual_is_multiple_of)] // `%`: the workspace MSRV is 1.80
+        let fp4_mma = single
+            && dev.fp4_mma
+            && op.format == WeightFormat::Fp4Group32
+            && d % ACT_BLOCK == 0
+            && inter % ACT_BLOCK == 0;
+        // Their split of the 128-column steps (mma_k_split) for up and down.
+        let splits = (
+            mma_k_split(dev, used as usize * inter.div_ceil(FP8_MMA_ROWS), d),
+            mma_k_split(dev, used as usize * d.div_ceil(FP8_MMA_ROWS), inter),
+        );
+        let (up_k, down_k, up_x, down_x) = if fp4_mma {
+            let blocks = |n: usize, split: usize| n.div_ceil(FP8_MMA_ROWS * (BLOCK as usize / 32 / split));
+            ("moe_up_fp4_r1", "moe_down_fp4_r1", blocks(inter, splits.0), blocks(d, splits.1))
+        } else {
+            (up_k, down_k, up_x, down_x)
+        };
         // The chunk's input rows, act_quant'ed (bf16 for the tensor-core tiles).
         let x_c = x + (r0 * d * 4) as u64;
-        let form = if tc { ActForm::Bf16 } else { ActForm::F32 };
+        let form = if fp4_mma {
+            ActForm::E4m3
+        } else if tc {
+            ActForm::Bf16
+        } else {
+            ActForm::F32
+        };
         let (xq, _held) = if quantize { act_quant(dev, FAMILY, x_c, n, d, ACT_BLOCK, form)? } else { (x_c, None) };
+        // The tensor-core one-pair kernels' trailing arguments: the input's scales and the split.
+        let fp4_extra = |codes: u64, rows: usize, width: usize, split: usize| {
+            [Arg::P(codes + codes_scales_offset(rows, width) as u64), Arg::I(split as i32)]
+        };
         let staged_smem = |width: usize| {
             if single {
                 (width * 4) as u32
@@ -232,8 +261,12 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
                 Arg::P(hp),
                 Arg::P(dev.err_ptr),
             ];
-            let args: Vec<Arg> = args.into_iter().chain(extra).collect();
-            launch(dev, FAMILY, up_k, (up_x as u32, used, tiles), BLOCK, staged_smem(d), &args)?;
+            let args: Vec<Arg> = if fp4_mma {
+                args.into_iter().chain(fp4_extra(xq, n, d, splits.0)).collect()
+            } else {
+                args.into_iter().chain(extra).collect()
+            };
+            launch(dev, FAMILY, up_k, (up_x as u32, used, tiles), BLOCK, if fp4_mma { 0 } else { staged_smem(d) }, &args)?;
             if quantize {
                 act_quant_into(dev, FAMILY, hp, hqp, pairs, inter, ACT_BLOCK, form)?;
             }
@@ -254,8 +287,12 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
                 Arg::P(yep),
                 Arg::P(dev.err_ptr),
             ];
-            let args: Vec<Arg> = args.into_iter().chain(extra).collect();
-            launch(dev, FAMILY, down_k, (down_x as u32, used, tiles), BLOCK, staged_smem(inter), &args)?;
+            let args: Vec<Arg> = if fp4_mma {
+                args.into_iter().chain(fp4_extra(hqp, pairs, inter, splits.1)).collect()
+            } else {
+                args.into_iter().chain(extra).collect()
+            };
+            launch(dev, FAMILY, down_k, (down_x as u32, used, tiles), BLOCK, if fp4_mma { 0 } else { staged_smem(inter) }, &args)?;
         }
         let args = [Arg::P(yep), Arg::P(op_), l(n), k_i, l(d), Arg::P(outs[0] + (r0 * d * 4) as u64), Arg::P(dev.err_ptr)];
         launch(dev, FAMILY, "moe_combine", (grid_for(n * d, BLOCK), 1, 1), BLOCK, 0, &args)?;
