@@ -756,7 +756,7 @@ __device__ __forceinline__ void wdot_vec(const u8* w, const u8* sc, i64 o, i64 k
 }
 
 // Weight rows of one warp's m16n8k32 tiles in the one-row tensor-core kernels (the mma's M).
-#define F8_ROWS 16
+#define MMA_ROWS 16
 
 #if __CUDA_ARCH__ >= 890
 // d += A·B for one m16n8k32 e4m3 tile (f32 accumulators): a0/a2 row g, a1/a3 row g + 8, columns

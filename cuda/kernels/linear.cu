@@ -84,7 +84,7 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 // ---- FP8 one-row GEMV on tensor cores (sm_89+) ----------------------------------------------
 // y[o] = Σ_kb sw[o / 128, kb]·sx[kb]·Σ_{i in block kb} W[o, i]·q[i] over the 128-column blocks
 // kb, with the row act_quant'ed as e4m3 codes q and power-of-two scales sx (quant_rows_e4m3).
-// A warp takes F8_ROWS weight rows and multiplies them with mma.sync m16n8k32 e4m3 → f32: the
+// A warp takes MMA_ROWS weight rows and multiplies them with mma.sync m16n8k32 e4m3 → f32: the
 // raw weight bytes are the A fragments and the codes of x the B fragments, so nothing is
 // dequantized: about 6 warp instructions per 512 weight bytes, where linear_fwd_r1 issues about
 // 116 (e4m3 → f16 → f32 conversions and one FMA per weight; ncu, the 1024 → 32768 projection).
@@ -107,10 +107,10 @@ extern "C" __global__ void __launch_bounds__(256, 3)
     linear_fp8_r1(const u8* xq, const float* xs, const u8* w, const u8* sc, float* y, i64 n, i64 k, int ksplit) {
     grid_dep_begin();
 #if __CUDA_ARCH__ >= 890
-    __shared__ float part[8][F8_ROWS];
+    __shared__ float part[8][MMA_ROWS];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     int groups = 8 / ksplit, lg = warp / ksplit, p = warp % ksplit;
-    i64 r0 = ((i64)blockIdx.x * groups + lg) * F8_ROWS;
+    i64 r0 = ((i64)blockIdx.x * groups + lg) * MMA_ROWS;
     i64 kblocks = k >> 7, per = (kblocks + ksplit - 1) / ksplit;
     i64 kb0 = r0 < n ? p * per : 0, kb1 = r0 < n ? min(kblocks, kb0 + per) : 0;
     i64 ra = min(r0 + g, n - 1), rb = min(r0 + g + 8, n - 1);
@@ -154,9 +154,9 @@ extern "C" __global__ void __launch_bounds__(256, 3)
         part[warp][g + 8] = acc2;
     }
     __syncthreads();
-    if (threadIdx.x < groups * F8_ROWS) {
-        int q = threadIdx.x / F8_ROWS, r = threadIdx.x % F8_ROWS;
-        i64 o = ((i64)blockIdx.x * groups + q) * F8_ROWS + r;
+    if (threadIdx.x < groups * MMA_ROWS) {
+        int q = threadIdx.x / MMA_ROWS, r = threadIdx.x % MMA_ROWS;
+        i64 o = ((i64)blockIdx.x * groups + q) * MMA_ROWS + r;
         float v = part[q * ksplit][r];
         for (int j = 1; j < ksplit; ++j) v += part[q * ksplit + j][r];
         if (o < n) y[o] = v;

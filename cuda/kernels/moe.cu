@@ -399,7 +399,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_down(MOE_DOWN_ARGS) {
 
 // ---- FP4 experts on tensor cores, about one pair each (decode; sm_89+) -------------------------
 // The one-pair kernels again, with the dot products on mma.sync m16n8k32 e4m3 tiles as in
-// linear_fp8_r1: a warp takes F8_ROWS weight rows, the pair's input row comes act_quant'ed as e4m3
+// linear_fp8_r1: a warp takes MMA_ROWS weight rows, the pair's input row comes act_quant'ed as e4m3
 // codes with f32 scales per 128 columns (quant_rows_e4m3), and the e2m1 weights become e4m3 codes
 // in registers (e2m1x8_to_e4m3, exact). Each mma spans one 32-column block, the span of one
 // weight scale (a scale per row), so its f32 result is scaled per row and added to the total:
@@ -467,7 +467,7 @@ __device__ __forceinline__ Fp4Part fp4_part(i64 n, i64 kd, int ksplit) {
     int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
     int groups = 8 / ksplit;
     Fp4Part pt;
-    pt.r0 = ((i64)blockIdx.x * groups + warp / ksplit) * F8_ROWS;
+    pt.r0 = ((i64)blockIdx.x * groups + warp / ksplit) * MMA_ROWS;
     i64 qn = kd >> 7, per = (qn + ksplit - 1) / ksplit;
     pt.q0 = pt.r0 < n ? (warp % ksplit) * per : 0;
     pt.q1 = pt.r0 < n ? min(qn, pt.q0 + per) : 0;
@@ -479,7 +479,7 @@ __device__ __forceinline__ Fp4Part fp4_part(i64 n, i64 kd, int ksplit) {
 // Writes the warp's sums of NM matrices to part (lanes t = 0), then, after a barrier, calls
 // out(o, sums) for each of the block's rows o < n with the sums of its ksplit warps in warp order.
 template <int NM, typename Out>
-__device__ __forceinline__ void fp4_reduce(float (*part)[8][F8_ROWS], const float (&acc)[NM][2], i64 n, int ksplit,
+__device__ __forceinline__ void fp4_reduce(float (*part)[8][MMA_ROWS], const float (&acc)[NM][2], i64 n, int ksplit,
                                            Out out) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, groups = 8 / ksplit;
     if ((lane & 3) == 0)
@@ -489,9 +489,9 @@ __device__ __forceinline__ void fp4_reduce(float (*part)[8][F8_ROWS], const floa
             part[m][warp][g + 8] = acc[m][1];
         }
     __syncthreads();
-    if (threadIdx.x < groups * F8_ROWS) {
-        int q = threadIdx.x / F8_ROWS, r = threadIdx.x % F8_ROWS;
-        i64 o = ((i64)blockIdx.x * groups + q) * F8_ROWS + r;
+    if (threadIdx.x < groups * MMA_ROWS) {
+        int q = threadIdx.x / MMA_ROWS, r = threadIdx.x % MMA_ROWS;
+        i64 o = ((i64)blockIdx.x * groups + q) * MMA_ROWS + r;
         float v[NM];
 #pragma unroll
         for (int m = 0; m < NM; ++m) {
@@ -509,7 +509,7 @@ __device__ __forceinline__ void fp4_reduce(float (*part)[8][F8_ROWS], const floa
 extern "C" __global__ void __launch_bounds__(256, 2) moe_up_fp4_r1(MOE_UP_ARGS, const float* xs, int ksplit) {
     grid_dep_begin();
 #if __CUDA_ARCH__ >= 890
-    __shared__ float part[2][8][F8_ROWS];
+    __shared__ float part[2][8][MMA_ROWS];
     if (err[0] != 0 || (int)blockIdx.y >= cnt[experts]) return;
     i64 e = active[blockIdx.y];
     int n = cnt[e];
@@ -538,7 +538,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_up_fp4_r1(MOE_UP_ARGS, 
 extern "C" __global__ void __launch_bounds__(256, 2) moe_down_fp4_r1(MOE_DOWN_ARGS, const float* hs, int ksplit) {
     grid_dep_begin();
 #if __CUDA_ARCH__ >= 890
-    __shared__ float part[1][8][F8_ROWS];
+    __shared__ float part[1][8][MMA_ROWS];
     if (err[0] != 0 || (int)blockIdx.y >= cnt[experts]) return;
     i64 e = active[blockIdx.y];
     int n = cnt[e];

@@ -296,7 +296,7 @@ mod tests {
     /// The host sizes grids and buffers with constants that the kernels define again.
     #[test]
     fn host_constants_match_the_kernels() {
-        use crate::ops::linear::{FEATURES_PER_STEP, FP8_MMA_ROWS, TC_FEATURES, TC_K, TC_ROWS};
+        use crate::ops::linear::{FEATURES_PER_STEP, MMA_ROWS, TC_FEATURES, TC_K, TC_ROWS};
         let define = |name: &str| -> usize {
             let pattern = format!("#define {name} ");
             let sources = std::iter::once(COMMON).chain(KERNEL_SOURCES.iter().map(|(_, src)| *src));
@@ -311,6 +311,6 @@ mod tests {
         assert_eq!(define("TC_BM"), TC_ROWS);
         assert_eq!(define("TC_BN"), TC_FEATURES);
         assert_eq!(define("TC_BK"), TC_K);
-        assert_eq!(define("F8_ROWS"), FP8_MMA_ROWS);
+        assert_eq!(define("MMA_ROWS"), MMA_ROWS);
     }
 }

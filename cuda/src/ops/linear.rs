@@ -189,8 +189,8 @@ pub(crate) fn linear_fwd(
     launch(dev, FAMILY, "linear_fwd_r1", (gx, 1, 1), BLOCK, smem as u32, &args)
 }
 
-/// Rows of a warp's tile in `linear_fp8_r1` (`F8_ROWS`, the mma's M).
-pub(crate) const FP8_MMA_ROWS: usize = 16;
+/// Rows of a warp's tile in the one-row tensor-core kernels (`MMA_ROWS` in common.cuh, the mma's M).
+pub(crate) const MMA_ROWS: usize = 16;
 
 /// Whether a one-row FP8 linear takes the e4m3 tensor-core GEMV (`linear_fp8_r1`).
 #[allow(clippy::manual_is_multiple_of)] // `%`: the workspace MSRV is 1.80
@@ -212,9 +212,9 @@ pub(crate) fn mma_k_split(dev: &Dev, row_groups: usize, k: usize) -> usize {
 /// Launches `linear_fp8_r1`: `y = W·x̃` for one row, x̃ act_quant'ed as e4m3 codes and scales at
 /// `xq` ([`ActForm::E4m3`]).
 fn linear_fp8_mma(dev: &Dev, xq: u64, (w, sc): (u64, u64), y: u64, k: usize, n: usize) -> Result<()> {
-    let split = mma_k_split(dev, n.div_ceil(FP8_MMA_ROWS), k);
+    let split = mma_k_split(dev, n.div_ceil(MMA_ROWS), k);
     let groups_per_block = BLOCK as usize / 32 / split;
-    let grid = n.div_ceil(FP8_MMA_ROWS * groups_per_block) as u32;
+    let grid = n.div_ceil(MMA_ROWS * groups_per_block) as u32;
     let xs = xq + codes_scales_offset(1, k) as u64;
     let args = [Arg::P(xq), Arg::P(xs), Arg::P(w), Arg::P(sc), Arg::P(y), l(n), l(k), Arg::I(split as i32)];
     launch(dev, FAMILY, "linear_fp8_r1", (grid, 1, 1), BLOCK, 0, &args)

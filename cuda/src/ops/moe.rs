@@ -16,8 +16,8 @@ use hal::ops::{GateMode, MoeExperts, MoeGate, SwiGlu, WeightFormat};
 use hal::{Error, Result};
 
 use super::linear::{
-    feature_blocks, format_code, mma_k_split, stages_x, FP8_MMA_ROWS, tc_fits, tc_split, tc_stage_bytes, ACT_BLOCK, FEATURES_PER_STEP, ROWS_PER_PASS, TC_FEATURES,
-    TC_MIN_ROWS, TC_ROWS,
+    feature_blocks, format_code, mma_k_split, stages_x, tc_fits, tc_split, tc_stage_bytes, ACT_BLOCK, FEATURES_PER_STEP, ROWS_PER_PASS, TC_FEATURES,
+    MMA_ROWS, TC_MIN_ROWS, TC_ROWS,
 };
 use super::quant::{act_quant, act_quant_into, codes_scales_offset, ActForm};
 use super::{check_threads, grid_for, i, l, launch, op_id, Arg, BLOCK, DOT_ROWS};
@@ -208,11 +208,11 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
             && inter % ACT_BLOCK == 0;
         // Their split of the 128-column steps (mma_k_split) for up and down.
         let splits = (
-            mma_k_split(dev, used as usize * inter.div_ceil(FP8_MMA_ROWS), d),
-            mma_k_split(dev, used as usize * d.div_ceil(FP8_MMA_ROWS), inter),
+            mma_k_split(dev, used as usize * inter.div_ceil(MMA_ROWS), d),
+            mma_k_split(dev, used as usize * d.div_ceil(MMA_ROWS), inter),
         );
         let (up_k, down_k, up_x, down_x) = if fp4_mma {
-            let blocks = |n: usize, split: usize| n.div_ceil(FP8_MMA_ROWS * (BLOCK as usize / 32 / split));
+            let blocks = |n: usize, split: usize| n.div_ceil(MMA_ROWS * (BLOCK as usize / 32 / split));
             ("moe_up_fp4_r1", "moe_down_fp4_r1", blocks(inter, splits.0), blocks(d, splits.1))
         } else {
             (up_k, down_k, up_x, down_x)
@@ -232,7 +232,9 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
             [Arg::P(codes + codes_scales_offset(rows, width) as u64), Arg::I(split as i32)]
         };
         let staged_smem = |width: usize| {
-            if single {
+            if fp4_mma {
+                0
+            } else if single {
                 (width * 4) as u32
             } else if tc {
                 tc_stage_bytes(quantize)
@@ -266,7 +268,7 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
             } else {
                 args.into_iter().chain(extra).collect()
             };
-            launch(dev, FAMILY, up_k, (up_x as u32, used, tiles), BLOCK, if fp4_mma { 0 } else { staged_smem(d) }, &args)?;
+            launch(dev, FAMILY, up_k, (up_x as u32, used, tiles), BLOCK, staged_smem(d), &args)?;
             if quantize {
                 act_quant_into(dev, FAMILY, hp, hqp, pairs, inter, ACT_BLOCK, form)?;
             }
@@ -292,7 +294,7 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
             } else {
                 args.into_iter().chain(extra).collect()
             };
-            launch(dev, FAMILY, down_k, (down_x as u32, used, tiles), BLOCK, if fp4_mma { 0 } else { staged_smem(inter) }, &args)?;
+            launch(dev, FAMILY, down_k, (down_x as u32, used, tiles), BLOCK, staged_smem(inter), &args)?;
         }
         let args = [Arg::P(yep), Arg::P(op_), l(n), k_i, l(d), Arg::P(outs[0] + (r0 * d * 4) as u64), Arg::P(dev.err_ptr)];
         launch(dev, FAMILY, "moe_combine", (grid_for(n * d, BLOCK), 1, 1), BLOCK, 0, &args)?;
