@@ -98,7 +98,7 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 // mma, so every lane's loads are whole 16-byte vectors. x fills all 8 B columns alike; column
 // 0 of D is read (lanes t = 0: c0 for row g, c2 for row g + 8).
 //
-// The block's 8 warps are F8_GROUPS = 8 / ksplit row groups of ksplit warps, each warp one
+// The block's 8 warps are 8 / ksplit row groups of ksplit warps, each warp one
 // contiguous run of the k blocks; the group's partial sums are added in warp order through
 // shared memory, so the result does not depend on timing. Each warp issues the loads of its next
 // k block before the mma of the current one. Three blocks per SM (80 registers; ptxas -v for

@@ -228,7 +228,7 @@ pub(crate) fn linear(dev: &Dev, op: &Linear, ins: &[u64], outs: &[u64]) -> Resul
     }
     let sc = ins.get(2).copied().unwrap_or(0);
     let quantized = op.format.quantizes_input();
-    if quantized && takes_fp8_mma(dev, rows, k, op.format) {
+    if takes_fp8_mma(dev, rows, k, op.format) {
         let (xq, _held) = act_quant(dev, FAMILY, ins[0], rows, k, ACT_BLOCK, ActForm::E4m3)?;
         return linear_fp8_mma(dev, xq, (ins[1], sc), outs[0], k, n);
     }

@@ -206,16 +206,16 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
             && op.format == WeightFormat::Fp4Group32
             && d % ACT_BLOCK == 0
             && inter % ACT_BLOCK == 0;
-        // Their split of the 128-column steps (mma_k_split) for up and down.
-        let splits = (
-            mma_k_split(dev, used as usize * inter.div_ceil(MMA_ROWS), d),
-            mma_k_split(dev, used as usize * d.div_ceil(MMA_ROWS), inter),
-        );
-        let (up_k, down_k, up_x, down_x) = if fp4_mma {
+        // Their split of the 128-column steps (mma_k_split) for up and down, and their grids.
+        let (up_k, down_k, up_x, down_x, splits) = if fp4_mma {
+            let splits = (
+                mma_k_split(dev, used as usize * inter.div_ceil(MMA_ROWS), d),
+                mma_k_split(dev, used as usize * d.div_ceil(MMA_ROWS), inter),
+            );
             let blocks = |n: usize, split: usize| n.div_ceil(MMA_ROWS * (BLOCK as usize / 32 / split));
-            ("moe_up_fp4_r1", "moe_down_fp4_r1", blocks(inter, splits.0), blocks(d, splits.1))
+            ("moe_up_fp4_r1", "moe_down_fp4_r1", blocks(inter, splits.0), blocks(d, splits.1), splits)
         } else {
-            (up_k, down_k, up_x, down_x)
+            (up_k, down_k, up_x, down_x, (0, 0))
         };
         // The chunk's input rows, act_quant'ed (bf16 for the tensor-core tiles).
         let x_c = x + (r0 * d * 4) as u64;
