@@ -36,18 +36,35 @@ typedef unsigned long long u64;
 // ---- programmatic dependent launch (sm_90+) --------------------------------------------------
 // Where the device has it, the host launches every kernel with programmatic stream serialization
 // (ops::launch), so a kernel's blocks may be scheduled while its predecessor in the stream still
-// runs. Every kernel therefore starts with grid_dep_begin() (kernels.rs checks the sources):
-// launch_dependents lets the next kernel be scheduled once all of this grid's blocks run, and
-// wait blocks until the predecessor grid has completed with its writes visible; nothing may read
-// or write global memory before it. Completion is transitive (a grid cannot complete before its
-// own wait returned), so a kernel also sees every earlier kernel's writes.
-// Without the launch attribute, and below sm_90, both instructions are no-ops.
-__device__ __forceinline__ void grid_dep_begin() {
+// runs. Every kernel therefore starts with grid_dep_begin(), or grid_dep_trigger() with a
+// grid_dep_wait() later (kernels.rs checks the sources): launch_dependents lets the next kernel
+// be scheduled once all of this grid's blocks run, and wait blocks until the predecessor grid
+// has completed with its writes visible. Completion is transitive (a grid cannot complete before
+// its own wait returned), so after the wait a kernel sees every earlier kernel's writes.
+// Before the wait a kernel may only compute addresses and load FP8/FP4 weight codes and their
+// e8m0 scales: no op has an output of those dtypes, so only upload/write change them, and those
+// are stream-ordered copies that a programmatic launch never overlaps. Loading them early puts
+// the weight stream of a GEMV under its predecessors' tails.
+// Without the launch attribute, and below sm_90, these instructions are no-ops.
+__device__ __forceinline__ void grid_dep_trigger() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void grid_dep_wait() {
+#if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+
+__device__ __forceinline__ void grid_dep_begin() {
+    grid_dep_trigger();
+    grid_dep_wait();
+}
+
+// Asks the L2 for the 128-byte line holding p, without waiting for it or holding a register.
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
 // ---- scalar codecs -------------------------------------------------------------------------
 

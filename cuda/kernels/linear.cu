@@ -101,11 +101,16 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 // The block's 8 warps are 8 / ksplit row groups of ksplit warps, each warp one
 // contiguous run of the k blocks; the group's partial sums are added in warp order through
 // shared memory, so the result does not depend on timing. Each warp issues the loads of its next
-// k block before the mma of the current one. Three blocks per SM (80 registers; ptxas -v for
-// sm_90: one 4-byte spill). Needs k % 128 == 0.
+// k block before the mma of the current one. `early` (Dev::early_weights): 0, no L2 prefetch;
+// 1, the warp's whole run of weight lines is prefetched into the L2 first; 2, that prefetch and
+// the first k block's weights are issued before grid_dep_wait() (common.cuh says why that is
+// safe), so a GEMV whose blocks are resident before its predecessor ends streams its weights
+// under the predecessor's tail. Three blocks per SM (80 registers; ptxas -v for sm_90).
+// Needs k % 128 == 0.
 extern "C" __global__ void __launch_bounds__(256, 3)
-    linear_fp8_r1(const u8* xq, const float* xs, const u8* w, const u8* sc, float* y, i64 n, i64 k, int ksplit) {
-    grid_dep_begin();
+    linear_fp8_r1(const u8* xq, const float* xs, const u8* w, const u8* sc, float* y, i64 n, i64 k, int ksplit,
+                  int early) {
+    grid_dep_trigger();
 #if __CUDA_ARCH__ >= 890
     __shared__ float part[8][MMA_ROWS];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -123,21 +128,37 @@ extern "C" __global__ void __launch_bounds__(256, 3)
         uint4 q[6];
         float s;
     };
-    auto load = [&](i64 kb, Blk& b) {
+    auto load_w = [&](i64 kb, Blk& b) {
         i64 o = kb << 7;
         b.q[0] = __ldg((const uint4*)(wa + o));
         b.q[1] = __ldg((const uint4*)(wb + o));
         b.q[2] = __ldg((const uint4*)(wa + o + 64));
         b.q[3] = __ldg((const uint4*)(wb + o + 64));
+        b.s = e8m0_to_f32(srow[kb]);
+    };
+    auto load_x = [&](i64 kb, Blk& b) {
+        i64 o = kb << 7;
         b.q[4] = __ldg((const uint4*)(xt + o));
         b.q[5] = __ldg((const uint4*)(xt + o + 64));
-        b.s = e8m0_to_f32(srow[kb]) * xs[kb];
+        b.s *= xs[kb];
     };
-    float acc0 = 0.0f, acc2 = 0.0f;
+    // A row's 128 columns are one 128-byte line: lane (g, t) asks the L2 for row g (t even) or
+    // g + 8 (t odd) at every other k block after the first, so the whole run is requested at once.
+    auto prefetch_run = [&]() {
+        for (i64 kb = kb0 + 1 + (t >> 1); kb < kb1; kb += 2) prefetch_l2((t & 1 ? wb : wa) + (kb << 7));
+    };
     Blk cur, nxt;
-    if (kb0 < kb1) load(kb0, cur);
+    if (early < 2) grid_dep_wait();
+    if (early > 0) prefetch_run();
+    if (kb0 < kb1) load_w(kb0, cur);
+    if (early == 2) grid_dep_wait();
+    if (kb0 < kb1) load_x(kb0, cur);
+    float acc0 = 0.0f, acc2 = 0.0f;
     for (i64 kb = kb0; kb < kb1; ++kb) {
-        if (kb + 1 < kb1) load(kb + 1, nxt);
+        if (kb + 1 < kb1) {
+            load_w(kb + 1, nxt);
+            load_x(kb + 1, nxt);
+        }
         float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -161,6 +182,8 @@ extern "C" __global__ void __launch_bounds__(256, 3)
         for (int j = 1; j < ksplit; ++j) v += part[q * ksplit + j][r];
         if (o < n) y[o] = v;
     }
+#else
+    grid_dep_wait();
 #endif
 }
 

@@ -20,6 +20,58 @@ pub const BACKEND_NAME: &str = "cuda";
 /// Words of the deferred-error buffer (see the crate docs): code, op, row, three values, spare.
 pub(crate) const ERR_WORDS: usize = 8;
 
+/// Largest download that goes through [`Pinned`] memory (larger ones, such as a saved cache,
+/// are copied into pageable memory directly rather than pinning that much host memory).
+const PINNED_MAX: usize = 16 << 20;
+
+/// Page-locked host memory that downloads land in, grown on demand and kept: a copy into it is
+/// one DMA, where a pageable destination is staged through the driver's own buffers.
+pub(crate) struct Pinned {
+    ctx: Arc<CudaContext>,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the memory is only touched under `Dev::pinned`'s lock.
+unsafe impl Send for Pinned {}
+
+impl Pinned {
+    fn new(ctx: Arc<CudaContext>) -> Self {
+        Pinned { ctx, ptr: std::ptr::null_mut(), len: 0 }
+    }
+
+    /// At least `bytes` of pinned memory (contents unspecified).
+    fn reserve(&mut self, bytes: usize) -> Result<()> {
+        if bytes <= self.len {
+            return Ok(());
+        }
+        self.release();
+        let len = bytes.next_power_of_two().max(1 << 16);
+        // SAFETY: a plain host allocation in the bound context, freed in `release`.
+        let ptr = unsafe { cudarc::driver::result::malloc_host(len, 0) }.map_err(|e| alloc_err(e, len))?;
+        self.ptr = ptr as *mut u8;
+        self.len = len;
+        Ok(())
+    }
+
+    fn release(&mut self) {
+        if !self.ptr.is_null() {
+            let _ = self.ctx.bind_to_thread();
+            // SAFETY: `ptr` came from malloc_host and no copy into it is pending (every use
+            // synchronizes before releasing the lock).
+            let _ = unsafe { cudarc::driver::result::free_host(self.ptr as *mut std::ffi::c_void) };
+            self.ptr = std::ptr::null_mut();
+            self.len = 0;
+        }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Device bytes of a tensor or of an op's scratch, at least one byte (so that empty tensors still
@@ -79,6 +131,21 @@ impl Storage for CudaStorage {
     }
 }
 
+/// Which kernels may be scheduled while their predecessor runs (programmatic dependent launch).
+/// Every kernel waits for its predecessor before it touches activations (common.cuh), so what
+/// an early start buys is the work a kernel does before that wait: only the kernels in
+/// `ops::EARLY_WORK_KERNELS` do any. Measured on an H100 (docs/performance.md), an early start
+/// costs the others 0.3–1 µs each in a replayed graph, against a plain graph edge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DependentLaunch {
+    /// `V4RT_CUDA_PDL=0`, and below sm_90: every kernel waits for its predecessor to finish.
+    Off,
+    /// The default on sm_90+: the kernels of `ops::EARLY_WORK_KERNELS`.
+    EarlyWork,
+    /// `V4RT_CUDA_PDL=all`: every kernel (for A/B runs).
+    All,
+}
+
 /// One backend's device state.
 pub(crate) struct Dev {
     pub ctx: Arc<CudaContext>,
@@ -98,13 +165,20 @@ pub(crate) struct Dev {
     /// `moe_down_fp4_r1`): sm_89 or newer, and only with `V4RT_CUDA_FP4_MMA=1` until they have been
     /// measured on a GPU (docs/performance.md).
     pub fp4_mma: bool,
-    /// Whether kernels are launched with programmatic stream serialization (programmatic
-    /// dependent launch, `ops::launch`): sm_90 or newer, unless `V4RT_CUDA_PDL=0`.
-    pub dependent_launch: bool,
+    /// Which kernels are launched with programmatic stream serialization (programmatic
+    /// dependent launch, `ops::launch`); none below sm_90.
+    pub dependent_launch: DependentLaunch,
+    /// How `linear_fp8_r1` streams its weights: 2 (the default), an L2 prefetch of each warp's
+    /// weight lines and its first weight loads issued before `griddepcontrol.wait` (common.cuh
+    /// says why that is safe); 1, the same after the wait; 0, no prefetch. Set by
+    /// `V4RT_CUDA_EARLY_WEIGHTS`, for A/B runs of one binary.
+    pub early_weights: i32,
     /// Deferred argument errors, `ERR_WORDS` i64 (all zero: none). Locked while read and cleared.
     pub err: Mutex<CudaSlice<i64>>,
     pub err_ptr: u64,
     pub kernels: Loaded,
+    /// Where downloads land (see [`Dev::copy_out`]).
+    pub pinned: Mutex<Pinned>,
     /// Whether `Backend::record` is capturing the stream now (see `record.rs`).
     pub recording: AtomicBool,
     /// Checks that passed and quantized inputs, on bytes unchanged since (see `memo.rs`).
@@ -134,7 +208,18 @@ impl Dev {
         let tensor_cores = cc >= 80 && enabled("V4RT_CUDA_TENSOR_CORES");
         let fp8_mma = cc >= 89 && enabled("V4RT_CUDA_FP8_MMA");
         let fp4_mma = cc >= 89 && std::env::var("V4RT_CUDA_FP4_MMA").is_ok_and(|v| v == "1");
-        let dependent_launch = cc >= 90 && enabled("V4RT_CUDA_PDL");
+        let dependent_launch = match std::env::var("V4RT_CUDA_PDL").as_deref() {
+            _ if cc < 90 => DependentLaunch::Off,
+            Ok("0") => DependentLaunch::Off,
+            Ok("all") => DependentLaunch::All,
+            _ => DependentLaunch::EarlyWork,
+        };
+        let pinned = Mutex::new(Pinned::new(ctx.clone()));
+        let early_weights = match std::env::var("V4RT_CUDA_EARLY_WEIGHTS").as_deref() {
+            Ok("0") => 0,
+            Ok("1") => 1,
+            _ => 2,
+        };
         Ok(Dev {
             ctx,
             stream,
@@ -145,9 +230,11 @@ impl Dev {
             fp8_mma,
             fp4_mma,
             dependent_launch,
+            early_weights,
             err: Mutex::new(err),
             err_ptr,
             kernels: Loaded::new(arch),
+            pinned,
             recording: AtomicBool::new(false),
             memo: Memo::default(),
             arena: Mutex::new(None),
@@ -192,13 +279,41 @@ impl Dev {
         unsafe { cudarc::driver::result::memcpy_htod_async(dst, bytes, self.stream.cu_stream()) }.map_err(driver_err)
     }
 
-    /// Copies `out.len()` bytes from device address `src` into `out` and waits for them.
-    pub fn copy_out(&self, src: u64, out: &mut [u8]) -> Result<()> {
+    /// Copies `out.len()` bytes from device address `src` into `out` (none when `out` is empty)
+    /// and returns the deferred-error words as they stand after all work issued before, waiting
+    /// once for both. Both land in pinned memory first ([`Pinned`]; data over `PINNED_MAX` goes
+    /// straight into `out`), so a decode step's download is two DMA copies and one wait.
+    pub fn copy_out(&self, src: u64, out: &mut [u8]) -> Result<[i64; ERR_WORDS]> {
         self.ctx.bind_to_thread().map_err(driver_err)?;
-        // SAFETY: the caller passes the address of a live allocation of at least `out.len()`;
-        // the synchronize below completes the copy before `out` is used.
-        unsafe { cudarc::driver::result::memcpy_dtoh_async(out, src, self.stream.cu_stream()) }.map_err(driver_err)?;
-        self.stream.synchronize().map_err(driver_err)
+        let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
+        let staged = out.len() <= PINNED_MAX;
+        let words_len = ERR_WORDS * std::mem::size_of::<i64>();
+        pinned.reserve(words_len + if staged { out.len() } else { 0 })?;
+        let cu = self.stream.cu_stream();
+        // SAFETY: `pinned` holds at least words_len (+ out.len() when staged) bytes and stays
+        // locked until the synchronize below has completed both copies; the caller passes the
+        // address of a live allocation of at least `out.len()` bytes; `err_ptr` is ERR_WORDS i64.
+        let (words, data) = unsafe {
+            let all = std::slice::from_raw_parts_mut(pinned.ptr, pinned.len);
+            let (words, rest) = all.split_at_mut(words_len);
+            (words, rest)
+        };
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(&mut *words, self.err_ptr, cu).map_err(driver_err)?;
+            if !out.is_empty() {
+                let dst: &mut [u8] = if staged { &mut data[..out.len()] } else { &mut *out };
+                cudarc::driver::result::memcpy_dtoh_async(dst, src, cu).map_err(driver_err)?;
+            }
+        }
+        self.stream.synchronize().map_err(driver_err)?;
+        if staged && !out.is_empty() {
+            out.copy_from_slice(&data[..out.len()]);
+        }
+        let mut w = [0i64; ERR_WORDS];
+        for (v, b) in w.iter_mut().zip(words.chunks_exact(8)) {
+            *v = i64::from_le_bytes(b.try_into().expect("8 bytes"));
+        }
+        Ok(w)
     }
 
     /// Zeroes `bytes` at device address `dst` (stream-ordered).

@@ -274,23 +274,39 @@ mod tests {
     }
 
     /// The kernels are launched with programmatic stream serialization (ops::launch), so each
-    /// must wait for its predecessor before touching memory: its first statement is
-    /// `grid_dep_begin()` (common.cuh).
+    /// must wait for its predecessor before touching memory other than FP8/FP4 weights: its first
+    /// statement is `grid_dep_begin()`, or `grid_dep_trigger()` with `grid_dep_wait()` in its body
+    /// (common.cuh).
     #[test]
     fn every_kernel_starts_with_grid_dep() {
         let families = KERNEL_SOURCES.iter().copied().chain([("common", COMMON)]);
-        let mut kernels = 0;
+        let (mut kernels, mut names) = (0, Vec::new());
         for (family, src) in families {
-            for (at, _) in src.match_indices("extern \"C\" __global__") {
+            let starts: Vec<usize> = src.match_indices("extern \"C\" __global__").map(|(at, _)| at).collect();
+            for (i, &at) in starts.iter().enumerate() {
                 let body = &src[at..][src[at..].find('{').expect("kernel body") + 1..];
+                let body_end = starts.get(i + 1).map_or(body.len(), |&next| next - (src.len() - body.len()));
                 let first = body.trim_start_matches(|c: char| c.is_whitespace() || c == '\\');
                 let head = src[at..].split(['(', ')', ' ', '\n']).filter(|t| !t.is_empty());
                 let name = head.skip(4).find(|t| *t != "__launch_bounds__" && !t.starts_with(char::is_numeric)).unwrap_or("?");
-                assert!(first.starts_with("grid_dep_begin();"), "{family}: kernel {name} does not start with grid_dep_begin()");
+                let split = first.starts_with("grid_dep_trigger();") && body[..body_end].contains("grid_dep_wait();");
+                assert!(
+                    first.starts_with("grid_dep_begin();") || split,
+                    "{family}: kernel {name} does not start with grid_dep_begin() (or grid_dep_trigger() and a later grid_dep_wait())"
+                );
+                assert_eq!(
+                    split,
+                    crate::ops::EARLY_WORK_KERNELS.contains(&name),
+                    "{family}: kernel {name} works before its wait exactly when ops::EARLY_WORK_KERNELS lists it"
+                );
+                names.push(name);
                 kernels += 1;
             }
         }
         assert!(kernels >= 40, "found only {kernels} kernels");
+        for listed in crate::ops::EARLY_WORK_KERNELS {
+            assert!(names.contains(listed), "ops::EARLY_WORK_KERNELS lists {listed}, which no kernel source defines");
+        }
     }
 
     /// The host sizes grids and buffers with constants that the kernels define again.

@@ -184,18 +184,22 @@ impl CudaBackend {
     /// After the stream is idle: turns a recorded device-side argument error into an error (and
     /// clears it), and reports driver errors recorded by drops.
     fn take_device_error(&self) -> Result<()> {
+        let _err = self.dev.err.lock().unwrap_or_else(|p| p.into_inner());
+        let words = self.dev.copy_out(0, &mut [])?;
+        self.settle_device_error(words)
+    }
+
+    /// Reports driver errors recorded by drops, then turns the error words read by
+    /// [`Dev::copy_out`] (with `Dev::err` locked by the caller since) into an error, clearing them.
+    fn settle_device_error(&self, words: [i64; ERR_WORDS]) -> Result<()> {
         let dev = &self.dev;
-        let mut err = dev.err.lock().unwrap_or_else(|p| p.into_inner());
-        let mut words = [0i64; ERR_WORDS];
-        dev.stream.memcpy_dtoh(&*err, &mut words[..]).map_err(driver_err)?;
-        dev.stream.synchronize().map_err(driver_err)?;
         dev.ctx.check_err().map_err(driver_err)?;
         if words[0] == 0 {
             return Ok(());
         }
         // Checks issued while the error was recorded did nothing: forget what they "established".
         dev.memo.clear();
-        dev.stream.memset_zeros(&mut *err).map_err(driver_err)?;
+        dev.zero(dev.err_ptr, ERR_WORDS * std::mem::size_of::<i64>())?;
         dev.stream.synchronize().map_err(driver_err)?;
         Err(ops::format_device_error(&words))
     }
@@ -269,12 +273,9 @@ impl Backend for CudaBackend {
         self.dev.not_recording("download")?;
         let s = self.storage(t, || "download".into())?;
         let mut out = vec![0u8; s.len];
-        if s.len > 0 {
-            self.dev.copy_out(s.buf.ptr(), &mut out)?;
-        } else {
-            self.dev.stream.synchronize().map_err(driver_err)?;
-        }
-        self.take_device_error()?;
+        let _err = self.dev.err.lock().unwrap_or_else(|p| p.into_inner());
+        let words = self.dev.copy_out(s.buf.ptr(), &mut out)?;
+        self.settle_device_error(words)?;
         Ok(out)
     }
 

@@ -216,7 +216,7 @@ fn linear_fp8_mma(dev: &Dev, xq: u64, (w, sc): (u64, u64), y: u64, k: usize, n: 
     let groups_per_block = BLOCK as usize / 32 / split;
     let grid = n.div_ceil(MMA_ROWS * groups_per_block) as u32;
     let xs = xq + codes_scales_offset(1, k) as u64;
-    let args = [Arg::P(xq), Arg::P(xs), Arg::P(w), Arg::P(sc), Arg::P(y), l(n), l(k), Arg::I(split as i32)];
+    let args = [Arg::P(xq), Arg::P(xs), Arg::P(w), Arg::P(sc), Arg::P(y), l(n), l(k), Arg::I(split as i32), Arg::I(dev.early_weights)];
     launch(dev, FAMILY, "linear_fp8_r1", (grid, 1, 1), BLOCK, 0, &args)
 }
 

@@ -18,7 +18,7 @@ pub mod rope;
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use hal::{Error, Op, Result};
 
-use crate::device::{driver_err, Dev};
+use crate::device::{driver_err, DependentLaunch, Dev};
 use crate::memo::Fact;
 
 /// One kernel argument, as the C signature declares it.
@@ -61,10 +61,15 @@ impl Arg {
     }
 }
 
+/// The kernels that do work before `grid_dep_wait()` (they begin with `grid_dep_trigger()`;
+/// kernels.rs checks that this list and the sources agree): their weight loads run under the
+/// predecessor's tail when they are launched early ([`DependentLaunch`]).
+pub(crate) const EARLY_WORK_KERNELS: &[&str] = &["linear_fp8_r1"];
+
 /// Launches `family::name` on the backend's stream. A grid with a zero dimension is a no-op.
-/// Where the device has it (`Dev::dependent_launch`), the kernel may be scheduled while its
-/// predecessor still runs (programmatic stream serialization); every kernel begins by waiting
-/// for it (`grid_dep_begin`, common.cuh), so only its launch and ramp overlap the predecessor.
+/// Where `Dev::dependent_launch` says so, the kernel may be scheduled while its predecessor
+/// still runs (programmatic stream serialization); every kernel waits for it before touching
+/// anything but its weights (`grid_dep_begin` / `grid_dep_wait`, common.cuh).
 pub(crate) fn launch(
     dev: &Dev,
     family: &'static str,
@@ -99,7 +104,11 @@ pub(crate) fn launch(
         sharedMemBytes: smem,
         hStream: dev.stream.cu_stream(),
         attrs: &mut attr,
-        numAttrs: dev.dependent_launch as u32,
+        numAttrs: match dev.dependent_launch {
+            DependentLaunch::Off => 0,
+            DependentLaunch::EarlyWork => EARLY_WORK_KERNELS.contains(&name) as u32,
+            DependentLaunch::All => 1,
+        },
     };
     dev.ctx.bind_to_thread().map_err(driver_err)?;
     // SAFETY: every kernel's argument list is built to match its C signature (ops/<family>.rs
