@@ -83,8 +83,23 @@ impl DecodeStep<'_> {
     /// Feeds `tokens[i]` to `slots[i]` at its next position, advances every slot by one and
     /// returns the logits `[slots, vocab]` (slot order). Errors (cache not the one this step
     /// was made for, a free slot, a token outside the vocabulary, a full slot) are returned
-    /// before anything runs, with the cache untouched.
+    /// before anything runs, with the cache untouched. The same as [`issue`](Self::issue), then
+    /// [`logits`](Self::logits).
     pub fn run(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.issue(cache, tokens)?;
+        self.logits()
+    }
+
+    /// The logits `[slots, vocab]` of the last issued step, once the device has finished it.
+    /// Deferred device-side errors of the steps issued since the last download surface here.
+    pub fn logits(&self) -> Result<Vec<f32>> {
+        Ok(hal::dtype::bytes_f32(&self.model.backend().download(&self.logits)?))
+    }
+
+    /// [`run`](Self::run) without waiting: issues the step and returns while the device may
+    /// still run it (the backend's stream keeps steps in order, so steps can be queued back to
+    /// back). The checks that `run` makes before anything runs are made here.
+    pub fn issue(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<()> {
         if cache.id() != self.cache_id {
             return Err(ModelError::Request("decode step used with another KV cache than the one it was made for".into()));
         }
@@ -118,7 +133,7 @@ impl DecodeStep<'_> {
         for &s in &self.slots {
             cache.advance(s, 1);
         }
-        Ok(hal::dtype::bytes_f32(&b.download(&self.logits)?))
+        Ok(())
     }
 
     /// Whether calls now replay a recording (false before the second call and on backends that

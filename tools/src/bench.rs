@@ -351,8 +351,9 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     // With --profile: a.profile more decode steps and one more chunk timed block by block.
     let extra = if a.profile > 0 { a.profile + a.chunk.max(1).min(prefill) } else { 0 };
     let kv_dtype = backends::kv_dtype(a.kv_dtype.as_deref(), &model)?;
-    // Decode runs twice (host-issued, then the recorded step with its two untimed first calls).
-    let decode_tokens = if a.decode > 0 { 2 * a.decode + 2 } else { 0 };
+    // Decode runs three times: host-issued, the recorded step with its two untimed first calls,
+    // and the recorded step queued back to back.
+    let decode_tokens = if a.decode > 0 { 3 * a.decode + 2 } else { 0 };
     let needed = a.fill + prefill + decode_tokens + extra + 1;
     let mut cache = model.new_cache_with(b, a.capacity.unwrap_or(needed), kv_dtype)?;
     let slots: Vec<usize> = (0..b).map(|_| cache.alloc_slot(model.backend())).collect::<Result<_, _>>()?;
@@ -437,6 +438,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     }
     let mut step_ms = Vec::with_capacity(a.decode);
     let mut recorded = false;
+    let mut queued_ms = 0.0;
     if a.decode > 0 {
         let mut step = model.decode_step(&cache, &slots)?;
         for k in 0..a.decode + 2 {
@@ -451,6 +453,15 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         if let Some(d) = step.recording() {
             println!("decode step recording: {d}");
         }
+        // The same steps queued back to back, one download at the end: the device's own time per
+        // step, without the host's round trip (download, next token, writes, launch) between
+        // steps that the timed loop above pays. Every step is fed the same tokens.
+        let t = Instant::now();
+        for _ in 0..a.decode {
+            step.issue(&mut cache, &next)?;
+        }
+        step.logits()?;
+        queued_ms = t.elapsed().as_secs_f64() * 1e3 / a.decode as f64;
     }
     let end_decode = cache.position(slots[0])?;
     let total_decode_s: f64 = step_ms.iter().sum::<f64>() / 1e3;
@@ -500,6 +511,12 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
             b as f64 * 1e3 / median,
             median_issued / median
         );
+        print!("decode, the same step queued back to back ({} steps, one download at the end): {queued_ms:.3} ms per step", a.decode);
+        if recorded {
+            // Where the backend ran the ops as they were issued, the host is inside both figures.
+            print!(", so the host's round trip between steps (download, next token, writes, launch) costs about {:.3} ms of the median step", median - queued_ms);
+        }
+        println!();
         println!(
             "decode bytes per step: {} = weights {} (attention {}, routed experts {}, shared expert {}, other {}, head {}, embed {}) + cache read {} ({kv_dtype} cache; {} if stored 1 byte/element)",
             mib(moved),
