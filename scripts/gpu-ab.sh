@@ -12,7 +12,7 @@
 # weight generation). Prints one line per run (the host-issued and replayed medians) and the
 # medians of each side. V4RT_BIN picks the binary (default target/release/v4rt).
 set -uo pipefail
-a=${1:?usage: gpu-ab.sh A B [ROUNDS] [bench args...]}
+a=${1?usage: gpu-ab.sh A B [ROUNDS] [bench args...]}
 b=${2?usage: gpu-ab.sh A B [ROUNDS] [bench args...]}
 rounds=${3:-2}
 shift $(( $# < 3 ? $# : 3 ))
