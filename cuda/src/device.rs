@@ -162,8 +162,8 @@ pub(crate) struct Dev {
     /// newer, unless `V4RT_CUDA_FP8_MMA=0` (the CUDA-core GEMV then takes them, for comparison).
     pub fp8_mma: bool,
     /// Whether the one-pair FP4 expert kernels run on e4m3 `mma.sync` tiles (`moe_up_fp4_r1`,
-    /// `moe_down_fp4_r1`): sm_89 or newer, and only with `V4RT_CUDA_FP4_MMA=1` until they have been
-    /// measured on a GPU (docs/performance.md).
+    /// `moe_down_fp4_r1`): sm_89 or newer, and only with `V4RT_CUDA_FP4_MMA=1`. On an H100 they
+    /// pass conformance but are not faster than the CUDA-core kernels (docs/performance.md).
     pub fp4_mma: bool,
     /// Which kernels are launched with programmatic stream serialization (programmatic
     /// dependent launch, `ops::launch`); none below sm_90.
