@@ -245,6 +245,34 @@ fn decode_step_matches_forward() {
     assert_eq!((b.position(0).unwrap(), b.position(2).unwrap()), (15, 10));
 }
 
+/// `DecodeStep::issue` queues steps without downloading: after several issued steps, `logits`
+/// returns the last one's logits, bit for bit those of `run` doing the same steps one by one,
+/// and the slots stand where `run` leaves them.
+#[test]
+fn decode_step_issued_steps_match_run() {
+    let m = model();
+    let prompt: Vec<u32> = (0..7).map(|i| (i * 37 + 11) % 1024).collect();
+    let (mut a, mut b) = (cache(1, 16, 1), cache(1, 16, 1));
+    for c in [&mut a, &mut b] {
+        forward(c, &[Chunk { slot: 0, tokens: &prompt }], &opts()).unwrap();
+    }
+    let (mut run, mut queued) = (m.decode_step(&a, &[0]).unwrap(), m.decode_step(&b, &[0]).unwrap());
+    let mut want = Vec::new();
+    for k in 0..5u32 {
+        let token = [(k * 101 + 7) % 1024];
+        want = run.run(&mut a, &token).unwrap();
+        queued.issue(&mut b, &token).unwrap();
+    }
+    let got = queued.logits().unwrap();
+    assert_eq!(got.len(), want.len());
+    assert!(got.iter().all(|x| x.is_finite()), "non-finite logits");
+    let differing = got.iter().zip(&want).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+    assert_eq!(differing, 0, "{differing} of {} logits differ between issued and run steps", got.len());
+    assert_eq!((a.position(0).unwrap(), b.position(0).unwrap()), (12, 12));
+    expect_request_error(queued.issue(&mut b, &[1024]), &["token id 1024", "slot 0"]);
+    assert_eq!(b.position(0).unwrap(), 12, "a rejected issue moved the slot");
+}
+
 /// Bad decode-step requests are request errors naming what is wrong, and leave the cache as it was.
 #[test]
 fn decode_step_bad_requests() {
