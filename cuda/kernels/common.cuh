@@ -42,8 +42,9 @@ typedef unsigned long long u64;
 // has completed with its writes visible. Completion is transitive (a grid cannot complete before
 // its own wait returned), so after the wait a kernel sees every earlier kernel's writes.
 // Before the wait a kernel may only compute addresses and load FP8/FP4 weight codes and their
-// e8m0 scales: no op has an output of those dtypes, so only upload/write change them, and those
-// are stream-ordered copies that a programmatic launch never overlaps. Loading them early puts
+// e8m0 scales: no op has an output of a one-byte dtype (tests/tests/conformance.rs checks every
+// op), so only upload/write change them, and those are stream-ordered copies that a
+// programmatic launch never overlaps. Loading them early puts
 // the weight stream of a GEMV under its predecessors' tails.
 // Without the launch attribute, and below sm_90, these instructions are no-ops.
 __device__ __forceinline__ void grid_dep_trigger() {

@@ -298,14 +298,19 @@ impl Dev {
             let (words, rest) = all.split_at_mut(words_len);
             (words, rest)
         };
-        unsafe {
-            cudarc::driver::result::memcpy_dtoh_async(&mut *words, self.err_ptr, cu).map_err(driver_err)?;
-            if !out.is_empty() {
+        let issued = unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(&mut *words, self.err_ptr, cu).and_then(|()| {
+                if out.is_empty() {
+                    return Ok(());
+                }
                 let dst: &mut [u8] = if staged { &mut data[..out.len()] } else { &mut *out };
-                cudarc::driver::result::memcpy_dtoh_async(dst, src, cu).map_err(driver_err)?;
-            }
-        }
-        self.stream.synchronize().map_err(driver_err)?;
+                cudarc::driver::result::memcpy_dtoh_async(dst, src, cu)
+            })
+        };
+        // Waited for even when the second copy was refused: the first may be in flight into
+        // memory that the lock is about to hand to someone else.
+        let waited = self.stream.synchronize();
+        issued.and(waited).map_err(driver_err)?;
         if staged && !out.is_empty() {
             out.copy_from_slice(&data[..out.len()]);
         }

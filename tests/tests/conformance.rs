@@ -43,6 +43,22 @@ fn every_op_kind_has_cases() {
     println!("{} cases ({} large)", all.len(), all.iter().filter(|c| c.large).count());
 }
 
+/// No op writes a tensor of a one-byte dtype (FP8/FP4 codes, e8m0 scales, i8): those tensors
+/// change only through `upload`/`write`. The CUDA backend relies on it to load FP8 weights
+/// before a kernel's dependency wait (cuda/kernels/common.cuh, `grid_dep_trigger`); an op with
+/// such an output would make those early loads race with it.
+#[test]
+fn no_op_writes_a_one_byte_dtype() {
+    let all = cases(conformance::DEFAULT_SEED);
+    let kinds: BTreeSet<usize> = all.iter().map(|c| kind_index(&c.op)).collect();
+    assert_eq!(kinds.len(), N_KINDS, "every op kind is looked at");
+    for c in &all {
+        for spec in c.op.signature().outputs {
+            assert!(spec.dtype.size() > 1, "{} ({}) writes '{}' as {}", c.op.name(), c.label, spec.name, spec.dtype);
+        }
+    }
+}
+
 #[test]
 fn cpu_ref_passes_against_itself() {
     let b = CpuBackend::new();
