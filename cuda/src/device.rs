@@ -132,17 +132,22 @@ impl Storage for CudaStorage {
 }
 
 /// Which kernels may be scheduled while their predecessor runs (programmatic dependent launch).
-/// Every kernel waits for its predecessor before it touches activations (common.cuh), so what
-/// an early start buys is the work a kernel does before that wait: only the kernels in
-/// `ops::EARLY_WORK_KERNELS` do any. Measured on an H100 (docs/performance.md), an early start
-/// costs the others 0.3–1 µs each in a replayed graph, against a plain graph edge.
+/// Every kernel waits for its predecessor before it touches activations (common.cuh). Measured
+/// on an H100 (docs/performance.md): in a replayed graph an early start buys only the work a
+/// kernel does before that wait (`ops::EARLY_WORK_KERNELS`) and costs the others 0.3–1 µs each
+/// against a plain graph edge; issued by the host, an early start also hides the host's issue
+/// time, and every kernel gains.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DependentLaunch {
     /// `V4RT_CUDA_PDL=0`, and below sm_90: every kernel waits for its predecessor to finish.
     Off,
-    /// The default on sm_90+: the kernels of `ops::EARLY_WORK_KERNELS`.
+    /// The default on sm_90+: every kernel issued by the host, and in a recording (a CUDA graph)
+    /// only the kernels of `ops::EARLY_WORK_KERNELS`.
+    Auto,
+    /// `V4RT_CUDA_PDL=early`: only the kernels of `ops::EARLY_WORK_KERNELS`, also when issued
+    /// by the host (for A/B runs).
     EarlyWork,
-    /// `V4RT_CUDA_PDL=all`: every kernel (for A/B runs).
+    /// `V4RT_CUDA_PDL=all`: every kernel, also in a recording (for A/B runs).
     All,
 }
 
@@ -212,7 +217,8 @@ impl Dev {
             _ if cc < 90 => DependentLaunch::Off,
             Ok("0") => DependentLaunch::Off,
             Ok("all") => DependentLaunch::All,
-            _ => DependentLaunch::EarlyWork,
+            Ok("early") => DependentLaunch::EarlyWork,
+            _ => DependentLaunch::Auto,
         };
         let pinned = Mutex::new(Pinned::new(ctx.clone()));
         let early_weights = match std::env::var("V4RT_CUDA_EARLY_WEIGHTS").as_deref() {

@@ -15,6 +15,8 @@ pub mod norm;
 pub mod quant;
 pub mod rope;
 
+use std::sync::atomic::Ordering;
+
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use hal::{Error, Op, Result};
 
@@ -63,7 +65,8 @@ impl Arg {
 
 /// The kernels that do work before `grid_dep_wait()` (they begin with `grid_dep_trigger()`;
 /// kernels.rs checks that this list and the sources agree): their weight loads run under the
-/// predecessor's tail when they are launched early ([`DependentLaunch`]).
+/// predecessor's tail when they are launched early, the only early launches a recording keeps
+/// by default ([`DependentLaunch`]).
 pub(crate) const EARLY_WORK_KERNELS: &[&str] = &["linear_fp8_r1"];
 
 /// Launches `family::name` on the backend's stream. A grid with a zero dimension is a no-op.
@@ -106,7 +109,8 @@ pub(crate) fn launch(
         attrs: &mut attr,
         numAttrs: match dev.dependent_launch {
             DependentLaunch::Off => 0,
-            DependentLaunch::EarlyWork => EARLY_WORK_KERNELS.contains(&name) as u32,
+            DependentLaunch::Auto if !dev.recording.load(Ordering::SeqCst) => 1,
+            DependentLaunch::Auto | DependentLaunch::EarlyWork => EARLY_WORK_KERNELS.contains(&name) as u32,
             DependentLaunch::All => 1,
         },
     };
