@@ -439,6 +439,8 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     let mut step_ms = Vec::with_capacity(a.decode);
     let mut recorded = false;
     let mut queued_ms = 0.0;
+    // Where the timed steps ended (the queued steps after them are not in the reported context).
+    let mut end_decode = start_decode;
     if a.decode > 0 {
         let mut step = model.decode_step(&cache, &slots)?;
         for k in 0..a.decode + 2 {
@@ -453,6 +455,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         if let Some(d) = step.recording() {
             println!("decode step recording: {d}");
         }
+        end_decode = cache.position(slots[0])?;
         // The same steps queued back to back, one download at the end: the device's own time per
         // step, without the host's round trip (download, next token, writes, launch) between
         // steps that the timed loop above pays. Every step is fed the same tokens.
@@ -463,7 +466,6 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         step.logits()?;
         queued_ms = t.elapsed().as_secs_f64() * 1e3 / a.decode as f64;
     }
-    let end_decode = cache.position(slots[0])?;
     let total_decode_s: f64 = step_ms.iter().sum::<f64>() / 1e3;
     let median_of = |ms: &[f64]| {
         let mut sorted = ms.to_vec();
