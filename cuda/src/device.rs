@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::result::DriverError;
 use cudarc::driver::sys::CUresult;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
 use hal::{Error, Result, Storage};
 
 use crate::kernels::Loaded;
@@ -20,57 +20,9 @@ pub const BACKEND_NAME: &str = "cuda";
 /// Words of the deferred-error buffer (see the crate docs): code, op, row, three values, spare.
 pub(crate) const ERR_WORDS: usize = 8;
 
-/// Largest download that goes through [`Pinned`] memory (larger ones, such as a saved cache,
-/// are copied into pageable memory directly rather than pinning that much host memory).
+/// Largest download that goes through pinned memory ([`Dev::copy_out`]; larger ones, such as a
+/// saved cache, are copied into pageable memory directly rather than pinning that much).
 const PINNED_MAX: usize = 16 << 20;
-
-/// Page-locked host memory that downloads land in, grown on demand and kept: a copy into it is
-/// one DMA, where a pageable destination is staged through the driver's own buffers.
-pub(crate) struct Pinned {
-    ctx: Arc<CudaContext>,
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the memory is only touched under `Dev::pinned`'s lock.
-unsafe impl Send for Pinned {}
-
-impl Pinned {
-    fn new(ctx: Arc<CudaContext>) -> Self {
-        Pinned { ctx, ptr: std::ptr::null_mut(), len: 0 }
-    }
-
-    /// At least `bytes` of pinned memory (contents unspecified).
-    fn reserve(&mut self, bytes: usize) -> Result<()> {
-        if bytes <= self.len {
-            return Ok(());
-        }
-        self.release();
-        let len = bytes.next_power_of_two().max(1 << 16);
-        // SAFETY: a plain host allocation in the bound context, freed in `release`.
-        let ptr = unsafe { cudarc::driver::result::malloc_host(len, 0) }.map_err(|e| alloc_err(e, len))?;
-        self.ptr = ptr as *mut u8;
-        self.len = len;
-        Ok(())
-    }
-
-    fn release(&mut self) {
-        if !self.ptr.is_null() {
-            let _ = self.ctx.bind_to_thread();
-            // SAFETY: `ptr` came from malloc_host and no copy into it is pending (every use
-            // synchronizes before releasing the lock).
-            let _ = unsafe { cudarc::driver::result::free_host(self.ptr as *mut std::ffi::c_void) };
-            self.ptr = std::ptr::null_mut();
-            self.len = 0;
-        }
-    }
-}
-
-impl Drop for Pinned {
-    fn drop(&mut self) {
-        self.release();
-    }
-}
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -182,8 +134,10 @@ pub(crate) struct Dev {
     pub err: Mutex<CudaSlice<i64>>,
     pub err_ptr: u64,
     pub kernels: Loaded,
-    /// Where downloads land (see [`Dev::copy_out`]).
-    pub pinned: Mutex<Pinned>,
+    /// Page-locked host memory that downloads land in (see [`Dev::copy_out`]), grown on
+    /// demand and kept: a copy into it is one DMA, where a pageable destination is staged
+    /// through the driver's own buffers.
+    pub pinned: Mutex<Option<PinnedHostSlice<u8>>>,
     /// Whether `Backend::record` is capturing the stream now (see `record.rs`).
     pub recording: AtomicBool,
     /// Checks that passed and quantized inputs, on bytes unchanged since (see `memo.rs`).
@@ -220,7 +174,6 @@ impl Dev {
             Ok("early") => DependentLaunch::EarlyWork,
             _ => DependentLaunch::Auto,
         };
-        let pinned = Mutex::new(Pinned::new(ctx.clone()));
         let early_weights = match std::env::var("V4RT_CUDA_EARLY_WEIGHTS").as_deref() {
             Ok("0") => 0,
             Ok("1") => 1,
@@ -240,7 +193,7 @@ impl Dev {
             err: Mutex::new(err),
             err_ptr,
             kernels: Loaded::new(arch),
-            pinned,
+            pinned: Mutex::new(None),
             recording: AtomicBool::new(false),
             memo: Memo::default(),
             arena: Mutex::new(None),
@@ -287,23 +240,27 @@ impl Dev {
 
     /// Copies `out.len()` bytes from device address `src` into `out` (none when `out` is empty)
     /// and returns the deferred-error words as they stand after all work issued before, waiting
-    /// once for both. Both land in pinned memory first ([`Pinned`]; data over `PINNED_MAX` goes
+    /// once for both. Both land in pinned memory first (`Dev::pinned`; data over `PINNED_MAX` goes
     /// straight into `out`), so a decode step's download is two DMA copies and one wait.
     pub fn copy_out(&self, src: u64, out: &mut [u8]) -> Result<[i64; ERR_WORDS]> {
         self.ctx.bind_to_thread().map_err(driver_err)?;
         let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
         let staged = out.len() <= PINNED_MAX;
         let words_len = ERR_WORDS * std::mem::size_of::<i64>();
-        pinned.reserve(words_len + if staged { out.len() } else { 0 })?;
+        let need = words_len + if staged { out.len() } else { 0 };
+        if !matches!(pinned.as_ref(), Some(p) if p.len() >= need) {
+            *pinned = None;
+            let len = need.next_power_of_two().max(1 << 16);
+            // SAFETY: the bytes are only read after a copy has written them. Flags 0, not cudarc's
+            // default write-combined memory, which the host reads slowly.
+            *pinned = Some(unsafe { self.ctx.alloc_pinned_with_flags::<u8>(len, 0) }.map_err(|e| alloc_err(e, len))?);
+        }
+        let host = pinned.as_mut().expect("allocated above").as_mut_slice().map_err(driver_err)?;
+        let (words, data) = host.split_at_mut(words_len);
         let cu = self.stream.cu_stream();
-        // SAFETY: `pinned` holds at least words_len (+ out.len() when staged) bytes and stays
-        // locked until the synchronize below has completed both copies; the caller passes the
-        // address of a live allocation of at least `out.len()` bytes; `err_ptr` is ERR_WORDS i64.
-        let (words, data) = unsafe {
-            let all = std::slice::from_raw_parts_mut(pinned.ptr, pinned.len);
-            let (words, rest) = all.split_at_mut(words_len);
-            (words, rest)
-        };
+        // SAFETY: `words` and `data` stay borrowed (and the lock held) until the synchronize
+        // below has completed both copies; the caller passes the address of a live allocation of
+        // at least `out.len()` bytes; `err_ptr` is ERR_WORDS i64.
         let issued = unsafe {
             cudarc::driver::result::memcpy_dtoh_async(&mut *words, self.err_ptr, cu).and_then(|()| {
                 if out.is_empty() {
