@@ -182,6 +182,20 @@ __device__ __forceinline__ float quant_scale(float amax, int fmt) {
 // The e4m3 code of v in a block of scale s.
 __device__ __forceinline__ u8 quant_code_e4m3(float v, float s) { return f32_to_e4m3(clamp_nan(v / s, -448.0f, 448.0f)); }
 
+// f32_to_e4m3(clamp_nan(x, ±448)) of lo and hi, lo in the low byte: one instruction on sm_89+.
+// With x = v · (1/s) for a power-of-two scale s (1/s exact, so the product rounds the same real
+// number as v / s) it is quant_code_e4m3(v, s) of two values; scripts/check-e4m3-cvt.cu checks
+// both claims on every f32 on a GPU.
+__device__ __forceinline__ u32 e4m3x2_sat(float lo, float hi) {
+#if __CUDA_ARCH__ >= 890
+    u16 r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    return (u32)f32_to_e4m3(clamp_nan(lo, -448.0f, 448.0f)) | ((u32)f32_to_e4m3(clamp_nan(hi, -448.0f, 448.0f)) << 8);
+#endif
+}
+
 // One value through quantize-then-dequantize with scale s.
 __device__ __forceinline__ float quant_value(float v, float s, int fmt) {
     if (fmt == FMT_FP8) return e4m3_to_f32(quant_code_e4m3(v, s)) * s;

@@ -83,7 +83,7 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 
 // ---- FP8 one-row GEMV on tensor cores (sm_89+) ----------------------------------------------
 // y[o] = Σ_kb sw[o / 128, kb]·sx[kb]·Σ_{i in block kb} W[o, i]·q[i] over the 128-column blocks
-// kb, with the row act_quant'ed as e4m3 codes q and power-of-two scales sx (quant_rows_e4m3).
+// kb, with the row act_quant'ed as e4m3 codes q and power-of-two scales sx.
 // A warp takes MMA_ROWS weight rows and multiplies them with mma.sync m16n8k32 e4m3 → f32: the
 // raw weight bytes are the A fragments and the codes of x the B fragments, so nothing is
 // dequantized: about 6 warp instructions per 512 weight bytes, where linear_fwd_r1 issues about
@@ -98,6 +98,16 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 // mma, so every lane's loads are whole 16-byte vectors. x fills all 8 B columns alike; column
 // 0 of D is read (lanes t = 0: c0 for row g, c2 for row g + 8).
 //
+// Where the codes come from (QUANT_IN): linear_fp8_r1 reads the f32 row and act_quants each k
+// block itself, as quant_rows_e4m3 would: the warp's lanes hold 4 columns each, a warp max gives
+// the block's scale, each lane encodes its 4 values into one word (two hardware conversions,
+// e4m3x2_sat; every row group repeats this for the whole row, so the software encoder cost
+// 2 µs a GEMV on an H100), and 8 shuffles hand lane
+// (g, t) the words of columns 16t.. and 64 + 16t... A warp quantizes only the k blocks it
+// multiplies, after issuing the next block's loads, so no block-wide pass over the row stands
+// before the first weight load (that pass is what made act_quant inside linear_fwd_r1 slower,
+// docs/performance.md). linear_fp8_r1_codes takes codes and scales quant_rows_e4m3 wrote.
+//
 // The block's 8 warps are 8 / ksplit row groups of ksplit warps, each warp one
 // contiguous run of the k blocks; the group's partial sums are added in warp order through
 // shared memory, so the result does not depend on timing. Each warp issues the loads of its next
@@ -106,11 +116,10 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 // the first k block's weights are issued before grid_dep_wait() (common.cuh says why that is
 // safe), so a GEMV whose blocks are resident before its predecessor ends streams its weights
 // under the predecessor's tail. Three blocks per SM (80 registers; ptxas -v for sm_90).
-// Needs k % 128 == 0.
-extern "C" __global__ void __launch_bounds__(256, 3)
-    linear_fp8_r1(const u8* xq, const float* xs, const u8* w, const u8* sc, float* y, i64 n, i64 k, int ksplit,
-                  int early) {
-    grid_dep_trigger();
+// Needs k % 128 == 0 (and, with QUANT_IN, x 16-byte aligned).
+template <bool QUANT_IN>
+__device__ __forceinline__ void linear_fp8_r1_impl(const void* xin, const float* xs, const u8* w, const u8* sc,
+                                                   float* y, i64 n, i64 k, int ksplit, int early) {
 #if __CUDA_ARCH__ >= 890
     __shared__ float part[8][MMA_ROWS];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -121,11 +130,13 @@ extern "C" __global__ void __launch_bounds__(256, 3)
     i64 ra = min(r0 + g, n - 1), rb = min(r0 + g + 8, n - 1);
     const u8* wa = w + ra * k + 16 * t;
     const u8* wb = w + rb * k + 16 * t;
-    const u8* xt = xq + 16 * t;
     const u8* srow = sc + (r0 >> 7) * kblocks;
-    // One k block: rows g and g + 8 and x at both 64-column steps, and the block's scale.
+    // One k block: rows g and g + 8 at both 64-column steps, the weight block's scale, and x:
+    // the lane's codes at both steps, or (QUANT_IN) the lane's 4 f32 values of the block.
     struct Blk {
-        uint4 q[6];
+        uint4 q[4];
+        uint4 xq[2];
+        float4 xv;
         float s;
     };
     auto load_w = [&](i64 kb, Blk& b) {
@@ -138,9 +149,27 @@ extern "C" __global__ void __launch_bounds__(256, 3)
     };
     auto load_x = [&](i64 kb, Blk& b) {
         i64 o = kb << 7;
-        b.q[4] = __ldg((const uint4*)(xt + o));
-        b.q[5] = __ldg((const uint4*)(xt + o + 64));
-        b.s *= xs[kb];
+        if (QUANT_IN) {
+            b.xv = __ldg((const float4*)((const float*)xin + o) + lane);
+        } else {
+            const u8* xt = (const u8*)xin + 16 * t;
+            b.xq[0] = __ldg((const uint4*)(xt + o));
+            b.xq[1] = __ldg((const uint4*)(xt + o + 64));
+            b.s *= xs[kb];
+        }
+    };
+    // QUANT_IN: b's codes and b.s *= the block's act scale (quant_row_blocks' arithmetic).
+    auto quantize = [&](Blk& b) {
+        float4 v = b.xv;
+        float amax = warp_max_f(fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+        float s = quant_scale(amax, FMT_FP8), inv = 1.0f / s;
+        u32 word = e4m3x2_sat(v.x * inv, v.y * inv) | (e4m3x2_sat(v.z * inv, v.w * inv) << 16);
+        u32 c[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) c[j] = __shfl_sync(FULL_MASK, word, (j < 4 ? 4 * t : 16 + 4 * t) + (j & 3));
+        b.xq[0] = make_uint4(c[0], c[1], c[2], c[3]);
+        b.xq[1] = make_uint4(c[4], c[5], c[6], c[7]);
+        b.s *= s;
     };
     // A row's 128 columns are one 128-byte line: lane (g, t) asks the L2 for row g (t even) or
     // g + 8 (t odd) at every other k block after the first, so the whole run is requested at once.
@@ -159,10 +188,11 @@ extern "C" __global__ void __launch_bounds__(256, 3)
             load_w(kb + 1, nxt);
             load_x(kb + 1, nxt);
         }
+        if (QUANT_IN) quantize(cur);
         float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const uint4 &ra4 = cur.q[2 * h], &rb4 = cur.q[2 * h + 1], &x4 = cur.q[4 + h];
+            const uint4 &ra4 = cur.q[2 * h], &rb4 = cur.q[2 * h + 1], &x4 = cur.xq[h];
             mma_e4m3_16x8x32(d, ra4.x, rb4.x, ra4.y, rb4.y, x4.x, x4.y);
             mma_e4m3_16x8x32(d, ra4.z, rb4.z, ra4.w, rb4.w, x4.z, x4.w);
         }
@@ -185,6 +215,21 @@ extern "C" __global__ void __launch_bounds__(256, 3)
 #else
     grid_dep_wait();
 #endif
+}
+
+// x: the f32 row.
+extern "C" __global__ void __launch_bounds__(256, 3)
+    linear_fp8_r1(const float* x, const u8* w, const u8* sc, float* y, i64 n, i64 k, int ksplit, int early) {
+    grid_dep_trigger();
+    linear_fp8_r1_impl<true>(x, nullptr, w, sc, y, n, k, ksplit, early);
+}
+
+// xq, xs: the row's e4m3 codes and their scales (quant_rows_e4m3).
+extern "C" __global__ void __launch_bounds__(256, 3)
+    linear_fp8_r1_codes(const u8* xq, const float* xs, const u8* w, const u8* sc, float* y, i64 n, i64 k,
+                        int ksplit, int early) {
+    grid_dep_trigger();
+    linear_fp8_r1_impl<false>(xq, xs, w, sc, y, n, k, ksplit, early);
 }
 
 // LIN_RT rows per pass.

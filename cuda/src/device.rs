@@ -130,6 +130,10 @@ pub(crate) struct Dev {
     /// says why that is safe); 1, the same after the wait; 0, no prefetch. Set by
     /// `V4RT_CUDA_EARLY_WEIGHTS`, for A/B runs of one binary.
     pub early_weights: i32,
+    /// Whether `linear_fp8_r1` act_quants its f32 row itself (the default) rather than reading
+    /// the codes of a `quant_rows_e4m3` launched before it (`V4RT_CUDA_GEMV_ACT=separate`, for
+    /// A/B runs of one binary).
+    pub gemv_quantizes: bool,
     /// Deferred argument errors, `ERR_WORDS` i64 (all zero: none). Locked while read and cleared.
     pub err: Mutex<CudaSlice<i64>>,
     pub err_ptr: u64,
@@ -179,6 +183,7 @@ impl Dev {
             Ok("1") => 1,
             _ => 2,
         };
+        let gemv_quantizes = std::env::var("V4RT_CUDA_GEMV_ACT").map_or(true, |v| v != "separate");
         Ok(Dev {
             ctx,
             stream,
@@ -190,6 +195,7 @@ impl Dev {
             fp4_mma,
             dependent_launch,
             early_weights,
+            gemv_quantizes,
             err: Mutex::new(err),
             err_ptr,
             kernels: Loaded::new(arch),

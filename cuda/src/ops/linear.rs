@@ -8,9 +8,10 @@
 //! row (`k_split`); 16-byte weight loads, f32 FMA
 //! lane sums, a shuffle tree, and the group's partial sums added in warp order.
 //!
-//! One-row FP8 linears on sm_89+ (the decode projections) take `linear_fp8_r1` instead: the row
-//! act_quant'ed as e4m3 codes and scales (`ActForm::E4m3`), multiplied with the raw weight
-//! bytes by `mma.sync` e4m3 tiles and promoted to f32 every 128 columns (`takes_fp8_mma`).
+//! One-row FP8 linears on sm_89+ (the decode projections) take `linear_fp8_r1` instead: each
+//! warp act_quants the row's blocks it needs as e4m3 codes and scales, multiplies them with the
+//! raw weight bytes by `mma.sync` e4m3 tiles and promotes to f32 every 128 columns
+//! (`takes_fp8_mma`); no act_quant kernel runs before it.
 
 use hal::ops::{GroupedLinear, Linear, WeightFormat};
 use hal::{Error, Result};
@@ -209,15 +210,22 @@ pub(crate) fn mma_k_split(dev: &Dev, row_groups: usize, k: usize) -> usize {
     split
 }
 
-/// Launches `linear_fp8_r1`: `y = W·x̃` for one row, x̃ act_quant'ed as e4m3 codes and scales at
-/// `xq` ([`ActForm::E4m3`]).
-fn linear_fp8_mma(dev: &Dev, xq: u64, (w, sc): (u64, u64), y: u64, k: usize, n: usize) -> Result<()> {
+/// Launches the FP8 tensor-core GEMV `y = W·x̃` for the one f32 row at `x`: `linear_fp8_r1`,
+/// which act_quants the row's blocks itself, where [`Dev::gemv_quantizes`] and `x` is 16-byte
+/// aligned; else `linear_fp8_r1_codes` after a separate act_quant ([`ActForm::E4m3`]).
+fn linear_fp8_mma(dev: &Dev, x: u64, (w, sc): (u64, u64), y: u64, k: usize, n: usize) -> Result<()> {
     let split = mma_k_split(dev, n.div_ceil(MMA_ROWS), k);
     let groups_per_block = BLOCK as usize / 32 / split;
-    let grid = n.div_ceil(MMA_ROWS * groups_per_block) as u32;
+    let grid = (n.div_ceil(MMA_ROWS * groups_per_block) as u32, 1, 1);
+    let tail = [Arg::P(w), Arg::P(sc), Arg::P(y), l(n), l(k), Arg::I(split as i32), Arg::I(dev.early_weights)];
+    if dev.gemv_quantizes && x % 16 == 0 {
+        let args: Vec<Arg> = std::iter::once(Arg::P(x)).chain(tail).collect();
+        return launch(dev, FAMILY, "linear_fp8_r1", grid, BLOCK, 0, &args);
+    }
+    let (xq, _held) = act_quant(dev, FAMILY, x, 1, k, ACT_BLOCK, ActForm::E4m3)?;
     let xs = xq + codes_scales_offset(1, k) as u64;
-    let args = [Arg::P(xq), Arg::P(xs), Arg::P(w), Arg::P(sc), Arg::P(y), l(n), l(k), Arg::I(split as i32), Arg::I(dev.early_weights)];
-    launch(dev, FAMILY, "linear_fp8_r1", (grid, 1, 1), BLOCK, 0, &args)
+    let args: Vec<Arg> = [Arg::P(xq), Arg::P(xs)].into_iter().chain(tail).collect();
+    launch(dev, FAMILY, "linear_fp8_r1_codes", grid, BLOCK, 0, &args)
 }
 
 /// [`Linear`].
@@ -229,8 +237,7 @@ pub(crate) fn linear(dev: &Dev, op: &Linear, ins: &[u64], outs: &[u64]) -> Resul
     let sc = ins.get(2).copied().unwrap_or(0);
     let quantized = op.format.quantizes_input();
     if takes_fp8_mma(dev, rows, k, op.format) {
-        let (xq, _held) = act_quant(dev, FAMILY, ins[0], rows, k, ACT_BLOCK, ActForm::E4m3)?;
-        return linear_fp8_mma(dev, xq, (ins[1], sc), outs[0], k, n);
+        return linear_fp8_mma(dev, ins[0], (ins[1], sc), outs[0], k, n);
     }
     let (x, _held) = if quantized && k > 0 {
         let form = if takes_tc(dev, rows, k, n, n, k, op.format, quantized) { ActForm::Bf16 } else { ActForm::F32 };

@@ -134,9 +134,10 @@ fn quant_rows_e4m3(
 /// when small. Returns its address and, when the memo does not keep it, the buffer to hold until
 /// the op's kernels are issued.
 ///
-/// One row (decode) in f32 or e4m3 form, where the FP8 GEMV runs, is quantized into both forms by
-/// one kernel: the FFN norm's row feeds the routed experts (f32) and the shared expert (e4m3), and
-/// a second kernel of a few µs would cost more than writing the other form along.
+/// With `V4RT_CUDA_GEMV_ACT=separate`, one row (decode) in f32 or e4m3 form, where the FP8 GEMV
+/// runs, is quantized into both forms by one kernel: the FFN norm's row feeds the routed experts
+/// (f32) and the shared expert (e4m3), and a second kernel of a few µs would cost more than
+/// writing the other form along. By default the GEMV quantizes its own row and asks for no copy.
 pub(crate) fn act_quant(
     dev: &Dev,
     family: &'static str,
@@ -151,7 +152,7 @@ pub(crate) fn act_quant(
         return Ok((p, None));
     }
     #[allow(clippy::manual_is_multiple_of)] // `%`: the workspace MSRV is 1.80
-    let both = dev.fp8_mma && rows == 1 && form != ActForm::Bf16 && block > 0 && dim % block == 0;
+    let both = dev.fp8_mma && !dev.gemv_quantizes && rows == 1 && form != ActForm::Bf16 && block > 0 && dim % block == 0;
     if both && Memo::keeps(&key) {
         let f32_bytes = ActForm::F32.bytes(rows, dim, block).div_ceil(16) * 16;
         let buf = Arc::new(dev.scratch(f32_bytes + ActForm::E4m3.bytes(rows, dim, block))?);
