@@ -11,7 +11,7 @@ template <typename C>
 __device__ __forceinline__ void index_scores_rows(const float* q, const float* w, const C* keys, const int* slots,
                                                   const int* pos, i64 r0, i64 nrows, i64 heads, i64 d,
                                                   int num_slots, i64 cap, i64 ratio, float ws, float* scores,
-                                                  const i64* err) {
+                                                  const i64* err, i64 /* wide_from: index_scores_t's */) {
     if (err[0] != 0) return;
     int lane = threadIdx.x & 31;
     i64 warps = nrows * cap;
@@ -48,64 +48,131 @@ __device__ __forceinline__ void key4(const u16* k, i64 c4, float* kc) {
     kc[2] = bf16_to_f32((u16)v.y); kc[3] = bf16_to_f32((u16)(v.y >> 16));
 }
 
-// index_scores with one thread per (row, key), for up to 64 heads and d % 4 == 0: the thread
-// forms the key's dots with every head at once in f32 FMA, reading q from shared memory
-// transposed to [d][64] (a float4 gives four heads, the same address for the whole warp, so no
-// bank conflicts and no cross-lane sums), then Σ_h (w·ws)·max(0, dot_h) in f64 in head order,
-// rounded once. The dots are f32, not index_scores' f64: f64 conversions run at 1/8 the f32 FMA
-// rate and dominate at 10^5 keys; the f32 dot is within ~1e-6 of the f64 one, far inside the
-// op's near-tie tolerance. Grid (key blocks, rows); dynamic shared memory d·64 floats. The key is
-// read four elements at a time (key4: 16 bytes f32, 8 bytes bf16; key rows are aligned to that
-// since d % 4 == 0).
+// index_scores by tiles of IS_KEYS keys, for up to 64 heads and d % 4 == 0: block (tile, row) of
+// 256 threads, where thread (group g, key j) forms the f32 FMA dots of key j with heads
+// 8g .. 8g + 7, reading q from shared memory transposed to [d][64] (two float4 give its eight
+// heads, the same address for the whole warp, so no bank conflicts and no cross-lane sums),
+// and their Σ_h (w·ws)·max(0, dot_h) in f64 in head order; one thread per key adds the eight
+// groups' f64 sums in group order and rounds once. The dots are f32, not index_scores' f64: f64
+// conversions run at 1/8 the f32 FMA rate and dominate at 10^5 keys; the f32 dot is within ~1e-6
+// of the f64 one, far inside the op's near-tie tolerance (as is the grouping of the f64 sum).
+// Eight head groups rather than one thread for all 64 heads give a 4K context's 1024 keys 32
+// blocks instead of 4 (that kernel took 33 µs of a decode step). From `wide_from` visible keys
+// on (host: a tile of 256 keys for half the SMs), each thread takes one key with all 64
+// heads instead (`wide`: the dots in registers, the f64 sum over all heads in head order): each
+// key row is then read by one thread rather than eight, which at 1M tokens (256K keys) ran in
+// half the time of the grouped form. Blocks stride over the tiles, so long rows stage q once per
+// block, not once per tile. Dynamic shared memory (host:
+// indexer::scores_t_smem): q [d][64] f32, the weights w·ws [64] f32, the sums [IS_KEYS][8] f64.
+// A key row is read four elements at a time (key4: 16 bytes f32, 8 bytes bf16; key rows are
+// aligned to that since d % 4 == 0).
+#define IS_KEYS 32
+#define IS_HEADS_PER_THREAD 8
 template <typename C>
 __device__ __forceinline__ void index_scores_t_rows(const float* q, const float* w, const C* keys, const int* slots,
                                                     const int* pos, i64 r0, i64 nrows, i64 heads, i64 d,
                                                     int num_slots, i64 cap, i64 ratio, float ws, float* scores,
-                                                    const i64* err) {
-    extern __shared__ float qt[];
+                                                    const i64* err, i64 wide_from) {
+    extern __shared__ double is_smem[];
+    constexpr int groups = 64 / IS_HEADS_PER_THREAD;
+    double* part = is_smem;                             // [IS_KEYS][groups]
+    float* wsh = (float*)(is_smem + IS_KEYS * groups);  // [64]
+    float* qt = wsh + 64;                               // [d][64]
     if (err[0] != 0) return;
     i64 rl = blockIdx.y, r = r0 + rl;
     int s = slots[r], p = pos[r];
     if (s < 0 || s >= num_slots || p < 0) return;
     i64 n = ((i64)p + 1) / ratio;
     if (n > cap) n = cap;
-    i64 j0 = (i64)blockIdx.x * blockDim.x;
-    if (j0 >= n) return;
-    const float* qr = q + r * heads * d;
-    for (i64 e = threadIdx.x; e < d * 64; e += blockDim.x) {
-        i64 c = e >> 6;
+    bool wide = n >= wide_from;
+    i64 tile = wide ? (i64)blockDim.x : IS_KEYS;
+    if ((i64)blockIdx.x * tile >= n) return;
+    if (threadIdx.x < 64) wsh[threadIdx.x] = threadIdx.x < heads ? w[r * heads + threadIdx.x] * ws : 0.0f;
+    // q [heads][d] → qt [d][64]: a float4 of columns per thread, a warp's lanes 32 heads (whole
+    // 16-byte pieces of the rows, and stores to 32 banks); all loads are issued before the stores.
+    const float4* qr4 = (const float4*)(q + r * heads * d);
+#pragma unroll 8
+    for (i64 e = threadIdx.x; e < d * 16; e += blockDim.x) {
+        i64 c4 = e >> 6;
         int h = (int)(e & 63);
-        qt[e] = h < heads ? qr[h * d + c] : 0.0f;
+        float4 v = h < heads ? qr4[h * (d / 4) + c4] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        qt[(4 * c4) * 64 + h] = v.x;
+        qt[(4 * c4 + 1) * 64 + h] = v.y;
+        qt[(4 * c4 + 2) * 64 + h] = v.z;
+        qt[(4 * c4 + 3) * 64 + h] = v.w;
     }
     __syncthreads();
-    i64 j = j0 + threadIdx.x;
-    if (j >= n) return;
-    const C* k = keys + ((i64)s * cap + j) * d;
-    float acc[64];
+    if (wide) {
+        for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += (i64)gridDim.x * blockDim.x) {
+            const C* k = keys + ((i64)s * cap + j) * d;
+            float acc[64];
 #pragma unroll
-    for (int h = 0; h < 64; ++h) acc[h] = 0.0f;
-    for (i64 c4 = 0; c4 < d / 4; ++c4) {
-        float kc[4];
-        key4(k, c4, kc);
+            for (int h = 0; h < 64; ++h) acc[h] = 0.0f;
+            for (i64 c4 = 0; c4 < d / 4; ++c4) {
+                float kc[4];
+                key4(k, c4, kc);
 #pragma unroll
-        for (int cc = 0; cc < 4; ++cc) {
-            const float4* qrow = (const float4*)(qt + (c4 * 4 + cc) * 64);
+                for (int cc = 0; cc < 4; ++cc) {
+                    const float4* qrow = (const float4*)(qt + (c4 * 4 + cc) * 64);
 #pragma unroll
-            for (int h4 = 0; h4 < 16; ++h4) {
-                float4 qv = qrow[h4];
-                acc[4 * h4] = fmaf(qv.x, kc[cc], acc[4 * h4]);
-                acc[4 * h4 + 1] = fmaf(qv.y, kc[cc], acc[4 * h4 + 1]);
-                acc[4 * h4 + 2] = fmaf(qv.z, kc[cc], acc[4 * h4 + 2]);
-                acc[4 * h4 + 3] = fmaf(qv.w, kc[cc], acc[4 * h4 + 3]);
+                    for (int h4 = 0; h4 < 16; ++h4) {
+                        float4 qv = qrow[h4];
+                        acc[4 * h4] = fmaf(qv.x, kc[cc], acc[4 * h4]);
+                        acc[4 * h4 + 1] = fmaf(qv.y, kc[cc], acc[4 * h4 + 1]);
+                        acc[4 * h4 + 2] = fmaf(qv.z, kc[cc], acc[4 * h4 + 2]);
+                        acc[4 * h4 + 3] = fmaf(qv.w, kc[cc], acc[4 * h4 + 3]);
+                    }
+                }
             }
-        }
-    }
-    const float* wr = w + r * heads;
-    double total = 0.0;
+            double total = 0.0;
 #pragma unroll
-    for (int h = 0; h < 64; ++h)
-        if (h < heads) total += (double)(wr[h] * ws) * (double)fmaxf(acc[h], 0.0f);
-    scores[rl * cap + j] = (float)total;
+            for (int h = 0; h < 64; ++h)
+                if (h < heads) total += (double)wsh[h] * (double)fmaxf(acc[h], 0.0f);
+            scores[rl * cap + j] = (float)total;
+        }
+        return;
+    }
+    int jl = threadIdx.x % IS_KEYS, g = threadIdx.x / IS_KEYS;
+    for (i64 j0 = (i64)blockIdx.x * IS_KEYS; j0 < n; j0 += (i64)gridDim.x * IS_KEYS) {
+        i64 j = j0 + jl;
+        if (j < n) {
+            const C* k = keys + ((i64)s * cap + j) * d;
+            float acc[IS_HEADS_PER_THREAD];
+#pragma unroll
+            for (int h = 0; h < IS_HEADS_PER_THREAD; ++h) acc[h] = 0.0f;
+#pragma unroll 2
+            for (i64 c4 = 0; c4 < d / 4; ++c4) {
+                float kc[4];
+                key4(k, c4, kc);
+#pragma unroll
+                for (int cc = 0; cc < 4; ++cc) {
+                    const float4* qrow = (const float4*)(qt + (c4 * 4 + cc) * 64 + g * IS_HEADS_PER_THREAD);
+#pragma unroll
+                    for (int h4 = 0; h4 < IS_HEADS_PER_THREAD / 4; ++h4) {
+                        float4 qv = qrow[h4];
+                        acc[4 * h4] = fmaf(qv.x, kc[cc], acc[4 * h4]);
+                        acc[4 * h4 + 1] = fmaf(qv.y, kc[cc], acc[4 * h4 + 1]);
+                        acc[4 * h4 + 2] = fmaf(qv.z, kc[cc], acc[4 * h4 + 2]);
+                        acc[4 * h4 + 3] = fmaf(qv.w, kc[cc], acc[4 * h4 + 3]);
+                    }
+                }
+            }
+            // Heads past `heads` have weight 0 and dot 0: they add exact zeros.
+            double sum = 0.0;
+#pragma unroll
+            for (int h = 0; h < IS_HEADS_PER_THREAD; ++h)
+                sum += (double)wsh[g * IS_HEADS_PER_THREAD + h] * (double)fmaxf(acc[h], 0.0f);
+            part[jl * groups + g] = sum;
+        }
+        __syncthreads();
+        if (g == 0 && j < n) {
+            double total = 0.0;
+#pragma unroll
+            for (int q = 0; q < groups; ++q) total += part[jl * groups + q];
+            scores[rl * cap + j] = (float)total;
+        }
+        __syncthreads();
+    }
 }
 
 // The entry points, one per key type (each compiled, registers included, for its own
@@ -113,9 +180,10 @@ __device__ __forceinline__ void index_scores_t_rows(const float* q, const float*
 #define INDEX_SCORES_KERNEL(BOUNDS, NAME, BODY, C)                                                                   \
     extern "C" __global__ void BOUNDS NAME(const float* q, const float* w, const C* keys, const int* slots,         \
                                            const int* pos, i64 r0, i64 nrows, i64 heads, i64 d, int num_slots,     \
-                                           i64 cap, i64 ratio, float ws, float* scores, const i64* err) {          \
+                                           i64 cap, i64 ratio, float ws, float* scores, const i64* err,            \
+                                           i64 wide_from) {                                                        \
         grid_dep_begin();                                                                                          \
-        BODY(q, w, keys, slots, pos, r0, nrows, heads, d, num_slots, cap, ratio, ws, scores, err);                  \
+        BODY(q, w, keys, slots, pos, r0, nrows, heads, d, num_slots, cap, ratio, ws, scores, err, wide_from);       \
     }
 INDEX_SCORES_KERNEL(, index_scores, index_scores_rows, float)
 INDEX_SCORES_KERNEL(, index_scores_bf16, index_scores_rows, u16)
@@ -136,18 +204,43 @@ struct TopkSrc {
 };
 
 struct TopkShared {
-    u32 hist[256];
     u32 whist[32][256];
     u32 prefix;
     int remaining, gt;
-    int cnt[1024];
+    u32 scan[32];
 };
+
+// Inclusive prefix sum of v over the block's threads in thread order; called by every thread of
+// a block of whole warps (at most 1024 threads). `tot`: 32 words of shared scratch.
+__device__ __forceinline__ u32 block_incl_scan(u32 v, u32* tot) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int o = 1; o < 32; o <<= 1) {
+        u32 u = __shfl_up_sync(FULL_MASK, v, o);
+        if (lane >= o) v += u;
+    }
+    if (lane == 31) tot[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        u32 t = lane < nw ? tot[lane] : 0u;
+        for (int o = 1; o < 32; o <<= 1) {
+            u32 u = __shfl_up_sync(FULL_MASK, t, o);
+            if (lane >= o) t += u;
+        }
+        tot[lane] = t;
+    }
+    __syncthreads();
+    u32 r = v + (w > 0 ? tot[w - 1] : 0u);
+    __syncthreads();
+    return r;
+}
 
 // The m = min(k, n) largest codes of src[0..n) into sel[0..m) (unordered), then sel[m..P) = 0 and
 // sorted descending; called by the whole block (1024 threads), P a power of two ≥ m. Radix select
 // of the k-th key (4 passes of 8 bits; per-warp histograms with one shared add per distinct digit
 // per warp step, since the keys share their top digits and 1024 threads adding to one bin
 // serialize), then the elements above it and the ties at it in source order (lowest index first).
+// The digit search and the ties' ranks are block scans: one thread walking 256 bins per pass and
+// 1024 counts was most of the kernel's 40 µs at 1024 keys.
 __device__ void topk_select_sort(const TopkSrc& src, i64 n, int k, int m, int P, u64* sel, TopkShared& sh) {
     int tid = threadIdx.x, bd = blockDim.x;
     if (n <= k) {
@@ -157,6 +250,10 @@ __device__ void topk_select_sort(const TopkSrc& src, i64 n, int k, int m, int P,
         int remaining = k;
         for (int shift = 24; shift >= 0; shift -= 8) {
             for (int i = tid; i < 32 * 256; i += bd) (&sh.whist[0][0])[i] = 0;
+            if (tid == 0) {
+                sh.prefix = prefix;
+                sh.remaining = remaining;
+            }
             __syncthreads();
             i64 nr = (n + bd - 1) / bd * bd;
             for (i64 i = tid; i < nr; i += bd) {
@@ -167,24 +264,17 @@ __device__ void topk_select_sort(const TopkSrc& src, i64 n, int k, int m, int P,
                 if (take && __ffs(peers) - 1 == (tid & 31)) atomicAdd(&sh.whist[tid >> 5][digit], (u32)__popc(peers));
             }
             __syncthreads();
-            for (int dg = tid; dg < 256; dg += bd) {
-                u32 t = 0;
-                for (int w = 0; w < (bd >> 5); ++w) t += sh.whist[w][dg];
-                sh.hist[dg] = t;
+            // Thread j < 256 takes digit 255 − j: its inclusive scan is the count at or above
+            // the digit, and the k-th key's digit is the one thread where it first reaches
+            // `remaining`.
+            u32 here = 0;
+            if (tid < 256) {
+                for (int w = 0; w < (bd >> 5); ++w) here += sh.whist[w][255 - tid];
             }
-            __syncthreads();
-            if (tid == 0) {
-                u32 cum = 0;
-                for (int dgt = 255; dgt >= 0; --dgt) {
-                    if (cum + sh.hist[dgt] >= (u32)remaining) {
-                        prefix |= (u32)dgt << shift;
-                        remaining -= (int)cum;
-                        break;
-                    }
-                    cum += sh.hist[dgt];
-                }
-                sh.prefix = prefix;
-                sh.remaining = remaining;
+            u32 upto = block_incl_scan(here, sh.scan);
+            if (tid < 256 && upto - here < (u32)remaining && upto >= (u32)remaining) {
+                sh.prefix = prefix | ((u32)(255 - tid) << shift);
+                sh.remaining = remaining - (int)(upto - here);
             }
             __syncthreads();
             prefix = sh.prefix;
@@ -202,18 +292,7 @@ __device__ void topk_select_sort(const TopkSrc& src, i64 n, int k, int m, int P,
             if (u > prefix) sel[atomicAdd(&sh.gt, 1)] = src.code(i);
             else if (u == prefix) ++eq;
         }
-        sh.cnt[tid] = eq;
-        __syncthreads();
-        if (tid == 0) {
-            int acc = 0;
-            for (int t = 0; t < bd; ++t) {
-                int c = sh.cnt[t];
-                sh.cnt[t] = acc;
-                acc += c;
-            }
-        }
-        __syncthreads();
-        int rank = sh.cnt[tid];
+        int rank = (int)(block_incl_scan((u32)eq, sh.scan) - (u32)eq);
         int gt = k - remaining;
         for (i64 i = lo; i < hi && rank < remaining; ++i) {
             if (src.key(i) == prefix) {
@@ -224,7 +303,32 @@ __device__ void topk_select_sort(const TopkSrc& src, i64 n, int k, int m, int P,
     }
     for (int i = m + tid; i < P; i += bd) sel[i] = 0;
     __syncthreads();
-    // Bitonic sort, descending.
+    // Bitonic sort, descending. Where each thread can hold one element (P ≤ threads), thread i
+    // keeps element i in a register: partners closer than 32 are a shuffle away, farther ones
+    // are swapped through sel (two barriers), so only 10 of the 45 stages of P = 512 wait on the
+    // block.
+    if (P <= bd) {
+        u64 x = tid < P ? sel[tid] : 0;
+        for (int size = 2; size <= P; size <<= 1) {
+            for (int st = size >> 1; st > 0; st >>= 1) {
+                u64 y;
+                if (st >= 32) {
+                    __syncthreads();
+                    if (tid < P) sel[tid] = x;
+                    __syncthreads();
+                    y = tid < P ? sel[tid ^ st] : 0;
+                } else {
+                    y = __shfl_xor_sync(FULL_MASK, x, st);
+                }
+                bool keep_larger = ((tid & st) == 0) == ((tid & size) == 0);
+                x = keep_larger ? (x > y ? x : y) : (x < y ? x : y);
+            }
+        }
+        __syncthreads();
+        if (tid < P) sel[tid] = x;
+        __syncthreads();
+        return;
+    }
     for (int size = 2; size <= P; size <<= 1) {
         for (int st = size >> 1; st > 0; st >>= 1) {
             for (int i = tid; i < P; i += bd) {

@@ -134,6 +134,10 @@ pub(crate) struct Dev {
     /// the codes of a `quant_rows_e4m3` launched before it (`V4RT_CUDA_GEMV_ACT=separate`, for
     /// A/B runs of one binary).
     pub gemv_quantizes: bool,
+    /// Visible keys from which `index_scores_t` gives each thread one key with all heads
+    /// rather than eight threads a key (`ops::indexer`): a 256-key tile for half the SMs, or
+    /// `V4RT_CUDA_INDEX_WIDE_FROM` (0: always), so that a test can run either form at any size.
+    pub index_wide_from: usize,
     /// Deferred argument errors, `ERR_WORDS` i64 (all zero: none). Locked while read and cleared.
     pub err: Mutex<CudaSlice<i64>>,
     pub err_ptr: u64,
@@ -184,6 +188,10 @@ impl Dev {
             _ => 2,
         };
         let gemv_quantizes = std::env::var("V4RT_CUDA_GEMV_ACT").map_or(true, |v| v != "separate");
+        let index_wide_from = std::env::var("V4RT_CUDA_INDEX_WIDE_FROM")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(sms.max(1) * crate::ops::BLOCK as usize / 2);
         Ok(Dev {
             ctx,
             stream,
@@ -196,6 +204,7 @@ impl Dev {
             dependent_launch,
             early_weights,
             gemv_quantizes,
+            index_wide_from,
             err: Mutex::new(err),
             err_ptr,
             kernels: Loaded::new(arch),

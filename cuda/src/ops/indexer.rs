@@ -16,20 +16,33 @@ pub(crate) fn smem_for(x: &IndexerTopK) -> usize {
     x.topk.min(x.capacity).max(1).next_power_of_two() * 8
 }
 
-/// Whether `index_scores_t` (a thread per key, all heads at once; V4: 64 heads of 128) takes the
-/// scores: at most 64 heads, key rows of whole groups of 4 (one float4 of f32 keys, 8 bytes of
-/// bf16 ones), q (transposed) in shared memory.
+/// Keys per block tile and heads per thread of `index_scores_t` (`IS_KEYS`,
+/// `IS_HEADS_PER_THREAD` in indexer.cu): its `BLOCK` threads are 32 keys × 8 groups of 8 heads.
+pub(crate) const IS_KEYS: usize = 32;
+pub(crate) const IS_HEADS_PER_THREAD: usize = 8;
+
+/// Dynamic shared memory of `index_scores_t`: the tile's head-group sums `[IS_KEYS][8]` f64,
+/// the 64 head weights f32, q transposed to `[head_dim][64]` f32.
+fn scores_t_smem(op: &IndexerTopK) -> usize {
+    IS_KEYS * (64 / IS_HEADS_PER_THREAD) * 8 + (64 + op.head_dim * 64) * 4
+}
+
+/// Whether `index_scores_t` (tiles of 32 keys, all heads in 8 groups; V4: 64 heads of 128)
+/// takes the scores: at most 64 heads, key rows of whole groups of 4 (one float4 of f32 keys,
+/// 8 bytes of bf16 ones), q (transposed) and the dots in shared memory; the caller also
+/// needs q 16-byte aligned (it is read as float4).
 #[allow(clippy::manual_is_multiple_of)] // `%`: the workspace MSRV is 1.80
 fn scores_by_key(dev: &Dev, op: &IndexerTopK) -> bool {
-    op.heads <= 64 && op.head_dim % 4 == 0 && op.head_dim > 0 && op.head_dim * 64 * 4 <= dev.smem_optin
+    op.heads <= 64 && op.head_dim % 4 == 0 && op.head_dim > 0 && scores_t_smem(op) <= dev.smem_optin
 }
 
 /// Scores per block in the first stage of the top-k of long rows (at least 8·k); rows of at
 /// least two segments take the two-stage path (`topk_partial` + `topk_merge`).
 const TOPK_SEGMENT: usize = 8192;
 
-/// Static shared memory of `topk_rows` (histograms and counters), on top of [`smem_for`].
-pub(crate) const TOPK_STATIC_SMEM: usize = (256 + 32 * 256 + 1024 + 4) * 4 + 16;
+/// Static shared memory of `topk_rows` (per-warp histograms, counters, scan totals), on top of
+/// [`smem_for`].
+pub(crate) const TOPK_STATIC_SMEM: usize = (32 * 256 + 4 + 32) * 4 + 16;
 
 /// [`IndexerTopK`]: checks on the device, then per chunk of rows the scores of every visible
 /// entry into a scratch `[rows, capacity]` and the per-row top-k.
@@ -69,12 +82,17 @@ pub(crate) fn indexer_topk(dev: &Dev, op: &IndexerTopK, ins: &[u64], outs: &[u64
             Arg::F(op.weight_scale),
             Arg::P(sp),
             Arg::P(dev.err_ptr),
+            // index_scores_t: one key per thread, all heads, from this many visible keys on.
+            l(dev.index_wide_from),
         ];
         if warps > 0 {
-            if scores_by_key(dev, op) {
-                let grid = (cap.div_ceil(BLOCK as usize) as u32, nrows as u32, 1);
+            if scores_by_key(dev, op) && q % 16 == 0 {
+                // Blocks stride over the tiles (of IS_KEYS keys, or of BLOCK where a row is
+                // wide): a long row's blocks stage q once each.
+                let tiles = cap.div_ceil(IS_KEYS).min(dev.sms * 8);
+                let grid = (tiles as u32, nrows as u32, 1);
                 let kernel = cache_kernel(op.cache_dtype, "index_scores_t", "index_scores_t_bf16");
-                launch(dev, FAMILY, kernel, grid, BLOCK, smem(op.head_dim * 64 * 4), &args)?;
+                launch(dev, FAMILY, kernel, grid, BLOCK, smem(scores_t_smem(op)), &args)?;
             } else {
                 let kernel = cache_kernel(op.cache_dtype, "index_scores", "index_scores_bf16");
                 launch(dev, FAMILY, kernel, (grid_for(warps * 32, BLOCK), 1, 1), BLOCK, 0, &args)?;
