@@ -48,12 +48,49 @@ __device__ __forceinline__ void key4(const u16* k, i64 c4, float* kc) {
     kc[2] = bf16_to_f32((u16)v.y); kc[3] = bf16_to_f32((u16)(v.y >> 16));
 }
 
+// acc[h] = the f32 FMA dot of key row k with head h of qt [d][64] (offset to the first of NH
+// heads), c ascending: two float4 of q per key column for 8 heads, the same address for the
+// whole warp.
+template <int NH, typename C>
+__device__ __forceinline__ void key_dots(const C* k, const float* qt, i64 d, float* acc) {
+#pragma unroll
+    for (int h = 0; h < NH; ++h) acc[h] = 0.0f;
+#pragma unroll(NH < 64 ? 2 : 1)
+    for (i64 c4 = 0; c4 < d / 4; ++c4) {
+        float kc[4];
+        key4(k, c4, kc);
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+            const float4* qrow = (const float4*)(qt + (c4 * 4 + cc) * 64);
+#pragma unroll
+            for (int h4 = 0; h4 < NH / 4; ++h4) {
+                float4 qv = qrow[h4];
+                acc[4 * h4] = fmaf(qv.x, kc[cc], acc[4 * h4]);
+                acc[4 * h4 + 1] = fmaf(qv.y, kc[cc], acc[4 * h4 + 1]);
+                acc[4 * h4 + 2] = fmaf(qv.z, kc[cc], acc[4 * h4 + 2]);
+                acc[4 * h4 + 3] = fmaf(qv.w, kc[cc], acc[4 * h4 + 3]);
+            }
+        }
+    }
+}
+
+// Σ_h w[h]·max(0, acc[h]) in f64, head order, over the first `valid` of NH heads (heads past
+// the op's are skipped, not added as zeros, which would turn a −0 sum into +0).
+template <int NH>
+__device__ __forceinline__ double relu_dot_sum(const float* acc, const float* w, int valid) {
+    double t = 0.0;
+#pragma unroll
+    for (int h = 0; h < NH; ++h)
+        if (h < valid) t += (double)w[h] * (double)fmaxf(acc[h], 0.0f);
+    return t;
+}
+
 // index_scores by tiles of IS_KEYS keys, for up to 64 heads and d % 4 == 0: block (tile, row) of
 // 256 threads, where thread (group g, key j) forms the f32 FMA dots of key j with heads
 // 8g .. 8g + 7, reading q from shared memory transposed to [d][64] (two float4 give its eight
 // heads, the same address for the whole warp, so no bank conflicts and no cross-lane sums),
-// and their Σ_h (w·ws)·max(0, dot_h) in f64 in head order; one thread per key adds the eight
-// groups' f64 sums in group order and rounds once. The dots are f32, not index_scores' f64: f64
+// and their Σ_h (w·ws)·max(0, dot_h) in f64 in head order (key_dots, relu_dot_sum); one thread
+// per key adds the eight groups' f64 sums in group order and rounds once. The dots are f32, not index_scores' f64: f64
 // conversions run at 1/8 the f32 FMA rate and dominate at 10^5 keys; the f32 dot is within ~1e-6
 // of the f64 one, far inside the op's near-tie tolerance (as is the grouping of the f64 sum).
 // Eight head groups rather than one thread for all 64 heads give a 4K context's 1024 keys 32
@@ -106,28 +143,8 @@ __device__ __forceinline__ void index_scores_t_rows(const float* q, const float*
         for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += (i64)gridDim.x * blockDim.x) {
             const C* k = keys + ((i64)s * cap + j) * d;
             float acc[64];
-#pragma unroll
-            for (int h = 0; h < 64; ++h) acc[h] = 0.0f;
-            for (i64 c4 = 0; c4 < d / 4; ++c4) {
-                float kc[4];
-                key4(k, c4, kc);
-#pragma unroll
-                for (int cc = 0; cc < 4; ++cc) {
-                    const float4* qrow = (const float4*)(qt + (c4 * 4 + cc) * 64);
-#pragma unroll
-                    for (int h4 = 0; h4 < 16; ++h4) {
-                        float4 qv = qrow[h4];
-                        acc[4 * h4] = fmaf(qv.x, kc[cc], acc[4 * h4]);
-                        acc[4 * h4 + 1] = fmaf(qv.y, kc[cc], acc[4 * h4 + 1]);
-                        acc[4 * h4 + 2] = fmaf(qv.z, kc[cc], acc[4 * h4 + 2]);
-                        acc[4 * h4 + 3] = fmaf(qv.w, kc[cc], acc[4 * h4 + 3]);
-                    }
-                }
-            }
-            double total = 0.0;
-#pragma unroll
-            for (int h = 0; h < 64; ++h)
-                if (h < heads) total += (double)wsh[h] * (double)fmaxf(acc[h], 0.0f);
+            key_dots<64>(k, qt, d, acc);
+            double total = relu_dot_sum<64>(acc, wsh, (int)heads);
             scores[rl * cap + j] = (float)total;
         }
         return;
@@ -137,31 +154,10 @@ __device__ __forceinline__ void index_scores_t_rows(const float* q, const float*
         i64 j = j0 + jl;
         if (j < n) {
             const C* k = keys + ((i64)s * cap + j) * d;
+            int h0 = g * IS_HEADS_PER_THREAD;
             float acc[IS_HEADS_PER_THREAD];
-#pragma unroll
-            for (int h = 0; h < IS_HEADS_PER_THREAD; ++h) acc[h] = 0.0f;
-#pragma unroll 2
-            for (i64 c4 = 0; c4 < d / 4; ++c4) {
-                float kc[4];
-                key4(k, c4, kc);
-#pragma unroll
-                for (int cc = 0; cc < 4; ++cc) {
-                    const float4* qrow = (const float4*)(qt + (c4 * 4 + cc) * 64 + g * IS_HEADS_PER_THREAD);
-#pragma unroll
-                    for (int h4 = 0; h4 < IS_HEADS_PER_THREAD / 4; ++h4) {
-                        float4 qv = qrow[h4];
-                        acc[4 * h4] = fmaf(qv.x, kc[cc], acc[4 * h4]);
-                        acc[4 * h4 + 1] = fmaf(qv.y, kc[cc], acc[4 * h4 + 1]);
-                        acc[4 * h4 + 2] = fmaf(qv.z, kc[cc], acc[4 * h4 + 2]);
-                        acc[4 * h4 + 3] = fmaf(qv.w, kc[cc], acc[4 * h4 + 3]);
-                    }
-                }
-            }
-            // Heads past `heads` have weight 0 and dot 0: they add exact zeros.
-            double sum = 0.0;
-#pragma unroll
-            for (int h = 0; h < IS_HEADS_PER_THREAD; ++h)
-                sum += (double)wsh[g * IS_HEADS_PER_THREAD + h] * (double)fmaxf(acc[h], 0.0f);
+            key_dots<IS_HEADS_PER_THREAD>(k, qt + h0, d, acc);
+            double sum = relu_dot_sum<IS_HEADS_PER_THREAD>(acc, wsh + h0, (int)heads - h0);
             part[jl * groups + g] = sum;
         }
         __syncthreads();
