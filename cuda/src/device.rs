@@ -138,6 +138,9 @@ pub(crate) struct Dev {
     /// rather than eight threads a key (`ops::indexer`): a 256-key tile for half the SMs, or
     /// `V4RT_CUDA_INDEX_WIDE_FROM` (0: always), so that a test can run either form at any size.
     pub index_wide_from: usize,
+    /// Fewest keys a `sparse_attn` split takes (`ops::attention`): 16, or
+    /// `V4RT_CUDA_ATTN_SPLIT_KEYS` (for A/B runs of one binary).
+    pub attn_split_keys: usize,
     /// Deferred argument errors, `ERR_WORDS` i64 (all zero: none). Locked while read and cleared.
     pub err: Mutex<CudaSlice<i64>>,
     pub err_ptr: u64,
@@ -192,6 +195,11 @@ impl Dev {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(sms.max(1) * crate::ops::BLOCK as usize / 2);
+        let attn_split_keys = std::env::var("V4RT_CUDA_ATTN_SPLIT_KEYS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&k: &usize| k > 0)
+            .unwrap_or(crate::ops::attention::KEYS_PER_SPLIT);
         Ok(Dev {
             ctx,
             stream,
@@ -205,6 +213,7 @@ impl Dev {
             early_weights,
             gemv_quantizes,
             index_wide_from,
+            attn_split_keys,
             err: Mutex::new(err),
             err_ptr,
             kernels: Loaded::new(arch),

@@ -325,6 +325,7 @@ mod tests {
     /// The host sizes grids and buffers with constants that the kernels define again.
     #[test]
     fn host_constants_match_the_kernels() {
+        use crate::ops::attention::COMBINE_COLS;
         use crate::ops::indexer::{IS_HEADS_PER_THREAD, IS_KEYS};
         use crate::ops::linear::{FEATURES_PER_STEP, MMA_ROWS, TC_FEATURES, TC_K, TC_ROWS};
         let define = |name: &str| -> usize {
@@ -344,6 +345,7 @@ mod tests {
         assert_eq!(define("MMA_ROWS"), MMA_ROWS);
         assert_eq!(define("IS_KEYS"), IS_KEYS);
         assert_eq!(define("IS_HEADS_PER_THREAD"), IS_HEADS_PER_THREAD);
+        assert_eq!(define("COMBINE_COLS"), COMBINE_COLS);
         assert_eq!(IS_KEYS * (64 / IS_HEADS_PER_THREAD), crate::ops::BLOCK as usize, "index_scores_t's threads");
     }
 }

@@ -11,8 +11,11 @@ use crate::device::Dev;
 const FAMILY: &str = "attention";
 /// Heads per `sparse_attn` block (one warp each; fewer where shared memory is short).
 const HEADS_PER_BLOCK: usize = 8;
-/// Fewest keys a split of one (row, head)'s key set takes in `sparse_attn`.
-const KEYS_PER_SPLIT: usize = 16;
+/// Fewest keys a split of one (row, head)'s key set takes in `sparse_attn` (the default of
+/// `Dev::attn_split_keys`).
+pub(crate) const KEYS_PER_SPLIT: usize = 16;
+/// Output elements per `sparse_attn_combine` block, one thread each (`COMBINE_COLS`).
+pub(crate) const COMBINE_COLS: usize = 128;
 
 /// Dynamic shared memory of `sparse_attn` with `heads` heads per block: per head, q (d f32) and
 /// the f64 accumulators.
@@ -80,8 +83,6 @@ pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], out
     while hg > 1 && smem_for(d, hg) > dev.smem_optin {
         hg -= 1;
     }
-    // d = 128, 256, 512 keep q and the sums in registers (no shared memory).
-    let shared = if matches!(d, 128 | 256 | 512) { 0 } else { smem_for(d, hg) };
     let args = [
         Arg::P(ins[0]),
         Arg::P(ins[1]),
@@ -106,22 +107,27 @@ pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], out
     let pairs = op.rows * h;
     let blocks = u32::try_from(op.rows * h.div_ceil(hg)).map_err(|_| Error::invalid(name, "rows × heads exceeds 2^32"))?;
     // Key splits so that few (row, head) pairs (decode) still fill the device, each split
-    // keeping at least KEYS_PER_SPLIT keys of the longest possible key set.
+    // keeping at least `Dev::attn_split_keys` keys of the longest possible key set.
     let max_keys = op.window + match op.compressed {
         CompressedKv::None => 0,
         CompressedKv::All { capacity, .. } => capacity,
         CompressedKv::Selected { topk, .. } => topk,
     };
-    let splits = (4 * dev.sms).div_ceil(blocks as usize).min(max_keys.div_ceil(KEYS_PER_SPLIT)).clamp(1, 65_535);
+    let splits = (4 * dev.sms).div_ceil(blocks as usize).min(max_keys.div_ceil(dev.attn_split_keys)).clamp(1, 65_535);
     let (parts, pm, pden, pacc) = if splits > 1 {
         let n = pairs * splits;
         let buf = dev.scratch(n * 4 + n * 8 + n * d * 8)?;
         let base = buf.ptr();
-        // Doubles first (8-byte aligned), then the f32 maxima.
-        (Some(buf), base + (n * 8 + n * d * 8) as u64, base, base + (n * 8) as u64)
+        // The sums first (at the buffer's alignment: the kernel stores them as 16-byte vectors),
+        // then the other doubles, then the f32 maxima.
+        (Some(buf), base + (n * d * 8 + n * 8) as u64, base + (n * d * 8) as u64, base)
     } else {
         (None, 0, 0, 0)
     };
+    // d = 128, 256, 512 keep q and the sums in registers (no shared memory) where every row is
+    // 16-byte aligned (the kernel makes the same test).
+    let aligned = [ins[0], ins[1], ins[2], comp, outs[0], pacc].iter().all(|p| p % 16 == 0);
+    let shared = if aligned && matches!(d, 128 | 256 | 512) { 0 } else { smem_for(d, hg) };
     let mut args = args.to_vec();
     args.extend([i(name, "splits", splits)?, Arg::P(pm), Arg::P(pden), Arg::P(pacc)]);
     let kernel = cache_kernel(op.cache_dtype, "sparse_attn", "sparse_attn_bf16");
@@ -142,7 +148,8 @@ pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], out
             Arg::P(dev.err_ptr),
         ];
         let pairs = u32::try_from(pairs).map_err(|_| Error::invalid(name, "rows × heads exceeds 2^32"))?;
-        launch(dev, FAMILY, "sparse_attn_combine", (pairs, 1, 1), BLOCK, smem(splits.next_multiple_of(4) * 8), &args)?;
+        let cols = u32::try_from(d.div_ceil(COMBINE_COLS)).map_err(|_| Error::invalid(name, "head_dim too large"))?;
+        launch(dev, FAMILY, "sparse_attn_combine", (pairs, cols, 1), COMBINE_COLS as u32, smem(splits.next_multiple_of(4) * 8), &args)?;
     }
     drop(parts);
     Ok(())
