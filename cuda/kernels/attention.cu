@@ -317,14 +317,14 @@ __device__ __forceinline__ void attn_head(L& lanes, const AttnRow<C>& a, int k0,
 // block's warps walk the same keys (read once from L2 per block, then from L1) — the keys are
 // shared by all heads. Each warp takes a contiguous share of the row's keys (attn_head); with
 // several splits sparse_attn_combine rescales the partials to the common max.
-// Dynamic shared memory (SmemLanes only: d not 128, 256 or 512, or unaligned rows): hg·d doubles
-// (sums) + hg·d floats (q).
+// Dynamic shared memory (SmemLanes only, without in_regs): hg·d doubles (sums) + hg·d floats (q).
 template <typename C>
 __device__ __forceinline__ void sparse_attn_rows(const float* q, const float* kv, const C* ring, const float* sink,
                                                  const int* slots, const int* pos, const C* comp, const int* idx,
                                                  i64 heads, i64 d, int num_slots, i64 window, int mode, i64 ratio,
                                                  i64 cap, int topk, float scale, float* out, const i64* err,
-                                                 int splits, float* pm, double* pden, double* pacc) {
+                                                 int splits, float* pm, double* pden, double* pacc,
+                                                 int in_regs) {
     extern __shared__ double shd[];
     if (err[0] != 0) return;
     int warp = threadIdx.x >> 5, hg = blockDim.x >> 5;
@@ -353,17 +353,15 @@ __device__ __forceinline__ void sparse_attn_rows(const float* q, const float* kv
     float* og = out + (r * heads + h) * d;
     double* aw = shd + (i64)warp * d;
     float* qs = (float*)(shd + (i64)hg * d) + (i64)warp * d;
-    // Vector loads and stores need every q, key, output and partial row 16-byte aligned (d is a
-    // multiple of 128 here).
-    bool aligned = (((unsigned long long)q | (unsigned long long)kv | (unsigned long long)ring |
-                     (unsigned long long)comp | (unsigned long long)out | (unsigned long long)pacc) & 15) == 0;
-    if (aligned && d == 128) {
+    // in_regs (the host's choice): d is 128, 256 or 512 and every q, key, output and partial
+    // row is 16-byte aligned, as RegLanes' vector loads and stores need.
+    if (in_regs && d == 128) {
         RegLanes<4> lanes;
         attn_head(lanes, a, k0, k1, nkeys, qg, scale, sink[h], splits, b, pm, pden, pacc, og);
-    } else if (aligned && d == 256) {
+    } else if (in_regs && d == 256) {
         RegLanes<8> lanes;
         attn_head(lanes, a, k0, k1, nkeys, qg, scale, sink[h], splits, b, pm, pden, pacc, og);
-    } else if (aligned && d == 512) {
+    } else if (in_regs && d == 512) {
         RegLanes<16> lanes;
         attn_head(lanes, a, k0, k1, nkeys, qg, scale, sink[h], splits, b, pm, pden, pacc, og);
     } else {
@@ -380,10 +378,10 @@ __device__ __forceinline__ void sparse_attn_rows(const float* q, const float* kv
                                     const int* slots, const int* pos, const C* comp, const int* idx, i64 heads,      \
                                     i64 d, int num_slots, i64 window, int mode, i64 ratio, i64 cap, int topk,         \
                                     float scale, float* out, const i64* err, int splits, float* pm, double* pden,    \
-                                    double* pacc) {                                                                  \
+                                    double* pacc, int in_regs) {                                                     \
         grid_dep_begin();                                                                                            \
         sparse_attn_rows(q, kv, ring, sink, slots, pos, comp, idx, heads, d, num_slots, window, mode, ratio, cap,     \
-                         topk, scale, out, err, splits, pm, pden, pacc);                                             \
+                         topk, scale, out, err, splits, pm, pden, pacc, in_regs);                                    \
     }
 SPARSE_ATTN_KERNEL(sparse_attn, float)
 SPARSE_ATTN_KERNEL(sparse_attn_bf16, u16)

@@ -130,7 +130,6 @@ extern "C" __global__ void gate_select(const float* s, const float* bias, const 
         }
         float sf = (float)sum;
         for (int t = lane; t < k; t += 32) out_w[r * k + t] = sr[er[t]] / sf * route_scale;
-        __syncwarp();
     }
 }
 

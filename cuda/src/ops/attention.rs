@@ -125,11 +125,11 @@ pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], out
         (None, 0, 0, 0)
     };
     // d = 128, 256, 512 keep q and the sums in registers (no shared memory) where every row is
-    // 16-byte aligned (the kernel makes the same test).
-    let aligned = [ins[0], ins[1], ins[2], comp, outs[0], pacc].iter().all(|p| p % 16 == 0);
-    let shared = if aligned && matches!(d, 128 | 256 | 512) { 0 } else { smem_for(d, hg) };
+    // 16-byte aligned, for the kernel's vector loads and stores.
+    let in_regs = matches!(d, 128 | 256 | 512) && [ins[0], ins[1], ins[2], comp, outs[0], pacc].iter().all(|p| p % 16 == 0);
+    let shared = if in_regs { 0 } else { smem_for(d, hg) };
     let mut args = args.to_vec();
-    args.extend([i(name, "splits", splits)?, Arg::P(pm), Arg::P(pden), Arg::P(pacc)]);
+    args.extend([i(name, "splits", splits)?, Arg::P(pm), Arg::P(pden), Arg::P(pacc), Arg::I(in_regs as i32)]);
     let kernel = cache_kernel(op.cache_dtype, "sparse_attn", "sparse_attn_bf16");
     launch(dev, FAMILY, kernel, (blocks, splits as u32, 1), 32 * hg as u32, smem(shared), &args)?;
     if splits > 1 {
