@@ -85,9 +85,12 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 // y[o] = Σ_kb sw[o / 128, kb]·sx[kb]·Σ_{i in block kb} W[o, i]·q[i] over the 128-column blocks
 // kb, with the row act_quant'ed as e4m3 codes q and power-of-two scales sx.
 // A warp takes MMA_ROWS weight rows and multiplies them with mma.sync m16n8k32 e4m3 → f32: the
-// raw weight bytes are the A fragments and the codes of x the B fragments, so nothing is
-// dequantized: about 6 warp instructions per 512 weight bytes, where linear_fwd_r1 issues about
-// 116 (e4m3 → f16 → f32 conversions and one FMA per weight; ncu, the 1024 → 32768 projection).
+// raw weight bytes are the A fragments and the codes of x the B fragments. On sm_89 that is one
+// e4m3 mma instruction per 512 weight bytes. sm_90 has no e4m3 mma.sync (its FP8 tensor-core
+// path is wgmma), so ptxas converts both fragments to f16 (12 F2FP.F16.E4M3.UNPACK) and issues two
+// HMMA.16816 per mma (SASS of this kernel). That is 14 instructions, against about 116 for
+// linear_fwd_r1 (e4m3 → f16 → f32 conversions and one FMA per weight; ncu, the 1024 → 32768
+// projection).
 // Each 128-column block is summed by 4 mma into fresh f32 accumulators and then scaled into
 // the f32 total: the promotion of DeepSeek's FP8 GEMM, whose tensor cores keep ~14 bits between
 // promotions (the conformance bound for FP8 linears allows for it).

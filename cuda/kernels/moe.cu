@@ -404,61 +404,84 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_down(MOE_DOWN_ARGS) {
 // The one-pair kernels again, with the dot products on mma.sync m16n8k32 e4m3 tiles as in
 // linear_fp8_r1: a warp takes MMA_ROWS weight rows, the pair's input row comes act_quant'ed as e4m3
 // codes with f32 scales per 128 columns (quant_rows_e4m3), and the e2m1 weights become e4m3 codes
-// in registers (e2m1x8_to_e4m3, exact). Each mma spans one 32-column block, the span of one
-// weight scale (a scale per row), so its f32 result is scaled per row and added to the total:
-// lane (g, t) supplies word t (columns 8t .. 8t + 8) of the block's 16 bytes of rows g and g + 8,
-// and x codes 8t .. 8t + 8 of the block. A 128-column step loads, per lane, four such words of each
-// row and matrix (4-byte loads: a fragment word is a quarter of a 16-byte block row), the four
-// blocks' scales of each row (one word) and x; the next step's loads are issued before this
-// step's mma. The block's 8 warps are 8 / ksplit row groups of ksplit warps splitting the
+// in registers (e2m1x8_to_e4m3, exact).
+//
+// A weight scale spans 32 columns of a row, so an mma's sum may only be scaled per row if each of
+// its D columns holds one 32-column block. Lane (g, t) loads 16 bytes of rows g and g + 8: the
+// whole block t of a 128-column step (one load per row, as in linear_fp8_r1). Mma j takes word j
+// (columns 8j .. 8j + 8 of the block) from every lane, so its k slots of lane t belong to block t;
+// B column t holds x there and zero elsewhere (lane (g, t) supplies x only where g = t). The four
+// mma of a step add into one D whose column t is then block t's sum of rows g and g + 8: lanes
+// t = 0, 1 hold columns 2t and 2t + 1, scale each by its block's weight scale and the step's x
+// scale, and add them to their totals; lane t = 1's totals join lane 0's at the end. Per step a
+// lane also loads the four blocks' scales of each row (one word) and, where g = t, its block's 32
+// x codes; the next step's loads are issued before this step's mma.
+//
+// On sm_90 these kernels are no faster than the CUDA-core ones (docs/performance.md): Hopper has
+// no e4m3 mma.sync, and ptxas builds each from two f16 HMMA.16816 after converting both operands
+// (F2FP.F16.E4M3.UNPACK), so the tensor cores save little of the decoding work. (The same holds
+// for linear_fp8_r1.) The block's 8 warps are 8 / ksplit row groups of ksplit warps splitting the
 // 128-column steps; partial sums are added in warp order. Needs dim % 128 == 0 and inter % 128 == 0.
 #if __CUDA_ARCH__ >= 890
 template <int NM> struct Fp4Step {
-    u32 w[NM][2][4];  // [matrix][row g, g + 8][32-column block]: the lane's word
-    u32 s[NM][2];     // the four blocks' scale bytes, per matrix and row
-    uint2 x[4];       // x codes 8t .. 8t + 8 of each block
-    float xs;         // x's scale over the 128 columns
+    uint4 w[NM][2];  // [matrix][row g, g + 8]: block t of the step
+    u32 s[NM][2];    // the four blocks' scale bytes, per matrix and row
+    uint4 x[2];      // x codes of block t (lanes g = t; else zero)
+    float xs;        // x's scale over the 128 columns
 };
 
 // acc[m][0|1] += Σ over 128-column steps [q0, q1) of rows g and g + 8 of the NM matrices (row
-// starts w[m][0|1], their scale rows sc[m][0|1]) with x (codes xq, scales xs, one per step).
+// starts w[m][0|1], their scale rows sc[m][0|1]) with x (codes xq, scales xs, one per step); the
+// totals are complete in lanes t = 0.
 template <int NM>
 __device__ __forceinline__ void fp4_mma_rows(const u8* const (&w)[NM][2], const u8* const (&sc)[NM][2], const u8* xq,
                                              const float* xs, i64 q0, i64 q1, float (&acc)[NM][2]) {
     int t = threadIdx.x & 3;
+    bool x_lane = ((threadIdx.x & 31) >> 2) == t;
     auto load = [&](i64 q, Fp4Step<NM>& st) {
 #pragma unroll
         for (int m = 0; m < NM; ++m)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-#pragma unroll
-                for (int j = 0; j < 4; ++j) st.w[m][h][j] = __ldg((const u32*)(w[m][h] + q * 64 + j * 16 + 4 * t));
+                st.w[m][h] = __ldg((const uint4*)(w[m][h] + q * 64 + 16 * t));
                 st.s[m][h] = __ldg((const u32*)(sc[m][h] + q * 4));
             }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) st.x[j] = __ldg((const uint2*)(xq + q * 128 + j * 32 + 8 * t));
+        const uint4* xb = (const uint4*)(xq + q * 128 + 32 * t);
+        st.x[0] = x_lane ? __ldg(xb) : make_uint4(0, 0, 0, 0);
+        st.x[1] = x_lane ? __ldg(xb + 1) : make_uint4(0, 0, 0, 0);
         st.xs = xs[q];
     };
     Fp4Step<NM> cur, nxt;
     if (q0 < q1) load(q0, cur);
     for (i64 q = q0; q < q1; ++q) {
         if (q + 1 < q1) load(q + 1, nxt);
+        u32 xw[8] = {cur.x[0].x, cur.x[0].y, cur.x[0].z, cur.x[0].w, cur.x[1].x, cur.x[1].y, cur.x[1].z, cur.x[1].w};
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+        for (int m = 0; m < NM; ++m) {
+            u32 wa[4] = {cur.w[m][0].x, cur.w[m][0].y, cur.w[m][0].z, cur.w[m][0].w};
+            u32 wb[4] = {cur.w[m][1].x, cur.w[m][1].y, cur.w[m][1].z, cur.w[m][1].w};
+            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-            for (int m = 0; m < NM; ++m) {
+            for (int j = 0; j < 4; ++j) {
                 u32 a0, a1, a2, a3;
-                e2m1x8_to_e4m3(cur.w[m][0][j], &a0, &a2);
-                e2m1x8_to_e4m3(cur.w[m][1][j], &a1, &a3);
-                float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                mma_e4m3_16x8x32(d, a0, a1, a2, a3, cur.x[j].x, cur.x[j].y);
-                float sa = e8m0_to_f32((u8)(cur.s[m][0] >> (8 * j))) * cur.xs;
-                float sb = e8m0_to_f32((u8)(cur.s[m][1] >> (8 * j))) * cur.xs;
-                acc[m][0] = fmaf(d[0], sa, acc[m][0]);
-                acc[m][1] = fmaf(d[2], sb, acc[m][1]);
+                e2m1x8_to_e4m3(wa[j], &a0, &a2);
+                e2m1x8_to_e4m3(wb[j], &a1, &a3);
+                mma_e4m3_16x8x32(d, a0, a1, a2, a3, xw[2 * j], xw[2 * j + 1]);
             }
+            if (t < 2) {
+                u32 sa = cur.s[m][0] >> (16 * t), sb = cur.s[m][1] >> (16 * t);
+                acc[m][0] = fmaf(d[0], e8m0_to_f32((u8)sa) * cur.xs, acc[m][0]);
+                acc[m][0] = fmaf(d[1], e8m0_to_f32((u8)(sa >> 8)) * cur.xs, acc[m][0]);
+                acc[m][1] = fmaf(d[2], e8m0_to_f32((u8)sb) * cur.xs, acc[m][1]);
+                acc[m][1] = fmaf(d[3], e8m0_to_f32((u8)(sb >> 8)) * cur.xs, acc[m][1]);
+            }
+        }
         cur = nxt;
     }
+#pragma unroll
+    for (int m = 0; m < NM; ++m)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) acc[m][h] += __shfl_down_sync(FULL_MASK, acc[m][h], 1);
 }
 
 // The warp's part of a one-pair kernel: its row group (first row r0), rows g and g + 8 clamped to
