@@ -1,11 +1,19 @@
 // Manifold-constrained hyper-connections (hal::ops::hc).
 
-// HcPre / HcHead run as three kernels so that a few rows (decode) still fill the device:
+// HcPre / HcHead run as two kernels so that a few rows (decode) still fill the device:
 // hc_mix_partial (grid: rows × column splits) sums x² and the nm mixing dots over its columns;
 // hc_pre_finish / hc_head_finish (one block per row) add the splits (f64), form the mixing
-// logits and the weights (Sinkhorn for HcPre); hc_merge (elementwise) forms u = Σ_i p_i · X_i.
+// logits and the weights (Sinkhorn for HcPre), and the merged row u = Σ_i p_i · X_i.
+
+// Loads a lane of hc_mix_partial and hc_mixes_from issues before adding any: MIX_VALS sums (a
+// warp's share of V4's 24 mixes or 25 split sums, with 8 warps) × MIX_STEPS of its steps (a
+// decode split has 128 columns, a decode row 128 splits: 4 steps of 32).
+#define MIX_VALS 4
+#define MIX_STEPS 4
 
 // part[(r·splits + s)·(nm + 1) + 0] = Σ x², [.. + 1 + i] = Σ fn[i]·x over columns of split s (f64).
+// Warp w takes the dots w, w + nw, ...; lane l adds columns c0 + l, c0 + l + 32, ... in order, then
+// the warp adds its lanes.
 extern "C" __global__ void hc_mix_partial(const float* x, const float* fnw, i64 n, int nm, int splits, double* part) {
     grid_dep_begin();
     __shared__ double red[32];
@@ -14,8 +22,35 @@ extern "C" __global__ void hc_mix_partial(const float* x, const float* fnw, i64 
     i64 per = (n + splits - 1) / splits, c0 = s * per, c1 = c0 + per < n ? c0 + per : n;
     const float* xr = x + r * n;
     double* out = part + (r * splits + s) * (nm + 1);
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int i0 = w; i0 < nm; i0 += MIX_VALS * nw) {
+        double acc[MIX_VALS];
+#pragma unroll
+        for (int v = 0; v < MIX_VALS; ++v) acc[v] = 0.0;
+        for (i64 cb = c0 + lane; cb < c1; cb += 32 * MIX_STEPS) {
+            float f[MIX_VALS][MIX_STEPS], xv[MIX_STEPS];
+#pragma unroll
+            for (int u = 0; u < MIX_STEPS; ++u) xv[u] = cb + 32 * u < c1 ? xr[cb + 32 * u] : 0.0f;
+#pragma unroll
+            for (int v = 0; v < MIX_VALS; ++v)
+#pragma unroll
+                for (int u = 0; u < MIX_STEPS; ++u) {
+                    i64 i = i0 + v * nw, c = cb + 32 * u;
+                    f[v][u] = i < nm && c < c1 ? fnw[i * n + c] : 0.0f;
+                }
+#pragma unroll
+            for (int v = 0; v < MIX_VALS; ++v)
+#pragma unroll
+                for (int u = 0; u < MIX_STEPS; ++u) acc[v] += (double)f[v][u] * (double)xv[u];
+        }
+#pragma unroll
+        for (int v = 0; v < MIX_VALS; ++v) {
+            double sum = warp_sum_d(acc[v]);
+            int i = i0 + v * nw;
+            if (lane == 0 && i < nm) out[1 + i] = sum;
+        }
+    }
     double ss = 0.0;
-    // Unrolled loops: the loads of several steps in flight (the sums' order is unchanged).
 #pragma unroll 4
     for (i64 c = c0 + threadIdx.x; c < c1; c += blockDim.x) {
         double v = (double)xr[c];
@@ -23,15 +58,6 @@ extern "C" __global__ void hc_mix_partial(const float* x, const float* fnw, i64 
     }
     ss = block_sum_d(ss, red);
     if (threadIdx.x == 0) out[0] = ss;
-    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    for (int i = w; i < nm; i += nw) {
-        const float* fr = fnw + (i64)i * n;
-        double acc = 0.0;
-#pragma unroll 4
-        for (i64 c = c0 + lane; c < c1; c += 32) acc += (double)fr[c] * (double)xr[c];
-        acc = warp_sum_d(acc);
-        if (lane == 0) out[1 + i] = acc;
-    }
 }
 
 // hc_mix_partial for many rows (nm < 32): grid (row tiles of DOT_TILE, column splits), the same
@@ -53,18 +79,38 @@ extern "C" __global__ void __launch_bounds__(256) hc_mix_tiled(const float* x, c
 }
 
 // Mixing logits μ_i = (Σ_s dot_i) · ρ of row r into mu[0..nm) (shared); every thread waits.
-// One warp per value (Σ x² first), lanes over the splits. `red` holds nm + 1 doubles.
+// One warp per value (Σ x² first; warp w takes values w, w + nw, ...), lanes over the splits
+// (lane l adds splits l, l + 32, ... in order, then the warp adds its lanes). A lane issues the
+// loads of MIX_VALS values × MIX_STEPS splits together: one round trip to the L2 for a decode row,
+// where a loop per value waited for one per value. `red` holds nm + 1 doubles.
 __device__ void hc_mixes_from(const double* part, int splits, int nm, i64 n, float norm_eps, float* mu, double* red) {
     i64 r = blockIdx.x;
     const double* pr = part + r * splits * (nm + 1);
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    for (int i = w; i <= nm; i += nw) {
-        double acc = 0.0;
-        // Unrolled: a lane's loads (a decode row has 128 splits) in flight together.
-#pragma unroll 4
-        for (int s = lane; s < splits; s += 32) acc += pr[s * (nm + 1) + i];
-        acc = warp_sum_d(acc);
-        if (lane == 0) red[i] = acc;
+    for (int i0 = w; i0 <= nm; i0 += MIX_VALS * nw) {
+        double acc[MIX_VALS];
+#pragma unroll
+        for (int v = 0; v < MIX_VALS; ++v) acc[v] = 0.0;
+        for (int s0 = lane; s0 < splits; s0 += 32 * MIX_STEPS) {
+            double p[MIX_VALS][MIX_STEPS];
+#pragma unroll
+            for (int v = 0; v < MIX_VALS; ++v)
+#pragma unroll
+                for (int u = 0; u < MIX_STEPS; ++u) {
+                    int i = i0 + v * nw, s = s0 + 32 * u;
+                    p[v][u] = i <= nm && s < splits ? pr[s * (nm + 1) + i] : 0.0;
+                }
+#pragma unroll
+            for (int v = 0; v < MIX_VALS; ++v)
+#pragma unroll
+                for (int u = 0; u < MIX_STEPS; ++u) acc[v] += p[v][u];
+        }
+#pragma unroll
+        for (int v = 0; v < MIX_VALS; ++v) {
+            double sum = warp_sum_d(acc[v]);
+            int i = i0 + v * nw;
+            if (lane == 0 && i <= nm) red[i] = sum;
+        }
     }
     __syncthreads();
     float ms = (float)(red[0] / (double)n);
@@ -106,27 +152,65 @@ __device__ __forceinline__ void hc_comb_warp(const float* mu, const float* scale
     if (own) comb[e] = v;
 }
 
-// HcPre weights of row r: pre (to `pre`, for hc_merge), post, comb (softmax rows + eps, then
-// Sinkhorn normalization). Element (j, k) of comb belongs to thread (j·m + k) mod blockDim; row
-// and column sums are taken in index order by every thread that needs them, so the values are
-// those of a sequential loop. Dynamic shared memory: (nm + 2·m·m) floats, then nm + 1 doubles.
+// u[r, c] = Σ_i p[i] · X[r, i, c] for the block's row r (f64, stream order, rounded once) by the
+// threads first .. blockDim − 1; p in shared memory. Four columns per thread step where the rows
+// allow 16-byte accesses.
+__device__ __forceinline__ void hc_merge_row(const float* x, const float* p, int m, i64 d, float* u, int first) {
+    i64 r = blockIdx.x;
+    const float* xr = x + r * m * d;
+    float* ur = u + r * d;
+    int tid = (int)threadIdx.x - first, nt = (int)blockDim.x - first;
+    bool vec = d % 4 == 0 && (((unsigned long long)x | (unsigned long long)u) & 15) == 0;
+    i64 step = vec ? 4 : 1;
+#pragma unroll 2
+    for (i64 c = tid * step; c < d; c += nt * step) {
+        double acc[4] = {0.0, 0.0, 0.0, 0.0};
+        for (int j = 0; j < m; ++j) {
+            double pj = (double)p[j];
+            if (vec) {
+                float4 v = *(const float4*)(xr + j * d + c);
+                acc[0] += pj * (double)v.x;
+                acc[1] += pj * (double)v.y;
+                acc[2] += pj * (double)v.z;
+                acc[3] += pj * (double)v.w;
+            } else {
+                acc[0] += pj * (double)xr[j * d + c];
+            }
+        }
+        if (vec)
+            *(float4*)(ur + c) = make_float4((float)acc[0], (float)acc[1], (float)acc[2], (float)acc[3]);
+        else
+            ur[c] = (float)acc[0];
+    }
+}
+
+// HcPre weights of row r: post, comb (softmax rows + eps, then Sinkhorn normalization) and pre,
+// with which the block merges the row into u (hc_merge_row). Element (j, k) of comb belongs to
+// thread (j·m + k) mod blockDim; row and column sums are taken in index order by every thread that
+// needs them, so the values are those of a sequential loop. Needs blockDim.x ≥ 64. Dynamic shared
+// memory: (nm + 2·m·m + m) floats, then nm + 1 doubles.
 extern "C" __global__ void hc_pre_finish(const double* part, int splits, const float* base, const float* scale, int m,
-                                         i64 n, int iters, float hc_eps, float norm_eps, float* pre, float* post,
-                                         float* comb) {
+                                         i64 n, int iters, float hc_eps, float norm_eps, const float* x, float* u,
+                                         float* post, float* comb) {
     grid_dep_begin();
     extern __shared__ float shf[];
     int nm = (2 + m) * m, mm = m * m;
     float* mu = shf;
     float* c = shf + nm;
     float* t = c + mm;
-    double* red = (double*)(shf + ((nm + 2 * mm + 1) & ~1));
+    float* pre = t + mm;
+    double* red = (double*)(shf + ((nm + 2 * mm + m + 1) & ~1));
     i64 r = blockIdx.x;
     hc_mixes_from(part, splits, nm, n, norm_eps, mu, red);
-    // Warp 0 goes straight on to the comb matrix (the critical path); the others write pre, post.
-    int off = blockDim.x > 32 ? 32 : 0;
-    for (int i = (int)threadIdx.x - off; i >= 0 && i < m; i += blockDim.x - off) {
-        pre[r * m + i] = (float)sigmoid_d(scale[0] * mu[i] + base[i]) + hc_eps;
+    // Warp 0 goes straight on to the comb matrix (the critical path); the others form pre and
+    // post, wait for each other (named barrier 1) and merge the row meanwhile.
+    for (int i = (int)threadIdx.x - 32; i >= 0 && i < m; i += blockDim.x - 32) {
+        pre[i] = (float)sigmoid_d(scale[0] * mu[i] + base[i]) + hc_eps;
         post[r * m + i] = 2.0f * (float)sigmoid_d(scale[1] * mu[m + i] + base[m + i]);
+    }
+    if (threadIdx.x >= 32) {
+        asm volatile("bar.sync 1, %0;" ::"r"(blockDim.x - 32) : "memory");
+        hc_merge_row(x, pre, m, n / m, u, 32);
     }
     if (mm <= 32) {
         if (threadIdx.x < 32) {
@@ -172,27 +256,17 @@ extern "C" __global__ void hc_pre_finish(const double* part, int splits, const f
     for (int e = threadIdx.x; e < mm; e += blockDim.x) comb[r * mm + e] = c[e];
 }
 
-// HcHead weights of row r into p. Dynamic shared memory: m floats (rounded up to even), then
-// m + 1 doubles.
+// HcHead weights p of row r, and the row merged with them into u (hc_merge_row). Dynamic shared
+// memory: 2·m floats, then m + 1 doubles.
 extern "C" __global__ void hc_head_finish(const double* part, int splits, const float* base, const float* scale,
-                                          int m, i64 n, float hc_eps, float norm_eps, float* p) {
+                                          int m, i64 n, float hc_eps, float norm_eps, const float* x, float* u) {
     grid_dep_begin();
     extern __shared__ float shf[];
-    hc_mixes_from(part, splits, m, n, norm_eps, shf, (double*)(shf + ((m + 1) & ~1)));
-    for (int i = threadIdx.x; i < m; i += blockDim.x)
-        p[blockIdx.x * m + i] = (float)sigmoid_d(scale[0] * shf[i] + base[i]) + hc_eps;
-}
-
-// u[r, c] = Σ_i p[r, i] · X[r, i, c] (f64, stream order, rounded once).
-extern "C" __global__ void hc_merge(const float* x, const float* p, i64 rows, int m, i64 d, float* u) {
-    grid_dep_begin();
-    i64 total = rows * d;
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
-        i64 r = i / d, c = i % d;
-        double acc = 0.0;
-        for (int j = 0; j < m; ++j) acc += (double)p[r * m + j] * (double)x[(r * m + j) * d + c];
-        u[i] = (float)acc;
-    }
+    float* p = shf + m;
+    hc_mixes_from(part, splits, m, n, norm_eps, shf, (double*)(shf + 2 * m));
+    for (int i = threadIdx.x; i < m; i += blockDim.x) p[i] = (float)sigmoid_d(scale[0] * shf[i] + base[i]) + hc_eps;
+    __syncthreads();
+    hc_merge_row(x, p, m, n / m, u, 0);
 }
 
 // HcPost: out[r, k, c] = post[r, k]·f[r, c] + Σ_j comb[r, j, k]·x[r, j, c] (f64, rounded once).

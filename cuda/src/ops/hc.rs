@@ -10,7 +10,7 @@ const FAMILY: &str = "hc";
 /// Threads per block of the mixing partial sums (one warp per mixing logit at a time).
 const MIX_BLOCK: u32 = 256;
 /// Threads per row of the finishing kernels: a warp per split sum, then (Sinkhorn) a thread per
-/// mixing-matrix element.
+/// mixing-matrix element, and all (HcPre: all but the Sinkhorn warp) for the merge. At least 64.
 const FINISH_BLOCK: u32 = 256;
 
 /// Dynamic shared memory of a finishing kernel: `floats` f32 (padded to 8 bytes) then the
@@ -51,13 +51,8 @@ fn mix_partials(dev: &Dev, op: &str, x: u64, fnw: u64, rows: usize, n: usize, nm
     Ok((part, s))
 }
 
-/// `u[r] = Σ_i p[r, i] · X[r, i]` over `rows` rows of `m` streams of width `d`.
-fn merge(dev: &Dev, op: &str, (x, p, u): (u64, u64, u64), (rows, m, d): (usize, usize, usize)) -> Result<()> {
-    let args = [Arg::P(x), Arg::P(p), l(rows), i(op, "mult", m)?, l(d), Arg::P(u)];
-    launch(dev, FAMILY, "hc_merge", (grid_for(rows * d, BLOCK), 1, 1), BLOCK, 0, &args)
-}
-
-/// [`HcPre`]: mixing partial sums over column splits, per-row weights (Sinkhorn), stream merge.
+/// [`HcPre`]: mixing partial sums over column splits, then per row the weights (Sinkhorn) and
+/// the merged streams.
 pub(crate) fn hc_pre(dev: &Dev, op: &HcPre, ins: &[u64], outs: &[u64]) -> Result<()> {
     let name = "hc_pre";
     let (m, d, rows) = (op.mult, op.dim, op.rows);
@@ -66,7 +61,6 @@ pub(crate) fn hc_pre(dev: &Dev, op: &HcPre, ins: &[u64], outs: &[u64]) -> Result
     }
     let nm = op.mix_width();
     let (part, s) = mix_partials(dev, name, ins[0], ins[1], rows, m * d, nm)?;
-    let pre = dev.scratch(rows * m * 4)?;
     let args = [
         Arg::P(part.ptr()),
         i(name, "splits", s)?,
@@ -77,12 +71,13 @@ pub(crate) fn hc_pre(dev: &Dev, op: &HcPre, ins: &[u64], outs: &[u64]) -> Result
         i(name, "sinkhorn_iters", op.sinkhorn_iters)?,
         Arg::F(op.hc_eps),
         Arg::F(op.norm_eps),
-        Arg::P(pre.ptr()),
+        Arg::P(ins[0]),
+        Arg::P(outs[0]),
         Arg::P(outs[1]),
         Arg::P(outs[2]),
     ];
-    launch(dev, FAMILY, "hc_pre_finish", (rows as u32, 1, 1), FINISH_BLOCK, finish_smem(nm + 2 * m * m, nm + 1), &args)?;
-    merge(dev, name, (ins[0], pre.ptr(), outs[0]), (rows, m, d))
+    let shared = finish_smem(nm + 2 * m * m + m, nm + 1);
+    launch(dev, FAMILY, "hc_pre_finish", (rows as u32, 1, 1), FINISH_BLOCK, shared, &args)
 }
 
 /// [`HcPost`]: elementwise, f64 sum per output.
@@ -104,7 +99,7 @@ pub(crate) fn hc_post(dev: &Dev, op: &HcPost, ins: &[u64], outs: &[u64]) -> Resu
     launch(dev, FAMILY, "hc_post", (grid_for(n, BLOCK), 1, 1), BLOCK, 0, &args)
 }
 
-/// [`HcHead`]: mixing partial sums, per-row weights, stream merge.
+/// [`HcHead`]: mixing partial sums, then per row the weights and the merged streams.
 pub(crate) fn hc_head(dev: &Dev, op: &HcHead, ins: &[u64], outs: &[u64]) -> Result<()> {
     let name = "hc_head";
     let (m, d, rows) = (op.mult, op.dim, op.rows);
@@ -112,7 +107,6 @@ pub(crate) fn hc_head(dev: &Dev, op: &HcHead, ins: &[u64], outs: &[u64]) -> Resu
         return Ok(());
     }
     let (part, s) = mix_partials(dev, name, ins[0], ins[1], rows, m * d, m)?;
-    let p = dev.scratch(rows * m * 4)?;
     let args = [
         Arg::P(part.ptr()),
         i(name, "splits", s)?,
@@ -122,8 +116,8 @@ pub(crate) fn hc_head(dev: &Dev, op: &HcHead, ins: &[u64], outs: &[u64]) -> Resu
         l(m * d),
         Arg::F(op.hc_eps),
         Arg::F(op.norm_eps),
-        Arg::P(p.ptr()),
+        Arg::P(ins[0]),
+        Arg::P(outs[0]),
     ];
-    launch(dev, FAMILY, "hc_head_finish", (rows as u32, 1, 1), FINISH_BLOCK, finish_smem(m, m + 1), &args)?;
-    merge(dev, name, (ins[0], p.ptr(), outs[0]), (rows, m, d))
+    launch(dev, FAMILY, "hc_head_finish", (rows as u32, 1, 1), FINISH_BLOCK, finish_smem(2 * m, m + 1), &args)
 }
