@@ -5,15 +5,49 @@
 // hc_pre_finish / hc_head_finish (one block per row) add the splits (f64), form the mixing
 // logits and the weights (Sinkhorn for HcPre), and the merged row u = Σ_i p_i · X_i.
 
-// Loads a lane of hc_mix_partial and hc_mixes_from issues before adding any: MIX_VALS sums (a
-// warp's share of V4's 24 mixes or 25 split sums, with 8 warps) × MIX_STEPS of its steps (a
-// decode split has 128 columns, a decode row 128 splits: 4 steps of 32).
+// Terms a lane of warp_batched_sums loads before adding any: MIX_VALS sums (a warp's share of
+// V4's 24 mixes or 25 split sums, with 8 warps) × MIX_STEPS of its steps (a decode split has 128
+// columns, a decode row 128 splits: 4 steps of 32).
 #define MIX_VALS 4
 #define MIX_STEPS 4
 
-// part[(r·splits + s)·(nm + 1) + 0] = Σ x², [.. + 1 + i] = Σ fn[i]·x over columns of split s (f64).
-// Warp w takes the dots w, w + nw, ...; lane l adds columns c0 + l, c0 + l + 32, ... in order, then
-// the warp adds its lanes.
+// For each value i = w, w + nw, ... below `count` of warp w (of nw): Σ term(i, k) over k = k0 + l,
+// k0 + l + 32, ... below k1 in lane l, in order of k, then over the warp (warp_sum_d); lane 0 calls
+// out(i, sum). A lane issues the loads of MIX_VALS values × MIX_STEPS steps together, so a decode
+// row costs one round trip to the L2 rather than one per value.
+template <typename Term, typename Out>
+__device__ __forceinline__ void warp_batched_sums(int count, i64 k0, i64 k1, Term term, Out out) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int i0 = w; i0 < count; i0 += MIX_VALS * nw) {
+        double acc[MIX_VALS];
+#pragma unroll
+        for (int v = 0; v < MIX_VALS; ++v) acc[v] = 0.0;
+        for (i64 kb = k0 + lane; kb < k1; kb += 32 * MIX_STEPS) {
+            double t[MIX_VALS][MIX_STEPS];
+#pragma unroll
+            for (int v = 0; v < MIX_VALS; ++v)
+#pragma unroll
+                for (int u = 0; u < MIX_STEPS; ++u) {
+                    int i = i0 + v * nw;
+                    i64 k = kb + 32 * u;
+                    t[v][u] = i < count && k < k1 ? term(i, k) : 0.0;
+                }
+#pragma unroll
+            for (int v = 0; v < MIX_VALS; ++v)
+#pragma unroll
+                for (int u = 0; u < MIX_STEPS; ++u) acc[v] += t[v][u];
+        }
+#pragma unroll
+        for (int v = 0; v < MIX_VALS; ++v) {
+            double sum = warp_sum_d(acc[v]);
+            int i = i0 + v * nw;
+            if (lane == 0 && i < count) out(i, sum);
+        }
+    }
+}
+
+// part[(r·splits + s)·(nm + 1) + 0] = Σ x², [.. + 1 + i] = Σ fn[i]·x over columns of split s (f64;
+// the dots by warp_batched_sums).
 extern "C" __global__ void hc_mix_partial(const float* x, const float* fnw, i64 n, int nm, int splits, double* part) {
     grid_dep_begin();
     __shared__ double red[32];
@@ -22,34 +56,10 @@ extern "C" __global__ void hc_mix_partial(const float* x, const float* fnw, i64 
     i64 per = (n + splits - 1) / splits, c0 = s * per, c1 = c0 + per < n ? c0 + per : n;
     const float* xr = x + r * n;
     double* out = part + (r * splits + s) * (nm + 1);
-    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    for (int i0 = w; i0 < nm; i0 += MIX_VALS * nw) {
-        double acc[MIX_VALS];
-#pragma unroll
-        for (int v = 0; v < MIX_VALS; ++v) acc[v] = 0.0;
-        for (i64 cb = c0 + lane; cb < c1; cb += 32 * MIX_STEPS) {
-            float f[MIX_VALS][MIX_STEPS], xv[MIX_STEPS];
-#pragma unroll
-            for (int u = 0; u < MIX_STEPS; ++u) xv[u] = cb + 32 * u < c1 ? xr[cb + 32 * u] : 0.0f;
-#pragma unroll
-            for (int v = 0; v < MIX_VALS; ++v)
-#pragma unroll
-                for (int u = 0; u < MIX_STEPS; ++u) {
-                    i64 i = i0 + v * nw, c = cb + 32 * u;
-                    f[v][u] = i < nm && c < c1 ? fnw[i * n + c] : 0.0f;
-                }
-#pragma unroll
-            for (int v = 0; v < MIX_VALS; ++v)
-#pragma unroll
-                for (int u = 0; u < MIX_STEPS; ++u) acc[v] += (double)f[v][u] * (double)xv[u];
-        }
-#pragma unroll
-        for (int v = 0; v < MIX_VALS; ++v) {
-            double sum = warp_sum_d(acc[v]);
-            int i = i0 + v * nw;
-            if (lane == 0 && i < nm) out[1 + i] = sum;
-        }
-    }
+    // A product of two floats is exact in f64, so only the order of each sum fixes its value.
+    warp_batched_sums(
+        nm, c0, c1, [&](int i, i64 c) { return (double)fnw[(i64)i * n + c] * (double)xr[c]; },
+        [&](int i, double sum) { out[1 + i] = sum; });
     double ss = 0.0;
 #pragma unroll 4
     for (i64 c = c0 + threadIdx.x; c < c1; c += blockDim.x) {
@@ -79,39 +89,12 @@ extern "C" __global__ void __launch_bounds__(256) hc_mix_tiled(const float* x, c
 }
 
 // Mixing logits μ_i = (Σ_s dot_i) · ρ of row r into mu[0..nm) (shared); every thread waits.
-// One warp per value (Σ x² first; warp w takes values w, w + nw, ...), lanes over the splits
-// (lane l adds splits l, l + 32, ... in order, then the warp adds its lanes). A lane issues the
-// loads of MIX_VALS values × MIX_STEPS splits together: one round trip to the L2 for a decode row,
-// where a loop per value waited for one per value. `red` holds nm + 1 doubles.
+// The split sums (Σ x² first) by warp_batched_sums. `red` holds nm + 1 doubles.
 __device__ void hc_mixes_from(const double* part, int splits, int nm, i64 n, float norm_eps, float* mu, double* red) {
     i64 r = blockIdx.x;
     const double* pr = part + r * splits * (nm + 1);
-    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    for (int i0 = w; i0 <= nm; i0 += MIX_VALS * nw) {
-        double acc[MIX_VALS];
-#pragma unroll
-        for (int v = 0; v < MIX_VALS; ++v) acc[v] = 0.0;
-        for (int s0 = lane; s0 < splits; s0 += 32 * MIX_STEPS) {
-            double p[MIX_VALS][MIX_STEPS];
-#pragma unroll
-            for (int v = 0; v < MIX_VALS; ++v)
-#pragma unroll
-                for (int u = 0; u < MIX_STEPS; ++u) {
-                    int i = i0 + v * nw, s = s0 + 32 * u;
-                    p[v][u] = i <= nm && s < splits ? pr[s * (nm + 1) + i] : 0.0;
-                }
-#pragma unroll
-            for (int v = 0; v < MIX_VALS; ++v)
-#pragma unroll
-                for (int u = 0; u < MIX_STEPS; ++u) acc[v] += p[v][u];
-        }
-#pragma unroll
-        for (int v = 0; v < MIX_VALS; ++v) {
-            double sum = warp_sum_d(acc[v]);
-            int i = i0 + v * nw;
-            if (lane == 0 && i <= nm) red[i] = sum;
-        }
-    }
+    warp_batched_sums(
+        nm + 1, 0, splits, [&](int i, i64 s) { return pr[s * (nm + 1) + i]; }, [&](int i, double sum) { red[i] = sum; });
     __syncthreads();
     float ms = (float)(red[0] / (double)n);
     float rho = (float)(1.0 / sqrt((double)(ms + norm_eps)));

@@ -3,6 +3,14 @@
 // Elements per thread that rms_norm keeps in registers between its two passes.
 #define NORM_HELD 4
 
+// r = fl32(1 / sqrt(fl32(mean(x²)) + eps)) from the thread's sum of squares `ss` (every thread
+// calls it: it adds the block's sums).
+__device__ __forceinline__ float rms_factor(double ss, i64 dim, float eps, double* red) {
+    ss = block_sum_d(ss, red);
+    float ms = (float)(ss / (double)dim);
+    return (float)(1.0 / sqrt((double)(ms + eps)));
+}
+
 // y = w ⊙ (x · r), r = fl32(1 / sqrt(fl32(mean(x²)) + eps)); weight may be null.
 // Each thread sums the squares of elements threadIdx.x + j·blockDim.x in order of j, then the
 // block adds the threads' sums. A row of at most NORM_HELD·blockDim.x elements (a decode row, at
@@ -28,9 +36,7 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* y, i6
             double v = (double)xv[j];
             ss += v * v;
         }
-        ss = block_sum_d(ss, red);
-        float ms = (float)(ss / (double)dim);
-        float f = (float)(1.0 / sqrt((double)(ms + eps)));
+        float f = rms_factor(ss, dim, eps, red);
 #pragma unroll
         for (int j = 0; j < NORM_HELD; ++j) {
             i64 i = threadIdx.x + (i64)j * blockDim.x;
@@ -45,9 +51,7 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* y, i6
         double v = (double)xr[i];
         ss += v * v;
     }
-    ss = block_sum_d(ss, red);
-    float ms = (float)(ss / (double)dim);
-    float f = (float)(1.0 / sqrt((double)(ms + eps)));
+    float f = rms_factor(ss, dim, eps, red);
 #pragma unroll 4
     for (i64 i = threadIdx.x; i < dim; i += blockDim.x) {
         float v = xr[i] * f;

@@ -12,6 +12,7 @@ const MIX_BLOCK: u32 = 256;
 /// Threads per row of the finishing kernels: a warp per split sum, then (Sinkhorn) a thread per
 /// mixing-matrix element, and all (HcPre: all but the Sinkhorn warp) for the merge. At least 64.
 const FINISH_BLOCK: u32 = 256;
+const _: () = assert!(FINISH_BLOCK >= 64, "hc_pre_finish merges in all warps but the first");
 
 /// Dynamic shared memory of a finishing kernel: `floats` f32 (padded to 8 bytes) then the
 /// `doubles` f64 split sums.
