@@ -11,7 +11,8 @@
 //!
 //! The emulator reads its profile at `aclInit`, once per process, so each configuration runs in
 //! a child process. Every case and every gating end-to-end check must pass, nothing may be
-//! unsupported (the emulator exports every aclnn op the backend uses), and the fused runs must
+//! unsupported but token sampling (the emulator exports every aclnn op the backend uses; the
+//! backend does not sample on the device yet), and the fused runs must
 //! really have used fused kernels (cases reported in bf16 numerics) while the composed runs
 //! must not. `V4RT_ASCEND_CONFORMANCE_QUICK=1` keeps the small op cases only (no real shapes,
 //! no end to end) for a fast local loop.
@@ -76,8 +77,10 @@ fn child_entry() {
     }
     assert!(failures.is_empty(), "{} failing checks", failures.len());
     // The emulator exports every aclnn op the backend uses, so nothing may be unsupported here
-    // (a real toolkit missing an op would legitimately list it).
-    assert!(unsupported.is_empty(), "unsupported through the emulator: {unsupported:?}");
+    // (a real toolkit missing an op would legitimately list it) but token sampling, which this
+    // backend does not compose yet: the model samples on the host there (`DecodeStep`).
+    let sampling = ["sample_tokens[greedy]", "sample_tokens[temperature]"];
+    assert_eq!(unsupported, sampling, "unsupported through the emulator");
     if fused {
         assert!(bf16_cases > 0, "the fused path ran no case through a fused kernel");
     } else {

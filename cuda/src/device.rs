@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::result::DriverError;
 use cudarc::driver::sys::CUresult;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
 use hal::{Error, Result, Storage};
 
 use crate::kernels::Loaded;
@@ -149,6 +149,10 @@ pub(crate) struct Dev {
     /// demand and kept: a copy into it is one DMA, where a pageable destination is staged
     /// through the driver's own buffers.
     pub pinned: Mutex<Option<PinnedHostSlice<u8>>>,
+    /// Page-locked buffers of finished [`Dev::copy_out_later`] copies, kept for the next ones
+    /// (a decode loop has one or two in flight; allocating page-locked memory costs more than
+    /// the copy).
+    pub spare_pinned: Mutex<Vec<PinnedHostSlice<u8>>>,
     /// Whether `Backend::record` is capturing the stream now (see `record.rs`).
     pub recording: AtomicBool,
     /// Checks that passed and quantized inputs, on bytes unchanged since (see `memo.rs`).
@@ -218,6 +222,7 @@ impl Dev {
             err_ptr,
             kernels: Loaded::new(arch),
             pinned: Mutex::new(None),
+            spare_pinned: Mutex::new(Vec::new()),
             recording: AtomicBool::new(false),
             memo: Memo::default(),
             arena: Mutex::new(None),
@@ -308,6 +313,45 @@ impl Dev {
         Ok(w)
     }
 
+    /// Issues copies of the deferred-error words and of `len` bytes at device address `src`
+    /// into page-locked memory, after all work issued before, and returns without waiting
+    /// ([`PendingCopy::wait`] does).
+    pub fn copy_out_later(&self, src: u64, len: usize) -> Result<PendingCopy<'_>> {
+        self.ctx.bind_to_thread().map_err(driver_err)?;
+        let need = ERR_WORDS * std::mem::size_of::<i64>() + len;
+        let spare = {
+            let mut spares = self.spare_pinned.lock().unwrap_or_else(|p| p.into_inner());
+            spares.iter().position(|p| p.len() >= need).map(|k| spares.swap_remove(k))
+        };
+        let mut host = match spare {
+            Some(h) => h,
+            None => {
+                let size = need.next_power_of_two().max(1 << 12);
+                // SAFETY: the bytes are only read after a copy has written them; flags 0 as in `copy_out`.
+                unsafe { self.ctx.alloc_pinned_with_flags::<u8>(size, 0) }.map_err(|e| alloc_err(e, size))?
+            }
+        };
+        let slice = host.as_mut_slice().map_err(driver_err)?;
+        let (words, data) = slice.split_at_mut(ERR_WORDS * std::mem::size_of::<i64>());
+        let cu = self.stream.cu_stream();
+        // SAFETY: `host` moves into the returned `PendingCopy`, which waits for the copies'
+        // event before it reads the bytes or lets the buffer go (`wait`, `Drop`); the caller
+        // passes the address of a live allocation of at least `len` bytes.
+        let issued = unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(&mut *words, self.err_ptr, cu)
+                .and_then(|()| if len == 0 { Ok(()) } else { cudarc::driver::result::memcpy_dtoh_async(&mut data[..len], src, cu) })
+        };
+        let event = issued.and_then(|()| self.stream.record_event(None));
+        match event {
+            Ok(event) => Ok(PendingCopy { dev: self, host: Some(host), len, event }),
+            Err(e) => {
+                // A copy may be in flight into `host`: let it land before the buffer is freed.
+                let _ = self.stream.synchronize();
+                Err(driver_err(e))
+            }
+        }
+    }
+
     /// Zeroes `bytes` at device address `dst` (stream-ordered).
     pub fn zero(&self, dst: u64, bytes: usize) -> Result<()> {
         self.ctx.bind_to_thread().map_err(driver_err)?;
@@ -326,6 +370,44 @@ impl Dev {
             code: -1,
             message: m,
         })
+    }
+}
+
+/// Copies issued by [`Dev::copy_out_later`], landing in a page-locked buffer.
+pub struct PendingCopy<'d> {
+    dev: &'d Dev,
+    host: Option<PinnedHostSlice<u8>>,
+    len: usize,
+    event: CudaEvent,
+}
+
+impl PendingCopy<'_> {
+    /// Waits for the copies; returns the error words and the bytes.
+    pub fn wait(mut self) -> Result<([i64; ERR_WORDS], Vec<u8>)> {
+        self.event.synchronize().map_err(driver_err)?;
+        let host = self.host.take().expect("taken only here and in drop");
+        let bytes = host.as_slice().map_err(driver_err)?;
+        let words_len = ERR_WORDS * std::mem::size_of::<i64>();
+        let mut w = [0i64; ERR_WORDS];
+        for (v, b) in w.iter_mut().zip(bytes[..words_len].chunks_exact(8)) {
+            *v = i64::from_le_bytes(b.try_into().expect("8 bytes"));
+        }
+        let data = bytes[words_len..words_len + self.len].to_vec();
+        self.dev.spare_pinned.lock().unwrap_or_else(|p| p.into_inner()).push(host);
+        Ok((w, data))
+    }
+}
+
+impl Drop for PendingCopy<'_> {
+    fn drop(&mut self) {
+        if let Some(host) = self.host.take() {
+            // Not waited for: the copy must land before the buffer is reused or freed.
+            if self.event.synchronize().is_ok() {
+                self.dev.spare_pinned.lock().unwrap_or_else(|p| p.into_inner()).push(host);
+            } else {
+                std::mem::forget(host);
+            }
+        }
     }
 }
 

@@ -45,6 +45,7 @@ pub const KERNEL_SOURCES: &[(&str, &str)] = &[
     ("compressor", include_str!("../kernels/compressor.cu")),
     ("indexer", include_str!("../kernels/indexer.cu")),
     ("moe", include_str!("../kernels/moe.cu")),
+    ("sample", include_str!("../kernels/sample.cu")),
     ("calibrate", include_str!("../kernels/calibrate.cu")),
 ];
 

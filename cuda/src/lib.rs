@@ -87,7 +87,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use cudarc::driver::CudaContext;
-use hal::backend::{Backend, BackendInfo, Calibration, Probe, Recording, Support};
+use hal::backend::{Backend, BackendInfo, Calibration, PendingDownload, Probe, Recording, Support};
 use hal::{DType, Error, Op, Result, Tensor};
 
 use device::{driver_err, CudaStorage, Dev, BACKEND_NAME, ERR_WORDS};
@@ -205,6 +205,22 @@ impl CudaBackend {
     }
 }
 
+/// A [`Backend::download_later`] of this backend.
+struct PendingTensor<'b> {
+    backend: &'b CudaBackend,
+    copy: device::PendingCopy<'b>,
+}
+
+impl PendingDownload for PendingTensor<'_> {
+    fn wait(self: Box<Self>) -> Result<Vec<u8>> {
+        let (words, data) = self.copy.wait()?;
+        // As `download` does: the words are settled with the error buffer locked.
+        let _err = self.backend.dev.err.lock().unwrap_or_else(|p| p.into_inner());
+        self.backend.settle_device_error(words)?;
+        Ok(data)
+    }
+}
+
 fn byte_len(shape: &[usize], dtype: DType) -> Result<usize> {
     shape
         .iter()
@@ -277,6 +293,14 @@ impl Backend for CudaBackend {
         let words = self.dev.copy_out(s.buf.ptr(), &mut out)?;
         self.settle_device_error(words)?;
         Ok(out)
+    }
+
+    /// The tensor and the deferred-error words land in page-locked memory; `wait` waits on an
+    /// event recorded after the copies, not on the stream.
+    fn download_later(&self, t: &Tensor) -> Result<Box<dyn PendingDownload + '_>> {
+        self.dev.not_recording("download_later")?;
+        let s = self.storage(t, || "download_later".into())?;
+        Ok(Box::new(PendingTensor { backend: self, copy: self.dev.copy_out_later(s.buf.ptr(), s.len)? }))
     }
 
     fn run(&self, op: &Op, inputs: &[&Tensor], outputs: &mut [&mut Tensor]) -> Result<()> {

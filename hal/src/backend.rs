@@ -107,8 +107,9 @@ pub fn check_prepare(op: &Op, weights: &[Option<&Tensor>]) -> Result<()> {
 /// A compute device with its own memory and one in-order stream.
 ///
 /// Contract shared by every implementation:
-/// * Work is issued in order on one stream. `run`, `upload` and `write` may return before the
-///   device finished; `download` and `synchronize` wait for everything issued before them.
+/// * Work is issued in order on one stream. `run`, `upload`, `write` and `download_later` may
+///   return before the device finished; `download` and `synchronize` wait for everything issued
+///   before them.
 /// * Tensors made by one backend are only passed back to that backend (checked, not assumed).
 /// * `run` validates shapes and dtypes against [`Op::signature`] before touching memory and
 ///   returns [`Error::InvalidArgument`] naming the op and tensor on mismatch; it never panics
@@ -138,6 +139,16 @@ pub trait Backend: Send + Sync {
 
     /// Copies the whole tensor to the host, after all previously issued work.
     fn download(&self, t: &Tensor) -> Result<Vec<u8>>;
+
+    /// [`download`](Self::download) without waiting: the copy is issued in order after all
+    /// previously issued work, and [`PendingDownload::wait`] returns the bytes the tensor held
+    /// then, whatever work issued later does to it. This is how a host keeps the device busy
+    /// while it reads a result (a decode step's sampled tokens while the next step runs).
+    /// Deferred device-side errors of the work before the copy surface at `wait`, as they do at
+    /// `download`. The default downloads at once.
+    fn download_later(&self, t: &Tensor) -> Result<Box<dyn PendingDownload + '_>> {
+        Ok(Box::new(Downloaded(self.download(t)?)))
+    }
 
     /// Issues `op`. `inputs` and `outputs` follow [`Op::signature`] in order; an output marked
     /// in/out there is read as well as written.
@@ -186,7 +197,8 @@ pub trait Backend: Send + Sync {
     ///
     /// Contract for `ops`, which a recording backend checks where it can (an error, never a
     /// silently wrong recording):
-    /// * it issues only `alloc` and `run`: `upload`, `write`, `download`, `synchronize` and
+    /// * it issues only `alloc` and `run`: `upload`, `write`, `download`, `download_later`,
+    ///   `synchronize` and
     ///   `calibrate` return [`Error::InvalidArgument`] while recording;
     /// * every tensor it allocates is dropped before it returns (a recording owns its
     ///   intermediates; the results a caller wants go into tensors made before);
@@ -201,6 +213,22 @@ pub trait Backend: Send + Sync {
     fn record(&self, ops: &mut dyn FnMut() -> Result<()>) -> Result<Option<Box<dyn Recording>>> {
         ops()?;
         Ok(None)
+    }
+}
+
+/// A copy to the host issued by [`Backend::download_later`].
+pub trait PendingDownload {
+    /// Waits for the copy and returns the bytes (or the deferred device-side error of the work
+    /// issued before it).
+    fn wait(self: Box<Self>) -> Result<Vec<u8>>;
+}
+
+/// A [`PendingDownload`] that has already finished (the default `download_later`).
+pub struct Downloaded(pub Vec<u8>);
+
+impl PendingDownload for Downloaded {
+    fn wait(self: Box<Self>) -> Result<Vec<u8>> {
+        Ok(self.0)
     }
 }
 

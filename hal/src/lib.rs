@@ -20,7 +20,7 @@ pub mod error;
 pub mod ops;
 pub mod tensor;
 
-pub use backend::{Backend, BackendInfo, Calibration, Numerics, Probe, Recording, Registry, Support};
+pub use backend::{Backend, BackendInfo, Calibration, Numerics, PendingDownload, Probe, Recording, Registry, Support};
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use ops::Op;

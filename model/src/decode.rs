@@ -11,10 +11,19 @@
 //! backend: the same ops run in the same order on the same values (checked end to end by the
 //! conformance suite, `tests/src/conformance.rs`).
 //!
+//! A step made [`with_sampling`](DecodeStep::with_sampling) also picks each slot's next token.
+//! Where the backend runs [`SampleTokens`] the pick is recorded as the step's last op and
+//! writes the step's own token input, so [`issue_sampled`](DecodeStep::issue_sampled) can
+//! queue the next step before the host has seen the token; the host reads the tokens with
+//! [`Sampled::wait`] while the device runs on. Elsewhere the step downloads the logits and
+//! samples on the host, with the same math and generator, so the tokens are the same.
+//!
 //! [`LogitsAt::Last`]: crate::forward::LogitsAt::Last
 
-use hal::backend::Recording;
-use hal::{DType, Tensor};
+use hal::backend::{PendingDownload, Recording};
+use hal::ops::sample::{sample_row, Rng};
+use hal::ops::{Op, SampleTokens};
+use hal::{DType, Support, Tensor};
 
 use crate::cache::KvCache;
 use crate::error::ModelError;
@@ -31,6 +40,36 @@ pub struct DecodeStep<'m> {
     rows: Rows,
     logits: Tensor,
     state: State,
+    sampler: Option<Sampler>,
+}
+
+/// How a sampling step picks its tokens (see [`DecodeStep::with_sampling`]).
+struct Sampler {
+    op: SampleTokens,
+    /// Where the device samples: each slot's generator state (`I64 [slots]`).
+    on_device: Option<Tensor>,
+    /// Where the host samples: each slot's generator.
+    host: Vec<Rng>,
+    /// Whether `rows.ids` (device) or `last` (host) holds tokens the previous step picked.
+    chained: bool,
+    last: Vec<u32>,
+}
+
+/// The tokens a sampling step picked, one per slot: ready, or still being copied to the host.
+pub enum Sampled<'m> {
+    Ready(Vec<u32>),
+    Pending(Box<dyn PendingDownload + 'm>),
+}
+
+impl Sampled<'_> {
+    /// The tokens in slot order, once the device has finished the step. Deferred device-side
+    /// errors of the work issued before surface here.
+    pub fn wait(self) -> Result<Vec<u32>> {
+        match self {
+            Sampled::Ready(t) => Ok(t),
+            Sampled::Pending(p) => Ok(hal::dtype::bytes_i32(&p.wait()?).into_iter().map(|t| t as u32).collect()),
+        }
+    }
 }
 
 enum State {
@@ -69,6 +108,7 @@ impl Model {
             rows: Exec { b }.rows(&slot_ids, &zeros, &zeros)?,
             logits: b.alloc(&[n, self.cfg.vocab_size], DType::F32)?,
             state: State::Fresh,
+            sampler: None,
         })
     }
 }
@@ -79,7 +119,7 @@ impl std::fmt::Debug for DecodeStep<'_> {
     }
 }
 
-impl DecodeStep<'_> {
+impl<'m> DecodeStep<'m> {
     /// Feeds `tokens[i]` to `slots[i]` at its next position, advances every slot by one and
     /// returns the logits `[slots, vocab]` (slot order). Errors (cache not the one this step
     /// was made for, a free slot, a token outside the vocabulary, a full slot) are returned
@@ -100,19 +140,101 @@ impl DecodeStep<'_> {
     /// still run it (the backend's stream keeps steps in order, so steps can be queued back to
     /// back). The checks that `run` makes before anything runs are made here.
     pub fn issue(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<()> {
-        if cache.id() != self.cache_id {
-            return Err(ModelError::Request("decode step used with another KV cache than the one it was made for".into()));
-        }
         if tokens.len() != self.slots.len() {
             return Err(ModelError::Request(format!("decode step: {} tokens for {} slots", tokens.len(), self.slots.len())));
         }
+        self.issue_with(cache, Some(tokens))
+    }
+
+    /// Makes this step pick each slot's next token after its logits, by [`SampleTokens`] at
+    /// `temperature` (0 = greedy), slot `i` drawing from `rngs[i]`. Only before the first call.
+    /// The device samples where the backend supports the op; otherwise the host does, with
+    /// the same result.
+    pub fn with_sampling(mut self, temperature: f32, rngs: &[Rng]) -> Result<Self> {
+        if !matches!(self.state, State::Fresh) {
+            return Err(ModelError::Request("decode step: sampling must be set before the first call".into()));
+        }
+        let n = self.slots.len();
+        if rngs.len() != n {
+            return Err(ModelError::Request(format!("decode step: {} generators for {} slots", rngs.len(), n)));
+        }
+        let op = SampleTokens { rows: n, vocab: self.model.cfg.vocab_size, temperature };
+        Op::SampleTokens(op.clone()).check_params().map_err(|e| ModelError::Request(format!("sampling: {e}")))?;
+        let b = self.model.backend();
+        let on_device = match b.supports(&Op::SampleTokens(op.clone())) {
+            Support::Yes => {
+                let states: Vec<u8> = rngs.iter().flat_map(|r| r.0.to_le_bytes()).collect();
+                Some(b.upload(&[n], DType::I64, &states)?)
+            }
+            Support::No(_) => None,
+        };
+        self.sampler = Some(Sampler { op, on_device, host: rngs.to_vec(), chained: false, last: Vec::new() });
+        Ok(self)
+    }
+
+    /// Whether the device picks the tokens (false: the host samples from downloaded logits).
+    pub fn samples_on_device(&self) -> bool {
+        self.sampler.as_ref().is_some_and(|s| s.on_device.is_some())
+    }
+
+    /// Issues one step of a sampling step ([`with_sampling`](Self::with_sampling)) and returns
+    /// the tokens it picks. It feeds `tokens`, or with `None` the tokens the previous call
+    /// picked. On the device that input never leaves it: the step is queued at once, and the
+    /// returned [`Sampled`] can be waited for after the next step is issued. The checks of
+    /// [`issue`](Self::issue) are made here.
+    pub fn issue_sampled(&mut self, cache: &mut KvCache, tokens: Option<&[u32]>) -> Result<Sampled<'m>> {
+        let Some(sampler) = self.sampler.as_mut() else {
+            return Err(ModelError::Request("decode step: issue_sampled on a step made without sampling".into()));
+        };
+        let fed = match tokens {
+            Some(t) if t.len() != self.slots.len() => {
+                return Err(ModelError::Request(format!("decode step: {} tokens for {} slots", t.len(), self.slots.len())));
+            }
+            Some(t) => Some(t.to_vec()),
+            None if !sampler.chained => {
+                return Err(ModelError::Request("decode step: no tokens given and no earlier sampled step to feed".into()));
+            }
+            None if sampler.on_device.is_some() => None,
+            None => Some(sampler.last.clone()),
+        };
+        self.issue_with(cache, fed.as_deref())?;
+        let model: &'m Model = self.model;
+        let b = model.backend();
+        let sampler = self.sampler.as_mut().expect("checked above");
+        sampler.chained = true;
+        if sampler.on_device.is_some() {
+            return Ok(Sampled::Pending(b.download_later(&self.rows.ids)?));
+        }
+        let logits = hal::dtype::bytes_f32(&b.download(&self.logits)?);
+        let vocab = sampler.op.vocab;
+        sampler.last = sampler
+            .host
+            .iter_mut()
+            .zip(logits.chunks_exact(vocab))
+            .map(|(rng, l)| sample_row(l, sampler.op.temperature, rng) as u32)
+            .collect();
+        Ok(Sampled::Ready(sampler.last.clone()))
+    }
+
+    /// The body of `issue` and `issue_sampled`: `tokens` are written as the step's input, or
+    /// with `None` the input is what the device's previous sampling left in it.
+    fn issue_with(&mut self, cache: &mut KvCache, tokens: Option<&[u32]>) -> Result<()> {
+        if cache.id() != self.cache_id {
+            return Err(ModelError::Request("decode step used with another KV cache than the one it was made for".into()));
+        }
+        // Positions are checked with stand-in tokens when the input stays on the device.
+        let stand_in = vec![0u32; self.slots.len()];
+        let given = tokens.unwrap_or(&stand_in);
         let chunks: Vec<Chunk> =
-            self.slots.iter().zip(tokens).map(|(&slot, t)| Chunk { slot, tokens: std::slice::from_ref(t) }).collect();
+            self.slots.iter().zip(given).map(|(&slot, t)| Chunk { slot, tokens: std::slice::from_ref(t) }).collect();
         let (_, positions, ids) = self.model.row_values(cache, &chunks)?;
         let b = self.model.backend();
         b.write(&mut self.rows.positions, 0, &hal::dtype::i32_bytes(&positions))?;
-        b.write(&mut self.rows.ids, 0, &hal::dtype::i32_bytes(&ids))?;
-        let (model, rows, logits) = (self.model, &self.rows, &mut self.logits);
+        if tokens.is_some() {
+            b.write(&mut self.rows.ids, 0, &hal::dtype::i32_bytes(&ids))?;
+        }
+        let (model, rows, logits) = (self.model, &mut self.rows, &mut self.logits);
+        let mut sample = self.sampler.as_mut().and_then(|s| Some((Op::SampleTokens(s.op.clone()), s.on_device.as_mut()?)));
         // The HAL's closure returns HAL errors; a model-level one is kept aside and returned as is.
         let mut model_err = None;
         let mut ops = || {
@@ -123,7 +245,12 @@ impl DecodeStep<'_> {
                     model_err = Some(other);
                     hal::Error::invalid("decode step", text)
                 }
-            })
+            })?;
+            match &mut sample {
+                // The picked tokens overwrite this step's input, which the embedding has read.
+                Some((op, rng)) => b.run(op, &[&*logits], &mut [&mut rows.ids, &mut **rng]),
+                None => Ok(()),
+            }
         };
         let issued = issue(&mut self.state, b, &mut ops);
         drop(ops);

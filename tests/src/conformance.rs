@@ -91,9 +91,10 @@ use hal::dtype::{self, DType};
 use hal::ops::attention::CompressedKv;
 use hal::ops::{
     Access, Add, Compressor, Embed, GateMode, GatherRows, GroupedLinear, Hadamard, HcExpand, HcHead, HcPost, HcPre,
-    IndexerTopK, Linear, MoeExperts, MoeGate, QuantFormat, QuantSim, RmsNorm, Rope, SparseAttention, SwiGlu,
-    WeightFormat, WindowStore,
+    IndexerTopK, Linear, MoeExperts, MoeGate, QuantFormat, QuantSim, RmsNorm, Rope, SampleTokens, SparseAttention,
+    SwiGlu, WeightFormat, WindowStore,
 };
+use hal::ops::sample::{sample_key, sample_uniform};
 use hal::{Backend, Numerics, Op, Support, Tensor};
 use model::config::ModelConfig;
 use proptest::prelude::*;
@@ -309,6 +310,8 @@ struct Setup {
     freqs: Option<Vec<f32>>,
     /// Selected attention: −1 and a repeated entry inside the list, not only as padding.
     holes: bool,
+    /// Sampling: rows with tied maxima, NaN and −∞ logits, and one all NaN.
+    specials: bool,
 }
 
 /// One op descriptor with the recipe of its inputs.
@@ -349,6 +352,10 @@ impl Case {
     }
     fn holes(mut self) -> Self {
         self.setup.holes = true;
+        self
+    }
+    fn specials(mut self) -> Self {
+        self.setup.specials = true;
         self
     }
     /// Row key of the report: the op name and the variant that changes its threshold or path.
@@ -403,6 +410,7 @@ pub fn variant(op: &Op) -> String {
             GateMode::Scored => "scored".into(),
             GateMode::Hashed { .. } => "hashed".into(),
         }),
+        Op::SampleTokens(t) => Some(if t.temperature == 0.0 { "greedy" } else { "temperature" }.into()),
         Op::HcExpand(_) | Op::Add(_) | Op::GatherRows(_) | Op::HcPre(_) | Op::HcPost(_) | Op::HcHead(_)
         | Op::Hadamard(_) | Op::WindowStore(_) | Op::IndexerTopK(_) | Op::SwiGlu(_) => None,
     };
@@ -418,7 +426,7 @@ pub fn variant(op: &Op) -> String {
 }
 
 /// Number of [`Op`] kinds; [`kind_index`] maps each to `0..N_KINDS`.
-pub const N_KINDS: usize = 20;
+pub const N_KINDS: usize = 21;
 
 /// Index of an op's kind. The match is exhaustive: a new `Op` variant does not compile until
 /// it has an index here, and [`cases`] then panics until it also has a generator.
@@ -444,6 +452,7 @@ pub fn kind_index(op: &Op) -> usize {
         Op::MoeGate(_) => 17,
         Op::MoeExperts(_) => 18,
         Op::SwiGlu(_) => 19,
+        Op::SampleTokens(_) => 20,
     }
 }
 
@@ -989,6 +998,28 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
                 out.push(Case::new(Op::SwiGlu(op), format!("{name}: shared expert, width {}", c.moe_inter_dim), s(10 + i as u64)).large());
             }
         }
+        // ---- sample_tokens ----
+        20 => {
+            for temperature in [0.0f32, 0.6] {
+                out.extend(randoms(r, |r| {
+                    let (rows, vocab, t, sd) = draw(r, (1usize..=5, 1usize..=5000, 0.05f32..2.0, seed_s));
+                    let temperature = if temperature == 0.0 { 0.0 } else { t };
+                    Case::new(Op::SampleTokens(SampleTokens { rows, vocab, temperature }), "", sd)
+                }));
+            }
+            let t = |rows, vocab, temperature| Op::SampleTokens(SampleTokens { rows, vocab, temperature });
+            out.push(Case::new(t(4, 300, 0.0), "edge: greedy over ties, NaN and −∞", s(0)).specials());
+            out.push(Case::new(t(4, 300, 1.0), "edge: sampling over ties, NaN and −∞", s(1)).specials());
+            out.push(Case::new(t(3, 1, 0.8), "edge: a one-token vocabulary", s(2)));
+            out.push(Case::new(t(2, 5000, 1e-3), "edge: temperature 1e-3", s(3)));
+            for (i, (name, c)) in reals.iter().enumerate() {
+                let i = i as u64;
+                for (j, temperature) in [0.0f32, 0.6].into_iter().enumerate() {
+                    let label = format!("{name}: vocab {}, temperature {temperature}", c.vocab_size);
+                    out.push(Case::new(t(2, c.vocab_size, temperature), label, s(10 + 2 * i + j as u64)).large());
+                }
+            }
+        }
         _ => panic!("op kind {kind} has no case generator: add one to conformance::kind_cases"),
     }
     out
@@ -1385,6 +1416,30 @@ fn build_data(case: &Case) -> CaseData {
             let n = o.rows * o.width;
             (vec![f32t(&[o.rows, o.width], &rng.normals(n, 8.0)), f32t(&[o.rows, o.width], &rng.normals(n, 8.0))], vec![None])
         }
+        Op::SampleTokens(o) => {
+            let (r, v) = (o.rows, o.vocab);
+            let mut logits = rng.normals(r * v, 3.0);
+            if st.specials && v >= 8 {
+                // Row 0: the maximum twice; row 1: NaN before and at the maximum's place, −∞
+                // elsewhere; row 2: every logit NaN; row 3: −∞ except two equal values.
+                let row = |k: usize| k * v..(k + 1) * v;
+                logits[row(0)][v / 3] = 50.0;
+                logits[row(0)][2 * v / 3] = 50.0;
+                for (j, x) in logits[row(1)].iter_mut().enumerate() {
+                    *x = if j % 5 == 0 { f32::NAN } else if j % 7 == 0 { f32::NEG_INFINITY } else { *x };
+                }
+                logits[row(1)][1] = 60.0;
+                logits[row(1)][0] = f32::NAN;
+                logits[row(2)].fill(f32::NAN);
+                if r > 3 {
+                    logits[row(3)].fill(f32::NEG_INFINITY);
+                    logits[row(3)][v - 2] = -1.0;
+                    logits[row(3)][v - 1] = -1.0;
+                }
+            }
+            let states: Vec<u8> = (0..r).flat_map(|_| rng.next_u64().to_le_bytes()).collect();
+            (vec![f32t(&[r, v], &logits)], vec![None, Some(HostTensor::raw(&[r], DType::I64, states))])
+        }
     };
     CaseData { inputs, outputs }
 }
@@ -1729,6 +1784,8 @@ enum Metric {
     GateSets,
     /// Checked together with the gate's experts.
     GateWeights,
+    /// Each row's token the reference's, or one whose race key ties it within [`KEY_ULPS`].
+    SampledTokens,
 }
 
 /// NMSE bound of the bf16 class ([`Numerics::Bf16`]): one bf16 rounding has relative error
@@ -1768,6 +1825,8 @@ fn metric(op: &Op, output: &str) -> Metric {
         (Op::MoeGate(_), "experts") => Metric::GateSets,
         (Op::MoeGate(_), _) => Metric::GateWeights,
         (Op::MoeExperts(_), _) => Metric::RowFlips(1e-7),
+        (Op::SampleTokens(_), "tokens") => Metric::SampledTokens,
+        (Op::SampleTokens(_), _) => Metric::Exact,
     }
 }
 
@@ -1780,6 +1839,7 @@ fn threshold_text(op: &Op, bf16: bool) -> String {
             Metric::Exact => "exact".to_string(),
             Metric::Nmse(t) | Metric::Cache(t) | Metric::RowFlips(t) => format!("{t:.0e}"),
             Metric::IndexerSets | Metric::GateSets => "sets".to_string(),
+            Metric::SampledTokens => "tokens".to_string(),
             Metric::GateWeights => "1e-10".to_string(),
         };
         if !parts.contains(&t) {
@@ -1874,6 +1934,10 @@ fn check(case: &Case, data: &CaseData, obs: &Observed, want: &[Vec<u8>], bf16: b
                 }
             }
             Metric::GateWeights => {}
+            Metric::SampledTokens => {
+                let Op::SampleTokens(o) = &case.op else { unreachable!() };
+                sampled_tokens(o, data, got, w, res);
+            }
         }
     }
 }
@@ -2094,6 +2158,42 @@ fn gate_score(x: &[f32], gate_w: &[f32], e: usize) -> f64 {
 /// MoE gate: per row, expert sets agree up to near-ties of the biased score (recomputed here),
 /// experts are distinct and in range, ordered by non-increasing biased score; weights are
 /// compared, aligned by expert, on rows whose sets agree. Hashed routing must match exactly.
+/// How far apart (in f64 ulps of the larger) two race keys may be and count as a tie: the
+/// sampler's keys go through two logarithms, which CUDA and the host's libm may each round
+/// differently by an ulp (`hal::ops::SampleTokens`).
+const KEY_ULPS: f64 = 8.0;
+
+/// [`Metric::SampledTokens`]: a token differing from the reference's passes only when both keys
+/// (recomputed here from the inputs) are finite and within [`KEY_ULPS`] of each other.
+fn sampled_tokens(o: &SampleTokens, data: &CaseData, got: &[u8], want: &[u8], res: &mut CaseResult) {
+    let (g, w) = (dtype::bytes_i32(got), dtype::bytes_i32(want));
+    let logits = data.inputs[0].f32s();
+    let states = &data.outputs[1].as_ref().expect("rng is read-write").bytes;
+    let mut near_ties = 0;
+    for r in 0..o.rows {
+        if g[r] == w[r] {
+            continue;
+        }
+        let row = &logits[r * o.vocab..(r + 1) * o.vocab];
+        let s = u64::from_le_bytes(states[r * 8..r * 8 + 8].try_into().expect("8 bytes"));
+        let key = |t: i32| -> Option<f64> {
+            let v = *row.get(usize::try_from(t).ok()?)?;
+            Some(if o.temperature == 0.0 { v as f64 } else { sample_key(v, o.temperature, sample_uniform(s, t as u64)) })
+        };
+        match (key(g[r]), key(w[r])) {
+            (Some(a), Some(b)) if a.is_finite() && b.is_finite() && (a - b).abs() <= KEY_ULPS * f64::EPSILON * a.abs().max(b.abs()) => {
+                near_ties += 1;
+            }
+            (a, b) => {
+                let detail = format!("row {r}: token {} (key {a:?}), reference {} (key {b:?})", g[r], w[r]);
+                res.failures.push(Failure::new(FailureKind::Mismatch, "tokens", detail));
+                return;
+            }
+        }
+    }
+    res.note_agreement(1.0 - near_ties as f64 / o.rows.max(1) as f64);
+}
+
 fn gate_sets(o: &MoeGate, data: &CaseData, got: &[Vec<u8>], want: &[Vec<u8>], res: &mut CaseResult) {
     let (k, d) = (o.topk, o.dim);
     if k == 0 || o.rows == 0 {
@@ -2910,8 +3010,65 @@ pub fn end_to_end(backend: Arc<dyn Backend>, reference: Arc<dyn Backend>, golden
     checks.push(tier2_decisions(format!("T2 prefill + MTP decisions vs {ref_name}"), &ours.prefill_experts, &ours.prefill_topk, &theirs.prefill_experts, &theirs.prefill_topk, k, kk, bf16));
     checks.push(tier2_decisions(format!("T2 decode decisions vs {ref_name}"), &ours.decode_experts, &ours.decode_topk, &theirs.decode_experts, &theirs.decode_topk, k, kk, bf16));
     checks.push(decode_step_check(format!("decode step (recorded where {name} records) vs forward"), &ours));
+    for temperature in [0.0, 0.8] {
+        checks.push(sampled_decode_check(&ours_m, &g, temperature));
+    }
     checks.extend(bf16_cache_checks(&ours_m, &theirs_m, &g, bf16));
     checks
+}
+
+/// Tokens that `sampled_decode_check` generates.
+const SAMPLED_STEPS: usize = 12;
+
+/// A decode step that samples its own tokens and feeds them on (`DecodeStep::issue_sampled`,
+/// one step queued ahead as `v4rt generate` runs it) picks the same tokens as the host sampling
+/// the same backend's logits step by step with the same generator: sequence 0's first
+/// `DECODE_SPLIT` tokens, then `SAMPLED_STEPS` tokens at `temperature`.
+fn sampled_decode_check(m: &model::forward::Model, g: &Golden, temperature: f32) -> Check {
+    let name = format!("decode step sampling on its own at temperature {temperature} vs host sampling");
+    let e = |e: model::ModelError| e.to_string();
+    let run = || -> Result<(Vec<u32>, Vec<u32>, bool), String> {
+        use model::forward::{Chunk, ForwardOptions, LogitsAt};
+        let opts = ForwardOptions { logits: LogitsAt::Last, decisions: false, mtp_ids: None };
+        let prompt = &g.tokens[..DECODE_SPLIT];
+        let mut tokens = [Vec::new(), Vec::new()];
+        let mut on_device = false;
+        for (side, out) in tokens.iter_mut().enumerate() {
+            let mut cache = m.new_cache_with(1, DECODE_SPLIT + SAMPLED_STEPS + 2, DType::F32).map_err(e)?;
+            let slot = cache.alloc_slot(m.backend()).map_err(e)?;
+            let logits = m.forward(&mut cache, &[Chunk { slot, tokens: prompt }], &opts).map_err(e)?.logits;
+            let mut rng = model::sample::Rng::new(0x5eed);
+            out.push(model::sample::sample(&logits, temperature, &mut rng) as u32);
+            if side == 0 {
+                let mut step = m.decode_step(&cache, &[slot]).map_err(e)?;
+                while out.len() <= SAMPLED_STEPS {
+                    let logits = step.run(&mut cache, &out[out.len() - 1..]).map_err(e)?;
+                    out.push(model::sample::sample(&logits, temperature, &mut rng) as u32);
+                }
+                continue;
+            }
+            let mut step = m.decode_step(&cache, &[slot]).map_err(e)?.with_sampling(temperature, &[rng]).map_err(e)?;
+            on_device = step.samples_on_device();
+            let mut ahead = Some(step.issue_sampled(&mut cache, Some(&out[..1])).map_err(e)?);
+            while let Some(behind) = ahead.take() {
+                if out.len() < SAMPLED_STEPS {
+                    ahead = Some(step.issue_sampled(&mut cache, None).map_err(e)?);
+                }
+                out.extend(behind.wait().map_err(e)?);
+            }
+        }
+        let [host, chained] = tokens;
+        Ok((host, chained, on_device))
+    };
+    match run() {
+        Ok((host, chained, on_device)) => {
+            let same = host.iter().zip(&chained).filter(|(a, b)| a == b).count();
+            let how = if on_device { "picked on the device" } else { "the backend does not run sample_tokens: picked on the host" };
+            let measured = format!("{same} of {} tokens equal ({how})", host.len());
+            Check::gate(name, measured, "the same tokens", host.len() == chained.len() && same == host.len())
+        }
+        Err(err) => Check::gate(name, err, "runs", false),
+    }
 }
 
 /// The T2 runs again with bf16 KV caches (the reference's bf16-mode layout, what

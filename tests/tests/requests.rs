@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 
 use model::config::ModelConfig;
 use model::forward::{Chunk, ForwardOptions, ForwardOutput, LogitsAt, Model};
+use model::sample::{sample, Rng};
 use model::{cache::KvCache, ModelError};
 
 fn model() -> &'static Model {
@@ -295,4 +296,122 @@ fn decode_step_bad_requests() {
     }
     expect_request_error(step.run(&mut c, &[4]), &["slot 0", "position 3", "capacity of 3"]);
     assert_eq!(c.position(0).unwrap(), 3);
+}
+
+/// cpu-ref without `SampleTokens`, so that a sampling decode step takes its host path.
+struct NoDeviceSampling(cpu_ref::CpuBackend);
+
+impl hal::Backend for NoDeviceSampling {
+    fn info(&self) -> &hal::BackendInfo {
+        self.0.info()
+    }
+    fn supports(&self, op: &hal::Op) -> hal::Support {
+        match op {
+            hal::Op::SampleTokens(_) => hal::Support::No("test: sampling left to the host".into()),
+            _ => self.0.supports(op),
+        }
+    }
+    fn alloc(&self, shape: &[usize], dtype: hal::DType) -> hal::Result<hal::Tensor> {
+        self.0.alloc(shape, dtype)
+    }
+    fn upload(&self, shape: &[usize], dtype: hal::DType, bytes: &[u8]) -> hal::Result<hal::Tensor> {
+        self.0.upload(shape, dtype, bytes)
+    }
+    fn write(&self, t: &mut hal::Tensor, offset: usize, bytes: &[u8]) -> hal::Result<()> {
+        self.0.write(t, offset, bytes)
+    }
+    fn download(&self, t: &hal::Tensor) -> hal::Result<Vec<u8>> {
+        self.0.download(t)
+    }
+    fn run(&self, op: &hal::Op, inputs: &[&hal::Tensor], outputs: &mut [&mut hal::Tensor]) -> hal::Result<()> {
+        if let hal::Support::No(reason) = self.supports(op) {
+            return Err(hal::Error::Unsupported { backend: "test".into(), op: op.name().into(), reason });
+        }
+        self.0.run(op, inputs, outputs)
+    }
+    fn synchronize(&self) -> hal::Result<()> {
+        self.0.synchronize()
+    }
+}
+
+/// Generates `n` tokens per slot of `slots` after `prompts`, one step queued ahead (as `v4rt
+/// generate` does): with `chained`, through a sampling decode step; otherwise by sampling
+/// `DecodeStep::run`'s logits on the host. Returns the tokens in slot order.
+fn generate(m: &Model, prompts: &[Vec<u32>], n: usize, temperature: f32, chained: bool) -> Vec<Vec<u32>> {
+    let b = prompts.len();
+    let mut c = m.new_cache(b, 32).unwrap();
+    let slots: Vec<usize> = (0..b).map(|_| c.alloc_slot(m.backend()).unwrap()).collect();
+    let chunks: Vec<Chunk> = slots.iter().zip(prompts).map(|(&slot, p)| Chunk { slot, tokens: p }).collect();
+    let last = ForwardOptions { logits: LogitsAt::Last, decisions: false, mtp_ids: None };
+    let logits = m.forward(&mut c, &chunks, &last).unwrap().logits;
+    let v = m.cfg.vocab_size;
+    let mut rngs: Vec<Rng> = (0..b as u64).map(|s| Rng::new(1000 + s)).collect();
+    let mut out: Vec<Vec<u32>> = (0..b).map(|s| vec![sample(&logits[s * v..(s + 1) * v], temperature, &mut rngs[s]) as u32]).collect();
+    let firsts: Vec<u32> = out.iter().map(|t| t[0]).collect();
+    if !chained {
+        let mut step = m.decode_step(&c, &slots).unwrap();
+        let mut fed = firsts;
+        for _ in 1..n {
+            let logits = step.run(&mut c, &fed).unwrap();
+            fed = (0..b).map(|s| sample(&logits[s * v..(s + 1) * v], temperature, &mut rngs[s]) as u32).collect();
+            out.iter_mut().zip(&fed).for_each(|(o, &t)| o.push(t));
+        }
+        return out;
+    }
+    let mut step = m.decode_step(&c, &slots).unwrap().with_sampling(temperature, &rngs).unwrap();
+    let mut ahead = Some(step.issue_sampled(&mut c, Some(&firsts)).unwrap());
+    for k in 1..n {
+        let behind = ahead.take().unwrap();
+        if k + 1 < n {
+            ahead = Some(step.issue_sampled(&mut c, None).unwrap());
+        }
+        out.iter_mut().zip(behind.wait().unwrap()).for_each(|(o, t)| o.push(t));
+    }
+    out
+}
+
+/// A decode step that samples its own tokens and feeds them to the next step picks, slot by
+/// slot, the tokens the host picks from the same logits with the same generators: through
+/// `SampleTokens` (cpu-ref runs it) and through the host path of a backend that does not.
+#[test]
+fn sampled_decode_steps_pick_the_host_tokens() {
+    let m = model();
+    let cfg = ModelConfig::embedded("tiny-flash").unwrap();
+    let ck = model::synthetic::generate(&cfg, 1);
+    let host_only = Model::from_checkpoint(cfg, &ck, Arc::new(NoDeviceSampling(cpu_ref::CpuBackend::new()))).unwrap();
+    let prompts = vec![(0..6).map(|i| (i * 31 + 9) % 1024).collect::<Vec<u32>>(), (0..3).map(|i| (i * 57 + 4) % 1024).collect()];
+    for temperature in [0.0, 0.7] {
+        let want = generate(m, &prompts, 10, temperature, false);
+        assert_eq!(generate(m, &prompts, 10, temperature, true), want, "SampleTokens at temperature {temperature}");
+        assert_eq!(generate(&host_only, &prompts, 10, temperature, true), want, "host path at temperature {temperature}");
+        assert!(want.iter().all(|t| t.len() == 10));
+    }
+    let c = host_only.new_cache(1, 4).unwrap();
+    assert!(!host_only.decode_step(&c, &[0]).unwrap().with_sampling(0.0, &[Rng::new(0)]).unwrap().samples_on_device());
+    let c = m.new_cache(1, 4).unwrap();
+    assert!(m.decode_step(&c, &[0]).unwrap().with_sampling(0.0, &[Rng::new(0)]).unwrap().samples_on_device());
+}
+
+/// Bad sampling requests are request errors, and leave the cache as it was.
+#[test]
+fn sampled_decode_step_bad_requests() {
+    let m = model();
+    let mut c = cache(1, 4, 1);
+    expect_request_error(m.decode_step(&c, &[0]).unwrap().with_sampling(-1.0, &[Rng::new(0)]), &["temperature -1"]);
+    expect_request_error(m.decode_step(&c, &[0]).unwrap().with_sampling(f32::NAN, &[Rng::new(0)]), &["temperature NaN"]);
+    expect_request_error(m.decode_step(&c, &[0]).unwrap().with_sampling(0.5, &[]), &["0 generators for 1 slots"]);
+    let mut plain = m.decode_step(&c, &[0]).unwrap();
+    expect_request_error(plain.issue_sampled(&mut c, Some(&[1])).map(|_| ()), &["without sampling"]);
+    plain.run(&mut c, &[1]).unwrap();
+    expect_request_error(plain.with_sampling(0.0, &[Rng::new(0)]), &["before the first call"]);
+    let mut step = m.decode_step(&c, &[0]).unwrap().with_sampling(0.0, &[Rng::new(0)]).unwrap();
+    expect_request_error(step.issue_sampled(&mut c, None).map(|_| ()), &["no tokens given", "no earlier sampled step"]);
+    expect_request_error(step.issue_sampled(&mut c, Some(&[1024])).map(|_| ()), &["token id 1024"]);
+    expect_request_error(step.issue_sampled(&mut c, Some(&[1, 2])).map(|_| ()), &["2 tokens for 1 slots"]);
+    assert_eq!(c.position(0).unwrap(), 1, "a rejected step moved the slot");
+    step.issue_sampled(&mut c, Some(&[3])).unwrap().wait().unwrap();
+    step.issue_sampled(&mut c, None).unwrap().wait().unwrap();
+    step.issue_sampled(&mut c, None).unwrap().wait().unwrap();
+    expect_request_error(step.issue_sampled(&mut c, None).map(|_| ()), &["slot 0", "capacity of 4"]);
+    assert_eq!(c.position(0).unwrap(), 4);
 }

@@ -21,7 +21,7 @@ use model::checkpoint::expected_tensors;
 use model::config::{LayerKind, ModelConfig};
 use model::forward::{Chunk, ForwardOptions, LogitsAt, Model};
 use model::kv_layout::{kv_footprint, KvLayout};
-use model::sample::argmax;
+use model::sample::{argmax, Rng};
 
 use crate::backends;
 use crate::profile::{self, Profiled};
@@ -351,9 +351,10 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     // With --profile: a.profile more decode steps and one more chunk timed block by block.
     let extra = if a.profile > 0 { a.profile + a.chunk.max(1).min(prefill) } else { 0 };
     let kv_dtype = backends::kv_dtype(a.kv_dtype.as_deref(), &model)?;
-    // Decode runs three times: host-issued, the recorded step with its two untimed first calls,
-    // and the recorded step queued back to back.
-    let decode_tokens = if a.decode > 0 { 3 * a.decode + 2 } else { 0 };
+    // Decode runs four times: host-issued, the recorded step with its two untimed first calls,
+    // the recorded step queued back to back, and the greedy step chained on the device with its
+    // two untimed first calls.
+    let decode_tokens = if a.decode > 0 { 4 * a.decode + 4 } else { 0 };
     let needed = a.fill + prefill + decode_tokens + extra + 1;
     let mut cache = model.new_cache_with(b, a.capacity.unwrap_or(needed), kv_dtype)?;
     let slots: Vec<usize> = (0..b).map(|_| cache.alloc_slot(model.backend())).collect::<Result<_, _>>()?;
@@ -439,6 +440,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     let mut step_ms = Vec::with_capacity(a.decode);
     let mut recorded = false;
     let mut queued_ms = 0.0;
+    let (mut chained_ms, mut chained_on_device) = (0.0, false);
     // Where the timed steps ended (the queued steps after them are not in the reported context).
     let mut end_decode = start_decode;
     if a.decode > 0 {
@@ -465,6 +467,24 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         }
         step.logits()?;
         queued_ms = t.elapsed().as_secs_f64() * 1e3 / a.decode as f64;
+        // Greedy decode chained on the device, as `v4rt generate` runs it: the step picks its
+        // tokens itself (`SampleTokens` at temperature 0, where the backend runs it) and feeds
+        // them to the next step, which is issued before the host reads them.
+        let mut chain = model.decode_step(&cache, &slots)?.with_sampling(0.0, &vec![Rng::new(0); b])?;
+        chained_on_device = chain.samples_on_device();
+        // The first two calls (a warm-up and the recording) are not timed.
+        chain.issue_sampled(&mut cache, Some(&next))?.wait()?;
+        chain.issue_sampled(&mut cache, None)?.wait()?;
+        let t = Instant::now();
+        let mut ahead = Some(chain.issue_sampled(&mut cache, None)?);
+        for k in 0..a.decode {
+            let behind = ahead.take().context("a step is in flight")?;
+            if k + 1 < a.decode {
+                ahead = Some(chain.issue_sampled(&mut cache, None)?);
+            }
+            next = behind.wait()?;
+        }
+        chained_ms = t.elapsed().as_secs_f64() * 1e3 / a.decode as f64;
     }
     let total_decode_s: f64 = step_ms.iter().sum::<f64>() / 1e3;
     let median_of = |ms: &[f64]| {
@@ -520,6 +540,11 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         }
         println!();
         println!(
+            "decode, greedy chained ({} steps; {}; each step's tokens read while the next one runs, as `v4rt generate` does): {chained_ms:.3} ms per step",
+            a.decode,
+            if chained_on_device { "the recorded step picks its tokens on the device and feeds them to the next" } else { "the host samples from downloaded logits: the backend does not run sample_tokens" },
+        );
+        println!(
             "decode bytes per step: {} = weights {} (attention {}, routed experts {}, shared expert {}, other {}, head {}, embed {}) + cache read {} ({kv_dtype} cache; {} if stored 1 byte/element)",
             mib(moved),
             mib(sb.total()),
@@ -539,6 +564,12 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
                 100.0 * gbs * 1e9 / c.copy_bytes_per_s,
                 moved / c.copy_bytes_per_s * 1e3
             ),
+            None => println!(),
+        }
+        let chained_gbs = moved / (chained_ms / 1e3) / 1e9;
+        print!("decode achieved, greedy chained: {chained_gbs:.1} GB/s");
+        match &cal {
+            Some(c) => println!(" = {:.1}% of the calibrated copy bandwidth", 100.0 * chained_gbs * 1e9 / c.copy_bytes_per_s),
             None => println!(),
         }
     }

@@ -46,6 +46,9 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     if a.prompt_tokens.is_empty() {
         anyhow::bail!("--prompt-tokens: at least one token is needed");
     }
+    if !(a.temperature.is_finite() && a.temperature >= 0.0) {
+        anyhow::bail!("--temperature {}: must be finite and ≥ 0 (0 = greedy)", a.temperature);
+    }
     let capacity = a.prompt_tokens.len() + a.max_new;
     let kv_dtype = backends::kv_dtype(a.kv_dtype.as_deref(), &model)?;
     let mut cache = model.new_cache_with(1, capacity, kv_dtype).context("allocating the KV cache")?;
@@ -58,21 +61,33 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         a.model.as_ref().map_or("embedded tiny-flash (random weights)".to_string(), |p| p.display().to_string()),
         model.cfg.n_layers, model.cfg.dim, model.cfg.n_routed_experts, model.backend().info().device
     );
-    println!("prompt: {:?}; KV cache: {kv_dtype} entries", a.prompt_tokens);
+    println!("prompt: {:?}; KV cache: {kv_dtype} entries; temperature {}", a.prompt_tokens, a.temperature);
 
     let t = Instant::now();
     let out = model.forward(&mut cache, &[Chunk { slot, tokens: &a.prompt_tokens }], &opts)?;
     let prefill_s = t.elapsed().as_secs_f64();
-    let mut next = sample(&out.logits, a.temperature, &mut rng) as u32;
-    let mut generated = vec![next];
+    let first = sample(&out.logits, a.temperature, &mut rng) as u32;
+    let mut generated = vec![first];
     let t = Instant::now();
-    // One decode step, recorded once and replayed where the backend records (CUDA graphs).
-    let mut step = model.decode_step(&cache, &[slot])?;
-    while generated.len() < a.max_new && next != eos {
-        let logits = step.run(&mut cache, &[next])?;
-        next = sample(&logits, a.temperature, &mut rng) as u32;
-        generated.push(next);
+    // One decode step, recorded once and replayed where the backend records (CUDA graphs). It
+    // picks its own next token (on the device where the backend samples) and feeds it to the
+    // step after, which is issued before the host reads the token: one step is always queued.
+    // At the end of a generation that one extra step has run for nothing.
+    let mut step = model.decode_step(&cache, &[slot])?.with_sampling(a.temperature, &[rng])?;
+    let steps = if first == eos { 0 } else { a.max_new.saturating_sub(1) };
+    let mut ahead = if steps > 0 { Some(step.issue_sampled(&mut cache, Some(&[first]))?) } else { None };
+    for k in 0..steps {
+        let Some(behind) = ahead.take() else { break };
+        if k + 1 < steps {
+            ahead = Some(step.issue_sampled(&mut cache, None)?);
+        }
+        let token = behind.wait()?[0];
+        generated.push(token);
+        if token == eos {
+            break;
+        }
     }
+    drop(ahead);
     let decode_s = t.elapsed().as_secs_f64();
     let decoded = generated.len() - 1;
     println!("generated: {generated:?}");

@@ -472,6 +472,10 @@ pub fn supports(op: &Op, ops: &AclnnOps, profile: &SocProfile) -> Support {
         Op::IndexerTopK(_) => indexer::supports_indexer(ops),
         Op::MoeExperts(m) => moe::supports_moe_experts(m, ops),
         Op::Compressor(_) => compressor::supports_compressor(ops),
+        // aclnnTopk (k = 1) could take the greedy rows, but its NaN order and ties on real
+        // CANN are unverified and no aclnn op draws the sampler's counter-based numbers; the
+        // model samples on the host from downloaded logits instead (same tokens).
+        Op::SampleTokens(_) => Support::No("token sampling is not composed from aclnn ops yet; the model samples on the host".into()),
     }
 }
 
@@ -502,5 +506,10 @@ pub fn dispatch(cx: &mut Ctx<'_>, op: &Op, ins: &[Buf], outs: &[Buf], fused_path
         Op::MoeExperts(o) => moe::run_moe_experts(cx, o, ins, outs),
         Op::WindowStore(o) => attention::run_window_store(cx, o, ins, outs),
         Op::SparseAttention(o) => attention::run_sparse_attention(cx, o, ins, outs),
+        Op::SampleTokens(_) => Err(Error::Unsupported {
+            backend: "ascend".into(),
+            op: op.name().into(),
+            reason: "token sampling is not composed from aclnn ops yet".into(),
+        }),
     }
 }

@@ -15,6 +15,7 @@ pub mod moe;
 pub mod norm;
 pub mod quant;
 pub mod rope;
+pub mod sample;
 
 use hal::{Error, Op, Result};
 use rayon::prelude::*;
@@ -152,6 +153,7 @@ pub fn dispatch(op: &Op, ins: &[&CpuStorage], outs: &mut [&mut CpuStorage]) -> R
         Op::MoeGate(o) => moe::run_moe_gate(o, ins, outs),
         Op::MoeExperts(o) => moe::run_moe_experts(o, ins, outs),
         Op::SwiGlu(o) => moe::run_swiglu(o, ins, outs),
+        Op::SampleTokens(o) => sample::run_sample_tokens(o, ins, outs),
     }
 }
 

@@ -14,6 +14,7 @@ pub mod moe;
 pub mod norm;
 pub mod quant;
 pub mod rope;
+pub mod sample;
 
 use std::sync::atomic::Ordering;
 
@@ -189,6 +190,7 @@ const OP_NAMES: &[&str] = &[
     "moe_gate",
     "moe_experts",
     "swiglu",
+    "sample_tokens",
 ];
 
 /// The id of an op name in the error word.
@@ -323,6 +325,7 @@ pub(crate) fn dispatch(dev: &Dev, op: &Op, ins: &[u64], outs: &[u64]) -> Result<
         Op::MoeGate(o) => moe::moe_gate(dev, o, ins, outs),
         Op::MoeExperts(o) => moe::moe_experts(dev, o, ins, outs),
         Op::SwiGlu(o) => moe::swiglu(dev, o, ins, outs),
+        Op::SampleTokens(o) => sample::sample_tokens(dev, o, ins, outs),
     }
 }
 
@@ -342,6 +345,7 @@ pub(crate) fn unsupported(dev: &Dev, op: &Op) -> Option<String> {
             Some(format!("topk {} needs more shared memory than the device has", x.topk))
         }
         Op::MoeExperts(m) if m.experts > 65_535 => Some(format!("{} experts (at most 65535)", m.experts)),
+        Op::SampleTokens(t) if t.rows > 65_535 => Some(format!("{} rows (at most 65535)", t.rows)),
         _ => None,
     }
 }

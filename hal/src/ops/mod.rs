@@ -31,6 +31,7 @@ pub mod norm;
 pub mod quant;
 pub mod rope;
 pub mod rows;
+pub mod sample;
 
 pub use attention::{SparseAttention, WindowStore};
 pub use compressor::Compressor;
@@ -42,6 +43,7 @@ pub use moe::{GateMode, MoeExperts, MoeGate, SwiGlu};
 pub use norm::RmsNorm;
 pub use quant::{Hadamard, QuantFormat, QuantSim};
 pub use rope::Rope;
+pub use sample::SampleTokens;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -75,6 +77,7 @@ pub enum Op {
     MoeGate(MoeGate),
     MoeExperts(MoeExperts),
     SwiGlu(SwiGlu),
+    SampleTokens(SampleTokens),
 }
 
 /// How an op uses one tensor.
@@ -136,6 +139,7 @@ impl Op {
             Op::MoeGate(_) => "moe_gate",
             Op::MoeExperts(_) => "moe_experts",
             Op::SwiGlu(_) => "swiglu",
+            Op::SampleTokens(_) => "sample_tokens",
         }
     }
 
@@ -186,6 +190,7 @@ impl Op {
             Op::MoeGate(o) => o.signature(),
             Op::MoeExperts(o) => o.signature(),
             Op::SwiGlu(o) => o.signature(),
+            Op::SampleTokens(o) => o.signature(),
         }
     }
 
@@ -247,6 +252,9 @@ impl Op {
             Op::SwiGlu(g) if !(g.limit >= 0.0) => fail(format!("limit {} must be ≥ 0 (0 = no clamp)", g.limit)),
             Op::MoeExperts(m) if !(m.swiglu_limit >= 0.0) => {
                 fail(format!("swiglu_limit {} must be ≥ 0 (0 = no clamp)", m.swiglu_limit))
+            }
+            Op::SampleTokens(t) if !(t.temperature.is_finite() && t.temperature >= 0.0) => {
+                fail(format!("temperature {} must be finite and ≥ 0 (0 = greedy)", t.temperature))
             }
             Op::MoeGate(g) if g.topk > g.experts => fail(format!("topk {} exceeds the {} experts", g.topk, g.experts)),
             Op::Embed(e) if !matches!(e.table_dtype, DType::F32 | DType::BF16 | DType::F16) => {
