@@ -378,3 +378,9 @@ fn prompt_token_outside_vocabulary() {
     let err = v4rt_err(&["generate", "--prompt-tokens", "5000"]);
     assert_mentions(&err, &["5000", "vocabulary"]);
 }
+
+#[test]
+fn negative_temperature() {
+    let err = v4rt_err(&["generate", "--temperature=-0.5"]);
+    assert_mentions(&err, &["--temperature -0.5", "≥ 0"]);
+}
