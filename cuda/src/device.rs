@@ -149,7 +149,7 @@ pub(crate) struct Dev {
     /// demand and kept: a copy into it is one DMA, where a pageable destination is staged
     /// through the driver's own buffers.
     pub pinned: Mutex<Option<PinnedHostSlice<u8>>>,
-    /// Page-locked buffers of finished [`Dev::copy_out_later`] copies, kept for the next ones
+    /// Page-locked buffers of finished `Dev::copy_out_later` copies, kept for the next ones
     /// (a decode loop has one or two in flight; allocating page-locked memory costs more than
     /// the copy).
     pub spare_pinned: Mutex<Vec<PinnedHostSlice<u8>>>,
@@ -315,7 +315,7 @@ impl Dev {
 
     /// Issues copies of the deferred-error words and of `len` bytes at device address `src`
     /// into page-locked memory, after all work issued before, and returns without waiting
-    /// ([`PendingCopy::wait`] does).
+    /// (`PendingCopy::wait` does).
     pub fn copy_out_later(&self, src: u64, len: usize) -> Result<PendingCopy<'_>> {
         self.ctx.bind_to_thread().map_err(driver_err)?;
         let need = ERR_WORDS * std::mem::size_of::<i64>() + len;
@@ -373,7 +373,7 @@ impl Dev {
     }
 }
 
-/// Copies issued by [`Dev::copy_out_later`], landing in a page-locked buffer.
+/// Copies issued by `Dev::copy_out_later`, landing in a page-locked buffer.
 pub struct PendingCopy<'d> {
     dev: &'d Dev,
     host: Option<PinnedHostSlice<u8>>,
