@@ -19,6 +19,8 @@ pub const BACKEND_NAME: &str = "cuda";
 
 /// Words of the deferred-error buffer (see the crate docs): code, op, row, three values, spare.
 pub(crate) const ERR_WORDS: usize = 8;
+/// Bytes of the deferred-error buffer.
+pub(crate) const ERR_BYTES: usize = ERR_WORDS * std::mem::size_of::<i64>();
 
 /// Largest download that goes through pinned memory ([`Dev::copy_out`]; larger ones, such as a
 /// saved cache, are copied into pageable memory directly rather than pinning that much).
@@ -275,17 +277,14 @@ impl Dev {
         self.ctx.bind_to_thread().map_err(driver_err)?;
         let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
         let staged = out.len() <= PINNED_MAX;
-        let words_len = ERR_WORDS * std::mem::size_of::<i64>();
-        let need = words_len + if staged { out.len() } else { 0 };
+        let need = ERR_BYTES + if staged { out.len() } else { 0 };
         if !matches!(pinned.as_ref(), Some(p) if p.len() >= need) {
             *pinned = None;
             let len = need.next_power_of_two().max(1 << 16);
-            // SAFETY: the bytes are only read after a copy has written them. Flags 0, not cudarc's
-            // default write-combined memory, which the host reads slowly.
-            *pinned = Some(unsafe { self.ctx.alloc_pinned_with_flags::<u8>(len, 0) }.map_err(|e| alloc_err(e, len))?);
+            *pinned = Some(self.page_locked(len)?);
         }
         let host = pinned.as_mut().expect("allocated above").as_mut_slice().map_err(driver_err)?;
-        let (words, data) = host.split_at_mut(words_len);
+        let (words, data) = host.split_at_mut(ERR_BYTES);
         let cu = self.stream.cu_stream();
         // SAFETY: `words` and `data` stay borrowed (and the lock held) until the synchronize
         // below has completed both copies; the caller passes the address of a live allocation of
@@ -306,11 +305,7 @@ impl Dev {
         if staged && !out.is_empty() {
             out.copy_from_slice(&data[..out.len()]);
         }
-        let mut w = [0i64; ERR_WORDS];
-        for (v, b) in w.iter_mut().zip(words.chunks_exact(8)) {
-            *v = i64::from_le_bytes(b.try_into().expect("8 bytes"));
-        }
-        Ok(w)
+        Ok(error_words(words))
     }
 
     /// Issues copies of the deferred-error words and of `len` bytes at device address `src`
@@ -318,21 +313,17 @@ impl Dev {
     /// (`PendingCopy::wait` does).
     pub fn copy_out_later(&self, src: u64, len: usize) -> Result<PendingCopy<'_>> {
         self.ctx.bind_to_thread().map_err(driver_err)?;
-        let need = ERR_WORDS * std::mem::size_of::<i64>() + len;
+        let need = ERR_BYTES + len;
         let spare = {
             let mut spares = self.spare_pinned.lock().unwrap_or_else(|p| p.into_inner());
             spares.iter().position(|p| p.len() >= need).map(|k| spares.swap_remove(k))
         };
         let mut host = match spare {
             Some(h) => h,
-            None => {
-                let size = need.next_power_of_two().max(1 << 12);
-                // SAFETY: the bytes are only read after a copy has written them; flags 0 as in `copy_out`.
-                unsafe { self.ctx.alloc_pinned_with_flags::<u8>(size, 0) }.map_err(|e| alloc_err(e, size))?
-            }
+            None => self.page_locked(need.next_power_of_two().max(1 << 12))?,
         };
         let slice = host.as_mut_slice().map_err(driver_err)?;
-        let (words, data) = slice.split_at_mut(ERR_WORDS * std::mem::size_of::<i64>());
+        let (words, data) = slice.split_at_mut(ERR_BYTES);
         let cu = self.stream.cu_stream();
         // SAFETY: `host` moves into the returned `PendingCopy`, which waits for the copies'
         // event before it reads the bytes or lets the buffer go (`wait`, `Drop`); the caller
@@ -350,6 +341,13 @@ impl Dev {
                 Err(driver_err(e))
             }
         }
+    }
+
+    /// `len` bytes of page-locked host memory that downloads land in.
+    fn page_locked(&self, len: usize) -> Result<PinnedHostSlice<u8>> {
+        // SAFETY: the bytes are only read after a copy has written them. Flags 0, not cudarc's
+        // default write-combined memory, which the host reads slowly.
+        unsafe { self.ctx.alloc_pinned_with_flags::<u8>(len, 0) }.map_err(|e| alloc_err(e, len))
     }
 
     /// Zeroes `bytes` at device address `dst` (stream-ordered).
@@ -373,6 +371,15 @@ impl Dev {
     }
 }
 
+/// The deferred-error words from their little-endian bytes.
+fn error_words(bytes: &[u8]) -> [i64; ERR_WORDS] {
+    let mut w = [0i64; ERR_WORDS];
+    for (v, b) in w.iter_mut().zip(bytes.chunks_exact(8)) {
+        *v = i64::from_le_bytes(b.try_into().expect("8 bytes"));
+    }
+    w
+}
+
 /// Copies issued by `Dev::copy_out_later`, landing in a page-locked buffer.
 pub struct PendingCopy<'d> {
     dev: &'d Dev,
@@ -387,12 +394,8 @@ impl PendingCopy<'_> {
         self.event.synchronize().map_err(driver_err)?;
         let host = self.host.take().expect("taken only here and in drop");
         let bytes = host.as_slice().map_err(driver_err)?;
-        let words_len = ERR_WORDS * std::mem::size_of::<i64>();
-        let mut w = [0i64; ERR_WORDS];
-        for (v, b) in w.iter_mut().zip(bytes[..words_len].chunks_exact(8)) {
-            *v = i64::from_le_bytes(b.try_into().expect("8 bytes"));
-        }
-        let data = bytes[words_len..words_len + self.len].to_vec();
+        let (words, data) = bytes.split_at(ERR_BYTES);
+        let (w, data) = (error_words(words), data[..self.len].to_vec());
         self.dev.spare_pinned.lock().unwrap_or_else(|p| p.into_inner()).push(host);
         Ok((w, data))
     }

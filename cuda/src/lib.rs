@@ -199,7 +199,7 @@ impl CudaBackend {
         }
         // Checks issued while the error was recorded did nothing: forget what they "established".
         dev.memo.clear();
-        dev.zero(dev.err_ptr, ERR_WORDS * std::mem::size_of::<i64>())?;
+        dev.zero(dev.err_ptr, device::ERR_BYTES)?;
         dev.stream.synchronize().map_err(driver_err)?;
         Err(ops::format_device_error(&words))
     }

@@ -46,13 +46,17 @@ pub struct DecodeStep<'m> {
 /// How a sampling step picks its tokens (see [`DecodeStep::with_sampling`]).
 struct Sampler {
     op: SampleTokens,
-    /// Where the device samples: each slot's generator state (`I64 [slots]`).
-    on_device: Option<Tensor>,
-    /// Where the host samples: each slot's generator.
-    host: Vec<Rng>,
-    /// Whether `rows.ids` (device) or `last` (host) holds tokens the previous step picked.
+    picker: Picker,
+    /// Whether a step has picked tokens that the next one can be fed.
     chained: bool,
-    last: Vec<u32>,
+}
+
+enum Picker {
+    /// The backend runs `op`: each slot's generator state (`I64 [slots]`); the picked tokens
+    /// stay in the step's token input.
+    Device(Tensor),
+    /// The host samples downloaded logits: each slot's generator and the last tokens picked.
+    Host(Vec<Rng>, Vec<u32>),
 }
 
 /// The tokens a sampling step picked, one per slot: ready, or still being copied to the host.
@@ -140,9 +144,6 @@ impl<'m> DecodeStep<'m> {
     /// still run it (the backend's stream keeps steps in order, so steps can be queued back to
     /// back). The checks that `run` makes before anything runs are made here.
     pub fn issue(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<()> {
-        if tokens.len() != self.slots.len() {
-            return Err(ModelError::Request(format!("decode step: {} tokens for {} slots", tokens.len(), self.slots.len())));
-        }
         self.issue_with(cache, Some(tokens))
     }
 
@@ -159,22 +160,23 @@ impl<'m> DecodeStep<'m> {
             return Err(ModelError::Request(format!("decode step: {} generators for {} slots", rngs.len(), n)));
         }
         let op = SampleTokens { rows: n, vocab: self.model.cfg.vocab_size, temperature };
-        Op::SampleTokens(op.clone()).check_params().map_err(|e| ModelError::Request(format!("sampling: {e}")))?;
+        let desc = Op::SampleTokens(op.clone());
+        desc.check_params().map_err(|e| ModelError::Request(format!("sampling: {e}")))?;
         let b = self.model.backend();
-        let on_device = match b.supports(&Op::SampleTokens(op.clone())) {
+        let picker = match b.supports(&desc) {
             Support::Yes => {
                 let states: Vec<u8> = rngs.iter().flat_map(|r| r.0.to_le_bytes()).collect();
-                Some(b.upload(&[n], DType::I64, &states)?)
+                Picker::Device(b.upload(&[n], DType::I64, &states)?)
             }
-            Support::No(_) => None,
+            Support::No(_) => Picker::Host(rngs.to_vec(), Vec::new()),
         };
-        self.sampler = Some(Sampler { op, on_device, host: rngs.to_vec(), chained: false, last: Vec::new() });
+        self.sampler = Some(Sampler { op, picker, chained: false });
         Ok(self)
     }
 
     /// Whether the device picks the tokens (false: the host samples from downloaded logits).
     pub fn samples_on_device(&self) -> bool {
-        self.sampler.as_ref().is_some_and(|s| s.on_device.is_some())
+        self.sampler.as_ref().is_some_and(|s| matches!(s.picker, Picker::Device(_)))
     }
 
     /// Issues one step of a sampling step ([`with_sampling`](Self::with_sampling)) and returns
@@ -183,37 +185,56 @@ impl<'m> DecodeStep<'m> {
     /// returned [`Sampled`] can be waited for after the next step is issued. The checks of
     /// [`issue`](Self::issue) are made here.
     pub fn issue_sampled(&mut self, cache: &mut KvCache, tokens: Option<&[u32]>) -> Result<Sampled<'m>> {
-        let Some(sampler) = self.sampler.as_mut() else {
+        let Some(sampler) = self.sampler.as_ref() else {
             return Err(ModelError::Request("decode step: issue_sampled on a step made without sampling".into()));
         };
-        let fed = match tokens {
-            Some(t) if t.len() != self.slots.len() => {
-                return Err(ModelError::Request(format!("decode step: {} tokens for {} slots", t.len(), self.slots.len())));
-            }
-            Some(t) => Some(t.to_vec()),
-            None if !sampler.chained => {
+        let fed = match (tokens, &sampler.picker) {
+            (Some(t), _) => Some(t.to_vec()),
+            (None, _) if !sampler.chained => {
                 return Err(ModelError::Request("decode step: no tokens given and no earlier sampled step to feed".into()));
             }
-            None if sampler.on_device.is_some() => None,
-            None => Some(sampler.last.clone()),
+            (None, Picker::Device(_)) => None,
+            (None, Picker::Host(_, last)) => Some(last.clone()),
         };
         self.issue_with(cache, fed.as_deref())?;
         let model: &'m Model = self.model;
         let b = model.backend();
         let sampler = self.sampler.as_mut().expect("checked above");
         sampler.chained = true;
-        if sampler.on_device.is_some() {
-            return Ok(Sampled::Pending(b.download_later(&self.rows.ids)?));
+        match &mut sampler.picker {
+            Picker::Device(_) => Ok(Sampled::Pending(b.download_later(&self.rows.ids)?)),
+            Picker::Host(rngs, last) => {
+                let logits = hal::dtype::bytes_f32(&b.download(&self.logits)?);
+                let (vocab, t) = (sampler.op.vocab, sampler.op.temperature);
+                *last = rngs.iter_mut().zip(logits.chunks_exact(vocab)).map(|(rng, l)| sample_row(l, t, rng) as u32).collect();
+                Ok(Sampled::Ready(last.clone()))
+            }
         }
-        let logits = hal::dtype::bytes_f32(&b.download(&self.logits)?);
-        let vocab = sampler.op.vocab;
-        sampler.last = sampler
-            .host
-            .iter_mut()
-            .zip(logits.chunks_exact(vocab))
-            .map(|(rng, l)| sample_row(l, sampler.op.temperature, rng) as u32)
-            .collect();
-        Ok(Sampled::Ready(sampler.last.clone()))
+    }
+
+    /// Generates with a sampling step ([`with_sampling`](Self::with_sampling)): up to `steps`
+    /// steps, the first fed `first`, each later one the tokens of the step before, with one
+    /// step always queued ahead of the one whose tokens the host is reading (so the device
+    /// never waits for the host). `on_tokens` gets each step's tokens in order and says
+    /// whether to go on; when it stops the run, the step queued ahead has still run (its slots
+    /// stand one position further). Returns the number of steps issued.
+    pub fn run_chained(&mut self, cache: &mut KvCache, first: &[u32], steps: usize, mut on_tokens: impl FnMut(&[u32]) -> bool)
+        -> Result<usize> {
+        if steps == 0 {
+            return Ok(0);
+        }
+        let mut ahead = Some(self.issue_sampled(cache, Some(first))?);
+        let mut issued = 1;
+        while let Some(behind) = ahead.take() {
+            if issued < steps {
+                ahead = Some(self.issue_sampled(cache, None)?);
+                issued += 1;
+            }
+            if !on_tokens(&behind.wait()?) {
+                break;
+            }
+        }
+        Ok(issued)
     }
 
     /// The body of `issue` and `issue_sampled`: `tokens` are written as the step's input, or
@@ -221,6 +242,9 @@ impl<'m> DecodeStep<'m> {
     fn issue_with(&mut self, cache: &mut KvCache, tokens: Option<&[u32]>) -> Result<()> {
         if cache.id() != self.cache_id {
             return Err(ModelError::Request("decode step used with another KV cache than the one it was made for".into()));
+        }
+        if let Some(t) = tokens.filter(|t| t.len() != self.slots.len()) {
+            return Err(ModelError::Request(format!("decode step: {} tokens for {} slots", t.len(), self.slots.len())));
         }
         // Positions are checked with stand-in tokens when the input stays on the device.
         let stand_in = vec![0u32; self.slots.len()];
@@ -234,7 +258,10 @@ impl<'m> DecodeStep<'m> {
             b.write(&mut self.rows.ids, 0, &hal::dtype::i32_bytes(&ids))?;
         }
         let (model, rows, logits) = (self.model, &mut self.rows, &mut self.logits);
-        let mut sample = self.sampler.as_mut().and_then(|s| Some((Op::SampleTokens(s.op.clone()), s.on_device.as_mut()?)));
+        let mut sample = self.sampler.as_mut().and_then(|s| match &mut s.picker {
+            Picker::Device(rng) => Some((Op::SampleTokens(s.op.clone()), rng)),
+            Picker::Host(..) => None,
+        });
         // The HAL's closure returns HAL errors; a model-level one is kept aside and returned as is.
         let mut model_err = None;
         let mut ops = || {

@@ -3020,8 +3020,8 @@ pub fn end_to_end(backend: Arc<dyn Backend>, reference: Arc<dyn Backend>, golden
 /// Tokens that `sampled_decode_check` generates.
 const SAMPLED_STEPS: usize = 12;
 
-/// A decode step that samples its own tokens and feeds them on (`DecodeStep::issue_sampled`,
-/// one step queued ahead as `v4rt generate` runs it) picks the same tokens as the host sampling
+/// A decode step that samples its own tokens and feeds them on (`DecodeStep::run_chained`,
+/// as `v4rt generate` runs it) picks the same tokens as the host sampling
 /// the same backend's logits step by step with the same generator: sequence 0's first
 /// `DECODE_SPLIT` tokens, then `SAMPLED_STEPS` tokens at `temperature`.
 fn sampled_decode_check(m: &model::forward::Model, g: &Golden, temperature: f32) -> Check {
@@ -3049,13 +3049,11 @@ fn sampled_decode_check(m: &model::forward::Model, g: &Golden, temperature: f32)
             }
             let mut step = m.decode_step(&cache, &[slot]).map_err(e)?.with_sampling(temperature, &[rng]).map_err(e)?;
             on_device = step.samples_on_device();
-            let mut ahead = Some(step.issue_sampled(&mut cache, Some(&out[..1])).map_err(e)?);
-            while let Some(behind) = ahead.take() {
-                if out.len() < SAMPLED_STEPS {
-                    ahead = Some(step.issue_sampled(&mut cache, None).map_err(e)?);
-                }
-                out.extend(behind.wait().map_err(e)?);
-            }
+            let first = [out[0]];
+            step.run_chained(&mut cache, &first, SAMPLED_STEPS, |t| {
+                out.extend_from_slice(t);
+                true
+            }).map_err(e)?;
         }
         let [host, chained] = tokens;
         Ok((host, chained, on_device))

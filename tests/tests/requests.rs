@@ -334,8 +334,8 @@ impl hal::Backend for NoDeviceSampling {
     }
 }
 
-/// Generates `n` tokens per slot of `slots` after `prompts`, one step queued ahead (as `v4rt
-/// generate` does): with `chained`, through a sampling decode step; otherwise by sampling
+/// Generates `n` tokens per slot after `prompts`: with `chained`, through a sampling decode step
+/// (`run_chained`, as `v4rt generate` does); otherwise by sampling
 /// `DecodeStep::run`'s logits on the host. Returns the tokens in slot order.
 fn generate(m: &Model, prompts: &[Vec<u32>], n: usize, temperature: f32, chained: bool) -> Vec<Vec<u32>> {
     let b = prompts.len();
@@ -359,14 +359,11 @@ fn generate(m: &Model, prompts: &[Vec<u32>], n: usize, temperature: f32, chained
         return out;
     }
     let mut step = m.decode_step(&c, &slots).unwrap().with_sampling(temperature, &rngs).unwrap();
-    let mut ahead = Some(step.issue_sampled(&mut c, Some(&firsts)).unwrap());
-    for k in 1..n {
-        let behind = ahead.take().unwrap();
-        if k + 1 < n {
-            ahead = Some(step.issue_sampled(&mut c, None).unwrap());
-        }
-        out.iter_mut().zip(behind.wait().unwrap()).for_each(|(o, t)| o.push(t));
-    }
+    let issued = step.run_chained(&mut c, &firsts, n - 1, |picked| {
+        out.iter_mut().zip(picked).for_each(|(o, &t)| o.push(t));
+        true
+    });
+    assert_eq!(issued.unwrap(), n - 1);
     out
 }
 
@@ -390,6 +387,15 @@ fn sampled_decode_steps_pick_the_host_tokens() {
     assert!(!host_only.decode_step(&c, &[0]).unwrap().with_sampling(0.0, &[Rng::new(0)]).unwrap().samples_on_device());
     let c = m.new_cache(1, 4).unwrap();
     assert!(m.decode_step(&c, &[0]).unwrap().with_sampling(0.0, &[Rng::new(0)]).unwrap().samples_on_device());
+    // Stopping after the second step's tokens: the third was already queued and ran.
+    let mut c = cache(1, 8, 1);
+    let mut step = m.decode_step(&c, &[0]).unwrap().with_sampling(0.0, &[Rng::new(0)]).unwrap();
+    let mut seen = 0;
+    let issued = step.run_chained(&mut c, &[5], 6, |_| {
+        seen += 1;
+        seen < 2
+    });
+    assert_eq!((issued.unwrap(), seen, c.position(0).unwrap()), (3, 2, 3));
 }
 
 /// Bad sampling requests are request errors, and leave the cache as it was.

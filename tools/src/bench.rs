@@ -473,17 +473,16 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         let mut chain = model.decode_step(&cache, &slots)?.with_sampling(0.0, &vec![Rng::new(0); b])?;
         chained_on_device = chain.samples_on_device();
         // The first two calls (a warm-up and the recording) are not timed.
-        chain.issue_sampled(&mut cache, Some(&next))?.wait()?;
-        chain.issue_sampled(&mut cache, None)?.wait()?;
+        let mut picked = next.clone();
+        chain.run_chained(&mut cache, &next, 2, |t| {
+            picked = t.to_vec();
+            true
+        })?;
         let t = Instant::now();
-        let mut ahead = Some(chain.issue_sampled(&mut cache, None)?);
-        for k in 0..a.decode {
-            let behind = ahead.take().context("a step is in flight")?;
-            if k + 1 < a.decode {
-                ahead = Some(chain.issue_sampled(&mut cache, None)?);
-            }
-            next = behind.wait()?;
-        }
+        chain.run_chained(&mut cache, &picked.clone(), a.decode, |t| {
+            picked = t.to_vec();
+            true
+        })?;
         chained_ms = t.elapsed().as_secs_f64() * 1e3 / a.decode as f64;
     }
     let total_decode_s: f64 = step_ms.iter().sum::<f64>() / 1e3;

@@ -71,23 +71,13 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     let t = Instant::now();
     // One decode step, recorded once and replayed where the backend records (CUDA graphs). It
     // picks its own next token (on the device where the backend samples) and feeds it to the
-    // step after, which is issued before the host reads the token: one step is always queued.
-    // At the end of a generation that one extra step has run for nothing.
+    // step after, which is queued before the host reads the token.
     let mut step = model.decode_step(&cache, &[slot])?.with_sampling(a.temperature, &[rng])?;
     let steps = if first == eos { 0 } else { a.max_new.saturating_sub(1) };
-    let mut ahead = if steps > 0 { Some(step.issue_sampled(&mut cache, Some(&[first]))?) } else { None };
-    for k in 0..steps {
-        let Some(behind) = ahead.take() else { break };
-        if k + 1 < steps {
-            ahead = Some(step.issue_sampled(&mut cache, None)?);
-        }
-        let token = behind.wait()?[0];
-        generated.push(token);
-        if token == eos {
-            break;
-        }
-    }
-    drop(ahead);
+    step.run_chained(&mut cache, &[first], steps, |t| {
+        generated.push(t[0]);
+        t[0] != eos
+    })?;
     let decode_s = t.elapsed().as_secs_f64();
     let decoded = generated.len() - 1;
     println!("generated: {generated:?}");
