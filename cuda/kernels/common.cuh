@@ -239,6 +239,14 @@ __device__ __forceinline__ i64 warp_min_i64(i64 v) {
     return v;
 }
 
+// The RMSNorm factor fl32(1 / sqrt(fl32(ss / n) + eps)) from a row's f64 sum of squares `ss` over
+// n elements: the mean rounded to f32, + eps in f32, the reciprocal square root rounded once
+// (RmsNorm, and ρ of the mHC mixes).
+__device__ __forceinline__ float rms_from_sum(double ss, i64 n, float eps) {
+    float ms = (float)(ss / (double)n);
+    return (float)(1.0 / sqrt((double)(ms + eps)));
+}
+
 // Sum over the block (every thread gets the result). `sh` holds 32 doubles.
 __device__ double block_sum_d(double v, double* sh) {
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;

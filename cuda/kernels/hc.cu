@@ -96,8 +96,7 @@ __device__ void hc_mixes_from(const double* part, int splits, int nm, i64 n, flo
     warp_batched_sums(
         nm + 1, 0, splits, [&](int i, i64 s) { return pr[s * (nm + 1) + i]; }, [&](int i, double sum) { red[i] = sum; });
     __syncthreads();
-    float ms = (float)(red[0] / (double)n);
-    float rho = (float)(1.0 / sqrt((double)(ms + norm_eps)));
+    float rho = rms_from_sum(red[0], n, norm_eps);
     for (int i = threadIdx.x; i < nm; i += blockDim.x) mu[i] = (float)red[1 + i] * rho;
     __syncthreads();
 }
@@ -135,18 +134,39 @@ __device__ __forceinline__ void hc_comb_warp(const float* mu, const float* scale
     if (own) comb[e] = v;
 }
 
-// u[r, c] = Σ_i p[i] · X[r, i, c] for the block's row r (f64, stream order, rounded once) by the
-// threads first .. blockDim − 1; p in shared memory. Four columns per thread step where the rows
+// Σ v over the threads first .. blockDim − 1 of the block (first and blockDim multiples of 32), in
+// warp order; every one of them gets it. Named barrier 1, so warps below `first` may be elsewhere.
+__device__ double tail_sum_d(double v, double* sh, int first) {
+    int lane = threadIdx.x & 31, w = ((int)threadIdx.x - first) >> 5, nw = ((int)blockDim.x - first) >> 5;
+    v = warp_sum_d(v);
+    if (lane == 0) sh[w] = v;
+    asm volatile("bar.sync 1, %0;" ::"r"((int)blockDim.x - first) : "memory");
+    double s = 0.0;
+    for (int i = 0; i < nw; ++i) s += sh[i];
+    return s;
+}
+
+// Steps 5 and 6 of HcPre (and HcHead) for the block's row r, by the threads first .. blockDim − 1:
+// u[c] = Σ_i p[i] · X[r, i, c] (f64, stream order, rounded once), then y[r, c] = w[c] · (u[c] · ρ_u)
+// with ρ_u from Σ u² (RmsNorm's order of rounding). Each thread keeps its u values in `stash`
+// (d floats of shared memory, or null: y's row) and reads back only its own, so the one barrier
+// is the sum's. The weights are prefetched into L1 before it, so the second pass waits on no
+// L2 round trip. `sh` holds a double per warp. Four columns per thread step where the rows
 // allow 16-byte accesses.
-__device__ __forceinline__ void hc_merge_row(const float* x, const float* p, int m, i64 d, float* u, int first) {
+__device__ __forceinline__ void hc_merge_norm_row(const float* x, const float* p, int m, i64 d, const float* w,
+                                                  float eps, float* y, float* stash, int first, double* sh) {
     i64 r = blockIdx.x;
     const float* xr = x + r * m * d;
-    float* ur = u + r * d;
+    float* yr = y + r * d;
+    float* st = stash ? stash : yr;
     int tid = (int)threadIdx.x - first, nt = (int)blockDim.x - first;
-    bool vec = d % 4 == 0 && (((unsigned long long)x | (unsigned long long)u) & 15) == 0;
+    bool vec = d % 4 == 0 && (((unsigned long long)x | (unsigned long long)y | (unsigned long long)w |
+                               (unsigned long long)st) & 15) == 0;
     i64 step = vec ? 4 : 1;
+    double ss = 0.0;
 #pragma unroll 2
     for (i64 c = tid * step; c < d; c += nt * step) {
+        asm volatile("prefetch.global.L1 [%0];" ::"l"(w + c));
         double acc[4] = {0.0, 0.0, 0.0, 0.0};
         for (int j = 0; j < m; ++j) {
             double pj = (double)p[j];
@@ -160,29 +180,48 @@ __device__ __forceinline__ void hc_merge_row(const float* x, const float* p, int
                 acc[0] += pj * (double)xr[j * d + c];
             }
         }
-        if (vec)
-            *(float4*)(ur + c) = make_float4((float)acc[0], (float)acc[1], (float)acc[2], (float)acc[3]);
-        else
-            ur[c] = (float)acc[0];
+        float u[4] = {(float)acc[0], (float)acc[1], (float)acc[2], (float)acc[3]};
+        if (vec) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) ss += (double)u[e] * (double)u[e];
+            *(float4*)(st + c) = make_float4(u[0], u[1], u[2], u[3]);
+        } else {
+            ss += (double)u[0] * (double)u[0];
+            st[c] = u[0];
+        }
+    }
+    float f = rms_from_sum(tail_sum_d(ss, sh, first), d, eps);
+#pragma unroll 2
+    for (i64 c = tid * step; c < d; c += nt * step) {
+        if (vec) {
+            float4 u = *(const float4*)(st + c), wv = *(const float4*)(w + c);
+            *(float4*)(yr + c) = make_float4(wv.x * (u.x * f), wv.y * (u.y * f), wv.z * (u.z * f), wv.w * (u.w * f));
+        } else {
+            yr[c] = w[c] * (st[c] * f);
+        }
     }
 }
 
 // HcPre weights of row r: post, comb (softmax rows + eps, then Sinkhorn normalization) and pre,
-// with which the block merges the row into u (hc_merge_row). Element (j, k) of comb belongs to
-// thread (j·m + k) mod blockDim; row and column sums are taken in index order by every thread that
-// needs them, so the values are those of a sequential loop. Needs blockDim.x ≥ 64. Dynamic shared
-// memory: (nm + 2·m·m + m) floats, then nm + 1 doubles.
+// with which the block merges the row and norms it into y (hc_merge_norm_row). Element (j, k) of
+// comb belongs to thread (j·m + k) mod blockDim; row and column sums are taken in index order by
+// every thread that needs them, so the values are those of a sequential loop. Needs blockDim.x ≥
+// 64. Dynamic shared memory: (nm + 2·m·m + m) floats (padded to 8 bytes), nm + 1 doubles, then,
+// with `stashed`, the row's n / m merged values (from a 16-byte boundary).
 extern "C" __global__ void hc_pre_finish(const double* part, int splits, const float* base, const float* scale, int m,
-                                         i64 n, int iters, float hc_eps, float norm_eps, const float* x, float* u,
-                                         float* post, float* comb) {
+                                         i64 n, int iters, float hc_eps, float norm_eps, const float* x,
+                                         const float* norm_w, int stashed, float* y, float* post, float* comb) {
     grid_dep_begin();
     extern __shared__ float shf[];
+    __shared__ double warp_sums[32];
     int nm = (2 + m) * m, mm = m * m;
     float* mu = shf;
     float* c = shf + nm;
     float* t = c + mm;
     float* pre = t + mm;
-    double* red = (double*)(shf + ((nm + 2 * mm + m + 1) & ~1));
+    int floats = (nm + 2 * mm + m + 1) & ~1;
+    double* red = (double*)(shf + floats);
+    float* stash = stashed ? shf + ((floats + 2 * (nm + 1) + 3) & ~3) : nullptr;
     i64 r = blockIdx.x;
     hc_mixes_from(part, splits, nm, n, norm_eps, mu, red);
     // Warp 0 goes straight on to the comb matrix (the critical path); the others form pre and
@@ -193,7 +232,7 @@ extern "C" __global__ void hc_pre_finish(const double* part, int splits, const f
     }
     if (threadIdx.x >= 32) {
         asm volatile("bar.sync 1, %0;" ::"r"(blockDim.x - 32) : "memory");
-        hc_merge_row(x, pre, m, n / m, u, 32);
+        hc_merge_norm_row(x, pre, m, n / m, norm_w, norm_eps, y, stash, 32, warp_sums);
     }
     if (mm <= 32) {
         if (threadIdx.x < 32) {
@@ -239,17 +278,22 @@ extern "C" __global__ void hc_pre_finish(const double* part, int splits, const f
     for (int e = threadIdx.x; e < mm; e += blockDim.x) comb[r * mm + e] = c[e];
 }
 
-// HcHead weights p of row r, and the row merged with them into u (hc_merge_row). Dynamic shared
-// memory: 2·m floats, then m + 1 doubles.
+// HcHead weights p of row r, and the row merged with them and normed into y (hc_merge_norm_row).
+// Dynamic shared memory: 2·m floats, m + 1 doubles, then, with `stashed`, the row's n / m merged
+// values (from a 16-byte boundary).
 extern "C" __global__ void hc_head_finish(const double* part, int splits, const float* base, const float* scale,
-                                          int m, i64 n, float hc_eps, float norm_eps, const float* x, float* u) {
+                                          int m, i64 n, float hc_eps, float norm_eps, const float* x,
+                                          const float* norm_w, int stashed, float* y) {
     grid_dep_begin();
     extern __shared__ float shf[];
+    __shared__ double warp_sums[32];
     float* p = shf + m;
-    hc_mixes_from(part, splits, m, n, norm_eps, shf, (double*)(shf + 2 * m));
+    double* red = (double*)(shf + 2 * m);
+    hc_mixes_from(part, splits, m, n, norm_eps, shf, red);
     for (int i = threadIdx.x; i < m; i += blockDim.x) p[i] = (float)sigmoid_d(scale[0] * shf[i] + base[i]) + hc_eps;
     __syncthreads();
-    hc_merge_row(x, p, m, n / m, u, 0);
+    float* stash = stashed ? shf + ((2 * m + 2 * (m + 1) + 3) & ~3) : nullptr;
+    hc_merge_norm_row(x, p, m, n / m, norm_w, norm_eps, y, stash, 0, warp_sums);
 }
 
 // HcPost: out[r, k, c] = post[r, k]·f[r, c] + Σ_j comb[r, j, k]·x[r, j, c] (f64, rounded once).

@@ -6,9 +6,7 @@
 // r = fl32(1 / sqrt(fl32(mean(x²)) + eps)) from the thread's sum of squares `ss` (every thread
 // calls it: it adds the block's sums).
 __device__ __forceinline__ float rms_factor(double ss, i64 dim, float eps, double* red) {
-    ss = block_sum_d(ss, red);
-    float ms = (float)(ss / (double)dim);
-    return (float)(1.0 / sqrt((double)(ms + eps)));
+    return rms_from_sum(block_sum_d(ss, red), dim, eps);
 }
 
 // y = w ⊙ (x · r), r = fl32(1 / sqrt(fl32(mean(x²)) + eps)); weight may be null.

@@ -83,8 +83,9 @@ fn op_timings() {
             let op = HcPre { rows, mult: 4, dim, sinkhorn_iters: 20, hc_eps: 1e-6, norm_eps: 1e-6 };
             let xs = z(b, &[rows, 4, dim], DType::F32);
             let (f, base, sc) = (z(b, &[24, 4 * dim], DType::F32), z(b, &[24], DType::F32), z(b, &[3], DType::F32));
+            let norm = z(b, &[dim], DType::F32);
             let (mut u, mut p, mut c) = (z(b, &[rows, dim], DType::F32), z(b, &[rows, 4], DType::F32), z(b, &[rows, 4, 4], DType::F32));
-            time(b, &format!("hc_pre {rows}x4x4096"), &Op::HcPre(op), &[&xs, &f, &base, &sc], &mut [&mut u, &mut p, &mut c]);
+            time(b, &format!("hc_pre {rows}x4x4096"), &Op::HcPre(op), &[&xs, &f, &base, &sc, &norm], &mut [&mut u, &mut p, &mut c]);
         }
         // Attention: one slot per row (decode at position 8191) or one prefill chunk.
         let (slots, pos): (Vec<i32>, Vec<i32>) = if rows <= 32 {

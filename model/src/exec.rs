@@ -79,14 +79,15 @@ impl<'a> Exec<'a> {
         Ok(out)
     }
 
-    pub fn hc_pre(&self, x: &Tensor, w: &HcW, cfg: HcParams) -> Result<(Tensor, Tensor, Tensor)> {
+    /// The sub-layer input `norm ⊙ RMSNorm(Σ pre_i·X_i)`, `post` and `comb` of the streams `x`.
+    pub fn hc_pre(&self, x: &Tensor, w: &HcW, norm: &Tensor, cfg: HcParams) -> Result<(Tensor, Tensor, Tensor)> {
         let (rows, mult, dim) = (x.shape()[0], x.shape()[1], x.shape()[2]);
         let op = ops::HcPre { rows, mult, dim, sinkhorn_iters: cfg.sinkhorn_iters, hc_eps: cfg.hc_eps, norm_eps: cfg.norm_eps };
-        let mut u = self.new_f32(&[rows, dim])?;
+        let mut y = self.new_f32(&[rows, dim])?;
         let mut post = self.new_f32(&[rows, mult])?;
         let mut comb = self.new_f32(&[rows, mult, mult])?;
-        self.run(Op::HcPre(op), &[x, &w.fn_, &w.base, &w.scale], &mut [&mut u, &mut post, &mut comb])?;
-        Ok((u, post, comb))
+        self.run(Op::HcPre(op), &[x, &w.fn_, &w.base, &w.scale, norm], &mut [&mut y, &mut post, &mut comb])?;
+        Ok((y, post, comb))
     }
 
     pub fn hc_post(&self, f: &Tensor, x: &Tensor, post: &Tensor, comb: &Tensor) -> Result<Tensor> {
@@ -96,12 +97,13 @@ impl<'a> Exec<'a> {
         Ok(out)
     }
 
-    pub fn hc_head(&self, x: &Tensor, w: &HcW, cfg: HcParams) -> Result<Tensor> {
+    /// The streams `x` merged and normed with the output `norm`: the LM head's input.
+    pub fn hc_head(&self, x: &Tensor, w: &HcW, norm: &Tensor, cfg: HcParams) -> Result<Tensor> {
         let (rows, mult, dim) = (x.shape()[0], x.shape()[1], x.shape()[2]);
-        let mut u = self.new_f32(&[rows, dim])?;
+        let mut y = self.new_f32(&[rows, dim])?;
         let op = ops::HcHead { rows, mult, dim, hc_eps: cfg.hc_eps, norm_eps: cfg.norm_eps };
-        self.run(Op::HcHead(op), &[x, &w.fn_, &w.base, &w.scale], &mut [&mut u])?;
-        Ok(u)
+        self.run(Op::HcHead(op), &[x, &w.fn_, &w.base, &w.scale, norm], &mut [&mut y])?;
+        Ok(y)
     }
 
     /// RMSNorm of the rows of `x [rows, dim]`; `weight = None` is the weight-less rescale.

@@ -265,14 +265,11 @@ impl Model {
     fn block_with(&self, w: &BlockW, lc: &mut LayerCache, rows: &Rows, ids: &Tensor, x: &Tensor, decisions: bool)
         -> Result<(Tensor, Option<LayerDecisions>)> {
         let e = self.exec();
-        let eps = self.cfg.norm_eps;
-        let (u, post, comb) = e.hc_pre(x, &w.hc_attn, self.hc_params())?;
-        let xn = e.rms_norm(&u, Some(&w.attn_norm), eps)?;
+        let (xn, post, comb) = e.hc_pre(x, &w.hc_attn, &w.attn_norm, self.hc_params())?;
         let (a, topk) = self.attention(w, lc, rows, &xn)?;
         let x = e.hc_post(&a, x, &post, &comb)?;
 
-        let (u, post, comb) = e.hc_pre(&x, &w.hc_ffn, self.hc_params())?;
-        let xn = e.rms_norm(&u, Some(&w.ffn_norm), eps)?;
+        let (xn, post, comb) = e.hc_pre(&x, &w.hc_ffn, &w.ffn_norm, self.hc_params())?;
         let (m, experts, weights) = self.moe(w, rows, ids, &xn)?;
         let x = e.hc_post(&m, &x, &post, &comb)?;
         let d = if decisions {
@@ -415,8 +412,7 @@ impl Model {
     /// The LM head's input: hc head and norm of the streams `x`, on the rows `keep` (all when `None`).
     fn head_input(&self, x: &Tensor, keep: Option<&Tensor>, hc: &crate::exec::HcW, norm: &Tensor) -> Result<Tensor> {
         let e = self.exec();
-        let u = e.hc_head(x, hc, self.hc_params())?;
-        let h = e.rms_norm(&u, Some(norm), self.cfg.norm_eps)?;
+        let h = e.hc_head(x, hc, norm, self.hc_params())?;
         match keep {
             Some(idx) => e.gather_rows(&h, idx),
             None => Ok(h),

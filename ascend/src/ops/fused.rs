@@ -3,7 +3,7 @@
 //! | HAL op | fused op | when |
 //! |---|---|---|
 //! | `HcPost` | `aclnnMhcPost` | exported |
-//! | `HcPre` | `aclnnMhcPre` + composed Sinkhorn (`hc::sinkhorn`) | exported and the SoC is a 950 (its only documented product) |
+//! | `HcPre` | `aclnnMhcPre` + composed Sinkhorn (`hc::sinkhorn`) and `aclnnRmsNorm` | exported and the SoC is a 950 (its only documented product) |
 //! | `IndexerTopK` | `aclnnLightningIndexer` | exported, `heads, head_dim, capacity, topk ≥ 1` |
 //! | `SparseAttention` | `aclnnSparseFlashMlaMetadata` + `aclnnSparseFlashMla` | exported, `head_dim = 512`, `heads ∈ [1, 128]` (documented limits) |
 //!
@@ -188,7 +188,8 @@ fn run_mhc_post(cx: &mut Ctx<'_>, op: &HcPost, ins: &[Buf], outs: &[Buf]) -> Res
     cx.cast(&out, &View::new(outs[0], F, &[r, m, d]))
 }
 
-/// Op entry: `HcPre` through `aclnnMhcPre` (gates, `u`) and the composed Sinkhorn (`comb`).
+/// Op entry: `HcPre` through `aclnnMhcPre` (gates, `u`), the composed Sinkhorn (`comb`) and the
+/// input norm of `u` (`y`).
 fn run_mhc_pre(cx: &mut Ctx<'_>, op: &HcPre, ins: &[Buf], outs: &[Buf]) -> Result<()> {
     let (r, m, d, nm) = (op.rows, op.mult, op.dim, op.mix_width());
     let (_xb, x) = to_bf16(cx, &View::new(ins[0], F, &[r, m, d]), &[r, m, d])?;
@@ -212,7 +213,9 @@ fn run_mhc_pre(cx: &mut Ctx<'_>, op: &HcPre, ins: &[Buf], outs: &[Buf]) -> Resul
             g(xt.ptr(), pt.ptr(), at.ptr(), bt.ptr(), ptr::null(), norm_eps, hc_eps, ut.ptr(), qt.ptr(), lt.ptr(), none, none, none, ws, ex)
         })?;
     }
-    cx.cast(&u, &View::new(outs[0], F, &[r, d]))?;
+    let u32b = cx.temp(&[r, d], F)?;
+    cx.cast(&u, &View::of_temp(&u32b, F, &[r, d]))?;
+    super::norm::rms_norm_rows(cx, Buf::of(&u32b), ins[4], outs[0], r, d, op.norm_eps)?;
     super::hc::sinkhorn(cx, &logits, outs[2], op)
 }
 

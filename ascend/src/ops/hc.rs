@@ -16,6 +16,7 @@
 //! iteration count is an op parameter, so the loop is host-side issue order, not a data-dependent
 //! round trip), and `u = aclnnBatchMatMul(pre [R, 1, m], x [R, m, d])`.
 //! `HcHead`: the `pre` gate and the `u` matmul only.
+//! Both end with the sub-layer's input norm, `y = aclnnRmsNorm(u, norm, norm_eps)`.
 //! `HcPost`: `out = aclnnAdd(aclnnBatchMatMul(combᵀ [R, m, m], x [R, m, d]),
 //! aclnnMul(post [R, m, 1], f [R, 1, d]))` — `combᵀ` is a strided view (stream j feeds k).
 //!
@@ -102,15 +103,17 @@ fn gate(cx: &mut Ctx<'_>, mu: &View, rows: usize, nm: usize, lo: usize, w: usize
     Ok((zb, z))
 }
 
-/// `p = sigmoid(z) + eps`, then `u[r] = Σ_i p[r, i] · x[r, i, :]`.
+/// `p = sigmoid(z) + eps`, `u[r] = Σ_i p[r, i] · x[r, i, :]`, then `y = norm ⊙ (u · rstd(u))`.
 #[allow(clippy::too_many_arguments)]
-fn merge(cx: &mut Ctx<'_>, z: &View, x: Buf, u: Buf, rows: usize, m: usize, d: usize, eps: f32) -> Result<()> {
+fn merge_norm(cx: &mut Ctx<'_>, z: &View, x: Buf, norm: Buf, y: Buf, rows: usize, m: usize, d: usize, hc_eps: f32, norm_eps: f32) -> Result<()> {
     let (_sb, s) = scratch(cx, &[rows, m])?;
     cx.sigmoid(z, &s)?;
     let (_pb, p) = scratch(cx, &[rows, m])?;
-    cx.adds(&s, eps, &p)?;
+    cx.adds(&s, hc_eps, &p)?;
     let x3 = View::new(x, F, &[rows, m, d]);
-    cx.batch_matmul(&p.reshape(&[rows, 1, m]), &x3, &View::new(u, F, &[rows, 1, d]))
+    let (ub, u) = scratch(cx, &[rows, 1, d])?;
+    cx.batch_matmul(&p.reshape(&[rows, 1, m]), &x3, &u)?;
+    super::norm::rms_norm_rows(cx, Buf::of(&ub), norm, y, rows, d, norm_eps)
 }
 
 /// Op entry: [`HcHead`].
@@ -121,7 +124,7 @@ pub fn run_hc_head(cx: &mut Ctx<'_>, op: &HcHead, ins: &[Buf], outs: &[Buf]) -> 
     }
     let (_mub, mu) = mixes(cx, ins[0], ins[1], r, m * d, m, op.norm_eps)?;
     let (_zb, z) = gate(cx, &mu, r, m, 0, m, ins[3], 0, ins[2])?;
-    merge(cx, &z, ins[0], outs[0], r, m, d, op.hc_eps)
+    merge_norm(cx, &z, ins[0], ins[4], outs[0], r, m, d, op.hc_eps, op.norm_eps)
 }
 
 /// Op entry: [`HcPre`].
@@ -132,9 +135,9 @@ pub fn run_hc_pre(cx: &mut Ctx<'_>, op: &HcPre, ins: &[Buf], outs: &[Buf]) -> Re
     }
     let (x, fn_w, base, scale) = (ins[0], ins[1], ins[2], ins[3]);
     let (_mub, mu) = mixes(cx, x, fn_w, r, m * d, nm, op.norm_eps)?;
-    // pre → u
+    // pre → u → y
     let (_z0b, z0) = gate(cx, &mu, r, nm, 0, m, scale, 0, base)?;
-    merge(cx, &z0, x, outs[0], r, m, d, op.hc_eps)?;
+    merge_norm(cx, &z0, x, ins[4], outs[0], r, m, d, op.hc_eps, op.norm_eps)?;
     // post = 2·sigmoid(z₁)
     let (_z1b, z1) = gate(cx, &mu, r, nm, m, m, scale, 1, base)?;
     let (_s1b, s1) = scratch(cx, &[r, m])?;

@@ -26,13 +26,19 @@ pub fn run_rms_norm(cx: &mut Ctx<'_>, op: &RmsNorm, ins: &[Buf], outs: &[Buf]) -
         return Ok(());
     }
     let gamma = if op.weighted { ins[1] } else { ones(cx, op.dim)? };
-    let x = View::new(ins[0], DType::F32, &[op.rows, op.dim]);
-    let g = View::new(gamma, DType::F32, &[op.dim]);
-    let y = View::new(outs[0], DType::F32, &[op.rows, op.dim]);
-    let rstd = cx.temp(&[op.rows, 1], DType::F32)?;
-    let r = View::of_temp(&rstd, DType::F32, &[op.rows, 1]);
+    rms_norm_rows(cx, ins[0], gamma, outs[0], op.rows, op.dim, op.eps)
+}
+
+/// `y = gamma ⊙ (x · rstd)` for the `rows` rows of width `dim` of `x` (f32 buffers): one
+/// `aclnnRmsNorm`. Also the last step of the mHC ops (`hc.rs`, `fused.rs`).
+pub(crate) fn rms_norm_rows(cx: &mut Ctx<'_>, x: Buf, gamma: Buf, y: Buf, rows: usize, dim: usize, eps: f32) -> Result<()> {
+    let x = View::new(x, DType::F32, &[rows, dim]);
+    let g = View::new(gamma, DType::F32, &[dim]);
+    let y = View::new(y, DType::F32, &[rows, dim]);
+    let rstd = cx.temp(&[rows, 1], DType::F32)?;
+    let r = View::of_temp(&rstd, DType::F32, &[rows, 1]);
     let (xt, gt, yt, rt) = (cx.tensor(&x)?, cx.tensor(&g)?, cx.tensor(&y)?, cx.tensor(&r)?);
-    let eps = op.eps as f64;
+    let eps = eps as f64;
     let pair = cx.ops().RmsNorm;
     // SAFETY: descriptors outlive the launch; `ws`/`ex` are launch()'s out-pointers.
     cx.launch("RmsNorm", pair, |f, ws, ex| unsafe { f(xt.ptr(), gt.ptr(), eps, yt.ptr(), rt.ptr(), ws, ex) })

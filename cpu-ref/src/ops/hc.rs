@@ -5,7 +5,7 @@ use hal::ops::{HcHead, HcPost, HcPre};
 use hal::Result;
 use rayon::prelude::*;
 
-use super::norm::rms_factor;
+use super::norm::{rms_factor, rms_norm_row};
 use super::{arity, dot, PAR_MACS};
 use crate::device::CpuStorage;
 
@@ -67,12 +67,13 @@ pub fn hc_split_sinkhorn(
     (pre, post, c)
 }
 
-/// `u = Σ_i p_i · X_i` over the `p.len()` streams of `x` (each `u.len()` wide), f64 sum.
-pub fn hc_merge(x: &[f32], p: &[f32], u: &mut [f32]) {
-    let d = u.len();
-    for (c, v) in u.iter_mut().enumerate() {
-        *v = p.iter().enumerate().map(|(i, &pi)| pi as f64 * x[i * d + c] as f64).sum::<f64>() as f32;
-    }
+/// `u = Σ_i p_i · X_i` over the `p.len()` streams of `x` (each `y.len()` wide), f64 sum, then
+/// the sub-layer's input norm `y = norm ⊙ (u · ρ_u)` ([`HcPre`] steps 5 and 6).
+pub fn hc_merge_norm(x: &[f32], p: &[f32], norm: &[f32], eps: f32, y: &mut [f32]) {
+    let d = y.len();
+    let u: Vec<f32> =
+        (0..d).map(|c| p.iter().enumerate().map(|(i, &pi)| pi as f64 * x[i * d + c] as f64).sum::<f64>() as f32).collect();
+    rms_norm_row(&u, Some(norm), eps, y);
 }
 
 /// One row of [`HcPost`]: `out[k] = post[k]·f + Σ_j comb[j, k]·x[j]`, f64 sum rounded once.
@@ -92,7 +93,7 @@ pub fn hc_post_row(f: &[f32], x: &[f32], post: &[f32], comb: &[f32], out: &mut [
 /// Op entry: [`HcPre`].
 pub fn run_hc_pre(op: &HcPre, ins: &[&CpuStorage], outs: &mut [&mut CpuStorage]) -> Result<()> {
     let (m, d, nm) = (op.mult, op.dim, op.mix_width());
-    let (x, fn_w, base, scale) = (ins[0].f32s(), ins[1].f32s(), ins[2].f32s(), ins[3].f32s());
+    let (x, fn_w, base, scale, norm) = (ins[0].f32s(), ins[1].f32s(), ins[2].f32s(), ins[3].f32s(), ins[4].f32s());
     let [u, post, comb] = outs else { return Err(arity("hc_pre")) };
     let (u, post, comb) = (u.f32s_mut(), post.f32s_mut(), comb.f32s_mut());
     let each = |r: usize, ur: &mut [f32], pr: &mut [f32], cr: &mut [f32]| {
@@ -100,7 +101,7 @@ pub fn run_hc_pre(op: &HcPre, ins: &[&CpuStorage], outs: &mut [&mut CpuStorage])
         let mut mu = vec![0.0; nm];
         hc_mixes(xr, fn_w, op.norm_eps, &mut mu);
         let (pre, po, co) = hc_split_sinkhorn(&mu, scale, base, m, op.sinkhorn_iters, op.hc_eps);
-        hc_merge(xr, &pre, ur);
+        hc_merge_norm(xr, &pre, norm, op.norm_eps, ur);
         pr.copy_from_slice(&po);
         cr.copy_from_slice(&co);
     };
@@ -145,7 +146,7 @@ pub fn run_hc_post(op: &HcPost, ins: &[&CpuStorage], outs: &mut [&mut CpuStorage
 /// Op entry: [`HcHead`].
 pub fn run_hc_head(op: &HcHead, ins: &[&CpuStorage], outs: &mut [&mut CpuStorage]) -> Result<()> {
     let (m, d) = (op.mult, op.dim);
-    let (x, fn_w, base, scale) = (ins[0].f32s(), ins[1].f32s(), ins[2].f32s(), ins[3].f32s());
+    let (x, fn_w, base, scale, norm) = (ins[0].f32s(), ins[1].f32s(), ins[2].f32s(), ins[3].f32s(), ins[4].f32s());
     let u = outs[0].f32s_mut();
     if m == 0 || d == 0 {
         return Ok(());
@@ -155,7 +156,7 @@ pub fn run_hc_head(op: &HcHead, ins: &[&CpuStorage], outs: &mut [&mut CpuStorage
         let mut mu = vec![0.0; m];
         hc_mixes(xr, fn_w, op.norm_eps, &mut mu);
         let p: Vec<f32> = (0..m).map(|i| sigmoid(scale[0] * mu[i] + base[i]) + op.hc_eps).collect();
-        hc_merge(xr, &p, ur);
+        hc_merge_norm(xr, &p, norm, op.norm_eps, ur);
     };
     if x.len() * m < PAR_MACS {
         u.chunks_exact_mut(d).enumerate().for_each(each);

@@ -14,10 +14,17 @@ const MIX_BLOCK: u32 = 256;
 const FINISH_BLOCK: u32 = 256;
 const _: () = assert!(FINISH_BLOCK >= 64, "hc_pre_finish merges in all warps but the first");
 
-/// Dynamic shared memory of a finishing kernel: `floats` f32 (padded to 8 bytes) then the
-/// `doubles` f64 split sums.
-fn finish_smem(floats: usize, doubles: usize) -> u32 {
-    smem(floats.next_multiple_of(2) * 4 + doubles * 8)
+/// Widest row (f32 values) whose merged values wait in shared memory between the finishing
+/// kernels' merge and norm passes (V4-Pro's 7168 fits); a wider row waits in the output itself.
+const STASH_MAX: usize = 8192;
+
+/// Dynamic shared memory of a finishing kernel for rows of width `d`: `floats` f32 (padded to 8
+/// bytes), the `doubles` f64 split sums, then (from a 16-byte boundary) the merge stash when `d`
+/// fits. Returns the bytes and whether the stash is there.
+fn finish_smem(floats: usize, doubles: usize, d: usize) -> (u32, bool) {
+    let head = (floats.next_multiple_of(2) + 2 * doubles).next_multiple_of(4);
+    let stashed = d <= STASH_MAX;
+    (smem((head + if stashed { d } else { 0 }) * 4), stashed)
 }
 /// Fewest columns a split of the mixing sums takes.
 const MIN_SPLIT_COLS: usize = 128;
@@ -53,7 +60,7 @@ fn mix_partials(dev: &Dev, op: &str, x: u64, fnw: u64, rows: usize, n: usize, nm
 }
 
 /// [`HcPre`]: mixing partial sums over column splits, then per row the weights (Sinkhorn) and
-/// the merged streams.
+/// the merged, normed streams.
 pub(crate) fn hc_pre(dev: &Dev, op: &HcPre, ins: &[u64], outs: &[u64]) -> Result<()> {
     let name = "hc_pre";
     let (m, d, rows) = (op.mult, op.dim, op.rows);
@@ -62,6 +69,7 @@ pub(crate) fn hc_pre(dev: &Dev, op: &HcPre, ins: &[u64], outs: &[u64]) -> Result
     }
     let nm = op.mix_width();
     let (part, s) = mix_partials(dev, name, ins[0], ins[1], rows, m * d, nm)?;
+    let (shared, stashed) = finish_smem(nm + 2 * m * m + m, nm + 1, d);
     let args = [
         Arg::P(part.ptr()),
         i(name, "splits", s)?,
@@ -73,11 +81,12 @@ pub(crate) fn hc_pre(dev: &Dev, op: &HcPre, ins: &[u64], outs: &[u64]) -> Result
         Arg::F(op.hc_eps),
         Arg::F(op.norm_eps),
         Arg::P(ins[0]),
+        Arg::P(ins[4]),
+        Arg::I(stashed as i32),
         Arg::P(outs[0]),
         Arg::P(outs[1]),
         Arg::P(outs[2]),
     ];
-    let shared = finish_smem(nm + 2 * m * m + m, nm + 1);
     launch(dev, FAMILY, "hc_pre_finish", (rows as u32, 1, 1), FINISH_BLOCK, shared, &args)
 }
 
@@ -100,7 +109,7 @@ pub(crate) fn hc_post(dev: &Dev, op: &HcPost, ins: &[u64], outs: &[u64]) -> Resu
     launch(dev, FAMILY, "hc_post", (grid_for(n, BLOCK), 1, 1), BLOCK, 0, &args)
 }
 
-/// [`HcHead`]: mixing partial sums, then per row the weights and the merged streams.
+/// [`HcHead`]: mixing partial sums, then per row the weights and the merged, normed streams.
 pub(crate) fn hc_head(dev: &Dev, op: &HcHead, ins: &[u64], outs: &[u64]) -> Result<()> {
     let name = "hc_head";
     let (m, d, rows) = (op.mult, op.dim, op.rows);
@@ -108,6 +117,7 @@ pub(crate) fn hc_head(dev: &Dev, op: &HcHead, ins: &[u64], outs: &[u64]) -> Resu
         return Ok(());
     }
     let (part, s) = mix_partials(dev, name, ins[0], ins[1], rows, m * d, m)?;
+    let (shared, stashed) = finish_smem(2 * m, m + 1, d);
     let args = [
         Arg::P(part.ptr()),
         i(name, "splits", s)?,
@@ -118,7 +128,9 @@ pub(crate) fn hc_head(dev: &Dev, op: &HcHead, ins: &[u64], outs: &[u64]) -> Resu
         Arg::F(op.hc_eps),
         Arg::F(op.norm_eps),
         Arg::P(ins[0]),
+        Arg::P(ins[4]),
+        Arg::I(stashed as i32),
         Arg::P(outs[0]),
     ];
-    launch(dev, FAMILY, "hc_head_finish", (rows as u32, 1, 1), FINISH_BLOCK, finish_smem(2 * m, m + 1), &args)
+    launch(dev, FAMILY, "hc_head_finish", (rows as u32, 1, 1), FINISH_BLOCK, shared, &args)
 }

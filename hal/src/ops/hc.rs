@@ -3,7 +3,7 @@
 use super::{input, output, Signature};
 use crate::dtype::DType;
 
-/// Mixing weights and sub-layer input of one mHC site.
+/// Mixing weights and the normed sub-layer input of one mHC site.
 ///
 /// Per row, with `m = mult` streams `X_0..X_{m-1}` of width `d` and `x̄ = concat(X_0..X_{m-1})`:
 /// 1. `ρ = 1 / sqrt(mean(x̄²) + norm_eps)`; `μ = (fn · x̄) · ρ` ∈ R^{(2+m)·m}.
@@ -12,9 +12,13 @@ use crate::dtype::DType;
 /// 4. `C_{jk} = scale[2]·μ_{2m+m·j+k} + base_{2m+m·j+k}`; Sinkhorn: `C ← softmax_k(C) + hc_eps`,
 ///    `C ← C / (Σ_j C_{jk} + hc_eps)` (column), then `sinkhorn_iters − 1` times: row
 ///    normalization `C ← C / (Σ_k C_{jk} + hc_eps)` then column normalization.
-/// 5. `u = Σ_i pre_i · X_i`.
+/// 5. `u = Σ_i pre_i · X_i`, rounded to f32.
+/// 6. `y = norm ⊙ (u · ρ_u)`, `ρ_u = 1 / sqrt(mean(u²) + norm_eps)`: the sub-layer's input
+///    RMSNorm (`attn_norm` / `ffn_norm`), exactly [`RmsNorm`](super::RmsNorm) of `u`. It is part
+///    of this op because every mHC site is followed by it, and a backend can then norm the row it
+///    has just merged instead of reading it back in another kernel.
 ///
-/// Outputs `u [R, d]`, `post [R, m]`, `comb [R, m, m]` (C, row j = source stream).
+/// Outputs `y [R, d]`, `post [R, m]`, `comb [R, m, m]` (C, row j = source stream).
 #[derive(Clone, Debug, PartialEq)]
 pub struct HcPre {
     pub rows: usize,
@@ -37,9 +41,10 @@ impl HcPre {
                 input("fn", &[self.mix_width(), m * d], DType::F32),
                 input("base", &[self.mix_width()], DType::F32),
                 input("scale", &[3], DType::F32),
+                input("norm", &[d], DType::F32),
             ],
             outputs: vec![
-                output("u", &[r, d], DType::F32),
+                output("y", &[r, d], DType::F32),
                 output("post", &[r, m], DType::F32),
                 output("comb", &[r, m, m], DType::F32),
             ],
@@ -72,9 +77,10 @@ impl HcPost {
     }
 }
 
-/// Final stream merge before the output norm (main model and MTP):
+/// Final stream merge and output norm (main model and MTP):
 /// `ρ`, `μ = (fn · x̄)·ρ ∈ R^m` as in [`HcPre`]; `p_i = sigmoid(scale[0]·μ_i + base_i) + hc_eps`;
-/// `u = Σ_i p_i · X_i`. No Sinkhorn, no post.
+/// `u = Σ_i p_i · X_i` (rounded to f32); `y = norm ⊙ (u · ρ_u)` as in [`HcPre`] step 6 (the
+/// model's final `norm`). No Sinkhorn, no post.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HcHead {
     pub rows: usize,
@@ -93,8 +99,9 @@ impl HcHead {
                 input("fn", &[m, m * d], DType::F32),
                 input("base", &[m], DType::F32),
                 input("scale", &[1], DType::F32),
+                input("norm", &[d], DType::F32),
             ],
-            outputs: vec![output("u", &[r, d], DType::F32)],
+            outputs: vec![output("y", &[r, d], DType::F32)],
         }
     }
 }
