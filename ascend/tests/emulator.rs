@@ -184,7 +184,7 @@ fn bad_indices_are_errors_naming_the_row() {
 fn support_answers() {
     let be = backend();
     // Every HAL op is implemented now (composed from generic aclnn ops).
-    let hc = Op::HcPre(HcPre { rows: 1, mult: 2, dim: 4, sinkhorn_iters: 2, hc_eps: 1e-6, norm_eps: 1e-6 });
+    let hc = Op::HcPre(HcPre { rows: 1, mult: 2, dim: 4, sinkhorn_iters: 2, hc_eps: 1e-6, norm_eps: 1e-6, after_post: false });
     assert_eq!(be.supports(&hc), Support::Yes);
     // FP8 weights run on a 910B too, through the table-decoding dequant path.
     let fp8 = Op::Linear(Linear { rows: 1, in_features: 128, out_features: 128, format: WeightFormat::Fp8Block128 });

@@ -46,28 +46,72 @@ __device__ __forceinline__ void warp_batched_sums(int count, i64 k0, i64 k1, Ter
     }
 }
 
-// part[(r·splits + s)·(nm + 1) + 0] = Σ x², [.. + 1 + i] = Σ fn[i]·x over columns of split s (f64;
-// the dots by warp_batched_sums).
-extern "C" __global__ void hc_mix_partial(const float* x, const float* fnw, i64 n, int nm, int splits, double* part) {
-    grid_dep_begin();
-    __shared__ double red[32];
+// part[(r·splits + s)·(nm + 1) + 0] = Σ x², [.. + 1 + i] = Σ fn[i]·x over the columns c0 .. c1 of
+// split s of row r (f64; the dots by warp_batched_sums), with x[c] at xs[c − xoff].
+__device__ __forceinline__ void mix_split_sums(const float* xs, i64 xoff, const float* fnw, i64 n, int nm, int splits,
+                                               i64 c0, i64 c1, double* part, double* red) {
     i64 r = blockIdx.x;
     int s = blockIdx.y;
-    i64 per = (n + splits - 1) / splits, c0 = s * per, c1 = c0 + per < n ? c0 + per : n;
-    const float* xr = x + r * n;
     double* out = part + (r * splits + s) * (nm + 1);
     // A product of two floats is exact in f64, so only the order of each sum fixes its value.
     warp_batched_sums(
-        nm, c0, c1, [&](int i, i64 c) { return (double)fnw[(i64)i * n + c] * (double)xr[c]; },
+        nm, c0, c1, [&](int i, i64 c) { return (double)fnw[(i64)i * n + c] * (double)xs[c - xoff]; },
         [&](int i, double sum) { out[1 + i] = sum; });
     double ss = 0.0;
 #pragma unroll 4
     for (i64 c = c0 + threadIdx.x; c < c1; c += blockDim.x) {
-        double v = (double)xr[c];
+        double v = (double)xs[c - xoff];
         ss += v * v;
     }
     ss = block_sum_d(ss, red);
     if (threadIdx.x == 0) out[0] = ss;
+}
+
+// The column split c0 .. c1 of block (r, s) over a row of n columns.
+__device__ __forceinline__ void split_columns(i64 n, int splits, i64* c0, i64* c1) {
+    i64 per = (n + splits - 1) / splits;
+    *c0 = blockIdx.y * per;
+    *c1 = *c0 + per < n ? *c0 + per : n;
+}
+
+// HcPost of one element: post[r, k]·f[r, c] + Σ_j comb[r, j, k]·x[r, j, c] (f64, rounded once).
+__device__ __forceinline__ float hc_post_at(const float* f, const float* x, const float* post, const float* comb, i64 r,
+                                            int m, i64 d, int k, i64 c) {
+    double acc = (double)post[r * m + k] * (double)f[r * d + c];
+    for (int j = 0; j < m; ++j) acc += (double)comb[(r * m + j) * m + k] * (double)x[(r * m + j) * d + c];
+    return (float)acc;
+}
+
+// The mixing sums of row r over split s (mix_split_sums), one block each.
+extern "C" __global__ void hc_mix_partial(const float* x, const float* fnw, i64 n, int nm, int splits, double* part) {
+    grid_dep_begin();
+    __shared__ double red[32];
+    i64 c0, c1;
+    split_columns(n, splits, &c0, &c1);
+    mix_split_sums(x + blockIdx.x * n, 0, fnw, n, nm, splits, c0, c1, part, red);
+}
+
+// hc_mix_partial after the last sub-layer's HcPost (HcPre / HcHead `after_post`): the block
+// first forms its columns of X = HcPost(f, x_prev, post, comb), writes them to xout (the next
+// residual) and keeps them in shared memory (dynamic, the split's c1 − c0 floats), then sums
+// over those. Meanwhile the mixing weights of its columns are on their way to L1, so the sums
+// do not wait on them after the barrier.
+extern "C" __global__ void hc_post_mix_partial(const float* f, const float* x_prev, const float* post,
+                                               const float* comb, float* xout, const float* fnw, i64 n, int m,
+                                               int nm, int splits, double* part) {
+    grid_dep_begin();
+    extern __shared__ float sx[];
+    __shared__ double red[32];
+    i64 r = blockIdx.x, d = n / m, c0, c1;
+    split_columns(n, splits, &c0, &c1);
+    for (i64 c = c0 + threadIdx.x; c < c1; c += blockDim.x) {
+        for (int i = 0; i < nm; ++i) asm volatile("prefetch.global.L1 [%0];" ::"l"(fnw + (i64)i * n + c));
+        float v = hc_post_at(f, x_prev, post, comb, r, m, d, (int)(c / d), c % d);
+        xout[r * n + c] = v;
+        sx[c - c0] = v;
+    }
+    __syncthreads();
+    mix_split_sums(sx, c0, fnw, n, nm, splits, c0, c1, part, red);
 }
 
 // hc_mix_partial for many rows (nm < 32): grid (row tiles of DOT_TILE, column splits), the same
@@ -77,7 +121,8 @@ extern "C" __global__ void __launch_bounds__(256) hc_mix_tiled(const float* x, c
     grid_dep_begin();
     i64 r0 = (i64)blockIdx.x * DOT_TILE;
     int s = blockIdx.y;
-    i64 per = (n + splits - 1) / splits, c0 = s * per, c1 = c0 + per < n ? c0 + per : n;
+    i64 c0, c1;
+    split_columns(n, splits, &c0, &c1);
     int xr = (int)(rows - r0 < DOT_TILE ? rows - r0 : DOT_TILE);
     double acc[4];
     dot_tile_f64(x + r0 * n, xr, fnw, nm, n, nm, c0, c1, acc);
@@ -296,15 +341,11 @@ extern "C" __global__ void hc_head_finish(const double* part, int splits, const 
     hc_merge_norm_row(x, p, m, n / m, norm_w, norm_eps, y, stash, 0, warp_sums);
 }
 
-// HcPost: out[r, k, c] = post[r, k]·f[r, c] + Σ_j comb[r, j, k]·x[r, j, c] (f64, rounded once).
+// HcPost: out[r, k, c] = post[r, k]·f[r, c] + Σ_j comb[r, j, k]·x[r, j, c] (hc_post_at).
 extern "C" __global__ void hc_post(const float* f, const float* x, const float* post, const float* comb, float* out,
                                    i64 rows, int m, i64 d) {
     grid_dep_begin();
     i64 total = rows * m * d;
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
-        i64 c = i % d, k = (i / d) % m, r = i / ((i64)m * d);
-        double acc = (double)post[r * m + k] * (double)f[r * d + c];
-        for (int j = 0; j < m; ++j) acc += (double)comb[(r * m + j) * m + k] * (double)x[(r * m + j) * d + c];
-        out[i] = (float)acc;
-    }
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x)
+        out[i] = hc_post_at(f, x, post, comb, i / ((i64)m * d), m, d, (int)((i / d) % m), i % d);
 }

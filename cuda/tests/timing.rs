@@ -80,7 +80,7 @@ fn op_timings() {
         }
         // mHC pre.
         {
-            let op = HcPre { rows, mult: 4, dim, sinkhorn_iters: 20, hc_eps: 1e-6, norm_eps: 1e-6 };
+            let op = HcPre { rows, mult: 4, dim, sinkhorn_iters: 20, hc_eps: 1e-6, norm_eps: 1e-6, after_post: false };
             let xs = z(b, &[rows, 4, dim], DType::F32);
             let (f, base, sc) = (z(b, &[24, 4 * dim], DType::F32), z(b, &[24], DType::F32), z(b, &[3], DType::F32));
             let norm = z(b, &[dim], DType::F32);

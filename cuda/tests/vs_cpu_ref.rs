@@ -276,7 +276,7 @@ fn cuda_matches_cpu_ref() {
     for &(rows, m, d) in &[(3usize, 4usize, 64usize), (2, 4, 1024), (1, 2, 7)] {
         let nm = (2 + m) * m;
         let x = rng.vf(rows * m * d, 2.0);
-        let op = Op::HcPre(HcPre { rows, mult: m, dim: d, sinkhorn_iters: 20, hc_eps: 1e-6, norm_eps: 1e-6 });
+        let op = Op::HcPre(HcPre { rows, mult: m, dim: d, sinkhorn_iters: 20, hc_eps: 1e-6, norm_eps: 1e-6, after_post: false });
         let ins = [tf(&[rows, m, d], &x), tf(&[nm, m * d], &rng.vf(nm * m * d, 0.05)), tf(&[nm], &rng.vf(nm, 0.5)), tf(&[3], &[0.7, 1.1, 1.3]), tf(&[d], &rng.vf(d, 1.0))];
         s.case(
             &format!("hc_pre {rows}x{m}x{d}"),
@@ -284,7 +284,7 @@ fn cuda_matches_cpu_ref() {
             &ins,
             &[(poison(&[rows, d]), Some(Check::Nmse(1e-9))), (poison(&[rows, m]), Some(Check::Nmse(1e-9))), (poison(&[rows, m, m]), Some(Check::Nmse(1e-9)))],
         );
-        let op = Op::HcHead(HcHead { rows, mult: m, dim: d, hc_eps: 1e-6, norm_eps: 1e-6 });
+        let op = Op::HcHead(HcHead { rows, mult: m, dim: d, hc_eps: 1e-6, norm_eps: 1e-6, after_post: false });
         let ins = [tf(&[rows, m, d], &x), tf(&[m, m * d], &rng.vf(m * m * d, 0.05)), tf(&[m], &rng.vf(m, 0.5)), tf(&[1], &[0.9]), tf(&[d], &rng.vf(d, 1.0))];
         s.case(&format!("hc_head {rows}x{m}x{d}"), &op, &ins, &[(poison(&[rows, d]), Some(Check::Nmse(1e-9)))]);
         let op = Op::HcPost(HcPost { rows, mult: m, dim: d });

@@ -32,6 +32,29 @@ pub struct Rows {
     pub ids: Tensor,
 }
 
+/// The residual streams `[rows, hc_mult, dim]` between sub-layers: ready, or the last
+/// sub-layer's output `f` with its HcPost (of `x`, `post`, `comb`) still to apply. The next mHC
+/// op applies it on the way in (HAL `HcPre` step 0), which saves a backend a kernel per
+/// sub-layer; [`Exec::settle`] applies it alone.
+pub enum Streams {
+    Ready(Tensor),
+    AfterPost { f: Tensor, x: Tensor, post: Tensor, comb: Tensor },
+}
+
+impl Streams {
+    /// `(rows, hc_mult, dim)`.
+    pub fn shape(&self) -> (usize, usize, usize) {
+        let x = match self {
+            Streams::Ready(x) | Streams::AfterPost { x, .. } => x,
+        };
+        (x.shape()[0], x.shape()[1], x.shape()[2])
+    }
+
+    fn after_post(&self) -> bool {
+        matches!(self, Streams::AfterPost { .. })
+    }
+}
+
 /// The backend plus shorthands that allocate outputs and issue one op each.
 pub struct Exec<'a> {
     pub b: &'a dyn Backend,
@@ -79,15 +102,52 @@ impl<'a> Exec<'a> {
         Ok(out)
     }
 
-    /// The sub-layer input `norm ⊙ RMSNorm(Σ pre_i·X_i)`, `post` and `comb` of the streams `x`.
-    pub fn hc_pre(&self, x: &Tensor, w: &HcW, norm: &Tensor, cfg: HcParams) -> Result<(Tensor, Tensor, Tensor)> {
-        let (rows, mult, dim) = (x.shape()[0], x.shape()[1], x.shape()[2]);
-        let op = ops::HcPre { rows, mult, dim, sinkhorn_iters: cfg.sinkhorn_iters, hc_eps: cfg.hc_eps, norm_eps: cfg.norm_eps };
+    /// The ready streams, the sub-layer input `norm ⊙ RMSNorm(Σ pre_i·X_i)`, `post` and `comb`
+    /// of the streams `s` (HAL `HcPre`, which applies a pending HcPost on the way in).
+    pub fn hc_pre(&self, s: Streams, w: &HcW, norm: &Tensor, cfg: HcParams) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        let (rows, mult, dim) = s.shape();
+        let op = ops::HcPre {
+            rows,
+            mult,
+            dim,
+            sinkhorn_iters: cfg.sinkhorn_iters,
+            hc_eps: cfg.hc_eps,
+            norm_eps: cfg.norm_eps,
+            after_post: s.after_post(),
+        };
         let mut y = self.new_f32(&[rows, dim])?;
         let mut post = self.new_f32(&[rows, mult])?;
         let mut comb = self.new_f32(&[rows, mult, mult])?;
-        self.run(Op::HcPre(op), &[x, &w.fn_, &w.base, &w.scale, norm], &mut [&mut y, &mut post, &mut comb])?;
-        Ok((y, post, comb))
+        let x = self.mhc(Op::HcPre(op), s, &[&w.fn_, &w.base, &w.scale, norm], vec![&mut y, &mut post, &mut comb])?;
+        Ok((x, y, post, comb))
+    }
+
+    /// Runs an mHC op on the streams `s` (with a pending HcPost, its inputs first and its output
+    /// first), then `weights`, into `outs`; returns the ready streams.
+    fn mhc(&self, op: Op, s: Streams, weights: &[&Tensor], outs: Vec<&mut Tensor>) -> Result<Tensor> {
+        match s {
+            Streams::Ready(x) => {
+                let ins: Vec<&Tensor> = std::iter::once(&x).chain(weights.iter().copied()).collect();
+                let mut outs = outs;
+                self.run(op, &ins, &mut outs)?;
+                Ok(x)
+            }
+            Streams::AfterPost { f, x: x_prev, post, comb } => {
+                let mut x = self.new_f32(x_prev.shape())?;
+                let ins: Vec<&Tensor> = [&f, &x_prev, &post, &comb].into_iter().chain(weights.iter().copied()).collect();
+                let mut all: Vec<&mut Tensor> = std::iter::once(&mut x).chain(outs.into_iter().map(|t| t)).collect();
+                self.run(op, &ins, &mut all)?;
+                Ok(x)
+            }
+        }
+    }
+
+    /// `s` as ready streams: a pending HcPost applied on its own (where no mHC op follows).
+    pub fn settle(&self, s: Streams) -> Result<Tensor> {
+        match s {
+            Streams::Ready(x) => Ok(x),
+            Streams::AfterPost { f, x, post, comb } => self.hc_post(&f, &x, &post, &comb),
+        }
     }
 
     pub fn hc_post(&self, f: &Tensor, x: &Tensor, post: &Tensor, comb: &Tensor) -> Result<Tensor> {
@@ -97,13 +157,13 @@ impl<'a> Exec<'a> {
         Ok(out)
     }
 
-    /// The streams `x` merged and normed with the output `norm`: the LM head's input.
-    pub fn hc_head(&self, x: &Tensor, w: &HcW, norm: &Tensor, cfg: HcParams) -> Result<Tensor> {
-        let (rows, mult, dim) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+    /// The ready streams, and `s` merged and normed with the output `norm`: the LM head's input.
+    pub fn hc_head(&self, s: Streams, w: &HcW, norm: &Tensor, cfg: HcParams) -> Result<(Tensor, Tensor)> {
+        let (rows, mult, dim) = s.shape();
         let mut y = self.new_f32(&[rows, dim])?;
-        let op = ops::HcHead { rows, mult, dim, hc_eps: cfg.hc_eps, norm_eps: cfg.norm_eps };
-        self.run(Op::HcHead(op), &[x, &w.fn_, &w.base, &w.scale, norm], &mut [&mut y])?;
-        Ok(y)
+        let op = ops::HcHead { rows, mult, dim, hc_eps: cfg.hc_eps, norm_eps: cfg.norm_eps, after_post: s.after_post() };
+        let x = self.mhc(Op::HcHead(op), s, &[&w.fn_, &w.base, &w.scale, norm], vec![&mut y])?;
+        Ok((x, y))
     }
 
     /// RMSNorm of the rows of `x [rows, dim]`; `weight = None` is the weight-less rescale.

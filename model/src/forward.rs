@@ -16,7 +16,7 @@ use crate::cache::{KvCache, LayerCache};
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::ModelError;
-use crate::exec::{Exec, HcParams, Rows};
+use crate::exec::{Exec, HcParams, Rows, Streams};
 use crate::weights::{BlockW, GateRoute, Weights};
 
 type Result<T> = std::result::Result<T, ModelError>;
@@ -194,7 +194,7 @@ impl Model {
             _ => None,
         };
         let (x, mut decisions) = self.trunk(cache, &rows, opts.decisions)?;
-        let logits = self.head_with(&x, keep.as_ref(), &self.weights.hc_head, &self.weights.norm)?;
+        let (x, logits) = self.head_with(x, keep.as_ref(), &self.weights.hc_head, &self.weights.norm)?;
         let mtp_logits = match mtp_ids {
             Some(ids) => {
                 let (l, d) = self.mtp_with(0, cache, &rows, x, &ids, opts.decisions)?;
@@ -209,15 +209,16 @@ impl Model {
         Ok(ForwardOutput { logits, mtp_logits, decisions })
     }
 
-    /// Embedding and every block on `rows` → the final streams `[rows, hc_mult, dim]` (and
-    /// each block's decisions when asked). Issues only `alloc` and `run`, so that it can be
+    /// Embedding and every block on `rows` → the final streams `[rows, hc_mult, dim]`, with the
+    /// last HcPost pending (and each block's decisions when asked). Issues only `alloc` and `run`, so that it can be
     /// recorded ([`crate::decode::DecodeStep`]) when `decisions` is false. Does not advance
     /// the cache.
-    pub(crate) fn trunk(&self, cache: &mut KvCache, rows: &Rows, decisions: bool) -> Result<(Tensor, Vec<LayerDecisions>)> {
-        let mut x = self.embed_streams(rows)?;
+    pub(crate) fn trunk(&self, cache: &mut KvCache, rows: &Rows, decisions: bool) -> Result<(Streams, Vec<LayerDecisions>)> {
+        let mut x = Streams::Ready(self.embed_streams(rows)?);
         let mut out = Vec::new();
         for layer in 0..self.cfg.n_layers {
-            let (next, d) = self.block(layer, &mut cache.layers[layer], rows, &x, decisions)?;
+            let (w, lc) = (&self.weights.blocks[layer], &mut cache.layers[layer]);
+            let (next, d) = self.block_with(w, lc, rows, &rows.ids, x, decisions)?;
             x = next;
             out.extend(d);
         }
@@ -247,12 +248,13 @@ impl Model {
     }
 
     /// Block `layer` on streams `x [rows, hc_mult, dim]` → new streams (spec §3.3).
-    pub fn block(&self, layer: usize, lc: &mut LayerCache, rows: &Rows, x: &Tensor, decisions: bool)
+    pub fn block(&self, layer: usize, lc: &mut LayerCache, rows: &Rows, x: Tensor, decisions: bool)
         -> Result<(Tensor, Option<LayerDecisions>)> {
         let w = self.weights.blocks.get(layer).ok_or_else(|| {
             ModelError::Request(format!("block {layer} does not exist (the model has {})", self.cfg.n_layers))
         })?;
-        self.block_with(w, lc, rows, &rows.ids, x, decisions)
+        let (x, d) = self.block_with(w, lc, rows, &rows.ids, Streams::Ready(x), decisions)?;
+        Ok((self.exec().settle(x)?, d))
     }
 
     /// The caches of block `layer` (for callers that run blocks one by one).
@@ -262,16 +264,17 @@ impl Model {
     }
 
     /// `ids` are the token ids the hash gate routes by (the MTP block's own input ids there).
-    fn block_with(&self, w: &BlockW, lc: &mut LayerCache, rows: &Rows, ids: &Tensor, x: &Tensor, decisions: bool)
-        -> Result<(Tensor, Option<LayerDecisions>)> {
+    /// Returns the streams with the MoE sub-layer's HcPost pending.
+    fn block_with(&self, w: &BlockW, lc: &mut LayerCache, rows: &Rows, ids: &Tensor, x: Streams, decisions: bool)
+        -> Result<(Streams, Option<LayerDecisions>)> {
         let e = self.exec();
-        let (xn, post, comb) = e.hc_pre(x, &w.hc_attn, &w.attn_norm, self.hc_params())?;
+        let (x, xn, post, comb) = e.hc_pre(x, &w.hc_attn, &w.attn_norm, self.hc_params())?;
         let (a, topk) = self.attention(w, lc, rows, &xn)?;
-        let x = e.hc_post(&a, x, &post, &comb)?;
 
-        let (xn, post, comb) = e.hc_pre(&x, &w.hc_ffn, &w.ffn_norm, self.hc_params())?;
+        let after_attn = Streams::AfterPost { f: a, x, post, comb };
+        let (x, xn, post, comb) = e.hc_pre(after_attn, &w.hc_ffn, &w.ffn_norm, self.hc_params())?;
         let (m, experts, weights) = self.moe(w, rows, ids, &xn)?;
-        let x = e.hc_post(&m, &x, &post, &comb)?;
+        let x = Streams::AfterPost { f: m, x, post, comb };
         let d = if decisions {
             Some(LayerDecisions {
                 experts: e.download_i32(&experts)?,
@@ -397,25 +400,28 @@ impl Model {
     }
 
     /// Final hc merge, norm and LM head for the rows `keep` → `[keep.len(), vocab]` f32.
-    pub fn head(&self, x: &Tensor, keep: &[usize]) -> Result<Vec<f32>> {
+    pub fn head(&self, x: Tensor, keep: &[usize]) -> Result<Vec<f32>> {
         let idx: Vec<i32> = keep.iter().map(|&k| k as i32).collect();
         let idx = self.exec().upload_i32(&idx)?;
-        self.head_with(x, Some(&idx), &self.weights.hc_head, &self.weights.norm)
+        Ok(self.head_with(Streams::Ready(x), Some(&idx), &self.weights.hc_head, &self.weights.norm)?.1)
     }
 
-    /// hc head, norm, then the LM head on the rows `keep` (all rows when `None`).
-    fn head_with(&self, x: &Tensor, keep: Option<&Tensor>, hc: &crate::exec::HcW, norm: &Tensor) -> Result<Vec<f32>> {
+    /// hc head, norm, then the LM head on the rows `keep` (all rows when `None`). Also returns
+    /// the ready streams.
+    fn head_with(&self, x: Streams, keep: Option<&Tensor>, hc: &crate::exec::HcW, norm: &Tensor) -> Result<(Tensor, Vec<f32>)> {
         let e = self.exec();
-        e.download_f32(&e.linear(&self.head_input(x, keep, hc, norm)?, &self.weights.head)?)
+        let (x, h) = self.head_input(x, keep, hc, norm)?;
+        Ok((x, e.download_f32(&e.linear(&h, &self.weights.head)?)?))
     }
 
-    /// The LM head's input: hc head and norm of the streams `x`, on the rows `keep` (all when `None`).
-    fn head_input(&self, x: &Tensor, keep: Option<&Tensor>, hc: &crate::exec::HcW, norm: &Tensor) -> Result<Tensor> {
+    /// The ready streams, and the LM head's input: hc head and norm of the streams `x`, on the
+    /// rows `keep` (all when `None`).
+    fn head_input(&self, x: Streams, keep: Option<&Tensor>, hc: &crate::exec::HcW, norm: &Tensor) -> Result<(Tensor, Tensor)> {
         let e = self.exec();
-        let h = e.hc_head(x, hc, norm, self.hc_params())?;
+        let (x, h) = e.hc_head(x, hc, norm, self.hc_params())?;
         match keep {
-            Some(idx) => e.gather_rows(&h, idx),
-            None => Ok(h),
+            Some(idx) => Ok((x, e.gather_rows(&h, idx)?)),
+            None => Ok((x, h)),
         }
     }
 
@@ -423,7 +429,7 @@ impl Model {
     /// by the caller): [`Model::trunk`] and the head, issuing only `alloc` and `run`.
     pub(crate) fn logits_into(&self, cache: &mut KvCache, rows: &Rows, logits: &mut Tensor) -> Result<()> {
         let (x, _) = self.trunk(cache, rows, false)?;
-        let h = self.head_input(&x, None, &self.weights.hc_head, &self.weights.norm)?;
+        let (_, h) = self.head_input(x, None, &self.weights.hc_head, &self.weights.norm)?;
         self.exec().linear_into(&h, &self.weights.head, logits)
     }
 
@@ -446,7 +452,7 @@ impl Model {
         let h = e.rms_norm(&x.reshape(vec![r * m, d]), Some(&w.hnorm), c.norm_eps)?;
         let hp = e.linear(&h, &w.h_proj)?;
         let x0 = e.add(&hp, &ep)?.reshape(vec![r, m, d]);
-        let (x1, dec) = self.block_with(&w.block, &mut cache.mtp[k], rows, ids, &x0, decisions)?;
-        Ok((self.head_with(&x1, None, &w.hc_head, &w.norm)?, dec))
+        let (x1, dec) = self.block_with(&w.block, &mut cache.mtp[k], rows, ids, Streams::Ready(x0), decisions)?;
+        Ok((self.head_with(x1, None, &w.hc_head, &w.norm)?.1, dec))
     }
 }

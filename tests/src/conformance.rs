@@ -411,6 +411,7 @@ pub fn variant(op: &Op) -> String {
             GateMode::Hashed { .. } => "hashed".into(),
         }),
         Op::SampleTokens(t) => Some(if t.temperature == 0.0 { "greedy" } else { "temperature" }.into()),
+        Op::HcPre(HcPre { after_post: true, .. }) | Op::HcHead(HcHead { after_post: true, .. }) => Some("after post".into()),
         Op::HcExpand(_) | Op::Add(_) | Op::GatherRows(_) | Op::HcPre(_) | Op::HcPost(_) | Op::HcHead(_)
         | Op::Hadamard(_) | Op::WindowStore(_) | Op::IndexerTopK(_) | Op::SwiGlu(_) => None,
     };
@@ -584,19 +585,31 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
         }
         // ---- hc_pre ----
         4 => {
-            out.extend(randoms(r, |r| {
-                let (rows, mult, dim, iters, sd) = draw(r, (1usize..=6, 1usize..=4, 1usize..=300, 1usize..=20, seed_s));
-                Case::new(Op::HcPre(HcPre { rows, mult, dim, sinkhorn_iters: iters, hc_eps: 1e-6, norm_eps: 1e-6 }), "", sd)
-            }));
-            let one = HcPre { rows: 1, mult: 4, dim: 64, sinkhorn_iters: 20, hc_eps: 1e-6, norm_eps: 1e-6 };
-            out.push(Case::new(Op::HcPre(one.clone()), "edge: one token", s(0)));
-            out.push(Case::new(Op::HcPre(HcPre { sinkhorn_iters: 1, ..one }), "edge: one Sinkhorn iteration", s(1)));
-            // Prefill-sized: CUDA sums the mixes over tiles of 32 rows (the last one partial).
-            let many = HcPre { rows: 70, mult: 4, dim: 300, ..one };
-            out.push(Case::new(Op::HcPre(many), "prefill-sized: 70 tokens", s(2)));
-            for (i, (name, c)) in reals.iter().enumerate() {
-                let op = HcPre { rows: 2, mult: c.hc_mult, dim: c.dim, sinkhorn_iters: c.hc_sinkhorn_iters, hc_eps: c.hc_eps, norm_eps: c.norm_eps };
-                out.push(Case::new(Op::HcPre(op), format!("{name}: 4 × {}", c.dim), s(10 + i as u64)).large());
+            for after_post in [false, true] {
+                out.extend(randoms(r, |r| {
+                    let (rows, mult, dim, iters, sd) = draw(r, (1usize..=6, 1usize..=4, 1usize..=300, 1usize..=20, seed_s));
+                    let op = HcPre { rows, mult, dim, sinkhorn_iters: iters, hc_eps: 1e-6, norm_eps: 1e-6, after_post };
+                    Case::new(Op::HcPre(op), "", sd)
+                }));
+                let one = HcPre { rows: 1, mult: 4, dim: 64, sinkhorn_iters: 20, hc_eps: 1e-6, norm_eps: 1e-6, after_post };
+                out.push(Case::new(Op::HcPre(one.clone()), "edge: one token", s(0)));
+                out.push(Case::new(Op::HcPre(HcPre { sinkhorn_iters: 1, ..one.clone() }), "edge: one Sinkhorn iteration", s(1)));
+                // Prefill-sized: CUDA sums the mixes over tiles of 32 rows (the last one partial),
+                // after a separate HcPost.
+                let many = HcPre { rows: 70, mult: 4, dim: 300, ..one };
+                out.push(Case::new(Op::HcPre(many), "prefill-sized: 70 tokens", s(2)));
+                for (i, (name, c)) in reals.iter().enumerate() {
+                    let op = HcPre {
+                        rows: 2,
+                        mult: c.hc_mult,
+                        dim: c.dim,
+                        sinkhorn_iters: c.hc_sinkhorn_iters,
+                        hc_eps: c.hc_eps,
+                        norm_eps: c.norm_eps,
+                        after_post,
+                    };
+                    out.push(Case::new(Op::HcPre(op), format!("{name}: 4 × {}", c.dim), s(10 + i as u64)).large());
+                }
             }
         }
         // ---- hc_post ----
@@ -613,17 +626,24 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
         }
         // ---- hc_head ----
         6 => {
-            out.extend(randoms(r, |r| {
-                let (rows, mult, dim, sd) = draw(r, (1usize..=6, 1usize..=4, 1usize..=300, seed_s));
-                Case::new(Op::HcHead(HcHead { rows, mult, dim, hc_eps: 1e-6, norm_eps: 1e-6 }), "", sd)
-            }));
-            out.push(Case::new(Op::HcHead(HcHead { rows: 1, mult: 4, dim: 64, hc_eps: 1e-6, norm_eps: 1e-6 }), "edge: one token", s(0)));
-            let many = HcHead { rows: 70, mult: 4, dim: 300, hc_eps: 1e-6, norm_eps: 1e-6 };
-            out.push(Case::new(Op::HcHead(many), "prefill-sized: 70 tokens (tiles of 32 rows on CUDA)", s(1)));
-            for (i, (name, c)) in reals.iter().enumerate() {
-                let op = HcHead { rows: 2, mult: c.hc_mult, dim: c.dim, hc_eps: c.hc_eps, norm_eps: c.norm_eps };
-                out.push(Case::new(Op::HcHead(op), format!("{name}: 4 × {}", c.dim), s(10 + i as u64)).large());
+            for after_post in [false, true] {
+                out.extend(randoms(r, |r| {
+                    let (rows, mult, dim, sd) = draw(r, (1usize..=6, 1usize..=4, 1usize..=300, seed_s));
+                    Case::new(Op::HcHead(HcHead { rows, mult, dim, hc_eps: 1e-6, norm_eps: 1e-6, after_post }), "", sd)
+                }));
+                let one = HcHead { rows: 1, mult: 4, dim: 64, hc_eps: 1e-6, norm_eps: 1e-6, after_post };
+                out.push(Case::new(Op::HcHead(one.clone()), "edge: one token", s(0)));
+                let many = HcHead { rows: 70, mult: 4, dim: 300, ..one };
+                out.push(Case::new(Op::HcHead(many), "prefill-sized: 70 tokens (tiles of 32 rows on CUDA)", s(1)));
+                for (i, (name, c)) in reals.iter().enumerate() {
+                    let op = HcHead { rows: 2, mult: c.hc_mult, dim: c.dim, hc_eps: c.hc_eps, norm_eps: c.norm_eps, after_post };
+                    out.push(Case::new(Op::HcHead(op), format!("{name}: 4 × {}", c.dim), s(10 + i as u64)).large());
+                }
             }
+            // A prefill chunk whose column splits are too wide to keep in CUDA's shared memory:
+            // HcPost runs as its own kernel first.
+            let wide = HcHead { rows: 600, mult: 4, dim: 4096, hc_eps: 1e-6, norm_eps: 1e-6, after_post: true };
+            out.push(Case::new(Op::HcHead(wide), "prefill-sized: 600 tokens × 4 × 4096", s(20)).large());
         }
         // ---- rms_norm ----
         7 => {
@@ -1154,6 +1174,22 @@ fn compressor_state(rng: &mut Rng, c: &Compressor, p0: usize, kv: &mut [f32], sc
 }
 
 #[allow(clippy::too_many_lines)]
+/// The stream inputs of an mHC op: `x [r, m, d]`, or with `after_post` HcPost's `f`, `x_prev`,
+/// `post_prev` and `comb_prev` (also HcPost's own inputs).
+fn hc_stream_inputs(rng: &mut Rng, after_post: bool, r: usize, m: usize, d: usize) -> Vec<HostTensor> {
+    if !after_post {
+        return vec![HostTensor::f32(&[r, m, d], &activations(rng, r, m * d))];
+    }
+    let post: Vec<f32> = (0..r * m).map(|_| rng.uniform(0.0, 2.0)).collect();
+    let comb: Vec<f32> = (0..r * m * m).map(|_| rng.uniform(0.0, 1.0)).collect();
+    vec![
+        HostTensor::f32(&[r, d], &activations(rng, r, d)),
+        HostTensor::f32(&[r, m, d], &rng.normals(r * m * d, 1.0)),
+        HostTensor::f32(&[r, m], &post),
+        HostTensor::f32(&[r, m, m], &comb),
+    ]
+}
+
 fn build_data(case: &Case) -> CaseData {
     let mut rng = Rng::new(case.seed);
     let rng = &mut rng;
@@ -1196,38 +1232,26 @@ fn build_data(case: &Case) -> CaseData {
         }
         Op::HcPre(o) => {
             let (m, d, mw) = (o.mult, o.dim, o.mix_width());
-            (
-                vec![
-                    f32t(&[o.rows, m, d], &activations(rng, o.rows, m * d)),
-                    f32t(&[mw, m * d], &rng.normals(mw * m * d, 1.0 / ((m * d) as f32).sqrt())),
-                    f32t(&[mw], &rng.normals(mw, 0.5)),
-                    f32t(&[3], &[rng.uniform(0.5, 2.0), rng.uniform(0.5, 2.0), rng.uniform(0.5, 2.0)]),
-                    f32t(&[d], &(0..d).map(|_| rng.uniform(0.5, 1.5)).collect::<Vec<_>>()),
-                ],
-                vec![None, None, None],
-            )
+            let mut ins = hc_stream_inputs(rng, o.after_post, o.rows, m, d);
+            ins.extend([
+                f32t(&[mw, m * d], &rng.normals(mw * m * d, 1.0 / ((m * d) as f32).sqrt())),
+                f32t(&[mw], &rng.normals(mw, 0.5)),
+                f32t(&[3], &[rng.uniform(0.5, 2.0), rng.uniform(0.5, 2.0), rng.uniform(0.5, 2.0)]),
+                f32t(&[d], &(0..d).map(|_| rng.uniform(0.5, 1.5)).collect::<Vec<_>>()),
+            ]);
+            (ins, vec![None; 3 + o.after_post as usize])
         }
-        Op::HcPost(o) => {
-            let (r, m, d) = (o.rows, o.mult, o.dim);
-            let post: Vec<f32> = (0..r * m).map(|_| rng.uniform(0.0, 2.0)).collect();
-            let comb: Vec<f32> = (0..r * m * m).map(|_| rng.uniform(0.0, 1.0)).collect();
-            (
-                vec![f32t(&[r, d], &activations(rng, r, d)), f32t(&[r, m, d], &rng.normals(r * m * d, 1.0)), f32t(&[r, m], &post), f32t(&[r, m, m], &comb)],
-                vec![None],
-            )
-        }
+        Op::HcPost(o) => (hc_stream_inputs(rng, true, o.rows, o.mult, o.dim), vec![None]),
         Op::HcHead(o) => {
             let (m, d) = (o.mult, o.dim);
-            (
-                vec![
-                    f32t(&[o.rows, m, d], &activations(rng, o.rows, m * d)),
-                    f32t(&[m, m * d], &rng.normals(m * m * d, 1.0 / ((m * d) as f32).sqrt())),
-                    f32t(&[m], &rng.normals(m, 0.5)),
-                    f32t(&[1], &[rng.uniform(0.5, 2.0)]),
-                    f32t(&[d], &(0..d).map(|_| rng.uniform(0.5, 1.5)).collect::<Vec<_>>()),
-                ],
-                vec![None],
-            )
+            let mut ins = hc_stream_inputs(rng, o.after_post, o.rows, m, d);
+            ins.extend([
+                f32t(&[m, m * d], &rng.normals(m * m * d, 1.0 / ((m * d) as f32).sqrt())),
+                f32t(&[m], &rng.normals(m, 0.5)),
+                f32t(&[1], &[rng.uniform(0.5, 2.0)]),
+                f32t(&[d], &(0..d).map(|_| rng.uniform(0.5, 1.5)).collect::<Vec<_>>()),
+            ]);
+            (ins, vec![None; 1 + o.after_post as usize])
         }
         Op::RmsNorm(o) => {
             let mut x = activations(rng, o.rows, o.dim);
@@ -1816,7 +1840,7 @@ fn metric(op: &Op, output: &str) -> Metric {
         (Op::Embed(_) | Op::HcExpand(_) | Op::Add(_) | Op::GatherRows(_) | Op::QuantSim(_) | Op::WindowStore(_), _) => Metric::Exact,
         (Op::Compressor(_), "cache") => Metric::Cache(1e-10),
         (Op::Compressor(_), _) => Metric::Exact,
-        (Op::SwiGlu(_) | Op::HcPost(_) | Op::Rope(_), _) => Metric::Nmse(1e-12),
+        (Op::SwiGlu(_) | Op::HcPost(_) | Op::Rope(_), _) | (Op::HcPre(_) | Op::HcHead(_), "x") => Metric::Nmse(1e-12),
         (Op::Hadamard(_), _) => Metric::Nmse(1e-11),
         (Op::RmsNorm(_), _) => Metric::Nmse(1e-10),
         (Op::Linear(l), _) if l.format.quantizes_input() => Metric::Nmse(1e-7),
@@ -2720,7 +2744,7 @@ fn collect(m: &model::forward::Model, g: &Golden, kv: DType, teacher_forced: boo
         for (a, z) in spans {
             let rows = m.rows(&cache, &[Chunk { slot, tokens: &g.tokens[a..z] }]).map_err(e)?;
             let x = streams(&input[a * width..z * width], z - a)?;
-            let (y, dd) = m.block(i, m.layer_cache(&mut cache, i).map_err(e)?, &rows, &x, true).map_err(e)?;
+            let (y, dd) = m.block(i, m.layer_cache(&mut cache, i).map_err(e)?, &rows, x, true).map_err(e)?;
             cache.advance(slot, z - a);
             r.out.extend(dtype::bytes_f32(&be.download(&y).map_err(|e| e.to_string())?));
             let dd = dd.ok_or("no decisions")?;
@@ -2740,7 +2764,7 @@ fn collect(m: &model::forward::Model, g: &Golden, kv: DType, teacher_forced: boo
     let t1d = (0..layers).map(|i| teacher(i, Some(p))).collect::<Result<Vec<_>, _>>()?;
     let x_last = g.layers.f32(&format!("layer{}_out", layers - 1)).map_err(|e| e.to_string())?;
     let keep: Vec<usize> = (0..t).collect();
-    let t1_head = m.head(&streams(&x_last, t)?, &keep).map_err(e)?;
+    let t1_head = m.head(streams(&x_last, t)?, &keep).map_err(e)?;
     let mut cache = m.new_cache_with(1, t, kv).map_err(e)?;
     let slot = cache.alloc_slot(be).map_err(e)?;
     let rows = m.rows(&cache, &[Chunk { slot, tokens: &g.tokens[..t] }]).map_err(e)?;

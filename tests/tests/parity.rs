@@ -71,7 +71,7 @@ fn teacher_forced(g: &Golden, i: usize, split: Option<usize>) -> (Vec<f32>, Vec<
     for (a, b) in spans {
         let rows = g.model.rows(&cache, &[Chunk { slot, tokens: &ids[a..b] }]).unwrap();
         let x = upload_streams(g, &input[a * width..b * width], b - a);
-        let (y, d) = g.model.block(i, g.model.layer_cache(&mut cache, i).unwrap(), &rows, &x, true).unwrap();
+        let (y, d) = g.model.block(i, g.model.layer_cache(&mut cache, i).unwrap(), &rows, x, true).unwrap();
         cache.advance(slot, b - a);
         out.extend(hal::dtype::bytes_f32(&g.model.backend().download(&y).unwrap()));
         let d = d.unwrap();
@@ -142,7 +142,7 @@ fn t1_teacher_forced_head_and_mtp() {
     let (t, v, k) = (g.t, g.model.cfg.vocab_size, g.model.cfg.n_activated_experts);
     let x_last = g.layers.f32(&format!("layer{}_out", g.model.cfg.n_layers - 1)).unwrap();
     let keep: Vec<usize> = (0..t).collect();
-    let logits = g.model.head(&upload_streams(g, &x_last, t), &keep).unwrap();
+    let logits = g.model.head(upload_streams(g, &x_last, t), &keep).unwrap();
     let want = &g.logits.f32("prefill_logits").unwrap()[..t * v];
     let rel = row_rel(&logits, want, v);
     println!("T1 head logits: {}", describe(&rel));

@@ -627,7 +627,7 @@ fn block_times(model: &Model, cache: &mut model::cache::KvCache, chunks: &[Chunk
     let mut times = Vec::with_capacity(model.cfg.n_layers);
     for layer in 0..model.cfg.n_layers {
         let t = Instant::now();
-        let (next, _) = model.block(layer, model.layer_cache(cache, layer)?, &rows, &x, false)?;
+        let (next, _) = model.block(layer, model.layer_cache(cache, layer)?, &rows, x, false)?;
         be.synchronize()?;
         times.push(t.elapsed().as_secs_f64());
         x = next;

@@ -99,7 +99,7 @@ fn kernel_by_symbol(op: &Op, fused: &FusedOps, ops: &AclnnOps, profile: &SocProf
             if fused.MhcPre.is_some()
                 && profile.family == SocFamily::Ascend950
                 && o.rows * o.mult * o.dim > 0
-                && super::hc::supports_hc(true, ops) == hal::backend::Support::Yes =>
+                && super::hc::supports_hc(true, o.after_post, ops) == hal::backend::Support::Yes =>
         {
             Some("MhcPre")
         }
@@ -192,15 +192,16 @@ fn run_mhc_post(cx: &mut Ctx<'_>, op: &HcPost, ins: &[Buf], outs: &[Buf]) -> Res
 /// input norm of `u` (`y`).
 fn run_mhc_pre(cx: &mut Ctx<'_>, op: &HcPre, ins: &[Buf], outs: &[Buf]) -> Result<()> {
     let (r, m, d, nm) = (op.rows, op.mult, op.dim, op.mix_width());
-    let (_xb, x) = to_bf16(cx, &View::new(ins[0], F, &[r, m, d]), &[r, m, d])?;
+    let (x, ins, outs) = super::hc::streams(cx, op.after_post, (r, m, d), ins, outs)?;
+    let (_xb, x) = to_bf16(cx, &View::new(x, F, &[r, m, d]), &[r, m, d])?;
     let ub = cx.temp(&[r, d], B)?;
     let u = View::of_temp(&ub, B, &[r, d]);
     let lb = cx.temp(&[r, m, m], F)?;
     let logits = View::of_temp(&lb, F, &[r, m, m]);
     {
-        let phi = View::new(ins[1], F, &[nm, m * d]);
-        let bias = View::new(ins[2], F, &[nm]);
-        let alpha = View::new(ins[3], F, &[3]);
+        let phi = View::new(ins[0], F, &[nm, m * d]);
+        let bias = View::new(ins[1], F, &[nm]);
+        let alpha = View::new(ins[2], F, &[3]);
         let post = View::new(outs[1], F, &[r, m]);
         let (xt, pt, at, bt) = (cx.tensor(&x)?, cx.tensor(&phi)?, cx.tensor(&alpha)?, cx.tensor(&bias)?);
         let (ut, qt, lt) = (cx.tensor(&u)?, cx.tensor(&post)?, cx.tensor(&logits)?);
@@ -215,7 +216,7 @@ fn run_mhc_pre(cx: &mut Ctx<'_>, op: &HcPre, ins: &[Buf], outs: &[Buf]) -> Resul
     }
     let u32b = cx.temp(&[r, d], F)?;
     cx.cast(&u, &View::of_temp(&u32b, F, &[r, d]))?;
-    super::norm::rms_norm_rows(cx, Buf::of(&u32b), ins[4], outs[0], r, d, op.norm_eps)?;
+    super::norm::rms_norm_rows(cx, Buf::of(&u32b), ins[3], outs[0], r, d, op.norm_eps)?;
     super::hc::sinkhorn(cx, &logits, outs[2], op)
 }
 

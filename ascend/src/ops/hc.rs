@@ -16,7 +16,8 @@
 //! iteration count is an op parameter, so the loop is host-side issue order, not a data-dependent
 //! round trip), and `u = aclnnBatchMatMul(pre [R, 1, m], x [R, m, d])`.
 //! `HcHead`: the `pre` gate and the `u` matmul only.
-//! Both end with the sub-layer's input norm, `y = aclnnRmsNorm(u, norm, norm_eps)`.
+//! Both end with the sub-layer's input norm, `y = aclnnRmsNorm(u, norm, norm_eps)`, and with
+//! `after_post` begin with `HcPost` (below) writing the streams they then read.
 //! `HcPost`: `out = aclnnAdd(aclnnBatchMatMul(combᵀ [R, m, m], x [R, m, d]),
 //! aclnnMul(post [R, m, 1], f [R, 1, d]))` — `combᵀ` is a strided view (stream j feeds k).
 //!
@@ -24,7 +25,7 @@
 //! excludes HF32.
 
 use hal::backend::Support;
-use hal::ops::{HcHead, HcPost, HcPre};
+use hal::ops::{hc_weights_at, HcHead, HcPost, HcPre};
 use hal::{DType, Result};
 
 use super::{need, Buf, Ctx, View};
@@ -33,8 +34,14 @@ use crate::sys::{self, AclnnOps};
 
 const F: DType = DType::F32;
 
-/// HcPre / HcHead need the mixing ops; HcPre adds Softmax, ReduceSum, Div and Muls.
-pub fn supports_hc(pre: bool, ops: &AclnnOps) -> Support {
+/// HcPre / HcHead need the mixing ops; HcPre adds Softmax, ReduceSum, Div and Muls; after an
+/// HcPost also its ops ([`supports_hc_post`]).
+pub fn supports_hc(pre: bool, after_post: bool, ops: &AclnnOps) -> Support {
+    if after_post {
+        if let no @ Support::No(_) = supports_hc_post(ops) {
+            return no;
+        }
+    }
     let mut list = vec![
         ("RmsNorm", ops.RmsNorm.is_some()),
         ("Mm", ops.Mm.is_some() || ops.Matmul.is_some()),
@@ -116,15 +123,29 @@ fn merge_norm(cx: &mut Ctx<'_>, z: &View, x: Buf, norm: Buf, y: Buf, rows: usize
     super::norm::rms_norm_rows(cx, Buf::of(&ub), norm, y, rows, d, norm_eps)
 }
 
+/// An mHC op's streams (`HcPre` step 0): input `x`; or, `after_post`, HcPost of the first four
+/// inputs (composed, [`run_hc_post`]) written to the output `x`. Returns the streams and the
+/// op's remaining inputs (`fn`, `base`, `scale`, `norm`) and outputs.
+pub(crate) fn streams<'a>(cx: &mut Ctx<'_>, after_post: bool, (rows, mult, dim): (usize, usize, usize), ins: &'a [Buf], outs: &'a [Buf])
+    -> Result<(Buf, &'a [Buf], &'a [Buf])> {
+    let rest = &ins[hc_weights_at(after_post)..];
+    if !after_post {
+        return Ok((ins[0], rest, outs));
+    }
+    run_hc_post(cx, &HcPost { rows, mult, dim }, ins, outs)?;
+    Ok((outs[0], rest, &outs[1..]))
+}
+
 /// Op entry: [`HcHead`].
 pub fn run_hc_head(cx: &mut Ctx<'_>, op: &HcHead, ins: &[Buf], outs: &[Buf]) -> Result<()> {
     let (r, m, d) = (op.rows, op.mult, op.dim);
     if r == 0 || m == 0 || d == 0 {
         return Ok(());
     }
-    let (_mub, mu) = mixes(cx, ins[0], ins[1], r, m * d, m, op.norm_eps)?;
-    let (_zb, z) = gate(cx, &mu, r, m, 0, m, ins[3], 0, ins[2])?;
-    merge_norm(cx, &z, ins[0], ins[4], outs[0], r, m, d, op.hc_eps, op.norm_eps)
+    let (x, ins, outs) = streams(cx, op.after_post, (r, m, d), ins, outs)?;
+    let (_mub, mu) = mixes(cx, x, ins[0], r, m * d, m, op.norm_eps)?;
+    let (_zb, z) = gate(cx, &mu, r, m, 0, m, ins[2], 0, ins[1])?;
+    merge_norm(cx, &z, x, ins[3], outs[0], r, m, d, op.hc_eps, op.norm_eps)
 }
 
 /// Op entry: [`HcPre`].
@@ -133,11 +154,12 @@ pub fn run_hc_pre(cx: &mut Ctx<'_>, op: &HcPre, ins: &[Buf], outs: &[Buf]) -> Re
     if r == 0 || m == 0 || d == 0 {
         return Ok(());
     }
-    let (x, fn_w, base, scale) = (ins[0], ins[1], ins[2], ins[3]);
+    let (x, ins, outs) = streams(cx, op.after_post, (r, m, d), ins, outs)?;
+    let (fn_w, base, scale, norm) = (ins[0], ins[1], ins[2], ins[3]);
     let (_mub, mu) = mixes(cx, x, fn_w, r, m * d, nm, op.norm_eps)?;
     // pre → u → y
     let (_z0b, z0) = gate(cx, &mu, r, nm, 0, m, scale, 0, base)?;
-    merge_norm(cx, &z0, x, ins[4], outs[0], r, m, d, op.hc_eps, op.norm_eps)?;
+    merge_norm(cx, &z0, x, norm, outs[0], r, m, d, op.hc_eps, op.norm_eps)?;
     // post = 2·sigmoid(z₁)
     let (_z1b, z1) = gate(cx, &mu, r, nm, m, m, scale, 1, base)?;
     let (_s1b, s1) = scratch(cx, &[r, m])?;

@@ -1,7 +1,9 @@
 //! Manifold-constrained hyper-connections: mixing weights (with Sinkhorn), stream merge and
 //! stream update.
 
-use hal::ops::{HcHead, HcPost, HcPre};
+use std::borrow::Cow;
+
+use hal::ops::{hc_weights_at, HcHead, HcPost, HcPre};
 use hal::Result;
 use rayon::prelude::*;
 
@@ -90,10 +92,30 @@ pub fn hc_post_row(f: &[f32], x: &[f32], post: &[f32], comb: &[f32], out: &mut [
     }
 }
 
+/// The streams of an mHC op ([`HcPre`] step 0): input `x`, or, `after_post`, HcPost of the
+/// first four inputs, written to the output `x`. Returns them with the op's remaining inputs
+/// (`fn`, `base`, `scale`, `norm`) and outputs.
+#[allow(clippy::type_complexity)]
+fn streams<'a, 'o, 's>(
+    after_post: bool,
+    (rows, mult, dim): (usize, usize, usize),
+    ins: &[&'a CpuStorage],
+    outs: &'o mut [&'s mut CpuStorage],
+) -> Result<(Cow<'a, [f32]>, Vec<&'a CpuStorage>, &'o mut [&'s mut CpuStorage])> {
+    let at = hc_weights_at(after_post);
+    if !after_post {
+        return Ok((Cow::Borrowed(ins[0].f32s()), ins[at..].to_vec(), outs));
+    }
+    let (x, rest) = outs.split_first_mut().ok_or_else(|| arity("hc streams"))?;
+    run_hc_post(&HcPost { rows, mult, dim }, &ins[..at], std::slice::from_mut(x))?;
+    Ok((Cow::Owned(x.f32s().to_vec()), ins[at..].to_vec(), rest))
+}
+
 /// Op entry: [`HcPre`].
 pub fn run_hc_pre(op: &HcPre, ins: &[&CpuStorage], outs: &mut [&mut CpuStorage]) -> Result<()> {
     let (m, d, nm) = (op.mult, op.dim, op.mix_width());
-    let (x, fn_w, base, scale, norm) = (ins[0].f32s(), ins[1].f32s(), ins[2].f32s(), ins[3].f32s(), ins[4].f32s());
+    let (x, ins, outs) = streams(op.after_post, (op.rows, m, d), ins, outs)?;
+    let (fn_w, base, scale, norm) = (ins[0].f32s(), ins[1].f32s(), ins[2].f32s(), ins[3].f32s());
     let [u, post, comb] = outs else { return Err(arity("hc_pre")) };
     let (u, post, comb) = (u.f32s_mut(), post.f32s_mut(), comb.f32s_mut());
     let each = |r: usize, ur: &mut [f32], pr: &mut [f32], cr: &mut [f32]| {
@@ -146,8 +168,10 @@ pub fn run_hc_post(op: &HcPost, ins: &[&CpuStorage], outs: &mut [&mut CpuStorage
 /// Op entry: [`HcHead`].
 pub fn run_hc_head(op: &HcHead, ins: &[&CpuStorage], outs: &mut [&mut CpuStorage]) -> Result<()> {
     let (m, d) = (op.mult, op.dim);
-    let (x, fn_w, base, scale, norm) = (ins[0].f32s(), ins[1].f32s(), ins[2].f32s(), ins[3].f32s(), ins[4].f32s());
-    let u = outs[0].f32s_mut();
+    let (x, ins, outs) = streams(op.after_post, (op.rows, m, d), ins, outs)?;
+    let (fn_w, base, scale, norm) = (ins[0].f32s(), ins[1].f32s(), ins[2].f32s(), ins[3].f32s());
+    let [u] = outs else { return Err(arity("hc_head")) };
+    let u = u.f32s_mut();
     if m == 0 || d == 0 {
         return Ok(());
     }

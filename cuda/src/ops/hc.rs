@@ -1,6 +1,6 @@
 //! Manifold-constrained hyper-connections (`kernels/hc.cu`).
 
-use hal::ops::{HcHead, HcPost, HcPre};
+use hal::ops::{hc_weights_at, HcHead, HcPost, HcPre};
 use hal::Result;
 
 use super::{grid_for, i, l, launch, smem, Arg, BLOCK, DOT_ROWS};
@@ -36,10 +36,42 @@ fn splits(dev: &Dev, row_blocks: usize, n: usize) -> usize {
     (4 * dev.sms).div_ceil(row_blocks.max(1)).min(n.div_ceil(MIN_SPLIT_COLS)).clamp(1, 65_535)
 }
 
-/// The mixing partial sums of `rows` rows of width `n` against `nm` mixing rows (`fnw`):
-/// returns the scratch holding them and its split count.
-fn mix_partials(dev: &Dev, op: &str, x: u64, fnw: u64, rows: usize, n: usize, nm: usize)
+/// Most shared memory (bytes) that `hc_post_mix_partial` keeps a split's streams in; a wider
+/// split runs `hc_post` first.
+const POST_MIX_MAX_SMEM: usize = 32 * 1024;
+
+/// An mHC op's streams on the device (`HcPre` step 0): ready at `x`, or HcPost's inputs
+/// (`f`, `x_prev`, `post`, `comb`) and the output `x` it writes.
+enum Streams {
+    Ready(u64),
+    AfterPost { post_in: [u64; 4], x: u64 },
+}
+
+impl Streams {
+    /// The streams of an op whose inputs and outputs are `ins` / `outs`, with the rest of each.
+    fn of<'a>(after_post: bool, ins: &'a [u64], outs: &'a [u64]) -> (Streams, &'a [u64], &'a [u64]) {
+        let rest = &ins[hc_weights_at(after_post)..];
+        if after_post {
+            (Streams::AfterPost { post_in: [ins[0], ins[1], ins[2], ins[3]], x: outs[0] }, rest, &outs[1..])
+        } else {
+            (Streams::Ready(ins[0]), rest, outs)
+        }
+    }
+
+    /// Where the streams are once formed.
+    fn x(&self) -> u64 {
+        match self {
+            Streams::Ready(x) | Streams::AfterPost { x, .. } => *x,
+        }
+    }
+}
+
+/// The mixing partial sums of `rows` rows of `mult` streams of width `d` against `nm` mixing
+/// rows (`fnw`), forming the streams first where they come after an HcPost: returns the
+/// scratch holding the sums and its split count.
+fn mix_partials(dev: &Dev, op: &str, streams: &Streams, fnw: u64, (rows, mult, d): (usize, usize, usize), nm: usize)
     -> Result<(crate::device::DevBuf, usize)> {
+    let n = mult * d;
     // Many rows: tiles of DOT_ROWS rows share each loaded mixing weight (`hc_mix_tiled`; the
     // mixes and Σ x² take one lane each of 32, so with few mixes most lanes idle: at 4096 rows
     // the HcPre op (24 mixes) went from 1.51 to 0.84 ms, HcHead (4) from 0.64 to 0.79 ms). Few
@@ -49,6 +81,16 @@ fn mix_partials(dev: &Dev, op: &str, x: u64, fnw: u64, rows: usize, n: usize, nm
     let s = splits(dev, row_blocks, n);
     let part = dev.scratch(rows * s * (nm + 1) * 8)?;
     let (nm_i, s_i, pp) = (i(op, "mixes", nm)?, i(op, "splits", s)?, Arg::P(part.ptr()));
+    let split_bytes = n.div_ceil(s) * 4;
+    if let Streams::AfterPost { post_in: [f, x_prev, post, comb], x } = *streams {
+        if !tiled && split_bytes <= POST_MIX_MAX_SMEM {
+            let args = [Arg::P(f), Arg::P(x_prev), Arg::P(post), Arg::P(comb), Arg::P(x), Arg::P(fnw), l(n), i(op, "mult", mult)?, nm_i, s_i, pp];
+            launch(dev, FAMILY, "hc_post_mix_partial", (rows as u32, s as u32, 1), MIX_BLOCK, smem(split_bytes), &args)?;
+            return Ok((part, s));
+        }
+        post_kernel(dev, [f, x_prev, post, comb], x, (rows, mult, d))?;
+    }
+    let x = streams.x();
     if tiled {
         let args = [Arg::P(x), Arg::P(fnw), l(rows), l(n), nm_i, s_i, pp];
         launch(dev, FAMILY, "hc_mix_tiled", (row_blocks as u32, s as u32, 1), BLOCK, 0, &args)?;
@@ -68,20 +110,21 @@ pub(crate) fn hc_pre(dev: &Dev, op: &HcPre, ins: &[u64], outs: &[u64]) -> Result
         return Ok(());
     }
     let nm = op.mix_width();
-    let (part, s) = mix_partials(dev, name, ins[0], ins[1], rows, m * d, nm)?;
+    let (streams, ins, outs) = Streams::of(op.after_post, ins, outs);
+    let (part, s) = mix_partials(dev, name, &streams, ins[0], (rows, m, d), nm)?;
     let (shared, stashed) = finish_smem(nm + 2 * m * m + m, nm + 1, d);
     let args = [
         Arg::P(part.ptr()),
         i(name, "splits", s)?,
+        Arg::P(ins[1]),
         Arg::P(ins[2]),
-        Arg::P(ins[3]),
         i(name, "mult", m)?,
         l(m * d),
         i(name, "sinkhorn_iters", op.sinkhorn_iters)?,
         Arg::F(op.hc_eps),
         Arg::F(op.norm_eps),
-        Arg::P(ins[0]),
-        Arg::P(ins[4]),
+        Arg::P(streams.x()),
+        Arg::P(ins[3]),
         Arg::I(stashed as i32),
         Arg::P(outs[0]),
         Arg::P(outs[1]),
@@ -92,20 +135,16 @@ pub(crate) fn hc_pre(dev: &Dev, op: &HcPre, ins: &[u64], outs: &[u64]) -> Result
 
 /// [`HcPost`]: elementwise, f64 sum per output.
 pub(crate) fn hc_post(dev: &Dev, op: &HcPost, ins: &[u64], outs: &[u64]) -> Result<()> {
-    let n = op.rows * op.mult * op.dim;
+    post_kernel(dev, [ins[0], ins[1], ins[2], ins[3]], outs[0], (op.rows, op.mult, op.dim))
+}
+
+/// `hc_post` of `f`, `x`, `post`, `comb` into `out`.
+fn post_kernel(dev: &Dev, [f, x, post, comb]: [u64; 4], out: u64, (rows, mult, dim): (usize, usize, usize)) -> Result<()> {
+    let n = rows * mult * dim;
     if n == 0 {
         return Ok(());
     }
-    let args = [
-        Arg::P(ins[0]),
-        Arg::P(ins[1]),
-        Arg::P(ins[2]),
-        Arg::P(ins[3]),
-        Arg::P(outs[0]),
-        l(op.rows),
-        i("hc_post", "mult", op.mult)?,
-        l(op.dim),
-    ];
+    let args = [Arg::P(f), Arg::P(x), Arg::P(post), Arg::P(comb), Arg::P(out), l(rows), i("hc_post", "mult", mult)?, l(dim)];
     launch(dev, FAMILY, "hc_post", (grid_for(n, BLOCK), 1, 1), BLOCK, 0, &args)
 }
 
@@ -116,19 +155,20 @@ pub(crate) fn hc_head(dev: &Dev, op: &HcHead, ins: &[u64], outs: &[u64]) -> Resu
     if m == 0 || d == 0 || rows == 0 {
         return Ok(());
     }
-    let (part, s) = mix_partials(dev, name, ins[0], ins[1], rows, m * d, m)?;
+    let (streams, ins, outs) = Streams::of(op.after_post, ins, outs);
+    let (part, s) = mix_partials(dev, name, &streams, ins[0], (rows, m, d), m)?;
     let (shared, stashed) = finish_smem(2 * m, m + 1, d);
     let args = [
         Arg::P(part.ptr()),
         i(name, "splits", s)?,
+        Arg::P(ins[1]),
         Arg::P(ins[2]),
-        Arg::P(ins[3]),
         i(name, "mult", m)?,
         l(m * d),
         Arg::F(op.hc_eps),
         Arg::F(op.norm_eps),
-        Arg::P(ins[0]),
-        Arg::P(ins[4]),
+        Arg::P(streams.x()),
+        Arg::P(ins[3]),
         Arg::I(stashed as i32),
         Arg::P(outs[0]),
     ];

@@ -36,7 +36,7 @@ pub mod sample;
 pub use attention::{SparseAttention, WindowStore};
 pub use compressor::Compressor;
 pub use embed::{Add, Embed, GatherRows, HcExpand};
-pub use hc::{HcHead, HcPost, HcPre};
+pub use hc::{hc_weights_at, HcHead, HcPost, HcPre};
 pub use indexer::IndexerTopK;
 pub use linear::{GroupedLinear, Linear, WeightFormat};
 pub use moe::{GateMode, MoeExperts, MoeGate, SwiGlu};
