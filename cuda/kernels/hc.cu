@@ -1,9 +1,10 @@
 // Manifold-constrained hyper-connections (hal::ops::hc).
 
 // HcPre / HcHead run as two kernels so that a few rows (decode) still fill the device:
-// hc_mix_partial (grid: rows × column splits) sums x² and the nm mixing dots over its columns;
+// hc_mix_partial (grid: rows × column splits) sums x² and the nm mixing dots over its columns
+// (hc_post_mix_partial first forms those columns from the last sub-layer's HcPost inputs);
 // hc_pre_finish / hc_head_finish (one block per row) add the splits (f64), form the mixing
-// logits and the weights (Sinkhorn for HcPre), and the merged row u = Σ_i p_i · X_i.
+// logits and the weights (Sinkhorn for HcPre), merge the row u = Σ_i p_i · X_i and norm it.
 
 // Terms a lane of warp_batched_sums loads before adding any: MIX_VALS sums (a warp's share of
 // V4's 24 mixes or 25 split sums, with 8 warps) × MIX_STEPS of its steps (a decode split has 128

@@ -135,7 +135,7 @@ impl<'a> Exec<'a> {
             Streams::AfterPost { f, x: x_prev, post, comb } => {
                 let mut x = self.new_f32(x_prev.shape())?;
                 let ins: Vec<&Tensor> = [&f, &x_prev, &post, &comb].into_iter().chain(weights.iter().copied()).collect();
-                let mut all: Vec<&mut Tensor> = std::iter::once(&mut x).chain(outs.into_iter().map(|t| t)).collect();
+                let mut all: Vec<&mut Tensor> = std::iter::once(&mut x).chain(outs).collect();
                 self.run(op, &ins, &mut all)?;
                 Ok(x)
             }

@@ -210,9 +210,9 @@ impl Model {
     }
 
     /// Embedding and every block on `rows` → the final streams `[rows, hc_mult, dim]`, with the
-    /// last HcPost pending (and each block's decisions when asked). Issues only `alloc` and `run`, so that it can be
-    /// recorded ([`crate::decode::DecodeStep`]) when `decisions` is false. Does not advance
-    /// the cache.
+    /// last HcPost pending (and each block's decisions when asked). Issues only `alloc` and
+    /// `run`, so that it can be recorded ([`crate::decode::DecodeStep`]) when `decisions` is
+    /// false. Does not advance the cache.
     pub(crate) fn trunk(&self, cache: &mut KvCache, rows: &Rows, decisions: bool) -> Result<(Streams, Vec<LayerDecisions>)> {
         let mut x = Streams::Ready(self.embed_streams(rows)?);
         let mut out = Vec::new();
