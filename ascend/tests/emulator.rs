@@ -127,8 +127,8 @@ fn hc_expand_add_gather_match_reference() {
 #[test]
 fn rms_norm_matches_reference() {
     let weight = |name: &str, n: usize, rng: &mut Rng| (name == "weight").then(|| f32_bytes(&(0..n).map(|_| 1.0 + 0.2 * rng.f32()).collect::<Vec<_>>()));
-    parity(Op::RmsNorm(RmsNorm { rows: 5, dim: 64, eps: 1e-6, weighted: true }), ELEMENTWISE, weight);
-    parity(Op::RmsNorm(RmsNorm { rows: 12, dim: 32, eps: 1e-6, weighted: false }), ELEMENTWISE, weight);
+    parity(Op::RmsNorm(RmsNorm { rows: 5, dim: 64, eps: 1e-6, weighted: true, rope: None }), ELEMENTWISE, weight);
+    parity(Op::RmsNorm(RmsNorm { rows: 12, dim: 32, eps: 1e-6, weighted: false, rope: None }), ELEMENTWISE, weight);
 }
 
 #[test]
@@ -161,7 +161,7 @@ fn rope_matches_reference() {
 fn zero_sized_ops_are_fine() {
     parity(Op::Add(Add { rows: 0, b_rows: 0, width: 8 }), 0.0, |_, _, _| None);
     parity(Op::Linear(Linear { rows: 2, in_features: 0, out_features: 3, format: WeightFormat::F32 }), 0.0, |_, _, _| None);
-    parity(Op::RmsNorm(RmsNorm { rows: 0, dim: 8, eps: 1e-6, weighted: true }), 0.0, |_, _, _| None);
+    parity(Op::RmsNorm(RmsNorm { rows: 0, dim: 8, eps: 1e-6, weighted: true, rope: None }), 0.0, |_, _, _| None);
 }
 
 #[test]
@@ -553,7 +553,7 @@ fn child_entry() {
             let x = be.upload(&[2, 4], DType::F32, &f32_bytes(&[1.0; 8])).unwrap();
             let w = be.upload(&[4], DType::F32, &f32_bytes(&[1.0; 4])).unwrap();
             let mut y = be.alloc(&[2, 4], DType::F32).unwrap();
-            let op = Op::RmsNorm(RmsNorm { rows: 2, dim: 4, eps: 1e-6, weighted: true });
+            let op = Op::RmsNorm(RmsNorm { rows: 2, dim: 4, eps: 1e-6, weighted: true, rope: None });
             match be.run(&op, &[&x, &w], &mut [&mut y]) {
                 Err(Error::OutOfMemory { .. }) => {}
                 other => panic!("expected OutOfMemory from the op's temporary, got {other:?}"),

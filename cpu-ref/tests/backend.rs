@@ -366,7 +366,7 @@ impl Storage for Foreign {
 #[test]
 fn foreign_tensors_shapes_and_overruns_are_errors() {
     let b = CpuBackend::new();
-    let op = Op::RmsNorm(RmsNorm { rows: 1, dim: 4, eps: 1e-6, weighted: false });
+    let op = Op::RmsNorm(RmsNorm { rows: 1, dim: 4, eps: 1e-6, weighted: false, rope: None });
     let foreign = Tensor::from_storage(Box::new(Foreign(vec![0; 16])), vec![1, 4], DType::F32);
     let mut y = b.alloc(&[1, 4], DType::F32).expect("alloc");
     invalid(b.run(&op, &[&foreign], &mut [&mut y]), "rms_norm input 'x'");
@@ -454,8 +454,8 @@ fn every_op(rows: usize) -> Vec<Op> {
         Op::HcPre(HcPre { rows, mult: 4, dim: 8, sinkhorn_iters: 20, hc_eps: 1e-6, norm_eps: 1e-6, after_post: false }),
         Op::HcPost(HcPost { rows, mult: 4, dim: 8 }),
         Op::HcHead(HcHead { rows, mult: 4, dim: 8, hc_eps: 1e-6, norm_eps: 1e-6, after_post: false }),
-        Op::RmsNorm(RmsNorm { rows, dim: 8, eps: 1e-6, weighted: true }),
-        Op::RmsNorm(RmsNorm { rows, dim: 8, eps: 1e-6, weighted: false }),
+        Op::RmsNorm(RmsNorm { rows, dim: 8, eps: 1e-6, weighted: true, rope: None }),
+        Op::RmsNorm(RmsNorm { rows, dim: 8, eps: 1e-6, weighted: false, rope: None }),
         Op::Linear(lin(WeightFormat::F32)),
         Op::Linear(lin(WeightFormat::Bf16)),
         Op::Linear(lin(WeightFormat::Fp8Block128)),

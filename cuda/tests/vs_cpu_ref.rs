@@ -295,7 +295,7 @@ fn cuda_matches_cpu_ref() {
     // ---- norm
     for weighted in [true, false] {
         let (rows, dim) = (6, 7168);
-        let op = Op::RmsNorm(RmsNorm { rows, dim, eps: 1e-6, weighted });
+        let op = Op::RmsNorm(RmsNorm { rows, dim, eps: 1e-6, weighted, rope: None });
         let mut ins = vec![tf(&[rows, dim], &rng.vf(rows * dim, 3.0))];
         if weighted {
             ins.push(tf(&[dim], &rng.vf(dim, 1.0)));

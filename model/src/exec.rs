@@ -168,11 +168,26 @@ impl<'a> Exec<'a> {
 
     /// RMSNorm of the rows of `x [rows, dim]`; `weight = None` is the weight-less rescale.
     pub fn rms_norm(&self, x: &Tensor, weight: Option<&Tensor>, eps: f32) -> Result<Tensor> {
+        self.rms_norm_with(x, weight, eps, None)
+    }
+
+    /// [`Exec::rms_norm`], then RoPE at `positions` (one per `rope.heads` rows) with `freqs`, and
+    /// with `rope.fp8_nope` the FP8 simulation of the values before the RoPE dims.
+    pub fn rms_norm_rope(&self, x: &Tensor, weight: Option<&Tensor>, eps: f32, rope: ops::NormRope, freqs: &Tensor, positions: &Tensor)
+        -> Result<Tensor> {
+        self.rms_norm_with(x, weight, eps, Some((rope, freqs, positions)))
+    }
+
+    fn rms_norm_with(&self, x: &Tensor, weight: Option<&Tensor>, eps: f32, rope: Option<(ops::NormRope, &Tensor, &Tensor)>)
+        -> Result<Tensor> {
         let (rows, dim) = (x.shape()[0], x.shape()[1]);
-        let op = ops::RmsNorm { rows, dim, eps, weighted: weight.is_some() };
+        let op = ops::RmsNorm { rows, dim, eps, weighted: weight.is_some(), rope: rope.map(|r| r.0) };
         let mut out = self.new_f32(&[rows, dim])?;
         let mut inputs = vec![x];
         inputs.extend(weight);
+        if let Some((_, freqs, positions)) = rope {
+            inputs.extend([freqs, positions]);
+        }
         self.run(Op::RmsNorm(op), &inputs, &mut [&mut out])?;
         Ok(out)
     }

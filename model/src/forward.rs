@@ -297,15 +297,12 @@ impl Model {
         // Query: low-rank, normed latent (shared with the indexer), per-head RMS rescale, RoPE.
         let latent = e.rms_norm(&e.linear(xn, &a.wq_a)?, Some(&a.q_norm), eps)?;
         let q = e.linear(&latent, &a.wq_b)?.reshape(vec![r * h, hd]);
-        let mut q = e.rms_norm(&q, None, eps)?.reshape(vec![r, h, hd]);
-        e.rope(&mut q, &a.freqs, &rows.positions, false)?;
+        let q_rope = ops::NormRope { heads: h, rope_dim: rd, fp8_nope: false };
+        let q = e.rms_norm_rope(&q, None, eps, q_rope, &a.freqs, &rows.positions)?.reshape(vec![r, h, hd]);
 
         // This call's window entries: normed, rotated, FP8-simulated on the non-rope dims.
-        let kv = e.rms_norm(&e.linear(xn, &a.wkv)?, Some(&a.kv_norm), eps)?.reshape(vec![r, 1, hd]);
-        let mut kv = kv;
-        e.rope(&mut kv, &a.freqs, &rows.positions, false)?;
-        let mut kv = kv.reshape(vec![r, hd]);
-        e.quant_sim(&mut kv, hd - rd, 64, QuantFormat::Fp8E4M3)?;
+        let kv_rope = ops::NormRope { heads: 1, rope_dim: rd, fp8_nope: true };
+        let kv = e.rms_norm_rope(&e.linear(xn, &a.wkv)?, Some(&a.kv_norm), eps, kv_rope, &a.freqs, &rows.positions)?;
 
         // Compressed entries finished by these rows become visible to them.
         if let (Some(cw), Some(cc)) = (&a.compressor, lc.compressor.as_mut()) {

@@ -91,7 +91,7 @@ use hal::dtype::{self, DType};
 use hal::ops::attention::CompressedKv;
 use hal::ops::{
     Access, Add, Compressor, Embed, GateMode, GatherRows, GroupedLinear, Hadamard, HcExpand, HcHead, HcPost, HcPre,
-    IndexerTopK, Linear, MoeExperts, MoeGate, QuantFormat, QuantSim, RmsNorm, Rope, SampleTokens, SparseAttention,
+    IndexerTopK, Linear, MoeExperts, MoeGate, NormRope, QuantFormat, QuantSim, RmsNorm, Rope, SampleTokens, SparseAttention,
     SwiGlu, WeightFormat, WindowStore,
 };
 use hal::ops::sample::{sample_key, sample_uniform};
@@ -394,7 +394,12 @@ pub fn variant(op: &Op) -> String {
         Op::Linear(l) => Some(fmt(l.format).into()),
         Op::GroupedLinear(g) => Some(fmt(g.format).into()),
         Op::MoeExperts(m) => Some(fmt(m.format).into()),
-        Op::RmsNorm(r) => Some(if r.weighted { "weighted" } else { "plain" }.into()),
+        Op::RmsNorm(r) => Some(match (r.weighted, r.rope) {
+            (_, Some(NormRope { fp8_nope: true, .. })) => "rope,fp8".into(),
+            (_, Some(_)) => "rope".into(),
+            (true, None) => "weighted".into(),
+            (false, None) => "plain".into(),
+        }),
         Op::Rope(r) => Some(if r.inverse { "inverse" } else { "forward" }.into()),
         Op::QuantSim(q) => Some(match q.format {
             QuantFormat::Fp8E4M3 => "e4m3".into(),
@@ -650,17 +655,38 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
             for weighted in [true, false] {
                 out.extend(randoms(r, |r| {
                     let (rows, dim, eps, sd) = draw(r, (1usize..=9, 1usize..=300, prop_oneof![Just(1e-6f32), Just(1e-5f32)], seed_s));
-                    Case::new(Op::RmsNorm(RmsNorm { rows, dim, eps, weighted }), "", sd)
+                    Case::new(Op::RmsNorm(RmsNorm { rows, dim, eps, weighted, rope: None }), "", sd)
                 }));
             }
-            out.push(Case::new(Op::RmsNorm(RmsNorm { rows: 1, dim: 130, eps: 1e-6, weighted: true }), "edge: one token", s(0)));
-            out.push(Case::new(Op::RmsNorm(RmsNorm { rows: 3, dim: 64, eps: 1e-6, weighted: true }), "edge: an all-zero row", s(1)).quant_edges());
+            out.push(Case::new(Op::RmsNorm(RmsNorm { rows: 1, dim: 130, eps: 1e-6, weighted: true, rope: None }), "edge: one token", s(0)));
+            out.push(Case::new(Op::RmsNorm(RmsNorm { rows: 3, dim: 64, eps: 1e-6, weighted: true, rope: None }), "edge: an all-zero row", s(1)).quant_edges());
+            // With RoPE (and the FP8 simulation of a KV entry): random heads, widths and positions.
+            for fp8_nope in [false, true] {
+                out.extend(randoms(r, |r| {
+                    let (tokens, heads, half_rope, nope_blocks, weighted, sd) =
+                        draw(r, (1usize..=6, 1usize..=8, 1usize..=48, 0usize..=4, any::<bool>(), seed_s));
+                    let rope_dim = 2 * half_rope;
+                    let mut rng = Rng::new(sd);
+                    let plan = random_plan(&mut rng, tokens, tokens, 1 << 17);
+                    let rope = Some(NormRope { heads, rope_dim, fp8_nope });
+                    let op = RmsNorm { rows: plan.rows() * heads, dim: rope_dim + 64 * nope_blocks, eps: 1e-6, weighted, rope };
+                    Case::new(Op::RmsNorm(op), "", sd).plan(plan)
+                }));
+            }
             for (i, (name, c)) in reals.iter().enumerate() {
                 let i = i as u64;
-                let w = |rows, dim, weighted| Op::RmsNorm(RmsNorm { rows, dim, eps: c.norm_eps, weighted });
+                let w = |rows, dim, weighted| Op::RmsNorm(RmsNorm { rows, dim, eps: c.norm_eps, weighted, rope: None });
                 out.push(Case::new(w(2, c.dim, true), format!("{name}: attn/ffn norm, dim {}", c.dim), s(10 + i)).large());
                 out.push(Case::new(w(2, c.q_lora_rank, true), format!("{name}: q_norm, {}", c.q_lora_rank), s(20 + i)).large());
                 out.push(Case::new(w(2 * c.n_heads, c.head_dim, false), format!("{name}: per-head query rescale, {} × {}", c.n_heads, c.head_dim), s(30 + i)).large());
+                let plan = RowPlan::decode(&[5, 70_000]);
+                let f4 = model::rope::layer_freqs(c, 4);
+                let (rd, hd, eps) = (c.rope_head_dim, c.head_dim, c.norm_eps);
+                let q = RmsNorm { rows: 2 * c.n_heads, dim: hd, eps, weighted: false, rope: Some(NormRope { heads: c.n_heads, rope_dim: rd, fp8_nope: false }) };
+                let label = format!("{name}: query rescale + RoPE, {} × {hd}", c.n_heads);
+                out.push(Case::new(Op::RmsNorm(q), label, s(40 + i)).plan(plan.clone()).freqs(f4.clone()).large());
+                let kv = RmsNorm { rows: 2, dim: hd, eps, weighted: true, rope: Some(NormRope { heads: 1, rope_dim: rd, fp8_nope: true }) };
+                out.push(Case::new(Op::RmsNorm(kv), format!("{name}: kv_norm + RoPE + FP8 window entry, {hd}"), s(50 + i)).plan(plan).freqs(f4).large());
             }
         }
         // ---- linear ----
@@ -1261,6 +1287,10 @@ fn build_data(case: &Case) -> CaseData {
             let mut ins = vec![f32t(&[o.rows, o.dim], &x)];
             if o.weighted {
                 ins.push(f32t(&[o.dim], &(0..o.dim).map(|_| rng.uniform(0.5, 1.5)).collect::<Vec<_>>()));
+            }
+            if let Some(r) = o.rope {
+                ins.push(f32t(&[r.rope_dim / 2], &freqs_for(r.rope_dim)));
+                ins.push(i32t(&[o.rows / r.heads], &plan().positions));
             }
             (ins, vec![None])
         }

@@ -456,7 +456,7 @@ pub fn supports(op: &Op, ops: &AclnnOps, profile: &SocProfile) -> Support {
         Op::HcExpand(_) => need(&[("InplaceCopy", ops.InplaceCopy.is_some())]),
         Op::Add(_) => need(&[("Add", ops.Add.is_some())]),
         Op::GatherRows(_) => need(&[("IndexSelect", ops.IndexSelect.is_some())]),
-        Op::RmsNorm(_) => need(&[("RmsNorm", ops.RmsNorm.is_some())]),
+        Op::RmsNorm(o) => norm::supports_rms_norm(o, ops),
         Op::Linear(l) => linear::supports_linear(l, ops, profile),
         Op::SwiGlu(s) => moe::supports_swiglu(s, ops),
         Op::Rope(_) => rope::supports_rope(ops),

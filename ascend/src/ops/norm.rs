@@ -5,7 +5,9 @@
 use hal::ops::RmsNorm;
 use hal::{DType, Result};
 
-use super::{Buf, Ctx, View};
+use super::{need, Buf, Ctx, View};
+use crate::sys::AclnnOps;
+use hal::backend::Support;
 
 /// The all-ones weight of width `dim`, uploaded on first use and kept by the backend.
 pub(crate) fn ones(cx: &mut Ctx<'_>, dim: usize) -> Result<Buf> {
@@ -20,13 +22,32 @@ pub(crate) fn ones(cx: &mut Ctx<'_>, dim: usize) -> Result<Buf> {
     Ok(b)
 }
 
-/// Op entry: [`RmsNorm`].
+/// Op entry: [`RmsNorm`], then its RoPE and FP8 simulation (the `Rope` and `QuantSim`
+/// compositions on the output).
 pub fn run_rms_norm(cx: &mut Ctx<'_>, op: &RmsNorm, ins: &[Buf], outs: &[Buf]) -> Result<()> {
     if op.rows == 0 || op.dim == 0 {
         return Ok(());
     }
     let gamma = if op.weighted { ins[1] } else { ones(cx, op.dim)? };
-    rms_norm_rows(cx, ins[0], gamma, outs[0], op.rows, op.dim, op.eps)
+    rms_norm_rows(cx, ins[0], gamma, outs[0], op.rows, op.dim, op.eps)?;
+    if let Some(rope) = op.rope_op() {
+        let at = 1 + op.weighted as usize;
+        super::rope::run_rope(cx, &rope, &ins[at..at + 2], outs)?;
+    }
+    match op.quant_op() {
+        Some(q) => super::quant::run_quant_sim(cx, &q, outs),
+        None => Ok(()),
+    }
+}
+
+/// What [`run_rms_norm`] needs: `aclnnRmsNorm`, and those of the RoPE and FP8 simulation.
+pub fn supports_rms_norm(op: &RmsNorm, ops: &AclnnOps) -> Support {
+    let parts = [
+        need(&[("RmsNorm", ops.RmsNorm.is_some())]),
+        if op.rope.is_some() { super::rope::supports_rope(ops) } else { Support::Yes },
+        if op.quant_op().is_some() { super::quant::supports_quant_sim(ops) } else { Support::Yes },
+    ];
+    parts.into_iter().find(|s| *s != Support::Yes).unwrap_or(Support::Yes)
 }
 
 /// `y = gamma ⊙ (x · rstd)` for the `rows` rows of width `dim` of `x` (f32 buffers): one

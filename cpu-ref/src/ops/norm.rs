@@ -4,6 +4,8 @@ use hal::ops::RmsNorm;
 use hal::Result;
 use rayon::prelude::*;
 
+use super::quant::run_quant_sim;
+use super::rope::run_rope;
 use super::PAR_MACS;
 use crate::device::CpuStorage;
 
@@ -32,20 +34,30 @@ pub fn rms_norm_row(x: &[f32], weight: Option<&[f32]>, eps: f32, y: &mut [f32]) 
     }
 }
 
-/// Op entry: [`RmsNorm`] of every row.
+/// Op entry: [`RmsNorm`] of every row, then its RoPE and FP8 simulation (the [`Rope`](hal::ops::Rope) and
+/// [`QuantSim`](hal::ops::QuantSim) entries on the output).
 pub fn run_rms_norm(op: &RmsNorm, ins: &[&CpuStorage], outs: &mut [&mut CpuStorage]) -> Result<()> {
     let x = ins[0].f32s();
     let w = op.weighted.then(|| ins[1].f32s());
-    let y = outs[0].f32s_mut();
     let d = op.dim;
     if d == 0 {
         return Ok(());
     }
-    let each = |(r, yr): (usize, &mut [f32])| rms_norm_row(&x[r * d..(r + 1) * d], w, op.eps, yr);
-    if x.len() < PAR_MACS {
-        y.chunks_exact_mut(d).enumerate().for_each(each);
-    } else {
-        y.par_chunks_exact_mut(d).enumerate().for_each(each);
+    {
+        let y = outs[0].f32s_mut();
+        let each = |(r, yr): (usize, &mut [f32])| rms_norm_row(&x[r * d..(r + 1) * d], w, op.eps, yr);
+        if x.len() < PAR_MACS {
+            y.chunks_exact_mut(d).enumerate().for_each(each);
+        } else {
+            y.par_chunks_exact_mut(d).enumerate().for_each(each);
+        }
+    }
+    if let Some(rope) = op.rope_op() {
+        let at = 1 + op.weighted as usize;
+        run_rope(&rope, &ins[at..at + 2], outs)?;
+    }
+    if let Some(q) = op.quant_op() {
+        run_quant_sim(&q, outs)?;
     }
     Ok(())
 }

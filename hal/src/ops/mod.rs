@@ -40,7 +40,7 @@ pub use hc::{hc_weights_at, HcHead, HcPost, HcPre};
 pub use indexer::IndexerTopK;
 pub use linear::{GroupedLinear, Linear, WeightFormat};
 pub use moe::{GateMode, MoeExperts, MoeGate, SwiGlu};
-pub use norm::RmsNorm;
+pub use norm::{NormRope, RmsNorm, NORM_FP8_BLOCK};
 pub use quant::{Hadamard, QuantFormat, QuantSim};
 pub use rope::Rope;
 pub use sample::SampleTokens;
@@ -206,6 +206,16 @@ impl Op {
             },
             Op::MoeExperts(m) if m.dim % 128 != 0 || m.inter % 128 != 0 => {
                 fail(format!("dim {} and inter {} must be multiples of 128", m.dim, m.inter))
+            }
+            Op::RmsNorm(RmsNorm { rows, dim, rope: Some(r), .. })
+                if r.heads == 0 || rows % r.heads != 0 || r.rope_dim % 2 != 0 || r.rope_dim > *dim || dim % 2 != 0 =>
+            {
+                fail(format!("rope: heads {} must divide rows {rows}; rope_dim {} must be even and ≤ the even dim {dim}", r.heads, r.rope_dim))
+            }
+            Op::RmsNorm(RmsNorm { dim, rope: Some(r @ NormRope { fp8_nope: true, .. }), .. })
+                if (dim - r.rope_dim) % NORM_FP8_BLOCK != 0 =>
+            {
+                fail(format!("dim − rope_dim = {} must be a multiple of the {NORM_FP8_BLOCK}-wide FP8 blocks", dim - r.rope_dim))
             }
             Op::Rope(r) if r.rope_dim % 2 != 0 || r.rope_dim > r.head_dim => {
                 fail(format!("rope_dim {} must be even and ≤ head_dim {}", r.rope_dim, r.head_dim))
