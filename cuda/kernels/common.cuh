@@ -241,7 +241,7 @@ __device__ __forceinline__ i64 warp_min_i64(i64 v) {
 
 // The RMSNorm factor fl32(1 / sqrt(fl32(ss / n) + eps)) from a row's f64 sum of squares `ss` over
 // n elements: the mean rounded to f32, + eps in f32, the reciprocal square root rounded once
-// (RmsNorm, and ρ of the mHC mixes).
+// (RmsNorm, ρ of the mHC mixes, the compressor's entry norm).
 __device__ __forceinline__ float rms_from_sum(double ss, i64 n, float eps) {
     float ms = (float)(ss / (double)n);
     return (float)(1.0 / sqrt((double)(ms + eps)));
@@ -536,6 +536,20 @@ __device__ __forceinline__ void rope_cs(float posf, float freq, float* c, float*
     float theta = posf * freq;
     *c = (float)cos((double)theta);
     *s = (float)sin((double)theta);
+}
+
+// One interleaved RoPE pair (a, b) rotated by (c, s): forward (a·c − b·s, a·s + b·c), inverse
+// the conjugate (a·c + b·s, b·c − a·s), each term rounded in f32 (Rope, RmsNorm's RoPE, the
+// compressor's entries).
+__device__ __forceinline__ void rope_rotate(float* a, float* b, float c, float s, bool inverse) {
+    float x = *a, y = *b;
+    if (inverse) {
+        *a = x * c + y * s;
+        *b = y * c - x * s;
+    } else {
+        *a = x * c - y * s;
+        *b = x * s + y * c;
+    }
 }
 
 // ---- weight-format dot products (Linear, GroupedLinear, MoE experts) -----------------------

@@ -119,9 +119,7 @@ __device__ __forceinline__ void comp_emit_rows(const float* kv, const float* sco
     // RMSNorm ⊙ norm_w.
     double ss = 0.0;
     for (i64 c = threadIdx.x; c < width; c += blockDim.x) ss += (double)e[c] * (double)e[c];
-    ss = block_sum_d(ss, red);
-    float ms = (float)(ss / (double)width);
-    float f = (float)(1.0 / sqrt((double)(ms + norm_eps)));
+    float f = rms_from_sum(block_sum_d(ss, red), width, norm_eps);
     for (i64 c = threadIdx.x; c < width; c += blockDim.x) e[c] = norm_w[c] * (e[c] * f);
     __syncthreads();
     // Forward RoPE of the last rope_dim dims at position j·ratio.
@@ -129,9 +127,7 @@ __device__ __forceinline__ void comp_emit_rows(const float* kv, const float* sco
     for (i64 i = threadIdx.x; i < rope_dim / 2; i += blockDim.x) {
         float cs, sn;
         rope_cs((float)jr, freqs[i], &cs, &sn);
-        float x0 = e[nope + 2 * i], x1 = e[nope + 2 * i + 1];
-        e[nope + 2 * i] = x0 * cs - x1 * sn;
-        e[nope + 2 * i + 1] = x0 * sn + x1 * cs;
+        rope_rotate(&e[nope + 2 * i], &e[nope + 2 * i + 1], cs, sn, false);
     }
     __syncthreads();
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;

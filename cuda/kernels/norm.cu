@@ -59,7 +59,7 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* y, i6
 
 // RmsNorm with `rope` (hal::ops::norm), one block per row of dim (even) values, a thread per pair
 // (2p, 2p + 1): y = w ⊙ (x · r) as rms_norm computes it; then, for the pairs in the last rd
-// values, the forward RoPE at the position of the row's token (rope's formula; a negative
+// values, the forward RoPE at the position of the row's token (rope_rotate; a negative
 // position was reported by check_range and leaves the pair unrotated, as in rope); then, with
 // fp8_nope, the e4m3 simulation of the first dim − rd values in blocks of 64 (quant_rows' scale
 // and rounding). 32 consecutive pairs are one warp and one block of 64, so the block's amax is a
@@ -101,9 +101,7 @@ extern "C" __global__ void rms_norm_rope(const float* x, const float* w, float* 
         if (in && 2 * p >= nope && at >= 0) {
             float c, s;
             rope_cs((float)at, freqs[p - nope / 2], &c, &s);
-            float a2 = a * c - b * s;
-            b = a * s + b * c;
-            a = a2;
+            rope_rotate(&a, &b, c, s, false);
         } else if (fp8_nope && 2 * p0 < nope) {
             float sc = quant_scale(warp_max_f(fmaxf(fabsf(a), fabsf(b))), FMT_FP8);
             a = quant_value(a, sc, FMT_FP8);

@@ -15,13 +15,6 @@ extern "C" __global__ void rope(const float* freqs, const int* pos, float* x, i6
         float c, s;
         rope_cs((float)p, freqs[i], &c, &s);
         float* pair = x + rh * hd + nope + 2 * i;
-        float a = pair[0], b = pair[1];
-        if (inverse) {
-            pair[0] = a * c + b * s;
-            pair[1] = b * c - a * s;
-        } else {
-            pair[0] = a * c - b * s;
-            pair[1] = a * s + b * c;
-        }
+        rope_rotate(pair, pair + 1, c, s, inverse != 0);
     }
 }

@@ -31,7 +31,7 @@ pub fn run_rms_norm(cx: &mut Ctx<'_>, op: &RmsNorm, ins: &[Buf], outs: &[Buf]) -
     let gamma = if op.weighted { ins[1] } else { ones(cx, op.dim)? };
     rms_norm_rows(cx, ins[0], gamma, outs[0], op.rows, op.dim, op.eps)?;
     if let Some(rope) = op.rope_op() {
-        let at = 1 + op.weighted as usize;
+        let at = op.rope_inputs_at();
         super::rope::run_rope(cx, &rope, &ins[at..at + 2], outs)?;
     }
     match op.quant_op() {

@@ -53,7 +53,7 @@ pub fn run_rms_norm(op: &RmsNorm, ins: &[&CpuStorage], outs: &mut [&mut CpuStora
         }
     }
     if let Some(rope) = op.rope_op() {
-        let at = 1 + op.weighted as usize;
+        let at = op.rope_inputs_at();
         run_rope(&rope, &ins[at..at + 2], outs)?;
     }
     if let Some(q) = op.quant_op() {

@@ -14,7 +14,8 @@ pub(crate) fn rms_norm(dev: &Dev, op: &RmsNorm, ins: &[u64], outs: &[u64]) -> Re
     }
     let w = if op.weighted { ins[1] } else { 0 };
     if let Some(r) = op.rope {
-        let (freqs, positions) = (ins[1 + op.weighted as usize], ins[2 + op.weighted as usize]);
+        let at = op.rope_inputs_at();
+        let (freqs, positions) = (ins[at], ins[at + 1]);
         check_range(dev, "norm", "rms_norm", positions, op.rows / r.heads, 1i64 << 31, E_POS_NEG)?;
         let args = [
             Arg::P(ins[0]),

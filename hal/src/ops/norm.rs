@@ -72,8 +72,8 @@ impl RmsNorm {
         })
     }
 
-    /// The same norm without its RoPE and FP8 simulation.
-    pub fn norm_only(&self) -> RmsNorm {
-        RmsNorm { rope: None, ..self.clone() }
+    /// The position of the `freqs` input (`positions` follows it): after `x` and the weight.
+    pub fn rope_inputs_at(&self) -> usize {
+        1 + self.weighted as usize
     }
 }
