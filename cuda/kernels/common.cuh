@@ -441,18 +441,16 @@ __device__ void dot_tile_f64(const float* x, int xr, const float* w, int wr, i64
 // ---- block quantization (act_quant / QuantSim), in place or out of place ---------------------
 
 // One warp per (row, block) of `block` values among the first `qdims` of each row (a short last
-// block is its own block), grid-stride: put(i, x, s) receives element i = row·dim + column, its
-// value x and its block's scale s (quant_value(x, s, fmt) is the quantize-dequantized value);
-// lane 0 then calls at_block(row, block index, s).
+// block is its own block), warps gw0, gw0 + stride, ...: put(i, x, s) receives element i =
+// row·dim + column, its value x and its block's scale s (quant_value(x, s, fmt) is the
+// quantize-dequantized value); lane 0 then calls at_block(row, block index, s).
 template <typename Put, typename AtBlock>
-__device__ __forceinline__ void quant_row_blocks(const float* src, i64 rows, i64 dim, i64 qdims, int block, int fmt,
-                                                 Put put, AtBlock at_block) {
+__device__ __forceinline__ void quant_row_blocks_by(const float* src, i64 rows, i64 dim, i64 qdims, int block, int fmt,
+                                                    i64 gw0, i64 stride, Put put, AtBlock at_block) {
     int lane = threadIdx.x & 31;
     i64 nb = (qdims + block - 1) / block;
     i64 warps = rows * nb;
-    i64 gw = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    i64 stride = ((i64)gridDim.x * blockDim.x) >> 5;
-    for (; gw < warps; gw += stride) {
+    for (i64 gw = gw0; gw < warps; gw += stride) {
         i64 r = gw / nb, b = gw % nb;
         i64 start = b * block;
         i64 len = qdims - start < block ? qdims - start : block;
@@ -464,6 +462,14 @@ __device__ __forceinline__ void quant_row_blocks(const float* src, i64 rows, i64
         for (i64 i = lane; i < len; i += 32) put(r * dim + start + i, xs[i], s);
         if (lane == 0) at_block(r, b, s);
     }
+}
+
+// quant_row_blocks_by over the warps of the whole grid (grid-stride).
+template <typename Put, typename AtBlock>
+__device__ __forceinline__ void quant_row_blocks(const float* src, i64 rows, i64 dim, i64 qdims, int block, int fmt,
+                                                 Put put, AtBlock at_block) {
+    quant_row_blocks_by(src, rows, dim, qdims, block, fmt, ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5,
+                        ((i64)gridDim.x * blockDim.x) >> 5, put, at_block);
 }
 
 // quant_row_blocks into dst, which may equal src. Values past qdims are copied when dst != src.

@@ -81,16 +81,15 @@ extern "C" __global__ void gate_scores(const float* x, const float* gw, i64 rows
     }
 }
 
-// One warp per row: expert set (scored: top-k of s + bias by total order, ties lower e first;
-// hashed: tid2eid[ids[r]]), then weights route_scale · s_e / Σ s (sum in f64, rounded once).
-extern "C" __global__ void gate_select(const float* s, const float* bias, const int* tid2eid, const int* ids,
-                                       i64 rows, int experts, int k, i64 vocab, int hashed, float route_scale,
-                                       int* out_e, float* out_w, const i64* err) {
-    grid_dep_begin();
-    if (err[0] != 0) return;
+// Expert set and weights of rows r0, r0 + stride, ..., one warp each (scored: top-k of s + bias by
+// total order, ties lower e first; hashed: tid2eid[ids[r]]), then weights route_scale · s_e / Σ s
+// (sum in f64, rounded once). Rows with a bad hashed id or table entry are left alone (the check
+// reports them).
+__device__ __forceinline__ void gate_select_rows(const float* s, const float* bias, const int* tid2eid, const int* ids,
+                                                 i64 rows, int experts, int k, i64 vocab, int hashed,
+                                                 float route_scale, int* out_e, float* out_w, i64 r0, i64 stride) {
     int lane = threadIdx.x & 31;
-    i64 stride = ((i64)gridDim.x * blockDim.x) >> 5;
-    for (i64 r = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows; r += stride) {
+    for (i64 r = r0; r < rows; r += stride) {
         const float* sr = s + r * experts;
         int* er = out_e + r * k;
         if (hashed) {
@@ -133,12 +132,20 @@ extern "C" __global__ void gate_select(const float* s, const float* bias, const 
     }
 }
 
-// One block. Hashed-gate argument check: token id range, then tid2eid entries (lowest row).
-extern "C" __global__ void __launch_bounds__(1024) check_gate_hashed(const int* ids, const int* tid2eid, i64 rows, int k, i64 vocab,
-                                             int experts, int op, i64* err) {
+// One warp per row (gate_select_rows), grid-stride.
+extern "C" __global__ void gate_select(const float* s, const float* bias, const int* tid2eid, const int* ids,
+                                       i64 rows, int experts, int k, i64 vocab, int hashed, float route_scale,
+                                       int* out_e, float* out_w, const i64* err) {
     grid_dep_begin();
-    __shared__ i64 sh[32];
     if (err[0] != 0) return;
+    gate_select_rows(s, bias, tid2eid, ids, rows, experts, k, vocab, hashed, route_scale, out_e, out_w,
+                     ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5, ((i64)gridDim.x * blockDim.x) >> 5);
+}
+
+// Hashed-gate argument check by the whole block: token id range, then tid2eid entries (lowest
+// row).
+__device__ void gate_hashed_check(const int* ids, const int* tid2eid, i64 rows, int k, i64 vocab, int experts, int op,
+                                  i64* err, i64* sh) {
     i64 m = ROW_NONE;
     for (i64 r = threadIdx.x; r < rows; r += blockDim.x) {
         i64 id = ids[r];
@@ -161,6 +168,32 @@ extern "C" __global__ void __launch_bounds__(1024) check_gate_hashed(const int* 
             }
         }
     }
+}
+
+// One block.
+extern "C" __global__ void __launch_bounds__(1024) check_gate_hashed(const int* ids, const int* tid2eid, i64 rows, int k, i64 vocab,
+                                             int experts, int op, i64* err) {
+    grid_dep_begin();
+    __shared__ i64 sh[32];
+    if (err[0] != 0) return;
+    gate_hashed_check(ids, tid2eid, rows, k, vocab, experts, op, err, sh);
+}
+
+// Two blocks, for few rows of a hashed gate (a decode step): block 0 runs check_gate_hashed and
+// block 1 gate_select with a warp per row, side by side in one launch instead of two kernels one
+// after the other. The selection skips the rows that the check reports (gate_select_rows).
+extern "C" __global__ void __launch_bounds__(1024) gate_select_checked(const float* s, const int* tid2eid, const int* ids,
+                                                                      i64 rows, int experts, int k, i64 vocab,
+                                                                      float route_scale, int op, int* out_e,
+                                                                      float* out_w, i64* err) {
+    grid_dep_begin();
+    __shared__ i64 sh[32];
+    if (err[0] != 0) return;
+    if (blockIdx.x == 0)
+        gate_hashed_check(ids, tid2eid, rows, k, vocab, experts, op, err, sh);
+    else
+        gate_select_rows(s, nullptr, tid2eid, ids, rows, experts, k, vocab, 1, route_scale, out_e, out_w,
+                         threadIdx.x >> 5, blockDim.x >> 5);
 }
 
 // One block. Routed-experts argument check: each entry in range (list order), then no repeats
@@ -220,13 +253,23 @@ extern "C" __global__ void moe_route(const int* ex, i64 rows, int k, int experts
         route_pair(p, ex, rows, k, experts, cnt, list, order, active);
 }
 
-// One block, for few pairs (a decode step): check_experts, the zeroing of cnt and moe_route in
-// one launch instead of three nodes. Routes nothing when a row is bad (the error is recorded).
+// Block 0, for few pairs (a decode step): check_experts, the zeroing of cnt and moe_route in one
+// launch instead of three nodes. Routes nothing when a row is bad (the error is recorded). A
+// second block, where the grid has one, act_quants the input rows x [rows, dim] into xq at the
+// same time (quant_rows' values, blocks of qblock, a warp per block): the experts' input, without
+// a kernel of its own.
 extern "C" __global__ void __launch_bounds__(1024) moe_route_checked(const int* ex, i64 rows, int k, int experts,
                                                                     int op, int* cnt, int* list, int* order,
-                                                                    int* active, i64* err) {
+                                                                    int* active, i64* err, const float* x, float* xq,
+                                                                    i64 dim, int qblock) {
     grid_dep_begin();
     __shared__ i64 sh[32];
+    if (blockIdx.x == 1) {
+        quant_row_blocks_by(x, rows, dim, dim, qblock, FMT_FP8, threadIdx.x >> 5, blockDim.x >> 5,
+                            [&](i64 i, float v, float s) { xq[i] = quant_value(v, s, FMT_FP8); },
+                            [](i64, i64, float) {});
+        return;
+    }
     if (err[0] != 0 || !experts_valid(ex, rows, k, experts, op, err, sh)) return;
     for (int e = threadIdx.x; e <= experts; e += blockDim.x) cnt[e] = 0;
     __syncthreads();

@@ -19,13 +19,16 @@ use super::linear::{
     feature_blocks, format_code, mma_k_split, stages_x, tc_fits, tc_split, tc_stage_bytes, ACT_BLOCK, FEATURES_PER_STEP, ROWS_PER_PASS, TC_FEATURES,
     MMA_ROWS, TC_MIN_ROWS, TC_ROWS,
 };
-use super::quant::{act_quant, act_quant_into, codes_scales_offset, ActForm};
+use super::quant::{act_quant, act_quant_into, codes_scales_offset, ActForm, ActQuantTarget};
 use super::{check_threads, grid_for, i, l, launch, op_id, Arg, BLOCK, DOT_ROWS};
 use crate::device::Dev;
 
 const FAMILY: &str = "moe";
 /// Most (row, expert) pairs routed by the one-block `moe_route_checked`.
 const ROUTE_CHECKED_PAIRS: usize = 1024;
+/// Most FP8 blocks (rows × blocks of a row) of input that `moe_route_checked` act_quants in its
+/// second block (two a warp at 1024 threads): a decode step's row or two.
+const ROUTE_QUANT_BLOCKS: usize = 64;
 /// Bytes of the per-chunk pair scratch (h, h̃, expert outputs) beyond which rows are chunked:
 /// a 4096-token prefill chunk of V4-Flash (six pairs a row) fits in one. Every chunk streams all
 /// the experts' weights once more, and a smaller one fills the tensor-core pair tiles less.
@@ -51,7 +54,8 @@ pub(crate) fn swiglu(dev: &Dev, op: &SwiGlu, ins: &[u64], outs: &[u64]) -> Resul
 }
 
 /// [`MoeGate`]: scores (one warp per row and expert), then selection and weights (one warp per
-/// row). Hashed ids and table entries are checked on the device.
+/// row). Hashed ids and table entries are checked on the device, for a few rows (a decode step)
+/// beside the selection, in a second block of its launch (`gate_select_checked`).
 pub(crate) fn moe_gate(dev: &Dev, op: &MoeGate, ins: &[u64], outs: &[u64]) -> Result<()> {
     let name = "moe_gate";
     let (rows, d, e_n, k) = (op.rows, op.dim, op.experts, op.topk);
@@ -64,7 +68,9 @@ pub(crate) fn moe_gate(dev: &Dev, op: &MoeGate, ins: &[u64], outs: &[u64]) -> Re
     };
     let experts_i = i(name, "experts", e_n)?;
     let k_i = i(name, "topk", k)?;
-    if hashed == 1 && rows > 0 {
+    // Rows a warp each in one block: the selection checks a hashed gate itself.
+    let select_checks = hashed == 1 && k > 0 && rows * 32 <= 1024;
+    if hashed == 1 && rows > 0 && !select_checks {
         let args = [Arg::P(ids), Arg::P(tid2eid), l(rows), k_i, l(vocab), experts_i, Arg::I(op_id(name)), Arg::P(dev.err_ptr)];
         launch(dev, FAMILY, "check_gate_hashed", (1, 1, 1), check_threads(rows), 0, &args)?;
     }
@@ -90,6 +96,23 @@ pub(crate) fn moe_gate(dev: &Dev, op: &MoeGate, ins: &[u64], outs: &[u64]) -> Re
         let per_block = BLOCK as usize / 32 / parts;
         let args = [Arg::P(ins[0]), Arg::P(ins[1]), l(rows), l(d), l(e_n), Arg::I(parts as i32), Arg::P(sp)];
         launch(dev, FAMILY, "gate_scores", (grid_for(dots, per_block as u32), 1, 1), BLOCK, 0, &args)?;
+    }
+    if select_checks {
+        let args = [
+            Arg::P(sp),
+            Arg::P(tid2eid),
+            Arg::P(ids),
+            l(rows),
+            experts_i,
+            k_i,
+            l(vocab),
+            Arg::F(op.route_scale),
+            Arg::I(op_id(name)),
+            Arg::P(outs[0]),
+            Arg::P(outs[1]),
+            Arg::P(dev.err_ptr),
+        ];
+        return launch(dev, FAMILY, "gate_select_checked", (2, 1, 1), check_threads(rows * 32), 0, &args);
     }
     let args = [
         Arg::P(sp),
@@ -158,17 +181,6 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
         let n = chunk.min(rows - r0);
         let pairs = n * k;
         let ex_c = ex + (r0 * k * 4) as u64;
-        if checked_route {
-            let args =
-                [Arg::P(ex_c), l(n), k_i, e_i, Arg::I(op_id(name)), Arg::P(cp), Arg::P(lp), Arg::P(op_), Arg::P(ap), Arg::P(dev.err_ptr)];
-            launch(dev, FAMILY, "moe_route_checked", (1, 1, 1), BLOCK, 0, &args)?;
-        } else {
-            dev.zero(cp, (e_n + 1) * 4)?;
-            let args = [Arg::P(ex_c), l(n), k_i, e_i, Arg::P(cp), Arg::P(lp), Arg::P(op_), Arg::P(ap), Arg::P(dev.err_ptr)];
-            if pairs > 0 {
-                launch(dev, FAMILY, "moe_route", (grid_for(pairs, BLOCK), 1, 1), BLOCK, 0, &args)?;
-            }
-        }
         // Grid: output features × (at most) the experts in use × pair tiles; blocks past the
         // number of experts in use, or past their expert's pairs, return at once.
         let used = e_n.min(pairs) as u32;
@@ -226,7 +238,42 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
         } else {
             ActForm::F32
         };
-        let (xq, _held) = if quantize { act_quant(dev, FAMILY, x_c, n, d, ACT_BLOCK, form)? } else { (x_c, None) };
+        // A few rows (decode) for the CUDA-core kernels: the routing kernel act_quants them too.
+        let route_quant = checked_route && quantize && form == ActForm::F32 && n * d.div_ceil(ACT_BLOCK) <= ROUTE_QUANT_BLOCKS;
+        let target = if route_quant { Some(ActQuantTarget::of(dev, x_c, n, d, ACT_BLOCK)?) } else { None };
+        if checked_route {
+            let (qx, qdst) = target.as_ref().map_or((0, 0), |t| (t.source(x_c), t.ptr()));
+            let args = [
+                Arg::P(ex_c),
+                l(n),
+                k_i,
+                e_i,
+                Arg::I(op_id(name)),
+                Arg::P(cp),
+                Arg::P(lp),
+                Arg::P(op_),
+                Arg::P(ap),
+                Arg::P(dev.err_ptr),
+                Arg::P(qx),
+                Arg::P(qdst),
+                l(d),
+                Arg::I(ACT_BLOCK as i32),
+            ];
+            // A second block quantizes, with a warp per FP8 block of the input.
+            let (blocks, threads) = if qx != 0 { (2, check_threads(n * d.div_ceil(ACT_BLOCK) * 32).max(BLOCK)) } else { (1, BLOCK) };
+            launch(dev, FAMILY, "moe_route_checked", (blocks, 1, 1), threads, 0, &args)?;
+        } else {
+            dev.zero(cp, (e_n + 1) * 4)?;
+            let args = [Arg::P(ex_c), l(n), k_i, e_i, Arg::P(cp), Arg::P(lp), Arg::P(op_), Arg::P(ap), Arg::P(dev.err_ptr)];
+            if pairs > 0 {
+                launch(dev, FAMILY, "moe_route", (grid_for(pairs, BLOCK), 1, 1), BLOCK, 0, &args)?;
+            }
+        }
+        let (xq, _held) = match target {
+            Some(t) => (t.ptr(), t.issued(dev, x_c, n, d, ACT_BLOCK)),
+            None if quantize => act_quant(dev, FAMILY, x_c, n, d, ACT_BLOCK, form)?,
+            None => (x_c, None),
+        };
         // The tensor-core one-pair kernels' trailing arguments: the input's scales and the split.
         let fp4_extra = |codes: u64, rows: usize, width: usize, split: usize| {
             [Arg::P(codes + codes_scales_offset(rows, width) as u64), Arg::I(split as i32)]
