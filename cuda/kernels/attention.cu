@@ -372,14 +372,16 @@ __device__ __forceinline__ void sparse_attn_rows(const float* q, const float* kv
 
 // sparse_attn (f32 cache) and sparse_attn_bf16 (bf16 ring and compressed entries): one entry point
 // per cache type, each compiled (registers included) for its own instantiation; the host picks one
-// (ops::cache_kernel).
+// (ops::cache_kernel). A block bounds its row's slot and position, and attn_key each index, so the
+// row check may run beside it (ROWS_CHECK_BLOCK).
 #define SPARSE_ATTN_KERNEL(NAME, C)                                                                                  \
     extern "C" __global__ void NAME(const float* q, const float* kv, const C* ring, const float* sink,               \
                                     const int* slots, const int* pos, const C* comp, const int* idx, i64 heads,      \
                                     i64 d, int num_slots, i64 window, int mode, i64 ratio, i64 cap, int topk,         \
-                                    float scale, float* out, const i64* err, int splits, float* pm, double* pden,    \
-                                    double* pacc, int in_regs) {                                                     \
+                                    float scale, float* out, i64* err, int splits, float* pm, double* pden,          \
+                                    double* pacc, int in_regs, ROWS_CHECK_PARAMS) {                                  \
         grid_dep_begin();                                                                                            \
+        ROWS_CHECK_BLOCK(slots, pos, num_slots, err)                                                                 \
         sparse_attn_rows(q, kv, ring, sink, slots, pos, comp, idx, heads, d, num_slots, window, mode, ratio, cap,     \
                          topk, scale, out, err, splits, pm, pden, pacc, in_regs);                                    \
     }

@@ -343,11 +343,10 @@ __device__ int extra_error(int mode, const int* pos, int r, i64 a, i64 b, const 
     return 0;
 }
 
-// One block. Reports the lowest row breaking the convention; if none, the lowest row failing the
-// op's extra check (the order in which cpu-ref finds them).
-extern "C" __global__ void __launch_bounds__(1024) check_rows(const int* slots, const int* pos, int rows, int num_slots, int op, int mode,
-                                      i64 a, i64 b, const int* idx, int idx_cols, i64* err) {
-    grid_dep_begin();
+// By one block: reports the lowest row breaking the convention; if none, the lowest row failing
+// the op's extra check (the order in which cpu-ref finds them).
+__device__ void check_rows_block(const int* slots, const int* pos, int rows, int num_slots, int op, int mode, i64 a,
+                                 i64 b, const int* idx, int idx_cols, i64* err) {
     __shared__ i64 sh[32];
     if (err[0] != 0) return;
     i64 m0 = ROW_NONE, m1 = ROW_NONE;
@@ -381,6 +380,27 @@ extern "C" __global__ void __launch_bounds__(1024) check_rows(const int* slots, 
         }
     }
 }
+
+extern "C" __global__ void __launch_bounds__(1024) check_rows(const int* slots, const int* pos, int rows, int num_slots, int op, int mode,
+                                      i64 a, i64 b, const int* idx, int idx_cols, i64* err) {
+    grid_dep_begin();
+    check_rows_block(slots, pos, rows, num_slots, op, mode, a, b, idx, idx_cols, err);
+}
+
+// The same check as one more block of the kernel it guards, when that kernel only reads the
+// cache and its other blocks bound every slot, position and index they use themselves, so that
+// it need not wait for the check: such a kernel takes ROWS_CHECK_PARAMS last and begins with
+// ROWS_CHECK_BLOCK, which runs the check in the last x block of its grid (for y = z = 0) and
+// returns there (chk_rows 0: no check, no extra block). Its error word is `i64* err`. A bad row is reported as by check_rows;
+// the kernels after this one see the error and do nothing, as after check_rows.
+#define ROWS_CHECK_PARAMS int chk_rows, int chk_op, int chk_mode, i64 chk_a, i64 chk_b, const int *chk_idx, int chk_cols
+#define ROWS_CHECK_BLOCK(slots, pos, num_slots, err)                                                             \
+    if (chk_rows > 0 && blockIdx.x == gridDim.x - 1) {                                                          \
+        if (blockIdx.y == 0 && blockIdx.z == 0)                                                                 \
+            check_rows_block(slots, pos, chk_rows, num_slots, chk_op, chk_mode, chk_a, chk_b, chk_idx, chk_cols, \
+                             err);                                                                              \
+        return;                                                                                                 \
+    }
 
 // One block. Reports the lowest i with v[i] outside [0, bound) as `code` (v0 = value, v1 = bound).
 extern "C" __global__ void __launch_bounds__(1024) check_range(const int* vals, i64 n, i64 bound, int op, int code, i64* err) {

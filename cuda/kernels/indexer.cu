@@ -374,11 +374,14 @@ __device__ __forceinline__ void topk_write(const u64* sel, int m, int k, const f
 }
 
 // One block (1024 threads) per row r = r0 + blockIdx.x: the top min(k, n) of the row's scores.
-// Dynamic shared memory: P u64 with P = the power of two ≥ min(k, cap) (host-sized).
+// Dynamic shared memory: P u64 with P = the power of two ≥ min(k, cap) (host-sized). A block
+// bounds its row's slot, position and visible entries (topk_visible), as the score kernels do, so
+// the op's row check may run beside it (ROWS_CHECK_BLOCK).
 extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* scores, const int* slots, const int* pos, i64 r0, i64 cap,
                                      i64 ratio, int num_slots, int k, int* out_idx, float* out_score,
-                                     const i64* err) {
+                                     i64* err, ROWS_CHECK_PARAMS) {
     grid_dep_begin();
+    ROWS_CHECK_BLOCK(slots, pos, num_slots, err)
     extern __shared__ u64 sel[];
     __shared__ TopkShared sh;
     if (err[0] != 0) return;

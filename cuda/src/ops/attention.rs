@@ -5,7 +5,7 @@ use hal::ops::attention::CompressedKv;
 use hal::ops::{SparseAttention, WindowStore};
 use hal::{Error, Result};
 
-use super::{cache_kernel, check_rows, grid_for, i, l, launch, smem, Arg, BLOCK, CHECK_INDICES, CHECK_NONE, CHECK_SEES};
+use super::{cache_kernel, check_rows, grid_for, i, l, launch, row_check, smem, Arg, BLOCK, CHECK_INDICES, CHECK_NONE, CHECK_SEES, NO_ROWS_CHECK};
 use crate::device::Dev;
 
 const FAMILY: &str = "attention";
@@ -74,9 +74,11 @@ pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], out
     if mode == 1 && ratio == 0 {
         return Err(Error::invalid(name, "compressed ratio must be > 0"));
     }
-    check_rows(dev, FAMILY, name, ins[4], ins[5], op.rows, op.slots, check, a, b, idx, topk)?;
+    // The row check runs beside the attention, as one more block of its launch (the kernel bounds
+    // what it reads itself); with nothing to attend, as a kernel of its own.
+    let row_check = row_check(dev, name, ins[4], ins[5], op.rows, op.slots, check, a, b, idx, topk)?;
     if h == 0 || d == 0 || op.rows == 0 {
-        return Ok(());
+        return row_check.map_or(Ok(()), |c| c.launch(dev, FAMILY));
     }
     // Heads per block (one warp each), as many as the shared memory holds.
     let mut hg = HEADS_PER_BLOCK.min(h);
@@ -130,8 +132,13 @@ pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], out
     let shared = if in_regs { 0 } else { smem_for(d, hg) };
     let mut args = args.to_vec();
     args.extend([i(name, "splits", splits)?, Arg::P(pm), Arg::P(pden), Arg::P(pacc), Arg::I(in_regs as i32)]);
+    args.extend(row_check.as_ref().map_or(NO_ROWS_CHECK, |c| c.params()));
     let kernel = cache_kernel(op.cache_dtype, "sparse_attn", "sparse_attn_bf16");
-    launch(dev, FAMILY, kernel, (blocks, splits as u32, 1), 32 * hg as u32, smem(shared), &args)?;
+    let grid_x = blocks.checked_add(row_check.is_some() as u32).ok_or_else(|| Error::invalid(name, "rows × heads exceeds 2^32"))?;
+    launch(dev, FAMILY, kernel, (grid_x, splits as u32, 1), 32 * hg as u32, smem(shared), &args)?;
+    if let Some(c) = row_check {
+        c.issued(dev);
+    }
     if splits > 1 {
         let args = [
             Arg::P(ins[3]),

@@ -4,7 +4,7 @@
 use hal::ops::IndexerTopK;
 use hal::{Error, Result};
 
-use super::{cache_kernel, check_rows, grid_for, i, l, launch, smem, Arg, BLOCK, CHECK_SEES};
+use super::{cache_kernel, grid_for, i, l, launch, row_check, smem, Arg, BLOCK, CHECK_SEES, NO_ROWS_CHECK};
 use crate::device::Dev;
 
 const FAMILY: &str = "indexer";
@@ -53,13 +53,23 @@ pub(crate) fn indexer_topk(dev: &Dev, op: &IndexerTopK, ins: &[u64], outs: &[u64
     }
     let (q, w, keys, slots, positions) = (ins[0], ins[1], ins[2], ins[3], ins[4]);
     let (cap, k) = (op.capacity, op.topk);
-    check_rows(dev, FAMILY, name, slots, positions, op.rows, op.slots, CHECK_SEES, op.ratio as i64, cap as i64, 0, 0)?;
+    let row_check = row_check(dev, name, slots, positions, op.rows, op.slots, CHECK_SEES, op.ratio as i64, cap as i64, 0, 0)?;
+    let chunk = (SCORE_SCRATCH / (cap.max(1) * 4)).clamp(1, op.rows.max(1)).min(65_535);
+    let seg = TOPK_SEGMENT.max(8 * k);
+    // One chunk whose top-k is topk_rows (a decode step): the row check runs beside it, as one
+    // more block of its launch (the score and top-k kernels bound what they read themselves);
+    // else first, as a kernel of its own.
+    let mut beside = None;
+    match row_check {
+        Some(c) if k > 0 && chunk >= op.rows && cap < 2 * seg => beside = Some(c),
+        Some(c) => c.launch(dev, FAMILY)?,
+        None => {}
+    }
     if k == 0 || op.rows == 0 {
         return Ok(());
     }
     let k_arg = i(name, "topk", k)?;
     let ns = i(name, "slots", op.slots)?;
-    let chunk = (SCORE_SCRATCH / (cap.max(1) * 4)).clamp(1, op.rows).min(65_535);
     let scores = dev.scratch(chunk * cap * 4)?;
     let sp = scores.ptr();
     let mut r0 = 0;
@@ -98,7 +108,6 @@ pub(crate) fn indexer_topk(dev: &Dev, op: &IndexerTopK, ins: &[u64], outs: &[u64
                 launch(dev, FAMILY, kernel, (grid_for(warps * 32, BLOCK), 1, 1), BLOCK, 0, &args)?;
             }
         }
-        let seg = TOPK_SEGMENT.max(8 * k);
         // The top-k kernels' row arguments: scores and what precedes them, the row convention,
         // then what follows it.
         let row_args = |head: &[Arg], tail: &[Arg]| -> Vec<Arg> {
@@ -116,8 +125,14 @@ pub(crate) fn indexer_topk(dev: &Dev, op: &IndexerTopK, ins: &[u64], outs: &[u64
             let args = row_args(&[Arg::P(sp), Arg::P(cp), i(name, "segments", segments)?], &outputs);
             launch(dev, FAMILY, "topk_merge", (nrows as u32, 1, 1), 1024, smem(smem_for(op)), &args)?;
         } else {
-            let args = row_args(&[Arg::P(sp)], &outputs);
-            launch(dev, FAMILY, "topk_rows", (nrows as u32, 1, 1), 1024, smem(smem_for(op)), &args)?;
+            let check = beside.take();
+            let mut args = row_args(&[Arg::P(sp)], &outputs);
+            args.extend(check.as_ref().map_or(NO_ROWS_CHECK, |c| c.params()));
+            let blocks = nrows as u32 + check.is_some() as u32;
+            launch(dev, FAMILY, "topk_rows", (blocks, 1, 1), 1024, smem(smem_for(op)), &args)?;
+            if let Some(c) = check {
+                c.issued(dev);
+            }
         }
         r0 += nrows;
     }

@@ -205,9 +205,83 @@ pub(crate) fn check_threads(n: usize) -> u32 {
     (n.div_ceil(32) * 32).clamp(32, 1024) as u32
 }
 
-/// Launches `check_rows` (slot/position convention plus an op-specific row check) in `family`,
-/// unless both parts already passed on the same, unchanged tensors (`Dev::memo`): a decode step
-/// checks its one slot and position tensor before every cache op.
+/// A `check_rows` (slot/position convention plus an op-specific row check) that must run: the
+/// memo does not know both of its parts for the same, unchanged tensors (a decode step checks its
+/// one slot and position tensor before every cache op). It runs as a kernel of its own
+/// ([`RowCheck::launch`]) or as one more block of the kernel it guards ([`RowCheck::params`],
+/// `ROWS_CHECK_BLOCK` in kernels/common.cuh).
+pub(crate) struct RowCheck {
+    slots: u64,
+    positions: u64,
+    num_slots: Arg,
+    params: [Arg; 7],
+    items: usize,
+    facts: Vec<(Fact, [(u64, usize); 2])>,
+}
+
+/// `ROWS_CHECK_PARAMS` of a launch that runs no row check.
+pub(crate) const NO_ROWS_CHECK: [Arg; 7] = [Arg::I(0), Arg::I(0), Arg::I(0), Arg::L(0), Arg::L(0), Arg::P(0), Arg::I(0)];
+
+/// The row check of `op` over `rows` rows, unless there are none or the memo knows it passed.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn row_check(
+    dev: &Dev,
+    op: &str,
+    slots: u64,
+    positions: u64,
+    rows: usize,
+    num_slots: usize,
+    mode: i32,
+    a: i64,
+    b: i64,
+    idx: u64,
+    idx_cols: usize,
+) -> Result<Option<RowCheck>> {
+    if rows == 0 {
+        return Ok(None);
+    }
+    let row_bytes = (positions, rows * 4);
+    let place = Fact { kernel: "check_rows/place", args: vec![slots as i64, positions as i64, rows as i64, num_slots as i64] };
+    let place_reads = [(slots, rows * 4), row_bytes];
+    let idx_bytes = if mode == CHECK_INDICES { rows * idx_cols * 4 } else { 0 };
+    let extra = (mode != CHECK_NONE).then(|| Fact {
+        kernel: "check_rows/extra",
+        args: vec![positions as i64, rows as i64, mode as i64, a, b, idx as i64, idx_cols as i64],
+    });
+    if dev.memo.knows(&place) && extra.as_ref().map_or(true, |f| dev.memo.knows(f)) {
+        return Ok(None);
+    }
+    let params = [i(op, "rows", rows)?, Arg::I(op_id(op)), Arg::I(mode), Arg::L(a), Arg::L(b), Arg::P(idx), i(op, "topk", idx_cols)?];
+    let mut facts = vec![(place, place_reads)];
+    facts.extend(extra.map(|f| (f, [row_bytes, (idx, idx_bytes)])));
+    let items = if mode == CHECK_INDICES { rows * idx_cols } else { rows };
+    Ok(Some(RowCheck { slots, positions, num_slots: i(op, "slots", num_slots)?, params, items, facts }))
+}
+
+impl RowCheck {
+    /// `ROWS_CHECK_PARAMS` of the guarded kernel's launch, which then has one more x block.
+    pub(crate) fn params(&self) -> [Arg; 7] {
+        self.params
+    }
+
+    /// Launches the check as the kernel `check_rows` in `family`, then [`RowCheck::issued`].
+    pub(crate) fn launch(self, dev: &Dev, family: &'static str) -> Result<()> {
+        let [rows, op, mode, a, b, idx, cols] = self.params;
+        let args = [Arg::P(self.slots), Arg::P(self.positions), rows, self.num_slots, op, mode, a, b, idx, cols, Arg::P(dev.err_ptr)];
+        launch(dev, family, "check_rows", (1, 1, 1), check_threads(self.items), 0, &args)?;
+        self.issued(dev);
+        Ok(())
+    }
+
+    /// Once the launch that runs the check is issued: the memo learns what it checks.
+    pub(crate) fn issued(self, dev: &Dev) {
+        for (fact, reads) in self.facts {
+            dev.memo.learn(fact, &reads);
+        }
+    }
+}
+
+/// Launches `check_rows` in `family` unless the memo knows it passed ([`row_check`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn check_rows(
     dev: &Dev,
@@ -223,41 +297,10 @@ pub(crate) fn check_rows(
     idx: u64,
     idx_cols: usize,
 ) -> Result<()> {
-    if rows == 0 {
-        return Ok(());
+    match row_check(dev, op, slots, positions, rows, num_slots, mode, a, b, idx, idx_cols)? {
+        Some(check) => check.launch(dev, family),
+        None => Ok(()),
     }
-    let row_bytes = (positions, rows * 4);
-    let place = Fact { kernel: "check_rows/place", args: vec![slots as i64, positions as i64, rows as i64, num_slots as i64] };
-    let place_reads = [(slots, rows * 4), row_bytes];
-    let idx_bytes = if mode == CHECK_INDICES { rows * idx_cols * 4 } else { 0 };
-    let extra = (mode != CHECK_NONE).then(|| Fact {
-        kernel: "check_rows/extra",
-        args: vec![positions as i64, rows as i64, mode as i64, a, b, idx as i64, idx_cols as i64],
-    });
-    let extra_reads = [row_bytes, (idx, idx_bytes)];
-    if dev.memo.knows(&place) && extra.as_ref().map_or(true, |f| dev.memo.knows(f)) {
-        return Ok(());
-    }
-    let args = [
-        Arg::P(slots),
-        Arg::P(positions),
-        i(op, "rows", rows)?,
-        i(op, "slots", num_slots)?,
-        Arg::I(op_id(op)),
-        Arg::I(mode),
-        Arg::L(a),
-        Arg::L(b),
-        Arg::P(idx),
-        i(op, "topk", idx_cols)?,
-        Arg::P(dev.err_ptr),
-    ];
-    let items = if mode == CHECK_INDICES { rows * idx_cols } else { rows };
-    launch(dev, family, "check_rows", (1, 1, 1), check_threads(items), 0, &args)?;
-    dev.memo.learn(place, &place_reads);
-    if let Some(f) = extra {
-        dev.memo.learn(f, &extra_reads);
-    }
-    Ok(())
 }
 
 /// Launches `check_range`: the first `vals[i]` outside `[0, bound)` is reported as `code`.
