@@ -201,20 +201,30 @@ fn takes_fp8_mma(dev: &Dev, rows: usize, k: usize, format: WeightFormat) -> bool
 
 /// Warps that split one 16-row group's 128-column steps in the one-row tensor-core kernels
 /// (`linear_fp8_r1`, `moe_*_fp4_r1`; 1, 2, 4 or 8), for `row_groups` groups in all and rows of `k`
-/// columns: the fewest that put about 16 warps per SM to work, and no more than there are steps.
-pub(crate) fn mma_k_split(dev: &Dev, row_groups: usize, k: usize) -> usize {
+/// columns, in a kernel of which `resident` warps fit on an SM: the fewest that put about 16 warps
+/// per SM to work, no more than there are steps, and no more than one wave of warps (a second,
+/// partial wave leaves most SMs idle at the end: `wq_b`'s 2048 row groups split in two were 1.3
+/// waves).
+pub(crate) fn mma_k_split(dev: &Dev, row_groups: usize, k: usize, resident: usize) -> usize {
     let mut split = 1;
-    while split < 8 && row_groups * split < dev.sms * 16 && split * 2 <= k / ACT_BLOCK {
+    while split < 8
+        && row_groups * split < dev.sms * 16
+        && row_groups * split * 2 <= dev.sms * resident
+        && split * 2 <= k / ACT_BLOCK
+    {
         split *= 2;
     }
     split
 }
 
+/// Warps of `linear_fp8_r1` resident on an SM (`__launch_bounds__(256, 3)`).
+pub(crate) const FP8_R1_RESIDENT_WARPS: usize = 24;
+
 /// Launches the FP8 tensor-core GEMV `y = W·x̃` for the one f32 row at `x`: `linear_fp8_r1`,
 /// which act_quants the row's blocks itself, where [`Dev::gemv_quantizes`] and `x` is 16-byte
 /// aligned; else `linear_fp8_r1_codes` after a separate act_quant ([`ActForm::E4m3`]).
 fn linear_fp8_mma(dev: &Dev, x: u64, (w, sc): (u64, u64), y: u64, k: usize, n: usize) -> Result<()> {
-    let split = mma_k_split(dev, n.div_ceil(MMA_ROWS), k);
+    let split = mma_k_split(dev, n.div_ceil(MMA_ROWS), k, FP8_R1_RESIDENT_WARPS);
     let groups_per_block = BLOCK as usize / 32 / split;
     let grid = (n.div_ceil(MMA_ROWS * groups_per_block) as u32, 1, 1);
     let tail = [Arg::P(w), Arg::P(sc), Arg::P(y), l(n), l(k), Arg::I(split as i32), Arg::I(dev.early_weights)];

@@ -24,6 +24,8 @@ use super::{check_threads, grid_for, i, l, launch, op_id, Arg, BLOCK, DOT_ROWS};
 use crate::device::Dev;
 
 const FAMILY: &str = "moe";
+/// Warps of `moe_up_fp4_r1` / `moe_down_fp4_r1` resident on an SM (`__launch_bounds__(256, 2)`).
+const FP4_R1_RESIDENT_WARPS: usize = 16;
 /// Most (row, expert) pairs routed by the one-block `moe_route_checked`.
 const ROUTE_CHECKED_PAIRS: usize = 1024;
 /// Most FP8 blocks (rows × blocks of a row) of input that `moe_route_checked` act_quants in its
@@ -221,8 +223,8 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
         // Their split of the 128-column steps (mma_k_split) for up and down, and their grids.
         let (up_k, down_k, up_x, down_x, splits) = if fp4_mma {
             let splits = (
-                mma_k_split(dev, used as usize * inter.div_ceil(MMA_ROWS), d),
-                mma_k_split(dev, used as usize * d.div_ceil(MMA_ROWS), inter),
+                mma_k_split(dev, used as usize * inter.div_ceil(MMA_ROWS), d, FP4_R1_RESIDENT_WARPS),
+                mma_k_split(dev, used as usize * d.div_ceil(MMA_ROWS), inter, FP4_R1_RESIDENT_WARPS),
             );
             let blocks = |n: usize, split: usize| n.div_ceil(MMA_ROWS * (BLOCK as usize / 32 / split));
             ("moe_up_fp4_r1", "moe_down_fp4_r1", blocks(inter, splits.0), blocks(d, splits.1), splits)
