@@ -45,7 +45,9 @@ typedef unsigned long long u64;
 // e8m0 scales: no op has an output of a one-byte dtype (tests/tests/conformance.rs checks every
 // op), so only upload/write change them, and those are stream-ordered copies that a
 // programmatic launch never overlaps. Loading them early puts
-// the weight stream of a GEMV under its predecessors' tails.
+// the weight stream of a GEMV under its predecessors' tails. Any line may be asked of the L2
+// before the wait (prefetch_l2): a prefetch returns nothing to the thread, and every store lands
+// in the L2, so what it holds is never stale.
 // Without the launch attribute, and below sm_90, these instructions are no-ops.
 __device__ __forceinline__ void grid_dep_trigger() {
 #if __CUDA_ARCH__ >= 900
@@ -66,6 +68,11 @@ __device__ __forceinline__ void grid_dep_begin() {
 
 // Asks the L2 for the 128-byte line holding p, without waiting for it or holding a register.
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
+// Asks the L2 for the lines of [p, p + bytes), shared by the block's threads.
+__device__ __forceinline__ void prefetch_block_l2(const void* p, i64 bytes) {
+    for (i64 b = (i64)threadIdx.x * 128; b < bytes; b += (i64)blockDim.x * 128) prefetch_l2((const char*)p + b);
+}
 
 // ---- scalar codecs -------------------------------------------------------------------------
 

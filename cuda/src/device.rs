@@ -143,6 +143,10 @@ pub(crate) struct Dev {
     /// Fewest keys a `sparse_attn` split takes (`ops::attention`): 16, or
     /// `V4RT_CUDA_ATTN_SPLIT_KEYS` (for A/B runs of one binary).
     pub attn_split_keys: usize,
+    /// Most weight bytes that a one-row kernel asks the L2 for before its wait (the `*_early`
+    /// kernels, `ops::EARLY_WORK_KERNELS`): a third of the L2, or 0 with `V4RT_CUDA_EARLY_L2=0`
+    /// (for A/B runs of one binary).
+    pub early_l2_max: usize,
     /// Deferred argument errors, `ERR_WORDS` i64 (all zero: none). Locked while read and cleared.
     pub err: Mutex<CudaSlice<i64>>,
     pub err_ptr: u64,
@@ -206,6 +210,8 @@ impl Dev {
             .and_then(|v| v.parse().ok())
             .filter(|&k: &usize| k > 0)
             .unwrap_or(crate::ops::attention::KEYS_PER_SPLIT);
+        let l2 = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?;
+        let early_l2_max = if enabled("V4RT_CUDA_EARLY_L2") { l2.max(0) as usize / 3 } else { 0 };
         Ok(Dev {
             ctx,
             stream,
@@ -220,6 +226,7 @@ impl Dev {
             gemv_quantizes,
             index_wide_from,
             attn_split_keys,
+            early_l2_max,
             err: Mutex::new(err),
             err_ptr,
             kernels: Loaded::new(arch),

@@ -187,7 +187,10 @@ pub(crate) fn linear_fwd(
     args.push(Arg::I(split as i32));
     args.push(Arg::I(staged as i32));
     let smem = if staged { k * 4 } else { 0 };
-    launch(dev, FAMILY, "linear_fwd_r1", (gx, 1, 1), BLOCK, smem as u32, &args)
+    // Weights the L2 holds with room to spare are asked for before the kernel's wait.
+    let early = staged && format.bytes(n, k) <= dev.early_l2_max;
+    let name = if early { "linear_fwd_r1_early" } else { "linear_fwd_r1" };
+    launch(dev, FAMILY, name, (gx, 1, 1), BLOCK, smem as u32, &args)
 }
 
 /// Rows of a warp's tile in the one-row tensor-core kernels (`MMA_ROWS` in common.cuh, the mma's M).

@@ -68,7 +68,7 @@ impl Arg {
 /// kernels.rs checks that this list and the sources agree): their weight loads run under the
 /// predecessor's tail when they are launched early, the only early launches a recording keeps
 /// by default ([`DependentLaunch`]).
-pub(crate) const EARLY_WORK_KERNELS: &[&str] = &["linear_fp8_r1", "linear_fp8_r1_codes"];
+pub(crate) const EARLY_WORK_KERNELS: &[&str] = &["linear_fp8_r1", "linear_fp8_r1_codes", "linear_fwd_r1_early"];
 
 /// Launches `family::name` on the backend's stream. A grid with a zero dimension is a no-op.
 /// Where `Dev::dependent_launch` says so, the kernel may be scheduled while its predecessor
