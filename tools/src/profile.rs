@@ -140,6 +140,9 @@ impl Backend for Profiled {
         e.flops += op_flops(op);
         Ok(())
     }
+    fn download_later(&self, t: &Tensor) -> Result<Box<dyn hal::backend::PendingDownload + '_>> {
+        self.inner.download_later(t)
+    }
     fn synchronize(&self) -> Result<()> {
         self.inner.synchronize()
     }
