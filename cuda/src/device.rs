@@ -1,5 +1,6 @@
-//! Device memory of the CUDA backend: [`CudaStorage`], the backend's context and its one stream,
-//! scratch buffers, the deferred-error word, and the mapping of driver errors to `hal::Error`.
+//! Device memory of the CUDA backend: [`CudaStorage`], the backend's context, its stream and the
+//! side stream of `Backend::concurrently`, scratch buffers, the deferred-error word, and the
+//! mapping of driver errors to `hal::Error`.
 
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,12 +36,20 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 pub(crate) struct DevBuf {
     ptr: u64,
     home: Home,
+    /// Where a buffer dropped while two op sequences may run side by side waits until they have
+    /// both finished (see [`Dev::concurrently`]).
+    defer: Option<Arc<Deferred>>,
 }
 
 enum Home {
     Pool(#[allow(dead_code)] CudaSlice<u8>), // held for its stream-ordered free on drop
     Arena(Arc<Arena>, usize),
+    /// Moved to a deferred list.
+    Moved,
 }
+
+/// Buffers dropped inside `Backend::concurrently`, freed when it returns (`None` outside).
+pub(crate) type Deferred = Mutex<Option<Vec<DevBuf>>>;
 
 impl DevBuf {
     /// Device address.
@@ -49,12 +58,22 @@ impl DevBuf {
     }
 
     pub(crate) fn in_arena(ptr: u64, arena: Arc<Arena>, block: usize) -> DevBuf {
-        DevBuf { ptr, home: Home::Arena(arena, block) }
+        DevBuf { ptr, home: Home::Arena(arena, block), defer: None }
     }
 }
 
 impl Drop for DevBuf {
     fn drop(&mut self) {
+        // Inside `concurrently` a freed block could be handed to an op of one sequence while
+        // the other still reads it: it is held until both have finished.
+        if let Some(defer) = self.defer.take() {
+            let mut held = defer.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(list) = held.as_mut() {
+                let home = std::mem::replace(&mut self.home, Home::Moved);
+                list.push(DevBuf { ptr: self.ptr, home, defer: None });
+                return;
+            }
+        }
         if let Home::Arena(arena, block) = &self.home {
             arena.give_back(self.ptr, *block);
         }
@@ -165,18 +184,27 @@ pub(crate) struct Dev {
     pub memo: Memo,
     /// Where scratch and tensors come from while a recording is captured (see `record.rs`).
     pub arena: Mutex<Option<Arc<Arena>>>,
+    /// The second stream of [`Dev::concurrently`], and whether ops are issued to it now.
+    pub side: Arc<CudaStream>,
+    pub on_side: AtomicBool,
+    /// Whether a [`Dev::concurrently`] call is under way, and the buffers dropped during it.
+    pub concurrent: AtomicBool,
+    pub deferred: Arc<Deferred>,
 }
 
 impl Dev {
-    /// Context, stream and error word on device `ordinal`. Event tracking is turned off before
-    /// any allocation: everything runs on one stream, so cudarc's cross-stream events are waste.
+    /// Context, streams and error word on device `ordinal`. Event tracking is turned off before
+    /// any allocation: ops run on one stream, and `concurrently` orders its side stream itself,
+    /// so cudarc's cross-stream events are waste.
     pub fn new(ctx: Arc<CudaContext>, arch: String, smem_optin: usize, sms: usize) -> std::result::Result<Self, DriverError> {
-        // SAFETY: no slice exists yet, and this backend uses a single stream for all work.
+        // SAFETY: no slice exists yet; the side stream only runs inside `concurrently`, which
+        // orders it against the main stream with events and holds back frees until its join.
         unsafe { ctx.disable_event_tracking() };
         if ctx.has_async_alloc() {
             keep_freed_memory(&ctx)?;
         }
         let stream = ctx.new_stream()?;
+        let side = ctx.new_stream()?;
         let err = stream.alloc_zeros::<i64>(ERR_WORDS)?;
         let err_ptr = {
             let (p, _sync) = err.device_ptr(&stream);
@@ -235,6 +263,10 @@ impl Dev {
             recording: AtomicBool::new(false),
             memo: Memo::default(),
             arena: Mutex::new(None),
+            side,
+            on_side: AtomicBool::new(false),
+            concurrent: AtomicBool::new(false),
+            deferred: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -253,11 +285,15 @@ impl Dev {
     /// while recording, the recording's arena.
     pub fn scratch(&self, bytes: usize) -> Result<DevBuf> {
         if let Some(arena) = self.arena.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            return arena.take(bytes);
+            let mut buf = arena.take(bytes)?;
+            buf.defer = Some(self.deferred.clone());
+            return Ok(buf);
         }
+        // Allocated on the main stream also inside `concurrently`: no buffer is freed there until
+        // both sequences are done, so what the pool hands out was free before their fork.
         // SAFETY: scratch buffers are always written by a kernel before they are read.
         let slice = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| alloc_err(e, bytes))?;
-        Ok(DevBuf { ptr: self.ptr(&slice), home: Home::Pool(slice) })
+        Ok(DevBuf { ptr: self.ptr(&slice), home: Home::Pool(slice), defer: Some(self.deferred.clone()) })
     }
 
     /// An uninitialized buffer of `bytes` for a new tensor. Its address may be a freed tensor's,
@@ -361,7 +397,41 @@ impl Dev {
     pub fn zero(&self, dst: u64, bytes: usize) -> Result<()> {
         self.ctx.bind_to_thread().map_err(driver_err)?;
         // SAFETY: the caller passes the address of a live allocation of at least `bytes`.
-        unsafe { cudarc::driver::result::memset_d8_async(dst, 0, bytes, self.stream.cu_stream()) }.map_err(driver_err)
+        unsafe { cudarc::driver::result::memset_d8_async(dst, 0, bytes, self.cu_stream()) }.map_err(driver_err)
+    }
+
+    /// The stream ops are issued to now: the main one, or the side stream inside the first
+    /// sequence of [`Dev::concurrently`].
+    pub fn cu_stream(&self) -> cudarc::driver::sys::CUstream {
+        if self.on_side.load(Ordering::SeqCst) { self.side.cu_stream() } else { self.stream.cu_stream() }
+    }
+
+    /// `Backend::concurrently`: `first` on the side stream, which waits for what the main stream
+    /// has issued, `second` on the main stream, which then waits for the side stream. The memo
+    /// is frozen in between (a fact or copy issued on one stream is not ordered before the
+    /// other's kernels; what it knew before holds for both, and what it learns is known after
+    /// the join), and buffers dropped in between are freed after the join (`Deferred`). A call
+    /// inside another runs its sequences in order.
+    pub fn concurrently(&self, first: &mut dyn FnMut() -> Result<()>, second: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        if self.concurrent.swap(true, Ordering::SeqCst) {
+            first()?;
+            return second();
+        }
+        *self.deferred.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+        self.memo.freeze(true);
+        let fork = self.side.join(&self.stream).map_err(driver_err);
+        self.on_side.store(true, Ordering::SeqCst);
+        let done_first = fork.and_then(|()| first());
+        self.on_side.store(false, Ordering::SeqCst);
+        let done_second = if done_first.is_ok() { second() } else { Ok(()) };
+        // The join is issued whatever happened, so that the main stream (and a capture) goes on
+        // after everything the side stream got.
+        let joined = self.stream.join(&self.side).map_err(driver_err);
+        self.memo.freeze(false);
+        let held = self.deferred.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(held);
+        self.concurrent.store(false, Ordering::SeqCst);
+        done_first.and(done_second).and(joined)
     }
 
     pub fn storage(&self, buf: DevBuf, len: usize) -> CudaStorage {

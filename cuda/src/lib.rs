@@ -6,7 +6,8 @@
 //! (`dynamic-loading`), and [`probe`] reports why the backend is unavailable instead of panicking.
 //!
 //! * [`device`] — [`device::CudaStorage`] (one device allocation per tensor) and the backend's
-//!   context, single stream, scratch buffers and error word.
+//!   context, its stream (plus the side stream of `Backend::concurrently`), scratch buffers and
+//!   error word.
 //! * [`kernels`] — the embedded sources, NVRTC options, the on-disk PTX cache, and
 //!   [`kernels::compile_all_for_check`] (NVRTC without a GPU, for CI).
 //! * [`ops`] — one file per op family, launching that family's kernels.
@@ -341,6 +342,12 @@ impl Backend for CudaBackend {
         self.dev.not_recording("calibrate")?;
         self.take_device_error()?;
         calibrate::calibrate(&self.dev)
+    }
+
+    /// `first` on a second stream that forks from the backend's stream and joins it again
+    /// (captured as two branches of the graph inside a recording); see `Dev::concurrently`.
+    fn concurrently(&self, first: &mut dyn FnMut() -> Result<()>, second: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        self.dev.concurrently(first, second)
     }
 
     /// A CUDA graph captured from the stream ([`record`]); the graph runs once before this

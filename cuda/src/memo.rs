@@ -61,6 +61,9 @@ const QUANT_MAX_BYTES: usize = 8 << 20;
 struct State {
     facts: Vec<(Fact, Vec<Range>)>,
     quants: VecDeque<(QuantKey, u64, Arc<DevBuf>)>,
+    /// What was learned or kept while frozen: forgotten like the rest, known only after the thaw.
+    pending_facts: Vec<(Fact, Vec<Range>)>,
+    pending_quants: Vec<(QuantKey, u64, Arc<DevBuf>)>,
 }
 
 /// The memo of one backend (see the module docs). Lookups are linear: a step holds a few
@@ -68,6 +71,10 @@ struct State {
 #[derive(Default)]
 pub(crate) struct Memo {
     state: Mutex<State>,
+    /// While set, what is learned or kept waits until the thaw (`Dev::concurrently`: an entry
+    /// issued on one stream is not ordered before the other stream's kernels, but after the join
+    /// it is ordered before everything).
+    frozen: std::sync::atomic::AtomicBool,
 }
 
 impl Memo {
@@ -83,9 +90,12 @@ impl Memo {
     /// Records `fact`, read from `reads`, once its check kernel has been issued: the check either
     /// establishes it or records an error, which clears the memo when taken.
     pub fn learn(&self, fact: Fact, reads: &[Range]) {
+        let entry = (fact, reads.iter().copied().filter(|r| r.1 > 0).collect());
         let mut s = self.state();
-        if !s.facts.iter().any(|(f, _)| *f == fact) {
-            s.facts.push((fact, reads.iter().copied().filter(|r| r.1 > 0).collect()));
+        if self.is_frozen() {
+            s.pending_facts.push(entry);
+        } else if !s.facts.iter().any(|(f, _)| *f == entry.0) {
+            s.facts.push(entry);
         }
     }
 
@@ -103,6 +113,10 @@ impl Memo {
     /// kernel that fills it has been issued. One buffer may hold the copies of several keys.
     pub fn keep_quantized(&self, key: QuantKey, ptr: u64, buf: Arc<DevBuf>) {
         let mut s = self.state();
+        if self.is_frozen() {
+            s.pending_quants.push((key, ptr, buf));
+            return;
+        }
         if s.quants.len() == QUANT_ENTRIES {
             s.quants.pop_front();
         }
@@ -117,6 +131,30 @@ impl Memo {
         let mut s = self.state();
         s.facts.retain(|(_, reads)| !reads.iter().any(|r| overlaps(*r, range)));
         s.quants.retain(|(k, _, _)| !overlaps((k.src, k.rows * k.dim * 4), range));
+        s.pending_facts.retain(|(_, reads)| !reads.iter().any(|r| overlaps(*r, range)));
+        s.pending_quants.retain(|(k, _, _)| !overlaps((k.src, k.rows * k.dim * 4), range));
+    }
+
+    /// Freezes (or thaws) the memo: while frozen, what is learned or kept is held back (and
+    /// forgotten on overlapping writes as usual); the thaw makes it known.
+    pub fn freeze(&self, on: bool) {
+        self.frozen.store(on, std::sync::atomic::Ordering::SeqCst);
+        if !on {
+            let (facts, quants) = {
+                let mut s = self.state();
+                (std::mem::take(&mut s.pending_facts), std::mem::take(&mut s.pending_quants))
+            };
+            for (fact, reads) in facts {
+                self.learn(fact, &reads);
+            }
+            for (key, ptr, buf) in quants {
+                self.keep_quantized(key, ptr, buf);
+            }
+        }
+    }
+
+    fn is_frozen(&self) -> bool {
+        self.frozen.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Forgets everything (dropping kept buffers is stream-ordered after their readers).
@@ -124,6 +162,8 @@ impl Memo {
         let mut s = self.state();
         s.facts.clear();
         s.quants.clear();
+        s.pending_facts.clear();
+        s.pending_quants.clear();
     }
 }
 
@@ -154,6 +194,21 @@ mod tests {
         m.learn(fact(1), &[(1000, 16)]);
         m.clear();
         assert!(!m.knows(&fact(1)));
+    }
+
+    #[test]
+    fn a_frozen_memo_holds_back_what_it_learns_until_the_thaw() {
+        let m = Memo::default();
+        m.learn(fact(1), &[(0x100, 8)]);
+        m.freeze(true);
+        m.learn(fact(2), &[(0x200, 8)]);
+        m.learn(fact(3), &[(0x300, 8)]);
+        // Known from before the freeze; not yet what was learned since.
+        assert!(m.knows(&fact(1)) && !m.knows(&fact(2)));
+        // A write while frozen forgets a held-back fact too.
+        m.written((0x304, 1));
+        m.freeze(false);
+        assert!(m.knows(&fact(1)) && m.knows(&fact(2)) && !m.knows(&fact(3)));
     }
 
     #[test]

@@ -90,9 +90,10 @@ fn capture(dev: &Dev, ops: &mut dyn FnMut() -> Result<()>) -> Result<CudaGraph> 
 
 /// The device memory of one recording: what its ops allocate while it is captured, in blocks
 /// carved from chunks of plain device memory (`cuMemAlloc`, allowed in a relaxed capture).
-/// A block handed back is reused by a later allocation of the same size: everything runs in
-/// order on one stream, so a later op's kernels touch it only after the earlier ones completed
-/// (with programmatic launches too: no kernel writes before its `grid_dep_begin` wait).
+/// A block handed back is reused by a later allocation of the same size: ops run in order on one
+/// stream, so a later op's kernels touch it only after the earlier ones completed (with
+/// programmatic launches too: no kernel writes before its `grid_dep_begin` wait). Inside
+/// `Backend::concurrently` blocks come back only after its join (`device::Deferred`).
 pub(crate) struct Arena {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -267,6 +268,9 @@ impl Dev {
     pub(crate) fn not_recording(&self, what: &str) -> Result<()> {
         if self.recording.load(Ordering::SeqCst) {
             return Err(Error::invalid(what, "not allowed while recording ops (Backend::record issues only alloc and run)"));
+        }
+        if self.concurrent.load(Ordering::SeqCst) {
+            return Err(Error::invalid(what, "not allowed inside Backend::concurrently (it issues only alloc and run)"));
         }
         Ok(())
     }

@@ -157,6 +157,26 @@ pub trait Backend: Send + Sync {
     /// Waits until every issued operation has finished.
     fn synchronize(&self) -> Result<()>;
 
+    /// Issues what `first` issues, then what `second` issues, and lets the device run the two
+    /// side by side: a decode step has independent chains of small kernels (the shared expert
+    /// beside the routed experts, the KV entry beside the query) that each leave most of the
+    /// device idle. Both see everything issued before this call; everything issued after it
+    /// sees both finished. The default runs them in order, as plain `run` calls would.
+    ///
+    /// Contract for `first` and `second` (the caller's promise; a backend that overlaps them
+    /// relies on it):
+    /// * they issue only `alloc` and `run` (as in [`Backend::record`], which may contain this
+    ///   call; a call inside either closure runs its two closures in order);
+    /// * neither writes a tensor the other reads or writes: the two are independent;
+    /// * tensors they allocate may outlive the call (outputs are typically returned).
+    ///
+    /// An error from `first` is returned without issuing `second`; device-side errors surface
+    /// as for `run`.
+    fn concurrently(&self, first: &mut dyn FnMut() -> Result<()>, second: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        first()?;
+        second()
+    }
+
     /// Measures this device's copy bandwidth and dense GEMM rate now (takes about a second; work
     /// issued before is finished first). Optional: the default says it is unsupported.
     fn calibrate(&self) -> Result<Calibration> {

@@ -7,8 +7,9 @@
 //! * [`ops`] — the fused-op vocabulary. One descriptor per op, whose doc comment is the op's
 //!   exact math and whose `signature()` lists its tensors. `cpu-ref` implements them literally.
 //! * [`backend`] — the [`Backend`] trait (alloc, upload, run, synchronize, `supports`,
-//!   `record` for replayable [`Recording`]s) and the [`Registry`] that probes backends and keeps
-//!   the reason one is unavailable.
+//!   `record` for replayable [`Recording`]s, `concurrently` for two independent op sequences
+//!   that may overlap) and the [`Registry`] that probes backends and keeps the reason one is
+//!   unavailable.
 //! * [`error`] — the one error enum.
 //!
 //! Each backend crate repeats one layout: `lib.rs` (the `Backend` impl and its probe),

@@ -68,6 +68,29 @@ impl<'a> Exec<'a> {
         Ok(self.b.alloc(shape, DType::F32)?)
     }
 
+    /// The results of `first` and `second`, two independent op sequences that the backend may
+    /// run side by side ([`Backend::concurrently`]: neither may write what the other reads or
+    /// writes, and both issue only ops). The first error, in that order, is returned.
+    pub fn concurrently<A, B>(&self, first: impl FnOnce() -> Result<A>, second: impl FnOnce() -> Result<B>) -> Result<(A, B)> {
+        let (mut first, mut second) = (Some(first), Some(second));
+        let (mut a, mut b) = (None, None);
+        // A model error inside a closure stops that closure's ops and is returned below.
+        self.b.concurrently(
+            &mut || {
+                a = first.take().map(|f| f());
+                Ok(())
+            },
+            &mut || {
+                b = second.take().map(|f| f());
+                Ok(())
+            },
+        )?;
+        let missing = || ModelError::Request("Backend::concurrently ran a sequence other than once".into());
+        let a = a.ok_or_else(missing)??;
+        let b = b.ok_or_else(missing)??;
+        Ok((a, b))
+    }
+
     pub fn rows(&self, slots: &[i32], positions: &[i32], ids: &[i32]) -> Result<Rows> {
         let n = slots.len();
         Ok(Rows {

@@ -294,15 +294,22 @@ impl Model {
         let (r, h, hd, rd) = (rows.n, c.n_heads, c.head_dim, c.rope_head_dim);
         let eps = c.norm_eps;
 
-        // Query: low-rank, normed latent (shared with the indexer), per-head RMS rescale, RoPE.
-        let latent = e.rms_norm(&e.linear(xn, &a.wq_a)?, Some(&a.q_norm), eps)?;
-        let q = e.linear(&latent, &a.wq_b)?.reshape(vec![r * h, hd]);
-        let q_rope = ops::NormRope { heads: h, rope_dim: rd, fp8_nope: false };
-        let q = e.rms_norm_rope(&q, None, eps, q_rope, &a.freqs, &rows.positions)?.reshape(vec![r, h, hd]);
-
-        // This call's window entries: normed, rotated, FP8-simulated on the non-rope dims.
-        let kv_rope = ops::NormRope { heads: 1, rope_dim: rd, fp8_nope: true };
-        let kv = e.rms_norm_rope(&e.linear(xn, &a.wkv)?, Some(&a.kv_norm), eps, kv_rope, &a.freqs, &rows.positions)?;
+        // This call's window entries (normed, rotated, FP8-simulated on the non-rope dims) and,
+        // independent of them, the query: low-rank, normed latent (shared with the indexer),
+        // per-head RMS rescale, RoPE.
+        let (kv, (latent, q)) = e.concurrently(
+            || {
+                let kv_rope = ops::NormRope { heads: 1, rope_dim: rd, fp8_nope: true };
+                e.rms_norm_rope(&e.linear(xn, &a.wkv)?, Some(&a.kv_norm), eps, kv_rope, &a.freqs, &rows.positions)
+            },
+            || {
+                let latent = e.rms_norm(&e.linear(xn, &a.wq_a)?, Some(&a.q_norm), eps)?;
+                let q = e.linear(&latent, &a.wq_b)?.reshape(vec![r * h, hd]);
+                let q_rope = ops::NormRope { heads: h, rope_dim: rd, fp8_nope: false };
+                let q = e.rms_norm_rope(&q, None, eps, q_rope, &a.freqs, &rows.positions)?.reshape(vec![r, h, hd]);
+                Ok((latent, q))
+            },
+        )?;
 
         // Compressed entries finished by these rows become visible to them.
         if let (Some(cw), Some(cc)) = (&a.compressor, lc.compressor.as_mut()) {
@@ -380,7 +387,6 @@ impl Model {
             route_scale: c.route_scale,
             mode,
         };
-        let (experts, weights) = e.moe_gate(gate, xn, &m.gate_w, route, ids)?;
         let op = ops::MoeExperts {
             rows: rows.n,
             dim: c.dim,
@@ -390,9 +396,18 @@ impl Model {
             swiglu_limit: c.swiglu_limit,
             format: m.experts.format,
         };
-        let routed = e.moe_experts(op, xn, &experts, &weights, &m.experts)?;
-        let h = e.swiglu(&e.linear(xn, &m.shared_w1)?, &e.linear(xn, &m.shared_w3)?, c.swiglu_limit)?;
-        let shared = e.linear(&h, &m.shared_w2)?;
+        // The shared expert does not depend on the routing: the two may run side by side.
+        let (shared, (routed, experts, weights)) = e.concurrently(
+            || {
+                let h = e.swiglu(&e.linear(xn, &m.shared_w1)?, &e.linear(xn, &m.shared_w3)?, c.swiglu_limit)?;
+                e.linear(&h, &m.shared_w2)
+            },
+            || {
+                let (experts, weights) = e.moe_gate(gate, xn, &m.gate_w, route, ids)?;
+                let routed = e.moe_experts(op, xn, &experts, &weights, &m.experts)?;
+                Ok((routed, experts, weights))
+            },
+        )?;
         Ok((e.add(&routed, &shared)?, experts, weights))
     }
 

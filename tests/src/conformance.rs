@@ -2974,6 +2974,13 @@ impl Backend for NumericsRecorder {
     fn record(&self, ops: &mut dyn FnMut() -> hal::Result<()>) -> hal::Result<Option<Box<dyn hal::Recording>>> {
         self.inner.record(ops)
     }
+    fn concurrently(
+        &self,
+        first: &mut dyn FnMut() -> hal::Result<()>,
+        second: &mut dyn FnMut() -> hal::Result<()>,
+    ) -> hal::Result<()> {
+        self.inner.concurrently(first, second)
+    }
 }
 
 /// The tiny-flash golden protocol on `backend`, against the official float32 goldens in

@@ -152,6 +152,15 @@ impl Backend for Profiled {
     fn prepare(&self, op: &Op, weights: &[Option<&Tensor>]) -> Result<Prepared> {
         self.inner.prepare(op, weights)
     }
+    /// The inner backend's overlap of the two sequences, except while profiling (each op is
+    /// then timed alone, in order).
+    fn concurrently(&self, first: &mut dyn FnMut() -> Result<()>, second: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        if self.on.load(Ordering::SeqCst) {
+            first()?;
+            return second();
+        }
+        self.inner.concurrently(first, second)
+    }
     /// The inner backend's recording, except while profiling: timing each op needs them issued
     /// one by one, so `ops` then just runs.
     fn record(&self, ops: &mut dyn FnMut() -> Result<()>) -> Result<Option<Box<dyn hal::Recording>>> {

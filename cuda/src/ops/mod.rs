@@ -106,7 +106,7 @@ pub(crate) fn launch(
         blockDimY: 1,
         blockDimZ: 1,
         sharedMemBytes: smem,
-        hStream: dev.stream.cu_stream(),
+        hStream: dev.cu_stream(),
         attrs: &mut attr,
         numAttrs: match dev.dependent_launch {
             DependentLaunch::Off => 0,
