@@ -294,13 +294,24 @@ impl Model {
         let (r, h, hd, rd) = (rows.n, c.n_heads, c.head_dim, c.rope_head_dim);
         let eps = c.norm_eps;
 
-        // This call's window entries (normed, rotated, FP8-simulated on the non-rope dims) and,
-        // independent of them, the query: low-rank, normed latent (shared with the indexer),
-        // per-head RMS rescale, RoPE.
+        // This call's window entries (normed, rotated, FP8-simulated on the non-rope dims) and
+        // the compressed entries these rows finish (attention's and the indexer's compressor,
+        // which make them visible to these rows), and, independent of all that, the query:
+        // low-rank, normed latent (shared with the indexer), per-head RMS rescale, RoPE.
         let (kv, (latent, q)) = e.concurrently(
             || {
                 let kv_rope = ops::NormRope { heads: 1, rope_dim: rd, fp8_nope: true };
-                e.rms_norm_rope(&e.linear(xn, &a.wkv)?, Some(&a.kv_norm), eps, kv_rope, &a.freqs, &rows.positions)
+                let kv = e.rms_norm_rope(&e.linear(xn, &a.wkv)?, Some(&a.kv_norm), eps, kv_rope, &a.freqs, &rows.positions)?;
+                if let (Some(cw), Some(cc)) = (&a.compressor, lc.compressor.as_mut()) {
+                    let spec = ops::Compressor { rows: r, ..cc.spec.clone() };
+                    e.compressor(&spec, &e.linear(xn, &cw.wkv)?, &e.linear(xn, &cw.wgate)?, cw, &a.freqs, rows, &mut cc.state)?;
+                }
+                if let (Some(iw), Some(ic)) = (&a.indexer, lc.indexer.as_mut()) {
+                    let cw = &iw.compressor;
+                    let spec = ops::Compressor { rows: r, ..ic.spec.clone() };
+                    e.compressor(&spec, &e.linear(xn, &cw.wkv)?, &e.linear(xn, &cw.wgate)?, cw, &a.freqs, rows, &mut ic.state)?;
+                }
+                Ok(kv)
             },
             || {
                 let latent = e.rms_norm(&e.linear(xn, &a.wq_a)?, Some(&a.q_norm), eps)?;
@@ -311,12 +322,7 @@ impl Model {
             },
         )?;
 
-        // Compressed entries finished by these rows become visible to them.
-        if let (Some(cw), Some(cc)) = (&a.compressor, lc.compressor.as_mut()) {
-            let spec = ops::Compressor { rows: r, ..cc.spec.clone() };
-            e.compressor(&spec, &e.linear(xn, &cw.wkv)?, &e.linear(xn, &cw.wgate)?, cw, &a.freqs, rows, &mut cc.state)?;
-        }
-        let topk = match (&a.indexer, lc.indexer.as_mut()) {
+        let topk = match (&a.indexer, lc.indexer.as_ref()) {
             (Some(iw), Some(ic)) => {
                 let (ih, id) = (c.index_n_heads, c.index_head_dim);
                 let mut iq = e.linear(&latent, &iw.wq_b)?.reshape(vec![r, ih, id]);
@@ -326,9 +332,6 @@ impl Model {
                 e.quant_sim(&mut iq, id, 32, QuantFormat::Fp4E2M1)?;
                 let iq = iq.reshape(vec![r, ih, id]);
                 let iwts = e.linear(xn, &iw.weights_proj)?;
-                let cw = &iw.compressor;
-                let spec = ops::Compressor { rows: r, ..ic.spec.clone() };
-                e.compressor(&spec, &e.linear(xn, &cw.wkv)?, &e.linear(xn, &cw.wgate)?, cw, &a.freqs, rows, &mut ic.state)?;
                 let op = ops::IndexerTopK {
                     rows: r,
                     heads: ih,
