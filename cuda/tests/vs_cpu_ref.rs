@@ -593,6 +593,23 @@ fn cuda_matches_cpu_ref() {
         &[poison(&[2, 128])],
         "moe_experts row 1: expert 1 is listed twice",
     );
+    // A single row (a decode step at batch 1): the one-block routing kernel checks it.
+    for (ex, msg) in [([2, 0], "moe_experts row 0: expert 2 outside [0, 2)"), ([1, 1], "moe_experts row 0: expert 1 is listed twice")] {
+        s.error_case(
+            &format!("moe_experts one row {ex:?}"),
+            &Op::MoeExperts(MoeExperts { rows: 1, dim: 128, inter: 128, experts: 2, topk: 2, swiglu_limit: 0.0, format: WeightFormat::F32 }),
+            &[
+                tf(&[1, 128], &[0.0; 128]),
+                ti(&[1, 2], &ex),
+                tf(&[1, 2], &[1.0; 2]),
+                tf(&[2, 128, 128], &vec![0.0; 2 * 128 * 128]),
+                tf(&[2, 128, 128], &vec![0.0; 2 * 128 * 128]),
+                tf(&[2, 128, 128], &vec![0.0; 2 * 128 * 128]),
+            ],
+            &[poison(&[1, 128])],
+            msg,
+        );
+    }
 
     s.error_case(
         "rope negative position",

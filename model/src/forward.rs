@@ -366,13 +366,20 @@ impl Model {
         };
         let mut o = e.sparse_attention(op, &q, &kv, &lc.ring, &a.sink, rows,
             lc.compressor.as_ref().map(|cc| &cc.state.cache), topk.as_ref().map(|(i, _)| i))?;
-        e.window_store(&kv, rows, &mut lc.ring)?;
 
-        // Output: de-rotate, grouped low-rank projection, then wo_b.
-        e.rope(&mut o, &a.freqs, &rows.positions, true)?;
-        let o = o.reshape(vec![r, h * hd]);
-        let z = e.grouped_linear(&o, &a.wo_a, c.o_groups)?;
-        Ok((e.linear(&z, &a.wo_b)?, topk))
+        // This call's entries go into the ring once the attention has read the slots they
+        // replace; nothing after it reads the ring, so the store runs beside the output:
+        // de-rotate, grouped low-rank projection, then wo_b.
+        let ((), out) = e.concurrently(
+            || e.window_store(&kv, rows, &mut lc.ring),
+            || {
+                e.rope(&mut o, &a.freqs, &rows.positions, true)?;
+                let o = o.reshape(vec![r, h * hd]);
+                let z = e.grouped_linear(&o, &a.wo_a, c.o_groups)?;
+                e.linear(&z, &a.wo_b)
+            },
+        )?;
+        Ok((out, topk))
     }
 
     /// MoE sub-layer (spec §3.8): routed experts + shared expert. Returns output, experts, weights.

@@ -1026,7 +1026,9 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
                 let i = i as u64;
                 let e = if i == 0 { 3 } else { 2 };
                 let op = MoeExperts { rows: 2, dim: c.dim, inter: c.moe_inter_dim, experts: e, topk: 2, swiglu_limit: c.swiglu_limit, format: WeightFormat::Fp4Group32 };
-                out.push(Case::new(Op::MoeExperts(op), format!("{name}: dim {} inter {} (experts cut to {e})", c.dim, c.moe_inter_dim), s(10 + i)).large());
+                out.push(Case::new(Op::MoeExperts(op.clone()), format!("{name}: dim {} inter {} (experts cut to {e})", c.dim, c.moe_inter_dim), s(10 + i)).large());
+                let op = MoeExperts { rows: 1, ..op };
+                out.push(Case::new(Op::MoeExperts(op), format!("{name}: decode, one row (experts cut to {e})"), s(30 + i)).large());
                 let op = MoeExperts { rows: 3, dim: 128, inter: 128, experts: c.n_routed_experts, topk: c.n_activated_experts, swiglu_limit: c.swiglu_limit, format: WeightFormat::Fp4Group32 };
                 out.push(Case::new(Op::MoeExperts(op), format!("{name}: {} experts, top-{} (dims cut to 128)", c.n_routed_experts, c.n_activated_experts), s(20 + i)).one_expert(c.n_routed_experts - 1).large());
             }
