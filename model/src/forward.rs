@@ -294,11 +294,14 @@ impl Model {
         let (r, h, hd, rd) = (rows.n, c.n_heads, c.head_dim, c.rope_head_dim);
         let eps = c.norm_eps;
 
-        // This call's window entries (normed, rotated, FP8-simulated on the non-rope dims) and
-        // the compressed entries these rows finish (attention's and the indexer's compressor,
-        // which make them visible to these rows), and, independent of all that, the query:
-        // low-rank, normed latent (shared with the indexer), per-head RMS rescale, RoPE.
-        let (kv, (latent, q)) = e.concurrently(
+        // Two independent sequences. The first: this call's window entries (normed, rotated,
+        // FP8-simulated on the non-rope dims), the compressed entries these rows finish
+        // (attention's and the indexer's compressor, which make them visible to these rows) and
+        // the indexer's head weights. The second: the query (low-rank, normed latent, per-head
+        // RMS rescale, RoPE) and the indexer's query from the same latent (RoPE, Hadamard, FP4
+        // simulation).
+        let indexed = a.indexer.is_some() && lc.indexer.is_some();
+        let ((kv, iwts), (q, iq)) = e.concurrently(
             || {
                 let kv_rope = ops::NormRope { heads: 1, rope_dim: rd, fp8_nope: true };
                 let kv = e.rms_norm_rope(&e.linear(xn, &a.wkv)?, Some(&a.kv_norm), eps, kv_rope, &a.freqs, &rows.positions)?;
@@ -306,32 +309,39 @@ impl Model {
                     let spec = ops::Compressor { rows: r, ..cc.spec.clone() };
                     e.compressor(&spec, &e.linear(xn, &cw.wkv)?, &e.linear(xn, &cw.wgate)?, cw, &a.freqs, rows, &mut cc.state)?;
                 }
+                let mut iwts = None;
                 if let (Some(iw), Some(ic)) = (&a.indexer, lc.indexer.as_mut()) {
                     let cw = &iw.compressor;
                     let spec = ops::Compressor { rows: r, ..ic.spec.clone() };
                     e.compressor(&spec, &e.linear(xn, &cw.wkv)?, &e.linear(xn, &cw.wgate)?, cw, &a.freqs, rows, &mut ic.state)?;
+                    iwts = Some(e.linear(xn, &iw.weights_proj)?);
                 }
-                Ok(kv)
+                Ok((kv, iwts))
             },
             || {
                 let latent = e.rms_norm(&e.linear(xn, &a.wq_a)?, Some(&a.q_norm), eps)?;
                 let q = e.linear(&latent, &a.wq_b)?.reshape(vec![r * h, hd]);
                 let q_rope = ops::NormRope { heads: h, rope_dim: rd, fp8_nope: false };
                 let q = e.rms_norm_rope(&q, None, eps, q_rope, &a.freqs, &rows.positions)?.reshape(vec![r, h, hd]);
-                Ok((latent, q))
+                let iq = match &a.indexer {
+                    Some(iw) if indexed => {
+                        let (ih, id) = (c.index_n_heads, c.index_head_dim);
+                        let mut iq = e.linear(&latent, &iw.wq_b)?.reshape(vec![r, ih, id]);
+                        e.rope(&mut iq, &a.freqs, &rows.positions, false)?;
+                        let mut iq = iq.reshape(vec![r * ih, id]);
+                        e.hadamard(&mut iq)?;
+                        e.quant_sim(&mut iq, id, 32, QuantFormat::Fp4E2M1)?;
+                        Some(iq.reshape(vec![r, ih, id]))
+                    }
+                    _ => None,
+                };
+                Ok((q, iq))
             },
         )?;
 
-        let topk = match (&a.indexer, lc.indexer.as_ref()) {
-            (Some(iw), Some(ic)) => {
+        let topk = match (lc.indexer.as_ref(), iq, iwts) {
+            (Some(ic), Some(iq), Some(iwts)) => {
                 let (ih, id) = (c.index_n_heads, c.index_head_dim);
-                let mut iq = e.linear(&latent, &iw.wq_b)?.reshape(vec![r, ih, id]);
-                e.rope(&mut iq, &a.freqs, &rows.positions, false)?;
-                let mut iq = iq.reshape(vec![r * ih, id]);
-                e.hadamard(&mut iq)?;
-                e.quant_sim(&mut iq, id, 32, QuantFormat::Fp4E2M1)?;
-                let iq = iq.reshape(vec![r, ih, id]);
-                let iwts = e.linear(xn, &iw.weights_proj)?;
                 let op = ops::IndexerTopK {
                     rows: r,
                     heads: ih,
