@@ -579,34 +579,21 @@ fn cuda_matches_cpu_ref() {
         &[tf(&[2, 4, 2], &[0.0; 16])],
         "window_store row 2: rows of slot 0 are not contiguous (previous one is row 0)",
     );
-    s.error_case(
-        "moe_experts duplicate",
-        &Op::MoeExperts(MoeExperts { rows: 2, dim: 128, inter: 128, experts: 2, topk: 2, swiglu_limit: 0.0, format: WeightFormat::F32 }),
-        &[
-            tf(&[2, 128], &[0.0; 256]),
-            ti(&[2, 2], &[0, 1, 1, 1]),
-            tf(&[2, 2], &[1.0; 4]),
-            tf(&[2, 128, 128], &vec![0.0; 2 * 128 * 128]),
-            tf(&[2, 128, 128], &vec![0.0; 2 * 128 * 128]),
-            tf(&[2, 128, 128], &vec![0.0; 2 * 128 * 128]),
-        ],
-        &[poison(&[2, 128])],
-        "moe_experts row 1: expert 1 is listed twice",
-    );
-    // A single row (a decode step at batch 1): the one-block routing kernel checks it.
-    for (ex, msg) in [([2, 0], "moe_experts row 0: expert 2 outside [0, 2)"), ([1, 1], "moe_experts row 0: expert 1 is listed twice")] {
+    // Bad expert lists: two rows, and a single row (a decode step at batch 1), which the
+    // one-block routing kernel checks.
+    let bad_experts: [(&str, &[i32], &str); 3] = [
+        ("moe_experts duplicate", &[0, 1, 1, 1], "moe_experts row 1: expert 1 is listed twice"),
+        ("moe_experts one row [2, 0]", &[2, 0], "moe_experts row 0: expert 2 outside [0, 2)"),
+        ("moe_experts one row [1, 1]", &[1, 1], "moe_experts row 0: expert 1 is listed twice"),
+    ];
+    for (name, ex, msg) in bad_experts {
+        let rows = ex.len() / 2;
+        let w = tf(&[2, 128, 128], &vec![0.0; 2 * 128 * 128]);
         s.error_case(
-            &format!("moe_experts one row {ex:?}"),
-            &Op::MoeExperts(MoeExperts { rows: 1, dim: 128, inter: 128, experts: 2, topk: 2, swiglu_limit: 0.0, format: WeightFormat::F32 }),
-            &[
-                tf(&[1, 128], &[0.0; 128]),
-                ti(&[1, 2], &ex),
-                tf(&[1, 2], &[1.0; 2]),
-                tf(&[2, 128, 128], &vec![0.0; 2 * 128 * 128]),
-                tf(&[2, 128, 128], &vec![0.0; 2 * 128 * 128]),
-                tf(&[2, 128, 128], &vec![0.0; 2 * 128 * 128]),
-            ],
-            &[poison(&[1, 128])],
+            name,
+            &Op::MoeExperts(MoeExperts { rows, dim: 128, inter: 128, experts: 2, topk: 2, swiglu_limit: 0.0, format: WeightFormat::F32 }),
+            &[tf(&[rows, 128], &vec![0.0; rows * 128]), ti(&[rows, 2], ex), tf(&[rows, 2], &vec![1.0; rows * 2]), w.clone(), w.clone(), w],
+            &[poison(&[rows, 128])],
             msg,
         );
     }

@@ -300,7 +300,9 @@ impl Model {
         // the indexer's head weights. The second: the query (low-rank, normed latent, per-head
         // RMS rescale, RoPE) and the indexer's query from the same latent (RoPE, Hadamard, FP4
         // simulation).
-        let indexed = a.indexer.is_some() && lc.indexer.is_some();
+        // The indexer runs where the block has its weights and the cache its state.
+        let index = a.indexer.as_ref().filter(|_| lc.indexer.is_some());
+        let (ih, id) = (c.index_n_heads, c.index_head_dim);
         let ((kv, iwts), (q, iq)) = e.concurrently(
             || {
                 let kv_rope = ops::NormRope { heads: 1, rope_dim: rd, fp8_nope: true };
@@ -323,25 +325,22 @@ impl Model {
                 let q = e.linear(&latent, &a.wq_b)?.reshape(vec![r * h, hd]);
                 let q_rope = ops::NormRope { heads: h, rope_dim: rd, fp8_nope: false };
                 let q = e.rms_norm_rope(&q, None, eps, q_rope, &a.freqs, &rows.positions)?.reshape(vec![r, h, hd]);
-                let iq = match &a.indexer {
-                    Some(iw) if indexed => {
-                        let (ih, id) = (c.index_n_heads, c.index_head_dim);
+                let iq = index
+                    .map(|iw| -> Result<Tensor> {
                         let mut iq = e.linear(&latent, &iw.wq_b)?.reshape(vec![r, ih, id]);
                         e.rope(&mut iq, &a.freqs, &rows.positions, false)?;
                         let mut iq = iq.reshape(vec![r * ih, id]);
                         e.hadamard(&mut iq)?;
                         e.quant_sim(&mut iq, id, 32, QuantFormat::Fp4E2M1)?;
-                        Some(iq.reshape(vec![r, ih, id]))
-                    }
-                    _ => None,
-                };
+                        Ok(iq.reshape(vec![r, ih, id]))
+                    })
+                    .transpose()?;
                 Ok((q, iq))
             },
         )?;
 
         let topk = match (lc.indexer.as_ref(), iq, iwts) {
             (Some(ic), Some(iq), Some(iwts)) => {
-                let (ih, id) = (c.index_n_heads, c.index_head_dim);
                 let op = ops::IndexerTopK {
                     rows: r,
                     heads: ih,
