@@ -130,7 +130,8 @@ fn copy_dtype(dt: DType) -> HcclDataType {
 fn hccl_fns(be: &AscendBackend, what: &str) -> Result<HcclFns> {
     let api = be.runtime().api();
     api.hccl.ok_or_else(|| {
-        let dir = api.lib_dir.as_ref().map_or_else(|| "the dynamic loader path".to_string(), |d| d.display().to_string());
+        let dir =
+            api.lib_dir.as_ref().map_or_else(|| "the dynamic loader path".to_string(), |d| d.display().to_string());
         Error::Unsupported {
             backend: BACKEND.into(),
             op: what.into(),
@@ -171,7 +172,11 @@ fn hccl_error(fns: &HcclFns, code: HcclResult, what: &str, recent: &str) -> Erro
         }
         None => "HcclGetErrorString not exported".to_string(),
     };
-    Error::Device { backend: BACKEND.into(), code: code as i64, message: format!("{what}: HCCL error {code} ({text}): {recent}") }
+    Error::Device {
+        backend: BACKEND.into(),
+        code: code as i64,
+        message: format!("{what}: HCCL error {code} ({text}): {recent}"),
+    }
 }
 
 /// One rank of an HCCL communicator, bound to the [`AscendBackend`] it was created for.
@@ -223,7 +228,10 @@ impl Communicator {
         check(be.runtime(), &fns, code, &format!("HcclCommInitRootInfo(rank {rank} of {n_ranks})"))?;
         let c = Communicator::wrap(be, fns, comm)?;
         if (c.rank, c.size) != (rank, n_ranks) {
-            return Err(Error::invalid("hccl init", format!("HCCL reports rank {} of {}, {rank} of {n_ranks} was asked for", c.rank, c.size)));
+            return Err(Error::invalid(
+                "hccl init",
+                format!("HCCL reports rank {} of {}, {rank} of {n_ranks} was asked for", c.rank, c.size),
+            ));
         }
         Ok(c)
     }
@@ -239,7 +247,10 @@ impl Communicator {
         let devices: Vec<i32> = backends.iter().map(|b| b.device()).collect();
         for (i, b) in backends.iter().enumerate() {
             if let Some(j) = devices[..i].iter().position(|&d| d == b.device()) {
-                return Err(Error::invalid("hccl init_all", format!("backends {j} and {i} are both on device {}", b.device())));
+                return Err(Error::invalid(
+                    "hccl init_all",
+                    format!("backends {j} and {i} are both on device {}", b.device()),
+                ));
             }
         }
         let n = devices.len();
@@ -284,8 +295,11 @@ impl Communicator {
             size: 0,
             name: String::new(),
         };
-        let (get_rank, get_size, get_name) =
-            (sym(fns.HcclGetRankId, "HcclGetRankId")?, sym(fns.HcclGetRankSize, "HcclGetRankSize")?, sym(fns.HcclGetCommName, "HcclGetCommName")?);
+        let (get_rank, get_size, get_name) = (
+            sym(fns.HcclGetRankId, "HcclGetRankId")?,
+            sym(fns.HcclGetRankSize, "HcclGetRankSize")?,
+            sym(fns.HcclGetCommName, "HcclGetCommName")?,
+        );
         c.stream.bind()?;
         // SAFETY: a live communicator and valid out-pointers.
         let code = unsafe { get_rank(comm, &mut c.rank) };
@@ -365,8 +379,9 @@ impl Communicator {
         if send.dtype() != recv.dtype() || send.shape() != recv.shape() {
             return Err(Error::invalid(WHAT, format!("recv {recv:?} must have the shape and dtype of send {send:?}")));
         }
-        let dt = reduce_dtype(send.dtype())
-            .ok_or_else(|| Error::invalid(WHAT, format!("send {send:?}: HCCL reduces int8, int32, fp16, fp32 and bf16 only")))?;
+        let dt = reduce_dtype(send.dtype()).ok_or_else(|| {
+            Error::invalid(WHAT, format!("send {send:?}: HCCL reduces int8, int32, fp16, fp32 and bf16 only"))
+        })?;
         let s = Self::ptr(be, send, "hccl all_reduce send")?;
         let r = Self::out_ptr(be, recv, "hccl all_reduce recv")?;
         let f = sym(self.fns.HcclAllReduce, "HcclAllReduce")?;
@@ -383,8 +398,9 @@ impl Communicator {
     pub fn all_reduce_in_place(&self, be: &AscendBackend, buf: &mut Tensor, op: ReduceOp) -> Result<()> {
         const WHAT: &str = "hccl all_reduce_in_place";
         self.check_backend(be, WHAT)?;
-        let dt = reduce_dtype(buf.dtype())
-            .ok_or_else(|| Error::invalid(WHAT, format!("buf {buf:?}: HCCL reduces int8, int32, fp16, fp32 and bf16 only")))?;
+        let dt = reduce_dtype(buf.dtype()).ok_or_else(|| {
+            Error::invalid(WHAT, format!("buf {buf:?}: HCCL reduces int8, int32, fp16, fp32 and bf16 only"))
+        })?;
         let p = Self::out_ptr(be, buf, "hccl all_reduce_in_place buf")?;
         let f = sym(self.fns.HcclAllReduce, "HcclAllReduce")?;
         let count = buf.numel() as u64;
@@ -428,8 +444,9 @@ impl Communicator {
                 format!("send {send:?} must be recv {recv:?} stacked {n} times (shape [{n}·d0, ...] or [{n}, ...], same dtype)"),
             ));
         }
-        let dt = reduce_dtype(send.dtype())
-            .ok_or_else(|| Error::invalid(WHAT, format!("send {send:?}: HCCL reduces int8, int32, fp16, fp32 and bf16 only")))?;
+        let dt = reduce_dtype(send.dtype()).ok_or_else(|| {
+            Error::invalid(WHAT, format!("send {send:?}: HCCL reduces int8, int32, fp16, fp32 and bf16 only"))
+        })?;
         let s = Self::ptr(be, send, "hccl reduce_scatter send")?;
         let r = Self::out_ptr(be, recv, "hccl reduce_scatter recv")?;
         let f = sym(self.fns.HcclReduceScatter, "HcclReduceScatter")?;

@@ -100,7 +100,13 @@ static NEXT_UID: AtomicU64 = AtomicU64::new(1);
 impl AscendStorage {
     /// Storage for a fresh tensor: a new id, generation 0, nothing derived.
     fn new(buf: DeviceBuffer) -> AscendStorage {
-        AscendStorage { buf, uid: NEXT_UID.fetch_add(1, Ordering::Relaxed), generation: AtomicU64::new(0), converted: Mutex::new(None), host: Mutex::new(None) }
+        AscendStorage {
+            buf,
+            uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
+            generation: AtomicU64::new(0),
+            converted: Mutex::new(None),
+            host: Mutex::new(None),
+        }
     }
 
     /// The host bytes of a small INT32 tensor, if its contents came from the host.
@@ -227,18 +233,32 @@ impl AscendBackend {
         let profile = SocProfile::from_soc_name(&soc);
         let mem = rt
             .mem_info(device)
-            .map(|(free, total)| format!(", {:.1}/{:.1} GiB HBM free", free as f64 / (1u64 << 30) as f64, total as f64 / (1u64 << 30) as f64))
+            .map(|(free, total)| {
+                format!(
+                    ", {:.1}/{:.1} GiB HBM free",
+                    free as f64 / (1u64 << 30) as f64,
+                    total as f64 / (1u64 << 30) as f64
+                )
+            })
             .unwrap_or_default();
         let api = rt.api();
         let hccl = if api.hccl.is_some() { ", HCCL" } else { "" };
         let version_str = rt.cann_version();
         let cann_version = version_str.as_deref().and_then(ops::fused::parse_version);
         let fused = sys::FusedOps::NAMES.len() - api.fused.missing().len();
-        let path = if fused_ops { format!("fused ops: {fused}/{} exported", sys::FusedOps::NAMES.len()) } else { "fused ops off".into() };
+        let path = if fused_ops {
+            format!("fused ops: {fused}/{} exported", sys::FusedOps::NAMES.len())
+        } else {
+            "fused ops off".into()
+        };
         let version = version_str.map(|v| format!("CANN {v}, ")).unwrap_or_default();
         let device_desc = format!("{soc} (device {device}{mem}, {version}{}{hccl}, {path})", api.opapi);
         // How FP8/FP4 checkpoint weights run here: converted once by `prepare` (ops::lowp).
-        let device_desc = if profile.fp8_compute { device_desc } else { format!("{device_desc}, FP8/FP4 weights → BF16 at load (no FP8/FP4 compute)") };
+        let device_desc = if profile.fp8_compute {
+            device_desc
+        } else {
+            format!("{device_desc}, FP8/FP4 weights → BF16 at load (no FP8/FP4 compute)")
+        };
         Ok(AscendBackend {
             info: BackendInfo { name: BACKEND, device: device_desc },
             rt,
@@ -452,7 +472,9 @@ impl Backend for AscendBackend {
         // Keep the host copy current (patched, or made when the whole tensor is written).
         let patched = match host {
             Some(h) => Some((*h).clone()),
-            None if t.dtype() == DType::I32 && start == 0 && bytes.len() == len && len <= HOST_COPY_MAX => Some(vec![0; len]),
+            None if t.dtype() == DType::I32 && start == 0 && bytes.len() == len && len <= HOST_COPY_MAX => {
+                Some(vec![0; len])
+            }
             None => None,
         };
         if let Some(mut h) = patched {

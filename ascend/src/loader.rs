@@ -252,7 +252,8 @@ pub fn load(cfg: &SearchConfig) -> Result<Api, LoadError> {
     let nnop_lib = open_required(NNOPBASE)?;
 
     // Op libraries: never both layouts.
-    let (opapi, op_libs): (OpapiMode, Vec<&'static Lib>) = match locate(OPAPI).map(|p| open_leaked(&p).map(|l| (p, l))) {
+    let (opapi, op_libs): (OpapiMode, Vec<&'static Lib>) = match locate(OPAPI).map(|p| open_leaked(&p).map(|l| (p, l)))
+    {
         Some(Ok((path, lib))) => (OpapiMode::Monolithic(path), vec![lib]),
         mono_err => {
             let split: Vec<PathBuf> = OPAPI_SPLIT.iter().filter_map(|n| find_in(&lib_dirs, n)).collect();

@@ -114,7 +114,11 @@ impl Runtime {
 
     /// The error for status `code` returned by `what`.
     pub fn error(&self, code: aclError, what: &str) -> Error {
-        Error::Device { backend: BACKEND.into(), code: code as i64, message: format!("{what}: {}", self.recent_error()) }
+        Error::Device {
+            backend: BACKEND.into(),
+            code: code as i64,
+            message: format!("{what}: {}", self.recent_error()),
+        }
     }
 
     /// `Ok` for success, otherwise the converted error (see [`Runtime::error`]).
@@ -313,7 +317,14 @@ impl Stream {
         self.bind()?;
         // SAFETY: forwarded to the caller (source lifetime); `dst` is a device address.
         let code = unsafe {
-            (self.rt.api.acl.aclrtMemcpyAsync)(dst.as_raw(), dst_cap, src.cast(), len, sys::ACL_MEMCPY_HOST_TO_DEVICE, self.raw())
+            (self.rt.api.acl.aclrtMemcpyAsync)(
+                dst.as_raw(),
+                dst_cap,
+                src.cast(),
+                len,
+                sys::ACL_MEMCPY_HOST_TO_DEVICE,
+                self.raw(),
+            )
         };
         self.rt.check(code, "aclrtMemcpyAsync(host to device)")
     }
@@ -330,7 +341,14 @@ impl Stream {
         self.bind()?;
         // SAFETY: forwarded to the caller (destination lifetime and exclusivity).
         let code = unsafe {
-            (self.rt.api.acl.aclrtMemcpyAsync)(dst.cast(), dst_cap, src.as_raw(), len, sys::ACL_MEMCPY_DEVICE_TO_HOST, self.raw())
+            (self.rt.api.acl.aclrtMemcpyAsync)(
+                dst.cast(),
+                dst_cap,
+                src.as_raw(),
+                len,
+                sys::ACL_MEMCPY_DEVICE_TO_HOST,
+                self.raw(),
+            )
         };
         self.rt.check(code, "aclrtMemcpyAsync(device to host)")
     }
@@ -625,7 +643,8 @@ impl PinnedBuffer {
             return Err(Error::OutOfMemory { backend: BACKEND.into(), bytes: cap });
         }
         rt.check(code, &format!("aclrtMallocHost({cap} bytes)"))?;
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| rt.error(sys::ACL_ERROR_BAD_ALLOC, "aclrtMallocHost returned NULL"))?;
+        let ptr = NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| rt.error(sys::ACL_ERROR_BAD_ALLOC, "aclrtMallocHost returned NULL"))?;
         Ok(PinnedBuffer { ptr, cap, rt })
     }
 

@@ -175,7 +175,12 @@ fn compare_fns(ours: &[FnSignature], theirs: &Decls, required: bool) -> (Vec<Str
         let my_ret = if sig.ret.is_empty() { "()".to_string() } else { canon(&parse_ty(sig.ret), &oa, &no_structs) };
         let hdr_ret = ret.as_ref().map_or_else(|| "()".to_string(), |t| canon(t, &theirs.aliases, &theirs.structs));
         if mine != hdr || my_ret != hdr_ret {
-            problems.push(format!("{}: ours fn({}) -> {my_ret}, header fn({}) -> {hdr_ret}", sig.symbol, mine.join(", "), hdr.join(", ")));
+            problems.push(format!(
+                "{}: ours fn({}) -> {my_ret}, header fn({}) -> {hdr_ret}",
+                sig.symbol,
+                mine.join(", "),
+                hdr.join(", ")
+            ));
         }
     }
     (problems, checked)
@@ -198,7 +203,10 @@ fn bindgen_for(header_text: &str, clang_args: &[String]) -> String {
 }
 
 #[test]
-#[cfg_attr(not(v4rt_npu_headers), ignore = "needs the torch-npu headers: build and run with V4RT_TORCH_NPU_HEADERS set (.ci/run does; see ascend/README.md, \"ABI check\")")]
+#[cfg_attr(
+    not(v4rt_npu_headers),
+    ignore = "needs the torch-npu headers: build and run with V4RT_TORCH_NPU_HEADERS set (.ci/run does; see ascend/README.md, \"ABI check\")"
+)]
 fn sys_matches_torch_npu_headers() {
     let Some(dir) = std::env::var_os(ENV) else {
         panic!("{ENV} is not set: see ascend/README.md (\"ABI check\") for the pip download / unzip / env commands");
@@ -221,7 +229,13 @@ fn sys_matches_torch_npu_headers() {
     let header = "#include \"acl/acl.h\"\n#include \"acl/error_codes/rt_error_codes.h\"\n#include \"hccl/hccl.h\"\n#include \"hccl/hccl_types.h\"\n";
     let text = bindgen_for(header, &args);
     let d = collect(&text);
-    println!("bindgen: {} functions, {} typedefs, {} constants from {}", d.fns.len(), d.aliases.len(), d.consts.len(), includes[0].display());
+    println!(
+        "bindgen: {} functions, {} typedefs, {} constants from {}",
+        d.fns.len(),
+        d.aliases.len(),
+        d.consts.len(),
+        includes[0].display()
+    );
 
     let mut problems = Vec::new();
     let mut checked = 0;

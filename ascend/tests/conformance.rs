@@ -68,7 +68,8 @@ fn child_entry() {
     let report = run_suite(be.as_ref(), reference.as_ref(), &opts);
     println!("{}", report.table());
     let rows = report.rows();
-    let unsupported: Vec<String> = rows.iter().filter(|r| r.result == RowResult::Unsupported).map(|r| r.op.clone()).collect();
+    let unsupported: Vec<String> =
+        rows.iter().filter(|r| r.result == RowResult::Unsupported).map(|r| r.op.clone()).collect();
     let bf16_cases = report.cases.iter().filter(|c| c.numerics.is_some()).count();
     println!("cases: {}, run through fused kernels (bf16 class): {bf16_cases}", report.cases.len());
     let failures = report.failures();

@@ -16,7 +16,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::ptr;
 use std::sync::Arc;
 
-use common::{assert_child_ok, bytes_f32, f32_bytes, i32_bytes, nmse, run_child, CHILD_ENV, Rng};
+use common::{assert_child_ok, bytes_f32, f32_bytes, i32_bytes, nmse, run_child, Rng, CHILD_ENV};
 use cpu_ref::CpuBackend;
 use hal::backend::{Backend, Probe, Support};
 use hal::ops::{Access, Add, Embed, GatherRows, HcExpand, HcPre, Linear, RmsNorm, Rope, SwiGlu, WeightFormat};
@@ -33,7 +33,8 @@ const MATMUL: f64 = 5e-4;
 
 fn backend() -> AscendBackend {
     common::use_emulator();
-    AscendBackend::open(&SearchConfig::from_env(), 0).unwrap_or_else(|e| panic!("emulated backend did not come up: {e}"))
+    AscendBackend::open(&SearchConfig::from_env(), 0)
+        .unwrap_or_else(|e| panic!("emulated backend did not come up: {e}"))
 }
 
 fn default_bytes(dtype: DType, n: usize, rng: &mut Rng) -> Vec<u8> {
@@ -50,7 +51,8 @@ fn default_bytes(dtype: DType, n: usize, rng: &mut Rng) -> Vec<u8> {
 fn run_on(b: &dyn Backend, op: &Op, data: &[Vec<u8>]) -> hal::Result<Vec<Vec<f32>>> {
     let sig = op.signature();
     let n_in = sig.inputs.len();
-    let ins = sig.inputs.iter().zip(data).map(|(s, d)| b.upload(&s.shape, s.dtype, d)).collect::<hal::Result<Vec<_>>>()?;
+    let ins =
+        sig.inputs.iter().zip(data).map(|(s, d)| b.upload(&s.shape, s.dtype, d)).collect::<hal::Result<Vec<_>>>()?;
     let mut extra = data[n_in..].iter();
     let mut outs = sig
         .outputs
@@ -85,7 +87,14 @@ fn parity(op: Op, tol: f64, mut special: impl FnMut(&str, usize, &mut Rng) -> Op
     for ((spec, g), w) in sig.outputs.iter().zip(&ours).zip(&want) {
         let e = nmse(g, w);
         println!("{} {}: nmse {e:.3e}", op.name(), spec.name);
-        assert!(e <= tol, "{} output '{}': nmse {e:e} > {tol:e} (first values {:?} vs {:?})", op.name(), spec.name, &g[..g.len().min(4)], &w[..w.len().min(4)]);
+        assert!(
+            e <= tol,
+            "{} output '{}': nmse {e:e} > {tol:e} (first values {:?} vs {:?})",
+            op.name(),
+            spec.name,
+            &g[..g.len().min(4)],
+            &w[..w.len().min(4)]
+        );
     }
 }
 
@@ -97,7 +106,10 @@ fn backend_comes_up_through_probe() {
             let d = &b.info().device;
             println!("device: {d}");
             assert_eq!(b.info().name, "ascend");
-            assert!(d.contains("Ascend910B") && d.contains("device 0") && d.contains("libopapi.so") && d.contains("HCCL"), "{d}");
+            assert!(
+                d.contains("Ascend910B") && d.contains("device 0") && d.contains("libopapi.so") && d.contains("HCCL"),
+                "{d}"
+            );
         }
         Probe::Unavailable(r) => panic!("emulated backend unavailable: {r}"),
     }
@@ -111,7 +123,9 @@ fn backend_comes_up_through_probe() {
 fn embed_matches_reference() {
     for table_dtype in [DType::F32, DType::BF16, DType::F16] {
         let op = Op::Embed(Embed { rows: 7, vocab: 50, dim: 24, table_dtype });
-        parity(op, 0.0, |name, n, rng| (name == "ids").then(|| i32_bytes(&(0..n).map(|_| rng.below(50) as i32).collect::<Vec<_>>())));
+        parity(op, 0.0, |name, n, rng| {
+            (name == "ids").then(|| i32_bytes(&(0..n).map(|_| rng.below(50) as i32).collect::<Vec<_>>()))
+        });
     }
 }
 
@@ -121,21 +135,37 @@ fn hc_expand_add_gather_match_reference() {
     parity(Op::Add(Add { rows: 6, b_rows: 6, width: 33 }), ELEMENTWISE, |_, _, _| None);
     parity(Op::Add(Add { rows: 12, b_rows: 3, width: 20 }), ELEMENTWISE, |_, _, _| None);
     let gather = Op::GatherRows(GatherRows { rows: 9, width: 17, out_rows: 4 });
-    parity(gather, 0.0, |name, n, rng| (name == "idx").then(|| i32_bytes(&(0..n).map(|_| rng.below(9) as i32).collect::<Vec<_>>())));
+    parity(gather, 0.0, |name, n, rng| {
+        (name == "idx").then(|| i32_bytes(&(0..n).map(|_| rng.below(9) as i32).collect::<Vec<_>>()))
+    });
 }
 
 #[test]
 fn rms_norm_matches_reference() {
-    let weight = |name: &str, n: usize, rng: &mut Rng| (name == "weight").then(|| f32_bytes(&(0..n).map(|_| 1.0 + 0.2 * rng.f32()).collect::<Vec<_>>()));
+    let weight = |name: &str, n: usize, rng: &mut Rng| {
+        (name == "weight").then(|| f32_bytes(&(0..n).map(|_| 1.0 + 0.2 * rng.f32()).collect::<Vec<_>>()))
+    };
     parity(Op::RmsNorm(RmsNorm { rows: 5, dim: 64, eps: 1e-6, weighted: true, rope: None }), ELEMENTWISE, weight);
     parity(Op::RmsNorm(RmsNorm { rows: 12, dim: 32, eps: 1e-6, weighted: false, rope: None }), ELEMENTWISE, weight);
 }
 
 #[test]
 fn linear_matches_reference() {
-    parity(Op::Linear(Linear { rows: 5, in_features: 64, out_features: 48, format: WeightFormat::F32 }), MATMUL, |_, _, _| None);
-    parity(Op::Linear(Linear { rows: 3, in_features: 96, out_features: 40, format: WeightFormat::Bf16 }), MATMUL, |_, _, _| None);
-    parity(Op::Linear(Linear { rows: 1, in_features: 32, out_features: 8, format: WeightFormat::F32 }), MATMUL, |_, _, _| None);
+    parity(
+        Op::Linear(Linear { rows: 5, in_features: 64, out_features: 48, format: WeightFormat::F32 }),
+        MATMUL,
+        |_, _, _| None,
+    );
+    parity(
+        Op::Linear(Linear { rows: 3, in_features: 96, out_features: 40, format: WeightFormat::Bf16 }),
+        MATMUL,
+        |_, _, _| None,
+    );
+    parity(
+        Op::Linear(Linear { rows: 1, in_features: 32, out_features: 8, format: WeightFormat::F32 }),
+        MATMUL,
+        |_, _, _| None,
+    );
 }
 
 #[test]
@@ -150,7 +180,9 @@ fn rope_matches_reference() {
     for (inverse, head_dim, rope_dim) in [(false, 24, 8), (true, 24, 8), (false, 16, 16)] {
         let op = Op::Rope(Rope { rows: 5, heads: 3, head_dim, rope_dim, inverse });
         parity(op, ELEMENTWISE, |name, n, rng| match name {
-            "freqs" => Some(f32_bytes(&(0..n).map(|i| 10000f32.powf(-2.0 * i as f32 / rope_dim as f32)).collect::<Vec<_>>())),
+            "freqs" => {
+                Some(f32_bytes(&(0..n).map(|i| 10000f32.powf(-2.0 * i as f32 / rope_dim as f32)).collect::<Vec<_>>()))
+            }
             "positions" => Some(i32_bytes(&(0..n).map(|_| rng.below(5000) as i32).collect::<Vec<_>>())),
             _ => None,
         });
@@ -160,7 +192,11 @@ fn rope_matches_reference() {
 #[test]
 fn zero_sized_ops_are_fine() {
     parity(Op::Add(Add { rows: 0, b_rows: 0, width: 8 }), 0.0, |_, _, _| None);
-    parity(Op::Linear(Linear { rows: 2, in_features: 0, out_features: 3, format: WeightFormat::F32 }), 0.0, |_, _, _| None);
+    parity(
+        Op::Linear(Linear { rows: 2, in_features: 0, out_features: 3, format: WeightFormat::F32 }),
+        0.0,
+        |_, _, _| None,
+    );
     parity(Op::RmsNorm(RmsNorm { rows: 0, dim: 8, eps: 1e-6, weighted: true, rope: None }), 0.0, |_, _, _| None);
 }
 
@@ -184,13 +220,27 @@ fn bad_indices_are_errors_naming_the_row() {
 fn support_answers() {
     let be = backend();
     // Every HAL op is implemented now (composed from generic aclnn ops).
-    let hc = Op::HcPre(HcPre { rows: 1, mult: 2, dim: 4, sinkhorn_iters: 2, hc_eps: 1e-6, norm_eps: 1e-6, after_post: false });
+    let hc = Op::HcPre(HcPre {
+        rows: 1,
+        mult: 2,
+        dim: 4,
+        sinkhorn_iters: 2,
+        hc_eps: 1e-6,
+        norm_eps: 1e-6,
+        after_post: false,
+    });
     assert_eq!(be.supports(&hc), Support::Yes);
     // FP8 weights run on a 910B too, through the table-decoding dequant path.
     let fp8 = Op::Linear(Linear { rows: 1, in_features: 128, out_features: 128, format: WeightFormat::Fp8Block128 });
     assert_eq!(be.supports(&fp8), Support::Yes);
     // FP8 grouped linears (the checkpoint's wo_a kept FP8) too, through the same dequant path.
-    let g = Op::GroupedLinear(hal::ops::GroupedLinear { rows: 1, groups: 2, in_per_group: 128, out_per_group: 128, format: WeightFormat::Fp8Block128 });
+    let g = Op::GroupedLinear(hal::ops::GroupedLinear {
+        rows: 1,
+        groups: 2,
+        in_per_group: 128,
+        out_per_group: 128,
+        format: WeightFormat::Fp8Block128,
+    });
     assert_eq!(be.supports(&g), Support::Yes);
 }
 
@@ -299,7 +349,13 @@ fn missing_synchronize_shows_stale_data() {
         let mut host = [0u8; 16];
         // SAFETY: synchronous copy of 16 bytes into a local buffer of 16 bytes.
         let code = unsafe {
-            (be.runtime().api().acl.aclrtMemcpy)(host.as_mut_ptr().cast(), 16, ptr_of(&out).as_raw(), 16, sys::ACL_MEMCPY_DEVICE_TO_HOST)
+            (be.runtime().api().acl.aclrtMemcpy)(
+                host.as_mut_ptr().cast(),
+                16,
+                ptr_of(&out).as_raw(),
+                16,
+                sys::ACL_MEMCPY_DEVICE_TO_HOST,
+            )
         };
         assert_eq!(code, 0, "{}", be.runtime().recent_error());
         bytes_f32(&host)
@@ -385,7 +441,17 @@ fn desc(be: &AscendBackend, ptr: DevicePtr, dtype: sys::aclDataType, shape: &[i6
     let api = be.runtime().api();
     // SAFETY: arrays valid for the call; the data pointer is a device address ACL only records.
     let t = unsafe {
-        (api.nnop.aclCreateTensor)(shape.as_ptr(), shape.len() as u64, dtype, strides.as_ptr(), 0, sys::ACL_FORMAT_ND, storage.as_ptr(), 1, ptr.as_raw())
+        (api.nnop.aclCreateTensor)(
+            shape.as_ptr(),
+            shape.len() as u64,
+            dtype,
+            strides.as_ptr(),
+            0,
+            sys::ACL_FORMAT_ND,
+            storage.as_ptr(),
+            1,
+            ptr.as_raw(),
+        )
     };
     assert!(!t.is_null(), "aclCreateTensor: {}", be.runtime().recent_error());
     t
@@ -428,7 +494,11 @@ fn workspace_and_executor_rules_are_enforced() {
     assert_eq!(launch_add(&be, ptr::null_mut(), ws, ex), sys::ACLNN_ERR_PARAM_NULLPTR);
     assert!(rt.recent_error().contains("workspace is nullptr"));
     let mut host = vec![0u8; ws as usize];
-    assert_eq!(launch_add(&be, host.as_mut_ptr().cast(), ws, ex), sys::ACLNN_ERR_PARAM_INVALID, "a host pointer is no workspace");
+    assert_eq!(
+        launch_add(&be, host.as_mut_ptr().cast(), ws, ex),
+        sys::ACLNN_ERR_PARAM_INVALID,
+        "a host pointer is no workspace"
+    );
     let good = be.pool().alloc(ws as usize).unwrap();
     assert_eq!(launch_add(&be, good.ptr().as_raw(), ws, ex), 0, "{}", rt.recent_error());
     assert_eq!(launch_add(&be, good.ptr().as_raw(), ws, ex), sys::ACLNN_ERR_PARAM_INVALID, "executor reuse");
@@ -457,7 +527,12 @@ fn descriptors_must_outlive_the_launch() {
 }
 
 /// Phase 1 of `Cast(f32 → FP8 E4M3FN)`: status and executor.
-fn cast_to_fp8(be: &AscendBackend, src: DevicePtr, dst: DevicePtr, n: i64) -> (i32, u64, *mut aclOpExecutor, [*mut aclTensor; 2]) {
+fn cast_to_fp8(
+    be: &AscendBackend,
+    src: DevicePtr,
+    dst: DevicePtr,
+    n: i64,
+) -> (i32, u64, *mut aclOpExecutor, [*mut aclTensor; 2]) {
     let s = desc(be, src, sys::ACL_FLOAT, &[n]);
     let d = desc(be, dst, sys::ACL_FLOAT8_E4M3FN, &[n]);
     let pair = be.runtime().api().ops.Cast.expect("aclnnCast resolved");
@@ -520,7 +595,6 @@ fn shutdown_finalizes_once() {
     assert_child_ok(&out);
 }
 
-
 /// Entry point of the child processes above (does nothing in a normal run).
 #[test]
 fn child_entry() {
@@ -566,7 +640,8 @@ fn child_entry() {
             let be = backend();
             let a = be.upload(&[1, 4], DType::F32, &f32_bytes(&[1.0; 4])).unwrap();
             let mut out = be.alloc(&[1, 4], DType::F32).unwrap();
-            be.run(&Op::Add(Add { rows: 1, b_rows: 1, width: 4 }), &[&a, &a], &mut [&mut out]).expect("launch itself succeeds");
+            be.run(&Op::Add(Add { rows: 1, b_rows: 1, width: 4 }), &[&a, &a], &mut [&mut out])
+                .expect("launch itself succeeds");
             match be.synchronize() {
                 Err(Error::Device { code, message, .. }) => {
                     assert_eq!(code, sys::ACL_ERROR_RT_AICORE_EXCEPTION as i64);
@@ -581,7 +656,8 @@ fn child_entry() {
             let be = backend();
             assert_eq!(be.profile().family, SocFamily::Ascend950);
             assert!(be.profile().fp8_compute && be.profile().fp4_compute);
-            let fp8 = Op::Linear(Linear { rows: 1, in_features: 128, out_features: 128, format: WeightFormat::Fp8Block128 });
+            let fp8 =
+                Op::Linear(Linear { rows: 1, in_features: 128, out_features: 128, format: WeightFormat::Fp8Block128 });
             // FP8 weights take the FP8-Cast dequantizing path here (the table path on 910B).
             assert_eq!(be.supports(&fp8), Support::Yes);
             // The same raw FP8 cast the 910B rejects runs here.
@@ -604,7 +680,11 @@ fn child_entry() {
             // aclnnInplaceIndexCopy is documented for A2/A3 only: the 950 profile refuses it
             // (the backend scatters rows with aclnnInplaceScatter instead).
             let (a, b, i) = (be.pool().alloc(32).unwrap(), be.pool().alloc(16).unwrap(), be.pool().alloc(8).unwrap());
-            let (sr, src, idx) = (desc(&be, a.ptr(), sys::ACL_FLOAT, &[4, 2]), desc(&be, b.ptr(), sys::ACL_FLOAT, &[2, 2]), desc(&be, i.ptr(), sys::ACL_INT32, &[2]));
+            let (sr, src, idx) = (
+                desc(&be, a.ptr(), sys::ACL_FLOAT, &[4, 2]),
+                desc(&be, b.ptr(), sys::ACL_FLOAT, &[2, 2]),
+                desc(&be, i.ptr(), sys::ACL_INT32, &[2]),
+            );
             let pair = api.ops.InplaceIndexCopy.expect("aclnnInplaceIndexCopy resolved");
             let (mut ws, mut ex) = (0u64, ptr::null_mut());
             // SAFETY: live descriptors and valid out-pointers.
@@ -672,7 +752,17 @@ fn index_inputs_use_host_copies_only_while_they_are_current() {
     assert_eq!(be.index_reads().device, after.device, "a written tensor keeps its (patched) host copy");
 
     // 3. The same tensor overwritten by a device op (IndexerTopK's indices): read from the device.
-    let op = Op::IndexerTopK(hal::ops::IndexerTopK { rows: 2, heads: 1, head_dim: 1, slots: 1, capacity: 4, ratio: 1, topk: 2, weight_scale: 1.0, cache_dtype: hal::DType::F32 });
+    let op = Op::IndexerTopK(hal::ops::IndexerTopK {
+        rows: 2,
+        heads: 1,
+        head_dim: 1,
+        slots: 1,
+        capacity: 4,
+        ratio: 1,
+        topk: 2,
+        weight_scale: 1.0,
+        cache_dtype: hal::DType::F32,
+    });
     let q = be.upload(&[2, 1, 1], DType::F32, &f32_bytes(&[1.0, 1.0])).unwrap();
     let w = be.upload(&[2, 1], DType::F32, &f32_bytes(&[1.0, 1.0])).unwrap();
     // Key scores 0.5, 3, 1, 2: row 0 (sees 3) picks [1, 2], row 1 (sees 4) picks [1, 3].
@@ -701,7 +791,11 @@ fn bf16_cache_equals_rounded_f32_cache(be: &AscendBackend, op16: Op, ints: &[(&s
     let (s16, s32) = (op16.signature(), op32.signature());
     let mut rng = Rng::new(0xb16);
     let (mut d16, mut d32) = (Vec::new(), Vec::new());
-    let specs = s16.inputs.iter().zip(&s32.inputs).chain(s16.outputs.iter().zip(&s32.outputs).filter(|(s, _)| s.access == Access::ReadWrite));
+    let specs = s16
+        .inputs
+        .iter()
+        .zip(&s32.inputs)
+        .chain(s16.outputs.iter().zip(&s32.outputs).filter(|(s, _)| s.access == Access::ReadWrite));
     for (a, b) in specs {
         if let Some((_, v)) = ints.iter().find(|(n, _)| *n == a.name) {
             d16.push(i32_bytes(v));
@@ -728,7 +822,15 @@ fn bf16_cache_equals_rounded_f32_cache(be: &AscendBackend, op16: Op, ints: &[(&s
     for ((spec, g), w) in s16.outputs.iter().zip(&got).zip(&want) {
         let w = if spec.dtype == DType::BF16 { round(w) } else { w.clone() };
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert!(bits(g) == bits(&w), "{} ({:?}) output '{}' differs: {:?} vs {:?}", op16.name(), be.fused_kernel(&op16), spec.name, &g[..g.len().min(4)], &w[..w.len().min(4)]);
+        assert!(
+            bits(g) == bits(&w),
+            "{} ({:?}) output '{}' differs: {:?} vs {:?}",
+            op16.name(),
+            be.fused_kernel(&op16),
+            spec.name,
+            &g[..g.len().min(4)],
+            &w[..w.len().min(4)]
+        );
     }
 }
 
@@ -741,8 +843,21 @@ fn bf16_caches_equal_f32_caches_holding_bf16_values() {
     let rows = [("slots", vec![0, 0, 1]), ("positions", vec![5, 6, 3])];
     // Attention: head_dim 512 takes aclnnSparseFlashMla (the default fused policy), 40 the composition.
     for head_dim in [512, 40] {
-        for compressed in [CompressedKv::None, CompressedKv::All { ratio: 2, capacity: 4 }, CompressedKv::Selected { ratio: 2, capacity: 4, topk: 2 }] {
-            let op = Op::SparseAttention(SparseAttention { rows: 3, heads: 2, head_dim, slots: 2, window: 4, compressed, softmax_scale: 0.05, cache_dtype: bf });
+        for compressed in [
+            CompressedKv::None,
+            CompressedKv::All { ratio: 2, capacity: 4 },
+            CompressedKv::Selected { ratio: 2, capacity: 4, topk: 2 },
+        ] {
+            let op = Op::SparseAttention(SparseAttention {
+                rows: 3,
+                heads: 2,
+                head_dim,
+                slots: 2,
+                window: 4,
+                compressed,
+                softmax_scale: 0.05,
+                cache_dtype: bf,
+            });
             assert_eq!(be.fused_kernel(&op).is_some(), head_dim == 512, "{op:?}");
             let mut ints = rows.to_vec();
             ints.push(("indices", vec![0, 2, 1, -1, 0, 1]));
@@ -754,12 +869,33 @@ fn bf16_caches_equal_f32_caches_holding_bf16_values() {
     // A 5-row prefill longer than the window: only the last 4 rows are stored.
     let op = Op::WindowStore(WindowStore { rows: 5, slots: 1, window: 4, dim: 8, cache_dtype: bf });
     bf16_cache_equals_rounded_f32_cache(&be, op, &[("slots", vec![0; 5]), ("positions", vec![2, 3, 4, 5, 6])]);
-    let op = Op::IndexerTopK(IndexerTopK { rows: 2, heads: 2, head_dim: 16, slots: 2, capacity: 8, ratio: 2, topk: 3, weight_scale: 0.3, cache_dtype: bf });
+    let op = Op::IndexerTopK(IndexerTopK {
+        rows: 2,
+        heads: 2,
+        head_dim: 16,
+        slots: 2,
+        capacity: 8,
+        ratio: 2,
+        topk: 3,
+        weight_scale: 0.3,
+        cache_dtype: bf,
+    });
     assert!(be.fused_kernel(&op).is_some(), "the emulator exports aclnnLightningIndexer");
     bf16_cache_equals_rounded_f32_cache(&be, op, &[("slots", vec![0, 1]), ("positions", vec![7, 4])]);
     for (overlap, rotate, width, rope_dim) in [(false, false, 80, 16), (true, true, 64, 16)] {
         let ratio = if overlap { 4 } else { 2 };
-        let op = Op::Compressor(Compressor { rows: 8, slots: 1, ratio, overlap, width, rope_dim, rotate, capacity: 4, norm_eps: 1e-6, cache_dtype: bf });
+        let op = Op::Compressor(Compressor {
+            rows: 8,
+            slots: 1,
+            ratio,
+            overlap,
+            width,
+            rope_dim,
+            rotate,
+            capacity: 4,
+            norm_eps: 1e-6,
+            cache_dtype: bf,
+        });
         bf16_cache_equals_rounded_f32_cache(&be, op, &[("slots", vec![0; 8]), ("positions", (0..8).collect())]);
     }
 }

@@ -19,7 +19,7 @@ mod common;
 use std::ffi::{c_char, CString};
 use std::ptr;
 
-use common::{assert_child_ok, f32_bytes, i32_bytes, run_child, CHILD_ENV, Rng};
+use common::{assert_child_ok, f32_bytes, i32_bytes, run_child, Rng, CHILD_ENV};
 use hal::backend::Backend;
 use hal::{DType, Error, Op, Tensor};
 use v4rt_ascend::loader::SearchConfig;
@@ -34,7 +34,8 @@ const P_INVALID: i32 = sys::ACLNN_ERR_PARAM_INVALID;
 
 fn backend() -> AscendBackend {
     common::use_emulator();
-    AscendBackend::open(&SearchConfig::from_env(), 0).unwrap_or_else(|e| panic!("emulated backend did not come up: {e}"))
+    AscendBackend::open(&SearchConfig::from_env(), 0)
+        .unwrap_or_else(|e| panic!("emulated backend did not come up: {e}"))
 }
 
 fn acl_dtype(d: DType) -> sys::aclDataType {
@@ -115,7 +116,17 @@ impl Fx {
         let storage = [t.shape().iter().product::<usize>() as i64];
         // SAFETY: arrays valid for the call; the data pointer is a device address ACL records.
         let desc = unsafe {
-            (self.api().nnop.aclCreateTensor)(shape.as_ptr(), shape.len() as u64, acl_dtype(d), strides.as_ptr(), 0, sys::ACL_FORMAT_ND, storage.as_ptr(), 1, ptr.as_raw())
+            (self.api().nnop.aclCreateTensor)(
+                shape.as_ptr(),
+                shape.len() as u64,
+                acl_dtype(d),
+                strides.as_ptr(),
+                0,
+                sys::ACL_FORMAT_ND,
+                storage.as_ptr(),
+                1,
+                ptr.as_raw(),
+            )
         };
         assert!(!desc.is_null(), "aclCreateTensor: {}", self.be.runtime().recent_error());
         self.data.push((desc, t));
@@ -180,7 +191,12 @@ impl Fx {
 
     /// Phase 2 of a successful phase 1 on `stream` (the backend's when `None`), with a fresh
     /// workspace of the size asked for; returns the launch status.
-    fn launch(&mut self, (code, ws, ex): (i32, u64, *mut aclOpExecutor), launch: AclnnLaunchFn, stream: Option<&Stream>) -> i32 {
+    fn launch(
+        &mut self,
+        (code, ws, ex): (i32, u64, *mut aclOpExecutor),
+        launch: AclnnLaunchFn,
+        stream: Option<&Stream>,
+    ) -> i32 {
         assert_eq!(code, 0, "phase 1: {}", self.recent());
         let w = self.be.pool().alloc(ws.max(1) as usize).unwrap();
         let raw = stream.map_or(self.be.stream().raw(), |s| s.raw());
@@ -252,7 +268,17 @@ impl MhcPost {
     fn phase1(&self, fx: &Fx) -> (i32, u64, *mut aclOpExecutor) {
         let (mut ws, mut ex) = (0u64, ptr::null_mut());
         // SAFETY: descriptors of the fixture (or NULL) and valid out-pointers.
-        let code = unsafe { (fx.fused().MhcPost.unwrap().get_workspace_size)(self.x, self.h_res, self.h_out, self.h_post, self.out, &mut ws, &mut ex) };
+        let code = unsafe {
+            (fx.fused().MhcPost.unwrap().get_workspace_size)(
+                self.x,
+                self.h_res,
+                self.h_out,
+                self.h_post,
+                self.out,
+                &mut ws,
+                &mut ex,
+            )
+        };
         (code, ws, ex)
     }
 }
@@ -337,8 +363,21 @@ impl MhcPre {
         // SAFETY: descriptors of the fixture (or NULL) and valid out-pointers.
         let code = unsafe {
             (f.get_workspace_size)(
-                self.x, self.phi, self.alpha, self.bias, self.gamma, self.norm_eps, self.hc_eps, self.h_in, self.h_post, self.h_res, self.inv_rms,
-                self.h_mix, self.h_pre, &mut ws, &mut ex,
+                self.x,
+                self.phi,
+                self.alpha,
+                self.bias,
+                self.gamma,
+                self.norm_eps,
+                self.hc_eps,
+                self.h_in,
+                self.h_post,
+                self.h_res,
+                self.inv_rms,
+                self.h_mix,
+                self.h_pre,
+                &mut ws,
+                &mut ex,
             )
         };
         (code, ws, ex)
@@ -355,7 +394,11 @@ fn mhc_pre_case(fx: &mut Fx, optionals: bool) -> (MhcPre, [Vec<f64>; 6]) {
     let phi = rounded(DType::F32, &randoms(&mut rng, mix * nd, 0.5));
     let alpha = rounded(DType::F32, &[0.7, 1.3, 0.4]);
     let bias = rounded(DType::F32, &randoms(&mut rng, mix, 0.5));
-    let gamma = if optionals { rounded(DType::F32, &randoms(&mut rng, nd, 0.5).iter().map(|g| 1.0 + g).collect::<Vec<_>>()) } else { vec![1.0; nd] };
+    let gamma = if optionals {
+        rounded(DType::F32, &randoms(&mut rng, nd, 0.5).iter().map(|g| 1.0 + g).collect::<Vec<_>>())
+    } else {
+        vec![1.0; nd]
+    };
     let (norm_eps, hc_eps) = (1e-6, 1e-4);
     // Reference, term by term from the doc.
     let sig = |z: f64| 1.0 / (1.0 + (-z).exp());
@@ -363,7 +406,8 @@ fn mhc_pre_case(fx: &mut Fx, optionals: bool) -> (MhcPre, [Vec<f64>; 6]) {
     for tt in 0..t {
         let xr = &x[tt * nd..(tt + 1) * nd];
         let rho = 1.0 / (xr.iter().map(|v| v * v).sum::<f64>() / nd as f64 + norm_eps).sqrt();
-        let mu: Vec<f64> = (0..mix).map(|r| (0..nd).map(|c| phi[r * nd + c] * xr[c] * gamma[c]).sum::<f64>() * rho).collect();
+        let mu: Vec<f64> =
+            (0..mix).map(|r| (0..nd).map(|c| phi[r * nd + c] * xr[c] * gamma[c]).sum::<f64>() * rho).collect();
         let pre: Vec<f64> = (0..n).map(|i| sig(alpha[0] * mu[i] + bias[i]) + hc_eps).collect();
         want[0].extend((0..d).map(|dd| (0..n).map(|i| pre[i] * xr[i * d + dd]).sum::<f64>()));
         want[1].extend((0..n).map(|i| 2.0 * sig(alpha[1] * mu[n + i] + bias[n + i])));
@@ -457,8 +501,23 @@ impl Indexer {
         // SAFETY: descriptors and C strings of the fixture (or NULL), valid out-pointers.
         let code = unsafe {
             (f.get_workspace_size)(
-                self.query, self.key, self.weights, self.seq_q, self.seq_k, self.table, self.layout_q, self.layout_k, self.k, self.mode, i64::MAX, 0,
-                self.return_values, self.indices, self.values, &mut ws, &mut ex,
+                self.query,
+                self.key,
+                self.weights,
+                self.seq_q,
+                self.seq_k,
+                self.table,
+                self.layout_q,
+                self.layout_k,
+                self.k,
+                self.mode,
+                i64::MAX,
+                0,
+                self.return_values,
+                self.indices,
+                self.values,
+                &mut ws,
+                &mut ex,
             )
         };
         (code, ws, ex)
@@ -531,7 +590,12 @@ fn indexer_ref(
             let visible = (s2 - s1 + i as i64 + 1).clamp(0, s2) as usize;
             let mut scored: Vec<(f64, usize)> = (0..visible)
                 .map(|s| {
-                    let sc = (0..heads).map(|g| w[t * heads + g] * (0..d).map(|c| q[(t * heads + g) * d + c] * keys[b][s][c]).sum::<f64>().max(0.0)).sum::<f64>();
+                    let sc = (0..heads)
+                        .map(|g| {
+                            w[t * heads + g]
+                                * (0..d).map(|c| q[(t * heads + g) * d + c] * keys[b][s][c]).sum::<f64>().max(0.0)
+                        })
+                        .sum::<f64>();
                     (sc, s)
                 })
                 .collect();
@@ -708,8 +772,33 @@ impl Metadata {
         // SAFETY: descriptors and C strings of the fixture (or NULL), valid out-pointers.
         let code = unsafe {
             (f.get_workspace_size)(
-                self.cu_q, n, n, n, n, n, n, n, n, self.heads_q, self.heads_kv, self.head_dim, self.batch, 1, 64, self.cmp_ratio, 0, 0, self.win_left, 0,
-                self.layout_q, self.layout_kv, self.has_ori, self.has_cmp, self.meta, &mut ws, &mut ex,
+                self.cu_q,
+                n,
+                n,
+                n,
+                n,
+                n,
+                n,
+                n,
+                n,
+                self.heads_q,
+                self.heads_kv,
+                self.head_dim,
+                self.batch,
+                1,
+                64,
+                self.cmp_ratio,
+                0,
+                0,
+                self.win_left,
+                0,
+                self.layout_q,
+                self.layout_kv,
+                self.has_ori,
+                self.has_cmp,
+                self.meta,
+                &mut ws,
+                &mut ex,
             )
         };
         (code, ws, ex)
@@ -744,9 +833,38 @@ impl Mla {
         // SAFETY: descriptors and C strings of the fixture (or NULL), valid out-pointers.
         let code = unsafe {
             (f.get_workspace_size)(
-                self.q, self.ori_kv, self.cmp_kv, self.ori_idx, self.cmp_idx, self.ori_table, self.cmp_table, self.cu_q, n, n, n, n, n, n, n, n, self.sinks,
-                self.meta, self.scale, self.cmp_ratio, 0, 0, self.win_left, 0, self.layout_q, self.layout_kv, self.topk_value_mode, false, self.out, NULL,
-                &mut ws, &mut ex,
+                self.q,
+                self.ori_kv,
+                self.cmp_kv,
+                self.ori_idx,
+                self.cmp_idx,
+                self.ori_table,
+                self.cmp_table,
+                self.cu_q,
+                n,
+                n,
+                n,
+                n,
+                n,
+                n,
+                n,
+                n,
+                self.sinks,
+                self.meta,
+                self.scale,
+                self.cmp_ratio,
+                0,
+                0,
+                self.win_left,
+                0,
+                self.layout_q,
+                self.layout_kv,
+                self.topk_value_mode,
+                false,
+                self.out,
+                NULL,
+                &mut ws,
+                &mut ex,
             )
         };
         (code, ws, ex)
@@ -866,8 +984,18 @@ fn sparse_flash_mla_random_batches() {
     for tt in 0..t {
         let b = batch_of[tt];
         let mut keys: Vec<Vec<f64>> = Vec::new();
-        keys.extend(ori_idx[tt * ko..(tt + 1) * ko].iter().filter(|&&p| p != -1).map(|&p| row(&ori_kv, 4, &ori_tables[b], p as usize)));
-        keys.extend(cmp_idx[tt * kc..(tt + 1) * kc].iter().filter(|&&p| p != -1).map(|&p| row(&cmp_kv, 2, &cmp_tables[b], p as usize)));
+        keys.extend(
+            ori_idx[tt * ko..(tt + 1) * ko]
+                .iter()
+                .filter(|&&p| p != -1)
+                .map(|&p| row(&ori_kv, 4, &ori_tables[b], p as usize)),
+        );
+        keys.extend(
+            cmp_idx[tt * kc..(tt + 1) * kc]
+                .iter()
+                .filter(|&&p| p != -1)
+                .map(|&p| row(&cmp_kv, 2, &cmp_tables[b], p as usize)),
+        );
         for h in 0..heads {
             want.extend(attention_ref(&q[(tt * heads + h) * D..(tt * heads + h + 1) * D], &keys, scale, sinks[h]));
         }
@@ -908,10 +1036,18 @@ fn sparse_flash_mla_random_batches() {
     ori_only.out = fx.output(DType::BF16, &[ti, hi, di]);
     let mut want = Vec::new();
     for tt in 0..t {
-        let keys: Vec<Vec<f64>> =
-            idx[tt * ko..(tt + 1) * ko].iter().filter(|&&p| p != -1).map(|&p| row(&ori_kv, 4, &ori_tables[batch_of[tt]], p as usize)).collect();
+        let keys: Vec<Vec<f64>> = idx[tt * ko..(tt + 1) * ko]
+            .iter()
+            .filter(|&&p| p != -1)
+            .map(|&p| row(&ori_kv, 4, &ori_tables[batch_of[tt]], p as usize))
+            .collect();
         for h in 0..heads {
-            want.extend(attention_ref(&q[(tt * heads + h) * D..(tt * heads + h + 1) * D], &keys, scale, f64::NEG_INFINITY));
+            want.extend(attention_ref(
+                &q[(tt * heads + h) * D..(tt * heads + h + 1) * D],
+                &keys,
+                scale,
+                f64::NEG_INFINITY,
+            ));
         }
     }
     let meta = ori_only.metadata(&mut fx, hi, 2);
@@ -926,7 +1062,9 @@ fn sparse_flash_mla_validation() {
     let mut fx = Fx::new();
     // Documented limits on the metadata op: numHeadsKv = 1, headDim = 512, numHeadsQ ∈ [1, 128].
     let call = mla_by_hand(&mut fx, &[1, 0]);
-    for (field, value, needle) in [("kv", 2, "numHeadsKv 2"), ("dim", 256, "headDim 256"), ("q", 129, "numHeadsQ 129"), ("q", 0, "numHeadsQ 0")] {
+    for (field, value, needle) in
+        [("kv", 2, "numHeadsKv 2"), ("dim", 256, "headDim 256"), ("q", 129, "numHeadsQ 129"), ("q", 0, "numHeadsQ 0")]
+    {
         let mut m = call.metadata(&mut fx, 2, 1);
         match field {
             "kv" => m.heads_kv = value,
@@ -970,7 +1108,11 @@ fn sparse_flash_mla_validation() {
     // ori and cmp come as whole (kv, indices, block table) triples; at least one.
     let mut c = mla_by_hand(&mut fx, &[1, 0]);
     c.cmp_idx = NULL;
-    fx.refused(c.phase1(&fx), P_INVALID, &["cmpKvOptional", "given: cmpKvOptional, cmpBlockTableOptional; NULL: cmpSparseIndicesOptional"]);
+    fx.refused(
+        c.phase1(&fx),
+        P_INVALID,
+        &["cmpKvOptional", "given: cmpKvOptional, cmpBlockTableOptional; NULL: cmpSparseIndicesOptional"],
+    );
     let mut c = mla_by_hand(&mut fx, &[1, 0]);
     (c.ori_kv, c.ori_idx, c.ori_table, c.cmp_kv, c.cmp_idx, c.cmp_table) = (NULL, NULL, NULL, NULL, NULL, NULL);
     fx.refused(c.phase1(&fx), P_INVALID, &["neither ori"]);
@@ -1098,7 +1240,6 @@ fn mhc_post_validation() {
 
 // ---------------------------------------------------------------- child processes
 
-
 /// Entry point of the child processes above (does nothing in a normal run).
 #[test]
 fn child_entry() {
@@ -1125,7 +1266,17 @@ fn child_entry() {
             let be = &fx.be;
             let ver = std::env::var("V4RT_EMU_CANN_VERSION").expect("V4RT_EMU_CANN_VERSION");
             assert!(be.info().device.contains(&format!("CANN {ver}")), "{}", be.info().device);
-            let indexer = Op::IndexerTopK(hal::ops::IndexerTopK { rows: 2, heads: 4, head_dim: 128, slots: 1, capacity: 8, ratio: 4, topk: 2, weight_scale: 1.0, cache_dtype: hal::DType::F32 });
+            let indexer = Op::IndexerTopK(hal::ops::IndexerTopK {
+                rows: 2,
+                heads: 4,
+                head_dim: 128,
+                slots: 1,
+                capacity: 8,
+                ratio: 4,
+                topk: 2,
+                weight_scale: 1.0,
+                cache_dtype: hal::DType::F32,
+            });
             let attention = Op::SparseAttention(hal::ops::SparseAttention {
                 rows: 2,
                 heads: 4,

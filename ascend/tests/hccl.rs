@@ -50,7 +50,8 @@ fn ranks<T: Send>(n: u32, body: impl Fn(u32, &AscendBackend, &Communicator) -> T
                 let (root, body) = (&root, &body);
                 s.spawn(move || {
                     let be = open(rank as i32);
-                    let comm = Communicator::init(&be, n, root, rank).unwrap_or_else(|e| panic!("rank {rank} init: {e}"));
+                    let comm =
+                        Communicator::init(&be, n, root, rank).unwrap_or_else(|e| panic!("rank {rank} init: {e}"));
                     body(rank, &be, &comm)
                 })
             })
@@ -298,7 +299,10 @@ fn child_entry() {
             for (rank, (code, msg, hccl)) in results.iter().enumerate() {
                 assert!((507000..508000).contains(code), "rank {rank}: {code} {msg}");
                 assert_eq!(*hccl, sys::HCCL_E_PARA as i64, "rank {rank}");
-                assert!(msg.contains("HCCL_E_PARA") && msg.contains("count=8") && msg.contains("count=4"), "rank {rank}: {msg}");
+                assert!(
+                    msg.contains("HCCL_E_PARA") && msg.contains("count=8") && msg.contains("count=4"),
+                    "rank {rank}: {msg}"
+                );
             }
             // Different collectives (fresh backends and communicator: the old streams are dead).
             let results = ranks(2, |rank, be, comm| {
@@ -311,7 +315,11 @@ fn child_entry() {
                 sync_failure(be).1
             });
             for msg in &results {
-                assert!(msg.contains("HcclBroadcast(count=4, FP32, root=0)") && msg.contains("HcclAllReduce(count=4, FP32, MAX)"), "{msg}");
+                assert!(
+                    msg.contains("HcclBroadcast(count=4, FP32, root=0)")
+                        && msg.contains("HcclAllReduce(count=4, FP32, MAX)"),
+                    "{msg}"
+                );
             }
         }
         "timeout" => {
@@ -327,7 +335,10 @@ fn child_entry() {
                     let waited = t.elapsed();
                     assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(5), "{waited:?}");
                     assert_eq!(code, 507046, "{msg}");
-                    assert!(msg.contains("HCCL_E_TIMEOUT") && msg.contains("ranks [1] of 2") && msg.contains("300 ms"), "{msg}");
+                    assert!(
+                        msg.contains("HCCL_E_TIMEOUT") && msg.contains("ranks [1] of 2") && msg.contains("300 ms"),
+                        "{msg}"
+                    );
                     assert_eq!(async_code(comm), sys::HCCL_E_TIMEOUT as i64);
                 }
                 // Rank 1 stays alive (and its communicator too) until rank 0 has timed out.
@@ -375,10 +386,19 @@ fn child_entry() {
                 be.runtime().bind(be.device()).unwrap();
                 // SAFETY: synchronous copy of 16 bytes into a local buffer of 16 bytes.
                 let code = unsafe {
-                    (be.runtime().api().acl.aclrtMemcpy)(host.as_mut_ptr().cast(), 16, ptr_of(&recv).as_raw(), 16, sys::ACL_MEMCPY_DEVICE_TO_HOST)
+                    (be.runtime().api().acl.aclrtMemcpy)(
+                        host.as_mut_ptr().cast(),
+                        16,
+                        ptr_of(&recv).as_raw(),
+                        16,
+                        sys::ACL_MEMCPY_DEVICE_TO_HOST,
+                    )
                 };
                 assert_eq!(code, 0, "{}", be.runtime().recent_error());
-                assert!(bytes_f32(&host).iter().all(|v| v.is_nan()), "rank {rank}: collective output visible before a synchronize");
+                assert!(
+                    bytes_f32(&host).iter().all(|v| v.is_nan()),
+                    "rank {rank}: collective output visible before a synchronize"
+                );
                 both_read.wait();
                 assert_eq!(bytes_f32(&be.download(&recv).unwrap()), [3.0; 4]);
             });
@@ -432,7 +452,10 @@ fn host_checks() {
     invalid(comm.all_reduce(&be0, &send, &mut five, ReduceOp::Sum), "must have the shape and dtype of send");
     let wide = be0.upload(&[2], DType::I64, &[0u8; 16]).unwrap();
     let mut wide_out = be0.alloc(&[2], DType::I64).unwrap();
-    invalid(comm.all_reduce(&be0, &wide, &mut wide_out, ReduceOp::Sum), "reduces int8, int32, fp16, fp32 and bf16 only");
+    invalid(
+        comm.all_reduce(&be0, &wide, &mut wide_out, ReduceOp::Sum),
+        "reduces int8, int32, fp16, fp32 and bf16 only",
+    );
     let foreign = be1.upload(&[4], DType::F32, &f32_bytes(&[0.0; 4])).unwrap();
     invalid(comm.all_reduce(&be0, &foreign, &mut recv, ReduceOp::Sum), "hccl all_reduce send");
     let mut foreign_out = be1.alloc(&[4], DType::F32).unwrap();
@@ -453,17 +476,32 @@ fn host_checks() {
     let rt = be0.runtime();
     // SAFETY (all calls below): arguments the emulator validates before using any pointer.
     unsafe {
-        assert_eq!(all_reduce(hp, r, 4, sys::HCCL_DATA_TYPE_FP32, sys::HCCL_REDUCE_SUM, comm.raw(), stream), sys::HCCL_E_PARA);
+        assert_eq!(
+            all_reduce(hp, r, 4, sys::HCCL_DATA_TYPE_FP32, sys::HCCL_REDUCE_SUM, comm.raw(), stream),
+            sys::HCCL_E_PARA
+        );
         assert!(rt.recent_error().contains("is not device memory"));
         // The pool hands out 512-byte blocks, so only a count past the block overruns it.
-        assert_eq!(all_reduce(s, r, 200, sys::HCCL_DATA_TYPE_FP32, sys::HCCL_REDUCE_SUM, comm.raw(), stream), sys::HCCL_E_PARA);
+        assert_eq!(
+            all_reduce(s, r, 200, sys::HCCL_DATA_TYPE_FP32, sys::HCCL_REDUCE_SUM, comm.raw(), stream),
+            sys::HCCL_E_PARA
+        );
         assert!(rt.recent_error().contains("must hold 800 bytes"));
-        assert_eq!(all_reduce(s, r, 4, sys::HCCL_DATA_TYPE_INT64, sys::HCCL_REDUCE_SUM, comm.raw(), stream), sys::HCCL_E_PARA);
+        assert_eq!(
+            all_reduce(s, r, 4, sys::HCCL_DATA_TYPE_INT64, sys::HCCL_REDUCE_SUM, comm.raw(), stream),
+            sys::HCCL_E_PARA
+        );
         assert!(rt.recent_error().contains("is not supported by HcclAllReduce"));
         assert_eq!(all_reduce(s, r, 4, sys::HCCL_DATA_TYPE_FP32, 9, comm.raw(), stream), sys::HCCL_E_PARA);
-        assert_eq!(all_reduce(s, r, 4, sys::HCCL_DATA_TYPE_FP32, sys::HCCL_REDUCE_SUM, comm.raw(), ptr::null_mut()), sys::HCCL_E_PTR);
+        assert_eq!(
+            all_reduce(s, r, 4, sys::HCCL_DATA_TYPE_FP32, sys::HCCL_REDUCE_SUM, comm.raw(), ptr::null_mut()),
+            sys::HCCL_E_PTR
+        );
         let other_dev = ptr_of(&foreign).as_raw();
-        assert_eq!(all_reduce(other_dev, r, 4, sys::HCCL_DATA_TYPE_FP32, sys::HCCL_REDUCE_SUM, comm.raw(), stream), sys::HCCL_E_PARA);
+        assert_eq!(
+            all_reduce(other_dev, r, 4, sys::HCCL_DATA_TYPE_FP32, sys::HCCL_REDUCE_SUM, comm.raw(), stream),
+            sys::HCCL_E_PARA
+        );
         assert!(rt.recent_error().contains("allocated on device 1"));
     }
     be0.synchronize().unwrap();

@@ -45,10 +45,15 @@ fn missing_companion_library_is_named() {
 #[test]
 fn a_library_without_the_symbols_is_rejected() {
     // Any shared library that is not CANN: the C library itself.
-    let libc = ["/lib/x86_64-linux-gnu/libc.so.6", "/lib/aarch64-linux-gnu/libc.so.6", "/lib64/libc.so.6", "/usr/lib/libc.so.6"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists());
+    let libc = [
+        "/lib/x86_64-linux-gnu/libc.so.6",
+        "/lib/aarch64-linux-gnu/libc.so.6",
+        "/lib64/libc.so.6",
+        "/usr/lib/libc.so.6",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists());
     let Some(libc) = libc else {
         println!("SKIPPED: no libc.so.6 found at the usual paths");
         return;

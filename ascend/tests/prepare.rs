@@ -27,7 +27,8 @@ use v4rt_tests::conformance::{cases, run_cases, Case, SuiteOptions, DEFAULT_SEED
 
 fn backend() -> AscendBackend {
     common::use_emulator();
-    AscendBackend::open(&SearchConfig::from_env(), 0).unwrap_or_else(|e| panic!("emulated backend did not come up: {e}"))
+    AscendBackend::open(&SearchConfig::from_env(), 0)
+        .unwrap_or_else(|e| panic!("emulated backend did not come up: {e}"))
 }
 
 /// Inputs of `op` from position `first` on are persistent weights (the rest are per call).
@@ -123,8 +124,21 @@ fn prepared_runs_are_bit_identical_and_decode_nothing_per_call() {
     let d = &be.info().device;
     assert!(d.contains("FP8/FP4 weights → BF16 at load (no FP8/FP4 compute)"), "{d}");
     let picked = lowp_cases();
-    let kinds = |f: WeightFormat, moe: bool| picked.iter().filter(|c| matches!(&c.op, Op::MoeExperts(m) if moe && m.format == f) || matches!(&c.op, Op::Linear(l) if !moe && l.format == f)).count();
-    for (f, moe) in [(WeightFormat::Fp8Block128, false), (WeightFormat::Fp4Group32, false), (WeightFormat::Fp8Block128, true), (WeightFormat::Fp4Group32, true)] {
+    let kinds = |f: WeightFormat, moe: bool| {
+        picked
+            .iter()
+            .filter(|c| {
+                matches!(&c.op, Op::MoeExperts(m) if moe && m.format == f)
+                    || matches!(&c.op, Op::Linear(l) if !moe && l.format == f)
+            })
+            .count()
+    };
+    for (f, moe) in [
+        (WeightFormat::Fp8Block128, false),
+        (WeightFormat::Fp4Group32, false),
+        (WeightFormat::Fp8Block128, true),
+        (WeightFormat::Fp4Group32, true),
+    ] {
         assert!(kinds(f, moe) > 0, "the suite has no {f:?} {} case", if moe { "moe_experts" } else { "linear" });
     }
     let mut checked = 0;
@@ -135,7 +149,13 @@ fn prepared_runs_are_bit_identical_and_decode_nothing_per_call() {
         let s0 = be.weight_stats();
         let plain = run_bits(&be, op, &inputs);
         let s1 = be.weight_stats();
-        assert_eq!(s1.call_decodes - s0.call_decodes, per_run, "{} [{}]: per-call decodes without prepare", case.variant(), case.label);
+        assert_eq!(
+            s1.call_decodes - s0.call_decodes,
+            per_run,
+            "{} [{}]: per-call decodes without prepare",
+            case.variant(),
+            case.label
+        );
         let refs: Vec<&Tensor> = inputs.iter().collect();
         let done = prepare(&be, op, &refs).unwrap_or_else(|e| panic!("prepare {op:?}: {e}"));
         let slots = if matches!(op, Op::MoeExperts(_)) { 3 } else { 1 };
@@ -145,16 +165,35 @@ fn prepared_runs_are_bit_identical_and_decode_nothing_per_call() {
             assert_eq!((done.converted, done.kept), (slots, 0), "{op:?}");
             assert!(done.note.contains("BF16") && done.note.contains("no FP8/FP4 compute"), "{}", done.note);
             // BF16 copies: 2 bytes per weight element (the suite's scales are in bf16's exact range).
-            let elems: usize = sig.inputs.iter().filter(|s| matches!(s.name, "weight" | "w1" | "w2" | "w3")).map(|s| s.shape.iter().product::<usize>()).sum();
+            let elems: usize = sig
+                .inputs
+                .iter()
+                .filter(|s| matches!(s.name, "weight" | "w1" | "w2" | "w3"))
+                .map(|s| s.shape.iter().product::<usize>())
+                .sum();
             // A packed FP4 element holds two values.
-            let values = if matches!(op, Op::Linear(Linear { format: WeightFormat::Fp4Group32, .. }) | Op::MoeExperts(MoeExperts { format: WeightFormat::Fp4Group32, .. })) { 2 } else { 1 };
+            let values = if matches!(
+                op,
+                Op::Linear(Linear { format: WeightFormat::Fp4Group32, .. })
+                    | Op::MoeExperts(MoeExperts { format: WeightFormat::Fp4Group32, .. })
+            ) {
+                2
+            } else {
+                1
+            };
             assert_eq!(done.bytes, 2 * values * elems, "{op:?}");
         }
         // A second prepare finds the copies current and does nothing.
         assert_eq!(prepare(&be, op, &refs).unwrap().converted, 0);
         let prepared = run_bits(&be, op, &inputs);
         let s2 = be.weight_stats();
-        assert_eq!(s2.call_decodes, s1.call_decodes, "{} [{}]: decoded per call after prepare", case.variant(), case.label);
+        assert_eq!(
+            s2.call_decodes,
+            s1.call_decodes,
+            "{} [{}]: decoded per call after prepare",
+            case.variant(),
+            case.label
+        );
         assert_eq!(s2.f32_copies, 0);
         assert!(prepared == plain, "{} [{}]: outputs differ with prepare", case.variant(), case.label);
         checked += 1;
@@ -195,7 +234,11 @@ fn writes_after_prepare_are_seen() {
         assert_eq!(prepare(&be, op, &refs).unwrap().converted, 1);
         let before = run_bits(&be, op, &inputs);
         // New weight codes (each byte + 1: other values, scales unchanged).
-        let new_w: Vec<u8> = data.inputs[1].bytes.iter().map(|b| b.wrapping_add(1) & if format == WeightFormat::Fp8Block128 { 0x7E } else { 0xFF }).collect();
+        let new_w: Vec<u8> = data.inputs[1]
+            .bytes
+            .iter()
+            .map(|b| b.wrapping_add(1) & if format == WeightFormat::Fp8Block128 { 0x7E } else { 0xFF })
+            .collect();
         be.write(&mut inputs[1], 0, &new_w).unwrap();
         assert_eq!(be.download(&inputs[1]).unwrap(), new_w, "download returns the written bytes");
         let s0 = be.weight_stats();
@@ -208,7 +251,10 @@ fn writes_after_prepare_are_seen() {
             .map(|(b, s)| cpu.upload(&s.shape, s.dtype, b).unwrap())
             .collect();
         let want = run_bits(&cpu, op, &fresh);
-        let nmse = common::nmse(&after_w.iter().map(|b| f32::from_bits(*b)).collect::<Vec<_>>(), &want.iter().map(|b| f32::from_bits(*b)).collect::<Vec<_>>());
+        let nmse = common::nmse(
+            &after_w.iter().map(|b| f32::from_bits(*b)).collect::<Vec<_>>(),
+            &want.iter().map(|b| f32::from_bits(*b)).collect::<Vec<_>>(),
+        );
         assert!(nmse <= 1e-7, "{format:?}: after a weight write, nmse {nmse:e} vs cpu-ref");
         // Prepared again: back on the copy, same bits as the per-call path.
         let refs: Vec<&Tensor> = inputs.iter().collect();
@@ -296,7 +342,8 @@ fn model_load_prepares_every_lowp_weight() {
         let mut cache = m.new_cache(1, 16).expect("cache");
         let slot = cache.alloc_slot(m.backend()).expect("slot");
         let chunk = model::forward::Chunk { slot, tokens: &tokens };
-        let opts = model::forward::ForwardOptions { logits: model::forward::LogitsAt::Last, decisions: false, mtp_ids: None };
+        let opts =
+            model::forward::ForwardOptions { logits: model::forward::LogitsAt::Last, decisions: false, mtp_ids: None };
         m.forward(&mut cache, &[chunk], &opts).expect("forward").logits
     };
     let ours = logits(&model);
@@ -309,7 +356,10 @@ fn model_load_prepares_every_lowp_weight() {
     assert!(bits(&ours) == bits(&theirs), "logits differ with prepare");
     let reference = model::forward::Model::load(&dir, Arc::new(CpuBackend::new())).expect("load on cpu-ref");
     assert_eq!(*reference.prepared(), Prepared::default(), "cpu-ref keeps the default prepare");
-    println!("tiny-flash last-token logits vs cpu-ref: nmse {:.3e} (informational)", common::nmse(&ours, &logits(&reference)));
+    println!(
+        "tiny-flash last-token logits vs cpu-ref: nmse {:.3e} (informational)",
+        common::nmse(&ours, &logits(&reference))
+    );
 }
 
 /// The Ascend backend with the HAL's default `prepare` (nothing converted).
@@ -352,7 +402,6 @@ fn out_of_memory_keeps_the_per_call_path() {
     // Allocations: x (1), weight (2), scale (3); the copy is the 4th.
     assert_child_ok(&run_child("oom", &[("V4RT_EMU_FAIL_ALLOC", "4")]));
 }
-
 
 /// Entry point of the child processes above (does nothing in a normal run).
 #[test]

@@ -236,7 +236,11 @@ pub unsafe extern "C" fn aclrtMalloc(dev_ptr: *mut *mut c_void, size: usize, pol
             e.mem.malloc(size, dev).ok_or_else(|| {
                 Fail::new(
                     codes::RT_MEMORY_ALLOCATION,
-                    format!("out of device memory: {size} bytes requested, {} of {} in use", e.mem.used(), e.mem.capacity),
+                    format!(
+                        "out of device memory: {size} bytes requested, {} of {} in use",
+                        e.mem.used(),
+                        e.mem.capacity
+                    ),
                 )
             })
         })?;
@@ -295,8 +299,12 @@ fn copy_kind(e: &Emu, dst: usize, src: usize, kind: u32) -> Result<u32, Fail> {
         DEFAULT => Ok(inferred),
         HOST_TO_HOST | HOST_TO_DEVICE | DEVICE_TO_HOST | DEVICE_TO_DEVICE if kind == inferred => Ok(kind),
         HOST_TO_HOST | HOST_TO_DEVICE | DEVICE_TO_HOST | DEVICE_TO_DEVICE => {
-            bail!(codes::RT_PARAM_INVALID, "memcpy kind {kind} does not match the addresses (source {}, destination {})",
-                if sd { "device" } else { "host" }, if dd { "device" } else { "host" })
+            bail!(
+                codes::RT_PARAM_INVALID,
+                "memcpy kind {kind} does not match the addresses (source {}, destination {})",
+                if sd { "device" } else { "host" },
+                if dd { "device" } else { "host" }
+            )
         }
         _ => bail!(codes::RT_PARAM_INVALID, "unknown aclrtMemcpyKind {kind}"),
     }
@@ -308,7 +316,13 @@ fn check_device_side(e: &Emu, addr: usize, len: usize, what: &str) -> Result<(),
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn aclrtMemcpy(dst: *mut c_void, dest_max: usize, src: *const c_void, count: usize, kind: u32) -> i32 {
+pub unsafe extern "C" fn aclrtMemcpy(
+    dst: *mut c_void,
+    dest_max: usize,
+    src: *const c_void,
+    count: usize,
+    kind: u32,
+) -> i32 {
     guard("aclrtMemcpy", || {
         with_emu(|e| {
             e.need_device()?;
@@ -409,7 +423,13 @@ pub unsafe extern "C" fn aclrtMemcpyAsync(
 }
 
 #[no_mangle]
-pub extern "C" fn aclrtMemsetAsync(dev_ptr: *mut c_void, max_count: usize, value: i32, count: usize, stream: *mut c_void) -> i32 {
+pub extern "C" fn aclrtMemsetAsync(
+    dev_ptr: *mut c_void,
+    max_count: usize,
+    value: i32,
+    count: usize,
+    stream: *mut c_void,
+) -> i32 {
     guard("aclrtMemsetAsync", || {
         with_emu(|e| {
             let sid = e.stream_id(stream as usize)?;
@@ -421,10 +441,14 @@ pub extern "C" fn aclrtMemsetAsync(dev_ptr: *mut c_void, max_count: usize, value
             }
             let d = dev_ptr as usize;
             check_device_side(e, d, count, "devPtr")?;
-            e.enqueue_work(sid, "aclrtMemsetAsync", Box::new(move |m| {
-                m.bytes_mut(d, count)?.fill(value as u8);
-                Ok(())
-            }))?;
+            e.enqueue_work(
+                sid,
+                "aclrtMemsetAsync",
+                Box::new(move |m| {
+                    m.bytes_mut(d, count)?.fill(value as u8);
+                    Ok(())
+                }),
+            )?;
             Ok(())
         })
     })
@@ -452,7 +476,9 @@ pub unsafe extern "C" fn aclrtCreateEventWithFlag(event: *mut *mut c_void, flag:
 }
 
 fn event_mut(e: &mut Emu, ev: *mut c_void) -> Result<&mut Event, Fail> {
-    e.events.get_mut(&(ev as usize)).ok_or_else(|| Fail::new(codes::RT_PARAM_INVALID, format!("{ev:?} is not a live event")))
+    e.events
+        .get_mut(&(ev as usize))
+        .ok_or_else(|| Fail::new(codes::RT_PARAM_INVALID, format!("{ev:?} is not a live event")))
 }
 
 #[no_mangle]
@@ -500,7 +526,10 @@ pub extern "C" fn aclrtDestroyEvent(event: *mut c_void) -> i32 {
     guard("aclrtDestroyEvent", || {
         with_emu(|e| {
             e.need_init()?;
-            e.events.remove(&(event as usize)).map(|_| ()).ok_or_else(|| Fail::new(codes::RT_PARAM_INVALID, "not a live event"))
+            e.events
+                .remove(&(event as usize))
+                .map(|_| ())
+                .ok_or_else(|| Fail::new(codes::RT_PARAM_INVALID, "not a live event"))
         })
     })
 }

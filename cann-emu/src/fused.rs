@@ -112,7 +112,11 @@ unsafe fn need_layout(p: *const c_char, name: &str, want: &str) -> Result<(), Fa
     // SAFETY: non-null and NUL-terminated per the caller's contract.
     let s = unsafe { CStr::from_ptr(p) };
     if s.to_bytes() != want.as_bytes() {
-        bail!(P_INVALID, "{name} \"{}\" is not supported (this emulator implements \"{want}\" only)", s.to_string_lossy());
+        bail!(
+            P_INVALID,
+            "{name} \"{}\" is not supported (this emulator implements \"{want}\" only)",
+            s.to_string_lossy()
+        );
     }
     Ok(())
 }
@@ -120,7 +124,10 @@ unsafe fn need_layout(p: *const c_char, name: &str, want: &str) -> Result<(), Fa
 /// Refuses an optional tensor whose meaning docs/ascend-fused.md does not define.
 fn not_implemented(p: *const c_void, name: &str) -> Result<(), Fail> {
     if !p.is_null() {
-        bail!(P_INVALID, "{name}: not implemented by this emulator (docs/ascend-fused.md defines no use for it); pass NULL");
+        bail!(
+            P_INVALID,
+            "{name}: not implemented by this emulator (docs/ascend-fused.md defines no use for it); pass NULL"
+        );
     }
     Ok(())
 }
@@ -238,7 +245,8 @@ pub unsafe extern "C" fn aclnnMhcPostGetWorkspaceSize(
             let handles = std::mem::take(&mut c.handles);
             let (n, d) = (n as usize, d as usize);
             let kernel: Kernel = Arc::new(move |m: &mut Memory| {
-                let (xs, res, hout, post) = (m.load(&xv, None)?, m.load(&hr, None)?, m.load(&ho, None)?, m.load(&hp, None)?);
+                let (xs, res, hout, post) =
+                    (m.load(&xv, None)?, m.load(&hr, None)?, m.load(&ho, None)?, m.load(&hp, None)?);
                 let mut r = vec![0f64; xs.len()];
                 for t in 0..xv.dims[0] as usize {
                     for k in 0..n {
@@ -313,7 +321,11 @@ pub unsafe extern "C" fn aclnnMhcPreGetWorkspaceSize(
             need_like(&hi, "hIn", &xv, "x", &[t, d])?;
             need(&hp, "hPost", &[Dt::F32], &[t, n])?;
             need(&hr, "hRes", &[Dt::F32], &[t, n, n])?;
-            for (v, name, shape) in [(&ir, "invRmsOptional", vec![t]), (&hm, "hMixOptional", vec![t, mix]), (&hq, "hPreOptional", vec![t, n])] {
+            for (v, name, shape) in [
+                (&ir, "invRmsOptional", vec![t]),
+                (&hm, "hMixOptional", vec![t, mix]),
+                (&hq, "hPreOptional", vec![t, n]),
+            ] {
                 if let Some(v) = v {
                     need(v, name, &[Dt::F32], &shape)?;
                 }
@@ -326,14 +338,17 @@ pub unsafe extern "C" fn aclnnMhcPreGetWorkspaceSize(
             let handles = std::mem::take(&mut c.handles);
             let (n, d, nd, mix) = (n as usize, d as usize, nd as usize, mix as usize);
             let kernel: Kernel = Arc::new(move |m: &mut Memory| {
-                let (xs, phi, alpha, bias) = (m.load(&xv, None)?, m.load(&ph, None)?, m.load(&al, None)?, m.load(&bi, None)?);
+                let (xs, phi, alpha, bias) =
+                    (m.load(&xv, None)?, m.load(&ph, None)?, m.load(&al, None)?, m.load(&bi, None)?);
                 let gamma = match &ga {
                     Some(g) => m.load(g, None)?,
                     None => vec![1.0; nd],
                 };
                 let rows = xv.dims[0] as usize;
-                let (mut hin, mut post, mut res) = (vec![0f64; rows * d], vec![0f64; rows * n], vec![0f64; rows * n * n]);
-                let (mut inv_rms, mut mixes, mut pres) = (vec![0f64; rows], vec![0f64; rows * mix], vec![0f64; rows * n]);
+                let (mut hin, mut post, mut res) =
+                    (vec![0f64; rows * d], vec![0f64; rows * n], vec![0f64; rows * n * n]);
+                let (mut inv_rms, mut mixes, mut pres) =
+                    (vec![0f64; rows], vec![0f64; rows * mix], vec![0f64; rows * n]);
                 for t in 0..rows {
                     let xr = &xs[t * nd..(t + 1) * nd];
                     let rho = 1.0 / (xr.iter().map(|v| v * v).sum::<f64>() / nd as f64 + norm_eps).sqrt();
@@ -463,7 +478,12 @@ pub unsafe extern "C" fn aclnnLightningIndexerGetWorkspaceSize(
                         let score: Vec<f64> = rows_b[..visible]
                             .iter()
                             .map(|key| {
-                                let sum: f64 = (0..heads).map(|g| wts[t * heads + g] * dot(&qs[(t * heads + g) * d..(t * heads + g + 1) * d], key).max(0.0)).sum();
+                                let sum: f64 = (0..heads)
+                                    .map(|g| {
+                                        wts[t * heads + g]
+                                            * dot(&qs[(t * heads + g) * d..(t * heads + g + 1) * d], key).max(0.0)
+                                    })
+                                    .sum();
                                 sum + 0.0 // −0 → +0, so equal scores compare equal below
                             })
                             .collect();
@@ -702,11 +722,22 @@ fn mla_side(
     q: &TView,
     b: i64,
 ) -> Result<Option<Side>, Fail> {
-    let names = [format!("{what}KvOptional"), format!("{what}SparseIndicesOptional"), format!("{what}BlockTableOptional")];
+    let names =
+        [format!("{what}KvOptional"), format!("{what}SparseIndicesOptional"), format!("{what}BlockTableOptional")];
     let given = [kv, idx, table].map(|p| !p.is_null());
     if given.iter().any(|&g| g != given[0]) {
-        let list = |want: bool| names.iter().zip(given).filter(|&(_, g)| g == want).map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ");
-        bail!(P_INVALID, "{}, {} and {} must be given together or all be NULL (given: {}; NULL: {})", names[0], names[1], names[2], list(true), list(false));
+        let list = |want: bool| {
+            names.iter().zip(given).filter(|&(_, g)| g == want).map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+        };
+        bail!(
+            P_INVALID,
+            "{}, {} and {} must be given together or all be NULL (given: {}; NULL: {})",
+            names[0],
+            names[1],
+            names[2],
+            list(true),
+            list(false)
+        );
     }
     if !given[0] {
         return Ok(None);
@@ -719,7 +750,13 @@ fn mla_side(
     need_shape(&indices, &names[1], &[q.dims[0], 1, id[2]])?;
     let tb = need_ints(&table, &names[2], 2)?;
     if tb[0] != b {
-        bail!(P_INVALID, "{}: shape {tb:?} has {} rows for {b} batches (cuSeqlensQOptional has {} entries)", names[2], tb[0], b + 1);
+        bail!(
+            P_INVALID,
+            "{}: shape {tb:?} has {} rows for {b} batches (cuSeqlensQOptional has {} entries)",
+            names[2],
+            tb[0],
+            b + 1
+        );
     }
     Ok(Some(Side { what, kv, indices, table }))
 }
@@ -778,8 +815,20 @@ pub unsafe extern "C" fn aclnnSparseFlashMlaGetWorkspaceSize(
             if b < 0 {
                 bail!(P_INVALID, "cuSeqlensQOptional: shape {:?} needs B + 1 ≥ 1 entries", cuq.dims);
             }
-            let ori = mla_side(&mut c, "ori", [ori_kv_optional, ori_sparse_indices_optional, ori_block_table_optional], &qv, b)?;
-            let cmp = mla_side(&mut c, "cmp", [cmp_kv_optional, cmp_sparse_indices_optional, cmp_block_table_optional], &qv, b)?;
+            let ori = mla_side(
+                &mut c,
+                "ori",
+                [ori_kv_optional, ori_sparse_indices_optional, ori_block_table_optional],
+                &qv,
+                b,
+            )?;
+            let cmp = mla_side(
+                &mut c,
+                "cmp",
+                [cmp_kv_optional, cmp_sparse_indices_optional, cmp_block_table_optional],
+                &qv,
+                b,
+            )?;
             if ori.is_none() && cmp.is_none() {
                 bail!(P_INVALID, "neither ori (oriKvOptional, …) nor cmp (cmpKvOptional, …) keys are given");
             }
@@ -840,7 +889,9 @@ pub unsafe extern "C" fn aclnnSparseFlashMlaGetWorkspaceSize(
             let sides: Vec<Side> = ori.into_iter().chain(cmp).collect();
             let kernel: Kernel = Arc::new(move |m: &mut Memory| {
                 let Some(md) = &meta else {
-                    return Err("metadataOptional is NULL (the docs require metadata from aclnnSparseFlashMlaMetadata)".into());
+                    return Err(
+                        "metadataOptional is NULL (the docs require metadata from aclnnSparseFlashMlaMetadata)".into(),
+                    );
                 };
                 params.check(&m.load(md, None)?)?;
                 let qs = m.load(&qv, None)?;
@@ -851,7 +902,11 @@ pub unsafe extern "C" fn aclnnSparseFlashMlaGetWorkspaceSize(
                 };
                 let mut paged = Vec::new();
                 for s in &sides {
-                    paged.push((Paged::load(m, s.what, &s.kv, &s.table)?, ints(m, &s.indices)?, s.indices.dims[2] as usize));
+                    paged.push((
+                        Paged::load(m, s.what, &s.kv, &s.table)?,
+                        ints(m, &s.indices)?,
+                        s.indices.dims[2] as usize,
+                    ));
                 }
                 let mut out = vec![0f64; rows * heads * d];
                 for (b, r) in ranges.into_iter().enumerate() {

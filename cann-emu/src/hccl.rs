@@ -373,10 +373,9 @@ fn lookup(comm: *mut c_void) -> Result<RankRef, HErr> {
     if comm.is_null() {
         hbail!(HCCL_E_PTR, "comm is NULL");
     }
-    lock(comms())
-        .get(&(comm as usize))
-        .cloned()
-        .ok_or_else(|| HErr::new(HCCL_E_PARA, format!("{comm:?} is not a live communicator (destroyed, or never created)")))
+    lock(comms()).get(&(comm as usize)).cloned().ok_or_else(|| {
+        HErr::new(HCCL_E_PARA, format!("{comm:?} is not a live communicator (destroyed, or never created)"))
+    })
 }
 
 /// A fresh opaque handle, registered for `r`.
@@ -435,7 +434,8 @@ pub unsafe extern "C" fn HcclGetRootInfo(root_info: *mut c_void) -> u32 {
         // Documented to run after aclrtSetDevice.
         bound_device()?;
         let key = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
-        lock(roots()).insert(key, Arc::new(InitRendezvous { state: Mutex::new(InitState::default()), cv: Condvar::new() }));
+        lock(roots())
+            .insert(key, Arc::new(InitRendezvous { state: Mutex::new(InitState::default()), cv: Condvar::new() }));
         let mut blob = [0u8; ROOT_INFO_BYTES];
         blob[..16].copy_from_slice(MAGIC);
         blob[16..20].copy_from_slice(&std::process::id().to_le_bytes());
@@ -454,7 +454,10 @@ unsafe fn parse_root(root: *const c_void) -> Result<u64, HErr> {
     // SAFETY: per the caller.
     let b = unsafe { std::slice::from_raw_parts(root.cast::<u8>(), 28) };
     if &b[..16] != MAGIC {
-        hbail!(HCCL_E_PARA, "rootInfo was not produced by HcclGetRootInfo (bad magic; pass the 4108-byte blob unchanged)");
+        hbail!(
+            HCCL_E_PARA,
+            "rootInfo was not produced by HcclGetRootInfo (bad magic; pass the 4108-byte blob unchanged)"
+        );
     }
     let pid = u32::from_le_bytes([b[16], b[17], b[18], b[19]]);
     if pid != std::process::id() {
@@ -491,7 +494,10 @@ pub unsafe extern "C" fn HcclCommInitRootInfo(n: u32, root: *const c_void, rank:
         }
         if let Some((m, by)) = st.n {
             if m != n {
-                hbail!(HCCL_E_PARA, "rank {rank} passes nRanks {n}, but rank {by} passed nRanks {m} for the same root info");
+                hbail!(
+                    HCCL_E_PARA,
+                    "rank {rank} passes nRanks {n}, but rank {by} passed nRanks {m} for the same root info"
+                );
             }
         }
         if st.joined.contains_key(&rank) {
@@ -549,8 +555,8 @@ pub unsafe extern "C" fn HcclCommInitAll(ndev: u32, devices: *mut i32, comms_out
         }
         // SAFETY: the caller passes `ndev` device ids.
         let devs = unsafe { std::slice::from_raw_parts(devices, ndev as usize) }.to_vec();
-        let (visible, timeout) =
-            with_emu(|e| Ok((e.config.devices, e.config.hccl_timeout))).map_err(|f| HErr::from_fail(HCCL_E_RUNTIME, f))?;
+        let (visible, timeout) = with_emu(|e| Ok((e.config.devices, e.config.hccl_timeout)))
+            .map_err(|f| HErr::from_fail(HCCL_E_RUNTIME, f))?;
         for (i, &d) in devs.iter().enumerate() {
             if d < 0 || d as u32 >= visible {
                 hbail!(HCCL_E_PARA, "devices[{i}] = {d} does not exist ({visible} visible; V4RT_EMU_DEVICES)");
@@ -560,7 +566,8 @@ pub unsafe extern "C" fn HcclCommInitAll(ndev: u32, devices: *mut i32, comms_out
             }
         }
         let shared = CommShared::new(comm_name(NEXT_KEY.fetch_add(1, Ordering::Relaxed)), devs, timeout);
-        let handles = (0..ndev).map(|rank| register(RankRef { comm: shared.clone(), rank })).collect::<Result<Vec<_>, _>>()?;
+        let handles =
+            (0..ndev).map(|rank| register(RankRef { comm: shared.clone(), rank })).collect::<Result<Vec<_>, _>>()?;
         for (i, h) in handles.into_iter().enumerate() {
             // SAFETY: the caller passes room for `ndev` handles.
             unsafe { comms_out.add(i).write(h as *mut c_void) };
@@ -673,7 +680,12 @@ fn enqueue(comm: *mut c_void, stream: *mut c_void, args: Args) -> Result<(), HEr
     if args.kind != Kind::Barrier {
         if !args.kind.dtypes().contains(&args.dtype) {
             let allowed: Vec<String> = args.kind.dtypes().iter().map(|&d| dtype_name(d)).collect();
-            hbail!(HCCL_E_PARA, "dataType {} is not supported by {api} (hccl.h lists {})", dtype_name(args.dtype), allowed.join(", "));
+            hbail!(
+                HCCL_E_PARA,
+                "dataType {} is not supported by {api} (hccl.h lists {})",
+                dtype_name(args.dtype),
+                allowed.join(", ")
+            );
         }
         if let Some(op) = args.op.filter(|&op| op > 3) {
             hbail!(HCCL_E_PARA, "unknown reduce op {}", op_name(op));
@@ -682,8 +694,9 @@ fn enqueue(comm: *mut c_void, stream: *mut c_void, args: Args) -> Result<(), HEr
             hbail!(HCCL_E_PARA, "root {root} is out of range for a communicator of {n} ranks");
         }
     }
-    let (send_len, recv_len) =
-        args.spans(n).ok_or_else(|| HErr::new(HCCL_E_PARA, format!("count {} overflows the address space", args.count)))?;
+    let (send_len, recv_len) = args
+        .spans(n)
+        .ok_or_else(|| HErr::new(HCCL_E_PARA, format!("count {} overflows the address space", args.count)))?;
     if stream.is_null() {
         hbail!(HCCL_E_PTR, "stream is NULL (collectives need an explicit stream)");
     }
@@ -760,23 +773,61 @@ pub extern "C" fn HcclAllReduce(
     stream: *mut c_void,
 ) -> u32 {
     hguard("HcclAllReduce", || {
-        let args = Args { kind: Kind::AllReduce, count, dtype: dt, op: Some(op), root: None, send: send as usize, recv: recv as usize };
+        let args = Args {
+            kind: Kind::AllReduce,
+            count,
+            dtype: dt,
+            op: Some(op),
+            root: None,
+            send: send as usize,
+            recv: recv as usize,
+        };
         enqueue(comm, stream, args)
     })
 }
 
 #[no_mangle]
-pub extern "C" fn HcclAllGather(send: *mut c_void, recv: *mut c_void, count: u64, dt: u32, comm: *mut c_void, stream: *mut c_void) -> u32 {
+pub extern "C" fn HcclAllGather(
+    send: *mut c_void,
+    recv: *mut c_void,
+    count: u64,
+    dt: u32,
+    comm: *mut c_void,
+    stream: *mut c_void,
+) -> u32 {
     hguard("HcclAllGather", || {
-        let args = Args { kind: Kind::AllGather, count, dtype: dt, op: None, root: None, send: send as usize, recv: recv as usize };
+        let args = Args {
+            kind: Kind::AllGather,
+            count,
+            dtype: dt,
+            op: None,
+            root: None,
+            send: send as usize,
+            recv: recv as usize,
+        };
         enqueue(comm, stream, args)
     })
 }
 
 #[no_mangle]
-pub extern "C" fn HcclBroadcast(buf: *mut c_void, count: u64, dt: u32, root: u32, comm: *mut c_void, stream: *mut c_void) -> u32 {
+pub extern "C" fn HcclBroadcast(
+    buf: *mut c_void,
+    count: u64,
+    dt: u32,
+    root: u32,
+    comm: *mut c_void,
+    stream: *mut c_void,
+) -> u32 {
     hguard("HcclBroadcast", || {
-        let args = Args { kind: Kind::Broadcast, count, dtype: dt, op: None, root: Some(root), send: buf as usize, recv: buf as usize };
+        let args = Args {
+            kind: Kind::Broadcast,
+            count,
+            dtype: dt,
+            op: None,
+            root: Some(root),
+            send: buf as usize,
+            recv: buf as usize,
+        };
         enqueue(comm, stream, args)
     })
 }
@@ -792,8 +843,15 @@ pub extern "C" fn HcclReduceScatter(
     stream: *mut c_void,
 ) -> u32 {
     hguard("HcclReduceScatter", || {
-        let args =
-            Args { kind: Kind::ReduceScatter, count: recv_count, dtype: dt, op: Some(op), root: None, send: send as usize, recv: recv as usize };
+        let args = Args {
+            kind: Kind::ReduceScatter,
+            count: recv_count,
+            dtype: dt,
+            op: Some(op),
+            root: None,
+            send: send as usize,
+            recv: recv as usize,
+        };
         enqueue(comm, stream, args)
     })
 }
@@ -837,7 +895,12 @@ impl Call {
         if let Some((q, a)) = all.iter().enumerate().find(|(_, a)| !a.agrees(&all[0])) {
             let e = HErr::new(
                 HCCL_E_PARA,
-                format!("ranks disagree on collective #{}: rank 0 called {}, rank {q} called {}", self.k, all[0].describe(), a.describe()),
+                format!(
+                    "ranks disagree on collective #{}: rank 0 called {}, rank {q} called {}",
+                    self.k,
+                    all[0].describe(),
+                    a.describe()
+                ),
             );
             slot.phase = Phase::Done(Err(e.clone()));
             self.comm.cv.notify_all();
@@ -850,7 +913,8 @@ impl Call {
     /// Moves the data (emulator lock taken here, communicator lock not held) and publishes
     /// the result.
     fn complete(&self, all: &[Args]) -> Result<(), HErr> {
-        let result = with_emu(|e| Ok(move_data(&mut e.mem, all))).unwrap_or_else(|f| Err(HErr::from_fail(HCCL_E_RUNTIME, f)));
+        let result =
+            with_emu(|e| Ok(move_data(&mut e.mem, all))).unwrap_or_else(|f| Err(HErr::from_fail(HCCL_E_RUNTIME, f)));
         let mut st = lock(&self.comm.state);
         self.comm.slot(&mut st, self.k).phase = Phase::Done(result.clone());
         self.comm.cv.notify_all();
@@ -981,7 +1045,9 @@ impl Call {
             }
             // Short slices: advancing other streams does not notify, and the deadline is
             // checked above.
-            let slice = deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(1), Duration::from_millis(20));
+            let slice = deadline
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_millis(1), Duration::from_millis(20));
             st = self.comm.cv.wait_timeout(st, slice).map(|(g, _)| g).unwrap_or_else(|e| e.into_inner().0);
         }
     }
@@ -1060,7 +1126,8 @@ fn move_data(mem: &mut Memory, all: &[Args]) -> Result<(), HErr> {
                 dt.store(v, &mut encoded[i * size..(i + 1) * size]);
             }
             for (q, a) in all.iter().enumerate() {
-                let part = if a0.kind == Kind::ReduceScatter { &encoded[q * bytes..(q + 1) * bytes] } else { &encoded[..] };
+                let part =
+                    if a0.kind == Kind::ReduceScatter { &encoded[q * bytes..(q + 1) * bytes] } else { &encoded[..] };
                 write(mem, q, "recvBuf", a.recv, part)?;
             }
             Ok(())

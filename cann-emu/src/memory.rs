@@ -184,7 +184,9 @@ impl Memory {
                 self.used -= a.size;
                 Ok(())
             }
-            None if self.is_device_addr(addr) => Err(format!("{addr:#x} is not the start of a live device allocation (double free?)")),
+            None if self.is_device_addr(addr) => {
+                Err(format!("{addr:#x} is not the start of a live device allocation (double free?)"))
+            }
             None => Err(format!("{addr:#x} is not a device address")),
         }
     }
@@ -198,7 +200,9 @@ impl Memory {
             .ok_or_else(|| format!("device address {addr:#x} is not in any live allocation"))?;
         if addr + len > start + a.size {
             if addr >= start + a.size {
-                return Err(format!("device address {addr:#x} is not in any live allocation (freed, or past an allocation's end)"));
+                return Err(format!(
+                    "device address {addr:#x} is not in any live allocation (freed, or past an allocation's end)"
+                ));
             }
             return Err(format!(
                 "{len} bytes at {addr:#x} overrun the {}-byte allocation at {start:#x} by {} bytes",
@@ -249,7 +253,9 @@ impl Memory {
         }
         let dims = out_dims.unwrap_or(&v.dims);
         let strides = match out_dims {
-            Some(o) => broadcast_strides(v, o).ok_or_else(|| format!("shape {:?} does not broadcast to {o:?}", v.dims))?,
+            Some(o) => {
+                broadcast_strides(v, o).ok_or_else(|| format!("shape {:?} does not broadcast to {o:?}", v.dims))?
+            }
             None => v.strides.clone(),
         };
         let n: i64 = dims.iter().product();
@@ -262,7 +268,9 @@ impl Memory {
         if out_dims.is_none() && Self::is_dense(v) {
             // The common case, kept off the per-element index walk (the emulator's hot path).
             match v.dt {
-                Dt::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)),
+                Dt::F32 => {
+                    out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64))
+                }
                 dt => out.extend(bytes.chunks_exact(size).map(|c| dt.load(c))),
             }
             return Ok(out);
@@ -289,7 +297,9 @@ impl Memory {
         let size = v.dt.size();
         if Self::is_dense(v) {
             match v.dt {
-                Dt::F32 => bytes.chunks_exact_mut(4).zip(vals).for_each(|(c, &x)| c.copy_from_slice(&(x as f32).to_le_bytes())),
+                Dt::F32 => {
+                    bytes.chunks_exact_mut(4).zip(vals).for_each(|(c, &x)| c.copy_from_slice(&(x as f32).to_le_bytes()))
+                }
                 dt => bytes.chunks_exact_mut(size).zip(vals).for_each(|(c, &x)| dt.store(x, c)),
             }
             return Ok(());
@@ -318,7 +328,8 @@ impl Memory {
 
     /// Frees pinned host memory from [`Memory::malloc_host`].
     pub fn free_host(&mut self, addr: usize) -> Result<(), String> {
-        let (_, layout) = self.host.remove(&addr).ok_or_else(|| format!("{addr:#x} was not allocated by aclrtMallocHost"))?;
+        let (_, layout) =
+            self.host.remove(&addr).ok_or_else(|| format!("{addr:#x} was not allocated by aclrtMallocHost"))?;
         // SAFETY: allocated by `malloc_host` with this layout, removed from the registry so it
         // is freed once.
         unsafe { dealloc(addr as *mut u8, layout) };

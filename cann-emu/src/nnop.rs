@@ -61,7 +61,10 @@ pub unsafe extern "C" fn aclCreateTensor(
         let dt = Dt::from_acl(data_type)
             .ok_or_else(|| Fail::new(codes::ACLNN_PARAM_INVALID, format!("unknown aclDataType {data_type}")))?;
         if dims.iter().chain(&strides).chain(&storage).any(|&v| v < 0) || offset < 0 {
-            bail!(codes::ACLNN_PARAM_INVALID, "negative dim, stride or offset (dims {dims:?}, strides {strides:?}, offset {offset})");
+            bail!(
+                codes::ACLNN_PARAM_INVALID,
+                "negative dim, stride or offset (dims {dims:?}, strides {strides:?}, offset {offset})"
+            );
         }
         let storage_elems: i64 = storage.iter().product();
         let view = TView { addr: tensor_data as usize, dt, dims, strides, offset };
@@ -99,9 +102,9 @@ pub unsafe extern "C" fn aclCreateScalar(value: *mut c_void, data_type: i32) -> 
         if value.is_null() {
             bail!(codes::ACLNN_PARAM_NULLPTR, "value is nullptr");
         }
-        let dt = Dt::from_acl(data_type)
-            .filter(|d| d.has_codec())
-            .ok_or_else(|| Fail::new(codes::ACLNN_PARAM_INVALID, format!("unsupported scalar aclDataType {data_type}")))?;
+        let dt = Dt::from_acl(data_type).filter(|d| d.has_codec()).ok_or_else(|| {
+            Fail::new(codes::ACLNN_PARAM_INVALID, format!("unsupported scalar aclDataType {data_type}"))
+        })?;
         // SAFETY: the API reads exactly sizeof(dataType) bytes from `value`.
         let bytes = unsafe { std::slice::from_raw_parts(value as *const u8, dt.size()) };
         let v = dt.load(bytes);

@@ -81,15 +81,19 @@ impl<'a> Check<'a> {
         }
         let v = t.view;
         if v.dt.is_low_precision() && !self.e.config.low_precision() {
-            bail!(P_INVALID, "{name}: dtype {:?} is not supported on {} (FP8/FP4/HiF8 need Ascend950)", v.dt, self.e.config.soc_name());
+            bail!(
+                P_INVALID,
+                "{name}: dtype {:?} is not supported on {} (FP8/FP4/HiF8 need Ascend950)",
+                v.dt,
+                self.e.config.soc_name()
+            );
         }
         if v.numel() > 0 {
             let bytes = (t.storage_elems as usize * v.dt.bits()).div_ceil(8);
-            let (_, alloc) = self
-                .e
-                .mem
-                .find(v.addr, bytes)
-                .map_err(|m| Fail::new(P_INVALID, format!("{name}: storage of {bytes} bytes at {:#x}: {m}", v.addr)))?;
+            let (_, alloc) =
+                self.e.mem.find(v.addr, bytes).map_err(|m| {
+                    Fail::new(P_INVALID, format!("{name}: storage of {bytes} bytes at {:#x}: {m}", v.addr))
+                })?;
             if alloc.device != self.device {
                 bail!(P_INVALID, "{name}: memory of device {} used on device {}", alloc.device, self.device);
             }
@@ -138,7 +142,12 @@ fn is_contiguous(v: &TView) -> bool {
 
 pub(crate) fn need_contig(v: &TView, name: &str) -> Result<(), Fail> {
     if !is_contiguous(v) {
-        bail!(P_INVALID, "{name}: non-contiguous tensors are not supported here (dims {:?}, strides {:?})", v.dims, v.strides);
+        bail!(
+            P_INVALID,
+            "{name}: non-contiguous tensors are not supported here (dims {:?}, strides {:?})",
+            v.dims,
+            v.strides
+        );
     }
     Ok(())
 }
@@ -222,7 +231,13 @@ pub(crate) unsafe fn finish(
 }
 
 /// Phase 2 shared by every op.
-pub(crate) fn launch(op: &'static str, workspace: *mut c_void, size: u64, executor: *mut c_void, stream: *mut c_void) -> i32 {
+pub(crate) fn launch(
+    op: &'static str,
+    workspace: *mut c_void,
+    size: u64,
+    executor: *mut c_void,
+    stream: *mut c_void,
+) -> i32 {
     guard(op, || {
         with_emu(|e| {
             let sid = e.stream_id(stream as usize)?;
@@ -243,7 +258,11 @@ pub(crate) fn launch(op: &'static str, workspace: *mut c_void, size: u64, execut
                 bail!(P_INVALID, "executor was already launched (executors are single-use unless made repeatable)");
             }
             if size < x.workspace {
-                bail!(P_INVALID, "workspaceSize {size} is smaller than the {} bytes GetWorkspaceSize asked for", x.workspace);
+                bail!(
+                    P_INVALID,
+                    "workspaceSize {size} is smaller than the {} bytes GetWorkspaceSize asked for",
+                    x.workspace
+                );
             }
             let need = x.workspace as usize;
             let ws = workspace as usize;
@@ -362,8 +381,9 @@ unsafe fn binary(
         need_rank(&a, "self", 0, 8)?;
         need_rank(&b, "other", 0, 8)?;
         need_contig(&o, "out")?;
-        let shape = broadcast(&a.dims, &b.dims)
-            .ok_or_else(|| Fail::new(P_INVALID, format!("self {:?} and other {:?} do not broadcast", a.dims, b.dims)))?;
+        let shape = broadcast(&a.dims, &b.dims).ok_or_else(|| {
+            Fail::new(P_INVALID, format!("self {:?} and other {:?} do not broadcast", a.dims, b.dims))
+        })?;
         need_shape(&o, "out", &shape)?;
         let result = promote(a.dt, b.dt);
         if result.is_float() && !o.dt.is_float() {
@@ -503,19 +523,34 @@ unsafe fn unary(
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn aclnnSiluGetWorkspaceSize(self_: *const c_void, out: *mut c_void, ws: *mut u64, ex: *mut *mut c_void) -> i32 {
+pub unsafe extern "C" fn aclnnSiluGetWorkspaceSize(
+    self_: *const c_void,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
     // SAFETY: forwarded C arguments.
     guard("aclnnSiluGetWorkspaceSize", || unsafe { unary("aclnnSilu", Un::Silu, self_, out, ws, ex) })
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn aclnnCosGetWorkspaceSize(self_: *const c_void, out: *mut c_void, ws: *mut u64, ex: *mut *mut c_void) -> i32 {
+pub unsafe extern "C" fn aclnnCosGetWorkspaceSize(
+    self_: *const c_void,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
     // SAFETY: forwarded C arguments.
     guard("aclnnCosGetWorkspaceSize", || unsafe { unary("aclnnCos", Un::Cos, self_, out, ws, ex) })
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn aclnnSinGetWorkspaceSize(self_: *const c_void, out: *mut c_void, ws: *mut u64, ex: *mut *mut c_void) -> i32 {
+pub unsafe extern "C" fn aclnnSinGetWorkspaceSize(
+    self_: *const c_void,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
     // SAFETY: forwarded C arguments.
     guard("aclnnSinGetWorkspaceSize", || unsafe { unary("aclnnSin", Un::Sin, self_, out, ws, ex) })
 }
@@ -530,7 +565,9 @@ pub unsafe extern "C" fn aclnnClampGetWorkspaceSize(
     ex: *mut *mut c_void,
 ) -> i32 {
     guard("aclnnClampGetWorkspaceSize", || {
-        let (lo, hi) = with_emu(|e| Ok((e.scalar(clip_min as usize, "clipValueMin")?, e.scalar(clip_max as usize, "clipValueMax")?)))?;
+        let (lo, hi) = with_emu(|e| {
+            Ok((e.scalar(clip_min as usize, "clipValueMin")?, e.scalar(clip_max as usize, "clipValueMax")?))
+        })?;
         if lo.is_none() && hi.is_none() {
             bail!(P_NULL, "clipValueMin and clipValueMax are both nullptr");
         }
@@ -554,7 +591,8 @@ pub unsafe extern "C" fn aclnnCastGetWorkspaceSize(
             let mut c = Check::new(e)?;
             let x = c.tensor(self_, "self")?;
             let o = c.tensor(out, "out")?;
-            let want = Dt::from_acl(dtype).ok_or_else(|| Fail::new(P_INVALID, format!("unknown target dtype {dtype}")))?;
+            let want =
+                Dt::from_acl(dtype).ok_or_else(|| Fail::new(P_INVALID, format!("unknown target dtype {dtype}")))?;
             if want != o.dt {
                 bail!(P_INVALID, "dtype argument {want:?} differs from out dtype {:?}", o.dt);
             }
@@ -883,8 +921,9 @@ pub unsafe extern "C" fn aclnnDivGetWorkspaceSize(
             need_rank(&a, "self", 0, 8)?;
             need_rank(&b, "other", 0, 8)?;
             need_contig(&o, "out")?;
-            let shape = broadcast(&a.dims, &b.dims)
-                .ok_or_else(|| Fail::new(P_INVALID, format!("self {:?} and other {:?} do not broadcast", a.dims, b.dims)))?;
+            let shape = broadcast(&a.dims, &b.dims).ok_or_else(|| {
+                Fail::new(P_INVALID, format!("self {:?} and other {:?} do not broadcast", a.dims, b.dims))
+            })?;
             need_shape(&o, "out", &shape)?;
             let handles = std::mem::take(&mut c.handles);
             let kernel: Kernel = Arc::new(move |m: &mut Memory| {
@@ -948,7 +987,9 @@ pub unsafe extern "C" fn aclnnMulsGetWorkspaceSize(
     ex: *mut *mut c_void,
 ) -> i32 {
     // SAFETY: forwarded C arguments.
-    guard("aclnnMulsGetWorkspaceSize", || unsafe { scalar_op("aclnnMuls", false, self_, other, std::ptr::null(), out, ws, ex) })
+    guard("aclnnMulsGetWorkspaceSize", || unsafe {
+        scalar_op("aclnnMuls", false, self_, other, std::ptr::null(), out, ws, ex)
+    })
 }
 
 #[no_mangle]
@@ -965,7 +1006,12 @@ pub unsafe extern "C" fn aclnnAddsGetWorkspaceSize(
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn aclnnSigmoidGetWorkspaceSize(self_: *const c_void, out: *mut c_void, ws: *mut u64, ex: *mut *mut c_void) -> i32 {
+pub unsafe extern "C" fn aclnnSigmoidGetWorkspaceSize(
+    self_: *const c_void,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
     guard("aclnnSigmoidGetWorkspaceSize", || {
         with_emu(|e| {
             let mut c = Check::new(e)?;
@@ -1089,7 +1135,15 @@ pub unsafe extern "C" fn aclnnReduceSumGetWorkspaceSize(
                 .dims
                 .iter()
                 .zip(&reduce)
-                .filter_map(|(&n, &r)| if !r { Some(n) } else if keep_dims { Some(1) } else { None })
+                .filter_map(|(&n, &r)| {
+                    if !r {
+                        Some(n)
+                    } else if keep_dims {
+                        Some(1)
+                    } else {
+                        None
+                    }
+                })
                 .collect();
             need_shape(&o, "out", &shape)?;
             let handles = std::mem::take(&mut c.handles);
@@ -1100,7 +1154,8 @@ pub unsafe extern "C" fn aclnnReduceSumGetWorkspaceSize(
                 let mut r = vec![0f64; keep.iter().product::<i64>() as usize];
                 let mut idx = vec![0i64; x.dims.len()];
                 for &val in &v {
-                    let at: i64 = idx.iter().zip(&ostr).zip(&reduce).map(|((&i, &s), &red)| if red { 0 } else { i * s }).sum();
+                    let at: i64 =
+                        idx.iter().zip(&ostr).zip(&reduce).map(|((&i, &s), &red)| if red { 0 } else { i * s }).sum();
                     r[at as usize] += val;
                     for k in (0..idx.len()).rev() {
                         idx[k] += 1;
@@ -1180,7 +1235,11 @@ pub unsafe extern "C" fn aclnnInplaceIndexCopyGetWorkspaceSize(
     guard("aclnnInplaceIndexCopyGetWorkspaceSize", || {
         with_emu(|e| {
             if e.config.low_precision() {
-                bail!(P_INVALID, "aclnnInplaceIndexCopy is not supported on {} (Atlas A2/A3 only)", e.config.soc_name());
+                bail!(
+                    P_INVALID,
+                    "aclnnInplaceIndexCopy is not supported on {} (Atlas A2/A3 only)",
+                    e.config.soc_name()
+                );
             }
             let mut c = Check::new(e)?;
             let x = c.tensor(self_ref, "selfRef")?;
@@ -1228,7 +1287,14 @@ enum Map {
     Relu,
 }
 
-unsafe fn float_map(op: &'static str, kind: Map, self_: *const c_void, out: *mut c_void, ws: *mut u64, ex: *mut *mut c_void) -> Result<(), Fail> {
+unsafe fn float_map(
+    op: &'static str,
+    kind: Map,
+    self_: *const c_void,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> Result<(), Fail> {
     with_emu(|e| {
         let mut c = Check::new(e)?;
         let x = c.tensor(self_, "self")?;
@@ -1285,13 +1351,23 @@ pub unsafe extern "C" fn aclnnSoftplusGetWorkspaceSize(
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn aclnnSqrtGetWorkspaceSize(self_: *const c_void, out: *mut c_void, ws: *mut u64, ex: *mut *mut c_void) -> i32 {
+pub unsafe extern "C" fn aclnnSqrtGetWorkspaceSize(
+    self_: *const c_void,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
     // SAFETY: forwarded C arguments.
     guard("aclnnSqrtGetWorkspaceSize", || unsafe { float_map("aclnnSqrt", Map::Sqrt, self_, out, ws, ex) })
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn aclnnReluGetWorkspaceSize(self_: *const c_void, out: *mut c_void, ws: *mut u64, ex: *mut *mut c_void) -> i32 {
+pub unsafe extern "C" fn aclnnReluGetWorkspaceSize(
+    self_: *const c_void,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
     // SAFETY: forwarded C arguments.
     guard("aclnnReluGetWorkspaceSize", || unsafe { float_map("aclnnRelu", Map::Relu, self_, out, ws, ex) })
 }
@@ -1347,7 +1423,11 @@ pub unsafe extern "C" fn aclnnTopkGetWorkspaceSize(
                         // Stable: equal values keep ascending index order. NaN sorts as largest.
                         order.sort_by(|&p, &q| {
                             let c = key(p).total_cmp(&key(q));
-                            if largest { c.reverse() } else { c }
+                            if largest {
+                                c.reverse()
+                            } else {
+                                c
+                            }
                         });
                         for (t, &j) in order.iter().take(k).enumerate() {
                             vals[(o * k + t) * inner + b] = key(j);
@@ -1404,7 +1484,12 @@ pub unsafe extern "C" fn aclnnGatherGetWorkspaceSize(
                 let mut idx = vec![0i64; i.dims.len()];
                 let mut r = Vec::with_capacity(sel.len());
                 for &s in &sel {
-                    let at: i64 = idx.iter().zip(&xs).enumerate().map(|(a, (&t, &st))| if a == d { s * st } else { t * st }).sum();
+                    let at: i64 = idx
+                        .iter()
+                        .zip(&xs)
+                        .enumerate()
+                        .map(|(a, (&t, &st))| if a == d { s * st } else { t * st })
+                        .sum();
                     r.push(a[at as usize]);
                     for q in (0..idx.len()).rev() {
                         idx[q] += 1;
@@ -1466,7 +1551,12 @@ pub unsafe extern "C" fn aclnnInplaceScatterGetWorkspaceSize(
                 let (xs, ss) = (crate::memory::contiguous_strides(&x.dims), crate::memory::contiguous_strides(&s.dims));
                 let mut idx = vec![0i64; i.dims.len()];
                 for &t in &sel {
-                    let to: i64 = idx.iter().zip(&xs).enumerate().map(|(a, (&k, &st))| if a == d { t * st } else { k * st }).sum();
+                    let to: i64 = idx
+                        .iter()
+                        .zip(&xs)
+                        .enumerate()
+                        .map(|(a, (&k, &st))| if a == d { t * st } else { k * st })
+                        .sum();
                     let from: i64 = idx.iter().zip(&ss).map(|(&k, &st)| k * st).sum();
                     let val = sv[from as usize];
                     if reduce == 1 {
@@ -1523,7 +1613,12 @@ phase2!(aclnnAbs, aclnnAmax, aclnnBitwiseAndScalar, aclnnBitwiseOrTensor);
 const BITWISE: &[Dt] = &[Dt::I8, Dt::U8, Dt::I16, Dt::I32, Dt::I64, Dt::Bool];
 
 #[no_mangle]
-pub unsafe extern "C" fn aclnnAbsGetWorkspaceSize(self_: *const c_void, out: *mut c_void, ws: *mut u64, ex: *mut *mut c_void) -> i32 {
+pub unsafe extern "C" fn aclnnAbsGetWorkspaceSize(
+    self_: *const c_void,
+    out: *mut c_void,
+    ws: *mut u64,
+    ex: *mut *mut c_void,
+) -> i32 {
     // SAFETY: forwarded C arguments.
     guard("aclnnAbsGetWorkspaceSize", || unsafe { unary("aclnnAbs", Un::Abs, self_, out, ws, ex) })
 }
@@ -1641,7 +1736,9 @@ pub unsafe extern "C" fn aclnnBitwiseOrTensorGetWorkspaceSize(
             if y.dt != x.dt || o.dt != x.dt {
                 bail!(P_INVALID, "self {:?}, other {:?} and out {:?} must have one integer dtype", x.dt, y.dt, o.dt);
             }
-            let shape = broadcast(&x.dims, &y.dims).ok_or_else(|| Fail::new(P_INVALID, format!("self {:?} and other {:?} do not broadcast", x.dims, y.dims)))?;
+            let shape = broadcast(&x.dims, &y.dims).ok_or_else(|| {
+                Fail::new(P_INVALID, format!("self {:?} and other {:?} do not broadcast", x.dims, y.dims))
+            })?;
             need_contig(&o, "out")?;
             need_shape(&o, "out", &shape)?;
             let handles = std::mem::take(&mut c.handles);

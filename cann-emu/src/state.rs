@@ -102,11 +102,17 @@ pub type Work = Box<dyn FnOnce(&mut Memory) -> Result<(), String> + Send>;
 pub type Kernel = Arc<dyn Fn(&mut Memory) -> Result<(), String> + Send + Sync>;
 
 pub enum Task {
-    Work { name: String, run: Work },
+    Work {
+        name: String,
+        run: Work,
+    },
     /// Marks a point events can refer to.
     Marker,
     /// Runs `stream` through `seq` first.
-    Wait { stream: usize, seq: u64 },
+    Wait {
+        stream: usize,
+        seq: u64,
+    },
     /// An HCCL collective of one rank: a rendezvous with the other ranks, then their data
     /// movement. Run outside the emulator lock (see the module docs).
     Collective(Arc<crate::hccl::Call>),
@@ -233,8 +239,9 @@ impl Emu {
     /// The calling thread's device; fails when `aclInit` or `aclrtSetDevice` is missing.
     pub fn need_device(&self) -> Result<i32, Fail> {
         self.need_init()?;
-        crate::thread_device()
-            .ok_or_else(|| Fail::new(codes::RT_CONTEXT_NULL, "no device is bound to this thread (call aclrtSetDevice first)"))
+        crate::thread_device().ok_or_else(|| {
+            Fail::new(codes::RT_CONTEXT_NULL, "no device is bound to this thread (call aclrtSetDevice first)")
+        })
     }
 
     /// The stream a handle names (NULL → the bound device's default stream).
@@ -250,7 +257,9 @@ impl Emu {
         }
         match self.streams.get(&handle) {
             Some(s) if s.device == dev => Ok(handle),
-            Some(s) => bail!(codes::RT_PARAM_INVALID, "stream belongs to device {}, thread is bound to device {dev}", s.device),
+            Some(s) => {
+                bail!(codes::RT_PARAM_INVALID, "stream belongs to device {}, thread is bound to device {dev}", s.device)
+            }
             None => bail!(codes::RT_PARAM_INVALID, "{handle:#x} is not a live stream"),
         }
     }
@@ -307,7 +316,9 @@ impl Emu {
                     Some((seq, Task::Collective(call))) if *seq <= upto => {
                         return Ok(Drained::Blocked { stream, seq: *seq, call: call.clone() });
                     }
-                    Some((seq, Task::Wait { stream: other, seq: until })) if *seq <= upto => (*seq, Some((*other, *until))),
+                    Some((seq, Task::Wait { stream: other, seq: until })) if *seq <= upto => {
+                        (*seq, Some((*other, *until)))
+                    }
                     Some((seq, _)) if *seq <= upto => (*seq, None),
                     _ => return Ok(Drained::Done),
                 }
@@ -319,7 +330,10 @@ impl Emu {
                         Ok(())
                     }
                     Ok(blocked @ Drained::Blocked { .. }) => return Ok(blocked),
-                    Err(f) => Err(Fail::new(codes::RT_AICORE_EXCEPTION, format!("a stream this one waited on faulted: {}", f.msg))),
+                    Err(f) => Err(Fail::new(
+                        codes::RT_AICORE_EXCEPTION,
+                        format!("a stream this one waited on faulted: {}", f.msg),
+                    )),
                 },
                 None => match self.streams.get_mut(&stream).and_then(|s| s.queue.pop_front()) {
                     Some((_, Task::Work { name, run })) => {
@@ -380,10 +394,9 @@ impl Emu {
         if p == 0 {
             bail!(codes::ACLNN_PARAM_NULLPTR, "{name} is nullptr");
         }
-        self.tensors
-            .get(&p)
-            .cloned()
-            .ok_or_else(|| Fail::new(codes::ACLNN_PARAM_INVALID, format!("{name} ({p:#x}) is not a live aclTensor (destroyed?)")))
+        self.tensors.get(&p).cloned().ok_or_else(|| {
+            Fail::new(codes::ACLNN_PARAM_INVALID, format!("{name} ({p:#x}) is not a live aclTensor (destroyed?)"))
+        })
     }
 
     /// A live scalar (NULL → `None`).

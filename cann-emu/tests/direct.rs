@@ -31,7 +31,9 @@ unsafe fn tensor(p: *mut c_void, dt: i32, dims: &[i64]) -> *mut c_void {
     let strides: Vec<i64> = (0..dims.len()).map(|i| dims[i + 1..].iter().product()).collect();
     let storage = [dims.iter().product::<i64>()];
     // SAFETY: arrays valid for the call.
-    unsafe { nnop::aclCreateTensor(dims.as_ptr(), dims.len() as u64, dt, strides.as_ptr(), 0, 2, storage.as_ptr(), 1, p) }
+    unsafe {
+        nnop::aclCreateTensor(dims.as_ptr(), dims.len() as u64, dt, strides.as_ptr(), 0, 2, storage.as_ptr(), 1, p)
+    }
 }
 
 #[test]
@@ -113,13 +115,19 @@ fn new_ops_validate_their_documented_constraints() {
         let x = tensor(malloc(4 * 24), 0, &[2, 3, 4]);
         // Topk: indices must be int64.
         let (v, i32_idx) = (tensor(malloc(4 * 12), 0, &[2, 3, 2]), tensor(malloc(4 * 12), 3, &[2, 3, 2]));
-        assert_eq!(ops::aclnnTopkGetWorkspaceSize(x, 2, -1, true, true, v, i32_idx, &mut ws, &mut ex), codes::ACLNN_PARAM_INVALID);
+        assert_eq!(
+            ops::aclnnTopkGetWorkspaceSize(x, 2, -1, true, true, v, i32_idx, &mut ws, &mut ex),
+            codes::ACLNN_PARAM_INVALID
+        );
         assert!(recent().contains("indicesOut"), "{}", recent());
         // ReduceSum: a repeated dim is refused.
         let dims = [1i64, -2];
         let list = nnop::aclCreateIntArray(dims.as_ptr(), 2);
         let o = tensor(malloc(4 * 8), 0, &[2, 1, 4]);
-        assert_eq!(ops::aclnnReduceSumGetWorkspaceSize(x, list, true, 0, o, &mut ws, &mut ex), codes::ACLNN_PARAM_INVALID);
+        assert_eq!(
+            ops::aclnnReduceSumGetWorkspaceSize(x, list, true, 0, o, &mut ws, &mut ex),
+            codes::ACLNN_PARAM_INVALID
+        );
         assert!(recent().contains("repeats"), "{}", recent());
         // BatchMatMul: batch sizes must agree (no broadcast).
         let w = tensor(malloc(4 * 12), 0, &[3, 4, 1]);
@@ -129,11 +137,17 @@ fn new_ops_validate_their_documented_constraints() {
         // InplaceScatter: index, src and selfRef must have one rank.
         let idx = tensor(malloc(4 * 2), 3, &[2]);
         let src = tensor(malloc(4 * 8), 0, &[2, 4]);
-        assert_eq!(ops::aclnnInplaceScatterGetWorkspaceSize(x, 0, idx, src, 0, &mut ws, &mut ex), codes::ACLNN_PARAM_INVALID);
+        assert_eq!(
+            ops::aclnnInplaceScatterGetWorkspaceSize(x, 0, idx, src, 0, &mut ws, &mut ex),
+            codes::ACLNN_PARAM_INVALID
+        );
         assert!(recent().contains("one rank"), "{}", recent());
         // Softplus: beta and threshold are required.
         let so = tensor(malloc(4 * 24), 0, &[2, 3, 4]);
-        assert_eq!(ops::aclnnSoftplusGetWorkspaceSize(x, ptr::null(), ptr::null(), so, &mut ws, &mut ex), codes::ACLNN_PARAM_NULLPTR);
+        assert_eq!(
+            ops::aclnnSoftplusGetWorkspaceSize(x, ptr::null(), ptr::null(), so, &mut ws, &mut ex),
+            codes::ACLNN_PARAM_NULLPTR
+        );
         nnop::aclDestroyIntArray(list);
     }
 }
@@ -162,7 +176,8 @@ fn bf16_caches_cast_to_nearest_even_and_keep_their_dtype() {
     unsafe {
         let (mut ws, mut ex) = (0u64, ptr::null_mut());
         // Ties go to the even bf16 (1 + 2^-8 → 1, 1 + 3·2^-8 → 1 + 2^-6), others to nearest.
-        let vals = [1.0f32, f32::from_bits(0x3F80_8000), f32::from_bits(0x3F81_8000), f32::from_bits(0x3F80_8001), -2.5, 0.0];
+        let vals =
+            [1.0f32, f32::from_bits(0x3F80_8000), f32::from_bits(0x3F81_8000), f32::from_bits(0x3F80_8001), -2.5, 0.0];
         let want: [u16; 6] = [0x3F80, 0x3F80, 0x3F82, 0x3F81, 0xC020, 0x0000];
         let src = malloc(4 * 6);
         assert_eq!(acl::aclrtMemcpy(src, 24, vals.as_ptr().cast(), 24, H2D), 0);
@@ -185,12 +200,18 @@ fn bf16_caches_cast_to_nearest_even_and_keep_their_dtype() {
         // A bf16 cache takes bf16 rows only: scattering f32 rows into it is refused.
         let idx = tensor(malloc(4 * 3), 3, &[1, 3]);
         let rows = tensor(malloc(4 * 3), F32, &[1, 3]);
-        assert_eq!(ops::aclnnInplaceScatterGetWorkspaceSize(o, 0, idx, rows, 0, &mut ws, &mut ex), codes::ACLNN_PARAM_INVALID);
+        assert_eq!(
+            ops::aclnnInplaceScatterGetWorkspaceSize(o, 0, idx, rows, 0, &mut ws, &mut ex),
+            codes::ACLNN_PARAM_INVALID
+        );
         assert!(recent().contains("one supported dtype"), "{}", recent());
         // IndexSelect keeps the dtype: a bf16 source needs a bf16 out.
         let sel = tensor(malloc(4), 3, &[1]);
         let f_out = tensor(malloc(4 * 3), F32, &[1, 3]);
-        assert_eq!(ops::aclnnIndexSelectGetWorkspaceSize(o, 0, sel, f_out, &mut ws, &mut ex), codes::ACLNN_PARAM_INVALID);
+        assert_eq!(
+            ops::aclnnIndexSelectGetWorkspaceSize(o, 0, sel, f_out, &mut ws, &mut ex),
+            codes::ACLNN_PARAM_INVALID
+        );
         assert!(recent().contains("differs from self dtype"), "{}", recent());
     }
 }

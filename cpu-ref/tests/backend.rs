@@ -254,8 +254,17 @@ fn compressor_chunked_equals_token_by_token() {
 #[test]
 fn indexer_pads_with_minus_one() {
     let b = CpuBackend::new();
-    let op =
-        IndexerTopK { rows: 1, heads: 1, head_dim: 2, slots: 1, capacity: 4, ratio: 4, topk: 3, weight_scale: 1.0, cache_dtype: hal::DType::F32 };
+    let op = IndexerTopK {
+        rows: 1,
+        heads: 1,
+        head_dim: 2,
+        slots: 1,
+        capacity: 4,
+        ratio: 4,
+        topk: 3,
+        weight_scale: 1.0,
+        cache_dtype: hal::DType::F32,
+    };
     let ins = [
         f32t(&b, &[1, 1, 2], &[1.0, 0.0]),
         f32t(&b, &[1, 1], &[1.0]),
@@ -547,7 +556,15 @@ fn zero_sized_dimensions_do_not_panic() {
             out_per_group: 3,
             format: WeightFormat::Bf16,
         }),
-        Op::HcPre(HcPre { rows: 2, mult: 4, dim: 0, sinkhorn_iters: 1, hc_eps: 1e-6, norm_eps: 1e-6, after_post: false }),
+        Op::HcPre(HcPre {
+            rows: 2,
+            mult: 4,
+            dim: 0,
+            sinkhorn_iters: 1,
+            hc_eps: 1e-6,
+            norm_eps: 1e-6,
+            after_post: false,
+        }),
         Op::MoeGate(MoeGate { rows: 2, dim: 0, experts: 3, topk: 2, route_scale: 1.0, mode: GateMode::Scored }),
         Op::MoeExperts(MoeExperts {
             rows: 1,

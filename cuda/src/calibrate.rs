@@ -119,8 +119,7 @@ fn vendor_gemm(dev: &Dev, (a, b, c): (u64, u64, u64)) -> std::result::Result<(f6
     let blas = Cublas::open(dev.stream.cu_stream().cast())?;
     let n = GEMM_N;
     let run = || {
-        blas.gemm_bf16(a, b, c, n, n, n)
-            .map_err(|reason| hal::Error::Unavailable { backend: "cuBLAS".into(), reason })
+        blas.gemm_bf16(a, b, c, n, n, n).map_err(|reason| hal::Error::Unavailable { backend: "cuBLAS".into(), reason })
     };
     time_gemm(dev, &run).map(|s| (s, blas.name.clone())).map_err(|e| e.to_string())
 }

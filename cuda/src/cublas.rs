@@ -95,8 +95,7 @@ impl Cublas {
         // SAFETY: the symbol has cublasGemmEx's signature; the pointers are device buffers of the
         // sizes the caller allocated; alpha and beta outlive the call.
         unsafe {
-            let gemm: Symbol<GemmExFn> =
-                self.lib.get(b"cublasGemmEx\0").map_err(|e| format!("{}: {e}", self.name))?;
+            let gemm: Symbol<GemmExFn> = self.lib.get(b"cublasGemmEx\0").map_err(|e| format!("{}: {e}", self.name))?;
             // cuBLAS is column-major: it computes Cᵀ (n × m, ld n) = B (n × k) · Aᵀ (k × m), where
             // the stored B reads as a k × n matrix (op T) and the stored A as k × m (op N).
             status(

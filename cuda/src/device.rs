@@ -196,7 +196,12 @@ impl Dev {
     /// Context, streams and error word on device `ordinal`. Event tracking is turned off before
     /// any allocation: ops run on one stream, and `concurrently` orders its side stream itself,
     /// so cudarc's cross-stream events are waste.
-    pub fn new(ctx: Arc<CudaContext>, arch: String, smem_optin: usize, sms: usize) -> std::result::Result<Self, DriverError> {
+    pub fn new(
+        ctx: Arc<CudaContext>,
+        arch: String,
+        smem_optin: usize,
+        sms: usize,
+    ) -> std::result::Result<Self, DriverError> {
         // SAFETY: no slice exists yet; the side stream only runs inside `concurrently`, which
         // orders it against the main stream with events and holds back frees until its join.
         unsafe { ctx.disable_event_tracking() };
@@ -372,8 +377,13 @@ impl Dev {
         // event before it reads the bytes or lets the buffer go (`wait`, `Drop`); the caller
         // passes the address of a live allocation of at least `len` bytes.
         let issued = unsafe {
-            cudarc::driver::result::memcpy_dtoh_async(&mut *words, self.err_ptr, cu)
-                .and_then(|()| if len == 0 { Ok(()) } else { cudarc::driver::result::memcpy_dtoh_async(&mut data[..len], src, cu) })
+            cudarc::driver::result::memcpy_dtoh_async(&mut *words, self.err_ptr, cu).and_then(|()| {
+                if len == 0 {
+                    Ok(())
+                } else {
+                    cudarc::driver::result::memcpy_dtoh_async(&mut data[..len], src, cu)
+                }
+            })
         };
         let event = issued.and_then(|()| self.stream.record_event(None));
         match event {
@@ -403,7 +413,11 @@ impl Dev {
     /// The stream ops are issued to now: the main one, or the side stream inside the first
     /// sequence of [`Dev::concurrently`].
     pub fn cu_stream(&self) -> cudarc::driver::sys::CUstream {
-        if self.on_side.load(Ordering::SeqCst) { self.side.cu_stream() } else { self.stream.cu_stream() }
+        if self.on_side.load(Ordering::SeqCst) {
+            self.side.cu_stream()
+        } else {
+            self.stream.cu_stream()
+        }
     }
 
     /// `Backend::concurrently`: `first` on the side stream, which waits for what the main stream
@@ -412,7 +426,11 @@ impl Dev {
     /// other's kernels; what it knew before holds for both, and what it learns is known after
     /// the join), and buffers dropped in between are freed after the join (`Deferred`). A call
     /// inside another runs its sequences in order.
-    pub fn concurrently(&self, first: &mut dyn FnMut() -> Result<()>, second: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+    pub fn concurrently(
+        &self,
+        first: &mut dyn FnMut() -> Result<()>,
+        second: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
         if self.concurrent.swap(true, Ordering::SeqCst) {
             first()?;
             return second();

@@ -57,12 +57,7 @@ pub fn full_source(family: &str) -> Option<String> {
 
 /// NVRTC options for an arch such as `sm_90`.
 pub fn nvrtc_options(arch: &str) -> Vec<String> {
-    vec![
-        format!("--gpu-architecture={arch}"),
-        "-default-device".into(),
-        "--std=c++17".into(),
-        "--fmad=false".into(),
-    ]
+    vec![format!("--gpu-architecture={arch}"), "-default-device".into(), "--std=c++17".into(), "--fmad=false".into()]
 }
 
 /// 64-bit FNV-1a.
@@ -302,7 +297,8 @@ mod tests {
                 let body_end = starts.get(i + 1).map_or(body.len(), |&next| next - (src.len() - body.len()));
                 let first = body.trim_start_matches(|c: char| c.is_whitespace() || c == '\\');
                 let head = src[at..].split(['(', ')', ' ', '\n']).filter(|t| !t.is_empty());
-                let name = head.skip(4).find(|t| *t != "__launch_bounds__" && !t.starts_with(char::is_numeric)).unwrap_or("?");
+                let name =
+                    head.skip(4).find(|t| *t != "__launch_bounds__" && !t.starts_with(char::is_numeric)).unwrap_or("?");
                 let split = first.starts_with("grid_dep_trigger();") && waits(src, &body[..body_end]);
                 assert!(
                     first.starts_with("grid_dep_begin();") || split,

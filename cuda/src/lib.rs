@@ -135,7 +135,9 @@ impl CudaBackend {
             // SAFETY: writes one int.
             unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
             let optin = ctx
-                .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+                .attribute(
+                    cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                )
                 .map_err(|e| format!("{e:?}"))?;
             let sms = ctx
                 .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -147,11 +149,9 @@ impl CudaBackend {
             .map_err(|e| format!("querying CUDA device {ordinal} failed: {e}"))?;
         let arch = format!("sm_{major}{minor}");
         if !kernels::nvrtc_present() {
-            return Err(
-                "libnvrtc not found: looked for libnvrtc.so / libnvrtc.so.12 via the dynamic loader \
+            return Err("libnvrtc not found: looked for libnvrtc.so / libnvrtc.so.12 via the dynamic loader \
                  (install the CUDA toolkit's NVRTC or add its lib folder to LD_LIBRARY_PATH)"
-                    .into(),
-            );
+                .into());
         }
         kernels::compile_source("probe", "extern \"C\" __global__ void v4rt_probe(float* x) { x[0] = 1.0f; }", &arch)
             .map_err(|e| format!("NVRTC cannot compile for {arch}: {e}"))?;
@@ -346,7 +346,11 @@ impl Backend for CudaBackend {
 
     /// `first` on a second stream that forks from the backend's stream and joins it again
     /// (captured as two branches of the graph inside a recording); see `Dev::concurrently`.
-    fn concurrently(&self, first: &mut dyn FnMut() -> Result<()>, second: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+    fn concurrently(
+        &self,
+        first: &mut dyn FnMut() -> Result<()>,
+        second: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
         self.dev.concurrently(first, second)
     }
 

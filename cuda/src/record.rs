@@ -240,7 +240,8 @@ fn summarize(graph: &CudaGraph) -> String {
     let mut e = 0usize;
     let programmatic = {
         // SAFETY: a count query (null arrays), then arrays of the size the driver reported.
-        let counted = unsafe { sys::cuGraphGetEdges_v2(g, null_mut(), null_mut(), null_mut(), &mut e) }.result().is_ok();
+        let counted =
+            unsafe { sys::cuGraphGetEdges_v2(g, null_mut(), null_mut(), null_mut(), &mut e) }.result().is_ok();
         let mut from = vec![null_mut(); e];
         let mut to = vec![null_mut(); e];
         // SAFETY: zeroed edge data is valid plain data.
@@ -249,7 +250,12 @@ fn summarize(graph: &CudaGraph) -> String {
             && unsafe { sys::cuGraphGetEdges_v2(g, from.as_mut_ptr(), to.as_mut_ptr(), data.as_mut_ptr(), &mut e) }
                 .result()
                 .is_ok();
-        read.then(|| data[..e].iter().filter(|d| d.type_ as u32 == sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC as u32).count())
+        read.then(|| {
+            data[..e]
+                .iter()
+                .filter(|d| d.type_ as u32 == sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC as u32)
+                .count()
+        })
     };
     let edges = match programmatic {
         Some(p) => format!("{e} edges, {p} programmatic"),
@@ -267,10 +273,16 @@ impl Dev {
     /// cannot be part of a graph.
     pub(crate) fn not_recording(&self, what: &str) -> Result<()> {
         if self.recording.load(Ordering::SeqCst) {
-            return Err(Error::invalid(what, "not allowed while recording ops (Backend::record issues only alloc and run)"));
+            return Err(Error::invalid(
+                what,
+                "not allowed while recording ops (Backend::record issues only alloc and run)",
+            ));
         }
         if self.concurrent.load(Ordering::SeqCst) {
-            return Err(Error::invalid(what, "not allowed inside Backend::concurrently (it issues only alloc and run)"));
+            return Err(Error::invalid(
+                what,
+                "not allowed inside Backend::concurrently (it issues only alloc and run)",
+            ));
         }
         Ok(())
     }

@@ -13,7 +13,10 @@
 use v4rt_cuda::kernels;
 
 #[test]
-#[cfg_attr(not(v4rt_nvrtc_dir), ignore = "needs NVRTC: build and run with V4RT_NVRTC_DIR set (.ci/run does), or --ignored with libnvrtc on the loader path")]
+#[cfg_attr(
+    not(v4rt_nvrtc_dir),
+    ignore = "needs NVRTC: build and run with V4RT_NVRTC_DIR set (.ci/run does), or --ignored with libnvrtc on the loader path"
+)]
 fn every_kernel_family_compiles_with_nvrtc() {
     if let Some(dir) = std::env::var_os("V4RT_NVRTC_DIR").filter(|d| !d.is_empty()) {
         match kernels::preload_nvrtc(std::path::Path::new(&dir)) {

@@ -50,18 +50,21 @@ fn a_check_issued_while_an_error_was_pending_runs_again() {
     let table = up(b, &[vocab, dim], &[0.0; 32]);
     let ids = b.upload(&[1], DType::I32, &i32_bytes(&[7])).unwrap();
     let mut out = b.alloc(&[1, dim], DType::F32).unwrap();
-    b.run(&Op::Embed(Embed { rows: 1, vocab, dim, table_dtype: DType::F32 }), &[&ids, &table], &mut [&mut out]).unwrap();
+    b.run(&Op::Embed(Embed { rows: 1, vocab, dim, table_dtype: DType::F32 }), &[&ids, &table], &mut [&mut out])
+        .unwrap();
     let err = rope(b, &freqs, &pos).expect("token 7 of a 4-row table was accepted");
     assert!(err.contains("token id 7"), "{err}");
     // The same, unchanged positions must still be checked.
-    let err = rope(b, &freqs, &pos).expect("position −1 was accepted: a check issued while an error was pending counted");
+    let err =
+        rope(b, &freqs, &pos).expect("position −1 was accepted: a check issued while an error was pending counted");
     assert!(err.contains("position -1 is negative"), "{err}");
 }
 
 /// An FP8 linear `[rows, inp] → [rows, 128]` with fixed codes and scales 2^0.
 fn fp8_linear(b: &dyn Backend, rows: usize, inp: usize) -> (Op, Tensor, Tensor) {
     let out = 128;
-    let codes: Vec<u8> = (0..out * inp).map(|i| ((i * 37 + 11) % 0x7E) as u8 | if i % 3 == 0 { 0x80 } else { 0 }).collect();
+    let codes: Vec<u8> =
+        (0..out * inp).map(|i| ((i * 37 + 11) % 0x7E) as u8 | if i % 3 == 0 { 0x80 } else { 0 }).collect();
     let w = b.upload(&[out, inp], DType::F8E4M3, &codes).unwrap();
     let s = b.upload(&[1, inp / 128], DType::F8E8M0, &vec![127; inp / 128]).unwrap();
     (Op::Linear(Linear { rows, in_features: inp, out_features: out, format: WeightFormat::Fp8Block128 }), w, s)
@@ -103,6 +106,9 @@ fn a_linear_input_changed_by_an_op_or_the_host_is_quantized_again() {
     let mut host = doubled.clone();
     host[256 + 17] = 100.0;
     let fresh = up(b, &[rows, 256], &host);
-    assert!(same_bits(&after_write, &linear(b, &lin, &fresh)), "linear read a stale quantized input after a host write");
+    assert!(
+        same_bits(&after_write, &linear(b, &lin, &fresh)),
+        "linear read a stale quantized input after a host write"
+    );
     assert!(!same_bits(&after_write, &after_op), "the test's write did not change the result");
 }

@@ -46,7 +46,10 @@ fn replay_reads_current_contents() {
         b.write(&mut x, 0, &f32_bytes(&xs)).unwrap();
         rec.replay().unwrap();
         let got = bytes_f32(&b.download(&out).unwrap());
-        assert!(got.iter().zip(want(&xs)).all(|(g, w)| g.to_bits() == w.to_bits()), "replay {k} differs from the direct sum");
+        assert!(
+            got.iter().zip(want(&xs)).all(|(g, w)| g.to_bits() == w.to_bits()),
+            "replay {k} differs from the direct sum"
+        );
     }
 }
 

@@ -64,12 +64,27 @@ fn op_timings() {
         {
             let (e_n, k, inter) = (256, 6, 2048);
             let ex: Vec<i32> = (0..rows * k).map(|i| ((i / k) * 37 + (i % k) * 41) as i32 % e_n as i32).collect();
-            let op = MoeExperts { rows, dim, inter, experts: e_n, topk: k, swiglu_limit: 10.0, format: WeightFormat::Fp4Group32 };
+            let op = MoeExperts {
+                rows,
+                dim,
+                inter,
+                experts: e_n,
+                topk: k,
+                swiglu_limit: 10.0,
+                format: WeightFormat::Fp4Group32,
+            };
             let sig = Op::MoeExperts(op.clone()).signature();
-            let mut ts: Vec<Tensor> = vec![z(b, &[rows, dim], DType::F32), ints(b, &[rows, k], &ex), z(b, &[rows, k], DType::F32)];
+            let mut ts: Vec<Tensor> =
+                vec![z(b, &[rows, dim], DType::F32), ints(b, &[rows, k], &ex), z(b, &[rows, k], DType::F32)];
             ts.extend(sig.inputs[3..].iter().map(|s| z(b, &s.shape, s.dtype)));
             let mut y = z(b, &[rows, dim], DType::F32);
-            time(b, &format!("moe_experts fp4 256e top6 {rows}x4096/2048"), &Op::MoeExperts(op), &ts.iter().collect::<Vec<_>>(), &mut [&mut y]);
+            time(
+                b,
+                &format!("moe_experts fp4 256e top6 {rows}x4096/2048"),
+                &Op::MoeExperts(op),
+                &ts.iter().collect::<Vec<_>>(),
+                &mut [&mut y],
+            );
         }
         // Gate.
         {
@@ -84,8 +99,15 @@ fn op_timings() {
             let xs = z(b, &[rows, 4, dim], DType::F32);
             let (f, base, sc) = (z(b, &[24, 4 * dim], DType::F32), z(b, &[24], DType::F32), z(b, &[3], DType::F32));
             let norm = z(b, &[dim], DType::F32);
-            let (mut u, mut p, mut c) = (z(b, &[rows, dim], DType::F32), z(b, &[rows, 4], DType::F32), z(b, &[rows, 4, 4], DType::F32));
-            time(b, &format!("hc_pre {rows}x4x4096"), &Op::HcPre(op), &[&xs, &f, &base, &sc, &norm], &mut [&mut u, &mut p, &mut c]);
+            let (mut u, mut p, mut c) =
+                (z(b, &[rows, dim], DType::F32), z(b, &[rows, 4], DType::F32), z(b, &[rows, 4, 4], DType::F32));
+            time(
+                b,
+                &format!("hc_pre {rows}x4x4096"),
+                &Op::HcPre(op),
+                &[&xs, &f, &base, &sc, &norm],
+                &mut [&mut u, &mut p, &mut c],
+            );
         }
         // Attention: one slot per row (decode at position 8191) or one prefill chunk.
         let (slots, pos): (Vec<i32>, Vec<i32>) = if rows <= 32 {
@@ -98,7 +120,16 @@ fn op_timings() {
         for cache_dtype in [DType::F32, DType::BF16] {
             let tag = if cache_dtype == DType::F32 { "" } else { " bf16" };
             let (h, d, w, cap, topk) = (64, 512, 128, 2048, 512);
-            let op = SparseAttention { rows, heads: h, head_dim: d, slots: ns, window: w, compressed: CompressedKv::Selected { ratio: 4, capacity: cap, topk }, softmax_scale: 0.044, cache_dtype };
+            let op = SparseAttention {
+                rows,
+                heads: h,
+                head_dim: d,
+                slots: ns,
+                window: w,
+                compressed: CompressedKv::Selected { ratio: 4, capacity: cap, topk },
+                softmax_scale: 0.044,
+                cache_dtype,
+            };
             let idx: Vec<i32> = (0..rows * topk).map(|i| (i % cap) as i32).collect();
             let ts = [
                 z(b, &[rows, h, d], DType::F32),
@@ -111,16 +142,55 @@ fn op_timings() {
                 ints(b, &[rows, topk], &idx),
             ];
             let mut o = z(b, &[rows, h, d], DType::F32);
-            time(b, &format!("sparse_attention 64h d512 w128 top512 {rows}{tag}"), &Op::SparseAttention(op), &ts.iter().collect::<Vec<_>>(), &mut [&mut o]);
+            time(
+                b,
+                &format!("sparse_attention 64h d512 w128 top512 {rows}{tag}"),
+                &Op::SparseAttention(op),
+                &ts.iter().collect::<Vec<_>>(),
+                &mut [&mut o],
+            );
             let (h, d) = (64, 128);
-            let op = IndexerTopK { rows, heads: h, head_dim: d, slots: ns, capacity: cap, ratio: 4, topk, weight_scale: 0.01, cache_dtype };
-            let ts = [z(b, &[rows, h, d], DType::F32), z(b, &[rows, h], DType::F32), z(b, &[ns, cap, d], cache_dtype), ints(b, &[rows], &slots), ints(b, &[rows], &pos)];
+            let op = IndexerTopK {
+                rows,
+                heads: h,
+                head_dim: d,
+                slots: ns,
+                capacity: cap,
+                ratio: 4,
+                topk,
+                weight_scale: 0.01,
+                cache_dtype,
+            };
+            let ts = [
+                z(b, &[rows, h, d], DType::F32),
+                z(b, &[rows, h], DType::F32),
+                z(b, &[ns, cap, d], cache_dtype),
+                ints(b, &[rows], &slots),
+                ints(b, &[rows], &pos),
+            ];
             let (mut i, mut s) = (z(b, &[rows, topk], DType::I32), z(b, &[rows, topk], DType::F32));
-            time(b, &format!("indexer_topk 64h d128 2048 entries top512 {rows}{tag}"), &Op::IndexerTopK(op), &ts.iter().collect::<Vec<_>>(), &mut [&mut i, &mut s]);
+            time(
+                b,
+                &format!("indexer_topk 64h d128 2048 entries top512 {rows}{tag}"),
+                &Op::IndexerTopK(op),
+                &ts.iter().collect::<Vec<_>>(),
+                &mut [&mut i, &mut s],
+            );
         }
         {
             let (ratio, width, cap) = (4, 512, 2048);
-            let op = Compressor { rows, slots: ns, ratio, overlap: true, width, rope_dim: 64, rotate: false, capacity: cap, norm_eps: 1e-6, cache_dtype: hal::DType::F32 };
+            let op = Compressor {
+                rows,
+                slots: ns,
+                ratio,
+                overlap: true,
+                width,
+                rope_dim: 64,
+                rotate: false,
+                capacity: cap,
+                norm_eps: 1e-6,
+                cache_dtype: hal::DType::F32,
+            };
             let ts = [
                 z(b, &[rows, 2 * width], DType::F32),
                 z(b, &[rows, 2 * width], DType::F32),
@@ -130,8 +200,18 @@ fn op_timings() {
                 ints(b, &[rows], &slots),
                 ints(b, &[rows], &pos),
             ];
-            let (mut skv, mut ssc, mut c) = (z(b, &[ns, 2 * ratio, 2 * width], DType::F32), z(b, &[ns, 2 * ratio, 2 * width], DType::F32), z(b, &[ns, cap, width], DType::F32));
-            time(b, &format!("compressor r4 overlap w512 {rows}"), &Op::Compressor(op), &ts.iter().collect::<Vec<_>>(), &mut [&mut skv, &mut ssc, &mut c]);
+            let (mut skv, mut ssc, mut c) = (
+                z(b, &[ns, 2 * ratio, 2 * width], DType::F32),
+                z(b, &[ns, 2 * ratio, 2 * width], DType::F32),
+                z(b, &[ns, cap, width], DType::F32),
+            );
+            time(
+                b,
+                &format!("compressor r4 overlap w512 {rows}"),
+                &Op::Compressor(op),
+                &ts.iter().collect::<Vec<_>>(),
+                &mut [&mut skv, &mut ssc, &mut c],
+            );
         }
     }
 }

@@ -134,7 +134,9 @@ impl Suite {
     fn judge(&mut self, name: &str, dtype: DType, cb: &[u8], gb: &[u8], check: Check, dt: std::time::Duration) {
         if dtype == DType::BF16 {
             // bf16 caches: widened exactly (so Exact still means bit-equal), then judged as f32.
-            let widen = |b: &[u8]| f32_bytes(&b.chunks_exact(2).map(|h| bf16_to_f32(u16::from_le_bytes([h[0], h[1]]))).collect::<Vec<_>>());
+            let widen = |b: &[u8]| {
+                f32_bytes(&b.chunks_exact(2).map(|h| bf16_to_f32(u16::from_le_bytes([h[0], h[1]]))).collect::<Vec<_>>())
+            };
             return self.judge(name, DType::F32, &widen(cb), &widen(gb), check, dt);
         }
         let ok;
@@ -143,12 +145,16 @@ impl Suite {
             (DType::F32, Check::Exact) => {
                 let (e, m, diff, nf) = nmse(&bytes_f32(gb), &bytes_f32(cb));
                 ok = diff == 0;
-                line = format!("exact: {diff} differing of {} (nmse {e:.2e}, max {m:.2e}, nonfinite {nf})", cb.len() / 4);
+                line =
+                    format!("exact: {diff} differing of {} (nmse {e:.2e}, max {m:.2e}, nonfinite {nf})", cb.len() / 4);
             }
             (DType::F32, Check::Nmse(t)) => {
                 let (e, m, diff, nf) = nmse(&bytes_f32(gb), &bytes_f32(cb));
                 ok = e <= t && nf == 0;
-                line = format!("nmse {e:.2e} (≤ {t:.0e}), max {m:.2e}, {diff} not bit-equal of {}, nonfinite {nf}", cb.len() / 4);
+                line = format!(
+                    "nmse {e:.2e} (≤ {t:.0e}), max {m:.2e}, {diff} not bit-equal of {}, nonfinite {nf}",
+                    cb.len() / 4
+                );
             }
             (DType::F32, Check::Quantized(t)) => {
                 let (g, c) = (bytes_f32(gb), bytes_f32(cb));
@@ -188,7 +194,12 @@ fn poison_i(shape: &[usize]) -> HostT {
 
 /// Random FP8 weight [out, inp] codes (no NaN codes) and e8m0 scales near 2^0.
 fn fp8_weight(rng: &mut Rng, out: usize, inp: usize) -> (HostT, HostT) {
-    let codes: Vec<u8> = (0..out * inp).map(|_| match rng.below(256) as u8 { 0x7F | 0xFF => 0x7E, c => c }).collect();
+    let codes: Vec<u8> = (0..out * inp)
+        .map(|_| match rng.below(256) as u8 {
+            0x7F | 0xFF => 0x7E,
+            c => c,
+        })
+        .collect();
     let (sr, sc) = (out.div_ceil(128), inp.div_ceil(128));
     let scales: Vec<u8> = (0..sr * sc).map(|_| 118 + rng.below(6) as u8).collect();
     (tb(&[out, inp], DType::F8E4M3, codes), tb(&[sr, sc], DType::F8E8M0, scales))
@@ -260,35 +271,84 @@ fn cuda_matches_cpu_ref() {
         let table = tb(&[vocab, dim], dtype, bytes_of(&rng.vf(vocab * dim, 3.0)));
         let ids: Vec<i32> = (0..rows).map(|_| rng.below(vocab as u64) as i32).collect();
         let op = Op::Embed(Embed { rows, vocab, dim, table_dtype: dtype });
-        s.case(&format!("embed {dtype}"), &op, &[ti(&[rows], &ids), table], &[(poison(&[rows, dim]), Some(Check::Exact))]);
+        s.case(
+            &format!("embed {dtype}"),
+            &op,
+            &[ti(&[rows], &ids), table],
+            &[(poison(&[rows, dim]), Some(Check::Exact))],
+        );
     }
     {
         let (rows, mult, dim) = (5, 4, 33);
         let op = Op::HcExpand(HcExpand { rows, mult, dim });
-        s.case("hc_expand", &op, &[tf(&[rows, dim], &rng.vf(rows * dim, 1.0))], &[(poison(&[rows, mult, dim]), Some(Check::Exact))]);
+        s.case(
+            "hc_expand",
+            &op,
+            &[tf(&[rows, dim], &rng.vf(rows * dim, 1.0))],
+            &[(poison(&[rows, mult, dim]), Some(Check::Exact))],
+        );
         let op = Op::Add(Add { rows: 8, b_rows: 2, width: 40 });
-        s.case("add bcast", &op, &[tf(&[8, 40], &rng.vf(320, 1.0)), tf(&[2, 40], &rng.vf(80, 1.0))], &[(poison(&[8, 40]), Some(Check::Exact))]);
+        s.case(
+            "add bcast",
+            &op,
+            &[tf(&[8, 40], &rng.vf(320, 1.0)), tf(&[2, 40], &rng.vf(80, 1.0))],
+            &[(poison(&[8, 40]), Some(Check::Exact))],
+        );
         let op = Op::GatherRows(GatherRows { rows: 9, width: 20, out_rows: 4 });
-        s.case("gather_rows", &op, &[tf(&[9, 20], &rng.vf(180, 1.0)), ti(&[4], &[8, 0, 3, 3])], &[(poison(&[4, 20]), Some(Check::Exact))]);
+        s.case(
+            "gather_rows",
+            &op,
+            &[tf(&[9, 20], &rng.vf(180, 1.0)), ti(&[4], &[8, 0, 3, 3])],
+            &[(poison(&[4, 20]), Some(Check::Exact))],
+        );
     }
 
     // ---- hc
     for &(rows, m, d) in &[(3usize, 4usize, 64usize), (2, 4, 1024), (1, 2, 7)] {
         let nm = (2 + m) * m;
         let x = rng.vf(rows * m * d, 2.0);
-        let op = Op::HcPre(HcPre { rows, mult: m, dim: d, sinkhorn_iters: 20, hc_eps: 1e-6, norm_eps: 1e-6, after_post: false });
-        let ins = [tf(&[rows, m, d], &x), tf(&[nm, m * d], &rng.vf(nm * m * d, 0.05)), tf(&[nm], &rng.vf(nm, 0.5)), tf(&[3], &[0.7, 1.1, 1.3]), tf(&[d], &rng.vf(d, 1.0))];
+        let op = Op::HcPre(HcPre {
+            rows,
+            mult: m,
+            dim: d,
+            sinkhorn_iters: 20,
+            hc_eps: 1e-6,
+            norm_eps: 1e-6,
+            after_post: false,
+        });
+        let ins = [
+            tf(&[rows, m, d], &x),
+            tf(&[nm, m * d], &rng.vf(nm * m * d, 0.05)),
+            tf(&[nm], &rng.vf(nm, 0.5)),
+            tf(&[3], &[0.7, 1.1, 1.3]),
+            tf(&[d], &rng.vf(d, 1.0)),
+        ];
         s.case(
             &format!("hc_pre {rows}x{m}x{d}"),
             &op,
             &ins,
-            &[(poison(&[rows, d]), Some(Check::Nmse(1e-9))), (poison(&[rows, m]), Some(Check::Nmse(1e-9))), (poison(&[rows, m, m]), Some(Check::Nmse(1e-9)))],
+            &[
+                (poison(&[rows, d]), Some(Check::Nmse(1e-9))),
+                (poison(&[rows, m]), Some(Check::Nmse(1e-9))),
+                (poison(&[rows, m, m]), Some(Check::Nmse(1e-9))),
+            ],
         );
         let op = Op::HcHead(HcHead { rows, mult: m, dim: d, hc_eps: 1e-6, norm_eps: 1e-6, after_post: false });
-        let ins = [tf(&[rows, m, d], &x), tf(&[m, m * d], &rng.vf(m * m * d, 0.05)), tf(&[m], &rng.vf(m, 0.5)), tf(&[1], &[0.9]), tf(&[d], &rng.vf(d, 1.0))];
+        let ins = [
+            tf(&[rows, m, d], &x),
+            tf(&[m, m * d], &rng.vf(m * m * d, 0.05)),
+            tf(&[m], &rng.vf(m, 0.5)),
+            tf(&[1], &[0.9]),
+            tf(&[d], &rng.vf(d, 1.0)),
+        ];
         s.case(&format!("hc_head {rows}x{m}x{d}"), &op, &ins, &[(poison(&[rows, d]), Some(Check::Nmse(1e-9)))]);
         let op = Op::HcPost(HcPost { rows, mult: m, dim: d });
-        let ins = [tf(&[rows, d], &rng.vf(rows * d, 1.0)), tf(&[rows, m, d], &x), tf(&[rows, m], &rng.vf(rows * m, 1.0)), tf(&[rows, m, m], &rng.vf(rows * m * m, 1.0))];
+        let ins = [
+            tf(&[rows, d], &rng.vf(rows * d, 1.0)),
+            tf(&[rows, m, d], &x),
+            tf(&[rows, m], &rng.vf(rows * m, 1.0)),
+            tf(&[rows, m, m], &rng.vf(rows * m * m, 1.0)),
+        ];
         s.case(&format!("hc_post {rows}x{m}x{d}"), &op, &ins, &[(poison(&[rows, m, d]), Some(Check::Nmse(1e-12)))]);
     }
 
@@ -300,7 +360,12 @@ fn cuda_matches_cpu_ref() {
         if weighted {
             ins.push(tf(&[dim], &rng.vf(dim, 1.0)));
         }
-        s.case(&format!("rms_norm weighted={weighted}"), &op, &ins, &[(poison(&[rows, dim]), Some(Check::Nmse(1e-10)))]);
+        s.case(
+            &format!("rms_norm weighted={weighted}"),
+            &op,
+            &ins,
+            &[(poison(&[rows, dim]), Some(Check::Nmse(1e-10)))],
+        );
     }
 
     // ---- linear
@@ -310,7 +375,12 @@ fn cuda_matches_cpu_ref() {
             let mut ins = vec![tf(&[rows, inp], &rng.vf(rows * inp, 2.0))];
             ins.extend(weight(&mut rng, format, out, inp));
             let t = if format.quantizes_input() { 1e-7 } else { 1e-9 };
-            s.case(&format!("linear {format:?} {rows}x{inp}->{out}"), &op, &ins, &[(poison(&[rows, out]), Some(Check::Nmse(t)))]);
+            s.case(
+                &format!("linear {format:?} {rows}x{inp}->{out}"),
+                &op,
+                &ins,
+                &[(poison(&[rows, out]), Some(Check::Nmse(t)))],
+            );
         }
     }
     for (format, inp) in [(WeightFormat::F32, 100usize), (WeightFormat::Bf16, 36)] {
@@ -319,14 +389,30 @@ fn cuda_matches_cpu_ref() {
         let op = Op::Linear(Linear { rows, in_features: inp, out_features: out, format });
         let mut ins = vec![tf(&[rows, inp], &rng.vf(rows * inp, 2.0))];
         ins.extend(weight(&mut rng, format, out, inp));
-        s.case(&format!("linear {format:?} {rows}x{inp}->{out}"), &op, &ins, &[(poison(&[rows, out]), Some(Check::Nmse(1e-9)))]);
+        s.case(
+            &format!("linear {format:?} {rows}x{inp}->{out}"),
+            &op,
+            &ins,
+            &[(poison(&[rows, out]), Some(Check::Nmse(1e-9)))],
+        );
     }
-    for (format, ipg) in [(WeightFormat::F32, 64usize), (WeightFormat::Bf16, 64), (WeightFormat::Fp8Block128, 64), (WeightFormat::F32, 20), (WeightFormat::Fp4Group32, 96)] {
+    for (format, ipg) in [
+        (WeightFormat::F32, 64usize),
+        (WeightFormat::Bf16, 64),
+        (WeightFormat::Fp8Block128, 64),
+        (WeightFormat::F32, 20),
+        (WeightFormat::Fp4Group32, 96),
+    ] {
         let (rows, g, opg) = (5, 8, 48);
         let op = Op::GroupedLinear(GroupedLinear { rows, groups: g, in_per_group: ipg, out_per_group: opg, format });
         let mut ins = vec![tf(&[rows, g * ipg], &rng.vf(rows * g * ipg, 1.0))];
         ins.extend(weight(&mut rng, format, g * opg, ipg));
-        s.case(&format!("grouped_linear {format:?}"), &op, &ins, &[(poison(&[rows, g * opg]), Some(Check::Nmse(1e-9)))]);
+        s.case(
+            &format!("grouped_linear {format:?}"),
+            &op,
+            &ins,
+            &[(poison(&[rows, g * opg]), Some(Check::Nmse(1e-9)))],
+        );
     }
 
     // ---- rope
@@ -335,11 +421,20 @@ fn cuda_matches_cpu_ref() {
         let pos = [0, 1, 4097, 65535, 1_000_000];
         let op = Op::Rope(Rope { rows, heads, head_dim: hd, rope_dim: rd, inverse });
         let x = tf(&[rows, heads, hd], &rng.vf(rows * heads * hd, 1.0));
-        s.case(&format!("rope inverse={inverse}"), &op, &[tf(&[rd / 2], &freqs(rd / 2)), ti(&[rows], &pos)], &[(x, Some(Check::Nmse(1e-12)))]);
+        s.case(
+            &format!("rope inverse={inverse}"),
+            &op,
+            &[tf(&[rd / 2], &freqs(rd / 2)), ti(&[rows], &pos)],
+            &[(x, Some(Check::Nmse(1e-12)))],
+        );
     }
 
     // ---- quant
-    for (format, block, qd, dim) in [(QuantFormat::Fp8E4M3, 64usize, 448usize, 512usize), (QuantFormat::Fp4E2M1, 32, 128, 128), (QuantFormat::Fp8E4M3, 128, 256, 256)] {
+    for (format, block, qd, dim) in [
+        (QuantFormat::Fp8E4M3, 64usize, 448usize, 512usize),
+        (QuantFormat::Fp4E2M1, 32, 128, 128),
+        (QuantFormat::Fp8E4M3, 128, 256, 256),
+    ] {
         let rows = 7;
         let mut v = rng.vf(rows * dim, 5.0);
         v[3] = 0.0;
@@ -351,14 +446,24 @@ fn cuda_matches_cpu_ref() {
     for dim in [128usize, 8192] {
         let rows = 3;
         let op = Op::Hadamard(Hadamard { rows, dim });
-        s.case(&format!("hadamard {dim}"), &op, &[], &[(tf(&[rows, dim], &rng.vf(rows * dim, 1.0)), Some(Check::Nmse(1e-11)))]);
+        s.case(
+            &format!("hadamard {dim}"),
+            &op,
+            &[],
+            &[(tf(&[rows, dim], &rng.vf(rows * dim, 1.0)), Some(Check::Nmse(1e-11)))],
+        );
     }
 
     // ---- swiglu
     for limit in [0.0f32, 7.0] {
         let n = 1000;
         let op = Op::SwiGlu(SwiGlu { rows: 4, width: n / 4, limit });
-        s.case(&format!("swiglu limit {limit}"), &op, &[tf(&[4, n / 4], &rng.vf(n, 12.0)), tf(&[4, n / 4], &rng.vf(n, 12.0))], &[(poison(&[4, n / 4]), Some(Check::Nmse(1e-12)))]);
+        s.case(
+            &format!("swiglu limit {limit}"),
+            &op,
+            &[tf(&[4, n / 4], &rng.vf(n, 12.0)), tf(&[4, n / 4], &rng.vf(n, 12.0))],
+            &[(poison(&[4, n / 4]), Some(Check::Nmse(1e-12)))],
+        );
     }
 
     // ---- attention: slot 0 prefill chunk at 5..=12 (window 8: reads ring for 0..4), slot 1 decode at 30,
@@ -380,14 +485,25 @@ fn cuda_matches_cpu_ref() {
         let sink = tf(&[h], &rng.vf(h, 1.0));
         let comp = tcache(&[ns, cap, d], cache_dtype, &rng.vf(ns * cap * d, 1.0));
         let topk = 6;
-        let idx: Vec<i32> = (0..rows * topk).map(|i| if i % 5 == 4 { -1 } else { rng.below(cap as u64) as i32 }).collect();
+        let idx: Vec<i32> =
+            (0..rows * topk).map(|i| if i % 5 == 4 { -1 } else { rng.below(cap as u64) as i32 }).collect();
         for (label, compressed) in [
             ("none", CompressedKv::None),
             ("all r2", CompressedKv::All { ratio: 2, capacity: cap }),
             ("selected", CompressedKv::Selected { ratio: 4, capacity: cap, topk }),
         ] {
-            let op = Op::SparseAttention(SparseAttention { rows, heads: h, head_dim: d, slots: ns, window: w, compressed: compressed.clone(), softmax_scale: 0.125, cache_dtype });
-            let mut ins = vec![q.clone(), kv.clone(), ring.clone(), sink.clone(), ti(&[rows], &slots), ti(&[rows], &pos)];
+            let op = Op::SparseAttention(SparseAttention {
+                rows,
+                heads: h,
+                head_dim: d,
+                slots: ns,
+                window: w,
+                compressed: compressed.clone(),
+                softmax_scale: 0.125,
+                cache_dtype,
+            });
+            let mut ins =
+                vec![q.clone(), kv.clone(), ring.clone(), sink.clone(), ti(&[rows], &slots), ti(&[rows], &pos)];
             match compressed {
                 CompressedKv::None => {}
                 CompressedKv::All { .. } => ins.push(comp.clone()),
@@ -396,29 +512,67 @@ fn cuda_matches_cpu_ref() {
                     ins.push(ti(&[rows, topk], &idx));
                 }
             }
-            s.case(&format!("sparse_attention {label}{tag}"), &op, &ins, &[(poison(&[rows, h, d]), Some(Check::Nmse(1e-10)))]);
+            s.case(
+                &format!("sparse_attention {label}{tag}"),
+                &op,
+                &ins,
+                &[(poison(&[rows, h, d]), Some(Check::Nmse(1e-10)))],
+            );
         }
         let op = Op::WindowStore(WindowStore { rows, slots: ns, window: w, dim: d, cache_dtype });
-        s.case(&format!("window_store{tag}"), &op, &[kv.clone(), ti(&[rows], &slots), ti(&[rows], &pos)], &[(ring.clone(), Some(Check::Exact))]);
+        s.case(
+            &format!("window_store{tag}"),
+            &op,
+            &[kv.clone(), ti(&[rows], &slots), ti(&[rows], &pos)],
+            &[(ring.clone(), Some(Check::Exact))],
+        );
     }
     // window_store into a bf16 ring, bit for bit on the rounding's edge cases: ties to even (down and
     // up), just above a tie, overflow to ±inf, ±inf, NaNs (quiet bit set, payload kept), subnormals.
     {
         let special: [u32; 16] = [
-            0x3F80_8000, 0x3F81_8000, 0xBF80_8001, 0x7F7F_FFFF, 0xFF7F_FFFF, 0x7F80_0000, 0xFF80_0000, 0x7F81_0000,
-            0xFFC0_1234, 0x7FFF_FFFF, 0x0000_8000, 0x0001_8000, 0x8000_7FFF, 0x3F7F_FFFF, 0x0000_0000, 0x8000_0000,
+            0x3F80_8000,
+            0x3F81_8000,
+            0xBF80_8001,
+            0x7F7F_FFFF,
+            0xFF7F_FFFF,
+            0x7F80_0000,
+            0xFF80_0000,
+            0x7F81_0000,
+            0xFFC0_1234,
+            0x7FFF_FFFF,
+            0x0000_8000,
+            0x0001_8000,
+            0x8000_7FFF,
+            0x3F7F_FFFF,
+            0x0000_0000,
+            0x8000_0000,
         ];
         let kv: Vec<f32> = special.iter().map(|&b| f32::from_bits(b)).collect();
         let op = Op::WindowStore(WindowStore { rows: 2, slots: 1, window: 4, dim: 8, cache_dtype: DType::BF16 });
         let ring = tcache(&[1, 4, 8], DType::BF16, &rng.vf(32, 1.0));
-        s.case("window_store bf16 rounding", &op, &[tf(&[2, 8], &kv), ti(&[2], &[0, 0]), ti(&[2], &[5, 6])], &[(ring, Some(Check::Exact))]);
+        s.case(
+            "window_store bf16 rounding",
+            &op,
+            &[tf(&[2, 8], &kv), ti(&[2], &[0, 0]), ti(&[2], &[5, 6])],
+            &[(ring, Some(Check::Exact))],
+        );
     }
     // head_dim 512 like the model, decode rows (key splits and their combination).
     for cache_dtype in [DType::F32, DType::BF16] {
         let tag = if cache_dtype == DType::F32 { String::new() } else { format!(" {cache_dtype} cache") };
         let (h, d) = (16, 512);
         let rows = 2;
-        let op = Op::SparseAttention(SparseAttention { rows, heads: h, head_dim: d, slots: 2, window: 128, compressed: CompressedKv::All { ratio: 4, capacity: 64 }, softmax_scale: 0.044, cache_dtype });
+        let op = Op::SparseAttention(SparseAttention {
+            rows,
+            heads: h,
+            head_dim: d,
+            slots: 2,
+            window: 128,
+            compressed: CompressedKv::All { ratio: 4, capacity: 64 },
+            softmax_scale: 0.044,
+            cache_dtype,
+        });
         let ins = vec![
             tf(&[rows, h, d], &rng.vf(rows * h * d, 1.0)),
             tf(&[rows, d], &rng.vf(rows * d, 1.0)),
@@ -428,14 +582,25 @@ fn cuda_matches_cpu_ref() {
             ti(&[rows], &[200, 17]),
             tcache(&[2, 64, d], cache_dtype, &rng.vf(2 * 64 * d, 1.0)),
         ];
-        s.case(&format!("sparse_attention d512 decode{tag}"), &op, &ins, &[(poison(&[rows, h, d]), Some(Check::Nmse(1e-10)))]);
+        s.case(
+            &format!("sparse_attention d512 decode{tag}"),
+            &op,
+            &ins,
+            &[(poison(&[rows, h, d]), Some(Check::Nmse(1e-10)))],
+        );
     }
 
     // ---- compressor sequences: three calls on persistent state per backend, with an f32 cache and a
     // bf16 one (the state stays f32).
-    let configs =
-        [("csa r4 overlap", 4usize, true, 128usize, 64usize, false), ("hca r8", 8, false, 128, 64, false), ("indexer r4 rotate", 4, true, 128, 64, true), ("r1 overlap", 1, true, 64, 0, false)];
-    for (cache_dtype, (label, ratio, overlap, width, rope_dim, rotate)) in [DType::F32, DType::BF16].into_iter().flat_map(|t| configs.map(move |c| (t, c))) {
+    let configs = [
+        ("csa r4 overlap", 4usize, true, 128usize, 64usize, false),
+        ("hca r8", 8, false, 128, 64, false),
+        ("indexer r4 rotate", 4, true, 128, 64, true),
+        ("r1 overlap", 1, true, 64, 0, false),
+    ];
+    for (cache_dtype, (label, ratio, overlap, width, rope_dim, rotate)) in
+        [DType::F32, DType::BF16].into_iter().flat_map(|t| configs.map(move |c| (t, c)))
+    {
         let tag = if cache_dtype == DType::F32 { String::new() } else { format!(" {cache_dtype} cache") };
         let (ns, cap) = (2, 24 / ratio.min(4) * 4);
         let c = if overlap { 2 } else { 1 };
@@ -457,7 +622,18 @@ fn cuda_matches_cpu_ref() {
         let mut gstate = state.clone();
         for (ci, (sl, ps)) in calls.iter().enumerate() {
             let rows = sl.len();
-            let op = Op::Compressor(Compressor { rows, slots: ns, ratio, overlap, width, rope_dim, rotate, capacity: cap, norm_eps: 1e-6, cache_dtype });
+            let op = Op::Compressor(Compressor {
+                rows,
+                slots: ns,
+                ratio,
+                overlap,
+                width,
+                rope_dim,
+                rotate,
+                capacity: cap,
+                norm_eps: 1e-6,
+                cache_dtype,
+            });
             let ins = [
                 tf(&[rows, c * width], &rng.vf(rows * c * width, 1.0)),
                 tf(&[rows, c * width], &rng.vf(rows * c * width, 1.0)),
@@ -494,11 +670,23 @@ fn cuda_matches_cpu_ref() {
         let pos = vec![60, 61, 62, 150];
         let rows = slots.len();
         // e2m1-grid values so that exact ties appear (bf16 holds them exactly).
-        let grid = |r: &mut Rng, n: usize| -> Vec<f32> { (0..n).map(|_| hal::dtype::e2m1_to_f32(r.below(16) as u8) * 0.25).collect() };
+        let grid = |r: &mut Rng, n: usize| -> Vec<f32> {
+            (0..n).map(|_| hal::dtype::e2m1_to_f32(r.below(16) as u8) * 0.25).collect()
+        };
         let q = tf(&[rows, h, d], &grid(&mut rng, rows * h * d));
         let w = tf(&[rows, h], &rng.vf(rows * h, 1.0));
         let keys = tcache(&[ns, cap, d], cache_dtype, &grid(&mut rng, ns * cap * d));
-        let op = Op::IndexerTopK(IndexerTopK { rows, heads: h, head_dim: d, slots: ns, capacity: cap, ratio, topk, weight_scale: 0.03, cache_dtype });
+        let op = Op::IndexerTopK(IndexerTopK {
+            rows,
+            heads: h,
+            head_dim: d,
+            slots: ns,
+            capacity: cap,
+            ratio,
+            topk,
+            weight_scale: 0.03,
+            cache_dtype,
+        });
         s.case(
             &format!("indexer_topk{tag}"),
             &op,
@@ -515,7 +703,17 @@ fn cuda_matches_cpu_ref() {
             let q = tf(&[2, h, d], &rng.vf(2 * h * d, 1.0));
             let w = tf(&[2, h], &rng.vf(2 * h, 1.0));
             let keys = tcache(&[2, cap, d], cache_dtype, &rng.vf(2 * cap * d, 1.0));
-            let op = Op::IndexerTopK(IndexerTopK { rows: 2, heads: h, head_dim: d, slots: 2, capacity: cap, ratio, topk, weight_scale: 0.03, cache_dtype });
+            let op = Op::IndexerTopK(IndexerTopK {
+                rows: 2,
+                heads: h,
+                head_dim: d,
+                slots: 2,
+                capacity: cap,
+                ratio,
+                topk,
+                weight_scale: 0.03,
+                cache_dtype,
+            });
             s.case(
                 &format!("indexer_topk {what}{tag}"),
                 &op,
@@ -531,18 +729,42 @@ fn cuda_matches_cpu_ref() {
         let x = tf(&[rows, dim], &rng.vf(rows * dim, 1.0));
         let gw = tf(&[e_n, dim], &rng.vf(e_n * dim, 0.2));
         let op = Op::MoeGate(MoeGate { rows, dim, experts: e_n, topk: k, route_scale: 2.5, mode: GateMode::Scored });
-        s.case("moe_gate scored", &op, &[x.clone(), gw.clone(), tf(&[e_n], &rng.vf(e_n, 0.1))], &[(poison_i(&[rows, k]), Some(Check::Indices)), (poison(&[rows, k]), Some(Check::Nmse(1e-10)))]);
+        s.case(
+            "moe_gate scored",
+            &op,
+            &[x.clone(), gw.clone(), tf(&[e_n], &rng.vf(e_n, 0.1))],
+            &[(poison_i(&[rows, k]), Some(Check::Indices)), (poison(&[rows, k]), Some(Check::Nmse(1e-10)))],
+        );
         let vocab = 30;
         let table: Vec<i32> = (0..vocab * k).map(|i| ((i * 7 + i / k) % e_n) as i32).collect();
         let ids: Vec<i32> = (0..rows).map(|_| rng.below(vocab as u64) as i32).collect();
-        let op = Op::MoeGate(MoeGate { rows, dim, experts: e_n, topk: k, route_scale: 1.5, mode: GateMode::Hashed { vocab } });
-        s.case("moe_gate hashed", &op, &[x.clone(), gw, ti(&[vocab, k], &table), ti(&[rows], &ids)], &[(poison_i(&[rows, k]), Some(Check::Exact)), (poison(&[rows, k]), Some(Check::Nmse(1e-10)))]);
+        let op = Op::MoeGate(MoeGate {
+            rows,
+            dim,
+            experts: e_n,
+            topk: k,
+            route_scale: 1.5,
+            mode: GateMode::Hashed { vocab },
+        });
+        s.case(
+            "moe_gate hashed",
+            &op,
+            &[x.clone(), gw, ti(&[vocab, k], &table), ti(&[rows], &ids)],
+            &[(poison_i(&[rows, k]), Some(Check::Exact)), (poison(&[rows, k]), Some(Check::Nmse(1e-10)))],
+        );
         for format in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Fp8Block128, WeightFormat::Fp4Group32] {
             let (inter, e_n, k) = (128, 8, 3);
-            let ex: Vec<i32> = (0..rows).flat_map(|r| [(r % 8) as i32, ((r + 3) % 8) as i32, ((r * 5 + 1) % 8) as i32]).collect();
+            let ex: Vec<i32> =
+                (0..rows).flat_map(|r| [(r % 8) as i32, ((r + 3) % 8) as i32, ((r * 5 + 1) % 8) as i32]).collect();
             // Make rows distinct experts.
-            let ex: Vec<i32> = ex.chunks(3).flat_map(|c| if c[2] == c[0] || c[2] == c[1] { vec![c[0], c[1], (c[1] + 1) % 8] } else { c.to_vec() }).collect();
-            let ex: Vec<i32> = ex.chunks(3).flat_map(|c| if c[2] == c[0] { vec![c[0], c[1], (c[2] + 2) % 8] } else { c.to_vec() }).collect();
+            let ex: Vec<i32> = ex
+                .chunks(3)
+                .flat_map(|c| if c[2] == c[0] || c[2] == c[1] { vec![c[0], c[1], (c[1] + 1) % 8] } else { c.to_vec() })
+                .collect();
+            let ex: Vec<i32> = ex
+                .chunks(3)
+                .flat_map(|c| if c[2] == c[0] { vec![c[0], c[1], (c[2] + 2) % 8] } else { c.to_vec() })
+                .collect();
             let wts = rng.vf(rows * k, 1.0);
             let mut ins = vec![x.clone(), ti(&[rows, k], &ex), tf(&[rows, k], &wts)];
             let w1 = stack((0..e_n).map(|_| weight(&mut rng, format, inter, dim)).collect());
@@ -553,13 +775,19 @@ fn cuda_matches_cpu_ref() {
             ins.extend(w2);
             let op = Op::MoeExperts(MoeExperts { rows, dim, inter, experts: e_n, topk: k, swiglu_limit: 10.0, format });
             let t = if format.quantizes_input() { 1e-6 } else { 1e-9 };
-            s.case(&format!("moe_experts {format:?}"), &op, &ins.clone(), &[(poison(&[rows, dim]), Some(Check::Nmse(t)))]);
+            s.case(
+                &format!("moe_experts {format:?}"),
+                &op,
+                &ins.clone(),
+                &[(poison(&[rows, dim]), Some(Check::Nmse(t)))],
+            );
             // Decode-like: 2 rows, distinct experts (one pair per expert in use).
             let mut ins2 = ins;
             ins2[0] = tf(&[2, dim], &rng.vf(2 * dim, 1.0));
             ins2[1] = ti(&[2, k], &[0, 5, 2, 7, 1, 4]);
             ins2[2] = tf(&[2, k], &rng.vf(2 * k, 1.0));
-            let op = Op::MoeExperts(MoeExperts { rows: 2, dim, inter, experts: e_n, topk: k, swiglu_limit: 10.0, format });
+            let op =
+                Op::MoeExperts(MoeExperts { rows: 2, dim, inter, experts: e_n, topk: k, swiglu_limit: 10.0, format });
             s.case(&format!("moe_experts {format:?} decode"), &op, &ins2, &[(poison(&[2, dim]), Some(Check::Nmse(t)))]);
         }
     }
@@ -591,8 +819,23 @@ fn cuda_matches_cpu_ref() {
         let w = tf(&[2, 128, 128], &vec![0.0; 2 * 128 * 128]);
         s.error_case(
             name,
-            &Op::MoeExperts(MoeExperts { rows, dim: 128, inter: 128, experts: 2, topk: 2, swiglu_limit: 0.0, format: WeightFormat::F32 }),
-            &[tf(&[rows, 128], &vec![0.0; rows * 128]), ti(&[rows, 2], ex), tf(&[rows, 2], &vec![1.0; rows * 2]), w.clone(), w.clone(), w],
+            &Op::MoeExperts(MoeExperts {
+                rows,
+                dim: 128,
+                inter: 128,
+                experts: 2,
+                topk: 2,
+                swiglu_limit: 0.0,
+                format: WeightFormat::F32,
+            }),
+            &[
+                tf(&[rows, 128], &vec![0.0; rows * 128]),
+                ti(&[rows, 2], ex),
+                tf(&[rows, 2], &vec![1.0; rows * 2]),
+                w.clone(),
+                w.clone(),
+                w,
+            ],
             &[poison(&[rows, 128])],
             msg,
         );
@@ -615,31 +858,123 @@ fn cuda_matches_cpu_ref() {
     {
         let (h, d, w, cap) = (1, 4, 4, 2);
         let base = |compressed: CompressedKv, extra: Vec<HostT>| {
-            let op = Op::SparseAttention(SparseAttention { rows: 2, heads: h, head_dim: d, slots: 1, window: w, compressed, softmax_scale: 1.0, cache_dtype: hal::DType::F32 });
-            let mut ins = vec![tf(&[2, h, d], &[0.1; 8]), tf(&[2, d], &[0.2; 8]), tf(&[1, w, d], &[0.3; 16]), tf(&[h], &[0.0]), ti(&[2], &[0, 0]), ti(&[2], &[4, 5])];
+            let op = Op::SparseAttention(SparseAttention {
+                rows: 2,
+                heads: h,
+                head_dim: d,
+                slots: 1,
+                window: w,
+                compressed,
+                softmax_scale: 1.0,
+                cache_dtype: hal::DType::F32,
+            });
+            let mut ins = vec![
+                tf(&[2, h, d], &[0.1; 8]),
+                tf(&[2, d], &[0.2; 8]),
+                tf(&[1, w, d], &[0.3; 16]),
+                tf(&[h], &[0.0]),
+                ti(&[2], &[0, 0]),
+                ti(&[2], &[4, 5]),
+            ];
             ins.extend(extra);
             (op, ins)
         };
-        let (op, ins) = base(CompressedKv::Selected { ratio: 4, capacity: cap, topk: 2 }, vec![tf(&[1, cap, d], &[0.0; 8]), ti(&[2, 2], &[0, -1, 1, 2])]);
-        s.error_case("sparse_attention bad index", &op, &ins, &[poison(&[2, h, d])], "sparse_attention row 1: compressed index 2 outside [0, 2) (or −1)");
+        let (op, ins) = base(
+            CompressedKv::Selected { ratio: 4, capacity: cap, topk: 2 },
+            vec![tf(&[1, cap, d], &[0.0; 8]), ti(&[2, 2], &[0, -1, 1, 2])],
+        );
+        s.error_case(
+            "sparse_attention bad index",
+            &op,
+            &ins,
+            &[poison(&[2, h, d])],
+            "sparse_attention row 1: compressed index 2 outside [0, 2) (or −1)",
+        );
         let (op, ins) = base(CompressedKv::All { ratio: 2, capacity: cap }, vec![tf(&[1, cap, d], &[0.0; 8])]);
-        s.error_case("sparse_attention capacity", &op, &ins, &[poison(&[2, h, d])], "sparse_attention row 1: position 5 sees 3 compressed entries, capacity is 2");
+        s.error_case(
+            "sparse_attention capacity",
+            &op,
+            &ins,
+            &[poison(&[2, h, d])],
+            "sparse_attention row 1: position 5 sees 3 compressed entries, capacity is 2",
+        );
     }
     {
-        let op = Op::Compressor(Compressor { rows: 2, slots: 1, ratio: 2, overlap: false, width: 64, rope_dim: 0, rotate: false, capacity: 1, norm_eps: 1e-6, cache_dtype: hal::DType::F32 });
-        let ins = [tf(&[2, 64], &[0.1; 128]), tf(&[2, 64], &[0.1; 128]), tf(&[2, 64], &[0.0; 128]), tf(&[64], &[1.0; 64]), tf(&[0], &[]), ti(&[2], &[0, 0]), ti(&[2], &[2, 3])];
+        let op = Op::Compressor(Compressor {
+            rows: 2,
+            slots: 1,
+            ratio: 2,
+            overlap: false,
+            width: 64,
+            rope_dim: 0,
+            rotate: false,
+            capacity: 1,
+            norm_eps: 1e-6,
+            cache_dtype: hal::DType::F32,
+        });
+        let ins = [
+            tf(&[2, 64], &[0.1; 128]),
+            tf(&[2, 64], &[0.1; 128]),
+            tf(&[2, 64], &[0.0; 128]),
+            tf(&[64], &[1.0; 64]),
+            tf(&[0], &[]),
+            ti(&[2], &[0, 0]),
+            ti(&[2], &[2, 3]),
+        ];
         let outs = [tf(&[1, 2, 64], &[0.0; 128]), tf(&[1, 2, 64], &[0.0; 128]), tf(&[1, 1, 64], &[0.0; 64])];
-        s.error_case("compressor capacity", &op, &ins, &outs, "compressor row 1: position 3 emits entry 1 but the cache holds 1");
+        s.error_case(
+            "compressor capacity",
+            &op,
+            &ins,
+            &outs,
+            "compressor row 1: position 3 emits entry 1 but the cache holds 1",
+        );
     }
     {
-        let op = Op::IndexerTopK(IndexerTopK { rows: 1, heads: 1, head_dim: 4, slots: 1, capacity: 2, ratio: 4, topk: 2, weight_scale: 1.0, cache_dtype: hal::DType::F32 });
-        let ins = [tf(&[1, 1, 4], &[0.0; 4]), tf(&[1, 1], &[1.0]), tf(&[1, 2, 4], &[0.0; 8]), ti(&[1], &[0]), ti(&[1], &[11])];
-        s.error_case("indexer capacity", &op, &ins, &[poison_i(&[1, 2]), poison(&[1, 2])], "indexer_topk row 0: position 11 sees 3 entries, capacity is 2");
+        let op = Op::IndexerTopK(IndexerTopK {
+            rows: 1,
+            heads: 1,
+            head_dim: 4,
+            slots: 1,
+            capacity: 2,
+            ratio: 4,
+            topk: 2,
+            weight_scale: 1.0,
+            cache_dtype: hal::DType::F32,
+        });
+        let ins = [
+            tf(&[1, 1, 4], &[0.0; 4]),
+            tf(&[1, 1], &[1.0]),
+            tf(&[1, 2, 4], &[0.0; 8]),
+            ti(&[1], &[0]),
+            ti(&[1], &[11]),
+        ];
+        s.error_case(
+            "indexer capacity",
+            &op,
+            &ins,
+            &[poison_i(&[1, 2]), poison(&[1, 2])],
+            "indexer_topk row 0: position 11 sees 3 entries, capacity is 2",
+        );
     }
     {
-        let op = Op::MoeGate(MoeGate { rows: 2, dim: 4, experts: 4, topk: 2, route_scale: 1.0, mode: GateMode::Hashed { vocab: 3 } });
-        let ins = [tf(&[2, 4], &[0.5; 8]), tf(&[4, 4], &[0.1; 16]), ti(&[3, 2], &[0, 1, 2, 9, 1, 3]), ti(&[2], &[2, 1])];
-        s.error_case("moe_gate hashed table", &op, &ins, &[poison_i(&[2, 2]), poison(&[2, 2])], "moe_gate row 1: tid2eid[1] holds expert 9 outside [0, 4)");
+        let op = Op::MoeGate(MoeGate {
+            rows: 2,
+            dim: 4,
+            experts: 4,
+            topk: 2,
+            route_scale: 1.0,
+            mode: GateMode::Hashed { vocab: 3 },
+        });
+        let ins =
+            [tf(&[2, 4], &[0.5; 8]), tf(&[4, 4], &[0.1; 16]), ti(&[3, 2], &[0, 1, 2, 9, 1, 3]), ti(&[2], &[2, 1])];
+        s.error_case(
+            "moe_gate hashed table",
+            &op,
+            &ins,
+            &[poison_i(&[2, 2]), poison(&[2, 2])],
+            "moe_gate row 1: tid2eid[1] holds expert 9 outside [0, 4)",
+        );
     }
     // HCA-sized compressor: ratio 128, width 512, a 300-row prefill then the rest of the block.
     {
@@ -653,7 +988,18 @@ fn cuda_matches_cpu_ref() {
         let fr = tf(&[rope_dim / 2], &freqs(rope_dim / 2));
         for (ci, (p0, p1)) in [(0i32, 300i32), (300, 384)].into_iter().enumerate() {
             let rows = (p1 - p0) as usize;
-            let op = Op::Compressor(Compressor { rows, slots: 1, ratio, overlap: false, width, rope_dim, rotate: false, capacity: cap, norm_eps: 1e-6, cache_dtype: hal::DType::F32 });
+            let op = Op::Compressor(Compressor {
+                rows,
+                slots: 1,
+                ratio,
+                overlap: false,
+                width,
+                rope_dim,
+                rotate: false,
+                capacity: cap,
+                norm_eps: 1e-6,
+                cache_dtype: hal::DType::F32,
+            });
             let ins = [
                 tf(&[rows, width], &rng.vf(rows * width, 1.0)),
                 tf(&[rows, width], &rng.vf(rows * width, 1.0)),
@@ -663,7 +1009,14 @@ fn cuda_matches_cpu_ref() {
                 ti(&[rows], &vec![0; rows]),
                 ti(&[rows], &(p0..p1).collect::<Vec<_>>()),
             ];
-            let res = s.case_with_states(&format!("compressor hca r128 w512 call {ci}"), &op, &ins, &[skv.clone(), ssc.clone(), cache.clone()], &g, &[Check::Exact, Check::Exact, Check::Quantized(1e-10)]);
+            let res = s.case_with_states(
+                &format!("compressor hca r128 w512 call {ci}"),
+                &op,
+                &ins,
+                &[skv.clone(), ssc.clone(), cache.clone()],
+                &g,
+                &[Check::Exact, Check::Exact, Check::Quantized(1e-10)],
+            );
             if res.len() == 3 {
                 skv.bytes = res[0].0.clone();
                 ssc.bytes = res[1].0.clone();
@@ -696,7 +1049,11 @@ impl Suite {
         let mut gout: Vec<Tensor> = gstate.iter().map(|h| up(self.gpu.as_ref(), h)).collect();
         self.cpu.run(op, &cin.iter().collect::<Vec<_>>(), &mut cout.iter_mut().collect::<Vec<_>>()).expect("cpu-ref");
         let t0 = std::time::Instant::now();
-        if let Err(e) = self.gpu.run(op, &gin.iter().collect::<Vec<_>>(), &mut gout.iter_mut().collect::<Vec<_>>()).and_then(|_| self.gpu.synchronize()) {
+        if let Err(e) = self
+            .gpu
+            .run(op, &gin.iter().collect::<Vec<_>>(), &mut gout.iter_mut().collect::<Vec<_>>())
+            .and_then(|_| self.gpu.synchronize())
+        {
             println!("FAIL {name}: {e}");
             self.failures.push(format!("{name}: {e}"));
             return Vec::new();
@@ -717,7 +1074,11 @@ impl Suite {
     fn error_case(&mut self, name: &str, op: &Op, ins: &[HostT], outs: &[HostT], want: &str) {
         let cin: Vec<Tensor> = ins.iter().map(|h| up(&self.cpu, h)).collect();
         let mut cout: Vec<Tensor> = outs.iter().map(|h| up(&self.cpu, h)).collect();
-        let cpu_err = self.cpu.run(op, &cin.iter().collect::<Vec<_>>(), &mut cout.iter_mut().collect::<Vec<_>>()).err().map(|e| e.to_string());
+        let cpu_err = self
+            .cpu
+            .run(op, &cin.iter().collect::<Vec<_>>(), &mut cout.iter_mut().collect::<Vec<_>>())
+            .err()
+            .map(|e| e.to_string());
         let gin: Vec<Tensor> = ins.iter().map(|h| up(self.gpu.as_ref(), h)).collect();
         let mut gout: Vec<Tensor> = outs.iter().map(|h| up(self.gpu.as_ref(), h)).collect();
         let r = self.gpu.run(op, &gin.iter().collect::<Vec<_>>(), &mut gout.iter_mut().collect::<Vec<_>>());
@@ -727,7 +1088,10 @@ impl Suite {
         };
         let clean = self.gpu.synchronize().is_ok();
         let ok = got.as_deref() == Some(want) && clean && cpu_err.as_deref() == Some(want);
-        println!("{} {name}: cuda {got:?}, cpu-ref {cpu_err:?}, next sync clean: {clean}", if ok { "ok  " } else { "FAIL" });
+        println!(
+            "{} {name}: cuda {got:?}, cpu-ref {cpu_err:?}, next sync clean: {clean}",
+            if ok { "ok  " } else { "FAIL" }
+        );
         if !ok {
             self.failures.push(format!("{name}: cuda {got:?} vs want {want:?} (cpu-ref {cpu_err:?})"));
         }

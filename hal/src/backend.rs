@@ -172,7 +172,11 @@ pub trait Backend: Send + Sync {
     ///
     /// An error from `first` is returned without issuing `second`; device-side errors surface
     /// as for `run`.
-    fn concurrently(&self, first: &mut dyn FnMut() -> Result<()>, second: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+    fn concurrently(
+        &self,
+        first: &mut dyn FnMut() -> Result<()>,
+        second: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
         first()?;
         second()
     }

@@ -180,7 +180,7 @@ pub fn e8m0_to_f32(b: u8) -> f32 {
 
 /// Power-of-two f32 → e8m0 byte. `None` if `x` is not an exact power of two in range.
 pub fn f32_to_e8m0(x: f32) -> Option<u8> {
-    if !(x > 0.0) || !x.is_finite() {
+    if !x.is_finite() || x <= 0.0 {
         return None;
     }
     let e = x.log2();
@@ -223,7 +223,7 @@ pub fn f32_to_e2m1(x: f32) -> u8 {
 #[inline]
 pub fn fp4_unpack(bytes: &[u8], i: usize) -> u8 {
     let b = bytes[i / 2];
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         b & 0xF
     } else {
         b >> 4
@@ -259,10 +259,9 @@ pub fn decode_to_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
         DType::I8 => bytes.iter().map(|&b| b as i8 as f32).collect(),
         DType::U8 => bytes.iter().map(|&b| b as f32).collect(),
         DType::I32 => bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32).collect(),
-        DType::I64 => bytes
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().expect("chunk of 8")) as f32)
-            .collect(),
+        DType::I64 => {
+            bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("chunk of 8")) as f32).collect()
+        }
     }
 }
 
@@ -327,19 +326,38 @@ mod tests {
     #[test]
     fn e4m3_ties_round_to_even() {
         // Pairs from the kernel goldens' edge rows.
-        for (x, want) in [(1.0625, 1.0), (1.1875, 1.25), (2.125, 2.0), (2.375, 2.5), (17.0, 16.0), (19.0, 20.0),
-            (248.0, 256.0), (432.0, 448.0), (0.5 / 512.0, 0.0), (1.5 / 512.0, 2.0 / 512.0),
-            (2.5 / 512.0, 2.0 / 512.0), (7.5 / 512.0, 1.0 / 64.0)]
-        {
+        for (x, want) in [
+            (1.0625, 1.0),
+            (1.1875, 1.25),
+            (2.125, 2.0),
+            (2.375, 2.5),
+            (17.0, 16.0),
+            (19.0, 20.0),
+            (248.0, 256.0),
+            (432.0, 448.0),
+            (0.5 / 512.0, 0.0),
+            (1.5 / 512.0, 2.0 / 512.0),
+            (2.5 / 512.0, 2.0 / 512.0),
+            (7.5 / 512.0, 1.0 / 64.0),
+        ] {
             assert_eq!(e4m3_to_f32(f32_to_e4m3(x)), want, "x = {x}");
         }
     }
 
     #[test]
     fn e2m1_ties_round_to_even() {
-        for (x, want) in [(0.25, 0.0), (0.75, 1.0), (1.25, 1.0), (1.75, 2.0), (2.5, 2.0), (3.5, 4.0), (5.0, 4.0),
-            (5.5, 6.0), (7.0, 6.0), (-3.5, -4.0)]
-        {
+        for (x, want) in [
+            (0.25, 0.0),
+            (0.75, 1.0),
+            (1.25, 1.0),
+            (1.75, 2.0),
+            (2.5, 2.0),
+            (3.5, 4.0),
+            (5.0, 4.0),
+            (5.5, 6.0),
+            (7.0, 6.0),
+            (-3.5, -4.0),
+        ] {
             assert_eq!(e2m1_to_f32(f32_to_e2m1(x)), want, "x = {x}");
         }
         for code in 0u8..16 {

@@ -25,8 +25,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::ModelConfig;
 use crate::error::{LoadError, ModelError};
-use crate::safetensors::{self, SafeTensors, WriteTensor};
 use crate::exec::CompressorState;
+use crate::safetensors::{self, SafeTensors, WriteTensor};
 
 type Result<T> = std::result::Result<T, ModelError>;
 
@@ -122,15 +122,26 @@ impl KvCache {
     }
 
     /// A cache whose rings and compressed entries have dtype `dtype` (f32 or bf16).
-    pub fn with_dtype(cfg: &ModelConfig, b: &dyn Backend, slots: usize, capacity: usize, dtype: DType) -> Result<KvCache> {
+    pub fn with_dtype(
+        cfg: &ModelConfig,
+        b: &dyn Backend,
+        slots: usize,
+        capacity: usize,
+        dtype: DType,
+    ) -> Result<KvCache> {
         if slots == 0 || capacity == 0 {
-            return Err(ModelError::Request(format!("cache needs at least one slot and one token (slots {slots}, capacity {capacity})")));
+            return Err(ModelError::Request(format!(
+                "cache needs at least one slot and one token (slots {slots}, capacity {capacity})"
+            )));
         }
         if !hal::ops::cache_dtype_supported(dtype) {
             return Err(ModelError::Request(format!("KV cache dtype {dtype} is not supported (use f32 or bf16)")));
         }
         if let Some(why) = kv_dtype_unsupported(cfg, b, dtype) {
-            return Err(ModelError::Request(format!("backend {} cannot keep a {dtype} KV cache ({why})", b.info().name)));
+            return Err(ModelError::Request(format!(
+                "backend {} cannot keep a {dtype} KV cache ({why})",
+                b.info().name
+            )));
         }
         let layer = |ratio: usize| -> Result<LayerCache> {
             let compressor = |width: usize, rotate: bool| -> Result<CompressorCache> {
@@ -161,7 +172,8 @@ impl KvCache {
             })
         };
         let layers = (0..cfg.n_layers).map(|i| layer(cfg.layer_ratio(i))).collect::<Result<Vec<_>>>()?;
-        let mtp = (0..cfg.n_mtp_layers).map(|k| layer(cfg.layer_ratio(cfg.n_layers + k))).collect::<Result<Vec<_>>>()?;
+        let mtp =
+            (0..cfg.n_mtp_layers).map(|k| layer(cfg.layer_ratio(cfg.n_layers + k))).collect::<Result<Vec<_>>>()?;
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         Ok(KvCache { id, slots, capacity, dtype, layers, mtp, next: vec![None; slots] })
@@ -241,7 +253,10 @@ impl KvCache {
     pub fn fill_synthetic(&mut self, b: &dyn Backend, slot: usize, len: usize, seed: u64) -> Result<()> {
         self.position(slot)?;
         if len > self.capacity {
-            return Err(ModelError::Request(format!("fill of {len} tokens exceeds the cache capacity {}", self.capacity)));
+            return Err(ModelError::Request(format!(
+                "fill of {len} tokens exceeds the cache capacity {}",
+                self.capacity
+            )));
         }
         self.reset_slot(b, slot)?;
         const CHUNK: usize = 1 << 22;
@@ -300,8 +315,10 @@ impl KvCache {
         for (name, t) in self.named_tensors() {
             host.push((name, t.dtype(), t.shape().to_vec(), b.download(t)?));
         }
-        let tensors: Vec<WriteTensor> =
-            host.iter().map(|(name, dtype, shape, data)| WriteTensor { name, dtype: *dtype, shape: shape.clone(), data }).collect();
+        let tensors: Vec<WriteTensor> = host
+            .iter()
+            .map(|(name, dtype, shape, data)| WriteTensor { name, dtype: *dtype, shape: shape.clone(), data })
+            .collect();
         let meta = BTreeMap::from([("v4rt.kv.positions".to_string(), next)]);
         safetensors::write(path, &tensors, &meta)?;
         Ok(())
@@ -312,7 +329,9 @@ impl KvCache {
     /// before anything is written; an error names the file and the tensor.
     pub fn load(&mut self, b: &dyn Backend, path: &Path) -> Result<()> {
         let file = SafeTensors::open(path)?;
-        let bad = |tensor: &str, message: String| ModelError::from(LoadError::Tensor { file: path.to_path_buf(), tensor: tensor.into(), message });
+        let bad = |tensor: &str, message: String| {
+            ModelError::from(LoadError::Tensor { file: path.to_path_buf(), tensor: tensor.into(), message })
+        };
         let meta_err = |message: String| ModelError::from(LoadError::Corrupt { file: path.to_path_buf(), message });
         let next: Vec<Option<usize>> = file
             .metadata()
@@ -323,13 +342,19 @@ impl KvCache {
             return Err(meta_err(format!("saved for {} slots, this cache has {}", next.len(), self.slots)));
         }
         if let Some(p) = next.iter().flatten().find(|&&p| p > self.capacity) {
-            return Err(meta_err(format!("a slot stands at position {p}, past this cache's capacity {}", self.capacity)));
+            return Err(meta_err(format!(
+                "a slot stands at position {p}, past this cache's capacity {}",
+                self.capacity
+            )));
         }
         let mut tensors = self.named_tensors();
         for (name, t) in &tensors {
             let info = file.info(name).ok_or_else(|| bad(name, "missing".into()))?;
             if info.dtype != t.dtype() || info.shape != t.shape() {
-                return Err(bad(name, format!("{} {:?} saved, this cache has {} {:?}", info.dtype, info.shape, t.dtype(), t.shape())));
+                return Err(bad(
+                    name,
+                    format!("{} {:?} saved, this cache has {} {:?}", info.dtype, info.shape, t.dtype(), t.shape()),
+                ));
             }
         }
         if let Some(extra) = file.names().find(|n| !tensors.iter().any(|(name, _)| name == n)) {
@@ -349,7 +374,9 @@ impl KvCache {
             .chain(&self.mtp)
             .map(|l| {
                 l.ring.len_bytes()
-                    + l.compressor.iter().chain(&l.indexer)
+                    + l.compressor
+                        .iter()
+                        .chain(&l.indexer)
                         .map(|c| c.state.kv.len_bytes() + c.state.score.len_bytes() + c.state.cache.len_bytes())
                         .sum::<usize>()
             })

@@ -283,7 +283,7 @@ impl ModelConfig {
                 format!("ratio {r} is not supported: must be 0 (window only) or at least 2"),
             );
         }
-        if self.n_heads % self.o_groups != 0 {
+        if !self.n_heads.is_multiple_of(self.o_groups) {
             return err(
                 "o_groups",
                 format!(
@@ -292,13 +292,13 @@ impl ModelConfig {
                 ),
             );
         }
-        if self.rope_head_dim % 2 != 0 || self.rope_head_dim >= self.head_dim {
+        if !self.rope_head_dim.is_multiple_of(2) || self.rope_head_dim >= self.head_dim {
             return err(
                 "qk_rope_head_dim",
                 format!("must be even and smaller than head_dim = {}, found {}", self.head_dim, self.rope_head_dim),
             );
         }
-        if (self.head_dim - self.rope_head_dim) % 64 != 0 {
+        if !(self.head_dim - self.rope_head_dim).is_multiple_of(64) {
             return err(
                 "head_dim",
                 format!(
@@ -308,7 +308,7 @@ impl ModelConfig {
             );
         }
         let idx = self.index_head_dim;
-        if !idx.is_power_of_two() || idx % 32 != 0 || idx <= self.rope_head_dim {
+        if !idx.is_power_of_two() || !idx.is_multiple_of(32) || idx <= self.rope_head_dim {
             return err(
                 "index_head_dim",
                 format!(

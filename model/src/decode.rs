@@ -95,7 +95,10 @@ impl Model {
         }
         for (k, &s) in slots.iter().enumerate() {
             if s >= cache.slots() {
-                return Err(ModelError::Request(format!("decode step: slot {s} outside the cache's {} slots", cache.slots())));
+                return Err(ModelError::Request(format!(
+                    "decode step: slot {s} outside the cache's {} slots",
+                    cache.slots()
+                )));
             }
             if slots[..k].contains(&s) {
                 return Err(ModelError::Request(format!("decode step: slot {s} listed twice")));
@@ -191,7 +194,9 @@ impl<'m> DecodeStep<'m> {
         let fed = match (tokens, &sampler.picker) {
             (Some(t), _) => Some(t.to_vec()),
             (None, _) if !sampler.chained => {
-                return Err(ModelError::Request("decode step: no tokens given and no earlier sampled step to feed".into()));
+                return Err(ModelError::Request(
+                    "decode step: no tokens given and no earlier sampled step to feed".into(),
+                ));
             }
             (None, Picker::Device(_)) => None,
             (None, Picker::Host(_, last)) => Some(last.clone()),
@@ -206,7 +211,11 @@ impl<'m> DecodeStep<'m> {
             Picker::Host(rngs, last) => {
                 let logits = hal::dtype::bytes_f32(&b.download(&self.logits)?);
                 let (vocab, t) = (sampler.op.vocab, sampler.op.temperature);
-                *last = rngs.iter_mut().zip(logits.chunks_exact(vocab)).map(|(rng, l)| sample_row(l, t, rng) as u32).collect();
+                *last = rngs
+                    .iter_mut()
+                    .zip(logits.chunks_exact(vocab))
+                    .map(|(rng, l)| sample_row(l, t, rng) as u32)
+                    .collect();
                 Ok(Sampled::Ready(last.clone()))
             }
         }
@@ -218,8 +227,13 @@ impl<'m> DecodeStep<'m> {
     /// never waits for the host). `on_tokens` gets each step's tokens in order and says
     /// whether to go on; when it stops the run, the step queued ahead has still run (its slots
     /// stand one position further). Returns the number of steps issued.
-    pub fn run_chained(&mut self, cache: &mut KvCache, first: &[u32], steps: usize, mut on_tokens: impl FnMut(&[u32]) -> bool)
-        -> Result<usize> {
+    pub fn run_chained(
+        &mut self,
+        cache: &mut KvCache,
+        first: &[u32],
+        steps: usize,
+        mut on_tokens: impl FnMut(&[u32]) -> bool,
+    ) -> Result<usize> {
         if steps == 0 {
             return Ok(0);
         }
@@ -241,7 +255,9 @@ impl<'m> DecodeStep<'m> {
     /// with `None` the input is what the device's previous sampling left in it.
     fn issue_with(&mut self, cache: &mut KvCache, tokens: Option<&[u32]>) -> Result<()> {
         if cache.id() != self.cache_id {
-            return Err(ModelError::Request("decode step used with another KV cache than the one it was made for".into()));
+            return Err(ModelError::Request(
+                "decode step used with another KV cache than the one it was made for".into(),
+            ));
         }
         if let Some(t) = tokens.filter(|t| t.len() != self.slots.len()) {
             return Err(ModelError::Request(format!("decode step: {} tokens for {} slots", t.len(), self.slots.len())));
@@ -280,7 +296,6 @@ impl<'m> DecodeStep<'m> {
             }
         };
         let issued = issue(&mut self.state, b, &mut ops);
-        drop(ops);
         if let Err(e) = issued {
             return Err(model_err.unwrap_or(e.into()));
         }

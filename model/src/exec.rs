@@ -71,7 +71,11 @@ impl<'a> Exec<'a> {
     /// The results of `first` and `second`, two independent op sequences that the backend may
     /// run side by side ([`Backend::concurrently`]: neither may write what the other reads or
     /// writes, and both issue only ops). The first error, in that order, is returned.
-    pub fn concurrently<A, B>(&self, first: impl FnOnce() -> Result<A>, second: impl FnOnce() -> Result<B>) -> Result<(A, B)> {
+    pub fn concurrently<A, B>(
+        &self,
+        first: impl FnOnce() -> Result<A>,
+        second: impl FnOnce() -> Result<B>,
+    ) -> Result<(A, B)> {
         let (mut first, mut second) = (Some(first), Some(second));
         let (mut a, mut b) = (None, None);
         // A model error inside a closure stops that closure's ops and is returned below.
@@ -127,7 +131,13 @@ impl<'a> Exec<'a> {
 
     /// The ready streams, the sub-layer input `norm ⊙ RMSNorm(Σ pre_i·X_i)`, `post` and `comb`
     /// of the streams `s` (HAL `HcPre`, which applies a pending HcPost on the way in).
-    pub fn hc_pre(&self, s: Streams, w: &HcW, norm: &Tensor, cfg: HcParams) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    pub fn hc_pre(
+        &self,
+        s: Streams,
+        w: &HcW,
+        norm: &Tensor,
+        cfg: HcParams,
+    ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
         let (rows, mult, dim) = s.shape();
         let op = ops::HcPre {
             rows,
@@ -157,7 +167,8 @@ impl<'a> Exec<'a> {
             }
             Streams::AfterPost { f, x: x_prev, post, comb } => {
                 let mut x = self.new_f32(x_prev.shape())?;
-                let ins: Vec<&Tensor> = [&f, &x_prev, &post, &comb].into_iter().chain(weights.iter().copied()).collect();
+                let ins: Vec<&Tensor> =
+                    [&f, &x_prev, &post, &comb].into_iter().chain(weights.iter().copied()).collect();
                 let mut all: Vec<&mut Tensor> = std::iter::once(&mut x).chain(outs).collect();
                 self.run(op, &ins, &mut all)?;
                 Ok(x)
@@ -184,7 +195,8 @@ impl<'a> Exec<'a> {
     pub fn hc_head(&self, s: Streams, w: &HcW, norm: &Tensor, cfg: HcParams) -> Result<(Tensor, Tensor)> {
         let (rows, mult, dim) = s.shape();
         let mut y = self.new_f32(&[rows, dim])?;
-        let op = ops::HcHead { rows, mult, dim, hc_eps: cfg.hc_eps, norm_eps: cfg.norm_eps, after_post: s.after_post() };
+        let op =
+            ops::HcHead { rows, mult, dim, hc_eps: cfg.hc_eps, norm_eps: cfg.norm_eps, after_post: s.after_post() };
         let x = self.mhc(Op::HcHead(op), s, &[&w.fn_, &w.base, &w.scale, norm], vec![&mut y])?;
         Ok((x, y))
     }
@@ -196,13 +208,25 @@ impl<'a> Exec<'a> {
 
     /// [`Exec::rms_norm`], then RoPE at `positions` (one per `rope.heads` rows) with `freqs`, and
     /// with `rope.fp8_nope` the FP8 simulation of the values before the RoPE dims.
-    pub fn rms_norm_rope(&self, x: &Tensor, weight: Option<&Tensor>, eps: f32, rope: ops::NormRope, freqs: &Tensor, positions: &Tensor)
-        -> Result<Tensor> {
+    pub fn rms_norm_rope(
+        &self,
+        x: &Tensor,
+        weight: Option<&Tensor>,
+        eps: f32,
+        rope: ops::NormRope,
+        freqs: &Tensor,
+        positions: &Tensor,
+    ) -> Result<Tensor> {
         self.rms_norm_with(x, weight, eps, Some((rope, freqs, positions)))
     }
 
-    fn rms_norm_with(&self, x: &Tensor, weight: Option<&Tensor>, eps: f32, rope: Option<(ops::NormRope, &Tensor, &Tensor)>)
-        -> Result<Tensor> {
+    fn rms_norm_with(
+        &self,
+        x: &Tensor,
+        weight: Option<&Tensor>,
+        eps: f32,
+        rope: Option<(ops::NormRope, &Tensor, &Tensor)>,
+    ) -> Result<Tensor> {
         let (rows, dim) = (x.shape()[0], x.shape()[1]);
         let op = ops::RmsNorm { rows, dim, eps, weighted: weight.is_some(), rope: rope.map(|r| r.0) };
         let mut out = self.new_f32(&[rows, dim])?;
@@ -269,8 +293,16 @@ impl<'a> Exec<'a> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn compressor(&self, spec: &ops::Compressor, kv: &Tensor, score: &Tensor, w: &CompressorW, freqs: &Tensor,
-        rows: &Rows, state: &mut CompressorState) -> Result<()> {
+    pub fn compressor(
+        &self,
+        spec: &ops::Compressor,
+        kv: &Tensor,
+        score: &Tensor,
+        w: &CompressorW,
+        freqs: &Tensor,
+        rows: &Rows,
+        state: &mut CompressorState,
+    ) -> Result<()> {
         self.run(
             Op::Compressor(spec.clone()),
             &[kv, score, &w.ape, &w.norm, freqs, &rows.slots, &rows.positions],
@@ -279,7 +311,14 @@ impl<'a> Exec<'a> {
     }
 
     /// The selected compressed entries `[rows, topk]` and their scores.
-    pub fn indexer_topk(&self, op: ops::IndexerTopK, q: &Tensor, w: &Tensor, keys: &Tensor, rows: &Rows) -> Result<(Tensor, Tensor)> {
+    pub fn indexer_topk(
+        &self,
+        op: ops::IndexerTopK,
+        q: &Tensor,
+        w: &Tensor,
+        keys: &Tensor,
+        rows: &Rows,
+    ) -> Result<(Tensor, Tensor)> {
         let mut idx = self.b.alloc(&[rows.n, op.topk], DType::I32)?;
         let mut scores = self.new_f32(&[rows.n, op.topk])?;
         self.run(Op::IndexerTopK(op), &[q, w, keys, &rows.slots, &rows.positions], &mut [&mut idx, &mut scores])?;
@@ -287,8 +326,17 @@ impl<'a> Exec<'a> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn sparse_attention(&self, op: ops::SparseAttention, q: &Tensor, kv: &Tensor, ring: &Tensor, sink: &Tensor,
-        rows: &Rows, compressed: Option<&Tensor>, indices: Option<&Tensor>) -> Result<Tensor> {
+    pub fn sparse_attention(
+        &self,
+        op: ops::SparseAttention,
+        q: &Tensor,
+        kv: &Tensor,
+        ring: &Tensor,
+        sink: &Tensor,
+        rows: &Rows,
+        compressed: Option<&Tensor>,
+        indices: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let mut o = self.new_f32(q.shape())?;
         let mut inputs = vec![q, kv, ring, sink, &rows.slots, &rows.positions];
         match op.compressed {
@@ -303,7 +351,14 @@ impl<'a> Exec<'a> {
         Ok(o)
     }
 
-    pub fn moe_gate(&self, op: ops::MoeGate, x: &Tensor, gate_w: &Tensor, route: &Tensor, ids: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn moe_gate(
+        &self,
+        op: ops::MoeGate,
+        x: &Tensor,
+        gate_w: &Tensor,
+        route: &Tensor,
+        ids: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let mut experts = self.b.alloc(&[op.rows, op.topk], DType::I32)?;
         let mut weights = self.new_f32(&[op.rows, op.topk])?;
         let inputs: Vec<&Tensor> = match op.mode {
@@ -314,7 +369,14 @@ impl<'a> Exec<'a> {
         Ok((experts, weights))
     }
 
-    pub fn moe_experts(&self, op: ops::MoeExperts, x: &Tensor, experts: &Tensor, weights: &Tensor, w: &ExpertsW) -> Result<Tensor> {
+    pub fn moe_experts(
+        &self,
+        op: ops::MoeExperts,
+        x: &Tensor,
+        experts: &Tensor,
+        weights: &Tensor,
+        w: &ExpertsW,
+    ) -> Result<Tensor> {
         let mut y = self.new_f32(&[op.rows, op.dim])?;
         let mut inputs = vec![x, experts, weights];
         inputs.extend(w.tensors.iter());

@@ -156,7 +156,9 @@ impl Model {
                 if t as usize >= self.cfg.vocab_size {
                     return Err(ModelError::Request(format!(
                         "token id {t} at position {} of slot {} is outside the vocabulary [0, {})",
-                        start + i, c.slot, self.cfg.vocab_size
+                        start + i,
+                        c.slot,
+                        self.cfg.vocab_size
                     )));
                 }
                 slots.push(c.slot as i32);
@@ -176,7 +178,9 @@ impl Model {
         let e = self.exec();
         let mtp_ids = match opts.mtp_ids {
             None => None,
-            Some(_) if self.weights.mtp.is_empty() => return Err(ModelError::Request("this model has no MTP block".into())),
+            Some(_) if self.weights.mtp.is_empty() => {
+                return Err(ModelError::Request("this model has no MTP block".into()))
+            }
             Some(m) => Some(self.upload_ids(m, rows.n, "MTP")?),
         };
         // With one token per chunk every row is a last row: no gather.
@@ -213,7 +217,12 @@ impl Model {
     /// last HcPost pending (and each block's decisions when asked). Issues only `alloc` and
     /// `run`, so that it can be recorded ([`crate::decode::DecodeStep`]) when `decisions` is
     /// false. Does not advance the cache.
-    pub(crate) fn trunk(&self, cache: &mut KvCache, rows: &Rows, decisions: bool) -> Result<(Streams, Vec<LayerDecisions>)> {
+    pub(crate) fn trunk(
+        &self,
+        cache: &mut KvCache,
+        rows: &Rows,
+        decisions: bool,
+    ) -> Result<(Streams, Vec<LayerDecisions>)> {
         let mut x = Streams::Ready(self.embed_streams(rows)?);
         let mut out = Vec::new();
         for layer in 0..self.cfg.n_layers {
@@ -248,8 +257,14 @@ impl Model {
     }
 
     /// Block `layer` on streams `x [rows, hc_mult, dim]` → new streams (spec §3.3).
-    pub fn block(&self, layer: usize, lc: &mut LayerCache, rows: &Rows, x: Tensor, decisions: bool)
-        -> Result<(Tensor, Option<LayerDecisions>)> {
+    pub fn block(
+        &self,
+        layer: usize,
+        lc: &mut LayerCache,
+        rows: &Rows,
+        x: Tensor,
+        decisions: bool,
+    ) -> Result<(Tensor, Option<LayerDecisions>)> {
         let w = self.weights.blocks.get(layer).ok_or_else(|| {
             ModelError::Request(format!("block {layer} does not exist (the model has {})", self.cfg.n_layers))
         })?;
@@ -260,13 +275,23 @@ impl Model {
     /// The caches of block `layer` (for callers that run blocks one by one).
     pub fn layer_cache<'c>(&self, cache: &'c mut KvCache, layer: usize) -> Result<&'c mut LayerCache> {
         let n = cache.layers.len();
-        cache.layers.get_mut(layer).ok_or_else(|| ModelError::Request(format!("block {layer} does not exist (the cache has {n})")))
+        cache
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| ModelError::Request(format!("block {layer} does not exist (the cache has {n})")))
     }
 
     /// `ids` are the token ids the hash gate routes by (the MTP block's own input ids there).
     /// Returns the streams with the MoE sub-layer's HcPost pending.
-    fn block_with(&self, w: &BlockW, lc: &mut LayerCache, rows: &Rows, ids: &Tensor, x: Streams, decisions: bool)
-        -> Result<(Streams, Option<LayerDecisions>)> {
+    fn block_with(
+        &self,
+        w: &BlockW,
+        lc: &mut LayerCache,
+        rows: &Rows,
+        ids: &Tensor,
+        x: Streams,
+        decisions: bool,
+    ) -> Result<(Streams, Option<LayerDecisions>)> {
         let e = self.exec();
         let (x, xn, post, comb) = e.hc_pre(x, &w.hc_attn, &w.attn_norm, self.hc_params())?;
         let (a, topk) = self.attention(w, lc, rows, &xn)?;
@@ -289,7 +314,13 @@ impl Model {
     }
 
     /// Attention sub-layer (spec §3.4–3.7). Returns its output and the indexer's choice.
-    fn attention(&self, w: &BlockW, lc: &mut LayerCache, rows: &Rows, xn: &Tensor) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    fn attention(
+        &self,
+        w: &BlockW,
+        lc: &mut LayerCache,
+        rows: &Rows,
+        xn: &Tensor,
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let (c, e, a) = (&self.cfg, self.exec(), &w.attn);
         let (r, h, hd, rd) = (rows.n, c.n_heads, c.head_dim, c.rope_head_dim);
         let eps = c.norm_eps;
@@ -306,16 +337,33 @@ impl Model {
         let ((kv, iwts), (q, iq)) = e.concurrently(
             || {
                 let kv_rope = ops::NormRope { heads: 1, rope_dim: rd, fp8_nope: true };
-                let kv = e.rms_norm_rope(&e.linear(xn, &a.wkv)?, Some(&a.kv_norm), eps, kv_rope, &a.freqs, &rows.positions)?;
+                let kv =
+                    e.rms_norm_rope(&e.linear(xn, &a.wkv)?, Some(&a.kv_norm), eps, kv_rope, &a.freqs, &rows.positions)?;
                 if let (Some(cw), Some(cc)) = (&a.compressor, lc.compressor.as_mut()) {
                     let spec = ops::Compressor { rows: r, ..cc.spec.clone() };
-                    e.compressor(&spec, &e.linear(xn, &cw.wkv)?, &e.linear(xn, &cw.wgate)?, cw, &a.freqs, rows, &mut cc.state)?;
+                    e.compressor(
+                        &spec,
+                        &e.linear(xn, &cw.wkv)?,
+                        &e.linear(xn, &cw.wgate)?,
+                        cw,
+                        &a.freqs,
+                        rows,
+                        &mut cc.state,
+                    )?;
                 }
                 let mut iwts = None;
                 if let (Some(iw), Some(ic)) = (&a.indexer, lc.indexer.as_mut()) {
                     let cw = &iw.compressor;
                     let spec = ops::Compressor { rows: r, ..ic.spec.clone() };
-                    e.compressor(&spec, &e.linear(xn, &cw.wkv)?, &e.linear(xn, &cw.wgate)?, cw, &a.freqs, rows, &mut ic.state)?;
+                    e.compressor(
+                        &spec,
+                        &e.linear(xn, &cw.wkv)?,
+                        &e.linear(xn, &cw.wgate)?,
+                        cw,
+                        &a.freqs,
+                        rows,
+                        &mut ic.state,
+                    )?;
                     iwts = Some(e.linear(xn, &iw.weights_proj)?);
                 }
                 Ok((kv, iwts))
@@ -361,7 +409,9 @@ impl Model {
         let compressed = match (&lc.compressor, &topk) {
             (None, _) => CompressedKv::None,
             (Some(cc), None) => CompressedKv::All { ratio: a.ratio, capacity: cc.spec.capacity },
-            (Some(cc), Some(_)) => CompressedKv::Selected { ratio: a.ratio, capacity: cc.spec.capacity, topk: c.index_topk },
+            (Some(cc), Some(_)) => {
+                CompressedKv::Selected { ratio: a.ratio, capacity: cc.spec.capacity, topk: c.index_topk }
+            }
         };
         let op = ops::SparseAttention {
             rows: r,
@@ -373,8 +423,16 @@ impl Model {
             softmax_scale: (1.0 / (hd as f64).sqrt()) as f32,
             cache_dtype: lc.ring.dtype(),
         };
-        let mut o = e.sparse_attention(op, &q, &kv, &lc.ring, &a.sink, rows,
-            lc.compressor.as_ref().map(|cc| &cc.state.cache), topk.as_ref().map(|(i, _)| i))?;
+        let mut o = e.sparse_attention(
+            op,
+            &q,
+            &kv,
+            &lc.ring,
+            &a.sink,
+            rows,
+            lc.compressor.as_ref().map(|cc| &cc.state.cache),
+            topk.as_ref().map(|(i, _)| i),
+        )?;
 
         // This call's entries go into the ring once the attention has read the slots they
         // replace; nothing after it reads the ring, so the store runs beside the output:
@@ -439,7 +497,13 @@ impl Model {
 
     /// hc head, norm, then the LM head on the rows `keep` (all rows when `None`). Also returns
     /// the ready streams.
-    fn head_with(&self, x: Streams, keep: Option<&Tensor>, hc: &crate::exec::HcW, norm: &Tensor) -> Result<(Tensor, Vec<f32>)> {
+    fn head_with(
+        &self,
+        x: Streams,
+        keep: Option<&Tensor>,
+        hc: &crate::exec::HcW,
+        norm: &Tensor,
+    ) -> Result<(Tensor, Vec<f32>)> {
         let e = self.exec();
         let (x, h) = self.head_input(x, keep, hc, norm)?;
         Ok((x, e.download_f32(&e.linear(&h, &self.weights.head)?)?))
@@ -447,7 +511,13 @@ impl Model {
 
     /// The ready streams, and the LM head's input: hc head and norm of the streams `x`, on the
     /// rows `keep` (all when `None`).
-    fn head_input(&self, x: Streams, keep: Option<&Tensor>, hc: &crate::exec::HcW, norm: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn head_input(
+        &self,
+        x: Streams,
+        keep: Option<&Tensor>,
+        hc: &crate::exec::HcW,
+        norm: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let e = self.exec();
         let (x, h) = e.hc_head(x, hc, norm, self.hc_params())?;
         match keep {
@@ -467,16 +537,31 @@ impl Model {
     /// MTP block `k` on the main model's final streams `x` with input `ids` (one per row):
     /// `e_proj(enorm(embed(ids)))` broadcast over the streams `+ h_proj(hnorm(x))`, the block,
     /// then its own hc head and norm and the shared LM head (spec §3.10). Logits for every row.
-    pub fn mtp(&self, k: usize, cache: &mut KvCache, rows: &Rows, x: Tensor, ids: &[u32], decisions: bool)
-        -> Result<(Vec<f32>, Option<LayerDecisions>)> {
+    pub fn mtp(
+        &self,
+        k: usize,
+        cache: &mut KvCache,
+        rows: &Rows,
+        x: Tensor,
+        ids: &[u32],
+        decisions: bool,
+    ) -> Result<(Vec<f32>, Option<LayerDecisions>)> {
         let ids = self.upload_ids(ids, rows.n, "MTP")?;
         self.mtp_with(k, cache, rows, x, &ids, decisions)
     }
 
-    fn mtp_with(&self, k: usize, cache: &mut KvCache, rows: &Rows, x: Tensor, ids: &Tensor, decisions: bool)
-        -> Result<(Vec<f32>, Option<LayerDecisions>)> {
+    fn mtp_with(
+        &self,
+        k: usize,
+        cache: &mut KvCache,
+        rows: &Rows,
+        x: Tensor,
+        ids: &Tensor,
+        decisions: bool,
+    ) -> Result<(Vec<f32>, Option<LayerDecisions>)> {
         let (c, e) = (&self.cfg, self.exec());
-        let w = self.weights.mtp.get(k).ok_or_else(|| ModelError::Request(format!("this model has no MTP block {k}")))?;
+        let w =
+            self.weights.mtp.get(k).ok_or_else(|| ModelError::Request(format!("this model has no MTP block {k}")))?;
         let (r, m, d) = (rows.n, c.hc_mult, c.dim);
         let emb = e.rms_norm(&e.embed(ids, &self.weights.embed)?, Some(&w.enorm), c.norm_eps)?;
         let ep = e.linear(&emb, &w.e_proj)?;

@@ -52,8 +52,8 @@ impl SafeTensors {
         if n > map.len() - 8 {
             return Err(bad(format!("header length {n} exceeds the file size {} (truncated?)", map.len())));
         }
-        let header: serde_json::Value = serde_json::from_slice(&map[8..8 + n])
-            .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+        let header: serde_json::Value =
+            serde_json::from_slice(&map[8..8 + n]).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
         let obj = header.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
         let data_start = 8 + n;
         let data_len = map.len() - data_start;
@@ -73,7 +73,11 @@ impl SafeTensors {
             if info.end < info.begin || info.end - info.begin != want {
                 return Err(bad(format!(
                     "tensor '{name}': data_offsets [{}, {}] hold {} bytes but {} {:?} needs {want}",
-                    info.begin, info.end, info.end.saturating_sub(info.begin), info.dtype, info.shape
+                    info.begin,
+                    info.end,
+                    info.end.saturating_sub(info.begin),
+                    info.dtype,
+                    info.shape
                 )));
             }
             if info.end > data_len {
@@ -190,7 +194,7 @@ pub fn write(path: &Path, tensors: &[WriteTensor<'_>], metadata: &BTreeMap<Strin
         offset += want;
     }
     let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).expect("serializable");
-    while (8 + json.len()) % 8 != 0 {
+    while !(8 + json.len()).is_multiple_of(8) {
         json.push(b' ');
     }
     let mut f = std::io::BufWriter::new(File::create(path).map_err(io)?);

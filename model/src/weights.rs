@@ -217,7 +217,8 @@ impl Loader<'_> {
         let c = self.cfg;
         let fp8 = WeightFormat::Fp8Block128;
         let hd = c.head_dim;
-        let compressor = if ratio > 0 { Some(self.compressor(&format!("{prefix}.compressor"), ratio, hd)?) } else { None };
+        let compressor =
+            if ratio > 0 { Some(self.compressor(&format!("{prefix}.compressor"), ratio, hd)?) } else { None };
         let indexer = if ratio == 4 {
             let ip = format!("{prefix}.indexer");
             Some(IndexerW {
@@ -253,13 +254,19 @@ impl Loader<'_> {
             ExpertFormat::Fp8 => WeightFormat::Fp8Block128,
         };
         let mut tensors = Vec::new();
-        for (w, out, inp) in [("w1", c.moe_inter_dim, c.dim), ("w3", c.moe_inter_dim, c.dim), ("w2", c.dim, c.moe_inter_dim)] {
+        for (w, out, inp) in
+            [("w1", c.moe_inter_dim, c.dim), ("w3", c.moe_inter_dim, c.dim), ("w2", c.dim, c.moe_inter_dim)]
+        {
             for (k, spec) in format.weight_specs(out, inp).into_iter().enumerate() {
                 let suffix = if k == 0 { "weight" } else { "scale" };
                 let stored = if spec.dtype == DType::F4E2M1x2 { DType::I8 } else { spec.dtype };
                 let mut bytes = Vec::new();
                 for e in 0..c.n_routed_experts {
-                    bytes.extend_from_slice(self.ck.get(&format!("{prefix}.experts.{e}.{w}.{suffix}"), stored, &spec.shape)?);
+                    bytes.extend_from_slice(self.ck.get(
+                        &format!("{prefix}.experts.{e}.{w}.{suffix}"),
+                        stored,
+                        &spec.shape,
+                    )?);
                 }
                 let mut shape = vec![c.n_routed_experts];
                 shape.extend(&spec.shape);

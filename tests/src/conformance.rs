@@ -89,12 +89,12 @@ use std::time::Instant;
 
 use hal::dtype::{self, DType};
 use hal::ops::attention::CompressedKv;
+use hal::ops::sample::{sample_key, sample_uniform};
 use hal::ops::{
     Access, Add, Compressor, Embed, GateMode, GatherRows, GroupedLinear, Hadamard, HcExpand, HcHead, HcPost, HcPre,
-    IndexerTopK, Linear, MoeExperts, MoeGate, NormRope, QuantFormat, QuantSim, RmsNorm, Rope, SampleTokens, SparseAttention,
-    SwiGlu, WeightFormat, WindowStore,
+    IndexerTopK, Linear, MoeExperts, MoeGate, NormRope, QuantFormat, QuantSim, RmsNorm, Rope, SampleTokens,
+    SparseAttention, SwiGlu, WeightFormat, WindowStore,
 };
-use hal::ops::sample::{sample_key, sample_uniform};
 use hal::{Backend, Numerics, Op, Support, Tensor};
 use model::config::ModelConfig;
 use proptest::prelude::*;
@@ -368,8 +368,16 @@ impl Case {
         let sig = self.op.signature();
         assert_eq!(data.inputs.len(), sig.inputs.len(), "{}: input count", self.op.name());
         for (t, s) in data.inputs.iter().zip(&sig.inputs) {
-            assert!(t.shape == s.shape && t.dtype == s.dtype && t.bytes.len() == t.numel() * t.dtype.size(),
-                "{} input {}: built {:?} {} for {:?} {}", self.op.name(), s.name, t.shape, t.dtype, s.shape, s.dtype);
+            assert!(
+                t.shape == s.shape && t.dtype == s.dtype && t.bytes.len() == t.numel() * t.dtype.size(),
+                "{} input {}: built {:?} {} for {:?} {}",
+                self.op.name(),
+                s.name,
+                t.shape,
+                t.dtype,
+                s.shape,
+                s.dtype
+            );
         }
         for (t, s) in data.outputs.iter().zip(&sig.outputs) {
             assert_eq!(t.is_some(), s.access == Access::ReadWrite, "{} output {}", self.op.name(), s.name);
@@ -405,7 +413,9 @@ pub fn variant(op: &Op) -> String {
             QuantFormat::Fp8E4M3 => "e4m3".into(),
             QuantFormat::Fp4E2M1 => "e2m1".into(),
         }),
-        Op::Compressor(c) => Some(format!("{}{}", if c.overlap { "overlap" } else { "plain" }, if c.rotate { "+rotate" } else { "" })),
+        Op::Compressor(c) => {
+            Some(format!("{}{}", if c.overlap { "overlap" } else { "plain" }, if c.rotate { "+rotate" } else { "" }))
+        }
         Op::SparseAttention(a) => Some(match a.compressed {
             CompressedKv::None => "window".into(),
             CompressedKv::All { .. } => "all".into(),
@@ -416,9 +426,19 @@ pub fn variant(op: &Op) -> String {
             GateMode::Hashed { .. } => "hashed".into(),
         }),
         Op::SampleTokens(t) => Some(if t.temperature == 0.0 { "greedy" } else { "temperature" }.into()),
-        Op::HcPre(HcPre { after_post: true, .. }) | Op::HcHead(HcHead { after_post: true, .. }) => Some("after post".into()),
-        Op::HcExpand(_) | Op::Add(_) | Op::GatherRows(_) | Op::HcPre(_) | Op::HcPost(_) | Op::HcHead(_)
-        | Op::Hadamard(_) | Op::WindowStore(_) | Op::IndexerTopK(_) | Op::SwiGlu(_) => None,
+        Op::HcPre(HcPre { after_post: true, .. }) | Op::HcHead(HcHead { after_post: true, .. }) => {
+            Some("after post".into())
+        }
+        Op::HcExpand(_)
+        | Op::Add(_)
+        | Op::GatherRows(_)
+        | Op::HcPre(_)
+        | Op::HcPost(_)
+        | Op::HcHead(_)
+        | Op::Hadamard(_)
+        | Op::WindowStore(_)
+        | Op::IndexerTopK(_)
+        | Op::SwiGlu(_) => None,
     };
     let v = match (v, op.cache_dtype()) {
         (v, None | Some(DType::F32)) => v,
@@ -532,7 +552,12 @@ fn generic_freqs(rope_dim: usize) -> Vec<f32> {
 }
 
 #[allow(clippy::too_many_lines)]
-fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[(&'static str, ModelConfig)]) -> Vec<Case> {
+fn kind_cases(
+    kind: usize,
+    r: &mut TestRunner,
+    s: &dyn Fn(u64) -> u64,
+    reals: &[(&'static str, ModelConfig)],
+) -> Vec<Case> {
     let mut out = Vec::new();
     let seed_s = any::<u64>();
     match kind {
@@ -544,10 +569,21 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
                     Case::new(Op::Embed(Embed { rows, vocab, dim, table_dtype }), "", sd)
                 }));
             }
-            out.push(Case::new(Op::Embed(Embed { rows: 1, vocab: 129, dim: 77, table_dtype: DType::BF16 }), "edge: one token", s(0)));
+            out.push(Case::new(
+                Op::Embed(Embed { rows: 1, vocab: 129, dim: 77, table_dtype: DType::BF16 }),
+                "edge: one token",
+                s(0),
+            ));
             for (i, (name, c)) in reals.iter().enumerate() {
                 let op = Embed { rows: 3, vocab: 1024, dim: c.dim, table_dtype: DType::BF16 };
-                out.push(Case::new(Op::Embed(op), format!("{name}: dim {}, bf16 (vocab cut to 1024)", c.dim), s(10 + i as u64)).large());
+                out.push(
+                    Case::new(
+                        Op::Embed(op),
+                        format!("{name}: dim {}, bf16 (vocab cut to 1024)", c.dim),
+                        s(10 + i as u64),
+                    )
+                    .large(),
+                );
             }
         }
         // ---- hc_expand ----
@@ -559,7 +595,9 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
             out.push(Case::new(Op::HcExpand(HcExpand { rows: 1, mult: 4, dim: 33 }), "edge: one token", s(0)));
             for (i, (name, c)) in reals.iter().enumerate() {
                 let op = HcExpand { rows: 3, mult: c.hc_mult, dim: c.dim };
-                out.push(Case::new(Op::HcExpand(op), format!("{name}: 4 streams × {}", c.dim), s(10 + i as u64)).large());
+                out.push(
+                    Case::new(Op::HcExpand(op), format!("{name}: 4 streams × {}", c.dim), s(10 + i as u64)).large(),
+                );
             }
         }
         // ---- add ----
@@ -573,7 +611,10 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
                 let combine = Add { rows: 3, b_rows: 3, width: c.dim };
                 out.push(Case::new(Op::Add(combine), format!("{name}: MoE combine"), s(10 + i as u64)).large());
                 let mtp = Add { rows: 3 * c.hc_mult, b_rows: 3, width: c.dim };
-                out.push(Case::new(Op::Add(mtp), format!("{name}: MTP input, broadcast over 4 streams"), s(20 + i as u64)).large());
+                out.push(
+                    Case::new(Op::Add(mtp), format!("{name}: MTP input, broadcast over 4 streams"), s(20 + i as u64))
+                        .large(),
+                );
             }
         }
         // ---- gather_rows ----
@@ -585,20 +626,28 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
             out.push(Case::new(Op::GatherRows(GatherRows { rows: 1, width: 9, out_rows: 1 }), "edge: one token", s(0)));
             for (i, (name, c)) in reals.iter().enumerate() {
                 let op = GatherRows { rows: 7, width: c.dim, out_rows: 2 };
-                out.push(Case::new(Op::GatherRows(op), format!("{name}: last rows of 2 chunks"), s(10 + i as u64)).large());
+                out.push(
+                    Case::new(Op::GatherRows(op), format!("{name}: last rows of 2 chunks"), s(10 + i as u64)).large(),
+                );
             }
         }
         // ---- hc_pre ----
         4 => {
             for after_post in [false, true] {
                 out.extend(randoms(r, |r| {
-                    let (rows, mult, dim, iters, sd) = draw(r, (1usize..=6, 1usize..=4, 1usize..=300, 1usize..=20, seed_s));
+                    let (rows, mult, dim, iters, sd) =
+                        draw(r, (1usize..=6, 1usize..=4, 1usize..=300, 1usize..=20, seed_s));
                     let op = HcPre { rows, mult, dim, sinkhorn_iters: iters, hc_eps: 1e-6, norm_eps: 1e-6, after_post };
                     Case::new(Op::HcPre(op), "", sd)
                 }));
-                let one = HcPre { rows: 1, mult: 4, dim: 64, sinkhorn_iters: 20, hc_eps: 1e-6, norm_eps: 1e-6, after_post };
+                let one =
+                    HcPre { rows: 1, mult: 4, dim: 64, sinkhorn_iters: 20, hc_eps: 1e-6, norm_eps: 1e-6, after_post };
                 out.push(Case::new(Op::HcPre(one.clone()), "edge: one token", s(0)));
-                out.push(Case::new(Op::HcPre(HcPre { sinkhorn_iters: 1, ..one.clone() }), "edge: one Sinkhorn iteration", s(1)));
+                out.push(Case::new(
+                    Op::HcPre(HcPre { sinkhorn_iters: 1, ..one.clone() }),
+                    "edge: one Sinkhorn iteration",
+                    s(1),
+                ));
                 // Prefill-sized: CUDA sums the mixes over tiles of 32 rows (the last one partial),
                 // after a separate HcPost.
                 let many = HcPre { rows: 70, mult: 4, dim: 300, ..one };
@@ -641,7 +690,14 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
                 let many = HcHead { rows: 70, mult: 4, dim: 300, ..one };
                 out.push(Case::new(Op::HcHead(many), "prefill-sized: 70 tokens (tiles of 32 rows on CUDA)", s(1)));
                 for (i, (name, c)) in reals.iter().enumerate() {
-                    let op = HcHead { rows: 2, mult: c.hc_mult, dim: c.dim, hc_eps: c.hc_eps, norm_eps: c.norm_eps, after_post };
+                    let op = HcHead {
+                        rows: 2,
+                        mult: c.hc_mult,
+                        dim: c.dim,
+                        hc_eps: c.hc_eps,
+                        norm_eps: c.norm_eps,
+                        after_post,
+                    };
                     out.push(Case::new(Op::HcHead(op), format!("{name}: 4 × {}", c.dim), s(10 + i as u64)).large());
                 }
             }
@@ -654,12 +710,24 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
         7 => {
             for weighted in [true, false] {
                 out.extend(randoms(r, |r| {
-                    let (rows, dim, eps, sd) = draw(r, (1usize..=9, 1usize..=300, prop_oneof![Just(1e-6f32), Just(1e-5f32)], seed_s));
+                    let (rows, dim, eps, sd) =
+                        draw(r, (1usize..=9, 1usize..=300, prop_oneof![Just(1e-6f32), Just(1e-5f32)], seed_s));
                     Case::new(Op::RmsNorm(RmsNorm { rows, dim, eps, weighted, rope: None }), "", sd)
                 }));
             }
-            out.push(Case::new(Op::RmsNorm(RmsNorm { rows: 1, dim: 130, eps: 1e-6, weighted: true, rope: None }), "edge: one token", s(0)));
-            out.push(Case::new(Op::RmsNorm(RmsNorm { rows: 3, dim: 64, eps: 1e-6, weighted: true, rope: None }), "edge: an all-zero row", s(1)).quant_edges());
+            out.push(Case::new(
+                Op::RmsNorm(RmsNorm { rows: 1, dim: 130, eps: 1e-6, weighted: true, rope: None }),
+                "edge: one token",
+                s(0),
+            ));
+            out.push(
+                Case::new(
+                    Op::RmsNorm(RmsNorm { rows: 3, dim: 64, eps: 1e-6, weighted: true, rope: None }),
+                    "edge: an all-zero row",
+                    s(1),
+                )
+                .quant_edges(),
+            );
             // With RoPE (and the FP8 simulation of a KV entry): random heads, widths and positions.
             for fp8_nope in [false, true] {
                 out.extend(randoms(r, |r| {
@@ -669,45 +737,92 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
                     let mut rng = Rng::new(sd);
                     let plan = random_plan(&mut rng, tokens, tokens, 1 << 17);
                     let rope = Some(NormRope { heads, rope_dim, fp8_nope });
-                    let op = RmsNorm { rows: plan.rows() * heads, dim: rope_dim + 64 * nope_blocks, eps: 1e-6, weighted, rope };
+                    let op = RmsNorm {
+                        rows: plan.rows() * heads,
+                        dim: rope_dim + 64 * nope_blocks,
+                        eps: 1e-6,
+                        weighted,
+                        rope,
+                    };
                     Case::new(Op::RmsNorm(op), "", sd).plan(plan)
                 }));
             }
             for (i, (name, c)) in reals.iter().enumerate() {
                 let i = i as u64;
                 let w = |rows, dim, weighted| Op::RmsNorm(RmsNorm { rows, dim, eps: c.norm_eps, weighted, rope: None });
-                out.push(Case::new(w(2, c.dim, true), format!("{name}: attn/ffn norm, dim {}", c.dim), s(10 + i)).large());
-                out.push(Case::new(w(2, c.q_lora_rank, true), format!("{name}: q_norm, {}", c.q_lora_rank), s(20 + i)).large());
-                out.push(Case::new(w(2 * c.n_heads, c.head_dim, false), format!("{name}: per-head query rescale, {} × {}", c.n_heads, c.head_dim), s(30 + i)).large());
+                out.push(
+                    Case::new(w(2, c.dim, true), format!("{name}: attn/ffn norm, dim {}", c.dim), s(10 + i)).large(),
+                );
+                out.push(
+                    Case::new(w(2, c.q_lora_rank, true), format!("{name}: q_norm, {}", c.q_lora_rank), s(20 + i))
+                        .large(),
+                );
+                out.push(
+                    Case::new(
+                        w(2 * c.n_heads, c.head_dim, false),
+                        format!("{name}: per-head query rescale, {} × {}", c.n_heads, c.head_dim),
+                        s(30 + i),
+                    )
+                    .large(),
+                );
                 let plan = RowPlan::decode(&[5, 70_000]);
                 let f4 = model::rope::layer_freqs(c, 4);
                 let (rd, hd, eps) = (c.rope_head_dim, c.head_dim, c.norm_eps);
-                let q = RmsNorm { rows: 2 * c.n_heads, dim: hd, eps, weighted: false, rope: Some(NormRope { heads: c.n_heads, rope_dim: rd, fp8_nope: false }) };
+                let q = RmsNorm {
+                    rows: 2 * c.n_heads,
+                    dim: hd,
+                    eps,
+                    weighted: false,
+                    rope: Some(NormRope { heads: c.n_heads, rope_dim: rd, fp8_nope: false }),
+                };
                 let label = format!("{name}: query rescale + RoPE, {} × {hd}", c.n_heads);
                 out.push(Case::new(Op::RmsNorm(q), label, s(40 + i)).plan(plan.clone()).freqs(f4.clone()).large());
-                let kv = RmsNorm { rows: 2, dim: hd, eps, weighted: true, rope: Some(NormRope { heads: 1, rope_dim: rd, fp8_nope: true }) };
-                out.push(Case::new(Op::RmsNorm(kv), format!("{name}: kv_norm + RoPE + FP8 window entry, {hd}"), s(50 + i)).plan(plan).freqs(f4).large());
+                let kv = RmsNorm {
+                    rows: 2,
+                    dim: hd,
+                    eps,
+                    weighted: true,
+                    rope: Some(NormRope { heads: 1, rope_dim: rd, fp8_nope: true }),
+                };
+                out.push(
+                    Case::new(Op::RmsNorm(kv), format!("{name}: kv_norm + RoPE + FP8 window entry, {hd}"), s(50 + i))
+                        .plan(plan)
+                        .freqs(f4)
+                        .large(),
+                );
             }
         }
         // ---- linear ----
         8 => {
             for format in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Fp8Block128, WeightFormat::Fp4Group32] {
                 out.extend(randoms(r, |r| {
-                    let (rows, inp, k, out_features, sd) = draw(r, (1usize..=9, 1usize..=300, 1usize..=3, 4usize..=300, seed_s));
+                    let (rows, inp, k, out_features, sd) =
+                        draw(r, (1usize..=9, 1usize..=300, 1usize..=3, 4usize..=300, seed_s));
                     let in_features = if format.quantizes_input() { 128 * k } else { inp };
                     Case::new(Op::Linear(Linear { rows, in_features, out_features, format }), "", sd)
                 }));
-                out.push(Case::new(Op::Linear(Linear { rows: 1, in_features: 256, out_features: 131, format }), "edge: one token", s(format as u64)));
+                out.push(Case::new(
+                    Op::Linear(Linear { rows: 1, in_features: 256, out_features: 131, format }),
+                    "edge: one token",
+                    s(format as u64),
+                ));
             }
             // Prefill-sized: ≥ 16 rows take the CUDA tensor-core tiles (partial row and feature
             // tiles here); F32 weights stay on the CUDA-core kernels at any size.
-            for (j, format) in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Fp8Block128, WeightFormat::Fp4Group32].into_iter().enumerate() {
+            for (j, format) in
+                [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Fp8Block128, WeightFormat::Fp4Group32]
+                    .into_iter()
+                    .enumerate()
+            {
                 let op = Linear { rows: 130, in_features: 384, out_features: 200, format };
                 out.push(Case::new(Op::Linear(op), "prefill: 130 rows", s(40 + j as u64)));
             }
             for (j, format) in [WeightFormat::Fp8Block128, WeightFormat::Fp4Group32].into_iter().enumerate() {
                 let op = Linear { rows: 5, in_features: 384, out_features: 40, format };
-                out.push(Case::new(Op::Linear(op), "edge: act_quant ties, amax below the floor, zero row", s(5 + j as u64)).quant_edges());
+                out.push(
+                    Case::new(Op::Linear(op), "edge: act_quant ties, amax below the floor, zero row", s(5 + j as u64))
+                        .quant_edges(),
+                );
                 // One row of whole 1024-value spans: the CUDA GEMV act_quants it itself.
                 let op = Linear { rows: 1, in_features: 1024, out_features: 40, format };
                 out.push(Case::new(Op::Linear(op), "edge: act_quant ties, one token", s(7 + j as u64)).quant_edges());
@@ -716,18 +831,41 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
             // its split rows and in-kernel act_quant).
             for (i, ((name, c), rows)) in reals.iter().flat_map(|r| [(r, 2usize), (r, 1)]).enumerate() {
                 let i = i as u64;
-                let lin = |in_features, out_features, format| Op::Linear(Linear { rows, in_features, out_features, format });
+                let lin =
+                    |in_features, out_features, format| Op::Linear(Linear { rows, in_features, out_features, format });
                 let fp8 = WeightFormat::Fp8Block128;
                 let name = format!("{name}, {rows} row(s)");
-                let mut add = |op: Op, what: String, k: u64| out.push(Case::new(op, format!("{name}: {what}"), s(100 + 10 * k + i)).large());
+                let mut add = |op: Op, what: String, k: u64| {
+                    out.push(Case::new(op, format!("{name}: {what}"), s(100 + 10 * k + i)).large())
+                };
                 add(lin(c.dim, c.q_lora_rank, fp8), format!("wq_a {} → {}", c.dim, c.q_lora_rank), 0);
                 add(lin(c.dim, c.head_dim, fp8), format!("wkv {} → {}", c.dim, c.head_dim), 1);
-                add(lin(c.q_lora_rank, c.index_n_heads * c.index_head_dim, fp8), format!("indexer wq_b {} → {}", c.q_lora_rank, c.index_n_heads * c.index_head_dim), 2);
-                add(lin(c.dim, c.index_n_heads, WeightFormat::Bf16), format!("indexer weights_proj {} → {} (bf16)", c.dim, c.index_n_heads), 3);
-                add(lin(c.dim, 2 * c.head_dim, WeightFormat::Bf16), format!("compressor wkv {} → {} (bf16)", c.dim, 2 * c.head_dim), 4);
-                add(lin(c.dim, c.moe_inter_dim, WeightFormat::Fp4Group32), format!("expert-shaped FP4 {} → {}", c.dim, c.moe_inter_dim), 5);
+                add(
+                    lin(c.q_lora_rank, c.index_n_heads * c.index_head_dim, fp8),
+                    format!("indexer wq_b {} → {}", c.q_lora_rank, c.index_n_heads * c.index_head_dim),
+                    2,
+                );
+                add(
+                    lin(c.dim, c.index_n_heads, WeightFormat::Bf16),
+                    format!("indexer weights_proj {} → {} (bf16)", c.dim, c.index_n_heads),
+                    3,
+                );
+                add(
+                    lin(c.dim, 2 * c.head_dim, WeightFormat::Bf16),
+                    format!("compressor wkv {} → {} (bf16)", c.dim, 2 * c.head_dim),
+                    4,
+                );
+                add(
+                    lin(c.dim, c.moe_inter_dim, WeightFormat::Fp4Group32),
+                    format!("expert-shaped FP4 {} → {}", c.dim, c.moe_inter_dim),
+                    5,
+                );
                 if i < 2 {
-                    add(lin(c.o_groups * c.o_lora_rank, c.dim, fp8), format!("wo_b {} → {}", c.o_groups * c.o_lora_rank, c.dim), 6);
+                    add(
+                        lin(c.o_groups * c.o_lora_rank, c.dim, fp8),
+                        format!("wo_b {} → {}", c.o_groups * c.o_lora_rank, c.dim),
+                        6,
+                    );
                 } else {
                     add(lin(c.moe_inter_dim, c.dim, fp8), format!("shared w2 {} → {}", c.moe_inter_dim, c.dim), 6);
                 }
@@ -737,28 +875,71 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
         9 => {
             for format in [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Fp8Block128] {
                 out.extend(randoms(r, |r| {
-                    let (rows, groups, ipg, opg, sd) = draw(r, (1usize..=6, 1usize..=8, 1usize..=200, 4usize..=64, seed_s));
+                    let (rows, groups, ipg, opg, sd) =
+                        draw(r, (1usize..=6, 1usize..=8, 1usize..=200, 4usize..=64, seed_s));
                     // FP8 as the checkpoint's wo_a: input width in whole 128-blocks.
                     let ipg = if format == WeightFormat::Fp8Block128 { 128 * ipg.div_ceil(64) } else { ipg };
-                    Case::new(Op::GroupedLinear(GroupedLinear { rows, groups, in_per_group: ipg, out_per_group: opg, format }), "", sd)
+                    Case::new(
+                        Op::GroupedLinear(GroupedLinear {
+                            rows,
+                            groups,
+                            in_per_group: ipg,
+                            out_per_group: opg,
+                            format,
+                        }),
+                        "",
+                        sd,
+                    )
                 }));
             }
             // Prefill-sized (CUDA tensor-core tiles when a 128-feature tile lies in one group).
-            let g = |rows, groups, in_per_group, out_per_group, format| GroupedLinear { rows, groups, in_per_group, out_per_group, format };
-            out.push(Case::new(Op::GroupedLinear(g(70, 2, 256, 128, WeightFormat::Fp8Block128)), "prefill: 70 rows, FP8", s(1)));
-            out.push(Case::new(Op::GroupedLinear(g(40, 3, 96, 128, WeightFormat::Bf16)), "prefill: 40 rows, bf16", s(2)));
-            out.push(Case::new(Op::GroupedLinear(g(33, 3, 64, 40, WeightFormat::Fp8Block128)), "prefill: 33 rows, groups narrower than a tile", s(3)));
-            let one = GroupedLinear { rows: 1, groups: 4, in_per_group: 96, out_per_group: 17, format: WeightFormat::F32 };
+            let g = |rows, groups, in_per_group, out_per_group, format| GroupedLinear {
+                rows,
+                groups,
+                in_per_group,
+                out_per_group,
+                format,
+            };
+            out.push(Case::new(
+                Op::GroupedLinear(g(70, 2, 256, 128, WeightFormat::Fp8Block128)),
+                "prefill: 70 rows, FP8",
+                s(1),
+            ));
+            out.push(Case::new(
+                Op::GroupedLinear(g(40, 3, 96, 128, WeightFormat::Bf16)),
+                "prefill: 40 rows, bf16",
+                s(2),
+            ));
+            out.push(Case::new(
+                Op::GroupedLinear(g(33, 3, 64, 40, WeightFormat::Fp8Block128)),
+                "prefill: 33 rows, groups narrower than a tile",
+                s(3),
+            ));
+            let one =
+                GroupedLinear { rows: 1, groups: 4, in_per_group: 96, out_per_group: 17, format: WeightFormat::F32 };
             out.push(Case::new(Op::GroupedLinear(one), "edge: one token", s(0)));
             for (i, (name, c)) in reals.iter().enumerate() {
                 let ipg = c.n_heads * c.head_dim / c.o_groups;
                 for (j, format) in [WeightFormat::F32, WeightFormat::Fp8Block128].into_iter().enumerate() {
-                    let op = GroupedLinear { rows: 2, groups: c.o_groups, in_per_group: ipg, out_per_group: c.o_lora_rank, format };
+                    let op = GroupedLinear {
+                        rows: 2,
+                        groups: c.o_groups,
+                        in_per_group: ipg,
+                        out_per_group: c.o_lora_rank,
+                        format,
+                    };
                     let what = format!("{name}: wo_a {format:?}, {} groups of {ipg} → {}", c.o_groups, c.o_lora_rank);
                     out.push(Case::new(Op::GroupedLinear(op), what, s(10 + 2 * i as u64 + j as u64)).large());
                 }
-                let op = GroupedLinear { rows: 1, groups: c.o_groups, in_per_group: ipg, out_per_group: c.o_lora_rank, format: WeightFormat::Fp8Block128 };
-                let what = format!("{name}: wo_a Fp8Block128, one token, {} groups of {ipg} → {}", c.o_groups, c.o_lora_rank);
+                let op = GroupedLinear {
+                    rows: 1,
+                    groups: c.o_groups,
+                    in_per_group: ipg,
+                    out_per_group: c.o_lora_rank,
+                    format: WeightFormat::Fp8Block128,
+                };
+                let what =
+                    format!("{name}: wo_a Fp8Block128, one token, {} groups of {ipg} → {}", c.o_groups, c.o_lora_rank);
                 out.push(Case::new(Op::GroupedLinear(op), what, s(20 + i as u64)).large());
             }
         }
@@ -766,7 +947,8 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
         10 => {
             for inverse in [false, true] {
                 out.extend(randoms(r, |r| {
-                    let (rows, heads, half_rope, extra, sd) = draw(r, (1usize..=9, 1usize..=8, 1usize..=64, 0usize..=200, seed_s));
+                    let (rows, heads, half_rope, extra, sd) =
+                        draw(r, (1usize..=9, 1usize..=8, 1usize..=64, 0usize..=200, seed_s));
                     let rope_dim = 2 * half_rope;
                     let mut rng = Rng::new(sd);
                     let plan = random_plan(&mut rng, rows, rows, 1 << 17);
@@ -775,40 +957,110 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
                 }));
             }
             let op = |rows, inverse| Rope { rows, heads: 2, head_dim: 96, rope_dim: 64, inverse };
-            out.push(Case::new(Op::Rope(op(1, false)), "edge: one token at position 0", s(0)).plan(RowPlan::decode(&[0])));
-            out.push(Case::new(Op::Rope(op(4, false)), "edge: mixed slots 127/128/65535/65536", s(1)).plan(RowPlan::decode(&[127, 128, 65535, 65536])));
-            out.push(Case::new(Op::Rope(op(2, true)), "edge: positions 2^20 − 1 and 2^20 (long context)", s(2)).plan(RowPlan::decode(&[(1 << 20) - 1, 1 << 20])));
+            out.push(
+                Case::new(Op::Rope(op(1, false)), "edge: one token at position 0", s(0)).plan(RowPlan::decode(&[0])),
+            );
+            out.push(
+                Case::new(Op::Rope(op(4, false)), "edge: mixed slots 127/128/65535/65536", s(1))
+                    .plan(RowPlan::decode(&[127, 128, 65535, 65536])),
+            );
+            out.push(
+                Case::new(Op::Rope(op(2, true)), "edge: positions 2^20 − 1 and 2^20 (long context)", s(2))
+                    .plan(RowPlan::decode(&[(1 << 20) - 1, 1 << 20])),
+            );
             for (i, (name, c)) in reals.iter().enumerate() {
                 let i = i as u64;
                 let plan = RowPlan::decode(&[5, 70_000]);
-                let rope = |heads, head_dim, inverse| Op::Rope(Rope { rows: 2, heads, head_dim, rope_dim: c.rope_head_dim, inverse });
+                let rope = |heads, head_dim, inverse| {
+                    Op::Rope(Rope { rows: 2, heads, head_dim, rope_dim: c.rope_head_dim, inverse })
+                };
                 let f4 = model::rope::layer_freqs(c, 4);
                 let f0 = model::rope::layer_freqs(c, 0);
-                out.push(Case::new(rope(c.n_heads, c.head_dim, false), format!("{name}: query, {} heads, YaRN (ratio 4)", c.n_heads), s(10 + i)).plan(plan.clone()).freqs(f4.clone()).large());
-                out.push(Case::new(rope(c.n_heads, c.head_dim, true), format!("{name}: output de-rotation, window layer"), s(20 + i)).plan(plan.clone()).freqs(f0).large());
-                out.push(Case::new(rope(c.index_n_heads, c.index_head_dim, false), format!("{name}: indexer query {} × {}", c.index_n_heads, c.index_head_dim), s(30 + i)).plan(plan).freqs(f4).large());
+                out.push(
+                    Case::new(
+                        rope(c.n_heads, c.head_dim, false),
+                        format!("{name}: query, {} heads, YaRN (ratio 4)", c.n_heads),
+                        s(10 + i),
+                    )
+                    .plan(plan.clone())
+                    .freqs(f4.clone())
+                    .large(),
+                );
+                out.push(
+                    Case::new(
+                        rope(c.n_heads, c.head_dim, true),
+                        format!("{name}: output de-rotation, window layer"),
+                        s(20 + i),
+                    )
+                    .plan(plan.clone())
+                    .freqs(f0)
+                    .large(),
+                );
+                out.push(
+                    Case::new(
+                        rope(c.index_n_heads, c.index_head_dim, false),
+                        format!("{name}: indexer query {} × {}", c.index_n_heads, c.index_head_dim),
+                        s(30 + i),
+                    )
+                    .plan(plan)
+                    .freqs(f4)
+                    .large(),
+                );
             }
         }
         // ---- quant_sim ----
         11 => {
             for format in [QuantFormat::Fp8E4M3, QuantFormat::Fp4E2M1] {
                 out.extend(randoms(r, |r| {
-                    let (rows, block, blocks, extra, sd) = draw(r, (1usize..=9, prop_oneof![Just(32usize), Just(64), Just(128), 1usize..=100], 1usize..=4, 0usize..=40, seed_s));
+                    let (rows, block, blocks, extra, sd) = draw(
+                        r,
+                        (
+                            1usize..=9,
+                            prop_oneof![Just(32usize), Just(64), Just(128), 1usize..=100],
+                            1usize..=4,
+                            0usize..=40,
+                            seed_s,
+                        ),
+                    );
                     let quant_dims = block * blocks;
-                    Case::new(Op::QuantSim(QuantSim { rows, dim: quant_dims + extra, quant_dims, block, format }), "", sd)
+                    Case::new(
+                        Op::QuantSim(QuantSim { rows, dim: quant_dims + extra, quant_dims, block, format }),
+                        "",
+                        sd,
+                    )
                 }));
             }
             let kv = QuantSim { rows: 6, dim: 192, quant_dims: 128, block: 64, format: QuantFormat::Fp8E4M3 };
-            out.push(Case::new(Op::QuantSim(kv.clone()), "edge: e4m3 RNE midpoints, amax below 1e-4, zero row", s(0)).quant_edges());
+            out.push(
+                Case::new(Op::QuantSim(kv.clone()), "edge: e4m3 RNE midpoints, amax below 1e-4, zero row", s(0))
+                    .quant_edges(),
+            );
             let fp4 = QuantSim { rows: 6, dim: 96, quant_dims: 96, block: 32, format: QuantFormat::Fp4E2M1 };
-            out.push(Case::new(Op::QuantSim(fp4), "edge: e2m1 RNE midpoints, amax below the floor, zero row", s(1)).quant_edges());
+            out.push(
+                Case::new(Op::QuantSim(fp4), "edge: e2m1 RNE midpoints, amax below the floor, zero row", s(1))
+                    .quant_edges(),
+            );
             out.push(Case::new(Op::QuantSim(QuantSim { rows: 1, ..kv }), "edge: one token", s(2)));
             for (i, (name, c)) in reals.iter().enumerate() {
                 let i = i as u64;
-                let kv = QuantSim { rows: 4, dim: c.head_dim, quant_dims: c.head_dim - c.rope_head_dim, block: 64, format: QuantFormat::Fp8E4M3 };
+                let kv = QuantSim {
+                    rows: 4,
+                    dim: c.head_dim,
+                    quant_dims: c.head_dim - c.rope_head_dim,
+                    block: 64,
+                    format: QuantFormat::Fp8E4M3,
+                };
                 out.push(Case::new(Op::QuantSim(kv), format!("{name}: window KV, e4m3 block 64"), s(10 + i)).large());
-                let iq = QuantSim { rows: 2 * c.index_n_heads, dim: c.index_head_dim, quant_dims: c.index_head_dim, block: 32, format: QuantFormat::Fp4E2M1 };
-                out.push(Case::new(Op::QuantSim(iq), format!("{name}: indexer query, e2m1 block 32"), s(20 + i)).large());
+                let iq = QuantSim {
+                    rows: 2 * c.index_n_heads,
+                    dim: c.index_head_dim,
+                    quant_dims: c.index_head_dim,
+                    block: 32,
+                    format: QuantFormat::Fp4E2M1,
+                };
+                out.push(
+                    Case::new(Op::QuantSim(iq), format!("{name}: indexer query, e2m1 block 32"), s(20 + i)).large(),
+                );
             }
         }
         // ---- hadamard ----
@@ -821,38 +1073,89 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
             out.push(Case::new(Op::Hadamard(Hadamard { rows: 3, dim: 1 }), "edge: n = 1", s(1)));
             for (i, (name, c)) in reals.iter().enumerate() {
                 let op = Hadamard { rows: 2 * c.index_n_heads, dim: c.index_head_dim };
-                out.push(Case::new(Op::Hadamard(op), format!("{name}: indexer query {} × {}", c.index_n_heads, c.index_head_dim), s(10 + i as u64)).large());
+                out.push(
+                    Case::new(
+                        Op::Hadamard(op),
+                        format!("{name}: indexer query {} × {}", c.index_n_heads, c.index_head_dim),
+                        s(10 + i as u64),
+                    )
+                    .large(),
+                );
             }
         }
         // ---- window_store ----
         13 => {
             out.extend(randoms(r, |r| {
-                let (rows, slots, window, dim, sd) = draw(r, (1usize..=20, 1usize..=3, 1usize..=24, 1usize..=96, seed_s));
+                let (rows, slots, window, dim, sd) =
+                    draw(r, (1usize..=20, 1usize..=3, 1usize..=24, 1usize..=96, seed_s));
                 let plan = random_plan(&mut Rng::new(sd), rows, slots, 200);
-                Case::new(Op::WindowStore(WindowStore { rows: plan.rows(), slots, window, dim, cache_dtype: hal::DType::F32 }), "", sd).plan(plan)
+                Case::new(
+                    Op::WindowStore(WindowStore {
+                        rows: plan.rows(),
+                        slots,
+                        window,
+                        dim,
+                        cache_dtype: hal::DType::F32,
+                    }),
+                    "",
+                    sd,
+                )
+                .plan(plan)
             }));
-            let ws = |plan: RowPlan, slots, window| Op::WindowStore(WindowStore { rows: plan.rows(), slots, window, dim: 24, cache_dtype: hal::DType::F32 });
+            let ws = |plan: RowPlan, slots, window| {
+                Op::WindowStore(WindowStore { rows: plan.rows(), slots, window, dim: 24, cache_dtype: hal::DType::F32 })
+            };
             let p = RowPlan::decode(&[7]);
             out.push(Case::new(ws(p.clone(), 1, 8), "edge: one token at window − 1", s(0)).plan(p));
             let p = RowPlan::decode(&[7, 8, 9, 0]);
-            out.push(Case::new(ws(p.clone(), 4, 8), "edge: mixed slots at window − 1, window, window + 1, 0", s(1)).plan(p));
+            out.push(
+                Case::new(ws(p.clone(), 4, 8), "edge: mixed slots at window − 1, window, window + 1, 0", s(1)).plan(p),
+            );
             let p = RowPlan::runs(&[(1, 3, 19)]);
-            out.push(Case::new(ws(p.clone(), 2, 8), "edge: prefill longer than the window (keeps the last 8)", s(2)).plan(p));
+            out.push(
+                Case::new(ws(p.clone(), 2, 8), "edge: prefill longer than the window (keeps the last 8)", s(2)).plan(p),
+            );
             let p = RowPlan::runs(&[(0, 6, 4), (2, 15, 1)]);
-            out.push(Case::new(ws(p.clone(), 3, 8), "edge: chunk across the window boundary + a decode row", s(3)).plan(p));
+            out.push(
+                Case::new(ws(p.clone(), 3, 8), "edge: chunk across the window boundary + a decode row", s(3)).plan(p),
+            );
             for (i, (name, c)) in reals.iter().enumerate() {
                 let p = RowPlan::decode(&[c.window_size - 1, c.window_size, 3000]);
-                let op = WindowStore { rows: 3, slots: 3, window: c.window_size, dim: c.head_dim, cache_dtype: hal::DType::F32 };
-                out.push(Case::new(Op::WindowStore(op), format!("{name}: window {} × {}, mixed decode", c.window_size, c.head_dim), s(10 + i as u64)).plan(p).large());
+                let op = WindowStore {
+                    rows: 3,
+                    slots: 3,
+                    window: c.window_size,
+                    dim: c.head_dim,
+                    cache_dtype: hal::DType::F32,
+                };
+                out.push(
+                    Case::new(
+                        Op::WindowStore(op),
+                        format!("{name}: window {} × {}, mixed decode", c.window_size, c.head_dim),
+                        s(10 + i as u64),
+                    )
+                    .plan(p)
+                    .large(),
+                );
             }
         }
         // ---- compressor ----
         14 => {
             for (overlap, rotate) in [(true, false), (false, false), (true, true), (false, true)] {
                 out.extend(randoms(r, |r| {
-                    let (ratio, rows, slots, cap, half_rope, k, log, sd) = draw(r, (
-                        prop_oneof![Just(4usize), 1usize..=8, Just(16)], 1usize..=12, 1usize..=3, 1usize..=10,
-                        0usize..=32, 1usize..=3, 5u32..=8, seed_s));
+                    let (ratio, rows, slots, cap, half_rope, k, log, sd) = draw(
+                        r,
+                        (
+                            prop_oneof![Just(4usize), 1usize..=8, Just(16)],
+                            1usize..=12,
+                            1usize..=3,
+                            1usize..=10,
+                            0usize..=32,
+                            1usize..=3,
+                            5u32..=8,
+                            seed_s,
+                        ),
+                    );
                     let (width, rope_dim) = if rotate {
                         let w = 1usize << log;
                         (w, (2 * half_rope).min(w))
@@ -860,136 +1163,411 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
                         (2 * half_rope + 64 * k, 2 * half_rope)
                     };
                     let plan = random_plan(&mut Rng::new(sd), rows, slots, cap * ratio);
-                    let op = Compressor { rows: plan.rows(), slots, ratio, overlap, width, rope_dim, rotate, capacity: cap, norm_eps: 1e-6, cache_dtype: hal::DType::F32 };
+                    let op = Compressor {
+                        rows: plan.rows(),
+                        slots,
+                        ratio,
+                        overlap,
+                        width,
+                        rope_dim,
+                        rotate,
+                        capacity: cap,
+                        norm_eps: 1e-6,
+                        cache_dtype: hal::DType::F32,
+                    };
                     Case::new(Op::Compressor(op), "", sd).plan(plan)
                 }));
             }
             let csa = |plan: RowPlan, slots, rotate: bool| {
                 let width = if rotate { 64 } else { 96 };
-                Op::Compressor(Compressor { rows: plan.rows(), slots, ratio: 4, overlap: true, width, rope_dim: 32, rotate, capacity: 8, norm_eps: 1e-6, cache_dtype: hal::DType::F32 })
+                Op::Compressor(Compressor {
+                    rows: plan.rows(),
+                    slots,
+                    ratio: 4,
+                    overlap: true,
+                    width,
+                    rope_dim: 32,
+                    rotate,
+                    capacity: 8,
+                    norm_eps: 1e-6,
+                    cache_dtype: hal::DType::F32,
+                })
             };
             for (j, rotate) in [false, true].into_iter().enumerate() {
                 let j = 10 * j as u64;
                 let t = if rotate { " (indexer keys)" } else { "" };
                 let p = RowPlan::runs(&[(0, 0, 9)]);
-                out.push(Case::new(csa(p.clone(), 1, rotate), format!("edge: prefill 0..9 across the 4-block boundaries{t}"), s(j)).plan(p));
+                out.push(
+                    Case::new(
+                        csa(p.clone(), 1, rotate),
+                        format!("edge: prefill 0..9 across the 4-block boundaries{t}"),
+                        s(j),
+                    )
+                    .plan(p),
+                );
                 for pos in [3usize, 4, 7] {
                     let p = RowPlan::decode(&[pos]);
-                    out.push(Case::new(csa(p.clone(), 1, rotate), format!("edge: one token at position {pos}{t}"), s(j + 1 + pos as u64)).plan(p));
+                    out.push(
+                        Case::new(
+                            csa(p.clone(), 1, rotate),
+                            format!("edge: one token at position {pos}{t}"),
+                            s(j + 1 + pos as u64),
+                        )
+                        .plan(p),
+                    );
                 }
                 let p = RowPlan::runs(&[(1, 2, 5)]);
-                out.push(Case::new(csa(p.clone(), 2, rotate), format!("edge: chunk from mid-block 2..7 (partial blocks){t}"), s(j + 8)).plan(p));
+                out.push(
+                    Case::new(
+                        csa(p.clone(), 2, rotate),
+                        format!("edge: chunk from mid-block 2..7 (partial blocks){t}"),
+                        s(j + 8),
+                    )
+                    .plan(p),
+                );
                 let p = RowPlan::decode(&[3, 6, 7, 0]);
-                out.push(Case::new(csa(p.clone(), 4, rotate), format!("edge: mixed decode slots at 3, 6, 7, 0{t}"), s(j + 9)).plan(p));
+                out.push(
+                    Case::new(
+                        csa(p.clone(), 4, rotate),
+                        format!("edge: mixed decode slots at 3, 6, 7, 0{t}"),
+                        s(j + 9),
+                    )
+                    .plan(p),
+                );
             }
-            let hca = |plan: RowPlan, slots| Op::Compressor(Compressor { rows: plan.rows(), slots, ratio: 128, overlap: false, width: 128, rope_dim: 64, rotate: false, capacity: 2, norm_eps: 1e-6, cache_dtype: hal::DType::F32 });
+            let hca = |plan: RowPlan, slots| {
+                Op::Compressor(Compressor {
+                    rows: plan.rows(),
+                    slots,
+                    ratio: 128,
+                    overlap: false,
+                    width: 128,
+                    rope_dim: 64,
+                    rotate: false,
+                    capacity: 2,
+                    norm_eps: 1e-6,
+                    cache_dtype: hal::DType::F32,
+                })
+            };
             let p = RowPlan::decode(&[126, 127, 128]);
             out.push(Case::new(hca(p.clone(), 3), "edge: ratio 128, decode at 126, 127 (emits), 128", s(30)).plan(p));
             let p = RowPlan::runs(&[(0, 0, 130)]);
             out.push(Case::new(hca(p.clone(), 1), "edge: ratio 128, prefill 0..130", s(31)).plan(p));
             for (i, (name, c)) in reals.iter().enumerate() {
                 let i = i as u64;
-                let comp = |ratio: usize, width, rotate, cap, plan: &RowPlan| Op::Compressor(Compressor {
-                    rows: plan.rows(), slots: 3, ratio, overlap: ratio == 4, width, rope_dim: c.rope_head_dim, rotate, capacity: cap, norm_eps: c.norm_eps, cache_dtype: hal::DType::F32 });
+                let comp = |ratio: usize, width, rotate, cap, plan: &RowPlan| {
+                    Op::Compressor(Compressor {
+                        rows: plan.rows(),
+                        slots: 3,
+                        ratio,
+                        overlap: ratio == 4,
+                        width,
+                        rope_dim: c.rope_head_dim,
+                        rotate,
+                        capacity: cap,
+                        norm_eps: c.norm_eps,
+                        cache_dtype: hal::DType::F32,
+                    })
+                };
                 let p4 = RowPlan::decode(&[3, 130, 255]);
                 let f4 = model::rope::layer_freqs(c, 4);
-                out.push(Case::new(comp(4, c.head_dim, false, 64, &p4), format!("{name}: CSA compressor, width {}", c.head_dim), s(40 + i)).plan(p4.clone()).freqs(f4.clone()).large());
-                out.push(Case::new(comp(4, c.index_head_dim, true, 64, &p4), format!("{name}: indexer compressor, width {}", c.index_head_dim), s(50 + i)).plan(p4).freqs(f4).large());
+                out.push(
+                    Case::new(
+                        comp(4, c.head_dim, false, 64, &p4),
+                        format!("{name}: CSA compressor, width {}", c.head_dim),
+                        s(40 + i),
+                    )
+                    .plan(p4.clone())
+                    .freqs(f4.clone())
+                    .large(),
+                );
+                out.push(
+                    Case::new(
+                        comp(4, c.index_head_dim, true, 64, &p4),
+                        format!("{name}: indexer compressor, width {}", c.index_head_dim),
+                        s(50 + i),
+                    )
+                    .plan(p4)
+                    .freqs(f4)
+                    .large(),
+                );
                 let p128 = RowPlan::decode(&[127, 300, 511]);
-                out.push(Case::new(comp(128, c.head_dim, false, 4, &p128), format!("{name}: HCA compressor, ratio 128"), s(60 + i)).plan(p128).freqs(model::rope::layer_freqs(c, 128)).large());
+                out.push(
+                    Case::new(
+                        comp(128, c.head_dim, false, 4, &p128),
+                        format!("{name}: HCA compressor, ratio 128"),
+                        s(60 + i),
+                    )
+                    .plan(p128)
+                    .freqs(model::rope::layer_freqs(c, 128))
+                    .large(),
+                );
             }
         }
         // ---- indexer_topk ----
         15 => {
             out.extend(randoms(r, |r| {
-                let (rows, heads, head_dim, slots, ratio, cap, topk, sd) = draw(r, (1usize..=9, 1usize..=8, 1usize..=64, 1usize..=3, 1usize..=8, 1usize..=40, 1usize..=48, seed_s));
+                let (rows, heads, head_dim, slots, ratio, cap, topk, sd) = draw(
+                    r,
+                    (1usize..=9, 1usize..=8, 1usize..=64, 1usize..=3, 1usize..=8, 1usize..=40, 1usize..=48, seed_s),
+                );
                 let plan = random_plan(&mut Rng::new(sd), rows, slots, cap * ratio);
                 let ws = ((head_dim as f64).powf(-0.5) * (heads as f64).powf(-0.5)) as f32;
-                let op = IndexerTopK { rows: plan.rows(), heads, head_dim, slots, capacity: cap, ratio, topk, weight_scale: ws, cache_dtype: hal::DType::F32 };
+                let op = IndexerTopK {
+                    rows: plan.rows(),
+                    heads,
+                    head_dim,
+                    slots,
+                    capacity: cap,
+                    ratio,
+                    topk,
+                    weight_scale: ws,
+                    cache_dtype: hal::DType::F32,
+                };
                 Case::new(Op::IndexerTopK(op), "", sd).plan(plan)
             }));
-            let idx = |plan: &RowPlan, slots, topk| Op::IndexerTopK(IndexerTopK {
-                rows: plan.rows(), heads: 4, head_dim: 32, slots, capacity: 16, ratio: 4, topk, weight_scale: 0.088, cache_dtype: hal::DType::F32 });
+            let idx = |plan: &RowPlan, slots, topk| {
+                Op::IndexerTopK(IndexerTopK {
+                    rows: plan.rows(),
+                    heads: 4,
+                    head_dim: 32,
+                    slots,
+                    capacity: 16,
+                    ratio: 4,
+                    topk,
+                    weight_scale: 0.088,
+                    cache_dtype: hal::DType::F32,
+                })
+            };
             let p = RowPlan::decode(&[2]);
             out.push(Case::new(idx(&p, 1, 4), "edge: one token before the first entry (all −1)", s(0)).plan(p));
             let p = RowPlan::decode(&[3, 4, 7, 8]);
-            out.push(Case::new(idx(&p, 4, 8), "edge: top-k 8 > entries at 3, 4, 7, 8 (−1 padding), mixed slots", s(1)).plan(p));
+            out.push(
+                Case::new(idx(&p, 4, 8), "edge: top-k 8 > entries at 3, 4, 7, 8 (−1 padding), mixed slots", s(1))
+                    .plan(p),
+            );
             let p = RowPlan::runs(&[(0, 0, 12)]);
-            out.push(Case::new(idx(&p, 1, 2), "edge: prefill 0..12, top-k 2 across the 4-block boundaries", s(2)).plan(p));
+            out.push(
+                Case::new(idx(&p, 1, 2), "edge: prefill 0..12, top-k 2 across the 4-block boundaries", s(2)).plan(p),
+            );
             let p = RowPlan::runs(&[(1, 60, 4), (0, 20, 1)]);
             out.push(Case::new(idx(&p, 2, 64), "edge: top-k 64 > capacity 16", s(3)).plan(p));
             // Rows of many entries (CUDA's two-stage top-k: segments of 8192, then their candidates),
             // with the e2m1-grid ties crossing segment boundaries.
             let p = RowPlan::decode(&[19_999, 16_383, 8_191]);
-            let op = IndexerTopK { rows: 3, heads: 4, head_dim: 32, slots: 3, capacity: 20_000, ratio: 1, topk: 64, weight_scale: 0.088, cache_dtype: hal::DType::F32 };
+            let op = IndexerTopK {
+                rows: 3,
+                heads: 4,
+                head_dim: 32,
+                slots: 3,
+                capacity: 20_000,
+                ratio: 1,
+                topk: 64,
+                weight_scale: 0.088,
+                cache_dtype: hal::DType::F32,
+            };
             out.push(Case::new(Op::IndexerTopK(op), "long rows: 20000 entries, top-64", s(6)).plan(p));
             for (i, (name, c)) in reals.iter().enumerate() {
                 let cap = c.index_topk + 100;
                 let p = RowPlan::decode(&[4 * cap - 1, 4 * c.index_topk - 10]);
                 let ws = ((c.index_head_dim as f64).powf(-0.5) * (c.index_n_heads as f64).powf(-0.5)) as f32;
-                let op = IndexerTopK { rows: 2, heads: c.index_n_heads, head_dim: c.index_head_dim, slots: 2, capacity: cap, ratio: 4, topk: c.index_topk, weight_scale: ws, cache_dtype: hal::DType::F32 };
-                out.push(Case::new(Op::IndexerTopK(op), format!("{name}: {} × {}, top-k {} (one row padded)", c.index_n_heads, c.index_head_dim, c.index_topk), s(10 + i as u64)).plan(p).large());
+                let op = IndexerTopK {
+                    rows: 2,
+                    heads: c.index_n_heads,
+                    head_dim: c.index_head_dim,
+                    slots: 2,
+                    capacity: cap,
+                    ratio: 4,
+                    topk: c.index_topk,
+                    weight_scale: ws,
+                    cache_dtype: hal::DType::F32,
+                };
+                out.push(
+                    Case::new(
+                        Op::IndexerTopK(op),
+                        format!(
+                            "{name}: {} × {}, top-k {} (one row padded)",
+                            c.index_n_heads, c.index_head_dim, c.index_topk
+                        ),
+                        s(10 + i as u64),
+                    )
+                    .plan(p)
+                    .large(),
+                );
             }
         }
         // ---- sparse_attention ----
         16 => {
             for which in 0..3 {
                 out.extend(randoms(r, |r| {
-                    let (rows, heads, head_dim, slots, window, ratio, cap, topk, sd) = draw(r, (
-                        1usize..=9, 1usize..=8, 1usize..=96, 1usize..=3, 1usize..=24, prop_oneof![1usize..=8, Just(128)], 1usize..=24, 1usize..=32, seed_s));
+                    let (rows, heads, head_dim, slots, window, ratio, cap, topk, sd) = draw(
+                        r,
+                        (
+                            1usize..=9,
+                            1usize..=8,
+                            1usize..=96,
+                            1usize..=3,
+                            1usize..=24,
+                            prop_oneof![1usize..=8, Just(128)],
+                            1usize..=24,
+                            1usize..=32,
+                            seed_s,
+                        ),
+                    );
                     let (compressed, max_end) = match which {
                         0 => (CompressedKv::None, 4 * window + 20),
                         1 => (CompressedKv::All { ratio, capacity: cap }, cap * ratio),
                         _ => (CompressedKv::Selected { ratio: ratio.min(8), capacity: cap, topk }, cap * ratio.min(8)),
                     };
                     let plan = random_plan(&mut Rng::new(sd), rows, slots, max_end);
-                    let op = SparseAttention { rows: plan.rows(), heads, head_dim, slots, window, compressed, softmax_scale: (head_dim as f32).powf(-0.5), cache_dtype: hal::DType::F32 };
+                    let op = SparseAttention {
+                        rows: plan.rows(),
+                        heads,
+                        head_dim,
+                        slots,
+                        window,
+                        compressed,
+                        softmax_scale: (head_dim as f32).powf(-0.5),
+                        cache_dtype: hal::DType::F32,
+                    };
                     Case::new(Op::SparseAttention(op), "", sd).plan(plan)
                 }));
             }
-            let sa = |plan: &RowPlan, slots, compressed| Op::SparseAttention(SparseAttention {
-                rows: plan.rows(), heads: 3, head_dim: 40, slots, window: 8, compressed, softmax_scale: 0.158, cache_dtype: hal::DType::F32 });
+            let sa = |plan: &RowPlan, slots, compressed| {
+                Op::SparseAttention(SparseAttention {
+                    rows: plan.rows(),
+                    heads: 3,
+                    head_dim: 40,
+                    slots,
+                    window: 8,
+                    compressed,
+                    softmax_scale: 0.158,
+                    cache_dtype: hal::DType::F32,
+                })
+            };
             let p = RowPlan::decode(&[0]);
             out.push(Case::new(sa(&p, 1, CompressedKv::None), "edge: one token at position 0", s(0)).plan(p));
             let p = RowPlan::decode(&[7, 8, 9, 30]);
-            out.push(Case::new(sa(&p, 4, CompressedKv::None), "edge: mixed decode at window − 1, window, window + 1, 30", s(1)).plan(p));
+            out.push(
+                Case::new(
+                    sa(&p, 4, CompressedKv::None),
+                    "edge: mixed decode at window − 1, window, window + 1, 30",
+                    s(1),
+                )
+                .plan(p),
+            );
             let p = RowPlan::runs(&[(0, 5, 6), (1, 40, 1)]);
-            out.push(Case::new(sa(&p, 2, CompressedKv::None), "edge: chunk 5..11 across the window, ring + fresh rows", s(2)).plan(p));
+            out.push(
+                Case::new(
+                    sa(&p, 2, CompressedKv::None),
+                    "edge: chunk 5..11 across the window, ring + fresh rows",
+                    s(2),
+                )
+                .plan(p),
+            );
             let p = RowPlan::runs(&[(0, 0, 12)]);
             out.push(Case::new(sa(&p, 1, CompressedKv::None), "edge: prefill longer than the window", s(3)).plan(p));
             let p = RowPlan::decode(&[126, 127, 255, 256]);
-            out.push(Case::new(sa(&p, 4, CompressedKv::All { ratio: 128, capacity: 3 }), "edge: ratio 128 at 126, 127, 255, 256", s(4)).plan(p));
+            out.push(
+                Case::new(
+                    sa(&p, 4, CompressedKv::All { ratio: 128, capacity: 3 }),
+                    "edge: ratio 128 at 126, 127, 255, 256",
+                    s(4),
+                )
+                .plan(p),
+            );
             let p = RowPlan::decode(&[2, 3, 4, 13]);
-            out.push(Case::new(sa(&p, 4, CompressedKv::Selected { ratio: 4, capacity: 8, topk: 6 }), "edge: top-k 6 > entries (−1 padding), mixed slots", s(5)).plan(p));
+            out.push(
+                Case::new(
+                    sa(&p, 4, CompressedKv::Selected { ratio: 4, capacity: 8, topk: 6 }),
+                    "edge: top-k 6 > entries (−1 padding), mixed slots",
+                    s(5),
+                )
+                .plan(p),
+            );
             let p = RowPlan::runs(&[(0, 20, 3)]);
-            out.push(Case::new(sa(&p, 1, CompressedKv::Selected { ratio: 4, capacity: 8, topk: 6 }), "edge: −1 and a repeated entry inside the list", s(6)).plan(p).holes());
+            out.push(
+                Case::new(
+                    sa(&p, 1, CompressedKv::Selected { ratio: 4, capacity: 8, topk: 6 }),
+                    "edge: −1 and a repeated entry inside the list",
+                    s(6),
+                )
+                .plan(p)
+                .holes(),
+            );
             for (i, (name, c)) in reals.iter().enumerate() {
                 let i = i as u64;
-                let a = |plan: &RowPlan, compressed| Op::SparseAttention(SparseAttention {
-                    rows: plan.rows(), heads: c.n_heads, head_dim: c.head_dim, slots: 2, window: c.window_size, compressed,
-                    softmax_scale: (1.0 / (c.head_dim as f64).sqrt()) as f32, cache_dtype: hal::DType::F32 });
+                let a = |plan: &RowPlan, compressed| {
+                    Op::SparseAttention(SparseAttention {
+                        rows: plan.rows(),
+                        heads: c.n_heads,
+                        head_dim: c.head_dim,
+                        slots: 2,
+                        window: c.window_size,
+                        compressed,
+                        softmax_scale: (1.0 / (c.head_dim as f64).sqrt()) as f32,
+                        cache_dtype: hal::DType::F32,
+                    })
+                };
                 let cap = c.index_topk + 64;
                 let p = RowPlan::decode(&[4 * cap - 1, 300]);
-                out.push(Case::new(a(&p, CompressedKv::Selected { ratio: 4, capacity: cap, topk: c.index_topk }), format!("{name}: CSA, {} heads × {}, top-k {}", c.n_heads, c.head_dim, c.index_topk), s(10 + i)).plan(p).large());
+                out.push(
+                    Case::new(
+                        a(&p, CompressedKv::Selected { ratio: 4, capacity: cap, topk: c.index_topk }),
+                        format!("{name}: CSA, {} heads × {}, top-k {}", c.n_heads, c.head_dim, c.index_topk),
+                        s(10 + i),
+                    )
+                    .plan(p)
+                    .large(),
+                );
                 let p = RowPlan::decode(&[2047, 129]);
-                out.push(Case::new(a(&p, CompressedKv::All { ratio: 128, capacity: 16 }), format!("{name}: HCA, ratio 128"), s(20 + i)).plan(p).large());
+                out.push(
+                    Case::new(
+                        a(&p, CompressedKv::All { ratio: 128, capacity: 16 }),
+                        format!("{name}: HCA, ratio 128"),
+                        s(20 + i),
+                    )
+                    .plan(p)
+                    .large(),
+                );
                 let p = RowPlan::runs(&[(0, 120, 3), (1, 7, 1)]);
-                out.push(Case::new(a(&p, CompressedKv::None), format!("{name}: window only, chunk across the window"), s(30 + i)).plan(p).large());
+                out.push(
+                    Case::new(
+                        a(&p, CompressedKv::None),
+                        format!("{name}: window only, chunk across the window"),
+                        s(30 + i),
+                    )
+                    .plan(p)
+                    .large(),
+                );
             }
         }
         // ---- moe_gate ----
         17 => {
             for hashed in [false, true] {
                 out.extend(randoms(r, |r| {
-                    let (rows, dim, experts, k, rs, vocab, sd) = draw(r, (1usize..=9, 1usize..=300, 2usize..=64, 1usize..=8, 1.0f32..2.5, 1usize..=300, seed_s));
+                    let (rows, dim, experts, k, rs, vocab, sd) =
+                        draw(r, (1usize..=9, 1usize..=300, 2usize..=64, 1usize..=8, 1.0f32..2.5, 1usize..=300, seed_s));
                     let mode = if hashed { GateMode::Hashed { vocab } } else { GateMode::Scored };
-                    Case::new(Op::MoeGate(MoeGate { rows, dim, experts, topk: k.min(experts), route_scale: rs, mode }), "", sd)
+                    Case::new(
+                        Op::MoeGate(MoeGate { rows, dim, experts, topk: k.min(experts), route_scale: rs, mode }),
+                        "",
+                        sd,
+                    )
                 }));
             }
-            let g = |rows, experts, topk, mode| Op::MoeGate(MoeGate { rows, dim: 48, experts, topk, route_scale: 1.5, mode });
+            let g = |rows, experts, topk, mode| {
+                Op::MoeGate(MoeGate { rows, dim: 48, experts, topk, route_scale: 1.5, mode })
+            };
             out.push(Case::new(g(1, 8, 2, GateMode::Scored), "edge: one token", s(0)));
-            out.push(Case::new(g(6, 8, 2, GateMode::Scored), "edge: all tokens routed to expert 5 (bias)", s(1)).one_expert(5));
-            out.push(Case::new(g(6, 8, 1, GateMode::Hashed { vocab: 50 }), "edge: all tokens hashed to expert 7", s(2)).one_expert(7));
+            out.push(
+                Case::new(g(6, 8, 2, GateMode::Scored), "edge: all tokens routed to expert 5 (bias)", s(1))
+                    .one_expert(5),
+            );
+            out.push(
+                Case::new(g(6, 8, 1, GateMode::Hashed { vocab: 50 }), "edge: all tokens hashed to expert 7", s(2))
+                    .one_expert(7),
+            );
             out.push(Case::new(g(3, 6, 6, GateMode::Scored), "edge: top-k = every expert", s(3)));
             // Prefill-sized: CUDA scores tiles of 32 rows × 32 experts (the last of each partial).
             for (j, mode) in [GateMode::Scored, GateMode::Hashed { vocab: 300 }].into_iter().enumerate() {
@@ -998,20 +1576,76 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
             }
             for (i, (name, c)) in reals.iter().enumerate() {
                 let i = i as u64;
-                let g = |mode| Op::MoeGate(MoeGate { rows: 3, dim: c.dim, experts: c.n_routed_experts, topk: c.n_activated_experts, route_scale: c.route_scale, mode });
-                out.push(Case::new(g(GateMode::Scored), format!("{name}: {} experts, top-{}", c.n_routed_experts, c.n_activated_experts), s(10 + i)).large());
-                out.push(Case::new(g(GateMode::Hashed { vocab: c.vocab_size }), format!("{name}: hash layer, vocab {}", c.vocab_size), s(20 + i)).large());
+                let g = |mode| {
+                    Op::MoeGate(MoeGate {
+                        rows: 3,
+                        dim: c.dim,
+                        experts: c.n_routed_experts,
+                        topk: c.n_activated_experts,
+                        route_scale: c.route_scale,
+                        mode,
+                    })
+                };
+                out.push(
+                    Case::new(
+                        g(GateMode::Scored),
+                        format!("{name}: {} experts, top-{}", c.n_routed_experts, c.n_activated_experts),
+                        s(10 + i),
+                    )
+                    .large(),
+                );
+                out.push(
+                    Case::new(
+                        g(GateMode::Hashed { vocab: c.vocab_size }),
+                        format!("{name}: hash layer, vocab {}", c.vocab_size),
+                        s(20 + i),
+                    )
+                    .large(),
+                );
             }
         }
         // ---- moe_experts ----
         18 => {
             for format in [WeightFormat::Fp4Group32, WeightFormat::Fp8Block128] {
                 out.extend(randoms(r, |r| {
-                    let (rows, dk, ik, experts, k, limit, sd) = draw(r, (1usize..=6, 1usize..=3, 1usize..=4, 2usize..=12, 1usize..=6, prop_oneof![Just(0.0f32), Just(10.0f32)], seed_s));
-                    Case::new(Op::MoeExperts(MoeExperts { rows, dim: 128 * dk, inter: 128 * ik, experts, topk: k.min(experts), swiglu_limit: limit, format }), "", sd)
+                    let (rows, dk, ik, experts, k, limit, sd) = draw(
+                        r,
+                        (
+                            1usize..=6,
+                            1usize..=3,
+                            1usize..=4,
+                            2usize..=12,
+                            1usize..=6,
+                            prop_oneof![Just(0.0f32), Just(10.0f32)],
+                            seed_s,
+                        ),
+                    );
+                    Case::new(
+                        Op::MoeExperts(MoeExperts {
+                            rows,
+                            dim: 128 * dk,
+                            inter: 128 * ik,
+                            experts,
+                            topk: k.min(experts),
+                            swiglu_limit: limit,
+                            format,
+                        }),
+                        "",
+                        sd,
+                    )
                 }));
             }
-            let m = |rows, experts, topk| Op::MoeExperts(MoeExperts { rows, dim: 256, inter: 384, experts, topk, swiglu_limit: 10.0, format: WeightFormat::Fp4Group32 });
+            let m = |rows, experts, topk| {
+                Op::MoeExperts(MoeExperts {
+                    rows,
+                    dim: 256,
+                    inter: 384,
+                    experts,
+                    topk,
+                    swiglu_limit: 10.0,
+                    format: WeightFormat::Fp4Group32,
+                })
+            };
             out.push(Case::new(m(1, 4, 2), "edge: one token", s(0)));
             out.push(Case::new(m(5, 6, 1), "edge: all tokens routed to expert 3 (top-1)", s(1)).one_expert(3));
             out.push(Case::new(m(5, 6, 3), "edge: expert 0 in every row's list", s(2)).one_expert(0));
@@ -1025,25 +1659,74 @@ fn kind_cases(kind: usize, r: &mut TestRunner, s: &dyn Fn(u64) -> u64, reals: &[
             for (i, (name, c)) in reals.iter().enumerate() {
                 let i = i as u64;
                 let e = if i == 0 { 3 } else { 2 };
-                let op = MoeExperts { rows: 2, dim: c.dim, inter: c.moe_inter_dim, experts: e, topk: 2, swiglu_limit: c.swiglu_limit, format: WeightFormat::Fp4Group32 };
-                out.push(Case::new(Op::MoeExperts(op.clone()), format!("{name}: dim {} inter {} (experts cut to {e})", c.dim, c.moe_inter_dim), s(10 + i)).large());
+                let op = MoeExperts {
+                    rows: 2,
+                    dim: c.dim,
+                    inter: c.moe_inter_dim,
+                    experts: e,
+                    topk: 2,
+                    swiglu_limit: c.swiglu_limit,
+                    format: WeightFormat::Fp4Group32,
+                };
+                out.push(
+                    Case::new(
+                        Op::MoeExperts(op.clone()),
+                        format!("{name}: dim {} inter {} (experts cut to {e})", c.dim, c.moe_inter_dim),
+                        s(10 + i),
+                    )
+                    .large(),
+                );
                 let op = MoeExperts { rows: 1, ..op };
-                out.push(Case::new(Op::MoeExperts(op), format!("{name}: decode, one row (experts cut to {e})"), s(30 + i)).large());
-                let op = MoeExperts { rows: 3, dim: 128, inter: 128, experts: c.n_routed_experts, topk: c.n_activated_experts, swiglu_limit: c.swiglu_limit, format: WeightFormat::Fp4Group32 };
-                out.push(Case::new(Op::MoeExperts(op), format!("{name}: {} experts, top-{} (dims cut to 128)", c.n_routed_experts, c.n_activated_experts), s(20 + i)).one_expert(c.n_routed_experts - 1).large());
+                out.push(
+                    Case::new(Op::MoeExperts(op), format!("{name}: decode, one row (experts cut to {e})"), s(30 + i))
+                        .large(),
+                );
+                let op = MoeExperts {
+                    rows: 3,
+                    dim: 128,
+                    inter: 128,
+                    experts: c.n_routed_experts,
+                    topk: c.n_activated_experts,
+                    swiglu_limit: c.swiglu_limit,
+                    format: WeightFormat::Fp4Group32,
+                };
+                out.push(
+                    Case::new(
+                        Op::MoeExperts(op),
+                        format!(
+                            "{name}: {} experts, top-{} (dims cut to 128)",
+                            c.n_routed_experts, c.n_activated_experts
+                        ),
+                        s(20 + i),
+                    )
+                    .one_expert(c.n_routed_experts - 1)
+                    .large(),
+                );
             }
         }
         // ---- swiglu ----
         19 => {
             out.extend(randoms(r, |r| {
-                let (rows, width, limit, sd) = draw(r, (1usize..=9, 1usize..=300, prop_oneof![Just(0.0f32), Just(10.0f32), 0.5f32..20.0], seed_s));
+                let (rows, width, limit, sd) =
+                    draw(r, (1usize..=9, 1usize..=300, prop_oneof![Just(0.0f32), Just(10.0f32), 0.5f32..20.0], seed_s));
                 Case::new(Op::SwiGlu(SwiGlu { rows, width, limit }), "", sd)
             }));
             out.push(Case::new(Op::SwiGlu(SwiGlu { rows: 1, width: 100, limit: 10.0 }), "edge: one token", s(0)));
-            out.push(Case::new(Op::SwiGlu(SwiGlu { rows: 3, width: 100, limit: 0.0 }), "edge: clamp disabled (limit 0)", s(1)));
+            out.push(Case::new(
+                Op::SwiGlu(SwiGlu { rows: 3, width: 100, limit: 0.0 }),
+                "edge: clamp disabled (limit 0)",
+                s(1),
+            ));
             for (i, (name, c)) in reals.iter().enumerate() {
                 let op = SwiGlu { rows: 2, width: c.moe_inter_dim, limit: c.swiglu_limit };
-                out.push(Case::new(Op::SwiGlu(op), format!("{name}: shared expert, width {}", c.moe_inter_dim), s(10 + i as u64)).large());
+                out.push(
+                    Case::new(
+                        Op::SwiGlu(op),
+                        format!("{name}: shared expert, width {}", c.moe_inter_dim),
+                        s(10 + i as u64),
+                    )
+                    .large(),
+                );
             }
         }
         // ---- sample_tokens ----
@@ -1120,11 +1803,17 @@ fn weights(rng: &mut Rng, format: WeightFormat, stacked: Option<usize>, out: usi
         WeightFormat::Fp8Block128 => {
             // Random codes reach ±448; scales 2^-14..2^-10 keep W around 1/√inp for inp ≤ 7168.
             let ns: usize = specs[1].shape.iter().product::<usize>() * batch;
-            vec![HostTensor::raw(&shape(0), DType::F8E4M3, e4m3_codes(rng, n)), HostTensor::raw(&shape(1), DType::F8E8M0, e8m0(rng, ns, 113, 117))]
+            vec![
+                HostTensor::raw(&shape(0), DType::F8E4M3, e4m3_codes(rng, n)),
+                HostTensor::raw(&shape(1), DType::F8E8M0, e8m0(rng, ns, 113, 117)),
+            ]
         }
         WeightFormat::Fp4Group32 => {
             let ns: usize = specs[1].shape.iter().product::<usize>() * batch;
-            vec![HostTensor::raw(&shape(0), DType::F4E2M1x2, rng.bytes(n / 2)), HostTensor::raw(&shape(1), DType::F8E8M0, e8m0(rng, ns, 120, 124))]
+            vec![
+                HostTensor::raw(&shape(0), DType::F4E2M1x2, rng.bytes(n / 2)),
+                HostTensor::raw(&shape(1), DType::F8E8M0, e8m0(rng, ns, 120, 124)),
+            ]
         }
     }
 }
@@ -1162,7 +1851,13 @@ fn quant_edge_rows(rng: &mut Rng, rows: usize, width: usize, block: usize, forma
                     for (i, x) in chunk.iter_mut().enumerate() {
                         let g = rng.range(0, grid.len() - 1);
                         let mid = (grid[g] + grid[g + 1]) / 2.0 * s;
-                        *x = if i == 0 { max * s } else if i % 2 == 0 { -mid } else { mid };
+                        *x = if i == 0 {
+                            max * s
+                        } else if i % 2 == 0 {
+                            -mid
+                        } else {
+                            mid
+                        };
                     }
                 }
             }
@@ -1250,7 +1945,10 @@ fn build_data(case: &Case) -> CaseData {
         }
         Op::HcExpand(o) => (vec![f32t(&[o.rows, o.dim], &activations(rng, o.rows, o.dim))], vec![None]),
         Op::Add(o) => (
-            vec![f32t(&[o.rows, o.width], &activations(rng, o.rows, o.width)), f32t(&[o.b_rows, o.width], &activations(rng, o.b_rows, o.width))],
+            vec![
+                f32t(&[o.rows, o.width], &activations(rng, o.rows, o.width)),
+                f32t(&[o.b_rows, o.width], &activations(rng, o.b_rows, o.width)),
+            ],
             vec![None],
         ),
         Op::GatherRows(o) => {
@@ -1333,7 +2031,11 @@ fn build_data(case: &Case) -> CaseData {
             let p = plan();
             let cache_t = |shape: &[usize], v: &[f32]| HostTensor::cache(shape, o.cache_dtype, v);
             (
-                vec![f32t(&[o.rows, o.dim], &rng.normals(o.rows * o.dim, 1.0)), i32t(&[o.rows], &p.slots), i32t(&[o.rows], &p.positions)],
+                vec![
+                    f32t(&[o.rows, o.dim], &rng.normals(o.rows * o.dim, 1.0)),
+                    i32t(&[o.rows], &p.slots),
+                    i32t(&[o.rows], &p.positions),
+                ],
                 vec![Some(cache_t(&[o.slots, o.window, o.dim], &rng.normals(o.slots * o.window * o.dim, 1.0)))],
             )
         }
@@ -1377,7 +2079,11 @@ fn build_data(case: &Case) -> CaseData {
                 vec![
                     f32t(&[r, h, d], &e2m1_grid(rng, r * h * d, d)),
                     f32t(&[r, h], &rng.normals(r * h, 1.0)),
-                    HostTensor::cache(&[o.slots, o.capacity, d], o.cache_dtype, &e2m1_grid(rng, o.slots * o.capacity * d, d)),
+                    HostTensor::cache(
+                        &[o.slots, o.capacity, d],
+                        o.cache_dtype,
+                        &e2m1_grid(rng, o.slots * o.capacity * d, d),
+                    ),
                     i32t(&[r], &p.slots),
                     i32t(&[r], &p.positions),
                 ],
@@ -1397,7 +2103,9 @@ fn build_data(case: &Case) -> CaseData {
             ];
             match o.compressed {
                 CompressedKv::None => {}
-                CompressedKv::All { capacity, .. } => ins.push(HostTensor::cache(&[s, capacity, d], o.cache_dtype, &rng.normals(s * capacity * d, 1.0))),
+                CompressedKv::All { capacity, .. } => {
+                    ins.push(HostTensor::cache(&[s, capacity, d], o.cache_dtype, &rng.normals(s * capacity * d, 1.0)))
+                }
                 CompressedKv::Selected { ratio, capacity, topk } => {
                     ins.push(HostTensor::cache(&[s, capacity, d], o.cache_dtype, &rng.normals(s * capacity * d, 1.0)));
                     let mut idx = vec![-1i32; r * topk];
@@ -1420,7 +2128,10 @@ fn build_data(case: &Case) -> CaseData {
         }
         Op::MoeGate(o) => {
             let (r, d, e, k) = (o.rows, o.dim, o.experts, o.topk);
-            let mut ins = vec![f32t(&[r, d], &rng.normals(r * d, 1.0)), f32t(&[e, d], &rng.normals(e * d, 1.0 / (d as f32).sqrt()))];
+            let mut ins = vec![
+                f32t(&[r, d], &rng.normals(r * d, 1.0)),
+                f32t(&[e, d], &rng.normals(e * d, 1.0 / (d as f32).sqrt())),
+            ];
             match o.mode {
                 GateMode::Scored => {
                     let mut bias = rng.normals(e, 0.1);
@@ -1464,7 +2175,8 @@ fn build_data(case: &Case) -> CaseData {
                 let sum: f32 = raw.iter().sum();
                 wts.extend(raw.iter().map(|w| w / sum * 1.5));
             }
-            let mut ins = vec![f32t(&[r, o.dim], &activations(rng, r, o.dim)), i32t(&[r, k], &experts), f32t(&[r, k], &wts)];
+            let mut ins =
+                vec![f32t(&[r, o.dim], &activations(rng, r, o.dim)), i32t(&[r, k], &experts), f32t(&[r, k], &wts)];
             ins.extend(weights(rng, o.format, Some(e), o.inter, o.dim));
             ins.extend(weights(rng, o.format, Some(e), o.inter, o.dim));
             ins.extend(weights(rng, o.format, Some(e), o.dim, o.inter));
@@ -1472,7 +2184,10 @@ fn build_data(case: &Case) -> CaseData {
         }
         Op::SwiGlu(o) => {
             let n = o.rows * o.width;
-            (vec![f32t(&[o.rows, o.width], &rng.normals(n, 8.0)), f32t(&[o.rows, o.width], &rng.normals(n, 8.0))], vec![None])
+            (
+                vec![f32t(&[o.rows, o.width], &rng.normals(n, 8.0)), f32t(&[o.rows, o.width], &rng.normals(n, 8.0))],
+                vec![None],
+            )
         }
         Op::SampleTokens(o) => {
             let (r, v) = (o.rows, o.vocab);
@@ -1484,7 +2199,13 @@ fn build_data(case: &Case) -> CaseData {
                 logits[row(0)][v / 3] = 50.0;
                 logits[row(0)][2 * v / 3] = 50.0;
                 for (j, x) in logits[row(1)].iter_mut().enumerate() {
-                    *x = if j % 5 == 0 { f32::NAN } else if j % 7 == 0 { f32::NEG_INFINITY } else { *x };
+                    *x = if j % 5 == 0 {
+                        f32::NAN
+                    } else if j % 7 == 0 {
+                        f32::NEG_INFINITY
+                    } else {
+                        *x
+                    };
                 }
                 logits[row(1)][1] = 60.0;
                 logits[row(1)][0] = f32::NAN;
@@ -1589,7 +2310,15 @@ pub struct CaseResult {
 
 impl CaseResult {
     fn note_nmse(&mut self, nmse: f64, thr: f64) {
-        let ratio = |n: f64, t: f64| if t > 0.0 { n / t } else if n > 0.0 { f64::INFINITY } else { 0.0 };
+        let ratio = |n: f64, t: f64| {
+            if t > 0.0 {
+                n / t
+            } else if n > 0.0 {
+                f64::INFINITY
+            } else {
+                0.0
+            }
+        };
         let worse = match (self.nmse, self.threshold) {
             (Some(n), Some(t)) => ratio(nmse, thr) > ratio(n, t) || (ratio(nmse, thr) == ratio(n, t) && nmse > n),
             _ => true,
@@ -1629,7 +2358,14 @@ pub struct SuiteOptions {
 
 impl Default for SuiteOptions {
     fn default() -> Self {
-        SuiteOptions { seed: DEFAULT_SEED, allow_unsupported: false, include_large: true, max_cases_per_variant: None, only_ops: None, progress: false }
+        SuiteOptions {
+            seed: DEFAULT_SEED,
+            allow_unsupported: false,
+            include_large: true,
+            max_cases_per_variant: None,
+            only_ops: None,
+            progress: false,
+        }
     }
 }
 
@@ -1659,14 +2395,26 @@ pub fn run_suite(under_test: &dyn Backend, reference: &dyn Backend, opts: &Suite
 }
 
 /// [`run_suite`] over an explicit list of cases.
-pub fn run_cases(under_test: &dyn Backend, reference: &dyn Backend, cases: &[Case], opts: &SuiteOptions) -> SuiteReport {
+pub fn run_cases(
+    under_test: &dyn Backend,
+    reference: &dyn Backend,
+    cases: &[Case],
+    opts: &SuiteOptions,
+) -> SuiteReport {
     let t0 = Instant::now();
     let mut results = Vec::with_capacity(cases.len());
     for (i, case) in cases.iter().enumerate() {
         let res = run_case(under_test, reference, case);
         if opts.progress {
             let status = if res.passed() { "ok".to_string() } else { format!("FAIL ({})", summarize(&res.failures)) };
-            eprintln!("[{:>3}/{}] {:<28} {:<60} {:>6.2}s {status}", i + 1, cases.len(), res.variant, res.label, res.seconds);
+            eprintln!(
+                "[{:>3}/{}] {:<28} {:<60} {:>6.2}s {status}",
+                i + 1,
+                cases.len(),
+                res.variant,
+                res.label,
+                res.seconds
+            );
         }
         results.push(res);
     }
@@ -1757,7 +2505,12 @@ fn run_reference(b: &dyn Backend, case: &Case, data: &CaseData) -> Result<Vec<Ve
     if let Support::No(r) = b.supports(&case.op) {
         return Err(format!("the reference cannot run this case: {r}"));
     }
-    let ins = data.inputs.iter().map(|t| b.upload(&t.shape, t.dtype, &t.bytes)).collect::<hal::Result<Vec<_>>>().map_err(e)?;
+    let ins = data
+        .inputs
+        .iter()
+        .map(|t| b.upload(&t.shape, t.dtype, &t.bytes))
+        .collect::<hal::Result<Vec<_>>>()
+        .map_err(e)?;
     let sig = case.op.signature();
     let mut outs = sig
         .outputs
@@ -1869,7 +2622,9 @@ fn metric_for(op: &Op, output: &str, bf16: bool) -> Metric {
 
 fn metric(op: &Op, output: &str) -> Metric {
     match (op, output) {
-        (Op::Embed(_) | Op::HcExpand(_) | Op::Add(_) | Op::GatherRows(_) | Op::QuantSim(_) | Op::WindowStore(_), _) => Metric::Exact,
+        (Op::Embed(_) | Op::HcExpand(_) | Op::Add(_) | Op::GatherRows(_) | Op::QuantSim(_) | Op::WindowStore(_), _) => {
+            Metric::Exact
+        }
         (Op::Compressor(_), "cache") => Metric::Cache(1e-10),
         (Op::Compressor(_), _) => Metric::Exact,
         (Op::SwiGlu(_) | Op::HcPost(_) | Op::Rope(_), _) | (Op::HcPre(_) | Op::HcHead(_), "x") => Metric::Nmse(1e-12),
@@ -1920,7 +2675,11 @@ fn check(case: &Case, data: &CaseData, obs: &Observed, want: &[Vec<u8>], bf16: b
         for (side, got) in ["before", "after"].iter().zip(&obs.canaries[k]) {
             if *got != pattern {
                 let n = diff_count(got, &pattern);
-                res.failures.push(Failure::new(FailureKind::Canary, s.name, format!("{n} bytes of the canary {side} it changed")));
+                res.failures.push(Failure::new(
+                    FailureKind::Canary,
+                    s.name,
+                    format!("{n} bytes of the canary {side} it changed"),
+                ));
             }
         }
     }
@@ -1928,7 +2687,11 @@ fn check(case: &Case, data: &CaseData, obs: &Observed, want: &[Vec<u8>], bf16: b
     for (k, s) in sig.outputs.iter().enumerate() {
         let (got, w) = (&obs.outputs[k], &want[k]);
         if got.len() != w.len() {
-            res.failures.push(Failure::new(FailureKind::Error, s.name, format!("downloaded {} bytes, expected {}", got.len(), w.len())));
+            res.failures.push(Failure::new(
+                FailureKind::Error,
+                s.name,
+                format!("downloaded {} bytes, expected {}", got.len(), w.len()),
+            ));
             skip[k] = true;
             continue;
         }
@@ -1937,20 +2700,33 @@ fn check(case: &Case, data: &CaseData, obs: &Observed, want: &[Vec<u8>], bf16: b
             let n = got.chunks_exact(s.dtype.size()).filter(|c| *c == &p[..]).count();
             if n > 0 {
                 let total = got.len() / s.dtype.size();
-                res.failures.push(Failure::new(FailureKind::Poisoned, s.name, format!("{n} of {total} elements never written")));
+                res.failures.push(Failure::new(
+                    FailureKind::Poisoned,
+                    s.name,
+                    format!("{n} of {total} elements never written"),
+                ));
                 skip[k] = true;
                 continue;
             }
         }
         if matches!(s.dtype, DType::F32 | DType::BF16) {
             let (g, r) = (dtype::decode_to_f32(s.dtype, got), dtype::decode_to_f32(s.dtype, w));
-            let bad = g.iter().zip(&r).filter(|(g, r)| g.is_nan() || (g.is_infinite() && g.to_bits() != r.to_bits())).count();
+            let bad =
+                g.iter().zip(&r).filter(|(g, r)| g.is_nan() || (g.is_infinite() && g.to_bits() != r.to_bits())).count();
             let missing_inf = g.iter().zip(&r).filter(|(g, r)| r.is_infinite() && g.to_bits() != r.to_bits()).count();
             if bad > 0 {
-                res.failures.push(Failure::new(FailureKind::NonFinite, s.name, format!("{bad} NaN or unexpected ±∞ elements")));
+                res.failures.push(Failure::new(
+                    FailureKind::NonFinite,
+                    s.name,
+                    format!("{bad} NaN or unexpected ±∞ elements"),
+                ));
                 skip[k] = true;
             } else if missing_inf > 0 {
-                res.failures.push(Failure::new(FailureKind::Mismatch, s.name, format!("{missing_inf} elements finite where the reference has ±∞")));
+                res.failures.push(Failure::new(
+                    FailureKind::Mismatch,
+                    s.name,
+                    format!("{missing_inf} elements finite where the reference has ±∞"),
+                ));
                 skip[k] = true;
             }
         }
@@ -2029,7 +2805,8 @@ pub fn nmse(got: &[f32], want: &[f32]) -> f64 {
 
 fn exact(name: &str, dt: DType, got: &[u8], want: &[u8], res: &mut CaseResult) {
     let size = dt.size();
-    let diffs: Vec<usize> = (0..got.len() / size).filter(|&i| got[i * size..(i + 1) * size] != want[i * size..(i + 1) * size]).collect();
+    let diffs: Vec<usize> =
+        (0..got.len() / size).filter(|&i| got[i * size..(i + 1) * size] != want[i * size..(i + 1) * size]).collect();
     if dt == DType::F32 {
         res.note_nmse(nmse(&dtype::bytes_f32(got), &dtype::bytes_f32(want)), 0.0);
     }
@@ -2042,7 +2819,13 @@ fn exact(name: &str, dt: DType, got: &[u8], want: &[u8], res: &mut CaseResult) {
         res.failures.push(Failure::new(
             FailureKind::Mismatch,
             name,
-            format!("{} of {} elements differ (first at {i}: got {}, want {})", diffs.len(), got.len() / size, show(got), show(want)),
+            format!(
+                "{} of {} elements differ (first at {i}: got {}, want {})",
+                diffs.len(),
+                got.len() / size,
+                show(got),
+                show(want)
+            ),
         ));
     }
 }
@@ -2051,9 +2834,15 @@ fn exact(name: &str, dt: DType, got: &[u8], want: &[u8], res: &mut CaseResult) {
 /// written elements are compared flip-tolerantly (see the module doc).
 fn cache_compare(name: &str, got: &[f32], want: &[f32], pre: &[f32], thr: f64, res: &mut CaseResult) {
     let written: Vec<usize> = (0..want.len()).filter(|&i| want[i].to_bits() != pre[i].to_bits()).collect();
-    let stale = (0..want.len()).filter(|&i| want[i].to_bits() == pre[i].to_bits() && got[i].to_bits() != pre[i].to_bits()).count();
+    let stale = (0..want.len())
+        .filter(|&i| want[i].to_bits() == pre[i].to_bits() && got[i].to_bits() != pre[i].to_bits())
+        .count();
     if stale > 0 {
-        res.failures.push(Failure::new(FailureKind::StaleModified, name, format!("{stale} elements outside the emitted entries changed")));
+        res.failures.push(Failure::new(
+            FailureKind::StaleModified,
+            name,
+            format!("{stale} elements outside the emitted entries changed"),
+        ));
     }
     if written.is_empty() {
         res.note_nmse(0.0, thr);
@@ -2079,14 +2868,21 @@ fn cache_compare(name: &str, got: &[f32], want: &[f32], pre: &[f32], thr: f64, r
     res.note_nmse(n, thr);
     res.flips += flips;
     if wild > 0 || flips > allowed {
-        let full = nmse(&written.iter().map(|&i| got[i]).collect::<Vec<_>>(), &written.iter().map(|&i| want[i]).collect::<Vec<_>>());
+        let full = nmse(
+            &written.iter().map(|&i| got[i]).collect::<Vec<_>>(),
+            &written.iter().map(|&i| want[i]).collect::<Vec<_>>(),
+        );
         res.failures.push(Failure::new(
             FailureKind::Mismatch,
             name,
             format!("{} of {} written elements differ beyond f32 noise ({flips} within one quantization step, {allowed} allowed; {wild} beyond); NMSE over them {full:.3e}", flips + wild, written.len()),
         ));
     } else if n.is_nan() || n > thr {
-        res.failures.push(Failure::new(FailureKind::Nmse, name, format!("NMSE {n:.3e} > {thr:.0e} over elements within f32 noise")));
+        res.failures.push(Failure::new(
+            FailureKind::Nmse,
+            name,
+            format!("NMSE {n:.3e} > {thr:.0e} over elements within f32 noise"),
+        ));
     }
 }
 
@@ -2136,7 +2932,8 @@ fn indexer_sets(o: &IndexerTopK, data: &CaseData, got: &[Vec<u8>], want: &[Vec<u
     let (mut ok, mut strict, mut first_bad) = (0usize, 0usize, None);
     for r in 0..o.rows {
         let n = ((positions[r] as usize + 1) / o.ratio).min(o.capacity);
-        let (gi, gs, wi, ws) = (&gi[r * k..(r + 1) * k], &gs[r * k..(r + 1) * k], &wi[r * k..(r + 1) * k], &ws[r * k..(r + 1) * k]);
+        let (gi, gs, wi, ws) =
+            (&gi[r * k..(r + 1) * k], &gs[r * k..(r + 1) * k], &wi[r * k..(r + 1) * k], &ws[r * k..(r + 1) * k]);
         let verdict = (|| -> Result<bool, String> {
             let vg = gi.iter().take_while(|&&j| j >= 0).count();
             let vw = wi.iter().take_while(|&&j| j >= 0).count();
@@ -2236,10 +3033,18 @@ fn sampled_tokens(o: &SampleTokens, data: &CaseData, got: &[u8], want: &[u8], re
         let s = u64::from_le_bytes(states[r * 8..r * 8 + 8].try_into().expect("8 bytes"));
         let key = |t: i32| -> Option<f64> {
             let v = *row.get(usize::try_from(t).ok()?)?;
-            Some(if o.temperature == 0.0 { v as f64 } else { sample_key(v, o.temperature, sample_uniform(s, t as u64)) })
+            Some(if o.temperature == 0.0 {
+                v as f64
+            } else {
+                sample_key(v, o.temperature, sample_uniform(s, t as u64))
+            })
         };
         match (key(g[r]), key(w[r])) {
-            (Some(a), Some(b)) if a.is_finite() && b.is_finite() && (a - b).abs() <= KEY_ULPS * f64::EPSILON * a.abs().max(b.abs()) => {
+            (Some(a), Some(b))
+                if a.is_finite()
+                    && b.is_finite()
+                    && (a - b).abs() <= KEY_ULPS * f64::EPSILON * a.abs().max(b.abs()) =>
+            {
                 near_ties += 1;
             }
             (a, b) => {
@@ -2269,7 +3074,8 @@ fn gate_sets(o: &MoeGate, data: &CaseData, got: &[Vec<u8>], want: &[Vec<u8>], re
     let (mut ok, mut first_bad) = (0usize, None);
     let (mut wg, mut wr) = (Vec::new(), Vec::new());
     for r in 0..o.rows {
-        let (ge, gw, we, ww) = (&ge[r * k..(r + 1) * k], &gw[r * k..(r + 1) * k], &we[r * k..(r + 1) * k], &ww[r * k..(r + 1) * k]);
+        let (ge, gw, we, ww) =
+            (&ge[r * k..(r + 1) * k], &gw[r * k..(r + 1) * k], &we[r * k..(r + 1) * k], &ww[r * k..(r + 1) * k]);
         let xr = &x[r * d..(r + 1) * d];
         let hs = |e: i32| gate_score(xr, &gate_w, e as usize) + bias[e as usize] as f64;
         let verdict = (|| -> Result<bool, String> {
@@ -2296,7 +3102,10 @@ fn gate_sets(o: &MoeGate, data: &CaseData, got: &[Vec<u8>], want: &[Vec<u8>], re
             let bg = ge.iter().map(|&e| hs(e)).fold(f64::INFINITY, f64::min);
             for &e in ge {
                 if !we.contains(&e) && (hs(e) - bw).abs() > tol {
-                    return Err(format!("expert {e} (score {:.6}) chosen over the reference's boundary {bw:.6}", hs(e)));
+                    return Err(format!(
+                        "expert {e} (score {:.6}) chosen over the reference's boundary {bw:.6}",
+                        hs(e)
+                    ));
                 }
             }
             for &e in we {
@@ -2324,13 +3133,21 @@ fn gate_sets(o: &MoeGate, data: &CaseData, got: &[Vec<u8>], want: &[Vec<u8>], re
     }
     res.note_agreement(ok as f64 / o.rows as f64);
     if let Some(e) = first_bad {
-        res.failures.push(Failure::new(FailureKind::Decisions, "experts", format!("sets agree in {ok} of {} rows up to near-ties; {e}", o.rows)));
+        res.failures.push(Failure::new(
+            FailureKind::Decisions,
+            "experts",
+            format!("sets agree in {ok} of {} rows up to near-ties; {e}", o.rows),
+        ));
     }
     let thr = 1e-10;
     let n = nmse(&wg, &wr);
     res.note_nmse(n, thr);
     if n.is_nan() || n > thr {
-        res.failures.push(Failure::new(FailureKind::Nmse, "weights", format!("NMSE {n:.3e} > {thr:.0e} on rows with equal sets")));
+        res.failures.push(Failure::new(
+            FailureKind::Nmse,
+            "weights",
+            format!("NMSE {n:.3e} > {thr:.0e} on rows with equal sets"),
+        ));
     }
 }
 
@@ -2413,14 +3230,23 @@ impl SuiteReport {
             .into_iter()
             .map(|v| {
                 let cs = &groups[&v];
-                let worst = cs
+                let worst = cs.iter().filter_map(|c| Some((c.nmse?, c.threshold?))).max_by(|a, b| {
+                    let r = |(n, t): (f64, f64)| {
+                        if t > 0.0 {
+                            n / t
+                        } else if n > 0.0 {
+                            f64::INFINITY
+                        } else {
+                            0.0
+                        }
+                    };
+                    r(*a).total_cmp(&r(*b)).then(a.0.total_cmp(&b.0))
+                });
+                let mut kinds: Vec<FailureKind> = cs
                     .iter()
-                    .filter_map(|c| Some((c.nmse?, c.threshold?)))
-                    .max_by(|a, b| {
-                        let r = |(n, t): (f64, f64)| if t > 0.0 { n / t } else if n > 0.0 { f64::INFINITY } else { 0.0 };
-                        r(*a).total_cmp(&r(*b)).then(a.0.total_cmp(&b.0))
-                    });
-                let mut kinds: Vec<FailureKind> = cs.iter().flat_map(|c| c.failures.iter().map(|f| f.kind)).filter(|k| *k != FailureKind::Unsupported).collect();
+                    .flat_map(|c| c.failures.iter().map(|f| f.kind))
+                    .filter(|k| *k != FailureKind::Unsupported)
+                    .collect();
                 kinds.sort();
                 kinds.dedup();
                 let unsupported = cs.iter().any(|c| c.unsupported.is_some());
@@ -2462,8 +3288,16 @@ impl SuiteReport {
                     format!("{:.2}s", r.seconds),
                     match &r.result {
                         RowResult::Pass => "pass".into(),
-                        RowResult::Unsupported => if self.allow_unsupported { "unsupported (allowed)".into() } else { "FAIL: unsupported".into() },
-                        RowResult::Fail(k) => format!("FAIL: {}", k.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")),
+                        RowResult::Unsupported => {
+                            if self.allow_unsupported {
+                                "unsupported (allowed)".into()
+                            } else {
+                                "FAIL: unsupported".into()
+                            }
+                        }
+                        RowResult::Fail(k) => {
+                            format!("FAIL: {}", k.iter().map(|k| k.name()).collect::<Vec<_>>().join(", "))
+                        }
                     },
                 ]
             })
@@ -2491,7 +3325,12 @@ impl SuiteReport {
         };
         let mut out = format!(
             "conformance: {} ({}) vs {}, seed {:#x}: {} cases in {:.1}s\n",
-            self.backend, self.device, self.reference, self.seed, self.cases.len(), self.seconds
+            self.backend,
+            self.device,
+            self.reference,
+            self.seed,
+            self.cases.len(),
+            self.seconds
         );
         out += &line(&header.map(String::from));
         out += &line(&w.map(|n| "-".repeat(n)));
@@ -2509,7 +3348,16 @@ impl SuiteReport {
             if self.unsupported() > 0 { format!(", {} unsupported", self.unsupported()) } else { String::new() }
         );
         for (c, f) in fails.iter().take(50) {
-            let _ = writeln!(out, "  {} [{}] {}: {} — {}\n      {}", c.variant, c.label, f.tensor, f.kind.name(), f.detail, c.descriptor);
+            let _ = writeln!(
+                out,
+                "  {} [{}] {}: {} — {}\n      {}",
+                c.variant,
+                c.label,
+                f.tensor,
+                f.kind.name(),
+                f.detail,
+                c.descriptor
+            );
         }
         if fails.len() > 50 {
             let _ = writeln!(out, "  ... and {} more (see the JSON report)", fails.len() - 50);
@@ -2518,7 +3366,8 @@ impl SuiteReport {
     }
 
     pub fn to_json(&self) -> Value {
-        let num = |v: Option<f64>| v.map_or(Value::Null, |v| if v.is_finite() { json!(v) } else { json!(v.to_string()) });
+        let num =
+            |v: Option<f64>| v.map_or(Value::Null, |v| if v.is_finite() { json!(v) } else { json!(v.to_string()) });
         json!({
             "backend": self.backend,
             "device": self.device,
@@ -2666,7 +3515,12 @@ fn decode_step_check(name: String, r: &Runs) -> Check {
         n => format!("{n} steps replayed a recording"),
     };
     let measured = format!("{} of {} logits differ in bits; {how}", bad.len(), got.len());
-    Check::gate(name, measured, "bit-identical, no NaN", got.len() == want.len() && !got.is_empty() && bad.is_empty() && !nan)
+    Check::gate(
+        name,
+        measured,
+        "bit-identical, no NaN",
+        got.len() == want.len() && !got.is_empty() && bad.is_empty() && !nan,
+    )
 }
 
 fn load_golden(dir: &Path) -> Result<Golden, String> {
@@ -2694,16 +3548,20 @@ fn collect(m: &model::forward::Model, g: &Golden, kv: DType, teacher_forced: boo
     let (hc, d) = (m.cfg.hc_mult, m.cfg.dim);
     let width = hc * d;
     let be = m.backend();
-    let streams = |x: &[f32], rows: usize| be.upload(&[rows, hc, d], DType::F32, &dtype::f32_bytes(x)).map_err(|e| e.to_string());
+    let streams =
+        |x: &[f32], rows: usize| be.upload(&[rows, hc, d], DType::F32, &dtype::f32_bytes(x)).map_err(|e| e.to_string());
 
     // T2 prefill + MTP, all sequences in one call.
     let mut cache = m.new_cache_with(b, t, kv).map_err(e)?;
     let slots: Vec<usize> = (0..b).map(|_| cache.alloc_slot(be)).collect::<Result<_, _>>().map_err(e)?;
     let chunks: Vec<Chunk> = slots.iter().map(|&s| Chunk { slot: s, tokens: &g.tokens[s * t..(s + 1) * t] }).collect();
     let next: Vec<u32> = (0..b * t).map(|r| if r % t + 1 < t { g.tokens[r + 1] } else { 0 }).collect();
-    let out = m.forward(&mut cache, &chunks, &ForwardOptions { logits: LogitsAt::All, decisions: true, mtp_ids: Some(&next) }).map_err(e)?;
+    let out = m
+        .forward(&mut cache, &chunks, &ForwardOptions { logits: LogitsAt::All, decisions: true, mtp_ids: Some(&next) })
+        .map_err(e)?;
     let prefill_experts = out.decisions.iter().map(|d| d.experts.iter().map(|&x| x as i64).collect()).collect();
-    let prefill_topk = out.decisions.iter().map(|d| d.topk.as_ref().map(|t| t.iter().map(|&x| x as i64).collect())).collect();
+    let prefill_topk =
+        out.decisions.iter().map(|d| d.topk.as_ref().map(|t| t.iter().map(|&x| x as i64).collect())).collect();
     let (prefill, mtp) = (out.logits, out.mtp_logits.ok_or("no MTP logits")?);
 
     // T2 decode: prefill P, then one token per sequence per call.
@@ -2715,9 +3573,11 @@ fn collect(m: &model::forward::Model, g: &Golden, kv: DType, teacher_forced: boo
     let steps = t - p;
     let mut decode = vec![0f32; b * steps * v];
     let mut decode_experts = vec![vec![0i64; b * steps * k]; layers];
-    let mut decode_topk: Vec<Option<Vec<i64>>> = (0..layers).map(|i| (m.cfg.layer_ratio(i) == 4).then(|| vec![-1i64; b * steps * kk])).collect();
+    let mut decode_topk: Vec<Option<Vec<i64>>> =
+        (0..layers).map(|i| (m.cfg.layer_ratio(i) == 4).then(|| vec![-1i64; b * steps * kk])).collect();
     for pos in p..t {
-        let chunks: Vec<Chunk> = slots.iter().map(|&s| Chunk { slot: s, tokens: &g.tokens[s * t + pos..s * t + pos + 1] }).collect();
+        let chunks: Vec<Chunk> =
+            slots.iter().map(|&s| Chunk { slot: s, tokens: &g.tokens[s * t + pos..s * t + pos + 1] }).collect();
         let out = m.forward(&mut cache, &chunks, &opts).map_err(e)?;
         let j = pos - p;
         for s in 0..b {
@@ -2740,7 +3600,8 @@ fn collect(m: &model::forward::Model, g: &Golden, kv: DType, teacher_forced: boo
     let mut cache = m.new_cache_with(b, t, kv).map_err(e)?;
     let slots: Vec<usize> = (0..b).map(|_| cache.alloc_slot(be)).collect::<Result<_, _>>().map_err(e)?;
     let chunks: Vec<Chunk> = slots.iter().map(|&s| Chunk { slot: s, tokens: &g.tokens[s * t..s * t + p] }).collect();
-    m.forward(&mut cache, &chunks, &ForwardOptions { logits: LogitsAt::Last, decisions: false, mtp_ids: None }).map_err(e)?;
+    m.forward(&mut cache, &chunks, &ForwardOptions { logits: LogitsAt::Last, decisions: false, mtp_ids: None })
+        .map_err(e)?;
     let mut step = m.decode_step(&cache, &slots).map_err(e)?;
     let mut decode_step = DecodeStepRun { logits: vec![0f32; b * steps * v], replays: 0 };
     for pos in p..t {
@@ -2790,7 +3651,20 @@ fn collect(m: &model::forward::Model, g: &Golden, kv: DType, teacher_forced: boo
     };
     if !teacher_forced {
         let t1_mtp = BlockOut::default();
-        return Ok(Runs { prefill, mtp, prefill_experts, prefill_topk, decode, decode_experts, decode_topk, decode_step, t1: vec![], t1d: vec![], t1_head: vec![], t1_mtp });
+        return Ok(Runs {
+            prefill,
+            mtp,
+            prefill_experts,
+            prefill_topk,
+            decode,
+            decode_experts,
+            decode_topk,
+            decode_step,
+            t1: vec![],
+            t1d: vec![],
+            t1_head: vec![],
+            t1_mtp,
+        });
     }
     let t1 = (0..layers).map(|i| teacher(i, None)).collect::<Result<Vec<_>, _>>()?;
     let t1d = (0..layers).map(|i| teacher(i, Some(p))).collect::<Result<Vec<_>, _>>()?;
@@ -2801,20 +3675,52 @@ fn collect(m: &model::forward::Model, g: &Golden, kv: DType, teacher_forced: boo
     let slot = cache.alloc_slot(be).map_err(e)?;
     let rows = m.rows(&cache, &[Chunk { slot, tokens: &g.tokens[..t] }]).map_err(e)?;
     let (mtp1, dd) = m.mtp(0, &mut cache, &rows, streams(&x_last, t)?, &next[..t], true).map_err(e)?;
-    let t1_mtp = BlockOut { out: mtp1, experts: dd.ok_or("no MTP decisions")?.experts.iter().map(|&x| x as i64).collect(), ..BlockOut::default() };
-    Ok(Runs { prefill, mtp, prefill_experts, prefill_topk, decode, decode_experts, decode_topk, decode_step, t1, t1d, t1_head, t1_mtp })
+    let t1_mtp = BlockOut {
+        out: mtp1,
+        experts: dd.ok_or("no MTP decisions")?.experts.iter().map(|&x| x as i64).collect(),
+        ..BlockOut::default()
+    };
+    Ok(Runs {
+        prefill,
+        mtp,
+        prefill_experts,
+        prefill_topk,
+        decode,
+        decode_experts,
+        decode_topk,
+        decode_step,
+        t1,
+        t1d,
+        t1_head,
+        t1_mtp,
+    })
 }
 
 /// T1 (prefill) or T1d (decode, positions from `from`) bounds on one teacher-forced block.
 #[allow(clippy::too_many_arguments)]
-fn tier1(name: String, ours: &BlockOut, want_out: &[f32], want_experts: &[i64], want_topk: Option<&[i64]>, width: usize, k: usize, kk: usize, from: Option<usize>, bf16: bool) -> Check {
+fn tier1(
+    name: String,
+    ours: &BlockOut,
+    want_out: &[f32],
+    want_experts: &[i64],
+    want_topk: Option<&[i64]>,
+    width: usize,
+    k: usize,
+    kk: usize,
+    from: Option<usize>,
+    bf16: bool,
+) -> Check {
     if bf16 {
         return tier1_bf16(name, ours, want_out, want_experts, want_topk, width, k, kk, from);
     }
     let f = from.unwrap_or(0);
     let rel = tiers::row_rel(&ours.out[f * width..], &want_out[f * width..], width);
     let (med, frac) = (tiers::median(&rel), tiers::frac_le(&rel, 1e-3));
-    let e_eq = if k > 0 && !want_experts.is_empty() { tiers::sets_equal(&ours.experts[f * k..], &want_experts[f * k..], k) } else { 1.0 };
+    let e_eq = if k > 0 && !want_experts.is_empty() {
+        tiers::sets_equal(&ours.experts[f * k..], &want_experts[f * k..], k)
+    } else {
+        1.0
+    };
     let (frac_min, e_min) = if from.is_some() { (0.70, 0.96) } else { (0.95, 0.99) };
     let mut measured = format!("median rel {med:.2e}, ≤1e-3 {frac:.3}");
     let mut bound = format!("median ≤ 1e-5, ≤1e-3 ≥ {frac_min}");
@@ -2852,7 +3758,17 @@ fn tier1(name: String, ours: &BlockOut, want_out: &[f32], want_experts: &[i64], 
 /// here, so for them the op-level bf16 class (NMSE ≤ 1e-4; fused Ascend ops measured ≤ 1.1e-5)
 /// is the sharp test.
 #[allow(clippy::too_many_arguments)]
-fn tier1_bf16(name: String, ours: &BlockOut, want_out: &[f32], want_experts: &[i64], want_topk: Option<&[i64]>, width: usize, k: usize, kk: usize, from: Option<usize>) -> Check {
+fn tier1_bf16(
+    name: String,
+    ours: &BlockOut,
+    want_out: &[f32],
+    want_experts: &[i64],
+    want_topk: Option<&[i64]>,
+    width: usize,
+    k: usize,
+    kk: usize,
+    from: Option<usize>,
+) -> Check {
     let f = from.unwrap_or(0);
     let med = tiers::median(&tiers::row_rel(&ours.out[f * width..], &want_out[f * width..], width));
     let mut measured = format!("median rel {med:.2e}");
@@ -2877,19 +3793,29 @@ fn tier2_logits(name: String, ours: &[f32], want: &[f32], v: usize, bf16: bool) 
     if ours.len() != want.len() {
         return Check::gate(name, format!("{} logits vs {}", ours.len(), want.len()), "same shape", false);
     }
-    let (cos, rel, am) = (tiers::row_cos(ours, want, v), tiers::row_rel(ours, want, v), tiers::argmax_agreement(ours, want, v));
+    let (cos, rel, am) =
+        (tiers::row_cos(ours, want, v), tiers::row_rel(ours, want, v), tiers::argmax_agreement(ours, want, v));
     let (c, m) = (tiers::mean(&cos), tiers::median(&rel));
     let measured = format!("cos mean {c:.4}, argmax {am:.3}, median rel {m:.3e}");
     if bf16 {
         // MANIFEST §8 T3 (bf16 end to end).
-        return Check::gate(name, measured, "T3: cos ≥ 0.93, argmax ≥ 0.50, median rel ≤ 0.30", c >= 0.93 && am >= 0.50 && m <= 0.30);
+        return Check::gate(
+            name,
+            measured,
+            "T3: cos ≥ 0.93, argmax ≥ 0.50, median rel ≤ 0.30",
+            c >= 0.93 && am >= 0.50 && m <= 0.30,
+        );
     }
     Check::gate(name, measured, "cos ≥ 0.97, argmax ≥ 0.70, median rel ≤ 0.15", c >= 0.97 && am >= 0.70 && m <= 0.15)
 }
 
 fn tight_logits(name: String, ours: &[f32], want: &[f32], v: usize) -> Check {
     let ok = ours.len() == want.len();
-    let (c, m) = if ok { (tiers::mean(&tiers::row_cos(ours, want, v)), tiers::median(&tiers::row_rel(ours, want, v))) } else { (f64::NEG_INFINITY, f64::INFINITY) };
+    let (c, m) = if ok {
+        (tiers::mean(&tiers::row_cos(ours, want, v)), tiers::median(&tiers::row_rel(ours, want, v)))
+    } else {
+        (f64::NEG_INFINITY, f64::INFINITY)
+    };
     Check {
         name,
         measured: format!("cos mean {c:.5}, median rel {m:.3e}"),
@@ -2901,7 +3827,16 @@ fn tight_logits(name: String, ours: &[f32], want: &[f32], v: usize) -> Check {
 
 /// The lowest expert-set agreement and indexer overlap over every layer of a decision set.
 #[allow(clippy::too_many_arguments)]
-fn tier2_decisions(name: String, ours: &[Vec<i64>], ours_topk: &[Option<Vec<i64>>], want: &[Vec<i64>], want_topk: &[Option<Vec<i64>>], k: usize, kk: usize, bf16: bool) -> Check {
+fn tier2_decisions(
+    name: String,
+    ours: &[Vec<i64>],
+    ours_topk: &[Option<Vec<i64>>],
+    want: &[Vec<i64>],
+    want_topk: &[Option<Vec<i64>>],
+    k: usize,
+    kk: usize,
+    bf16: bool,
+) -> Check {
     let mut e_min = f64::INFINITY;
     let mut o_min = f64::INFINITY;
     for (i, (o, w)) in ours.iter().zip(want).enumerate() {
@@ -2915,8 +3850,17 @@ fn tier2_decisions(name: String, ours: &[Vec<i64>], ours_topk: &[Option<Vec<i64>
     }
     let o_show = if o_min.is_finite() { format!("{o_min:.3}") } else { "—".into() };
     // bf16: MANIFEST §8 T3 (experts ≥ 0.6, indexer overlap ≥ 0.6).
-    let (lo, bound) = if bf16 { (0.60, "T3: experts ≥ 0.60, indexer overlap ≥ 0.60") } else { (0.80, "experts ≥ 0.80, indexer overlap ≥ 0.80") };
-    Check::gate(name, format!("experts ≥ {e_min:.3}, indexer overlap ≥ {o_show} (worst layer)"), bound, e_min >= lo && (o_min.is_infinite() || o_min >= lo))
+    let (lo, bound) = if bf16 {
+        (0.60, "T3: experts ≥ 0.60, indexer overlap ≥ 0.60")
+    } else {
+        (0.80, "experts ≥ 0.80, indexer overlap ≥ 0.80")
+    };
+    Check::gate(
+        name,
+        format!("experts ≥ {e_min:.3}, indexer overlap ≥ {o_show} (worst layer)"),
+        bound,
+        e_min >= lo && (o_min.is_infinite() || o_min >= lo),
+    )
 }
 
 /// Forwards to a backend and records which ops it ran in bf16 numerics (end-to-end tier choice).
@@ -3028,7 +3972,11 @@ pub fn end_to_end(backend: Arc<dyn Backend>, reference: Arc<dyn Backend>, golden
     checks.push(Check {
         name: "numerics".into(),
         measured: if bf16 { format!("bf16 ops: {}", bf16_ops.join("; ")) } else { "f32 throughout".into() },
-        bound: if bf16 { "bf16 tiers (blocks: tier1_bf16; logits and decisions: T3)".into() } else { "f32 tiers (T1/T2)".into() },
+        bound: if bf16 {
+            "bf16 tiers (blocks: tier1_bf16; logits and decisions: T3)".into()
+        } else {
+            "f32 tiers (T1/T2)".into()
+        },
         pass: true,
         informational: true,
     });
@@ -3040,40 +3988,163 @@ pub fn end_to_end(backend: Arc<dyn Backend>, reference: Arc<dyn Backend>, golden
         let ge: Vec<i64> = gi(&format!("layer{i}_experts")).into_iter().take(t * k).collect();
         let gt: Vec<i64> = gi(&format!("layer{i}_topk")).into_iter().take(t * kk).collect();
         let gt = csa.then_some(&gt[..]);
-        checks.push(tier1(format!("T1 block {i} vs golden"), &ours.t1[i], &want_out, &ge, gt, width, k, kk, None, bf16));
+        checks.push(tier1(
+            format!("T1 block {i} vs golden"),
+            &ours.t1[i],
+            &want_out,
+            &ge,
+            gt,
+            width,
+            k,
+            kk,
+            None,
+            bf16,
+        ));
         let r = &theirs.t1[i];
-        checks.push(tier1(format!("T1 block {i} vs {ref_name}"), &ours.t1[i], &r.out, &r.experts, csa.then_some(&r.topk[..]), width, k, kk, None, bf16));
-        checks.push(tier1(format!("T1d block {i} vs golden"), &ours.t1d[i], &want_out, &ge, gt, width, k, kk, Some(DECODE_SPLIT), bf16));
+        checks.push(tier1(
+            format!("T1 block {i} vs {ref_name}"),
+            &ours.t1[i],
+            &r.out,
+            &r.experts,
+            csa.then_some(&r.topk[..]),
+            width,
+            k,
+            kk,
+            None,
+            bf16,
+        ));
+        checks.push(tier1(
+            format!("T1d block {i} vs golden"),
+            &ours.t1d[i],
+            &want_out,
+            &ge,
+            gt,
+            width,
+            k,
+            kk,
+            Some(DECODE_SPLIT),
+            bf16,
+        ));
         let r = &theirs.t1d[i];
-        checks.push(tier1(format!("T1d block {i} vs {ref_name}"), &ours.t1d[i], &r.out, &r.experts, csa.then_some(&r.topk[..]), width, k, kk, Some(DECODE_SPLIT), bf16));
+        checks.push(tier1(
+            format!("T1d block {i} vs {ref_name}"),
+            &ours.t1d[i],
+            &r.out,
+            &r.experts,
+            csa.then_some(&r.topk[..]),
+            width,
+            k,
+            kk,
+            Some(DECODE_SPLIT),
+            bf16,
+        ));
     }
     let head_want: Vec<f32> = gl("prefill_logits").into_iter().take(t * v).collect();
-    checks.push(tier1("T1 head vs golden".into(), &BlockOut { out: ours.t1_head.clone(), ..BlockOut::default() }, &head_want, &[], None, v, 0, kk, None, bf16));
-    checks.push(tier1(format!("T1 head vs {ref_name}"), &BlockOut { out: ours.t1_head.clone(), ..BlockOut::default() }, &theirs.t1_head, &[], None, v, 0, kk, None, bf16));
+    checks.push(tier1(
+        "T1 head vs golden".into(),
+        &BlockOut { out: ours.t1_head.clone(), ..BlockOut::default() },
+        &head_want,
+        &[],
+        None,
+        v,
+        0,
+        kk,
+        None,
+        bf16,
+    ));
+    checks.push(tier1(
+        format!("T1 head vs {ref_name}"),
+        &BlockOut { out: ours.t1_head.clone(), ..BlockOut::default() },
+        &theirs.t1_head,
+        &[],
+        None,
+        v,
+        0,
+        kk,
+        None,
+        bf16,
+    ));
     let mtp_want: Vec<f32> = gl("mtp_logits").into_iter().take(t * v).collect();
     let mtp_ge: Vec<i64> = gi("mtp_experts").into_iter().take(t * k).collect();
     checks.push(tier1("T1 MTP block vs golden".into(), &ours.t1_mtp, &mtp_want, &mtp_ge, None, v, k, kk, None, bf16));
-    checks.push(tier1(format!("T1 MTP block vs {ref_name}"), &ours.t1_mtp, &theirs.t1_mtp.out, &theirs.t1_mtp.experts, None, v, k, kk, None, bf16));
+    checks.push(tier1(
+        format!("T1 MTP block vs {ref_name}"),
+        &ours.t1_mtp,
+        &theirs.t1_mtp.out,
+        &theirs.t1_mtp.experts,
+        None,
+        v,
+        k,
+        kk,
+        None,
+        bf16,
+    ));
 
     // T2 against the goldens.
-    for (what, o, key) in [("prefill", &ours.prefill, "prefill_logits"), ("decode", &ours.decode, "decode_logits"), ("MTP", &ours.mtp, "mtp_logits")] {
+    for (what, o, key) in [
+        ("prefill", &ours.prefill, "prefill_logits"),
+        ("decode", &ours.decode, "decode_logits"),
+        ("MTP", &ours.mtp, "mtp_logits"),
+    ] {
         checks.push(tier2_logits(format!("T2 {what} logits vs golden"), o, &gl(key), v, bf16));
     }
     let mut ge: Vec<Vec<i64>> = (0..layers).map(|i| gi(&format!("layer{i}_experts"))).collect();
     ge.push(gi("mtp_experts"));
-    let gt: Vec<Option<Vec<i64>>> = (0..=layers).map(|i| (i < layers && cfg.layer_ratio(i) == 4).then(|| gi(&format!("layer{i}_topk")))).collect();
-    checks.push(tier2_decisions("T2 prefill + MTP decisions vs golden".into(), &ours.prefill_experts, &ours.prefill_topk, &ge, &gt, k, kk, bf16));
+    let gt: Vec<Option<Vec<i64>>> =
+        (0..=layers).map(|i| (i < layers && cfg.layer_ratio(i) == 4).then(|| gi(&format!("layer{i}_topk")))).collect();
+    checks.push(tier2_decisions(
+        "T2 prefill + MTP decisions vs golden".into(),
+        &ours.prefill_experts,
+        &ours.prefill_topk,
+        &ge,
+        &gt,
+        k,
+        kk,
+        bf16,
+    ));
     let dge: Vec<Vec<i64>> = (0..layers).map(|i| gi(&format!("decode_layer{i}_experts"))).collect();
-    let dgt: Vec<Option<Vec<i64>>> = (0..layers).map(|i| (cfg.layer_ratio(i) == 4).then(|| gi(&format!("decode_layer{i}_topk")))).collect();
-    checks.push(tier2_decisions("T2 decode decisions vs golden".into(), &ours.decode_experts, &ours.decode_topk, &dge, &dgt, k, kk, bf16));
+    let dgt: Vec<Option<Vec<i64>>> =
+        (0..layers).map(|i| (cfg.layer_ratio(i) == 4).then(|| gi(&format!("decode_layer{i}_topk")))).collect();
+    checks.push(tier2_decisions(
+        "T2 decode decisions vs golden".into(),
+        &ours.decode_experts,
+        &ours.decode_topk,
+        &dge,
+        &dgt,
+        k,
+        kk,
+        bf16,
+    ));
 
     // T2 against the reference, plus the (informational) tight bound.
-    for (what, o, r) in [("prefill", &ours.prefill, &theirs.prefill), ("decode", &ours.decode, &theirs.decode), ("MTP", &ours.mtp, &theirs.mtp)] {
+    for (what, o, r) in [
+        ("prefill", &ours.prefill, &theirs.prefill),
+        ("decode", &ours.decode, &theirs.decode),
+        ("MTP", &ours.mtp, &theirs.mtp),
+    ] {
         checks.push(tier2_logits(format!("T2 {what} logits vs {ref_name}"), o, r, v, bf16));
         checks.push(tight_logits(format!("tight {what} logits vs {ref_name}"), o, r, v));
     }
-    checks.push(tier2_decisions(format!("T2 prefill + MTP decisions vs {ref_name}"), &ours.prefill_experts, &ours.prefill_topk, &theirs.prefill_experts, &theirs.prefill_topk, k, kk, bf16));
-    checks.push(tier2_decisions(format!("T2 decode decisions vs {ref_name}"), &ours.decode_experts, &ours.decode_topk, &theirs.decode_experts, &theirs.decode_topk, k, kk, bf16));
+    checks.push(tier2_decisions(
+        format!("T2 prefill + MTP decisions vs {ref_name}"),
+        &ours.prefill_experts,
+        &ours.prefill_topk,
+        &theirs.prefill_experts,
+        &theirs.prefill_topk,
+        k,
+        kk,
+        bf16,
+    ));
+    checks.push(tier2_decisions(
+        format!("T2 decode decisions vs {ref_name}"),
+        &ours.decode_experts,
+        &ours.decode_topk,
+        &theirs.decode_experts,
+        &theirs.decode_topk,
+        k,
+        kk,
+        bf16,
+    ));
     checks.push(decode_step_check(format!("decode step (recorded where {name} records) vs forward"), &ours));
     for temperature in [0.0, 0.8] {
         checks.push(sampled_decode_check(&ours_m, &g, temperature));
@@ -3118,7 +4189,8 @@ fn sampled_decode_check(m: &model::forward::Model, g: &Golden, temperature: f32)
             step.run_chained(&mut cache, &first, SAMPLED_STEPS, |t| {
                 out.extend_from_slice(t);
                 true
-            }).map_err(e)?;
+            })
+            .map_err(e)?;
         }
         let [host, chained] = tokens;
         Ok((host, chained, on_device))
@@ -3126,7 +4198,11 @@ fn sampled_decode_check(m: &model::forward::Model, g: &Golden, temperature: f32)
     match run() {
         Ok((host, chained, on_device)) => {
             let same = host.iter().zip(&chained).filter(|(a, b)| a == b).count();
-            let how = if on_device { "picked on the device" } else { "the backend does not run sample_tokens: picked on the host" };
+            let how = if on_device {
+                "picked on the device"
+            } else {
+                "the backend does not run sample_tokens: picked on the host"
+            };
             let measured = format!("{same} of {} tokens equal ({how})", host.len());
             Check::gate(name, measured, "the same tokens", host.len() == chained.len() && same == host.len())
         }
@@ -3139,12 +4215,24 @@ fn sampled_decode_check(m: &model::forward::Model, g: &Golden, temperature: f32)
 /// T3 bounds (bf16 caches are not the goldens' float32 mode), and against the reference
 /// backend's own bf16-cache run under the backend's usual tier. A backend that cannot keep a
 /// bf16 cache gets an informational line saying so, not a pass.
-fn bf16_cache_checks(ours: &model::forward::Model, theirs: &model::forward::Model, g: &Golden, bf16: bool) -> Vec<Check> {
+fn bf16_cache_checks(
+    ours: &model::forward::Model,
+    theirs: &model::forward::Model,
+    g: &Golden,
+    bf16: bool,
+) -> Vec<Check> {
     let (name, ref_name) = (ours.backend().info().name, theirs.backend().info().name);
     if let Some(why) = model::cache::kv_dtype_unsupported(&ours.cfg, ours.backend(), DType::BF16) {
-        return vec![Check { name: "bf16 KV cache".into(), measured: format!("not run: {name} cannot keep one ({why})"), bound: "—".into(), pass: false, informational: true }];
+        return vec![Check {
+            name: "bf16 KV cache".into(),
+            measured: format!("not run: {name} cannot keep one ({why})"),
+            bound: "—".into(),
+            pass: false,
+            informational: true,
+        }];
     }
-    let runs: Result<(Runs, Runs), String> = collect(ours, g, DType::BF16, false).and_then(|o| Ok((o, collect(theirs, g, DType::BF16, false)?)));
+    let runs: Result<(Runs, Runs), String> =
+        collect(ours, g, DType::BF16, false).and_then(|o| Ok((o, collect(theirs, g, DType::BF16, false)?)));
     let (o, r) = match runs {
         Ok(x) => x,
         Err(e) => return vec![Check::gate("bf16 KV cache".to_string(), e, "runs", false)],
@@ -3152,11 +4240,23 @@ fn bf16_cache_checks(ours: &model::forward::Model, theirs: &model::forward::Mode
     let (v, k, kk) = (ours.cfg.vocab_size, ours.cfg.n_activated_experts, ours.cfg.index_topk);
     let gl = |n: &str| g.logits.f32(n).unwrap_or_default();
     let mut checks = Vec::new();
-    for (what, ol, rl, key) in [("prefill", &o.prefill, &r.prefill, "prefill_logits"), ("decode", &o.decode, &r.decode, "decode_logits")] {
+    for (what, ol, rl, key) in
+        [("prefill", &o.prefill, &r.prefill, "prefill_logits"), ("decode", &o.decode, &r.decode, "decode_logits")]
+    {
         checks.push(tier2_logits(format!("bf16 KV cache: {what} logits vs golden"), ol, &gl(key), v, true));
         checks.push(tier2_logits(format!("bf16 KV cache: {what} logits vs {ref_name}"), ol, rl, v, bf16));
     }
-    checks.push(tier2_decisions(format!("bf16 KV cache: decode decisions vs {ref_name}"), &o.decode_experts, &o.decode_topk, &r.decode_experts, &r.decode_topk, k, kk, bf16));
-    checks.push(decode_step_check(format!("bf16 KV cache: decode step (recorded where {name} records) vs forward"), &o));
+    checks.push(tier2_decisions(
+        format!("bf16 KV cache: decode decisions vs {ref_name}"),
+        &o.decode_experts,
+        &o.decode_topk,
+        &r.decode_experts,
+        &r.decode_topk,
+        k,
+        kk,
+        bf16,
+    ));
+    checks
+        .push(decode_step_check(format!("bf16 KV cache: decode step (recorded where {name} records) vs forward"), &o));
     checks
 }

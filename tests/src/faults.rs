@@ -125,7 +125,9 @@ impl FaultyBackend {
                     let pos: Vec<i32> = hal::dtype::bytes_i32(&bytes).into_iter().map(|v| v + 1).collect();
                     bytes = hal::dtype::i32_bytes(&pos);
                 }
-                (Fault::WrongScale, Op::Linear(l), 2) if matches!(l.format, WeightFormat::Fp8Block128 | WeightFormat::Fp4Group32) => {
+                (Fault::WrongScale, Op::Linear(l), 2)
+                    if matches!(l.format, WeightFormat::Fp8Block128 | WeightFormat::Fp4Group32) =>
+                {
                     bytes.iter_mut().for_each(|s| *s = s.saturating_add(1).min(254));
                 }
                 _ => {}
@@ -183,7 +185,10 @@ impl Backend for FaultyBackend {
     }
 
     fn alloc(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let bytes = shape.iter().try_fold(dtype.size(), |a, &d| a.checked_mul(d)).ok_or_else(|| Error::invalid("alloc", "size overflows"))?;
+        let bytes = shape
+            .iter()
+            .try_fold(dtype.size(), |a, &d| a.checked_mul(d))
+            .ok_or_else(|| Error::invalid("alloc", "size overflows"))?;
         Ok(self.wrap(CpuStorage::zeroed(bytes), shape, dtype, true))
     }
 
@@ -199,7 +204,10 @@ impl Backend for FaultyBackend {
         let s = self.storage(t, || "write".into())?;
         let start = offset * t.dtype().size();
         if start + bytes.len() > s.len {
-            return Err(Error::invalid("write", format!("{} bytes at element {offset} overrun the {}-byte tensor", bytes.len(), s.len)));
+            return Err(Error::invalid(
+                "write",
+                format!("{} bytes at element {offset} overrun the {}-byte tensor", bytes.len(), s.len),
+            ));
         }
         s.cell.lock().expect("cell").bytes_mut()[start..start + bytes.len()].copy_from_slice(bytes);
         Ok(())

@@ -23,7 +23,11 @@ pub fn row_rel(a: &[f32], b: &[f32], width: usize) -> Vec<f64> {
                 den += (q as f64).powi(2);
             }
             let r = num.sqrt() / den.sqrt().max(f64::MIN_POSITIVE);
-            if r.is_nan() { f64::INFINITY } else { r }
+            if r.is_nan() {
+                f64::INFINITY
+            } else {
+                r
+            }
         })
         .collect()
 }
@@ -40,7 +44,11 @@ pub fn row_cos(a: &[f32], b: &[f32], width: usize) -> Vec<f64> {
                 ny += (q as f64).powi(2);
             }
             let c = d / (nx.sqrt() * ny.sqrt()).max(f64::MIN_POSITIVE);
-            if c.is_nan() { f64::NEG_INFINITY } else { c }
+            if c.is_nan() {
+                f64::NEG_INFINITY
+            } else {
+                c
+            }
         })
         .collect()
 }
@@ -94,8 +102,7 @@ pub fn sets_equal_up_to_ties(ours: &[i64], scores: &[f32], golden: &[i64], k: us
             let (o, s, g) = (&ours[r * k..(r + 1) * k], &scores[r * k..(r + 1) * k], &golden[r * k..(r + 1) * k]);
             let valid = |v: &[i64]| v.iter().filter(|&&x| x >= 0).count();
             let boundary = o.iter().zip(s).filter(|(&j, _)| j >= 0).map(|(_, &v)| v).fold(f32::INFINITY, f32::min);
-            valid(o) == valid(g)
-                && o.iter().zip(s).all(|(&j, &v)| j < 0 || g.contains(&j) || v == boundary)
+            valid(o) == valid(g) && o.iter().zip(s).all(|(&j, &v)| j < 0 || g.contains(&j) || v == boundary)
         })
         .count();
     ok as f64 / rows as f64
@@ -122,7 +129,14 @@ pub fn describe(rel: &[f64]) -> String {
     let mut s = rel.to_vec();
     s.sort_by(f64::total_cmp);
     let q = |f: f64| s[((s.len() - 1) as f64 * f) as usize];
-    format!("rel median {:.2e} p90 {:.2e} p99 {:.2e} max {:.2e}, frac≤1e-3 {:.3}", q(0.5), q(0.9), q(0.99), q(1.0), frac_le(rel, 1e-3))
+    format!(
+        "rel median {:.2e} p90 {:.2e} p99 {:.2e} max {:.2e}, frac≤1e-3 {:.3}",
+        q(0.5),
+        q(0.9),
+        q(0.99),
+        q(1.0),
+        frac_le(rel, 1e-3)
+    )
 }
 
 #[cfg(test)]

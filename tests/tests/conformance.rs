@@ -37,9 +37,15 @@ fn every_op_kind_has_cases() {
     assert_eq!(kinds.len(), N_KINDS, "kinds covered: {kinds:?}");
     // Deterministic in the seed, different across seeds.
     let again = cases(conformance::DEFAULT_SEED);
-    assert_eq!(format!("{:?}", all.iter().map(|c| &c.op).collect::<Vec<_>>()), format!("{:?}", again.iter().map(|c| &c.op).collect::<Vec<_>>()));
+    assert_eq!(
+        format!("{:?}", all.iter().map(|c| &c.op).collect::<Vec<_>>()),
+        format!("{:?}", again.iter().map(|c| &c.op).collect::<Vec<_>>())
+    );
     let other = cases(1);
-    assert_ne!(format!("{:?}", all.iter().map(|c| &c.op).collect::<Vec<_>>()), format!("{:?}", other.iter().map(|c| &c.op).collect::<Vec<_>>()));
+    assert_ne!(
+        format!("{:?}", all.iter().map(|c| &c.op).collect::<Vec<_>>()),
+        format!("{:?}", other.iter().map(|c| &c.op).collect::<Vec<_>>())
+    );
     println!("{} cases ({} large)", all.len(), all.iter().filter(|c| c.large).count());
 }
 
@@ -97,7 +103,10 @@ fn missing_sync_is_caught() {
         assert!(f.contains(&(op, FailureKind::Poisoned)), "{op} not reported as poisoned");
     }
     for op in ["window_store", "compressor", "quant_sim", "rope", "hadamard"] {
-        assert!(f.iter().any(|(o, k)| *o == op && matches!(k, FailureKind::Mismatch | FailureKind::Nmse)), "{op} stale output not caught");
+        assert!(
+            f.iter().any(|(o, k)| *o == op && matches!(k, FailureKind::Mismatch | FailureKind::Nmse)),
+            "{op} stale output not caught"
+        );
     }
     assert!(report.cases.iter().all(|c| !c.passed()));
 }
@@ -150,6 +159,7 @@ fn end_to_end_cpu_ref_against_itself() {
 #[test]
 #[ignore]
 fn full_suite_with_progress() {
-    let report = run_suite(&CpuBackend::new(), &CpuBackend::new(), &SuiteOptions { progress: true, ..SuiteOptions::default() });
+    let report =
+        run_suite(&CpuBackend::new(), &CpuBackend::new(), &SuiteOptions { progress: true, ..SuiteOptions::default() });
     assert!(report.passed());
 }

@@ -4,6 +4,7 @@
 //!   also the head and the MTP block from the golden `layer3_out`;
 //! * T1d — the same blocks as a prefill of P = 37 then one-token decode calls;
 //! * T2 — end to end: prefill, decode and MTP logits and every routing/indexer decision.
+//!
 //! The checkpoint is loaded from its real files through the production loader.
 
 use std::sync::{Arc, OnceLock};
@@ -43,7 +44,7 @@ fn block_input(g: &Golden, i: usize) -> Vec<f32> {
     if i == 0 {
         let e = g.layers.f32("embed_out").unwrap();
         let d = g.model.cfg.dim;
-        e.chunks(d).flat_map(|row| std::iter::repeat(row).take(g.model.cfg.hc_mult).flatten().copied()).collect()
+        e.chunks(d).flat_map(|row| std::iter::repeat_n(row, g.model.cfg.hc_mult).flatten().copied()).collect()
     } else {
         g.layers.f32(&format!("layer{}_out", i - 1)).unwrap()
     }
@@ -91,7 +92,8 @@ fn first_seq(v: Vec<i64>, per_seq: usize) -> Vec<i64> {
 #[test]
 fn t1_teacher_forced_blocks_prefill() {
     let g = golden();
-    let (t, width, k, kk) = (g.t, g.model.cfg.hc_mult * g.model.cfg.dim, g.model.cfg.n_activated_experts, g.model.cfg.index_topk);
+    let (t, width, k, kk) =
+        (g.t, g.model.cfg.hc_mult * g.model.cfg.dim, g.model.cfg.n_activated_experts, g.model.cfg.index_topk);
     for i in 0..g.model.cfg.n_layers {
         let (out, experts, topk, scores) = teacher_forced(g, i, None);
         let want = g.layers.f32(&format!("layer{i}_out")).unwrap();
@@ -107,7 +109,10 @@ fn t1_teacher_forced_blocks_prefill() {
             // the tier's 0.98 applies to the sets up to such ties (strict equality is printed).
             let strict = sets_equal(&topk, &gt, kk);
             let eq = sets_equal_up_to_ties(&topk, &scores, &gt, kk);
-            println!("T1 layer{i}: indexer sets equal {strict:.3} strictly, {eq:.3} up to exact ties; overlap {:.3}", sets_overlap(&topk, &gt, kk));
+            println!(
+                "T1 layer{i}: indexer sets equal {strict:.3} strictly, {eq:.3} up to exact ties; overlap {:.3}",
+                sets_overlap(&topk, &gt, kk)
+            );
             assert!(eq >= 0.98, "layer{i}: indexer sets equal (up to ties) at {eq:.3} < 0.98");
         }
     }
@@ -116,7 +121,8 @@ fn t1_teacher_forced_blocks_prefill() {
 #[test]
 fn t1d_teacher_forced_blocks_decode() {
     let g = golden();
-    let (t, width, k, kk) = (g.t, g.model.cfg.hc_mult * g.model.cfg.dim, g.model.cfg.n_activated_experts, g.model.cfg.index_topk);
+    let (t, width, k, kk) =
+        (g.t, g.model.cfg.hc_mult * g.model.cfg.dim, g.model.cfg.n_activated_experts, g.model.cfg.index_topk);
     for i in 0..g.model.cfg.n_layers {
         let (out, experts, topk, _) = teacher_forced(g, i, Some(P));
         let want = g.layers.f32(&format!("layer{i}_out")).unwrap();
@@ -186,16 +192,30 @@ fn t2_end_to_end_prefill_and_mtp() {
     let slots: Vec<usize> = (0..b).map(|_| cache.alloc_slot(m.backend()).unwrap()).collect();
     let chunks: Vec<Chunk> = slots.iter().map(|&s| Chunk { slot: s, tokens: &g.tokens[s * t..(s + 1) * t] }).collect();
     let next: Vec<u32> = (0..b * t).map(|r| if r % t + 1 < t { g.tokens[r + 1] } else { 0 }).collect();
-    let out = m.forward(&mut cache, &chunks, &ForwardOptions { logits: LogitsAt::All, decisions: true, mtp_ids: Some(&next) }).unwrap();
+    let out = m
+        .forward(&mut cache, &chunks, &ForwardOptions { logits: LogitsAt::All, decisions: true, mtp_ids: Some(&next) })
+        .unwrap();
     check_t2("prefill logits", &out.logits, &g.logits.f32("prefill_logits").unwrap(), v);
     check_t2("mtp logits", out.mtp_logits.as_ref().unwrap(), &g.logits.f32("mtp_logits").unwrap(), v);
     let k = m.cfg.n_activated_experts;
     for (i, d) in out.decisions.iter().enumerate().take(m.cfg.n_layers) {
         let ours: Vec<i64> = d.experts.iter().map(|&e| e as i64).collect();
-        check_t2_decisions(&format!("layer{i} experts"), &ours, &g.logits.i64(&format!("layer{i}_experts")).unwrap(), k, false);
+        check_t2_decisions(
+            &format!("layer{i} experts"),
+            &ours,
+            &g.logits.i64(&format!("layer{i}_experts")).unwrap(),
+            k,
+            false,
+        );
         if let Some(tk) = &d.topk {
             let ours: Vec<i64> = tk.iter().map(|&e| e as i64).collect();
-            check_t2_decisions(&format!("layer{i} topk"), &ours, &g.logits.i64(&format!("layer{i}_topk")).unwrap(), m.cfg.index_topk, true);
+            check_t2_decisions(
+                &format!("layer{i} topk"),
+                &ours,
+                &g.logits.i64(&format!("layer{i}_topk")).unwrap(),
+                m.cfg.index_topk,
+                true,
+            );
         }
     }
     let mtp_d = out.decisions.last().unwrap();
@@ -219,7 +239,8 @@ fn t2_end_to_end_decode() {
     let mut experts = vec![vec![0i64; b * steps * k]; m.cfg.n_layers];
     let mut topk = vec![vec![-1i64; b * steps * kk]; m.cfg.n_layers];
     for pos in P..t {
-        let chunks: Vec<Chunk> = slots.iter().map(|&s| Chunk { slot: s, tokens: &g.tokens[s * t + pos..s * t + pos + 1] }).collect();
+        let chunks: Vec<Chunk> =
+            slots.iter().map(|&s| Chunk { slot: s, tokens: &g.tokens[s * t + pos..s * t + pos + 1] }).collect();
         let out = m.forward(&mut cache, &chunks, &opts).unwrap();
         let j = pos - P;
         for s in 0..b {
@@ -238,9 +259,21 @@ fn t2_end_to_end_decode() {
     }
     check_t2("decode logits", &logits, &g.logits.f32("decode_logits").unwrap(), v);
     for i in 0..m.cfg.n_layers {
-        check_t2_decisions(&format!("decode layer{i} experts"), &experts[i], &g.logits.i64(&format!("decode_layer{i}_experts")).unwrap(), k, false);
+        check_t2_decisions(
+            &format!("decode layer{i} experts"),
+            &experts[i],
+            &g.logits.i64(&format!("decode_layer{i}_experts")).unwrap(),
+            k,
+            false,
+        );
         if m.cfg.layer_ratio(i) == 4 {
-            check_t2_decisions(&format!("decode layer{i} topk"), &topk[i], &g.logits.i64(&format!("decode_layer{i}_topk")).unwrap(), kk, true);
+            check_t2_decisions(
+                &format!("decode layer{i} topk"),
+                &topk[i],
+                &g.logits.i64(&format!("decode_layer{i}_topk")).unwrap(),
+                kk,
+                true,
+            );
         }
     }
 }

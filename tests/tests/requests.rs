@@ -95,7 +95,8 @@ fn unallocated_slot() {
 #[test]
 fn same_slot_twice_in_one_call() {
     let mut c = cache(2, 8, 2);
-    let chunks = [Chunk { slot: 1, tokens: &[1, 2][..] }, Chunk { slot: 0, tokens: &[3] }, Chunk { slot: 1, tokens: &[4] }];
+    let chunks =
+        [Chunk { slot: 1, tokens: &[1, 2][..] }, Chunk { slot: 0, tokens: &[3] }, Chunk { slot: 1, tokens: &[4] }];
     expect_request_error(forward(&mut c, &chunks, &opts()), &["slot 1", "twice"]);
     assert_eq!((c.position(0).unwrap(), c.position(1).unwrap()), (0, 0), "a rejected call moved a slot");
 }
@@ -168,7 +169,12 @@ fn freed_slot_restarts_clean() {
 
     assert_eq!(got.len(), want.len());
     let differing = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-    assert_eq!(differing, 0, "{differing} of {} values differ from a fresh cache: state of the freed sequence leaked", want.len());
+    assert_eq!(
+        differing,
+        0,
+        "{differing} of {} values differ from a fresh cache: state of the freed sequence leaked",
+        want.len()
+    );
 }
 
 /// The cache dtype: bf16 by default on cpu-ref (it runs every cache op with it), half the entry
@@ -180,7 +186,12 @@ fn kv_cache_dtypes() {
     let (bf16, f32) = (m.new_cache(2, 300).unwrap(), m.new_cache_with(2, 300, hal::DType::F32).unwrap());
     assert_eq!(bf16.dtype(), hal::DType::BF16);
     assert_eq!(f32.dtype(), hal::DType::F32);
-    assert!(bf16.bytes() < f32.bytes() && 2 * bf16.bytes() > f32.bytes(), "bf16 {} vs f32 {} bytes", bf16.bytes(), f32.bytes());
+    assert!(
+        bf16.bytes() < f32.bytes() && 2 * bf16.bytes() > f32.bytes(),
+        "bf16 {} vs f32 {} bytes",
+        bf16.bytes(),
+        f32.bytes()
+    );
     let e = m.new_cache_with(1, 8, hal::DType::F16).map(|_| ()).unwrap_err().to_string();
     assert!(e.contains("f16") && e.contains("f32 or bf16"), "{e}");
 }
@@ -223,7 +234,8 @@ fn kv_cache_save_and_load() {
 #[test]
 fn decode_step_matches_forward() {
     let m = model();
-    let prompts: [Vec<u32>; 2] = [(0..9).map(|i| (i * 13 + 5) % 1024).collect(), (0..4).map(|i| (i * 71 + 2) % 1024).collect()];
+    let prompts: [Vec<u32>; 2] =
+        [(0..9).map(|i| (i * 13 + 5) % 1024).collect(), (0..4).map(|i| (i * 71 + 2) % 1024).collect()];
     let prefill = |c: &mut KvCache| {
         forward(c, &[Chunk { slot: 0, tokens: &prompts[0] }, Chunk { slot: 2, tokens: &prompts[1] }], &opts()).unwrap();
     };
@@ -235,7 +247,13 @@ fn decode_step_matches_forward() {
     let v = m.cfg.vocab_size;
     for k in 0..6u32 {
         let tokens = [(k * 29 + 3) % 1024, (k * 7 + 900) % 1024];
-        let want = forward(&mut a, &[Chunk { slot: 2, tokens: &tokens[..1] }, Chunk { slot: 0, tokens: &tokens[1..] }], &opts()).unwrap().logits;
+        let want = forward(
+            &mut a,
+            &[Chunk { slot: 2, tokens: &tokens[..1] }, Chunk { slot: 0, tokens: &tokens[1..] }],
+            &opts(),
+        )
+        .unwrap()
+        .logits;
         let got = step.run(&mut b, &tokens).unwrap();
         assert_eq!(got.len(), 2 * v);
         assert!(got.iter().all(|x| x.is_finite()), "step {k}: non-finite logits");
@@ -346,7 +364,8 @@ fn generate(m: &Model, prompts: &[Vec<u32>], n: usize, temperature: f32, chained
     let logits = m.forward(&mut c, &chunks, &last).unwrap().logits;
     let v = m.cfg.vocab_size;
     let mut rngs: Vec<Rng> = (0..b as u64).map(|s| Rng::new(1000 + s)).collect();
-    let mut out: Vec<Vec<u32>> = (0..b).map(|s| vec![sample(&logits[s * v..(s + 1) * v], temperature, &mut rngs[s]) as u32]).collect();
+    let mut out: Vec<Vec<u32>> =
+        (0..b).map(|s| vec![sample(&logits[s * v..(s + 1) * v], temperature, &mut rngs[s]) as u32]).collect();
     let firsts: Vec<u32> = out.iter().map(|t| t[0]).collect();
     if !chained {
         let mut step = m.decode_step(&c, &slots).unwrap();
@@ -376,11 +395,16 @@ fn sampled_decode_steps_pick_the_host_tokens() {
     let cfg = ModelConfig::embedded("tiny-flash").unwrap();
     let ck = model::synthetic::generate(&cfg, 1);
     let host_only = Model::from_checkpoint(cfg, &ck, Arc::new(NoDeviceSampling(cpu_ref::CpuBackend::new()))).unwrap();
-    let prompts = vec![(0..6).map(|i| (i * 31 + 9) % 1024).collect::<Vec<u32>>(), (0..3).map(|i| (i * 57 + 4) % 1024).collect()];
+    let prompts =
+        vec![(0..6).map(|i| (i * 31 + 9) % 1024).collect::<Vec<u32>>(), (0..3).map(|i| (i * 57 + 4) % 1024).collect()];
     for temperature in [0.0, 0.7] {
         let want = generate(m, &prompts, 10, temperature, false);
         assert_eq!(generate(m, &prompts, 10, temperature, true), want, "SampleTokens at temperature {temperature}");
-        assert_eq!(generate(&host_only, &prompts, 10, temperature, true), want, "host path at temperature {temperature}");
+        assert_eq!(
+            generate(&host_only, &prompts, 10, temperature, true),
+            want,
+            "host path at temperature {temperature}"
+        );
         assert!(want.iter().all(|t| t.len() == 10));
     }
     let c = host_only.new_cache(1, 4).unwrap();
@@ -404,7 +428,10 @@ fn sampled_decode_step_bad_requests() {
     let m = model();
     let mut c = cache(1, 4, 1);
     expect_request_error(m.decode_step(&c, &[0]).unwrap().with_sampling(-1.0, &[Rng::new(0)]), &["temperature -1"]);
-    expect_request_error(m.decode_step(&c, &[0]).unwrap().with_sampling(f32::NAN, &[Rng::new(0)]), &["temperature NaN"]);
+    expect_request_error(
+        m.decode_step(&c, &[0]).unwrap().with_sampling(f32::NAN, &[Rng::new(0)]),
+        &["temperature NaN"],
+    );
     expect_request_error(m.decode_step(&c, &[0]).unwrap().with_sampling(0.5, &[]), &["0 generators for 1 slots"]);
     let mut plain = m.decode_step(&c, &[0]).unwrap();
     expect_request_error(plain.issue_sampled(&mut c, Some(&[1])).map(|_| ()), &["without sampling"]);

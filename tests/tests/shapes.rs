@@ -104,13 +104,17 @@ fn wide_config_decode_equals_prefill() {
     let var = spread.1 / whole.len() as f64 - (spread.0 / whole.len() as f64).powi(2);
     assert!(var > 1e-6, "logits are (nearly) constant: variance {var}");
     let mut one_by_one = vec![5];
-    one_by_one.extend(std::iter::repeat(1).take(134));
+    one_by_one.extend(std::iter::repeat_n(1, 134));
     assert_bits_eq(&run_chunked(&m, &toks, &one_by_one), &whole, "prefill 5 + 135 decode steps");
     // Both cache dtypes: a bf16 cache rounds this call's fresh keys as it rounds stored ones,
     // so a key's value does not depend on which call wrote it.
     for kv in [DType::F32, DType::BF16] {
         let whole = run_chunked_kv(&m, &toks, &[], kv);
-        assert_bits_eq(&run_chunked_kv(&m, &toks, &one_by_one, kv), &whole, &format!("{kv} cache: prefill 5 + 135 decode steps"));
+        assert_bits_eq(
+            &run_chunked_kv(&m, &toks, &one_by_one, kv),
+            &whole,
+            &format!("{kv} cache: prefill 5 + 135 decode steps"),
+        );
     }
     // The two dtypes differ (the bf16 cache does round).
     let (f, h) = (run_chunked_kv(&m, &toks, &[], DType::F32), run_chunked_kv(&m, &toks, &[], DType::BF16));
@@ -122,7 +126,7 @@ fn fp8_experts_decode_equals_prefill() {
     let m = model("fp8-experts");
     let toks = tokens(40, m.cfg.vocab_size, 2);
     let whole = run_chunked(&m, &toks, &[]);
-    let steps: Vec<usize> = std::iter::repeat(1).take(39).collect();
+    let steps: Vec<usize> = std::iter::repeat_n(1, 39).collect();
     assert_bits_eq(&run_chunked(&m, &toks, &steps), &whole, "40 one-token calls");
 }
 
@@ -136,11 +140,19 @@ fn batched_sequences_equal_each_alone() {
     let mut cache = m.new_cache(2, 40).unwrap();
     let (sa, sb) = (cache.alloc_slot(m.backend()).unwrap(), cache.alloc_slot(m.backend()).unwrap());
     let v = m.cfg.vocab_size;
-    let out = m.forward(&mut cache, &[Chunk { slot: sb, tokens: &b[..9] }, Chunk { slot: sa, tokens: &a[..30] }], &ALL).unwrap();
+    let out = m
+        .forward(&mut cache, &[Chunk { slot: sb, tokens: &b[..9] }, Chunk { slot: sa, tokens: &a[..30] }], &ALL)
+        .unwrap();
     let (mut got_a, mut got_b) = (out.logits[9 * v..].to_vec(), out.logits[..9 * v].to_vec());
     for pos in 30..37 {
         let (pb, pb_end) = (pos - 21, pos - 20); // b advances from 9 too: positions 9..16
-        let out = m.forward(&mut cache, &[Chunk { slot: sa, tokens: &a[pos..pos + 1] }, Chunk { slot: sb, tokens: &b[pb..pb_end] }], &ALL).unwrap();
+        let out = m
+            .forward(
+                &mut cache,
+                &[Chunk { slot: sa, tokens: &a[pos..pos + 1] }, Chunk { slot: sb, tokens: &b[pb..pb_end] }],
+                &ALL,
+            )
+            .unwrap();
         got_a.extend(&out.logits[..v]);
         got_b.extend(&out.logits[v..]);
     }

@@ -273,8 +273,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
             let base = ModelConfig::embedded(p).with_context(|| format!("preset '{p}'"))?;
             let blocks = pick_blocks(&base, a.layers);
             let cfg = preset_config(&base, &blocks, a.vocab.min(base.vocab_size));
-            let kinds: Vec<String> =
-                blocks.iter().map(|&i| format!("{i}:{}", base.layer_kind(i).label())).collect();
+            let kinds: Vec<String> = blocks.iter().map(|&i| format!("{i}:{}", base.layer_kind(i).label())).collect();
             let t = Instant::now();
             let ck = match a.weights.as_str() {
                 "fast" => model::synthetic::generate_fast(&cfg, backends::EMBEDDED_SEED),
@@ -316,7 +315,13 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     }
     println!(
         "model: {} layers, dim {}, heads {}, experts {} (k {}, inter {}), vocab {}; built in {build_s:.1} s",
-        cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_routed_experts, cfg.n_activated_experts, cfg.moe_inter_dim, cfg.vocab_size
+        cfg.n_layers,
+        cfg.dim,
+        cfg.n_heads,
+        cfg.n_routed_experts,
+        cfg.n_activated_experts,
+        cfg.moe_inter_dim,
+        cfg.vocab_size
     );
     let cal = if a.no_calibrate {
         None
@@ -362,13 +367,24 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         let t = Instant::now();
         cache.load(model.backend(), path)?;
         model.backend().synchronize()?;
-        println!("loaded cache {} in {:.1} s: {}", path.display(), t.elapsed().as_secs_f64(),
-            slots.iter().map(|&s| cache.position(s).map(|p| format!("slot {s} at {p}"))).collect::<Result<Vec<_>, _>>()?.join(", "));
+        println!(
+            "loaded cache {} in {:.1} s: {}",
+            path.display(),
+            t.elapsed().as_secs_f64(),
+            slots
+                .iter()
+                .map(|&s| cache.position(s).map(|p| format!("slot {s} at {p}")))
+                .collect::<Result<Vec<_>, _>>()?
+                .join(", ")
+        );
     }
     // Where the run starts (0, or the loaded cache's position), the same for every slot.
     let start = cache.position(slots[0])?;
     if let Some(&s) = slots.iter().find(|&&s| cache.position(s).ok() != Some(start)) {
-        bail!("slot {s} does not stand at slot {}'s position {start}: the bench runs every slot at one position", slots[0]);
+        bail!(
+            "slot {s} does not stand at slot {}'s position {start}: the bench runs every slot at one position",
+            slots[0]
+        );
     }
     if start + needed > cache.capacity() {
         bail!("the run needs {needed} tokens of capacity per sequence from position {start}, the cache has {} (--capacity)", cache.capacity());
@@ -379,7 +395,11 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
             cache.fill_synthetic(model.backend(), s, a.fill, 0x5EED + s as u64)?;
         }
         model.backend().synchronize()?;
-        println!("synthetic context: {} token(s) per slot filled in {:.1} s (random cache entries, no forward pass)", a.fill, t.elapsed().as_secs_f64());
+        println!(
+            "synthetic context: {} token(s) per slot filled in {:.1} s (random cache entries, no forward pass)",
+            a.fill,
+            t.elapsed().as_secs_f64()
+        );
     }
     // Where the prefill starts: after the fill or the loaded cache.
     let base = start + a.fill;
@@ -418,7 +438,11 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     if let Some(path) = &a.save_cache {
         let t = Instant::now();
         cache.save(model.backend(), path)?;
-        println!("saved cache to {} in {:.1} s (after the prefill, before decode)", path.display(), t.elapsed().as_secs_f64());
+        println!(
+            "saved cache to {} in {:.1} s (after the prefill, before decode)",
+            path.display(),
+            t.elapsed().as_secs_f64()
+        );
     }
     let out = out.context("no prefill chunk ran")?;
     let mut next: Vec<u32> = out.logits.chunks(v as usize).map(|l| argmax(l) as u32).collect();
@@ -508,7 +532,10 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         (b * chunk.min(prefill)) as f64 / chunk_s[0],
         (b * (prefill - (chunk_s.len() - 1) * chunk)) as f64 / chunk_s[chunk_s.len() - 1],
     );
-    print!("prefill GEMM work: {:.3} TFLOP (linear layers only) → {tflops:.3} TFLOP/s over the whole prefill time", flops / 1e12);
+    print!(
+        "prefill GEMM work: {:.3} TFLOP (linear layers only) → {tflops:.3} TFLOP/s over the whole prefill time",
+        flops / 1e12
+    );
     println!("{}", cal.as_ref().map_or(String::new(), |c| profile::shares_of_dense(tflops * 1e12, c)));
     // Decode.
     if a.decode > 0 {
@@ -532,7 +559,10 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
             b as f64 * 1e3 / median,
             median_issued / median
         );
-        print!("decode, the same step queued back to back ({} steps, one download at the end): {queued_ms:.3} ms per step", a.decode);
+        print!(
+            "decode, the same step queued back to back ({} steps, one download at the end): {queued_ms:.3} ms per step",
+            a.decode
+        );
         if recorded {
             // Where the backend ran the ops as they were issued, the host is inside both figures.
             print!(", so the host's round trip between steps (download, next token, writes, launch) costs about {:.3} ms of the median step", median - queued_ms);
@@ -568,7 +598,9 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         let chained_gbs = moved / (chained_ms / 1e3) / 1e9;
         print!("decode achieved, greedy chained: {chained_gbs:.1} GB/s");
         match &cal {
-            Some(c) => println!(" = {:.1}% of the calibrated copy bandwidth", 100.0 * chained_gbs * 1e9 / c.copy_bytes_per_s),
+            Some(c) => {
+                println!(" = {:.1}% of the calibrated copy bandwidth", 100.0 * chained_gbs * 1e9 / c.copy_bytes_per_s)
+            }
             None => println!(),
         }
     }
@@ -599,12 +631,22 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         profiler.set_profiling(true);
         model.forward(&mut fresh, &chunks, &opts)?;
         profiler.set_profiling(false);
-        profile::print(&format!("prefill, one chunk of {b} × {n} tokens at position 0"), &profiler.report(), 1, cal, true);
+        profile::print(
+            &format!("prefill, one chunk of {b} × {n} tokens at position 0"),
+            &profiler.report(),
+            1,
+            cal,
+            true,
+        );
     }
     // Memory.
     let cap = cache.capacity() as u64;
     let alloc = cache.bytes() as f64;
-    print!("kv cache: {} allocated for {b} slot(s) × {cap} tokens ({} entries, f32 compressor state)", mib(alloc), cache.dtype());
+    print!(
+        "kv cache: {} allocated for {b} slot(s) × {cap} tokens ({} entries, f32 compressor state)",
+        mib(alloc),
+        cache.dtype()
+    );
     for layout in KvLayout::ALL {
         let f = kv_footprint(&cfg, layout, cap);
         let formula = b as f64 * (f.total_bytes + f.state_bytes as f64);

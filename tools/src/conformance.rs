@@ -59,7 +59,8 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
             }
             continue;
         }
-        let backend: Arc<dyn Backend> = Arc::from(registry.take(name).with_context(|| format!("taking backend {name}"))?);
+        let backend: Arc<dyn Backend> =
+            Arc::from(registry.take(name).with_context(|| format!("taking backend {name}"))?);
         println!("{name}: available ({})", backend.info().device);
         let suite = conformance::run_suite(backend.as_ref(), reference.as_ref(), &opts);
         print!("{}", suite.table());
@@ -89,7 +90,8 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     }
     if let Some(path) = &a.json {
         let doc = json!({"seed": a.seed, "reference": reference.info().name, "backends": reports});
-        std::fs::write(path, serde_json::to_string_pretty(&doc)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
         println!("report written to {}", path.display());
     }
     println!("passed: {}", if passed.is_empty() { "none".to_string() } else { passed.join(", ") });

@@ -59,7 +59,10 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     println!(
         "model: {} ({} layers, dim {}, {} experts) on {}; loaded in {load_s:.2} s",
         a.model.as_ref().map_or("embedded tiny-flash (random weights)".to_string(), |p| p.display().to_string()),
-        model.cfg.n_layers, model.cfg.dim, model.cfg.n_routed_experts, model.backend().info().device
+        model.cfg.n_layers,
+        model.cfg.dim,
+        model.cfg.n_routed_experts,
+        model.backend().info().device
     );
     println!("prompt: {:?}; KV cache: {kv_dtype} entries; temperature {}", a.prompt_tokens, a.temperature);
 
@@ -83,8 +86,11 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     println!("generated: {generated:?}");
     println!(
         "prefill: {} tokens in {:.1} ms ({:.1} tokens/s); decode: {decoded} tokens in {:.1} ms ({:.1} tokens/s)",
-        a.prompt_tokens.len(), prefill_s * 1e3, a.prompt_tokens.len() as f64 / prefill_s,
-        decode_s * 1e3, if decoded > 0 { decoded as f64 / decode_s } else { 0.0 }
+        a.prompt_tokens.len(),
+        prefill_s * 1e3,
+        a.prompt_tokens.len() as f64 / prefill_s,
+        decode_s * 1e3,
+        if decoded > 0 { decoded as f64 / decode_s } else { 0.0 }
     );
     Ok(())
 }

@@ -54,7 +54,11 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     let tokens: Vec<u32> = raw
         .iter()
         .enumerate()
-        .map(|(k, &v)| u32::try_from(v).map_err(|_| anyhow::anyhow!("{}: tokens[{}, {}] = {v} is negative or too large", a.tokens.display(), k / t, k % t)))
+        .map(|(k, &v)| {
+            u32::try_from(v).map_err(|_| {
+                anyhow::anyhow!("{}: tokens[{}, {}] = {v} is negative or too large", a.tokens.display(), k / t, k % t)
+            })
+        })
         .collect::<anyhow::Result<_>>()?;
     if a.prefill == 0 || a.prefill > t {
         bail!("--prefill {} must be between 1 and the sequence length {t}", a.prefill);
@@ -85,7 +89,8 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     // Decode: one token per sequence per call.
     let opts = ForwardOptions { logits: LogitsAt::All, decisions: a.decisions, mtp_ids: None };
     for pos in p..t {
-        let chunks: Vec<Chunk> = slots.iter().map(|&s| Chunk { slot: s, tokens: &tokens[s * t + pos..s * t + pos + 1] }).collect();
+        let chunks: Vec<Chunk> =
+            slots.iter().map(|&s| Chunk { slot: s, tokens: &tokens[s * t + pos..s * t + pos + 1] }).collect();
         let out = model.forward(&mut cache, &chunks, &opts)?;
         for s in 0..b {
             logits[(s * t + pos) * v..(s * t + pos + 1) * v].copy_from_slice(&out.logits[s * v..(s + 1) * v]);
@@ -101,10 +106,17 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     if a.decisions {
         for layer in 0..model.cfg.n_layers {
             let k = model.cfg.n_activated_experts;
-            let (experts, weights) = (gather(&decisions, layer, b, p, t, k, |d| &d.experts),
-                gather(&decisions, layer, b, p, t, k, |d| &d.expert_weights));
+            let (experts, weights) = (
+                gather(&decisions, layer, b, p, t, k, |d| &d.experts),
+                gather(&decisions, layer, b, p, t, k, |d| &d.expert_weights),
+            );
             owned.push((format!("layer{layer}_experts"), DType::I32, vec![b, t, k], hal::dtype::i32_bytes(&experts)));
-            owned.push((format!("layer{layer}_expert_weights"), DType::F32, vec![b, t, k], hal::dtype::f32_bytes(&weights)));
+            owned.push((
+                format!("layer{layer}_expert_weights"),
+                DType::F32,
+                vec![b, t, k],
+                hal::dtype::f32_bytes(&weights),
+            ));
             if decisions[0][layer].topk.is_some() {
                 let kk = model.cfg.index_topk;
                 let topk = gather(&decisions, layer, b, p, t, kk, |d| d.topk.as_deref().unwrap_or(&[]));
@@ -112,21 +124,34 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
             }
         }
     }
-    let tensors: Vec<WriteTensor> =
-        owned.iter().map(|(n, d, s, bytes)| WriteTensor { name: n, dtype: *d, shape: s.clone(), data: bytes }).collect();
+    let tensors: Vec<WriteTensor> = owned
+        .iter()
+        .map(|(n, d, s, bytes)| WriteTensor { name: n, dtype: *d, shape: s.clone(), data: bytes })
+        .collect();
     let mut meta = BTreeMap::new();
     meta.insert("prefill".to_string(), p.to_string());
     meta.insert("backend".to_string(), model.backend().info().name.to_string());
     safetensors::write(&a.out, &tensors, &meta)?;
-    println!("wrote {} ([{b}, {t}, {v}] logits; prefill {p}, {} decode steps) on {}", a.out.display(), t - p,
-        model.backend().info().device);
+    println!(
+        "wrote {} ([{b}, {t}, {v}] logits; prefill {p}, {} decode steps) on {}",
+        a.out.display(),
+        t - p,
+        model.backend().info().device
+    );
     Ok(())
 }
 
 /// Reassembles one layer's per-row decision values `[B, T, k]` from the prefill call (rows
 /// ordered sequence-major, P each) and the decode calls (one row per sequence each).
-fn gather<T: Copy + Default>(calls: &[Vec<LayerDecisions>], layer: usize, b: usize, p: usize, t: usize, k: usize,
-    field: impl Fn(&LayerDecisions) -> &[T]) -> Vec<T> {
+fn gather<T: Copy + Default>(
+    calls: &[Vec<LayerDecisions>],
+    layer: usize,
+    b: usize,
+    p: usize,
+    t: usize,
+    k: usize,
+    field: impl Fn(&LayerDecisions) -> &[T],
+) -> Vec<T> {
     let mut out = vec![T::default(); b * t * k];
     let prefill = field(&calls[0][layer]);
     for s in 0..b {

@@ -17,7 +17,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "v4rt", version, about = "DeepSeek-V4 inference runtime (Ascend-first; CUDA and CPU reference backends)")]
+#[command(
+    name = "v4rt",
+    version,
+    about = "DeepSeek-V4 inference runtime (Ascend-first; CUDA and CPU reference backends)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

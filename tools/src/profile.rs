@@ -61,10 +61,9 @@ impl Profiled {
 fn fmt_label(op: &Op) -> String {
     match op {
         Op::Linear(l) => format!("linear {}×{}→{} {:?}", l.rows, l.in_features, l.out_features, l.format),
-        Op::GroupedLinear(g) => format!(
-            "grouped_linear {}×{}×{}→{} {:?}",
-            g.rows, g.groups, g.in_per_group, g.out_per_group, g.format
-        ),
+        Op::GroupedLinear(g) => {
+            format!("grouped_linear {}×{}×{}→{} {:?}", g.rows, g.groups, g.in_per_group, g.out_per_group, g.format)
+        }
         Op::MoeExperts(m) => format!("moe_experts {}×{} k{} {:?}", m.rows, m.dim, m.topk, m.format),
         Op::SparseAttention(a) => format!("sparse_attention {}×{}h {:?}", a.rows, a.heads, a.compressed),
         Op::IndexerTopK(x) => format!("indexer_topk {}×{}h cap {}", x.rows, x.heads, x.capacity),
@@ -154,7 +153,11 @@ impl Backend for Profiled {
     }
     /// The inner backend's overlap of the two sequences, except while profiling (each op is
     /// then timed alone, in order).
-    fn concurrently(&self, first: &mut dyn FnMut() -> Result<()>, second: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+    fn concurrently(
+        &self,
+        first: &mut dyn FnMut() -> Result<()>,
+        second: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
         if self.on.load(Ordering::SeqCst) {
             first()?;
             return second();
@@ -180,7 +183,10 @@ pub fn print(title: &str, stats: &[(String, OpStat)], per: usize, cal: Option<&C
     let copy_bytes_per_s = cal.map(|c| c.copy_bytes_per_s);
     let total: f64 = stats.iter().map(|(_, s)| s.seconds).sum();
     let per = per.max(1) as f64;
-    println!("profile ({title}; each op synchronized, so the sum exceeds the unprofiled time): {:.3} ms per step", total / per * 1e3);
+    println!(
+        "profile ({title}; each op synchronized, so the sum exceeds the unprofiled time): {:.3} ms per step",
+        total / per * 1e3
+    );
     println!("  {:>9} {:>6} {:>9} {:>6} {:>9} {:>6}  op", "ms/step", "calls", "µs/call", "share", "GB/s", "%copy");
     for (k, s) in stats {
         let gbs = s.bytes / s.seconds.max(1e-12) / 1e9;
@@ -195,13 +201,17 @@ pub fn print(title: &str, stats: &[(String, OpStat)], per: usize, cal: Option<&C
             pct
         );
     }
-    let (gemm_s, gemm_flops) = stats.iter().fold((0.0, 0.0), |(t, f), (_, s)| {
-        if s.flops > 0.0 {
-            (t + s.seconds, f + s.flops)
-        } else {
-            (t, f)
-        }
-    });
+    let (gemm_s, gemm_flops) =
+        stats.iter().fold(
+            (0.0, 0.0),
+            |(t, f), (_, s)| {
+                if s.flops > 0.0 {
+                    (t + s.seconds, f + s.flops)
+                } else {
+                    (t, f)
+                }
+            },
+        );
     if gemm_rate && gemm_flops > 0.0 {
         let rate = gemm_flops / gemm_s.max(1e-12);
         print!(

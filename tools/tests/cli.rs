@@ -15,7 +15,9 @@ use std::sync::OnceLock;
 
 use hal::DType;
 use model::safetensors::{self, SafeTensors, WriteTensor};
-use v4rt_tests::tiers::{argmax_agreement, describe, frac_le, mean, median, row_cos, row_rel, sets_equal, sets_overlap};
+use v4rt_tests::tiers::{
+    argmax_agreement, describe, frac_le, mean, median, row_cos, row_rel, sets_equal, sets_overlap,
+};
 
 const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data/golden/tiny-flash");
 /// The golden decode split (MANIFEST §5).
@@ -117,7 +119,8 @@ fn cols<X: Copy>(v: &[X], t: usize, width: usize, a: usize, b: usize) -> Vec<X> 
 
 /// The token ids of the `generated: [..]` line.
 fn generated(out: &str) -> Vec<u32> {
-    let line = out.lines().find(|l| l.starts_with("generated:")).unwrap_or_else(|| panic!("no 'generated:' line:\n{out}"));
+    let line =
+        out.lines().find(|l| l.starts_with("generated:")).unwrap_or_else(|| panic!("no 'generated:' line:\n{out}"));
     let list = line["generated:".len()..].trim().trim_start_matches('[').trim_end_matches(']');
     list.split(',').map(|x| x.trim().parse().unwrap_or_else(|_| panic!("bad id '{x}' in '{line}'"))).collect()
 }
@@ -167,7 +170,19 @@ fn logits_run() -> &'static SafeTensors {
         let out = dir.join("logits.safetensors");
         let tokens = golden("tokens.safetensors");
         let prefill = P.to_string();
-        v4rt_ok(&["logits", "--model", GOLDEN, "--tokens", s(&tokens), "--prefill", &prefill, "--out", s(&out), "--decisions", "--mtp"]);
+        v4rt_ok(&[
+            "logits",
+            "--model",
+            GOLDEN,
+            "--tokens",
+            s(&tokens),
+            "--prefill",
+            &prefill,
+            "--out",
+            s(&out),
+            "--decisions",
+            "--mtp",
+        ]);
         // The file stays mapped after `dir` drops and removes it (Unix semantics).
         SafeTensors::open(&out).expect("v4rt logits wrote a valid safetensors file")
     })
@@ -186,7 +201,11 @@ fn logits_output_shapes() {
     assert_eq!(shape("mtp_logits"), Some((DType::F32, vec![B, P, V])));
     for i in 0..4 {
         assert_eq!(shape(&format!("layer{i}_experts")), Some((DType::I32, vec![B, T, K])), "layer{i}_experts");
-        assert_eq!(shape(&format!("layer{i}_expert_weights")), Some((DType::F32, vec![B, T, K])), "layer{i}_expert_weights");
+        assert_eq!(
+            shape(&format!("layer{i}_expert_weights")),
+            Some((DType::F32, vec![B, T, K])),
+            "layer{i}_expert_weights"
+        );
     }
     for i in [1, 3] {
         assert_eq!(shape(&format!("layer{i}_topk")), Some((DType::I32, vec![B, T, KK])), "layer{i}_topk");
@@ -209,7 +228,11 @@ fn logits_prefill_is_causal() {
     let ours = cols(&logits_run().f32("logits").unwrap(), T, V, 0, P);
     let rel = row_rel(&ours, &full, V);
     let identical = ours.chunks(V).zip(full.chunks(V)).filter(|(a, b)| a == b).count();
-    println!("cli prefill {P} vs prefill {T}, rows 0..{P}: {}; {identical} of {} rows bit-identical", describe(&rel), rel.len());
+    println!(
+        "cli prefill {P} vs prefill {T}, rows 0..{P}: {}; {identical} of {} rows bit-identical",
+        describe(&rel),
+        rel.len()
+    );
     assert!(median(&rel) <= 1e-5, "median rel {:.3e} > 1e-5", median(&rel));
     assert!(frac_le(&rel, 1e-3) >= 0.95, "only {:.3} of rows within 1e-3", frac_le(&rel, 1e-3));
 }
@@ -300,7 +323,17 @@ fn backends_lists_cpu_ref() {
 fn logits_err(tokens: &Path, prefill: usize) -> String {
     let dir = TempDir::new("unused-out");
     let out = dir.join("out.safetensors");
-    let err = v4rt_err(&["logits", "--model", GOLDEN, "--tokens", s(tokens), "--prefill", &prefill.to_string(), "--out", s(&out)]);
+    let err = v4rt_err(&[
+        "logits",
+        "--model",
+        GOLDEN,
+        "--tokens",
+        s(tokens),
+        "--prefill",
+        &prefill.to_string(),
+        "--out",
+        s(&out),
+    ]);
     assert!(!out.exists(), "an output file was written despite the error");
     err
 }

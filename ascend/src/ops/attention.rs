@@ -42,8 +42,8 @@ use crate::sys::AclnnOps;
 
 const F: DType = DType::F32;
 
-pub(crate) use hal::ops::rows::place_rows;
 use hal::dtype::i32_bytes;
+pub(crate) use hal::ops::rows::place_rows;
 
 /// Uploads host bytes into a fresh device temporary (queued; ordered before later launches).
 pub(crate) fn upload(cx: &mut Ctx<'_>, bytes: &[u8]) -> Result<DeviceBuffer> {
@@ -131,15 +131,25 @@ pub(crate) fn index_select_dim(cx: &mut Ctx<'_>, x: &View, dim: i64, idx: &View,
 /// from the row's own run come from `kv`, earlier ones from the ring.
 pub(crate) fn window_keys(p: &hal::ops::rows::RowPlace, w: usize, kv0: usize) -> impl Iterator<Item = i32> + '_ {
     let first = if w == 0 { p.pos + 1 } else { p.pos.saturating_sub(w - 1) };
-    (first..=p.pos).map(move |t| if t >= p.run_pos { kv0 + p.run_row + (t - p.run_pos) } else { p.slot * w + t % w } as i32)
+    (first..=p.pos)
+        .map(move |t| if t >= p.run_pos { kv0 + p.run_row + (t - p.run_pos) } else { p.slot * w + t % w } as i32)
 }
 
 /// HCA: how many compressed entries the row at `p` sees, `⌊(pos + 1)/ratio⌋`, checked against
 /// the cache capacity.
-pub(crate) fn visible_entries(name: &str, row: usize, p: &hal::ops::rows::RowPlace, ratio: usize, capacity: usize) -> Result<usize> {
+pub(crate) fn visible_entries(
+    name: &str,
+    row: usize,
+    p: &hal::ops::rows::RowPlace,
+    ratio: usize,
+    capacity: usize,
+) -> Result<usize> {
     let n = (p.pos + 1) / ratio;
     if n > capacity {
-        return Err(Error::invalid(format!("{name} row {row}"), format!("position {} sees {n} compressed entries, capacity is {capacity}", p.pos)));
+        return Err(Error::invalid(
+            format!("{name} row {row}"),
+            format!("position {} sees {n} compressed entries, capacity is {capacity}", p.pos),
+        ));
     }
     Ok(n)
 }

@@ -136,7 +136,13 @@ pub fn run_compressor(cx: &mut Ctx<'_>, op: &Compressor, ins: &[Buf], outs: &[Bu
     let phase: Vec<usize> = places.iter().map(|p| p.pos % ratio).collect();
     let phase_buf = upload(cx, &i32_bytes(&phase))?;
     let (_apb, ape_rows) = scratch(cx, &[r, cd])?;
-    index_select_dim(cx, &View::new(ins[2], F, &[ratio, cd]), 0, &View::of_temp(&phase_buf, DType::I32, &[r]), &ape_rows)?;
+    index_select_dim(
+        cx,
+        &View::new(ins[2], F, &[ratio, cd]),
+        0,
+        &View::of_temp(&phase_buf, DType::I32, &[r]),
+        &ape_rows,
+    )?;
     let (_sab, sa) = scratch(cx, &[r, cd])?;
     cx.add(&View::new(ins[1], F, &[r, cd]), &ape_rows, &sa, false)?;
     cx.copy(&tail(&src_sc), &sa)?;
@@ -154,8 +160,14 @@ pub fn run_compressor(cx: &mut Ctx<'_>, op: &Compressor, ins: &[Buf], outs: &[Bu
             // Rows [0, ratio) through channels [0, D); rows [ratio, 2·ratio) through [D, 2D).
             for (src, dst) in [(&gkv, &v), (&gsc, &sc)] {
                 let src3 = src.reshape(&[e_n, cr, cd]);
-                cx.copy(&dst.strided(&[e_n, ratio, d], &[cr * d, d, 1], 0), &src3.strided(&[e_n, ratio, d], &[cr * cd, cd, 1], 0))?;
-                cx.copy(&dst.strided(&[e_n, ratio, d], &[cr * d, d, 1], ratio * d), &src3.strided(&[e_n, ratio, d], &[cr * cd, cd, 1], ratio * cd + d))?;
+                cx.copy(
+                    &dst.strided(&[e_n, ratio, d], &[cr * d, d, 1], 0),
+                    &src3.strided(&[e_n, ratio, d], &[cr * cd, cd, 1], 0),
+                )?;
+                cx.copy(
+                    &dst.strided(&[e_n, ratio, d], &[cr * d, d, 1], ratio * d),
+                    &src3.strided(&[e_n, ratio, d], &[cr * cd, cd, 1], ratio * cd + d),
+                )?;
             }
             let mask: Vec<u8> = firsts
                 .iter()

@@ -21,7 +21,9 @@ pub fn supports_embed(e: &Embed, ops: &AclnnOps) -> Support {
         return Support::No(format!("embedding table dtype {} (use f32, bf16 or f16)", e.table_dtype));
     }
     if ops.Embedding.is_none() && ops.IndexSelect.is_none() {
-        return Support::No("neither aclnnEmbedding nor aclnnIndexSelect is exported by the loaded CANN op library".into());
+        return Support::No(
+            "neither aclnnEmbedding nor aclnnIndexSelect is exported by the loaded CANN op library".into(),
+        );
     }
     if e.table_dtype != DType::F32 && ops.Cast.is_none() {
         return Support::No("aclnnCast is not exported by the loaded CANN op library".into());
@@ -60,7 +62,9 @@ fn gather(cx: &mut Ctx<'_>, table: &View, ids: &View, out: &View) -> Result<()> 
     let (t, i, o) = (cx.tensor(table)?, cx.tensor(ids)?, cx.tensor(out)?);
     match choose_gather(ops.Embedding.is_some(), ops.IndexSelect.is_some()) {
         // SAFETY (both arms): descriptors outlive the launch; `ws`/`ex` are launch()'s out-pointers.
-        Some(Gather::Embedding) => cx.launch("Embedding", ops.Embedding, |f, ws, ex| unsafe { f(t.ptr(), i.ptr(), o.ptr(), ws, ex) }),
+        Some(Gather::Embedding) => {
+            cx.launch("Embedding", ops.Embedding, |f, ws, ex| unsafe { f(t.ptr(), i.ptr(), o.ptr(), ws, ex) })
+        }
         _ => cx.launch("IndexSelect", ops.IndexSelect, |f, ws, ex| unsafe { f(t.ptr(), 0, i.ptr(), o.ptr(), ws, ex) }),
     }
 }

@@ -82,7 +82,13 @@ fn min_version(kernel: &str) -> (u32, u32) {
 /// The fused op that runs `op` here, if any (the composition runs otherwise). Needs the symbol
 /// pair; when the CANN version is known (`version`), also at least the op's first documented
 /// release (an older library exporting the symbol may have other semantics).
-pub fn kernel_for(op: &Op, fused: &FusedOps, ops: &AclnnOps, profile: &SocProfile, version: Option<(u32, u32)>) -> Option<&'static str> {
+pub fn kernel_for(
+    op: &Op,
+    fused: &FusedOps,
+    ops: &AclnnOps,
+    profile: &SocProfile,
+    version: Option<(u32, u32)>,
+) -> Option<&'static str> {
     let kernel = kernel_by_symbol(op, fused, ops, profile)?;
     match version {
         Some(v) if v < min_version(kernel) => None,
@@ -180,7 +186,8 @@ fn run_mhc_post(cx: &mut Ctx<'_>, op: &HcPost, ins: &[Buf], outs: &[Buf]) -> Res
     {
         let post = View::new(ins[2], F, &[r, m]);
         let comb = View::new(ins[3], F, &[r, m, m]);
-        let (xt, ct, ft, pt, ot) = (cx.tensor(&x)?, cx.tensor(&comb)?, cx.tensor(&f)?, cx.tensor(&post)?, cx.tensor(&out)?);
+        let (xt, ct, ft, pt, ot) =
+            (cx.tensor(&x)?, cx.tensor(&comb)?, cx.tensor(&f)?, cx.tensor(&post)?, cx.tensor(&out)?);
         let pair = cx.fused().MhcPost;
         // SAFETY: descriptors outlive the launch; `ws`/`ex` are launch()'s out-pointers.
         cx.launch("MhcPost", pair, |g, ws, ex| unsafe { g(xt.ptr(), ct.ptr(), ft.ptr(), pt.ptr(), ot.ptr(), ws, ex) })?;
@@ -211,7 +218,23 @@ fn run_mhc_pre(cx: &mut Ctx<'_>, op: &HcPre, ins: &[Buf], outs: &[Buf]) -> Resul
         // SAFETY: descriptors outlive the launch; the optional tensors are NULL; `ws`/`ex` are
         // launch()'s out-pointers.
         cx.launch("MhcPre", pair, |g, ws, ex| unsafe {
-            g(xt.ptr(), pt.ptr(), at.ptr(), bt.ptr(), ptr::null(), norm_eps, hc_eps, ut.ptr(), qt.ptr(), lt.ptr(), none, none, none, ws, ex)
+            g(
+                xt.ptr(),
+                pt.ptr(),
+                at.ptr(),
+                bt.ptr(),
+                ptr::null(),
+                norm_eps,
+                hc_eps,
+                ut.ptr(),
+                qt.ptr(),
+                lt.ptr(),
+                none,
+                none,
+                none,
+                ws,
+                ex,
+            )
         })?;
     }
     let u32b = cx.temp(&[r, d], F)?;
@@ -244,7 +267,8 @@ fn run_lightning_indexer(cx: &mut Ctx<'_>, op: &IndexerTopK, ins: &[Buf], outs: 
     let table = View::new(ins[3], DType::I32, &[r, 1]);
     let idx = View::new(outs[0], DType::I32, &[r, 1, k]);
     let vals = View::new(outs[1], F, &[r, 1, k]);
-    let (qt, kt, wt, ct, lt, tt) = (cx.tensor(&q)?, cx.tensor(&keys)?, cx.tensor(&w)?, cx.tensor(&cu)?, cx.tensor(&klen)?, cx.tensor(&table)?);
+    let (qt, kt, wt, ct, lt, tt) =
+        (cx.tensor(&q)?, cx.tensor(&keys)?, cx.tensor(&w)?, cx.tensor(&cu)?, cx.tensor(&klen)?, cx.tensor(&table)?);
     let (it, vt) = (cx.tensor(&idx)?, cx.tensor(&vals)?);
     let (lq, lk) = (layout("TND"), layout("PA_BSND"));
     let (kk, causal) = (k as i64, 3i64);
@@ -252,7 +276,25 @@ fn run_lightning_indexer(cx: &mut Ctx<'_>, op: &IndexerTopK, ins: &[Buf], outs: 
     // SAFETY: descriptors and layout strings outlive the launch; `ws`/`ex` are launch()'s
     // out-pointers.
     cx.launch("LightningIndexer", pair, |g, ws, ex| unsafe {
-        g(qt.ptr(), kt.ptr(), wt.ptr(), ct.ptr(), lt.ptr(), tt.ptr(), as_arg(&lq), as_arg(&lk), kk, causal, i64::MAX, 0, true, it.ptr(), vt.ptr(), ws, ex)
+        g(
+            qt.ptr(),
+            kt.ptr(),
+            wt.ptr(),
+            ct.ptr(),
+            lt.ptr(),
+            tt.ptr(),
+            as_arg(&lq),
+            as_arg(&lk),
+            kk,
+            causal,
+            i64::MAX,
+            0,
+            true,
+            it.ptr(),
+            vt.ptr(),
+            ws,
+            ex,
+        )
     })
 }
 
@@ -273,9 +315,14 @@ fn run_sparse_flash_mla(cx: &mut Ctx<'_>, op: &SparseAttention, ins: &[Buf], out
     let (ratio, cap, cmp_plan) = match op.compressed {
         CompressedKv::None => (1, 0, None),
         CompressedKv::All { ratio, capacity } => {
-            let counts = places.iter().enumerate().map(|(row, p)| visible_entries(name, row, p, ratio, capacity)).collect::<Result<Vec<_>>>()?;
+            let counts = places
+                .iter()
+                .enumerate()
+                .map(|(row, p)| visible_entries(name, row, p, ratio, capacity))
+                .collect::<Result<Vec<_>>>()?;
             let width = counts.iter().copied().max().unwrap_or(0);
-            let plan: Vec<i32> = counts.iter().flat_map(|&n| (0..width).map(move |j| if j < n { j as i32 } else { -1 })).collect();
+            let plan: Vec<i32> =
+                counts.iter().flat_map(|&n| (0..width).map(move |j| if j < n { j as i32 } else { -1 })).collect();
             (ratio, capacity, Some((width, Some(plan))))
         }
         CompressedKv::Selected { ratio, capacity, topk } => (ratio, capacity, Some((topk, None))),
@@ -299,7 +346,8 @@ fn run_sparse_flash_mla(cx: &mut Ctx<'_>, op: &SparseAttention, ins: &[Buf], out
         }
         // This call's kv rows, rounded to nearest-even bf16 (what WindowStore stores for them).
         cx.cast(&View::new(ins[1], F, &[r, d]), &kv.strided(&[r, d], &[d, 1], kv0 * d))?;
-        let plan: Vec<i32> = ori_rows.iter().flat_map(|k| k.iter().copied().chain(std::iter::repeat_n(-1, k_ori - k.len()))).collect();
+        let plan: Vec<i32> =
+            ori_rows.iter().flat_map(|k| k.iter().copied().chain(std::iter::repeat_n(-1, k_ori - k.len()))).collect();
         let ib = upload(cx, &i32_bytes(&plan))?;
         let tb = upload(cx, &i32_bytes(&vec![0; r]))?;
         let views = (kv, View::of_temp(&ib, DType::I32, &[r, 1, k_ori]), View::of_temp(&tb, DType::I32, &[r, 1]));
@@ -344,8 +392,33 @@ fn run_sparse_flash_mla(cx: &mut Ctx<'_>, op: &SparseAttention, ins: &[Buf], out
         // NULL; `ws`/`ex` are launch()'s out-pointers.
         cx.launch("SparseFlashMlaMetadata", pair, |g, ws, ex| unsafe {
             g(
-                cu_t.ptr(), n, n, n, n, n, n, n, n, heads, 1, MLA_HEAD_DIM as i64, batch, 1, max_kv, cmp_ratio, 0, 0, win_left, 0,
-                as_arg(&lq), as_arg(&lkv), has_ori, has_cmp, meta_t.ptr(), ws, ex,
+                cu_t.ptr(),
+                n,
+                n,
+                n,
+                n,
+                n,
+                n,
+                n,
+                n,
+                heads,
+                1,
+                MLA_HEAD_DIM as i64,
+                batch,
+                1,
+                max_kv,
+                cmp_ratio,
+                0,
+                0,
+                win_left,
+                0,
+                as_arg(&lq),
+                as_arg(&lkv),
+                has_ori,
+                has_cmp,
+                meta_t.ptr(),
+                ws,
+                ex,
             )
         })?;
     }
@@ -368,8 +441,38 @@ fn run_sparse_flash_mla(cx: &mut Ctx<'_>, op: &SparseAttention, ins: &[Buf], out
         // are NULL; `ws`/`ex` are launch()'s out-pointers.
         cx.launch("SparseFlashMla", pair, |g, ws, ex| unsafe {
             g(
-                q_t.ptr(), args[0], args[1], args[2], args[3], args[4], args[5], cu_t.ptr(), n, n, n, n, n, n, n, n, sink_t.ptr(), meta_t.ptr(),
-                scale, cmp_ratio, 0, 0, win_left, 0, as_arg(&lq), as_arg(&lkv), 0, false, out_t.ptr(), ptr::null_mut(), ws, ex,
+                q_t.ptr(),
+                args[0],
+                args[1],
+                args[2],
+                args[3],
+                args[4],
+                args[5],
+                cu_t.ptr(),
+                n,
+                n,
+                n,
+                n,
+                n,
+                n,
+                n,
+                n,
+                sink_t.ptr(),
+                meta_t.ptr(),
+                scale,
+                cmp_ratio,
+                0,
+                0,
+                win_left,
+                0,
+                as_arg(&lq),
+                as_arg(&lkv),
+                0,
+                false,
+                out_t.ptr(),
+                ptr::null_mut(),
+                ws,
+                ex,
             )
         })?;
     }

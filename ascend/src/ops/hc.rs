@@ -76,7 +76,15 @@ fn scratch(cx: &Ctx<'_>, shape: &[usize]) -> Result<(DeviceBuffer, View)> {
 }
 
 /// `μ = (x̄ · fnᵀ) · ρ`, `[R, nm]`.
-fn mixes(cx: &mut Ctx<'_>, x: Buf, fn_w: Buf, rows: usize, md: usize, nm: usize, norm_eps: f32) -> Result<(DeviceBuffer, View)> {
+fn mixes(
+    cx: &mut Ctx<'_>,
+    x: Buf,
+    fn_w: Buf,
+    rows: usize,
+    md: usize,
+    nm: usize,
+    norm_eps: f32,
+) -> Result<(DeviceBuffer, View)> {
     let xv = View::new(x, F, &[rows, md]);
     let ones = super::norm::ones(cx, md)?;
     let (_yb, y) = scratch(cx, &[rows, md])?;
@@ -99,7 +107,17 @@ fn mixes(cx: &mut Ctx<'_>, x: Buf, fn_w: Buf, rows: usize, md: usize, nm: usize,
 
 /// `z = μ[:, lo..lo+w] · scale[si] + base[lo..lo+w]`, `[R, w]`.
 #[allow(clippy::too_many_arguments)]
-fn gate(cx: &mut Ctx<'_>, mu: &View, rows: usize, nm: usize, lo: usize, w: usize, scale: Buf, si: usize, base: Buf) -> Result<(DeviceBuffer, View)> {
+fn gate(
+    cx: &mut Ctx<'_>,
+    mu: &View,
+    rows: usize,
+    nm: usize,
+    lo: usize,
+    w: usize,
+    scale: Buf,
+    si: usize,
+    base: Buf,
+) -> Result<(DeviceBuffer, View)> {
     let slice = mu.strided(&[rows, w], &[nm, 1], lo);
     let sc = View::new(scale, F, &[1]).strided(&[1], &[1], si);
     let bs = View::new(base, F, &[nm]).strided(&[w], &[1], lo);
@@ -112,7 +130,18 @@ fn gate(cx: &mut Ctx<'_>, mu: &View, rows: usize, nm: usize, lo: usize, w: usize
 
 /// `p = sigmoid(z) + eps`, `u[r] = Σ_i p[r, i] · x[r, i, :]`, then `y = norm ⊙ (u · rstd(u))`.
 #[allow(clippy::too_many_arguments)]
-fn merge_norm(cx: &mut Ctx<'_>, z: &View, x: Buf, norm: Buf, y: Buf, rows: usize, m: usize, d: usize, hc_eps: f32, norm_eps: f32) -> Result<()> {
+fn merge_norm(
+    cx: &mut Ctx<'_>,
+    z: &View,
+    x: Buf,
+    norm: Buf,
+    y: Buf,
+    rows: usize,
+    m: usize,
+    d: usize,
+    hc_eps: f32,
+    norm_eps: f32,
+) -> Result<()> {
     let (_sb, s) = scratch(cx, &[rows, m])?;
     cx.sigmoid(z, &s)?;
     let (_pb, p) = scratch(cx, &[rows, m])?;
@@ -126,8 +155,13 @@ fn merge_norm(cx: &mut Ctx<'_>, z: &View, x: Buf, norm: Buf, y: Buf, rows: usize
 /// An mHC op's streams (`HcPre` step 0): input `x`; or, `after_post`, HcPost of the first four
 /// inputs (composed, [`run_hc_post`]) written to the output `x`. Returns the streams and the
 /// op's remaining inputs (`fn`, `base`, `scale`, `norm`) and outputs.
-pub(crate) fn streams<'a>(cx: &mut Ctx<'_>, after_post: bool, (rows, mult, dim): (usize, usize, usize), ins: &'a [Buf], outs: &'a [Buf])
-    -> Result<(Buf, &'a [Buf], &'a [Buf])> {
+pub(crate) fn streams<'a>(
+    cx: &mut Ctx<'_>,
+    after_post: bool,
+    (rows, mult, dim): (usize, usize, usize),
+    ins: &'a [Buf],
+    outs: &'a [Buf],
+) -> Result<(Buf, &'a [Buf], &'a [Buf])> {
     let rest = &ins[hc_weights_at(after_post)..];
     if !after_post {
         return Ok((ins[0], rest, outs));

@@ -53,7 +53,10 @@ pub(crate) fn visible_counts(name: &str, op: &IndexerTopK, places: &[hal::ops::r
     for (row, p) in places.iter().enumerate() {
         let n = (p.pos + 1) / op.ratio;
         if n > op.capacity {
-            return Err(Error::invalid(format!("{name} row {row}"), format!("position {} sees {n} entries, capacity is {}", p.pos, op.capacity)));
+            return Err(Error::invalid(
+                format!("{name} row {row}"),
+                format!("position {} sees {n} entries, capacity is {}", p.pos, op.capacity),
+            ));
         }
         counts.push(if op.head_dim == 0 { 0 } else { n });
     }
@@ -92,12 +95,18 @@ pub fn run_indexer_topk(cx: &mut Ctx<'_>, op: &IndexerTopK, ins: &[Buf], outs: &
     }
     if h == 0 {
         // Every score is an empty sum (0): the first `n` entries, in index order.
-        let idx: Vec<u8> = counts.iter().flat_map(|&n| (0..k).map(move |t| if t < n { t as i32 } else { -1 })).flat_map(i32::to_le_bytes).collect();
-        let sc: Vec<f32> = counts.iter().flat_map(|&n| (0..k).map(move |t| if t < n { 0.0 } else { f32::NEG_INFINITY })).collect();
+        let idx: Vec<u8> = counts
+            .iter()
+            .flat_map(|&n| (0..k).map(move |t| if t < n { t as i32 } else { -1 }))
+            .flat_map(i32::to_le_bytes)
+            .collect();
+        let sc: Vec<f32> =
+            counts.iter().flat_map(|&n| (0..k).map(move |t| if t < n { 0.0 } else { f32::NEG_INFINITY })).collect();
         cx.be.h2d_locked(cx.st, outs[0].ptr, outs[0].len, &idx)?;
         return cx.be.h2d_locked(cx.st, outs[1].ptr, outs[1].len, &f32_bytes(&sc));
     }
-    let mask: Vec<f32> = counts.iter().flat_map(|&n| (0..n_max).map(move |j| if j < n { 0.0 } else { f32::NEG_INFINITY })).collect();
+    let mask: Vec<f32> =
+        counts.iter().flat_map(|&n| (0..n_max).map(move |j| if j < n { 0.0 } else { f32::NEG_INFINITY })).collect();
     let valid: Vec<f32> = counts.iter().flat_map(|&n| (0..kk).map(move |t| if t < n { 1.0 } else { 0.0 })).collect();
     let validm1: Vec<f32> = valid.iter().map(|v| v - 1.0).collect();
     let slots_buf = upload(cx, &slots.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())?;

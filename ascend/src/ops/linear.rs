@@ -73,7 +73,19 @@ pub fn run_linear(cx: &mut Ctx<'_>, op: &Linear, ins: &[Buf], outs: &[Buf]) -> R
     if op.format.quantizes_input() {
         let profile = cx.be.profile.clone();
         let copy = super::lowp::current(cx, 1);
-        return super::lowp::linear_lowp(cx, &profile, op.format, copy.as_deref(), ins[0], ins[1], ins[2], outs[0], r, k, n);
+        return super::lowp::linear_lowp(
+            cx,
+            &profile,
+            op.format,
+            copy.as_deref(),
+            ins[0],
+            ins[1],
+            ins[2],
+            outs[0],
+            r,
+            k,
+            n,
+        );
     }
     let x = View::new(ins[0], DType::F32, &[r, k]);
     let y = View::new(outs[0], DType::F32, &[r, n]);

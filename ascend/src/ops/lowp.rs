@@ -109,7 +109,9 @@ pub struct Converted {
 impl Converted {
     /// Whether this copy is what `slot` of an op needs, decoded with `scale` as it is now.
     fn fits(&self, slot: &Slot, scale: &AscendStorage) -> bool {
-        self.format == slot.format && self.dims == slot.dims && self.scale == (scale.uid, scale.generation.load(Ordering::Acquire))
+        self.format == slot.format
+            && self.dims == slot.dims
+            && self.scale == (scale.uid, scale.generation.load(Ordering::Acquire))
     }
 }
 
@@ -157,16 +159,15 @@ fn slots(op: &Op) -> Vec<Slot> {
         Op::Linear(l) if l.format.quantizes_input() => {
             vec![Slot { values: 1, scale: 2, format: l.format, dims: [1, l.out_features, l.in_features] }]
         }
-        Op::GroupedLinear(g) if g.format.quantizes_input() => vec![Slot {
-            values: 1,
-            scale: 2,
-            format: g.format,
-            dims: [1, g.groups * g.out_per_group, g.in_per_group],
-        }],
-        Op::MoeExperts(m) if m.format.quantizes_input() => [(3, m.inter, m.dim), (5, m.inter, m.dim), (7, m.dim, m.inter)]
-            .into_iter()
-            .map(|(values, n, k)| Slot { values, scale: values + 1, format: m.format, dims: [m.experts, n, k] })
-            .collect(),
+        Op::GroupedLinear(g) if g.format.quantizes_input() => {
+            vec![Slot { values: 1, scale: 2, format: g.format, dims: [1, g.groups * g.out_per_group, g.in_per_group] }]
+        }
+        Op::MoeExperts(m) if m.format.quantizes_input() => {
+            [(3, m.inter, m.dim), (5, m.inter, m.dim), (7, m.dim, m.inter)]
+                .into_iter()
+                .map(|(values, n, k)| Slot { values, scale: values + 1, format: m.format, dims: [m.experts, n, k] })
+                .collect()
+        }
         _ => Vec::new(),
     }
 }
@@ -258,7 +259,10 @@ impl AscendBackend {
                 note += &format!("; {f32s} of {} kept as F32 (a scale outside bf16's exact range)", bf16 + f32s);
             }
             if done.kept > 0 {
-                note += &format!("; {} left in checkpoint format (no device memory for the copy; decoded per call)", done.kept);
+                note += &format!(
+                    "; {} left in checkpoint format (no device memory for the copy; decoded per call)",
+                    done.kept
+                );
             }
             done.note = note;
         }
@@ -268,7 +272,8 @@ impl AscendBackend {
     /// Decodes every matrix of `slot` into a new `dtype` buffer (F32, or BF16 through `Cast`).
     fn convert(&self, slot: &Slot, dtype: DType, w: &AscendStorage, scale: &AscendStorage) -> Result<Converted> {
         let [m, n, k] = slot.dims;
-        let bytes = |i: usize, specs: &[hal::ops::TensorSpec]| specs[i].shape.iter().product::<usize>() * specs[i].dtype.size();
+        let bytes =
+            |i: usize, specs: &[hal::ops::TensorSpec]| specs[i].shape.iter().product::<usize>() * specs[i].dtype.size();
         let specs = slot.format.weight_specs(n, k);
         let (wb, sb, ob) = (bytes(0, &specs), bytes(1, &specs), n * k * dtype.size());
         let mut st = self.lock_issue()?;
@@ -286,7 +291,13 @@ impl AscendBackend {
                 cx.cast(&v, &out)?;
             }
         }
-        Ok(Converted { buf, dtype, format: slot.format, dims: slot.dims, scale: (scale.uid, scale.generation.load(Ordering::Acquire)) })
+        Ok(Converted {
+            buf,
+            dtype,
+            format: slot.format,
+            dims: slot.dims,
+            scale: (scale.uid, scale.generation.load(Ordering::Acquire)),
+        })
     }
 }
 
@@ -330,7 +341,15 @@ fn decode(cx: &mut Ctx<'_>, codes: Buf, n: usize, table: &View, out: &View) -> R
 }
 
 /// An f32 `[n, k]` temporary holding the dequantized weight `w` (+ `scale`).
-pub fn dequant(cx: &mut Ctx<'_>, profile: &SocProfile, format: WeightFormat, w: Buf, scale: Buf, n: usize, k: usize) -> Result<(DeviceBuffer, View)> {
+pub fn dequant(
+    cx: &mut Ctx<'_>,
+    profile: &SocProfile,
+    format: WeightFormat,
+    w: Buf,
+    scale: Buf,
+    n: usize,
+    k: usize,
+) -> Result<(DeviceBuffer, View)> {
     let wb = cx.temp(&[n, k], F)?;
     let wv = View::of_temp(&wb, F, &[n, k]);
     dequant_into(cx, profile, format, w, scale, n, k, &wv)?;
@@ -339,7 +358,16 @@ pub fn dequant(cx: &mut Ctx<'_>, profile: &SocProfile, format: WeightFormat, w: 
 
 /// `out` (f32 `[n, k]`) = the dequantized weight `w` (+ `scale`).
 #[allow(clippy::too_many_arguments)]
-fn dequant_into(cx: &mut Ctx<'_>, profile: &SocProfile, format: WeightFormat, w: Buf, scale: Buf, n: usize, k: usize, out: &View) -> Result<()> {
+fn dequant_into(
+    cx: &mut Ctx<'_>,
+    profile: &SocProfile,
+    format: WeightFormat,
+    w: Buf,
+    scale: Buf,
+    n: usize,
+    k: usize,
+    out: &View,
+) -> Result<()> {
     let vb = cx.temp(&[n, k], F)?;
     let vals = View::of_temp(&vb, F, &[n, k]);
     let (sn, sk, col_block, row_block) = match format {
@@ -443,7 +471,13 @@ pub fn linear_lowp(
     let xq = act_quant(cx, x, r, k)?;
     let (_wb, wv) = weight_f32(cx, profile, format, copy, 0, w, scale, n, k)?;
     let wt = wv.strided(&[k, n], &[1, k], 0);
-    super::linear::matmul(cx, &View::of_temp(&xq, DType::F32, &[r, k]), &wt, &View::new(y, DType::F32, &[r, n]), sys::CUBE_KEEP_DTYPE)
+    super::linear::matmul(
+        cx,
+        &View::of_temp(&xq, DType::F32, &[r, k]),
+        &wt,
+        &View::new(y, DType::F32, &[r, n]),
+        sys::CUBE_KEEP_DTYPE,
+    )
 }
 
 #[cfg(test)]
@@ -460,7 +494,9 @@ mod tests {
         let scale = e8m0_to_f32(s);
         match format {
             // 0x7F / 0xFF are e4m3's NaN codes (NaN stays NaN either way).
-            WeightFormat::Fp8Block128 => (0..=255u8).filter(|c| c & 0x7F != 0x7F).all(|c| normal_bf16(e4m3_to_f32(c) * scale)),
+            WeightFormat::Fp8Block128 => {
+                (0..=255u8).filter(|c| c & 0x7F != 0x7F).all(|c| normal_bf16(e4m3_to_f32(c) * scale))
+            }
             _ => (0..16u8).all(|c| normal_bf16(e2m1_to_f32(c) * scale)),
         }
     }
@@ -469,7 +505,9 @@ mod tests {
     /// scale bytes in the ranges, and the ranges are tight (one step out, some value is not).
     #[test]
     fn bf16_exact_scale_ranges() {
-        for (format, range) in [(WeightFormat::Fp8Block128, E8M0_BF16_EXACT_FP8), (WeightFormat::Fp4Group32, E8M0_BF16_EXACT_FP4)] {
+        for (format, range) in
+            [(WeightFormat::Fp8Block128, E8M0_BF16_EXACT_FP8), (WeightFormat::Fp4Group32, E8M0_BF16_EXACT_FP4)]
+        {
             for s in range.clone() {
                 assert!(all_exact(format, s), "{format:?} scale byte {s}");
             }

@@ -230,7 +230,10 @@ impl<'a> Ctx<'a> {
             )
         };
         if raw.is_null() {
-            return Err(self.be.rt.error(sys::ACLNN_ERR_PARAM_INVALID, &format!("aclCreateTensor({} {:?})", v.dtype, v.shape)));
+            return Err(self
+                .be
+                .rt
+                .error(sys::ACLNN_ERR_PARAM_INVALID, &format!("aclCreateTensor({} {:?})", v.dtype, v.shape)));
         }
         Ok(TensorDesc { raw, api })
     }
@@ -281,7 +284,8 @@ impl<'a> Ctx<'a> {
         if exec.is_null() {
             return Err(rt.error(sys::ACLNN_ERR_INNER, &format!("aclnn{name}GetWorkspaceSize returned no executor")));
         }
-        let ws_len = usize::try_from(ws).map_err(|_| Error::OutOfMemory { backend: BACKEND.into(), bytes: usize::MAX })?;
+        let ws_len =
+            usize::try_from(ws).map_err(|_| Error::OutOfMemory { backend: BACKEND.into(), bytes: usize::MAX })?;
         // If this allocation fails the executor is abandoned unlaunched: there is no documented
         // way to release a non-repeatable executor without running it.
         let workspace = self.be.pool.alloc(ws_len)?;
@@ -328,7 +332,12 @@ impl<'a> Ctx<'a> {
     /// `src` itself for an f32 cache; for a bf16 one, a new temporary holding each value's
     /// nearest-even bf16 (`aclnnCast`). The buffer, when there is one, must outlive the
     /// launches that read the view.
-    pub fn to_cache_dtype(&mut self, src: &View, dtype: DType, shape: &[usize]) -> Result<(Option<DeviceBuffer>, View)> {
+    pub fn to_cache_dtype(
+        &mut self,
+        src: &View,
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<(Option<DeviceBuffer>, View)> {
         if dtype == DType::F32 {
             return Ok((None, src.clone()));
         }
@@ -411,7 +420,9 @@ impl<'a> Ctx<'a> {
         let (x, o) = (self.tensor(a)?, self.tensor(out)?);
         let d = self.int_array(dims)?;
         // SAFETY: descriptors and the int array outlive the launch; `ws`/`ex` are launch()'s out-pointers.
-        self.launch("ReduceSum", self.ops().ReduceSum, |f, ws, ex| unsafe { f(x.ptr(), d.raw, true, sys::ACL_FLOAT, o.ptr(), ws, ex) })
+        self.launch("ReduceSum", self.ops().ReduceSum, |f, ws, ex| unsafe {
+            f(x.ptr(), d.raw, true, sys::ACL_FLOAT, o.ptr(), ws, ex)
+        })
     }
 
     /// `out[b] = a[b] @ b[b]` (3-D), fp32 kept as fp32 (`KEEP_DTYPE`).
@@ -419,7 +430,9 @@ impl<'a> Ctx<'a> {
         let (x, y, o) = (self.tensor(a)?, self.tensor(b)?, self.tensor(out)?);
         let cube = sys::CUBE_KEEP_DTYPE;
         // SAFETY: descriptors outlive the launch; `ws`/`ex` are launch()'s out-pointers.
-        self.launch("BatchMatMul", self.ops().BatchMatMul, |f, ws, ex| unsafe { f(x.ptr(), y.ptr(), o.ptr(), cube, ws, ex) })
+        self.launch("BatchMatMul", self.ops().BatchMatMul, |f, ws, ex| unsafe {
+            f(x.ptr(), y.ptr(), o.ptr(), cube, ws, ex)
+        })
     }
 
     /// `dst[...] = src` (src broadcast to dst's shape).
@@ -475,7 +488,9 @@ pub fn supports(op: &Op, ops: &AclnnOps, profile: &SocProfile) -> Support {
         // aclnnTopk (k = 1) could take the greedy rows, but its NaN order and ties on real
         // CANN are unverified and no aclnn op draws the sampler's counter-based numbers; the
         // model samples on the host from downloaded logits instead (same tokens).
-        Op::SampleTokens(_) => Support::No("token sampling is not composed from aclnn ops yet; the model samples on the host".into()),
+        Op::SampleTokens(_) => {
+            Support::No("token sampling is not composed from aclnn ops yet; the model samples on the host".into())
+        }
     }
 }
 

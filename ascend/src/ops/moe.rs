@@ -39,7 +39,10 @@ fn clamp(cx: &mut Ctx<'_>, x: &View, lo: Option<f32>, hi: Option<f32>, out: &Vie
     let (xt, ot) = (cx.tensor(x)?, cx.tensor(out)?);
     let lo = lo.map(|v| cx.scalar_f32(v)).transpose()?;
     let hi = hi.map(|v| cx.scalar_f32(v)).transpose()?;
-    let (lp, hp) = (lo.as_ref().map_or(ptr::null(), |s| s.raw.cast_const()), hi.as_ref().map_or(ptr::null(), |s| s.raw.cast_const()));
+    let (lp, hp) = (
+        lo.as_ref().map_or(ptr::null(), |s| s.raw.cast_const()),
+        hi.as_ref().map_or(ptr::null(), |s| s.raw.cast_const()),
+    );
     let pair = cx.ops().Clamp;
     // SAFETY: descriptors and scalars outlive the launch; NULL bounds are documented as open.
     cx.launch("Clamp", pair, |f, ws, ex| unsafe { f(xt.ptr(), lp, hp, ot.ptr(), ws, ex) })
@@ -108,7 +111,10 @@ pub fn run_moe_gate(cx: &mut Ctx<'_>, op: &MoeGate, ins: &[Buf], outs: &[Buf]) -
         GateMode::Hashed { vocab } => {
             let ids = cx.read_i32(ins[3], r)?;
             if let Some(row) = ids.iter().position(|&i| i < 0 || i as usize >= vocab) {
-                return Err(Error::invalid(format!("{name} row {row}"), format!("token id {} outside [0, {vocab})", ids[row])));
+                return Err(Error::invalid(
+                    format!("{name} row {row}"),
+                    format!("token id {} outside [0, {vocab})", ids[row]),
+                ));
             }
             Some(vocab)
         }
@@ -175,7 +181,9 @@ pub fn run_moe_gate(cx: &mut Ctx<'_>, op: &MoeGate, ins: &[Buf], outs: &[Buf]) -
             let kk = k as i64;
             let pair = cx.ops().Topk;
             // SAFETY: descriptors outlive the launch; `ws`/`ex` are launch()'s out-pointers.
-            cx.launch("Topk", pair, |f, ws, ex| unsafe { f(xt.ptr(), kk, -1, true, true, vt.ptr(), it.ptr(), ws, ex) })?;
+            cx.launch("Topk", pair, |f, ws, ex| unsafe {
+                f(xt.ptr(), kk, -1, true, true, vt.ptr(), it.ptr(), ws, ex)
+            })?;
         }
         cx.cast(&idx, &experts)?;
     }
@@ -225,7 +233,10 @@ pub fn supports_moe_experts(m: &MoeExperts, ops: &AclnnOps) -> Support {
 pub fn run_moe_experts(cx: &mut Ctx<'_>, op: &MoeExperts, ins: &[Buf], outs: &[Buf]) -> Result<()> {
     let name = "moe_experts";
     if op.swiglu_limit.is_nan() || op.swiglu_limit < 0.0 {
-        return Err(Error::invalid(name, format!("swiglu limit {} must be ≥ 0 (0 disables the clamp)", op.swiglu_limit)));
+        return Err(Error::invalid(
+            name,
+            format!("swiglu limit {} must be ≥ 0 (0 disables the clamp)", op.swiglu_limit),
+        ));
     }
     let (r, d, inter, e_n, k) = (op.rows, op.dim, op.inter, op.experts, op.topk);
     if r == 0 {
@@ -239,7 +250,10 @@ pub fn run_moe_experts(cx: &mut Ctx<'_>, op: &MoeExperts, ins: &[Buf], outs: &[B
         let mut seen: Vec<usize> = Vec::with_capacity(k);
         for t in 0..k {
             let e = ids[row * k + t];
-            let e = usize::try_from(e).ok().filter(|&e| e < e_n).ok_or_else(|| row_err(format!("expert {e} outside [0, {e_n})")))?;
+            let e = usize::try_from(e)
+                .ok()
+                .filter(|&e| e < e_n)
+                .ok_or_else(|| row_err(format!("expert {e} outside [0, {e_n})")))?;
             seen.push(e);
             routes[e].push((row as i32, (row * k + t) as i32));
         }
@@ -269,7 +283,9 @@ pub fn run_moe_experts(cx: &mut Ctx<'_>, op: &MoeExperts, ins: &[Buf], outs: &[B
     let xq = View::of_temp(&xq_buf, DType::F32, &[r, d]);
     let y = View::new(outs[0], DType::F32, &[r, d]);
     let wts = View::new(ins[2], DType::F32, &[r * k]);
-    let ms = |cx: &mut Ctx<'_>, a: &View, w: &View, out: &View| super::linear::matmul(cx, a, w, out, crate::sys::CUBE_KEEP_DTYPE);
+    let ms = |cx: &mut Ctx<'_>, a: &View, w: &View, out: &View| {
+        super::linear::matmul(cx, a, w, out, crate::sys::CUBE_KEEP_DTYPE)
+    };
     for (e, route) in routes.iter().enumerate() {
         let n = route.len();
         if n == 0 {
@@ -286,18 +302,47 @@ pub fn run_moe_experts(cx: &mut Ctx<'_>, op: &MoeExperts, ins: &[Buf], outs: &[B
         let (gb, ub) = (cx.temp(&[n, inter], DType::F32)?, cx.temp(&[n, inter], DType::F32)?);
         for (wi, out) in [(3usize, &gb), (5, &ub)] {
             let copy = copies[(wi - 3) / 2].as_deref();
-            let (_wb, wv) = super::lowp::weight_f32(cx, &profile, fmt, copy, e, part(ins[wi], e, s13[0]), part(ins[wi + 1], e, s13[1]), inter, d)?;
+            let (_wb, wv) = super::lowp::weight_f32(
+                cx,
+                &profile,
+                fmt,
+                copy,
+                e,
+                part(ins[wi], e, s13[0]),
+                part(ins[wi + 1], e, s13[1]),
+                inter,
+                d,
+            )?;
             ms(cx, &xe, &wv.strided(&[d, inter], &[1, d], 0), &View::of_temp(out, DType::F32, &[n, inter]))?;
         }
         let hb = cx.temp(&[n, inter], DType::F32)?;
-        run_swiglu(cx, &SwiGlu { rows: n, width: inter, limit: op.swiglu_limit }, &[Buf::of(&gb), Buf::of(&ub)], &[Buf::of(&hb)])?;
+        run_swiglu(
+            cx,
+            &SwiGlu { rows: n, width: inter, limit: op.swiglu_limit },
+            &[Buf::of(&gb), Buf::of(&ub)],
+            &[Buf::of(&hb)],
+        )?;
         let wtb = cx.temp(&[n], DType::F32)?;
         let wt = View::of_temp(&wtb, DType::F32, &[n]);
         super::attention::index_select_dim(cx, &wts, 0, &View::of_temp(&widx_buf, DType::I32, &[n]), &wt)?;
         let hwb = cx.temp(&[n, inter], DType::F32)?;
-        cx.mul(&View::of_temp(&hb, DType::F32, &[n, inter]), &wt.reshape(&[n, 1]), &View::of_temp(&hwb, DType::F32, &[n, inter]))?;
+        cx.mul(
+            &View::of_temp(&hb, DType::F32, &[n, inter]),
+            &wt.reshape(&[n, 1]),
+            &View::of_temp(&hwb, DType::F32, &[n, inter]),
+        )?;
         let hq = super::lowp::act_quant(cx, Buf::of(&hwb), n, inter)?;
-        let (_w2b, w2) = super::lowp::weight_f32(cx, &profile, fmt, copies[2].as_deref(), e, part(ins[7], e, s2[0]), part(ins[8], e, s2[1]), d, inter)?;
+        let (_w2b, w2) = super::lowp::weight_f32(
+            cx,
+            &profile,
+            fmt,
+            copies[2].as_deref(),
+            e,
+            part(ins[7], e, s2[0]),
+            part(ins[8], e, s2[1]),
+            d,
+            inter,
+        )?;
         let yeb = cx.temp(&[n, d], DType::F32)?;
         let ye = View::of_temp(&yeb, DType::F32, &[n, d]);
         ms(cx, &View::of_temp(&hq, DType::F32, &[n, inter]), &w2.strided(&[inter, d], &[1, inter], 0), &ye)?;

@@ -52,7 +52,15 @@ pub fn supports_rms_norm(op: &RmsNorm, ops: &AclnnOps) -> Support {
 
 /// `y = gamma ⊙ (x · rstd)` for the `rows` rows of width `dim` of `x` (f32 buffers): one
 /// `aclnnRmsNorm`. Also the last step of the mHC ops (`hc.rs`, `fused.rs`).
-pub(crate) fn rms_norm_rows(cx: &mut Ctx<'_>, x: Buf, gamma: Buf, y: Buf, rows: usize, dim: usize, eps: f32) -> Result<()> {
+pub(crate) fn rms_norm_rows(
+    cx: &mut Ctx<'_>,
+    x: Buf,
+    gamma: Buf,
+    y: Buf,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<()> {
     let x = View::new(x, DType::F32, &[rows, dim]);
     let g = View::new(gamma, DType::F32, &[dim]);
     let y = View::new(y, DType::F32, &[rows, dim]);

@@ -202,7 +202,15 @@ fn clamp(cx: &mut Ctx<'_>, x: &View, lo: Option<f32>, hi: Option<f32>, out: &Vie
 
 /// In place: the HAL's [`QuantSim`] of the first `quant_dims` of each of `rows` rows of `x`
 /// (f32, row length `dim`), in blocks of `block` (a shorter last block is its own block).
-pub(crate) fn quant_sim_rows(cx: &mut Ctx<'_>, x: Buf, rows: usize, dim: usize, quant_dims: usize, block: usize, format: QuantFormat) -> Result<()> {
+pub(crate) fn quant_sim_rows(
+    cx: &mut Ctx<'_>,
+    x: Buf,
+    rows: usize,
+    dim: usize,
+    quant_dims: usize,
+    block: usize,
+    format: QuantFormat,
+) -> Result<()> {
     if rows == 0 || quant_dims == 0 || block == 0 {
         return Ok(());
     }

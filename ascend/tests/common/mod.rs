@@ -31,10 +31,7 @@ pub fn emu_lib() -> PathBuf {
             return p;
         }
     }
-    panic!(
-        "libv4rt_cann_emu.so not found next to {} (build v4rt-cann-emu, or set V4RT_CANN_EMU_LIB)",
-        exe.display()
-    );
+    panic!("libv4rt_cann_emu.so not found next to {} (build v4rt-cann-emu, or set V4RT_CANN_EMU_LIB)", exe.display());
 }
 
 /// Which libraries a fake toolkit provides.
@@ -120,7 +117,12 @@ pub fn run_child(scenario: &str, envs: &[(&str, &str)]) -> Output {
 /// `CHILD-OK` (its output is shown on failure).
 pub fn assert_child_ok(out: &Output) {
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && stdout.contains("CHILD-OK"), "child failed: {}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && stdout.contains("CHILD-OK"),
+        "child failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `Σ(g−w)² / Σw²`; infinite on a length mismatch or any non-finite value.

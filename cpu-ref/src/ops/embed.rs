@@ -68,10 +68,12 @@ pub fn run_add(op: &Add, ins: &[&CpuStorage], outs: &mut [&mut CpuStorage]) -> R
 
 /// `out[i, :] = x[idx[i], :]`; an index outside `[0, rows)` is an error naming it.
 pub fn gather_rows(x: &[f32], idx: &[i32], width: usize, out: &mut [f32]) -> Result<()> {
-    let rows = if width == 0 { 0 } else { x.len() / width };
+    let rows = x.len().checked_div(width).unwrap_or(0);
     for (i, (&k, o)) in idx.iter().zip(out.chunks_exact_mut(width.max(1))).enumerate() {
         let k = usize::try_from(k).ok().filter(|&k| k < rows);
-        let k = k.ok_or_else(|| Error::invalid(format!("gather_rows index {i}"), format!("row {} outside [0, {rows})", idx[i])))?;
+        let k = k.ok_or_else(|| {
+            Error::invalid(format!("gather_rows index {i}"), format!("row {} outside [0, {rows})", idx[i]))
+        })?;
         o.copy_from_slice(&x[k * width..(k + 1) * width]);
     }
     Ok(())

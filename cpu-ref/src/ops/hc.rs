@@ -73,8 +73,9 @@ pub fn hc_split_sinkhorn(
 /// the sub-layer's input norm `y = norm ⊙ (u · ρ_u)` ([`HcPre`] steps 5 and 6).
 pub fn hc_merge_norm(x: &[f32], p: &[f32], norm: &[f32], eps: f32, y: &mut [f32]) {
     let d = y.len();
-    let u: Vec<f32> =
-        (0..d).map(|c| p.iter().enumerate().map(|(i, &pi)| pi as f64 * x[i * d + c] as f64).sum::<f64>() as f32).collect();
+    let u: Vec<f32> = (0..d)
+        .map(|c| p.iter().enumerate().map(|(i, &pi)| pi as f64 * x[i * d + c] as f64).sum::<f64>() as f32)
+        .collect();
     rms_norm_row(&u, Some(norm), eps, y);
 }
 

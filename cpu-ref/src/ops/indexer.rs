@@ -69,10 +69,15 @@ pub fn run_indexer_topk(op: &IndexerTopK, ins: &[&CpuStorage], outs: &mut [&mut 
         (idx, picked)
     };
     let work: usize = places.iter().map(|p| (p.pos + 1) / op.ratio).sum::<usize>() * h * d;
-    let rows: Vec<(Vec<i32>, Vec<f32>)> =
-        if work < PAR_MACS { (0..places.len()).map(each).collect() } else { (0..places.len()).into_par_iter().map(each).collect() };
+    let rows: Vec<(Vec<i32>, Vec<f32>)> = if work < PAR_MACS {
+        (0..places.len()).map(each).collect()
+    } else {
+        (0..places.len()).into_par_iter().map(each).collect()
+    };
     let [indices, scores] = outs else { return Err(super::arity(name)) };
-    for ((ri, rs), (i, s)) in indices.i32s_mut().chunks_exact_mut(k).zip(scores.f32s_mut().chunks_exact_mut(k)).zip(rows) {
+    for ((ri, rs), (i, s)) in
+        indices.i32s_mut().chunks_exact_mut(k).zip(scores.f32s_mut().chunks_exact_mut(k)).zip(rows)
+    {
         ri.copy_from_slice(&i);
         rs.copy_from_slice(&s);
     }

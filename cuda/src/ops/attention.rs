@@ -5,7 +5,10 @@ use hal::ops::attention::CompressedKv;
 use hal::ops::{SparseAttention, WindowStore};
 use hal::{Error, Result};
 
-use super::{cache_kernel, check_rows, grid_for, i, l, launch, row_check, smem, Arg, BLOCK, CHECK_INDICES, CHECK_NONE, CHECK_SEES, NO_ROWS_CHECK};
+use super::{
+    cache_kernel, check_rows, grid_for, i, l, launch, row_check, smem, Arg, BLOCK, CHECK_INDICES, CHECK_NONE,
+    CHECK_SEES, NO_ROWS_CHECK,
+};
 use crate::device::Dev;
 
 const FAMILY: &str = "attention";
@@ -107,14 +110,16 @@ pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], out
         Arg::P(dev.err_ptr),
     ];
     let pairs = op.rows * h;
-    let blocks = u32::try_from(op.rows * h.div_ceil(hg)).map_err(|_| Error::invalid(name, "rows × heads exceeds 2^32"))?;
+    let blocks =
+        u32::try_from(op.rows * h.div_ceil(hg)).map_err(|_| Error::invalid(name, "rows × heads exceeds 2^32"))?;
     // Key splits so that few (row, head) pairs (decode) still fill the device, each split
     // keeping at least `Dev::attn_split_keys` keys of the longest possible key set.
-    let max_keys = op.window + match op.compressed {
-        CompressedKv::None => 0,
-        CompressedKv::All { capacity, .. } => capacity,
-        CompressedKv::Selected { topk, .. } => topk,
-    };
+    let max_keys = op.window
+        + match op.compressed {
+            CompressedKv::None => 0,
+            CompressedKv::All { capacity, .. } => capacity,
+            CompressedKv::Selected { topk, .. } => topk,
+        };
     let splits = (4 * dev.sms).div_ceil(blocks as usize).min(max_keys.div_ceil(dev.attn_split_keys)).clamp(1, 65_535);
     let (parts, pm, pden, pacc) = if splits > 1 {
         let n = pairs * splits;
@@ -128,13 +133,16 @@ pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], out
     };
     // d = 128, 256, 512 keep q and the sums in registers (no shared memory) where every row is
     // 16-byte aligned, for the kernel's vector loads and stores.
-    let in_regs = matches!(d, 128 | 256 | 512) && [ins[0], ins[1], ins[2], comp, outs[0], pacc].iter().all(|p| p % 16 == 0);
+    let in_regs =
+        matches!(d, 128 | 256 | 512) && [ins[0], ins[1], ins[2], comp, outs[0], pacc].iter().all(|p| p % 16 == 0);
     let shared = if in_regs { 0 } else { smem_for(d, hg) };
     let mut args = args.to_vec();
     args.extend([i(name, "splits", splits)?, Arg::P(pm), Arg::P(pden), Arg::P(pacc), Arg::I(in_regs as i32)]);
     args.extend(row_check.as_ref().map_or(NO_ROWS_CHECK, |c| c.params()));
     let kernel = cache_kernel(op.cache_dtype, "sparse_attn", "sparse_attn_bf16");
-    let grid_x = blocks.checked_add(row_check.is_some() as u32).ok_or_else(|| Error::invalid(name, "rows × heads exceeds 2^32"))?;
+    let grid_x = blocks
+        .checked_add(row_check.is_some() as u32)
+        .ok_or_else(|| Error::invalid(name, "rows × heads exceeds 2^32"))?;
     launch(dev, FAMILY, kernel, (grid_x, splits as u32, 1), 32 * hg as u32, smem(shared), &args)?;
     if let Some(c) = row_check {
         c.issued(dev);
@@ -156,7 +164,15 @@ pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], out
         ];
         let pairs = u32::try_from(pairs).map_err(|_| Error::invalid(name, "rows × heads exceeds 2^32"))?;
         let cols = u32::try_from(d.div_ceil(COMBINE_COLS)).map_err(|_| Error::invalid(name, "head_dim too large"))?;
-        launch(dev, FAMILY, "sparse_attn_combine", (pairs, cols, 1), COMBINE_COLS as u32, smem(splits.next_multiple_of(4) * 8), &args)?;
+        launch(
+            dev,
+            FAMILY,
+            "sparse_attn_combine",
+            (pairs, cols, 1),
+            COMBINE_COLS as u32,
+            smem(splits.next_multiple_of(4) * 8),
+            &args,
+        )?;
     }
     drop(parts);
     Ok(())

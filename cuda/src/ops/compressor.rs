@@ -30,7 +30,20 @@ pub(crate) fn compressor(dev: &Dev, op: &Compressor, ins: &[u64], outs: &[u64]) 
         return Err(Error::invalid(name, format!("width − rope_dim = {} must be a multiple of 64", d - rd)));
     }
     let (slots, positions) = (ins[5], ins[6]);
-    check_rows(dev, FAMILY, name, slots, positions, op.rows, op.slots, CHECK_EMIT, ratio as i64, op.capacity as i64, 0, 0)?;
+    check_rows(
+        dev,
+        FAMILY,
+        name,
+        slots,
+        positions,
+        op.rows,
+        op.slots,
+        CHECK_EMIT,
+        ratio as i64,
+        op.capacity as i64,
+        0,
+        0,
+    )?;
     if op.rows == 0 || d == 0 {
         return Ok(());
     }

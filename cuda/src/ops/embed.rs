@@ -19,7 +19,16 @@ pub(crate) fn embed(dev: &Dev, op: &Embed, ins: &[u64], outs: &[u64]) -> Result<
     };
     check_range(dev, FAMILY, "embed", ins[0], op.rows, op.vocab as i64, E_TOKEN)?;
     let n = op.rows * op.dim;
-    let args = [Arg::P(ins[0]), Arg::P(ins[1]), Arg::I(dtype), l(op.vocab), l(op.dim), l(op.rows), Arg::P(outs[0]), Arg::P(dev.err_ptr)];
+    let args = [
+        Arg::P(ins[0]),
+        Arg::P(ins[1]),
+        Arg::I(dtype),
+        l(op.vocab),
+        l(op.dim),
+        l(op.rows),
+        Arg::P(outs[0]),
+        Arg::P(dev.err_ptr),
+    ];
     launch(dev, FAMILY, "embed_rows", (if n == 0 { 0 } else { grid_for(n, BLOCK) }, 1, 1), BLOCK, 0, &args)
 }
 
@@ -55,6 +64,7 @@ pub(crate) fn gather_rows(dev: &Dev, op: &GatherRows, ins: &[u64], outs: &[u64])
     }
     check_range(dev, FAMILY, "gather_rows", ins[1], op.out_rows, op.rows as i64, E_GATHER)?;
     let n = op.out_rows * op.width;
-    let args = [Arg::P(ins[0]), Arg::P(ins[1]), Arg::P(outs[0]), l(op.rows), l(op.width), l(op.out_rows), Arg::P(dev.err_ptr)];
+    let args =
+        [Arg::P(ins[0]), Arg::P(ins[1]), Arg::P(outs[0]), l(op.rows), l(op.width), l(op.out_rows), Arg::P(dev.err_ptr)];
     launch(dev, FAMILY, "gather_rows", (if n == 0 { 0 } else { grid_for(n, BLOCK) }, 1, 1), BLOCK, 0, &args)
 }

@@ -69,8 +69,14 @@ impl Streams {
 /// The mixing partial sums of `rows` rows of `mult` streams of width `d` against `nm` mixing
 /// rows (`fnw`), forming the streams first where they come after an HcPost: returns the
 /// scratch holding the sums and its split count.
-fn mix_partials(dev: &Dev, op: &str, streams: &Streams, fnw: u64, (rows, mult, d): (usize, usize, usize), nm: usize)
-    -> Result<(crate::device::DevBuf, usize)> {
+fn mix_partials(
+    dev: &Dev,
+    op: &str,
+    streams: &Streams,
+    fnw: u64,
+    (rows, mult, d): (usize, usize, usize),
+    nm: usize,
+) -> Result<(crate::device::DevBuf, usize)> {
     let n = mult * d;
     // Many rows: tiles of DOT_ROWS rows share each loaded mixing weight (`hc_mix_tiled`; the
     // mixes and Σ x² take one lane each of 32, so with few mixes most lanes idle: at 4096 rows
@@ -84,8 +90,28 @@ fn mix_partials(dev: &Dev, op: &str, streams: &Streams, fnw: u64, (rows, mult, d
     let split_bytes = n.div_ceil(s) * 4;
     if let Streams::AfterPost { post_in: [f, x_prev, post, comb], x } = *streams {
         if !tiled && split_bytes <= POST_MIX_MAX_SMEM {
-            let args = [Arg::P(f), Arg::P(x_prev), Arg::P(post), Arg::P(comb), Arg::P(x), Arg::P(fnw), l(n), i(op, "mult", mult)?, nm_i, s_i, pp];
-            launch(dev, FAMILY, "hc_post_mix_partial", (rows as u32, s as u32, 1), MIX_BLOCK, smem(split_bytes), &args)?;
+            let args = [
+                Arg::P(f),
+                Arg::P(x_prev),
+                Arg::P(post),
+                Arg::P(comb),
+                Arg::P(x),
+                Arg::P(fnw),
+                l(n),
+                i(op, "mult", mult)?,
+                nm_i,
+                s_i,
+                pp,
+            ];
+            launch(
+                dev,
+                FAMILY,
+                "hc_post_mix_partial",
+                (rows as u32, s as u32, 1),
+                MIX_BLOCK,
+                smem(split_bytes),
+                &args,
+            )?;
             return Ok((part, s));
         }
         post_kernel(dev, [f, x_prev, post, comb], x, (rows, mult, d))?;
@@ -139,12 +165,18 @@ pub(crate) fn hc_post(dev: &Dev, op: &HcPost, ins: &[u64], outs: &[u64]) -> Resu
 }
 
 /// `hc_post` of `f`, `x`, `post`, `comb` into `out`.
-fn post_kernel(dev: &Dev, [f, x, post, comb]: [u64; 4], out: u64, (rows, mult, dim): (usize, usize, usize)) -> Result<()> {
+fn post_kernel(
+    dev: &Dev,
+    [f, x, post, comb]: [u64; 4],
+    out: u64,
+    (rows, mult, dim): (usize, usize, usize),
+) -> Result<()> {
     let n = rows * mult * dim;
     if n == 0 {
         return Ok(());
     }
-    let args = [Arg::P(f), Arg::P(x), Arg::P(post), Arg::P(comb), Arg::P(out), l(rows), i("hc_post", "mult", mult)?, l(dim)];
+    let args =
+        [Arg::P(f), Arg::P(x), Arg::P(post), Arg::P(comb), Arg::P(out), l(rows), i("hc_post", "mult", mult)?, l(dim)];
     launch(dev, FAMILY, "hc_post", (grid_for(n, BLOCK), 1, 1), BLOCK, 0, &args)
 }
 

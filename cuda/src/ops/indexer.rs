@@ -31,9 +31,8 @@ fn scores_t_smem(op: &IndexerTopK) -> usize {
 /// takes the scores: at most 64 heads, key rows of whole groups of 4 (one float4 of f32 keys,
 /// 8 bytes of bf16 ones), q (transposed) and the dots in shared memory; the caller also
 /// needs q 16-byte aligned (it is read as float4).
-#[allow(clippy::manual_is_multiple_of)] // `%`: the workspace MSRV is 1.80
 fn scores_by_key(dev: &Dev, op: &IndexerTopK) -> bool {
-    op.heads <= 64 && op.head_dim % 4 == 0 && op.head_dim > 0 && scores_t_smem(op) <= dev.smem_optin
+    op.heads <= 64 && op.head_dim.is_multiple_of(4) && op.head_dim > 0 && scores_t_smem(op) <= dev.smem_optin
 }
 
 /// Scores per block in the first stage of the top-k of long rows (at least 8·k); rows of at
@@ -53,7 +52,8 @@ pub(crate) fn indexer_topk(dev: &Dev, op: &IndexerTopK, ins: &[u64], outs: &[u64
     }
     let (q, w, keys, slots, positions) = (ins[0], ins[1], ins[2], ins[3], ins[4]);
     let (cap, k) = (op.capacity, op.topk);
-    let row_check = row_check(dev, name, slots, positions, op.rows, op.slots, CHECK_SEES, op.ratio as i64, cap as i64, 0, 0)?;
+    let row_check =
+        row_check(dev, name, slots, positions, op.rows, op.slots, CHECK_SEES, op.ratio as i64, cap as i64, 0, 0)?;
     let chunk = (SCORE_SCRATCH / (cap.max(1) * 4)).clamp(1, op.rows.max(1)).min(65_535);
     let seg = TOPK_SEGMENT.max(8 * k);
     // One chunk whose top-k is topk_rows (a decode step): the row check runs beside it, as one

@@ -69,9 +69,8 @@ pub(crate) const TC_K: usize = 32;
 
 /// Whether the tensor-core tiles can take weights of `format` with inputs of `k` columns: bf16
 /// holds FP8/FP4 (times their scales) and BF16 weights exactly, not F32 ones.
-#[allow(clippy::manual_is_multiple_of)] // `%`: the workspace MSRV is 1.80
 pub(crate) fn tc_fits(dev: &Dev, format: WeightFormat, k: usize) -> bool {
-    dev.tensor_cores && format != WeightFormat::F32 && k % TC_K == 0 && k > 0
+    dev.tensor_cores && format != WeightFormat::F32 && k.is_multiple_of(TC_K) && k > 0
 }
 
 /// bf16 terms per input value in the tensor-core tiles: 1 for act_quant'ed inputs (exact in
@@ -119,16 +118,28 @@ pub(crate) fn k_split(dev: &Dev, n: usize, k: usize, format: WeightFormat) -> us
 
 /// Whether [`linear_fwd`] takes the tensor-core tiles (`linear_tc`) for this shape; they read an
 /// act_quant'ed input (`quantized`) in bf16, any other in f32.
-#[allow(clippy::too_many_arguments, clippy::manual_is_multiple_of)] // `%`: the workspace MSRV is 1.80
-pub(crate) fn takes_tc(dev: &Dev, rows: usize, k: usize, n: usize, opg: usize, x_stride: usize, format: WeightFormat, quantized: bool) -> bool {
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn takes_tc(
+    dev: &Dev,
+    rows: usize,
+    k: usize,
+    n: usize,
+    opg: usize,
+    x_stride: usize,
+    format: WeightFormat,
+    quantized: bool,
+) -> bool {
     // 16-byte aligned input rows.
     let align = if quantized { 8 } else { 4 };
-    rows >= TC_MIN_ROWS && tc_fits(dev, format, k) && x_stride % align == 0 && (opg % TC_FEATURES == 0 || opg >= n)
+    rows >= TC_MIN_ROWS
+        && tc_fits(dev, format, k)
+        && x_stride.is_multiple_of(align)
+        && (opg.is_multiple_of(TC_FEATURES) || opg >= n)
 }
 
 /// Launches `linear_fwd`: `y[r, o] = Σ_i W[o, i] · x[r·x_stride + (o / opg)·k + i]`. With
 /// `quantized` (x holds act_quant'ed values) x is bf16 where [`takes_tc`], else f32.
-#[allow(clippy::too_many_arguments, clippy::manual_is_multiple_of)] // `%`: the workspace MSRV is 1.80
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_fwd(
     dev: &Dev,
     x: u64,
@@ -167,7 +178,7 @@ pub(crate) fn linear_fwd(
         return launch(dev, FAMILY, "linear_tc", (gx, gy, 1), BLOCK, tc_stage_bytes(quantized), &args);
     }
     // 16-byte vector loads: every weight row and x row (group) starts 16-byte aligned.
-    let vec = k % 32 == 0 && x_stride % 4 == 0;
+    let vec = k.is_multiple_of(32) && x_stride.is_multiple_of(4);
     args.push(Arg::I(vec as i32));
     if rows > 1 {
         let gy = rows.div_ceil(ROWS_PER_PASS).min(65_535);
@@ -179,8 +190,8 @@ pub(crate) fn linear_fwd(
     let split = k_split(dev, n, k, format);
     let staged_per_block = (BLOCK as usize / 32 / split) * FEATURES_PER_STEP;
     let staged = vec
-        && opg % FEATURES_PER_STEP == 0
-        && (opg % staged_per_block == 0 || opg >= n)
+        && opg.is_multiple_of(FEATURES_PER_STEP)
+        && (opg.is_multiple_of(staged_per_block) || opg >= n)
         && stages_x(dev, k * 4);
     let per_block = if staged { staged_per_block } else { BLOCK as usize / 32 };
     let gx = n.div_ceil(per_block).min(dev.sms * 8) as u32;
@@ -197,9 +208,8 @@ pub(crate) fn linear_fwd(
 pub(crate) const MMA_ROWS: usize = 16;
 
 /// Whether a one-row FP8 linear takes the e4m3 tensor-core GEMV (`linear_fp8_r1`).
-#[allow(clippy::manual_is_multiple_of)] // `%`: the workspace MSRV is 1.80
 fn takes_fp8_mma(dev: &Dev, rows: usize, k: usize, format: WeightFormat) -> bool {
-    dev.fp8_mma && rows == 1 && format == WeightFormat::Fp8Block128 && k > 0 && k % ACT_BLOCK == 0
+    dev.fp8_mma && rows == 1 && format == WeightFormat::Fp8Block128 && k > 0 && k.is_multiple_of(ACT_BLOCK)
 }
 
 /// Warps that split one 16-row group's 128-column steps in the one-row tensor-core kernels
@@ -231,7 +241,7 @@ fn linear_fp8_mma(dev: &Dev, x: u64, (w, sc): (u64, u64), y: u64, k: usize, n: u
     let groups_per_block = BLOCK as usize / 32 / split;
     let grid = (n.div_ceil(MMA_ROWS * groups_per_block) as u32, 1, 1);
     let tail = [Arg::P(w), Arg::P(sc), Arg::P(y), l(n), l(k), Arg::I(split as i32), Arg::I(dev.early_weights)];
-    if dev.gemv_quantizes && x % 16 == 0 {
+    if dev.gemv_quantizes && x.is_multiple_of(16) {
         let args: Vec<Arg> = std::iter::once(Arg::P(x)).chain(tail).collect();
         return launch(dev, FAMILY, "linear_fp8_r1", grid, BLOCK, 0, &args);
     }
@@ -274,4 +284,3 @@ pub(crate) fn grouped_linear(dev: &Dev, op: &GroupedLinear, ins: &[u64], outs: &
     let sc = ins.get(2).copied().unwrap_or(0);
     linear_fwd(dev, ins[0], g * ipg, (ins[1], sc), outs[0], g * opg, op.rows, ipg, g * opg, opg, op.format, false)
 }
-

@@ -143,7 +143,9 @@ pub(crate) fn l(v: usize) -> Arg {
 
 /// Usize → int kernel argument, checked.
 pub(crate) fn i(op: &str, what: &str, v: usize) -> Result<Arg> {
-    i32::try_from(v).map(Arg::I).map_err(|_| Error::invalid(op, format!("{what} {v} exceeds the 32-bit range of the CUDA kernels")))
+    i32::try_from(v)
+        .map(Arg::I)
+        .map_err(|_| Error::invalid(op, format!("{what} {v} exceeds the 32-bit range of the CUDA kernels")))
 }
 
 // ---- device-side argument checks ---------------------------------------------------------------
@@ -220,7 +222,8 @@ pub(crate) struct RowCheck {
 }
 
 /// `ROWS_CHECK_PARAMS` of a launch that runs no row check.
-pub(crate) const NO_ROWS_CHECK: [Arg; 7] = [Arg::I(0), Arg::I(0), Arg::I(0), Arg::L(0), Arg::L(0), Arg::P(0), Arg::I(0)];
+pub(crate) const NO_ROWS_CHECK: [Arg; 7] =
+    [Arg::I(0), Arg::I(0), Arg::I(0), Arg::L(0), Arg::L(0), Arg::P(0), Arg::I(0)];
 
 /// The row check of `op` over `rows` rows, unless there are none or the memo knows it passed.
 #[allow(clippy::too_many_arguments)]
@@ -241,17 +244,26 @@ pub(crate) fn row_check(
         return Ok(None);
     }
     let row_bytes = (positions, rows * 4);
-    let place = Fact { kernel: "check_rows/place", args: vec![slots as i64, positions as i64, rows as i64, num_slots as i64] };
+    let place =
+        Fact { kernel: "check_rows/place", args: vec![slots as i64, positions as i64, rows as i64, num_slots as i64] };
     let place_reads = [(slots, rows * 4), row_bytes];
     let idx_bytes = if mode == CHECK_INDICES { rows * idx_cols * 4 } else { 0 };
     let extra = (mode != CHECK_NONE).then(|| Fact {
         kernel: "check_rows/extra",
         args: vec![positions as i64, rows as i64, mode as i64, a, b, idx as i64, idx_cols as i64],
     });
-    if dev.memo.knows(&place) && extra.as_ref().map_or(true, |f| dev.memo.knows(f)) {
+    if dev.memo.knows(&place) && extra.as_ref().is_none_or(|f| dev.memo.knows(f)) {
         return Ok(None);
     }
-    let params = [i(op, "rows", rows)?, Arg::I(op_id(op)), Arg::I(mode), Arg::L(a), Arg::L(b), Arg::P(idx), i(op, "topk", idx_cols)?];
+    let params = [
+        i(op, "rows", rows)?,
+        Arg::I(op_id(op)),
+        Arg::I(mode),
+        Arg::L(a),
+        Arg::L(b),
+        Arg::P(idx),
+        i(op, "topk", idx_cols)?,
+    ];
     let mut facts = vec![(place, place_reads)];
     facts.extend(extra.map(|f| (f, [row_bytes, (idx, idx_bytes)])));
     let items = if mode == CHECK_INDICES { rows * idx_cols } else { rows };
@@ -267,7 +279,19 @@ impl RowCheck {
     /// Launches the check as the kernel `check_rows` in `family`, then [`RowCheck::issued`].
     pub(crate) fn launch(self, dev: &Dev, family: &'static str) -> Result<()> {
         let [rows, op, mode, a, b, idx, cols] = self.params;
-        let args = [Arg::P(self.slots), Arg::P(self.positions), rows, self.num_slots, op, mode, a, b, idx, cols, Arg::P(dev.err_ptr)];
+        let args = [
+            Arg::P(self.slots),
+            Arg::P(self.positions),
+            rows,
+            self.num_slots,
+            op,
+            mode,
+            a,
+            b,
+            idx,
+            cols,
+            Arg::P(dev.err_ptr),
+        ];
         launch(dev, family, "check_rows", (1, 1, 1), check_threads(self.items), 0, &args)?;
         self.issued(dev);
         Ok(())
@@ -305,7 +329,15 @@ pub(crate) fn check_rows(
 
 /// Launches `check_range`: the first `vals[i]` outside `[0, bound)` is reported as `code`.
 /// Skipped when the same range check already passed on the same, unchanged tensor (`Dev::memo`).
-pub(crate) fn check_range(dev: &Dev, family: &'static str, op: &str, vals: u64, n: usize, bound: i64, code: i64) -> Result<()> {
+pub(crate) fn check_range(
+    dev: &Dev,
+    family: &'static str,
+    op: &str,
+    vals: u64,
+    n: usize,
+    bound: i64,
+    code: i64,
+) -> Result<()> {
     if n == 0 {
         return Ok(());
     }

@@ -16,8 +16,8 @@ use hal::ops::{GateMode, MoeExperts, MoeGate, SwiGlu, WeightFormat};
 use hal::{Error, Result};
 
 use super::linear::{
-    feature_blocks, format_code, mma_k_split, stages_x, tc_fits, tc_split, tc_stage_bytes, ACT_BLOCK, FEATURES_PER_STEP, ROWS_PER_PASS, TC_FEATURES,
-    MMA_ROWS, TC_MIN_ROWS, TC_ROWS,
+    feature_blocks, format_code, mma_k_split, stages_x, tc_fits, tc_split, tc_stage_bytes, ACT_BLOCK,
+    FEATURES_PER_STEP, MMA_ROWS, ROWS_PER_PASS, TC_FEATURES, TC_MIN_ROWS, TC_ROWS,
 };
 use super::quant::{act_quant, act_quant_into, codes_scales_offset, ActForm, ActQuantTarget};
 use super::{check_threads, grid_for, i, l, launch, op_id, Arg, BLOCK, DOT_ROWS};
@@ -73,7 +73,8 @@ pub(crate) fn moe_gate(dev: &Dev, op: &MoeGate, ins: &[u64], outs: &[u64]) -> Re
     // Rows a warp each in one block: the selection checks a hashed gate itself.
     let select_checks = hashed == 1 && k > 0 && rows * 32 <= 1024;
     if hashed == 1 && rows > 0 && !select_checks {
-        let args = [Arg::P(ids), Arg::P(tid2eid), l(rows), k_i, l(vocab), experts_i, Arg::I(op_id(name)), Arg::P(dev.err_ptr)];
+        let args =
+            [Arg::P(ids), Arg::P(tid2eid), l(rows), k_i, l(vocab), experts_i, Arg::I(op_id(name)), Arg::P(dev.err_ptr)];
         launch(dev, FAMILY, "check_gate_hashed", (1, 1, 1), check_threads(rows), 0, &args)?;
     }
     if rows == 0 || k == 0 {
@@ -214,7 +215,6 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
         let tiles = tiles as u32;
         // FP4 experts with about one pair each, where enabled: the one-pair kernels on e4m3
         // tensor-core tiles, their inputs act_quant'ed as e4m3 codes and scales.
-        #[allow(clippy::manual_is_multiple_of)] // `%`: the workspace MSRV is 1.80
         let fp4_mma = single
             && dev.fp4_mma
             && op.format == WeightFormat::Fp4Group32
@@ -241,7 +241,8 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
             ActForm::F32
         };
         // A few rows (decode) for the CUDA-core kernels: the routing kernel act_quants them too.
-        let route_quant = checked_route && quantize && form == ActForm::F32 && n * d.div_ceil(ACT_BLOCK) <= ROUTE_QUANT_BLOCKS;
+        let route_quant =
+            checked_route && quantize && form == ActForm::F32 && n * d.div_ceil(ACT_BLOCK) <= ROUTE_QUANT_BLOCKS;
         let target = if route_quant { Some(ActQuantTarget::of(dev, x_c, n, d, ACT_BLOCK)?) } else { None };
         if checked_route {
             let (qx, qdst) = target.as_ref().map_or((0, 0), |t| (t.source(x_c), t.ptr()));
@@ -262,11 +263,13 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
                 Arg::I(ACT_BLOCK as i32),
             ];
             // A second block quantizes, with a warp per FP8 block of the input.
-            let (blocks, threads) = if qx != 0 { (2, check_threads(n * d.div_ceil(ACT_BLOCK) * 32).max(BLOCK)) } else { (1, BLOCK) };
+            let (blocks, threads) =
+                if qx != 0 { (2, check_threads(n * d.div_ceil(ACT_BLOCK) * 32).max(BLOCK)) } else { (1, BLOCK) };
             launch(dev, FAMILY, "moe_route_checked", (blocks, 1, 1), threads, 0, &args)?;
         } else {
             dev.zero(cp, (e_n + 1) * 4)?;
-            let args = [Arg::P(ex_c), l(n), k_i, e_i, Arg::P(cp), Arg::P(lp), Arg::P(op_), Arg::P(ap), Arg::P(dev.err_ptr)];
+            let args =
+                [Arg::P(ex_c), l(n), k_i, e_i, Arg::P(cp), Arg::P(lp), Arg::P(op_), Arg::P(ap), Arg::P(dev.err_ptr)];
             if pairs > 0 {
                 launch(dev, FAMILY, "moe_route", (grid_for(pairs, BLOCK), 1, 1), BLOCK, 0, &args)?;
             }
@@ -345,7 +348,8 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
             };
             launch(dev, FAMILY, down_k, (down_x as u32, used, tiles), BLOCK, staged_smem(inter), &args)?;
         }
-        let args = [Arg::P(yep), Arg::P(op_), l(n), k_i, l(d), Arg::P(outs[0] + (r0 * d * 4) as u64), Arg::P(dev.err_ptr)];
+        let args =
+            [Arg::P(yep), Arg::P(op_), l(n), k_i, l(d), Arg::P(outs[0] + (r0 * d * 4) as u64), Arg::P(dev.err_ptr)];
         launch(dev, FAMILY, "moe_combine", (grid_for(n * d, BLOCK), 1, 1), BLOCK, 0, &args)?;
         r0 += n;
     }

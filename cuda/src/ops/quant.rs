@@ -8,8 +8,8 @@ use hal::Result;
 
 use super::{grid_for, l, launch, smem, Arg, BLOCK};
 use crate::device::Dev;
-use crate::memo::{Memo, QuantKey};
 use crate::device::DevBuf;
+use crate::memo::{Memo, QuantKey};
 
 /// `quant_rows` kernel format codes.
 pub(crate) const FMT_FP8: i32 = 0;
@@ -151,8 +151,12 @@ pub(crate) fn act_quant(
     if let Some(p) = dev.memo.quantized(&key) {
         return Ok((p, None));
     }
-    #[allow(clippy::manual_is_multiple_of)] // `%`: the workspace MSRV is 1.80
-    let both = dev.fp8_mma && !dev.gemv_quantizes && rows == 1 && form != ActForm::Bf16 && block > 0 && dim % block == 0;
+    let both = dev.fp8_mma
+        && !dev.gemv_quantizes
+        && rows == 1
+        && form != ActForm::Bf16
+        && block > 0
+        && dim.is_multiple_of(block);
     if both && Memo::keeps(&key) {
         let f32_bytes = ActForm::F32.bytes(rows, dim, block).div_ceil(16) * 16;
         let buf = Arc::new(dev.scratch(f32_bytes + ActForm::E4m3.bytes(rows, dim, block))?);
@@ -242,11 +246,7 @@ pub(crate) fn hadamard(dev: &Dev, op: &Hadamard, outs: &[u64]) -> Result<()> {
         return Ok(());
     }
     let bytes = op.dim * 8;
-    let (scratch, shared) = if bytes <= 48 * 1024 {
-        (None, bytes)
-    } else {
-        (Some(dev.scratch(op.rows * bytes)?), 0)
-    };
+    let (scratch, shared) = if bytes <= 48 * 1024 { (None, bytes) } else { (Some(dev.scratch(op.rows * bytes)?), 0) };
     let sp = scratch.as_ref().map(|s| s.ptr()).unwrap_or(0);
     let args = [Arg::P(outs[0]), Arg::I(op.dim as i32), Arg::P(sp)];
     launch(dev, "quant", "hadamard_rows", (op.rows as u32, 1, 1), BLOCK, smem(shared), &args)

@@ -25,8 +25,18 @@ pub(crate) fn sample_tokens(dev: &Dev, op: &SampleTokens, ins: &[u64], outs: &[u
     let scratch = dev.scratch(op.rows * parts * 12)?;
     let (keys, idx) = (scratch.ptr(), scratch.ptr() + (op.rows * parts * 8) as u64);
     let t = Arg::F(op.temperature);
-    let args = [Arg::P(ins[0]), l(op.vocab), t, Arg::P(outs[1]), l(PART_COLS), Arg::P(keys), Arg::P(idx), Arg::P(dev.err_ptr)];
+    let args =
+        [Arg::P(ins[0]), l(op.vocab), t, Arg::P(outs[1]), l(PART_COLS), Arg::P(keys), Arg::P(idx), Arg::P(dev.err_ptr)];
     launch(dev, FAMILY, "sample_partial", (parts as u32, op.rows as u32, 1), PART_BLOCK, 0, &args)?;
-    let args = [Arg::P(keys), Arg::P(idx), i(name, "parts", parts)?, l(op.vocab), t, Arg::P(outs[1]), Arg::P(outs[0]), Arg::P(dev.err_ptr)];
+    let args = [
+        Arg::P(keys),
+        Arg::P(idx),
+        i(name, "parts", parts)?,
+        l(op.vocab),
+        t,
+        Arg::P(outs[1]),
+        Arg::P(outs[0]),
+        Arg::P(dev.err_ptr),
+    ];
     launch(dev, FAMILY, "sample_finish", (op.rows as u32, 1, 1), 32, 0, &args)
 }

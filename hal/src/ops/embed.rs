@@ -19,7 +19,10 @@ pub struct Embed {
 impl Embed {
     pub fn signature(&self) -> Signature {
         Signature {
-            inputs: vec![input("ids", &[self.rows], DType::I32), input("table", &[self.vocab, self.dim], self.table_dtype)],
+            inputs: vec![
+                input("ids", &[self.rows], DType::I32),
+                input("table", &[self.vocab, self.dim], self.table_dtype),
+            ],
             outputs: vec![output("out", &[self.rows, self.dim], DType::F32)],
         }
     }
@@ -58,7 +61,10 @@ pub struct Add {
 impl Add {
     pub fn signature(&self) -> Signature {
         Signature {
-            inputs: vec![input("a", &[self.rows, self.width], DType::F32), input("b", &[self.b_rows, self.width], DType::F32)],
+            inputs: vec![
+                input("a", &[self.rows, self.width], DType::F32),
+                input("b", &[self.b_rows, self.width], DType::F32),
+            ],
             outputs: vec![output("out", &[self.rows, self.width], DType::F32)],
         }
     }

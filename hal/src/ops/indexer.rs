@@ -42,7 +42,10 @@ impl IndexerTopK {
                 input("slots", &[r], DType::I32),
                 input("positions", &[r], DType::I32),
             ],
-            outputs: vec![output("indices", &[r, self.topk], DType::I32), output("scores", &[r, self.topk], DType::F32)],
+            outputs: vec![
+                output("indices", &[r, self.topk], DType::I32),
+                output("scores", &[r, self.topk], DType::F32),
+            ],
         }
     }
 }

@@ -33,10 +33,9 @@ impl WeightFormat {
                 input("weight", &[out, inp], DType::F8E4M3),
                 input("scale", &[out.div_ceil(128), inp.div_ceil(128)], DType::F8E8M0),
             ],
-            WeightFormat::Fp4Group32 => vec![
-                input("weight", &[out, inp / 2], DType::F4E2M1x2),
-                input("scale", &[out, inp / 32], DType::F8E8M0),
-            ],
+            WeightFormat::Fp4Group32 => {
+                vec![input("weight", &[out, inp / 2], DType::F4E2M1x2), input("scale", &[out, inp / 32], DType::F8E8M0)]
+            }
         }
     }
 

@@ -210,12 +210,18 @@ impl Op {
             Op::RmsNorm(RmsNorm { rows, dim, rope: Some(r), .. })
                 if r.heads == 0 || rows % r.heads != 0 || r.rope_dim % 2 != 0 || r.rope_dim > *dim || dim % 2 != 0 =>
             {
-                fail(format!("rope: heads {} must divide rows {rows}; rope_dim {} must be even and ≤ the even dim {dim}", r.heads, r.rope_dim))
+                fail(format!(
+                    "rope: heads {} must divide rows {rows}; rope_dim {} must be even and ≤ the even dim {dim}",
+                    r.heads, r.rope_dim
+                ))
             }
             Op::RmsNorm(RmsNorm { dim, rope: Some(r @ NormRope { fp8_nope: true, .. }), .. })
                 if (dim - r.rope_dim) % NORM_FP8_BLOCK != 0 =>
             {
-                fail(format!("dim − rope_dim = {} must be a multiple of the {NORM_FP8_BLOCK}-wide FP8 blocks", dim - r.rope_dim))
+                fail(format!(
+                    "dim − rope_dim = {} must be a multiple of the {NORM_FP8_BLOCK}-wide FP8 blocks",
+                    dim - r.rope_dim
+                ))
             }
             Op::Rope(r) if r.rope_dim % 2 != 0 || r.rope_dim > r.head_dim => {
                 fail(format!("rope_dim {} must be even and ≤ head_dim {}", r.rope_dim, r.head_dim))
@@ -234,19 +240,23 @@ impl Op {
             Op::Compressor(c) if c.rope_dim % 2 != 0 || c.rope_dim > c.width => {
                 fail(format!("rope_dim {} must be even and ≤ width {}", c.rope_dim, c.width))
             }
-            Op::Compressor(c) if !c.rotate && (c.width - c.rope_dim) % 64 != 0 => {
-                fail(format!("width − rope_dim = {} must be a multiple of the 64-wide FP8 blocks", c.width - c.rope_dim))
-            }
+            Op::Compressor(c) if !c.rotate && (c.width - c.rope_dim) % 64 != 0 => fail(format!(
+                "width − rope_dim = {} must be a multiple of the 64-wide FP8 blocks",
+                c.width - c.rope_dim
+            )),
             Op::Compressor(c) if c.rotate && c.width % 32 != 0 => {
                 fail(format!("rotated width {} must be a multiple of the 32-wide FP4 blocks", c.width))
             }
             Op::SparseAttention(SparseAttention { window: 0, .. }) | Op::WindowStore(WindowStore { window: 0, .. }) => {
                 fail("window must be > 0 (each row attends to itself)".into())
             }
-            Op::SparseAttention(SparseAttention { compressed: attention::CompressedKv::All { ratio: 0, .. }, .. })
-            | Op::SparseAttention(SparseAttention { compressed: attention::CompressedKv::Selected { ratio: 0, .. }, .. }) => {
-                fail("compressed ratio must be > 0".into())
-            }
+            Op::SparseAttention(SparseAttention {
+                compressed: attention::CompressedKv::All { ratio: 0, .. }, ..
+            })
+            | Op::SparseAttention(SparseAttention {
+                compressed: attention::CompressedKv::Selected { ratio: 0, .. },
+                ..
+            }) => fail("compressed ratio must be > 0".into()),
             Op::IndexerTopK(i) if i.ratio == 0 => fail("ratio must be > 0".into()),
             Op::WindowStore(WindowStore { cache_dtype: d, .. })
             | Op::SparseAttention(SparseAttention { cache_dtype: d, .. })
@@ -259,8 +269,10 @@ impl Op {
             Op::Add(a) if (a.b_rows == 0 && a.rows > 0) || (a.b_rows > 0 && a.rows % a.b_rows != 0) => {
                 fail(format!("b_rows {} must divide rows {}", a.b_rows, a.rows))
             }
-            Op::SwiGlu(g) if !(g.limit >= 0.0) => fail(format!("limit {} must be ≥ 0 (0 = no clamp)", g.limit)),
-            Op::MoeExperts(m) if !(m.swiglu_limit >= 0.0) => {
+            Op::SwiGlu(g) if g.limit.is_nan() || g.limit < 0.0 => {
+                fail(format!("limit {} must be ≥ 0 (0 = no clamp)", g.limit))
+            }
+            Op::MoeExperts(m) if m.swiglu_limit.is_nan() || m.swiglu_limit < 0.0 => {
                 fail(format!("swiglu_limit {} must be ≥ 0 (0 = no clamp)", m.swiglu_limit))
             }
             Op::SampleTokens(t) if !(t.temperature.is_finite() && t.temperature >= 0.0) => {
@@ -283,8 +295,12 @@ impl Op {
             if specs.len() != got.len() {
                 return Err(Error::invalid(
                     self.name(),
-                    format!("expected {} {kind} tensors ({}), got {}", specs.len(),
-                        specs.iter().map(|s| s.name).collect::<Vec<_>>().join(", "), got.len()),
+                    format!(
+                        "expected {} {kind} tensors ({}), got {}",
+                        specs.len(),
+                        specs.iter().map(|s| s.name).collect::<Vec<_>>().join(", "),
+                        got.len()
+                    ),
                 ));
             }
             for (spec, (shape, dtype)) in specs.iter().zip(got) {

@@ -1,7 +1,7 @@
 //! Mixture of experts: routing gate, routed experts, and the clamped SwiGLU (spec §3.8).
 
-use super::{input, output, Signature};
 use super::linear::WeightFormat;
+use super::{input, output, Signature};
 use crate::dtype::DType;
 
 /// How a gate chooses experts.
@@ -30,7 +30,8 @@ pub struct MoeGate {
 impl MoeGate {
     pub fn signature(&self) -> Signature {
         let (r, k) = (self.rows, self.topk);
-        let mut inputs = vec![input("x", &[r, self.dim], DType::F32), input("gate_w", &[self.experts, self.dim], DType::F32)];
+        let mut inputs =
+            vec![input("x", &[r, self.dim], DType::F32), input("gate_w", &[self.experts, self.dim], DType::F32)];
         match self.mode {
             GateMode::Scored => inputs.push(input("bias", &[self.experts], DType::F32)),
             GateMode::Hashed { vocab } => {
@@ -89,7 +90,9 @@ impl MoeExperts {
             input("experts", &[r, k], DType::I32),
             input("weights", &[r, k], DType::F32),
         ];
-        for (name, out, inp) in [("w1", self.inter, self.dim), ("w3", self.inter, self.dim), ("w2", self.dim, self.inter)] {
+        for (name, out, inp) in
+            [("w1", self.inter, self.dim), ("w3", self.inter, self.dim), ("w2", self.dim, self.inter)]
+        {
             for mut spec in self.format.weight_specs(out, inp) {
                 spec.shape.insert(0, e);
                 spec.name = match (name, spec.name) {

@@ -23,7 +23,10 @@ pub struct Rope {
 impl Rope {
     pub fn signature(&self) -> Signature {
         Signature {
-            inputs: vec![input("freqs", &[self.rope_dim / 2], DType::F32), input("positions", &[self.rows], DType::I32)],
+            inputs: vec![
+                input("freqs", &[self.rope_dim / 2], DType::F32),
+                input("positions", &[self.rows], DType::I32),
+            ],
             outputs: vec![inout("x", &[self.rows, self.heads, self.head_dim], DType::F32)],
         }
     }

@@ -84,7 +84,7 @@ pub fn sample_row(logits: &[f32], temperature: f32, rng: &mut Rng) -> usize {
         if key.is_nan() {
             continue;
         }
-        if best.map_or(true, |(_, k)| key > k) {
+        if best.is_none_or(|(_, k)| key > k) {
             best = Some((i, key));
         }
     }
