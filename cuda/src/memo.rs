@@ -16,6 +16,11 @@
 //! * a device-side error is taken: a check kernel does nothing while an error is recorded, so a
 //!   check issued then proved nothing.
 //!
+//! A lookup (`knows`) and the `learn` after the check's launch are two lock holds, not one, and
+//! need not be one: the bytes a fact covers belong to tensors the op borrows for the whole call,
+//! so no other thread can write or free them in between (that would need `&mut` to them, or
+//! their drop). Two threads checking the same tensor at once at worst both issue the check.
+//!
 //! Inputs of an op are immutable for the op (`&Tensor`), so an op cannot change what it reads.
 //! Skipping a check that passed before on the same bytes cannot hide an error: it would pass
 //! again, and if the earlier one failed, every later check and guarded kernel is a no-op anyway
