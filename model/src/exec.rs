@@ -5,6 +5,7 @@ use hal::ops::attention::CompressedKv;
 use hal::ops::{self, Op, QuantFormat, WeightFormat};
 use hal::{Backend, DType, Tensor};
 
+use crate::cache::CompressorCache;
 use crate::error::ModelError;
 
 type Result<T> = std::result::Result<T, ModelError>;
@@ -292,20 +293,22 @@ impl<'a> Exec<'a> {
         self.run(Op::WindowStore(op), &[kv, &rows.slots, &rows.positions], &mut [ring])
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The compressor of `cache` over the normed input `xn` of `rows`: its kv and gate
+    /// projections, then the op, which advances the state and writes the entries it finishes.
     pub fn compressor(
         &self,
-        spec: &ops::Compressor,
-        kv: &Tensor,
-        score: &Tensor,
+        xn: &Tensor,
         w: &CompressorW,
         freqs: &Tensor,
         rows: &Rows,
-        state: &mut CompressorState,
+        cache: &mut CompressorCache,
     ) -> Result<()> {
+        let (kv, score) = (self.linear(xn, &w.wkv)?, self.linear(xn, &w.wgate)?);
+        let spec = ops::Compressor { rows: rows.n, ..cache.spec.clone() };
+        let state = &mut cache.state;
         self.run(
-            Op::Compressor(spec.clone()),
-            &[kv, score, &w.ape, &w.norm, freqs, &rows.slots, &rows.positions],
+            Op::Compressor(spec),
+            &[&kv, &score, &w.ape, &w.norm, freqs, &rows.slots, &rows.positions],
             &mut [&mut state.kv, &mut state.score, &mut state.cache],
         )
     }

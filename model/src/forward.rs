@@ -340,30 +340,11 @@ impl Model {
                 let kv =
                     e.rms_norm_rope(&e.linear(xn, &a.wkv)?, Some(&a.kv_norm), eps, kv_rope, &a.freqs, &rows.positions)?;
                 if let (Some(cw), Some(cc)) = (&a.compressor, lc.compressor.as_mut()) {
-                    let spec = ops::Compressor { rows: r, ..cc.spec.clone() };
-                    e.compressor(
-                        &spec,
-                        &e.linear(xn, &cw.wkv)?,
-                        &e.linear(xn, &cw.wgate)?,
-                        cw,
-                        &a.freqs,
-                        rows,
-                        &mut cc.state,
-                    )?;
+                    e.compressor(xn, cw, &a.freqs, rows, cc)?;
                 }
                 let mut iwts = None;
                 if let (Some(iw), Some(ic)) = (&a.indexer, lc.indexer.as_mut()) {
-                    let cw = &iw.compressor;
-                    let spec = ops::Compressor { rows: r, ..ic.spec.clone() };
-                    e.compressor(
-                        &spec,
-                        &e.linear(xn, &cw.wkv)?,
-                        &e.linear(xn, &cw.wgate)?,
-                        cw,
-                        &a.freqs,
-                        rows,
-                        &mut ic.state,
-                    )?;
+                    e.compressor(xn, &iw.compressor, &a.freqs, rows, ic)?;
                     iwts = Some(e.linear(xn, &iw.weights_proj)?);
                 }
                 Ok((kv, iwts))
