@@ -512,6 +512,38 @@ __global__ void __launch_bounds__(WPB * 32, MINB) f16c_kernel(const u8* w, const
     }
 }
 
+
+// The model's CUDA-core one-pair kernel (moe.cu moe_up_r1 / moe_down_r1 without the routing
+// prologue): the x row as f32 staged in shared memory, LIN_OT rows a warp step (wdot_multi_any).
+template <int NM>
+__global__ void __launch_bounds__(256, 2) r1_kernel(const u8* w, const u8* sc, const float* xf, int n, int k,
+                                                    float* y) {
+    extern __shared__ float4 sx[];
+    __shared__ float lut[LUT_SIZE];
+    if (chunk_dot_needs_lut(WF_FP4)) fill_luts(lut);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpb = blockDim.x >> 5;
+    int e = blockIdx.y;
+    stage_x(xf, k, WF_FP4, sx);
+    __syncthreads();
+    for (i64 o0 = ((i64)blockIdx.x * wpb + warp) * LIN_OT; o0 < n; o0 += (i64)gridDim.x * wpb * LIN_OT) {
+        int no = n - o0 < LIN_OT ? (int)(n - o0) : LIN_OT;
+        float acc[NM][LIN_OT] = {};
+#pragma unroll
+        for (int m = 0; m < NM; ++m) {
+            size_t mat = (size_t)(e * NM + m);
+            wdot_multi_any<LIN_OT>(WF_FP4, w + mat * n * (k / 2), sc + mat * n * (k / 32), o0, no, k, sx, acc[m],
+                                   lut);
+        }
+#pragma unroll
+        for (int m = 0; m < NM; ++m)
+#pragma unroll
+            for (int j = 0; j < LIN_OT; ++j) {
+                float v = warp_sum_f(acc[m][j]);
+                if (lane == 0 && j < no) y[((size_t)e * NM + m) * n + o0 + j] = v;
+            }
+    }
+}
+
 // The loads of f16_kernel alone (MODE 0: the same addresses; MODE 1: the same bytes of each row
 // group, read a row at a time, 512 contiguous bytes a warp instruction; MODE 2: f16_kernel's
 // x staging and reduction with no steps), XOR-folded.
@@ -658,6 +690,27 @@ static void run_f16c(Ctx& c, const char* name) {
            c.p.weight_bytes() / (us * 1e3), nmse, fa.numRegs, grid.x * grid.y);
 }
 
+template <int NM> static void run_r1(Ctx& c, const float* xf, const char* name) {
+    auto kern = r1_kernel<NM>;
+    int smem = c.p.k * 4;
+    CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    int sms;
+    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    // cuda/src/ops/linear.rs feature_blocks: about 8 blocks per SM in all, 4 rows a warp step.
+    int fx = std::max(1, std::min((c.p.n + 31) / 32, (sms * 8 + EXPERTS - 1) / EXPERTS));
+    dim3 grid(fx, EXPERTS);
+    auto launch = [&](const Set& s) { kern<<<grid, 256, smem>>>(s.w, s.s, xf, c.p.n, c.p.k, c.y); };
+    CK(cudaMemset(c.y, 0, (size_t)EXPERTS * NM * c.p.n * 4));
+    launch(c.sets[0]);
+    CK(cudaDeviceSynchronize());
+    float nmse = rel_err(c);
+    float us = time_us(c, launch);
+    cudaFuncAttributes fa;
+    CK(cudaFuncGetAttributes(&fa, kern));
+    printf("  %-34s %7.2f us  %6.0f GB/s  nmse %.2e  regs %d  blocks %d\n", name, us,
+           c.p.weight_bytes() / (us * 1e3), nmse, fa.numRegs, grid.x * grid.y);
+}
+
 template <int NM, int WPB, int SPLIT, int MINB, int MODE> static void run_pattern(Ctx& c, const char* name) {
     auto kern = pattern_kernel<NM, WPB, SPLIT, MINB, MODE>;
     int smem = (c.p.k / 2 + 16) * 4;
@@ -696,6 +749,16 @@ static void problem(Problem p, int nsets, int sms) {
     CK(cudaMalloc(&c.xs, hxs.size() * 4));
     CK(cudaMemcpy(c.xq, hx.data(), p.k, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(c.xs, hxs.data(), hxs.size() * 4, cudaMemcpyHostToDevice));
+    // The same row as the CUDA-core kernels take it: act_quant'ed values in f32.
+    std::vector<float> hxf(p.k);
+    for (int i = 0; i < p.k; ++i) {
+        int c = hx[i], sgn = c >> 7, e = (c >> 3) & 15, m = c & 7;
+        float v = e == 0 ? m / 512.0f : (1.0f + m / 8.0f) * ldexpf(1.0f, e - 7);
+        hxf[i] = (sgn ? -v : v) * hxs[i / 128];
+    }
+    float* xf;
+    CK(cudaMalloc(&xf, p.k * 4));
+    CK(cudaMemcpy(xf, hxf.data(), p.k * 4, cudaMemcpyHostToDevice));
     size_t outs = (size_t)EXPERTS * p.nm * p.n;
     CK(cudaMalloc(&c.yref, outs * 4));
     CK(cudaMalloc(&c.y, outs * 4));
@@ -716,19 +779,14 @@ static void problem(Problem p, int nsets, int sms) {
         printf("  read weights, %d blocks/SM            %7.2f us  %6.0f GB/s\n", per_sm, us, wb / (us * 1e3));
     }
     if (p.nm == 2) {
-        run_f16b<2, 8, 2, 2>(c, "f16b wpb8 split2");
+        run_r1<2>(c, xf, "r1 (the model's CUDA-core kernel)");
         run_f16b<2, 8, 2, 2, 0, 1>(c, "f16b hint wpb8 split2");
-        run_f16c<2, 8, 2, 2, 2, 1>(c, "f16c nb2 hint wpb8 split2");
-        run_f16b<2, 8, 2, 3, 0, 1>(c, "f16b hint wpb8 split2 minb3");
-        run_f16b<2, 8, 4, 3, 0, 1>(c, "f16b hint wpb8 split4 minb3");
-        run_f16b<2, 4, 2, 4, 0, 1>(c, "f16b hint wpb4 split2");
+        run_r1<2>(c, xf, "r1 (the model's CUDA-core kernel)");
+        run_f16b<2, 8, 2, 2, 0, 1>(c, "f16b hint wpb8 split2");
     } else {
-        run_f16b<1, 8, 2, 2>(c, "f16b wpb8 split2");
+        run_r1<1>(c, xf, "r1 (the model's CUDA-core kernel)");
         run_f16b<1, 8, 2, 2, 0, 1>(c, "f16b hint wpb8 split2");
         run_f16b<1, 8, 1, 2, 0, 1>(c, "f16b hint wpb8 split1");
-        run_f16b<1, 8, 2, 3, 0, 1>(c, "f16b hint wpb8 split2 minb3");
-        run_f16b<1, 8, 4, 3, 0, 1>(c, "f16b hint wpb8 split4 minb3");
-        run_f16b<1, 4, 2, 4, 0, 1>(c, "f16b hint wpb4 split2");
     }
 }
 

@@ -688,30 +688,6 @@ __device__ __forceinline__ void e2m1_x2_word(u32 wd, float* v) {
     }
 }
 
-// prmt.b32 in its default mode: byte i of the result is byte (c >> 4i) & 7 of {b, a}, or, when
-// bit 3 of that selector nibble is set, that byte's top bit repeated 8 times. (__byte_perm
-// ignores bit 3.)
-__device__ __forceinline__ u32 prmt_sign(u32 a, u32 b, u32 c) {
-    u32 d;
-    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-
-// The e4m3 codes of the eight e2m1 values of `wd` (value i in nibble i): byte i of *lo is value
-// i, byte i of *hi value 4 + i. The e2m1 magnitudes {0, 0.5, 1, 1.5, 2, 3, 4, 6} are e4m3 values
-// (codes 0x00 0x30 0x38 0x3C 0x40 0x44 0x48 0x4C), looked up four at a time by one byte permute;
-// a second permute in sign mode turns each nibble's sign into a byte 0xFF (negative) or 0x80,
-// whose bit 0 becomes the code's sign bit.
-#define E2M1_E4M3_0_3 0x3C383000u
-#define E2M1_E4M3_4_7 0x4C484440u
-__device__ __forceinline__ void e2m1x8_to_e4m3(u32 wd, u32* lo, u32* hi) {
-    u32 m = wd & 0x77777777u;
-    u32 ma = __byte_perm(E2M1_E4M3_0_3, E2M1_E4M3_4_7, m), mb = __byte_perm(E2M1_E4M3_0_3, E2M1_E4M3_4_7, m >> 16);
-    u32 sa = prmt_sign(0x80808080u, 0x80808080u, wd), sb = prmt_sign(0x80808080u, 0x80808080u, wd >> 16);
-    *lo = ma | ((sa << 7) & 0x80808080u);
-    *hi = mb | ((sb << 7) & 0x80808080u);
-}
-
 // The e4m3 values of the four bytes of `wd` (byte b → v[b]). sm_89 and later convert in hardware
 // (e4m3 pair → f16 pair → f32, each step exact; a NaN code gives a NaN): one shared-memory table
 // read per value kept the L1 busier than HBM in the one-row GEMV. Older GPUs read `lut`

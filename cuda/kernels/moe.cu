@@ -256,18 +256,30 @@ extern "C" __global__ void moe_route(const int* ex, i64 rows, int k, int experts
 // Block 0, for few pairs (a decode step): check_experts, the zeroing of cnt and moe_route in one
 // launch instead of three nodes. Routes nothing when a row is bad (the error is recorded). A
 // second block, where the grid has one, act_quants the input rows x [rows, dim] into xq at the
-// same time (quant_rows' values, blocks of qblock, a warp per block): the experts' input, without
-// a kernel of its own.
+// same time (blocks of qblock, a warp per block): the experts' input, without a kernel of its own.
+// codes = 0: quant_rows' values; else quant_rows_e4m3's codes, their scales at byte scales_off
+// (the tensor-core FP4 experts' input; dim % qblock == 0).
 extern "C" __global__ void __launch_bounds__(1024) moe_route_checked(const int* ex, i64 rows, int k, int experts,
                                                                     int op, int* cnt, int* list, int* order,
                                                                     int* active, i64* err, const float* x, float* xq,
-                                                                    i64 dim, int qblock) {
+                                                                    i64 dim, int qblock, int codes, i64 scales_off) {
     grid_dep_begin();
     __shared__ i64 sh[32];
     if (blockIdx.x == 1) {
-        quant_row_blocks_by(x, rows, dim, dim, qblock, FMT_FP8, threadIdx.x >> 5, blockDim.x >> 5,
-                            [&](i64 i, float v, float s) { xq[i] = quant_value(v, s, FMT_FP8); },
-                            [](i64, i64, float) {});
+        u8* xc = (u8*)xq;
+        float* scales = (float*)(xc + scales_off);
+        i64 nb = dim / qblock;
+        quant_row_blocks_by(
+            x, rows, dim, dim, qblock, FMT_FP8, threadIdx.x >> 5, blockDim.x >> 5,
+            [&](i64 i, float v, float s) {
+                if (codes)
+                    xc[i] = quant_code_e4m3(v, s);
+                else
+                    xq[i] = quant_value(v, s, FMT_FP8);
+            },
+            [&](i64 r, i64 b, float s) {
+                if (codes) scales[r * nb + b] = s;
+            });
         return;
     }
     if (err[0] != 0 || !experts_valid(ex, rows, k, experts, op, err, sh)) return;
@@ -444,87 +456,166 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_down(MOE_DOWN_ARGS) {
 }
 
 // ---- FP4 experts on tensor cores, about one pair each (decode; sm_89+) -------------------------
-// The one-pair kernels again, with the dot products on mma.sync m16n8k32 e4m3 tiles as in
-// linear_fp8_r1: a warp takes MMA_ROWS weight rows, the pair's input row comes act_quant'ed as e4m3
-// codes with f32 scales per 128 columns (quant_rows_e4m3), and the e2m1 weights become e4m3 codes
-// in registers (e2m1x8_to_e4m3, exact).
+// The one-pair kernels again, with the dot products on f16 mma.sync m16n8k16 tiles (f32
+// accumulators): a warp takes MMA_ROWS weight rows, the pair's input row comes act_quant'ed as
+// e4m3 codes with f32 scales per 128 columns (quant_rows_e4m3) and is staged in shared memory as
+// f16 (exact), and the e2m1 weights become f16 in registers, 3 integer instructions a pair of
+// values (e2m1_pair_f16; the e4m3 mma of sm_89 is two f16 HMMA on sm_90 after ptxas unpacks both
+// operands, which cost more). Products of the two are exact in f32; the sums differ from the
+// CUDA-core kernels' in order only.
 //
 // A weight scale spans 32 columns of a row, so an mma's sum may only be scaled per row if each of
 // its D columns holds one 32-column block. Lane (g, t) loads 16 bytes of rows g and g + 8: the
-// whole block t of a 128-column step (one load per row, as in linear_fp8_r1). Mma j takes word j
-// (columns 8j .. 8j + 8 of the block) from every lane, so its k slots of lane t belong to block t;
-// B column t holds x there and zero elsewhere (lane (g, t) supplies x only where g = t). The four
-// mma of a step add into one D whose column t is then block t's sum of rows g and g + 8: lanes
-// t = 0, 1 hold columns 2t and 2t + 1, scale each by its block's weight scale and the step's x
-// scale, and add them to their totals; lane t = 1's totals join lane 0's at the end. Per step a
-// lane also loads the four blocks' scales of each row (one word) and, where g = t, its block's 32
-// x codes; the next step's loads are issued before this step's mma.
+// whole block t of a 128-column step. Word j of those (columns 8j .. 8j + 8 of the block) feeds
+// two mma, whose k slots of lane t are thus block t's; B column n holds x there for the block
+// n % 4 and zero elsewhere (lanes with g % 4 = t supply x, the others zeros). So column n of D
+// is block n % 4's sum of rows g and g + 8, columns 4–7 repeating 0–3: lanes t = 0, 1 scale row
+// g's sums of blocks 2t, 2t + 1 (D columns 2t, 2t + 1) and lanes t = 2, 3 row g + 8's of blocks
+// 2t − 4, 2t − 3, each with one scale word, and the step's x scale.
 //
-// On sm_90 these kernels are no faster than the CUDA-core ones (docs/performance.md): Hopper has
-// no e4m3 mma.sync, and ptxas builds each from two f16 HMMA.16816 after converting both operands
-// (F2FP.F16.E4M3.UNPACK), so the tensor cores save little of the decoding work. (The same holds
-// for linear_fp8_r1.) The block's 8 warps are 8 / ksplit row groups of ksplit warps splitting the
-// 128-column steps; partial sums are added in warp order. Needs dim % 128 == 0 and inter % 128 == 0.
+// scripts/fp4-expert-bench.cu measures these against pure reads of the same bytes and the forms
+// that were slower (docs/performance.md). A block's 4 warps are 4 / ksplit row groups of ksplit
+// warps splitting the 128-column steps; partial sums are added in warp order. (Blocks of 4 warps
+// leave fewer SMs idle at the end than blocks of 8 when the shared expert's kernels run beside.)
+// Needs dim % 128 == 0 and inter % 128 == 0.
+#define FP4_WARPS 4  // warps of a block (cuda/src/ops/moe.rs FP4_R1_WARPS)
 #if __CUDA_ARCH__ >= 890
-template <int NM> struct Fp4Step {
-    uint4 w[NM][2];  // [matrix][row g, g + 8]: block t of the step
-    u32 s[NM][2];    // the four blocks' scale bytes, per matrix and row
-    uint4 x[2];      // x codes of block t (lanes g = t; else zero)
-    float xs;        // x's scale over the 128 columns
-};
+// Nibbles I and I + 4 of w as an f16 pair (low half: nibble I) of e2m1 · 2^-14, given w3 = w << 3.
+// A magnitude's 3 bits go to f16 bits 9–11 (two exponent bits and the top mantissa bit: every
+// code, the subnormal 0.5 included, scales by 2^-14) and its sign to bit 15; w3 holds each sign 6
+// bits above its magnitude's low bit, as f16 does.
+template <int I> __device__ __forceinline__ u32 e2m1_pair_f16(u32 w, u32 w3) {
+    if (I == 3) return ((w >> 3) & 0x0E000E00u) | (w & 0x80008000u);
+    u32 c = (w & (0x00070007u << (4 * I))) | (w3 & (0x00400040u << (4 * I)));
+    return c << (9 - 4 * I);
+}
 
-// acc[m][0|1] += Σ over 128-column steps [q0, q1) of rows g and g + 8 of the NM matrices (row
-// starts w[m][0|1], their scale rows sc[m][0|1]) with x (codes xq, scales xs, one per step); the
-// totals are complete in lanes t = 0.
+// e8m0_to_f32 of the byte in e's f32 exponent field (e = b << 23), without branches: exact for
+// b = 0 (2^-127) and NaN for b = 255 (inf − inf).
+__device__ __forceinline__ float e8m0_field(u32 e) {
+    float f = fmaxf(__uint_as_float(e), 0x1p-127f);
+    return (f - f) + f;
+}
+
+// d += A·B for one m16n8k16 f16 tile (f32 accumulators): a0/a2 row g, a1/a3 row g + 8, columns
+// 2t.. and 8 + 2t..; b0/b1 rows 2t.. and 8 + 2t.. of column g (PTX ISA, mma.m16n8k16 layouts).
+__device__ __forceinline__ void mma_f16_16x8x16(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// A weight load that asks the L2 for the 256 bytes around it (the next steps of the same row: a
+// warp's step reads only 64 bytes of each of its rows) and leaves the L1 alone: 27 µs instead of
+// 32 for V4-Flash's up projections in the bench script.
+__device__ __forceinline__ uint4 ld_weights_ahead(const uint4* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+}
+
+// The staged input row (dynamic shared memory, fp4_f16_smem bytes): x as f16 pairs in the order
+// the B fragments take them, then 16 zero words (the lanes that supply no x read those), then
+// the scales per 128 columns times 2^14 (undoing the weights' f16 scaling; exact).
+// Word 16·b + 4j + 2h + r of block b (columns c0 = 32b ..) pairs x[c] and x[c + 4] with
+// c = c0 + 8j + 2h + r: the values that e2m1_pair_f16<2h + r> of word j pairs.
+struct Fp4Staged {
+    u32* x;
+    float* scale;
+};
+__device__ __forceinline__ Fp4Staged fp4_stage(const u8* xq, const float* xs, i64 k, u32* smem) {
+    Fp4Staged st{smem, (float*)(smem + k / 2 + 16)};
+    // One thread per 8 codes (b, j): its four words are consecutive.
+    for (i64 i = threadIdx.x; i < k / 8; i += blockDim.x) {
+        uint2 c = ((const uint2*)xq)[i];
+        u32 out[4];
+#pragma unroll
+        for (int hr = 0; hr < 4; ++hr) {
+            u32 pair = __byte_perm(c.x, c.y, 0x40 + hr * 0x11), h;  // codes hr, hr + 4
+            asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %1;\ncvt.rn.f16x2.e4m3x2 %0, lo;\n}" : "=r"(h) : "r"(pair));
+            out[hr] = h;
+        }
+        ((uint4*)st.x)[i] = make_uint4(out[0], out[1], out[2], out[3]);
+    }
+    if (threadIdx.x < 16) st.x[k / 2 + threadIdx.x] = 0;
+    for (i64 i = threadIdx.x; i < k / 128; i += blockDim.x) st.scale[i] = xs[i] * 16384.0f;
+    return st;
+}
+
+// acc[m] += the sums over 128-column steps [q0, q1) of row g (lanes t < 2) or g + 8 (t ≥ 2) of
+// NM matrices (row starts w[m][0|1]; the scale row of this lane's row sc[m]) with the staged x.
+// Totals complete in lanes t = 0 (row g) and t = 2 (row g + 8). The next step's loads are issued
+// before this step's mma.
 template <int NM>
-__device__ __forceinline__ void fp4_mma_rows(const u8* const (&w)[NM][2], const u8* const (&sc)[NM][2], const u8* xq,
-                                             const float* xs, i64 q0, i64 q1, float (&acc)[NM][2]) {
-    int t = threadIdx.x & 3;
-    bool x_lane = ((threadIdx.x & 31) >> 2) == t;
-    auto load = [&](i64 q, Fp4Step<NM>& st) {
+__device__ __forceinline__ void fp4_f16_rows(const u8* const (&w)[NM][2], const u8* const (&sc)[NM],
+                                             const Fp4Staged& x, i64 k, i64 q0, i64 q1, float (&acc)[NM]) {
+    int lane = threadIdx.x & 31, t = lane & 3, g = lane >> 2;
+    bool x_lane = (g & 3) == t;
+    const uint4* xb = (const uint4*)(x_lane ? x.x + (4 * q0 + t) * 16 : x.x + k / 2);
+    int xstep = x_lane ? 16 : 0;  // uint4 a step
+    int sh = 16 * (t & 1);
+    bool row_g = t < 2;
+    const uint4* wp[NM][2];
+    const u32* sp[NM];
 #pragma unroll
-        for (int m = 0; m < NM; ++m)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                st.w[m][h] = __ldg((const uint4*)(w[m][h] + q * 64 + 16 * t));
-                st.s[m][h] = __ldg((const u32*)(sc[m][h] + q * 4));
-            }
-        const uint4* xb = (const uint4*)(xq + q * 128 + 32 * t);
-        st.x[0] = x_lane ? __ldg(xb) : make_uint4(0, 0, 0, 0);
-        st.x[1] = x_lane ? __ldg(xb + 1) : make_uint4(0, 0, 0, 0);
-        st.xs = xs[q];
-    };
-    Fp4Step<NM> cur, nxt;
-    if (q0 < q1) load(q0, cur);
-    for (i64 q = q0; q < q1; ++q) {
-        if (q + 1 < q1) load(q + 1, nxt);
-        u32 xw[8] = {cur.x[0].x, cur.x[0].y, cur.x[0].z, cur.x[0].w, cur.x[1].x, cur.x[1].y, cur.x[1].z, cur.x[1].w};
+    for (int m = 0; m < NM; ++m) {
+        wp[m][0] = (const uint4*)(w[m][0] + 16 * t) + 4 * q0;
+        wp[m][1] = (const uint4*)(w[m][1] + 16 * t) + 4 * q0;
+        sp[m] = (const u32*)sc[m] + q0;
+    }
+    uint4 cw[NM][2], nw[NM][2];
+    u32 cs[NM], ns[NM];
+    auto load = [&](uint4 (&ww)[NM][2], u32 (&ss)[NM]) {
 #pragma unroll
         for (int m = 0; m < NM; ++m) {
-            u32 wa[4] = {cur.w[m][0].x, cur.w[m][0].y, cur.w[m][0].z, cur.w[m][0].w};
-            u32 wb[4] = {cur.w[m][1].x, cur.w[m][1].y, cur.w[m][1].z, cur.w[m][1].w};
+            ww[m][0] = ld_weights_ahead(wp[m][0]);
+            ww[m][1] = ld_weights_ahead(wp[m][1]);
+            ss[m] = __ldg(sp[m]);
+            wp[m][0] += 4;
+            wp[m][1] += 4;
+            sp[m] += 1;
+        }
+    };
+    if (q0 < q1) load(cw, cs);
+    for (i64 q = q0; q < q1; ++q) {
+        if (q + 1 < q1) load(nw, ns);
+        uint4 xv[4] = {xb[0], xb[1], xb[2], xb[3]};
+        xb += xstep;
+        u32 xw[16] = {xv[0].x, xv[0].y, xv[0].z, xv[0].w, xv[1].x, xv[1].y, xv[1].z, xv[1].w,
+                      xv[2].x, xv[2].y, xv[2].z, xv[2].w, xv[3].x, xv[3].y, xv[3].z, xv[3].w};
+        float xscale = x.scale[q];
+#pragma unroll
+        for (int m = 0; m < NM; ++m) {
+            u32 wa[4] = {cw[m][0].x, cw[m][0].y, cw[m][0].z, cw[m][0].w};
+            u32 wb[4] = {cw[m][1].x, cw[m][1].y, cw[m][1].z, cw[m][1].w};
             float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                u32 a0, a1, a2, a3;
-                e2m1x8_to_e4m3(wa[j], &a0, &a2);
-                e2m1x8_to_e4m3(wb[j], &a1, &a3);
-                mma_e4m3_16x8x32(d, a0, a1, a2, a3, xw[2 * j], xw[2 * j + 1]);
+                u32 a3 = wa[j] << 3, b3 = wb[j] << 3;
+                mma_f16_16x8x16(d, e2m1_pair_f16<0>(wa[j], a3), e2m1_pair_f16<0>(wb[j], b3),
+                                e2m1_pair_f16<1>(wa[j], a3), e2m1_pair_f16<1>(wb[j], b3), xw[4 * j], xw[4 * j + 1]);
+                mma_f16_16x8x16(d, e2m1_pair_f16<2>(wa[j], a3), e2m1_pair_f16<2>(wb[j], b3),
+                                e2m1_pair_f16<3>(wa[j], a3), e2m1_pair_f16<3>(wb[j], b3), xw[4 * j + 2],
+                                xw[4 * j + 3]);
             }
-            if (t < 2) {
-                u32 sa = cur.s[m][0] >> (16 * t), sb = cur.s[m][1] >> (16 * t);
-                acc[m][0] = fmaf(d[0], e8m0_to_f32((u8)sa) * cur.xs, acc[m][0]);
-                acc[m][0] = fmaf(d[1], e8m0_to_f32((u8)(sa >> 8)) * cur.xs, acc[m][0]);
-                acc[m][1] = fmaf(d[2], e8m0_to_f32((u8)sb) * cur.xs, acc[m][1]);
-                acc[m][1] = fmaf(d[3], e8m0_to_f32((u8)(sb >> 8)) * cur.xs, acc[m][1]);
-            }
+            u32 sw = cs[m] >> sh;
+            float s0 = e8m0_field((sw << 23) & 0x7F800000u), s1 = e8m0_field((sw << 15) & 0x7F800000u);
+            float da = row_g ? d[0] : d[2], db = row_g ? d[1] : d[3];
+            acc[m] = fmaf(fmaf(da, s0, db * s1), xscale, acc[m]);
         }
-        cur = nxt;
+#pragma unroll
+        for (int m = 0; m < NM; ++m) {
+            cw[m][0] = nw[m][0];
+            cw[m][1] = nw[m][1];
+            cs[m] = ns[m];
+        }
     }
 #pragma unroll
-    for (int m = 0; m < NM; ++m)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) acc[m][h] += __shfl_down_sync(FULL_MASK, acc[m][h], 1);
+    for (int m = 0; m < NM; ++m) acc[m] += __shfl_xor_sync(FULL_MASK, acc[m], 1);
 }
 
 // The warp's part of a one-pair kernel: its row group (first row r0), rows g and g + 8 clamped to
@@ -534,7 +625,7 @@ struct Fp4Part {
 };
 __device__ __forceinline__ Fp4Part fp4_part(i64 n, i64 kd, int ksplit) {
     int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
-    int groups = 8 / ksplit;
+    int groups = (blockDim.x >> 5) / ksplit;
     Fp4Part pt;
     pt.r0 = ((i64)blockIdx.x * groups + warp / ksplit) * MMA_ROWS;
     i64 qn = kd >> 7, per = (qn + ksplit - 1) / ksplit;
@@ -545,18 +636,16 @@ __device__ __forceinline__ Fp4Part fp4_part(i64 n, i64 kd, int ksplit) {
     return pt;
 }
 
-// Writes the warp's sums of NM matrices to part (lanes t = 0), then, after a barrier, calls
+// Writes the warp's sums of NM matrices to part (lanes t = 0, 2), then, after a barrier, calls
 // out(o, sums) for each of the block's rows o < n with the sums of its ksplit warps in warp order.
 template <int NM, typename Out>
-__device__ __forceinline__ void fp4_reduce(float (*part)[8][MMA_ROWS], const float (&acc)[NM][2], i64 n, int ksplit,
+__device__ __forceinline__ void fp4_reduce(float (*part)[FP4_WARPS][MMA_ROWS], const float (&acc)[NM], i64 n, int ksplit,
                                            Out out) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, groups = 8 / ksplit;
-    if ((lane & 3) == 0)
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    int groups = (blockDim.x >> 5) / ksplit;
+    if ((t & 1) == 0)
 #pragma unroll
-        for (int m = 0; m < NM; ++m) {
-            part[m][warp][g] = acc[m][0];
-            part[m][warp][g + 8] = acc[m][1];
-        }
+        for (int m = 0; m < NM; ++m) part[m][warp][g + 4 * t] = acc[m];
     __syncthreads();
     if (threadIdx.x < groups * MMA_ROWS) {
         int q = threadIdx.x / MMA_ROWS, r = threadIdx.x % MMA_ROWS;
@@ -574,28 +663,32 @@ __device__ __forceinline__ void fp4_reduce(float (*part)[8][MMA_ROWS], const flo
 #endif
 
 // moe_up_r1 for FP4 weights (fmt) on tensor cores: xq holds the input rows' e4m3 codes, xs their
-// scales.
-extern "C" __global__ void __launch_bounds__(256, 2) moe_up_fp4_r1(MOE_UP_ARGS, const float* xs, int ksplit) {
+// scales. Dynamic shared memory: fp4_f16_smem(dim) bytes (cuda/src/ops/moe.rs).
+extern "C" __global__ void __launch_bounds__(FP4_WARPS * 32, 4) moe_up_fp4_r1(MOE_UP_ARGS, const float* xs, int ksplit) {
     grid_dep_begin();
 #if __CUDA_ARCH__ >= 890
-    __shared__ float part[2][8][MMA_ROWS];
+    extern __shared__ u32 fp4_smem[];
+    __shared__ float part[2][FP4_WARPS][MMA_ROWS];
     if (err[0] != 0 || (int)blockIdx.y >= cnt[experts]) return;
     i64 e = active[blockIdx.y];
     int n = cnt[e];
+    int t4 = threadIdx.x & 3;
     Fp4Part pt = fp4_part(inter, dim, ksplit);
+    i64 rs = t4 < 2 ? pt.ra : pt.rb;  // the row this lane scales
     const u8* w1e = w1 + e * mat_bytes(WF_FP4, inter, dim);
     const u8* w3e = w3 + e * mat_bytes(WF_FP4, inter, dim);
     const u8* s1e = s1 + e * scale_bytes(WF_FP4, inter, dim);
     const u8* s3e = s3 + e * scale_bytes(WF_FP4, inter, dim);
     const u8* const w[2][2] = {{w1e + pt.ra * (dim / 2), w1e + pt.rb * (dim / 2)},
                                {w3e + pt.ra * (dim / 2), w3e + pt.rb * (dim / 2)}};
-    const u8* const sc[2][2] = {{s1e + pt.ra * (dim / 32), s1e + pt.rb * (dim / 32)},
-                                {s3e + pt.ra * (dim / 32), s3e + pt.rb * (dim / 32)}};
+    const u8* const sc[2] = {s1e + rs * (dim / 32), s3e + rs * (dim / 32)};
     for (i64 t = blockIdx.z; t < n; t += gridDim.z) {
         int p = list[e * rows + t];
         i64 xr = p / k;
-        float acc[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
-        fp4_mma_rows<2>(w, sc, (const u8*)xq + xr * dim, xs + xr * (dim >> 7), pt.q0, pt.q1, acc);
+        Fp4Staged x = fp4_stage((const u8*)xq + xr * dim, xs + xr * (dim >> 7), dim, fp4_smem);
+        __syncthreads();
+        float acc[2] = {0.0f, 0.0f};
+        fp4_f16_rows<2>(w, sc, x, dim, pt.q0, pt.q1, acc);
         fp4_reduce<2>(part, acc, inter, ksplit,
                       [&](i64 o, const float* v) { h[(i64)p * inter + o] = swiglu_f(v[0], v[1], limit) * wts[p]; });
     }
@@ -603,23 +696,29 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_up_fp4_r1(MOE_UP_ARGS, 
 }
 
 // moe_down_r1 for FP4 weights (fmt) on tensor cores: hq holds the h rows' e4m3 codes, hs their
-// scales.
-extern "C" __global__ void __launch_bounds__(256, 2) moe_down_fp4_r1(MOE_DOWN_ARGS, const float* hs, int ksplit) {
+// scales. Dynamic shared memory: fp4_f16_smem(inter) bytes.
+extern "C" __global__ void __launch_bounds__(FP4_WARPS * 32, 4) moe_down_fp4_r1(MOE_DOWN_ARGS, const float* hs,
+                                                                                int ksplit) {
     grid_dep_begin();
 #if __CUDA_ARCH__ >= 890
-    __shared__ float part[1][8][MMA_ROWS];
+    extern __shared__ u32 fp4_smem[];
+    __shared__ float part[1][FP4_WARPS][MMA_ROWS];
     if (err[0] != 0 || (int)blockIdx.y >= cnt[experts]) return;
     i64 e = active[blockIdx.y];
     int n = cnt[e];
+    int t4 = threadIdx.x & 3;
     Fp4Part pt = fp4_part(dim, inter, ksplit);
+    i64 rs = t4 < 2 ? pt.ra : pt.rb;
     const u8* w2e = w2 + e * mat_bytes(WF_FP4, dim, inter);
     const u8* s2e = s2 + e * scale_bytes(WF_FP4, dim, inter);
     const u8* const w[1][2] = {{w2e + pt.ra * (inter / 2), w2e + pt.rb * (inter / 2)}};
-    const u8* const sc[1][2] = {{s2e + pt.ra * (inter / 32), s2e + pt.rb * (inter / 32)}};
+    const u8* const sc[1] = {s2e + rs * (inter / 32)};
     for (i64 t = blockIdx.z; t < n; t += gridDim.z) {
         int p = list[e * rows + t];
-        float acc[1][2] = {{0.0f, 0.0f}};
-        fp4_mma_rows<1>(w, sc, (const u8*)hq + (i64)p * inter, hs + (i64)p * (inter >> 7), pt.q0, pt.q1, acc);
+        Fp4Staged x = fp4_stage((const u8*)hq + (i64)p * inter, hs + (i64)p * (inter >> 7), inter, fp4_smem);
+        __syncthreads();
+        float acc[1] = {0.0f};
+        fp4_f16_rows<1>(w, sc, x, inter, pt.q0, pt.q1, acc);
         fp4_reduce<1>(part, acc, dim, ksplit, [&](i64 o, const float* v) { ye[(i64)p * dim + o] = v[0]; });
     }
 #endif

@@ -139,9 +139,9 @@ pub(crate) struct Dev {
     /// Whether one-row FP8 linears run on the e4m3 `mma.sync` GEMV (`linear_fp8_r1`): sm_89 or
     /// newer, unless `V4RT_CUDA_FP8_MMA=0` (the CUDA-core GEMV then takes them, for comparison).
     pub fp8_mma: bool,
-    /// Whether the one-pair FP4 expert kernels run on e4m3 `mma.sync` tiles (`moe_up_fp4_r1`,
-    /// `moe_down_fp4_r1`): sm_89 or newer, and only with `V4RT_CUDA_FP4_MMA=1`. On an H100 they
-    /// pass conformance but are not faster than the CUDA-core kernels (docs/performance.md).
+    /// Whether the one-pair FP4 expert kernels run on f16 `mma.sync` tiles (`moe_up_fp4_r1`,
+    /// `moe_down_fp4_r1`; their input staged as f16 from e4m3 codes): sm_89 or newer, unless
+    /// `V4RT_CUDA_FP4_MMA=0` (the CUDA-core kernels then take them, for comparison).
     pub fp4_mma: bool,
     /// Which kernels are launched with programmatic stream serialization (programmatic
     /// dependent launch, `ops::launch`); none below sm_90.
@@ -220,7 +220,7 @@ impl Dev {
         let enabled = |var: &str| std::env::var(var).map_or(true, |v| v != "0");
         let tensor_cores = cc >= 80 && enabled("V4RT_CUDA_TENSOR_CORES");
         let fp8_mma = cc >= 89 && enabled("V4RT_CUDA_FP8_MMA");
-        let fp4_mma = cc >= 89 && std::env::var("V4RT_CUDA_FP4_MMA").is_ok_and(|v| v == "1");
+        let fp4_mma = cc >= 89 && enabled("V4RT_CUDA_FP4_MMA");
         let dependent_launch = match std::env::var("V4RT_CUDA_PDL").as_deref() {
             _ if cc < 90 => DependentLaunch::Off,
             Ok("0") => DependentLaunch::Off,

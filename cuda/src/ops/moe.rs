@@ -24,7 +24,9 @@ use super::{check_threads, grid_for, i, l, launch, op_id, Arg, BLOCK, DOT_ROWS};
 use crate::device::Dev;
 
 const FAMILY: &str = "moe";
-/// Warps of `moe_up_fp4_r1` / `moe_down_fp4_r1` resident on an SM (`__launch_bounds__(256, 2)`).
+/// Warps of a `moe_up_fp4_r1` / `moe_down_fp4_r1` block (moe.cu `FP4_WARPS`), and those resident on
+/// an SM (`__launch_bounds__(128, 4)`).
+const FP4_R1_WARPS: usize = 4;
 const FP4_R1_RESIDENT_WARPS: usize = 16;
 /// Most (row, expert) pairs routed by the one-block `moe_route_checked`.
 const ROUTE_CHECKED_PAIRS: usize = 1024;
@@ -35,6 +37,12 @@ const ROUTE_QUANT_BLOCKS: usize = 64;
 /// a 4096-token prefill chunk of V4-Flash (six pairs a row) fits in one. Every chunk streams all
 /// the experts' weights once more, and a smaller one fills the tensor-core pair tiles less.
 const PAIR_SCRATCH: usize = 1 << 30;
+
+/// Dynamic shared memory of `moe_up_fp4_r1` / `moe_down_fp4_r1` for an input row of `width`
+/// columns (moe.cu `fp4_stage`): the row as f16, 16 zero words, a scale per 128 columns.
+fn fp4_f16_smem(width: usize) -> u32 {
+    (width * 2 + 16 * 4 + width / ACT_BLOCK * 4) as u32
+}
 
 fn check_limit(op: &str, limit: f32) -> Result<()> {
     if limit >= 0.0 {
@@ -213,7 +221,7 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
             (up_k, down_k, fx, fd, tiles, None)
         };
         let tiles = tiles as u32;
-        // FP4 experts with about one pair each, where enabled: the one-pair kernels on e4m3
+        // FP4 experts with about one pair each, where enabled: the one-pair kernels on f16
         // tensor-core tiles, their inputs act_quant'ed as e4m3 codes and scales.
         let fp4_mma = single
             && dev.fp4_mma
@@ -222,11 +230,13 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
             && inter % ACT_BLOCK == 0;
         // Their split of the 128-column steps (mma_k_split) for up and down, and their grids.
         let (up_k, down_k, up_x, down_x, splits) = if fp4_mma {
+            let split =
+                |row_groups: usize, k: usize| mma_k_split(dev, row_groups, k, FP4_R1_RESIDENT_WARPS).min(FP4_R1_WARPS);
             let splits = (
-                mma_k_split(dev, used as usize * inter.div_ceil(MMA_ROWS), d, FP4_R1_RESIDENT_WARPS),
-                mma_k_split(dev, used as usize * d.div_ceil(MMA_ROWS), inter, FP4_R1_RESIDENT_WARPS),
+                split(used as usize * inter.div_ceil(MMA_ROWS), d),
+                split(used as usize * d.div_ceil(MMA_ROWS), inter),
             );
-            let blocks = |n: usize, split: usize| n.div_ceil(MMA_ROWS * (BLOCK as usize / 32 / split));
+            let blocks = |n: usize, split: usize| n.div_ceil(MMA_ROWS * (FP4_R1_WARPS / split));
             ("moe_up_fp4_r1", "moe_down_fp4_r1", blocks(inter, splits.0), blocks(d, splits.1), splits)
         } else {
             (up_k, down_k, up_x, down_x, (0, 0))
@@ -240,10 +250,12 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
         } else {
             ActForm::F32
         };
-        // A few rows (decode) for the CUDA-core kernels: the routing kernel act_quants them too.
-        let route_quant =
-            checked_route && quantize && form == ActForm::F32 && n * d.div_ceil(ACT_BLOCK) <= ROUTE_QUANT_BLOCKS;
-        let target = if route_quant { Some(ActQuantTarget::of(dev, x_c, n, d, ACT_BLOCK)?) } else { None };
+        // A few rows (decode) for the one-pair kernels: the routing kernel act_quants them too.
+        let route_quant = checked_route
+            && quantize
+            && matches!(form, ActForm::F32 | ActForm::E4m3)
+            && n * d.div_ceil(ACT_BLOCK) <= ROUTE_QUANT_BLOCKS;
+        let target = if route_quant { Some(ActQuantTarget::of(dev, x_c, n, d, ACT_BLOCK, form)?) } else { None };
         if checked_route {
             let (qx, qdst) = target.as_ref().map_or((0, 0), |t| (t.source(x_c), t.ptr()));
             let args = [
@@ -261,6 +273,8 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
                 Arg::P(qdst),
                 l(d),
                 Arg::I(ACT_BLOCK as i32),
+                Arg::I((form == ActForm::E4m3) as i32),
+                l(codes_scales_offset(n, d)),
             ];
             // A second block quantizes, with a warp per FP8 block of the input.
             let (blocks, threads) =
@@ -283,9 +297,10 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
         let fp4_extra = |codes: u64, rows: usize, width: usize, split: usize| {
             [Arg::P(codes + codes_scales_offset(rows, width) as u64), Arg::I(split as i32)]
         };
+        let threads = if fp4_mma { (FP4_R1_WARPS * 32) as u32 } else { BLOCK };
         let staged_smem = |width: usize| {
             if fp4_mma {
-                0
+                fp4_f16_smem(width)
             } else if single {
                 (width * 4) as u32
             } else if tc {
@@ -320,7 +335,7 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
             } else {
                 args.into_iter().chain(extra).collect()
             };
-            launch(dev, FAMILY, up_k, (up_x as u32, used, tiles), BLOCK, staged_smem(d), &args)?;
+            launch(dev, FAMILY, up_k, (up_x as u32, used, tiles), threads, staged_smem(d), &args)?;
             if quantize {
                 act_quant_into(dev, FAMILY, hp, hqp, pairs, inter, ACT_BLOCK, form)?;
             }
@@ -346,7 +361,7 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
             } else {
                 args.into_iter().chain(extra).collect()
             };
-            launch(dev, FAMILY, down_k, (down_x as u32, used, tiles), BLOCK, staged_smem(inter), &args)?;
+            launch(dev, FAMILY, down_k, (down_x as u32, used, tiles), threads, staged_smem(inter), &args)?;
         }
         let args =
             [Arg::P(yep), Arg::P(op_), l(n), k_i, l(d), Arg::P(outs[0] + (r0 * d * 4) as u64), Arg::P(dev.err_ptr)];

@@ -179,8 +179,13 @@ pub(crate) fn act_quant(
 }
 
 /// Where an op's FP8 act_quant'ed input goes when one of the op's own kernels writes it along
-/// with its work (the quant_rows values, [`ActForm::F32`]).
-pub(crate) enum ActQuantTarget {
+/// with its work, in [`ActForm::F32`] or [`ActForm::E4m3`] form.
+pub(crate) struct ActQuantTarget {
+    form: ActForm,
+    copy: TargetCopy,
+}
+
+enum TargetCopy {
     /// The memo's copy: nothing to write.
     Known(u64),
     /// A new buffer for the kernel to fill; [`ActQuantTarget::issued`] once it is launched.
@@ -188,36 +193,37 @@ pub(crate) enum ActQuantTarget {
 }
 
 impl ActQuantTarget {
-    /// The target of the act_quant of `x [rows, dim]` in blocks of `block`.
-    pub(crate) fn of(dev: &Dev, x: u64, rows: usize, dim: usize, block: usize) -> Result<Self> {
-        let key = QuantKey { src: x, rows, dim, block, fmt: ActForm::F32.key_code() };
-        Ok(match dev.memo.quantized(&key) {
-            Some(p) => ActQuantTarget::Known(p),
-            None => ActQuantTarget::Fresh(Arc::new(dev.scratch(ActForm::F32.bytes(rows, dim, block))?)),
-        })
+    /// The target of the act_quant of `x [rows, dim]` in blocks of `block`, stored as `form`.
+    pub(crate) fn of(dev: &Dev, x: u64, rows: usize, dim: usize, block: usize, form: ActForm) -> Result<Self> {
+        let key = QuantKey { src: x, rows, dim, block, fmt: form.key_code() };
+        let copy = match dev.memo.quantized(&key) {
+            Some(p) => TargetCopy::Known(p),
+            None => TargetCopy::Fresh(Arc::new(dev.scratch(form.bytes(rows, dim, block))?)),
+        };
+        Ok(ActQuantTarget { form, copy })
     }
 
     /// The copy's address.
     pub(crate) fn ptr(&self) -> u64 {
-        match self {
-            ActQuantTarget::Known(p) => *p,
-            ActQuantTarget::Fresh(buf) => buf.ptr(),
+        match &self.copy {
+            TargetCopy::Known(p) => *p,
+            TargetCopy::Fresh(buf) => buf.ptr(),
         }
     }
 
     /// The source the writing kernel should quantize: `x`, or 0 (null) when the copy is known.
     pub(crate) fn source(&self, x: u64) -> u64 {
-        match self {
-            ActQuantTarget::Known(_) => 0,
-            ActQuantTarget::Fresh(_) => x,
+        match self.copy {
+            TargetCopy::Known(_) => 0,
+            TargetCopy::Fresh(_) => x,
         }
     }
 
     /// After the writing kernel is issued: the memo keeps a small fresh copy (as [`act_quant`]
     /// does). Returns the buffer to hold until the op's kernels are issued.
     pub(crate) fn issued(self, dev: &Dev, x: u64, rows: usize, dim: usize, block: usize) -> Option<Arc<DevBuf>> {
-        let ActQuantTarget::Fresh(buf) = self else { return None };
-        let key = QuantKey { src: x, rows, dim, block, fmt: ActForm::F32.key_code() };
+        let TargetCopy::Fresh(buf) = self.copy else { return None };
+        let key = QuantKey { src: x, rows, dim, block, fmt: self.form.key_code() };
         if Memo::keeps(&key) {
             dev.memo.keep_quantized(key, buf.ptr(), buf);
             None
