@@ -473,11 +473,10 @@ extern "C" __global__ void __launch_bounds__(256, 2) moe_down(MOE_DOWN_ARGS) {
 // g's sums of blocks 2t, 2t + 1 (D columns 2t, 2t + 1) and lanes t = 2, 3 row g + 8's of blocks
 // 2t − 4, 2t − 3, each with one scale word, and the step's x scale.
 //
-// scripts/fp4-expert-bench.cu measures these against pure reads of the same bytes and the forms
-// that were slower (docs/performance.md). A block's 4 warps are 4 / ksplit row groups of ksplit
-// warps splitting the 128-column steps; partial sums are added in warp order. (Blocks of 4 warps
-// leave fewer SMs idle at the end than blocks of 8 when the shared expert's kernels run beside.)
-// Needs dim % 128 == 0 and inter % 128 == 0.
+// scripts/fp4-expert-bench.cu measures these and the CUDA-core kernels against pure reads of the
+// same bytes (docs/performance.md has the figures and the forms that were slower). A block's 4
+// warps are 4 / ksplit row groups of ksplit warps splitting the 128-column steps; partial sums are
+// added in warp order. Needs dim % 128 == 0 and inter % 128 == 0.
 #define FP4_WARPS 4  // warps of a block (cuda/src/ops/moe.rs FP4_R1_WARPS)
 #if __CUDA_ARCH__ >= 890
 // Nibbles I and I + 4 of w as an f16 pair (low half: nibble I) of e2m1 · 2^-14, given w3 = w << 3.
@@ -508,8 +507,8 @@ __device__ __forceinline__ void mma_f16_16x8x16(float* d, u32 a0, u32 a1, u32 a2
 }
 
 // A weight load that asks the L2 for the 256 bytes around it (the next steps of the same row: a
-// warp's step reads only 64 bytes of each of its rows) and leaves the L1 alone: 27 µs instead of
-// 32 for V4-Flash's up projections in the bench script.
+// warp's step reads only 64 bytes of each of its rows) and leaves the L1 alone: 28 µs instead of
+// 38 for V4-Flash's up projections, measured with scripts/fp4-expert-bench.cu.
 __device__ __forceinline__ uint4 ld_weights_ahead(const uint4* p) {
     uint4 v;
     asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
@@ -546,76 +545,58 @@ __device__ __forceinline__ Fp4Staged fp4_stage(const u8* xq, const float* xs, i6
     return st;
 }
 
-// acc[m] += the sums over 128-column steps [q0, q1) of row g (lanes t < 2) or g + 8 (t ≥ 2) of
-// NM matrices (row starts w[m][0|1]; the scale row of this lane's row sc[m]) with the staged x.
-// Totals complete in lanes t = 0 (row g) and t = 2 (row g + 8). The next step's loads are issued
-// before this step's mma.
-template <int NM>
-__device__ __forceinline__ void fp4_f16_rows(const u8* const (&w)[NM][2], const u8* const (&sc)[NM],
-                                             const Fp4Staged& x, i64 k, i64 q0, i64 q1, float (&acc)[NM]) {
+// The sum over 128-column steps [q0, q1) of row g (lanes t < 2) or g + 8 (t ≥ 2) of one matrix
+// (row starts wa, wb of rows g and g + 8; sc the scale row of this lane's row) with the staged x,
+// complete in lanes t = 0 (row g) and t = 2 (row g + 8). The next step's loads are issued before
+// this step's mma.
+__device__ __forceinline__ float fp4_f16_rows(const u8* wa, const u8* wb, const u8* sc, const Fp4Staged& x, i64 k,
+                                              i64 q0, i64 q1) {
     int lane = threadIdx.x & 31, t = lane & 3, g = lane >> 2;
     bool x_lane = (g & 3) == t;
     const uint4* xb = (const uint4*)(x_lane ? x.x + (4 * q0 + t) * 16 : x.x + k / 2);
     int xstep = x_lane ? 16 : 0;  // uint4 a step
     int sh = 16 * (t & 1);
     bool row_g = t < 2;
-    const uint4* wp[NM][2];
-    const u32* sp[NM];
-#pragma unroll
-    for (int m = 0; m < NM; ++m) {
-        wp[m][0] = (const uint4*)(w[m][0] + 16 * t) + 4 * q0;
-        wp[m][1] = (const uint4*)(w[m][1] + 16 * t) + 4 * q0;
-        sp[m] = (const u32*)sc[m] + q0;
-    }
-    uint4 cw[NM][2], nw[NM][2];
-    u32 cs[NM], ns[NM];
-    auto load = [&](uint4 (&ww)[NM][2], u32 (&ss)[NM]) {
-#pragma unroll
-        for (int m = 0; m < NM; ++m) {
-            ww[m][0] = ld_weights_ahead(wp[m][0]);
-            ww[m][1] = ld_weights_ahead(wp[m][1]);
-            ss[m] = __ldg(sp[m]);
-            wp[m][0] += 4;
-            wp[m][1] += 4;
-            sp[m] += 1;
-        }
+    const uint4* pa = (const uint4*)(wa + 16 * t) + 4 * q0;
+    const uint4* pb = (const uint4*)(wb + 16 * t) + 4 * q0;
+    const u32* ps = (const u32*)sc + q0;
+    uint4 ca, cb, na, nb;
+    u32 cs, ns;
+    auto load = [&](uint4& a, uint4& b, u32& s) {
+        a = ld_weights_ahead(pa);
+        b = ld_weights_ahead(pb);
+        s = __ldg(ps);
+        pa += 4;
+        pb += 4;
+        ps += 1;
     };
-    if (q0 < q1) load(cw, cs);
+    float acc = 0.0f;
+    if (q0 < q1) load(ca, cb, cs);
     for (i64 q = q0; q < q1; ++q) {
-        if (q + 1 < q1) load(nw, ns);
+        if (q + 1 < q1) load(na, nb, ns);
         uint4 xv[4] = {xb[0], xb[1], xb[2], xb[3]};
         xb += xstep;
         u32 xw[16] = {xv[0].x, xv[0].y, xv[0].z, xv[0].w, xv[1].x, xv[1].y, xv[1].z, xv[1].w,
                       xv[2].x, xv[2].y, xv[2].z, xv[2].w, xv[3].x, xv[3].y, xv[3].z, xv[3].w};
-        float xscale = x.scale[q];
+        u32 wra[4] = {ca.x, ca.y, ca.z, ca.w}, wrb[4] = {cb.x, cb.y, cb.z, cb.w};
+        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-        for (int m = 0; m < NM; ++m) {
-            u32 wa[4] = {cw[m][0].x, cw[m][0].y, cw[m][0].z, cw[m][0].w};
-            u32 wb[4] = {cw[m][1].x, cw[m][1].y, cw[m][1].z, cw[m][1].w};
-            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                u32 a3 = wa[j] << 3, b3 = wb[j] << 3;
-                mma_f16_16x8x16(d, e2m1_pair_f16<0>(wa[j], a3), e2m1_pair_f16<0>(wb[j], b3),
-                                e2m1_pair_f16<1>(wa[j], a3), e2m1_pair_f16<1>(wb[j], b3), xw[4 * j], xw[4 * j + 1]);
-                mma_f16_16x8x16(d, e2m1_pair_f16<2>(wa[j], a3), e2m1_pair_f16<2>(wb[j], b3),
-                                e2m1_pair_f16<3>(wa[j], a3), e2m1_pair_f16<3>(wb[j], b3), xw[4 * j + 2],
-                                xw[4 * j + 3]);
-            }
-            u32 sw = cs[m] >> sh;
-            float s0 = e8m0_field((sw << 23) & 0x7F800000u), s1 = e8m0_field((sw << 15) & 0x7F800000u);
-            float da = row_g ? d[0] : d[2], db = row_g ? d[1] : d[3];
-            acc[m] = fmaf(fmaf(da, s0, db * s1), xscale, acc[m]);
+        for (int j = 0; j < 4; ++j) {
+            u32 a3 = wra[j] << 3, b3 = wrb[j] << 3;
+            mma_f16_16x8x16(d, e2m1_pair_f16<0>(wra[j], a3), e2m1_pair_f16<0>(wrb[j], b3),
+                            e2m1_pair_f16<1>(wra[j], a3), e2m1_pair_f16<1>(wrb[j], b3), xw[4 * j], xw[4 * j + 1]);
+            mma_f16_16x8x16(d, e2m1_pair_f16<2>(wra[j], a3), e2m1_pair_f16<2>(wrb[j], b3),
+                            e2m1_pair_f16<3>(wra[j], a3), e2m1_pair_f16<3>(wrb[j], b3), xw[4 * j + 2], xw[4 * j + 3]);
         }
-#pragma unroll
-        for (int m = 0; m < NM; ++m) {
-            cw[m][0] = nw[m][0];
-            cw[m][1] = nw[m][1];
-            cs[m] = ns[m];
-        }
+        u32 sw = cs >> sh;
+        float s0 = e8m0_field((sw << 23) & 0x7F800000u), s1 = e8m0_field((sw << 15) & 0x7F800000u);
+        float da = row_g ? d[0] : d[2], db = row_g ? d[1] : d[3];
+        acc = fmaf(fmaf(da, s0, db * s1), x.scale[q], acc);
+        ca = na;
+        cb = nb;
+        cs = ns;
     }
-#pragma unroll
-    for (int m = 0; m < NM; ++m) acc[m] += __shfl_xor_sync(FULL_MASK, acc[m], 1);
+    return acc + __shfl_xor_sync(FULL_MASK, acc, 1);
 }
 
 // The warp's part of a one-pair kernel: its row group (first row r0), rows g and g + 8 clamped to
@@ -663,7 +644,9 @@ __device__ __forceinline__ void fp4_reduce(float (*part)[FP4_WARPS][MMA_ROWS], c
 #endif
 
 // moe_up_r1 for FP4 weights (fmt) on tensor cores: xq holds the input rows' e4m3 codes, xs their
-// scales. Dynamic shared memory: fp4_f16_smem(dim) bytes (cuda/src/ops/moe.rs).
+// scales. Dynamic shared memory: fp4_f16_smem(dim) bytes (cuda/src/ops/moe.rs). A warp sums its
+// rows of W1, then of W3 (one matrix at a time: half the registers and code of both at once, and
+// faster in scripts/fp4-expert-bench.cu).
 extern "C" __global__ void __launch_bounds__(FP4_WARPS * 32, 4) moe_up_fp4_r1(MOE_UP_ARGS, const float* xs, int ksplit) {
     grid_dep_begin();
 #if __CUDA_ARCH__ >= 890
@@ -672,23 +655,20 @@ extern "C" __global__ void __launch_bounds__(FP4_WARPS * 32, 4) moe_up_fp4_r1(MO
     if (err[0] != 0 || (int)blockIdx.y >= cnt[experts]) return;
     i64 e = active[blockIdx.y];
     int n = cnt[e];
-    int t4 = threadIdx.x & 3;
     Fp4Part pt = fp4_part(inter, dim, ksplit);
-    i64 rs = t4 < 2 ? pt.ra : pt.rb;  // the row this lane scales
+    i64 rs = (threadIdx.x & 3) < 2 ? pt.ra : pt.rb;  // the row this lane scales
     const u8* w1e = w1 + e * mat_bytes(WF_FP4, inter, dim);
     const u8* w3e = w3 + e * mat_bytes(WF_FP4, inter, dim);
-    const u8* s1e = s1 + e * scale_bytes(WF_FP4, inter, dim);
-    const u8* s3e = s3 + e * scale_bytes(WF_FP4, inter, dim);
-    const u8* const w[2][2] = {{w1e + pt.ra * (dim / 2), w1e + pt.rb * (dim / 2)},
-                               {w3e + pt.ra * (dim / 2), w3e + pt.rb * (dim / 2)}};
-    const u8* const sc[2] = {s1e + rs * (dim / 32), s3e + rs * (dim / 32)};
+    const u8* s1e = s1 + e * scale_bytes(WF_FP4, inter, dim) + rs * (dim / 32);
+    const u8* s3e = s3 + e * scale_bytes(WF_FP4, inter, dim) + rs * (dim / 32);
     for (i64 t = blockIdx.z; t < n; t += gridDim.z) {
         int p = list[e * rows + t];
         i64 xr = p / k;
         Fp4Staged x = fp4_stage((const u8*)xq + xr * dim, xs + xr * (dim >> 7), dim, fp4_smem);
         __syncthreads();
-        float acc[2] = {0.0f, 0.0f};
-        fp4_f16_rows<2>(w, sc, x, dim, pt.q0, pt.q1, acc);
+        float acc[2];
+        acc[0] = fp4_f16_rows(w1e + pt.ra * (dim / 2), w1e + pt.rb * (dim / 2), s1e, x, dim, pt.q0, pt.q1);
+        acc[1] = fp4_f16_rows(w3e + pt.ra * (dim / 2), w3e + pt.rb * (dim / 2), s3e, x, dim, pt.q0, pt.q1);
         fp4_reduce<2>(part, acc, inter, ksplit,
                       [&](i64 o, const float* v) { h[(i64)p * inter + o] = swiglu_f(v[0], v[1], limit) * wts[p]; });
     }
@@ -706,19 +686,15 @@ extern "C" __global__ void __launch_bounds__(FP4_WARPS * 32, 4) moe_down_fp4_r1(
     if (err[0] != 0 || (int)blockIdx.y >= cnt[experts]) return;
     i64 e = active[blockIdx.y];
     int n = cnt[e];
-    int t4 = threadIdx.x & 3;
     Fp4Part pt = fp4_part(dim, inter, ksplit);
-    i64 rs = t4 < 2 ? pt.ra : pt.rb;
+    i64 rs = (threadIdx.x & 3) < 2 ? pt.ra : pt.rb;
     const u8* w2e = w2 + e * mat_bytes(WF_FP4, dim, inter);
-    const u8* s2e = s2 + e * scale_bytes(WF_FP4, dim, inter);
-    const u8* const w[1][2] = {{w2e + pt.ra * (inter / 2), w2e + pt.rb * (inter / 2)}};
-    const u8* const sc[1] = {s2e + rs * (inter / 32)};
+    const u8* s2e = s2 + e * scale_bytes(WF_FP4, dim, inter) + rs * (inter / 32);
     for (i64 t = blockIdx.z; t < n; t += gridDim.z) {
         int p = list[e * rows + t];
         Fp4Staged x = fp4_stage((const u8*)hq + (i64)p * inter, hs + (i64)p * (inter >> 7), inter, fp4_smem);
         __syncthreads();
-        float acc[1] = {0.0f};
-        fp4_f16_rows<1>(w, sc, x, inter, pt.q0, pt.q1, acc);
+        float acc[1] = {fp4_f16_rows(w2e + pt.ra * (inter / 2), w2e + pt.rb * (inter / 2), s2e, x, inter, pt.q0, pt.q1)};
         fp4_reduce<1>(part, acc, dim, ksplit, [&](i64 o, const float* v) { ye[(i64)p * dim + o] = v[0]; });
     }
 #endif
