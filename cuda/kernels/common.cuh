@@ -821,15 +821,24 @@ __device__ __forceinline__ void wdot_vec(const u8* w, const u8* sc, i64 o, i64 k
 // Weight rows of one warp's m16n8k32 tiles in the one-row tensor-core kernels (the mma's M).
 #define MMA_ROWS 16
 
+// d[0..3] += A·B for one mma.sync tile of `shape` ("m16n8k16.row.col.f32.f16.f16.f32", ...) with
+// f32 accumulators: A's fragment in a0..a3, B's in b0, b1 (PTX ISA fragment layouts).
+#define MMA_SYNC_F32(shape, d, a0, a1, a2, a3, b0, b1)                                                   \
+    asm volatile("mma.sync.aligned." shape " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"     \
+                 : "+f"((d)[0]), "+f"((d)[1]), "+f"((d)[2]), "+f"((d)[3])                              \
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1))
+
 #if __CUDA_ARCH__ >= 890
 // d += A·B for one m16n8k32 e4m3 tile (f32 accumulators): a0/a2 row g, a1/a3 row g + 8, columns
 // 4t.. and 16 + 4t..; b0/b1 rows 4t.. and 16 + 4t.. of column g (PTX ISA, mma.m16n8k32 layouts).
 __device__ __forceinline__ void mma_e4m3_16x8x32(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    MMA_SYNC_F32("m16n8k32.row.col.f32.e4m3.e4m3.f32", d, a0, a1, a2, a3, b0, b1);
+}
+
+// d += A·B for one m16n8k16 f16 tile (f32 accumulators): a0/a2 row g, a1/a3 row g + 8, columns
+// 2t.. and 8 + 2t..; b0/b1 rows 2t.. and 8 + 2t.. of column g (PTX ISA, mma.m16n8k16 layouts).
+__device__ __forceinline__ void mma_f16_16x8x16(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    MMA_SYNC_F32("m16n8k16.row.col.f32.f16.f16.f32", d, a0, a1, a2, a3, b0, b1);
 }
 #endif
 
@@ -1114,11 +1123,7 @@ __device__ __forceinline__ void tc_store_x(u16 (*xs)[TC_BM][TC_LD], const uint4*
 
 __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
 #if __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    MMA_SYNC_F32("m16n8k16.row.col.f32.bf16.bf16.f32", c, a[0], a[1], a[2], a[3], b0, b1);
 #else
     __trap();  // the host never launches the tensor-core kernels below sm_80
 #endif

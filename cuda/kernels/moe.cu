@@ -496,16 +496,6 @@ __device__ __forceinline__ float e8m0_field(u32 e) {
     return (f - f) + f;
 }
 
-// d += A·B for one m16n8k16 f16 tile (f32 accumulators): a0/a2 row g, a1/a3 row g + 8, columns
-// 2t.. and 8 + 2t..; b0/b1 rows 2t.. and 8 + 2t.. of column g (PTX ISA, mma.m16n8k16 layouts).
-__device__ __forceinline__ void mma_f16_16x8x16(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // A weight load that asks the L2 for the 256 bytes around it (the next steps of the same row: a
 // warp's step reads only 64 bytes of each of its rows) and leaves the L1 alone: 28 µs instead of
 // 38 for V4-Flash's up projections, measured with scripts/fp4-expert-bench.cu.
