@@ -88,6 +88,28 @@ struct Ctx {
     cudaEvent_t a, b;
 };
 
+// Each launch after a pure read of `flush_bytes` bytes of another buffer (a cold L2 and other
+// code in the SMs' instruction caches, as in the model's step), timed by events around it alone.
+static uint4* flush_buf;
+static size_t flush_bytes = 256u << 20;
+static u32* flush_sink;
+template <typename F> static float time_cold_us(Ctx& c, F launch, int iters = 30) {
+    std::vector<cudaEvent_t> ev(2 * iters);
+    for (auto& e : ev) CK(cudaEventCreate(&e));
+    for (int i = 0; i < iters; ++i) {
+        read_all<<<c.sms * 8, 256>>>(flush_buf, (long long)(flush_bytes / 16), flush_sink);
+        CK(cudaEventRecord(ev[2 * i]));
+        launch(c.sets[i % c.sets.size()]);
+        CK(cudaEventRecord(ev[2 * i + 1]));
+    }
+    CK(cudaDeviceSynchronize());
+    std::vector<float> t(iters);
+    for (int i = 0; i < iters; ++i) CK(cudaEventElapsedTime(&t[i], ev[2 * i], ev[2 * i + 1]));
+    for (auto& e : ev) CK(cudaEventDestroy(e));
+    std::sort(t.begin(), t.end());
+    return t[iters / 2] * 1000.0f;
+}
+
 template <typename F> static float time_us(Ctx& c, F launch, int iters = 60) {
     for (int i = 0; i < 4; ++i) launch(c.sets[i % c.sets.size()]);
     CK(cudaEventRecord(c.a));
@@ -158,11 +180,11 @@ static void run_kernel(Ctx& c, bool fp4, int ksplit, const char* name) {
     launch(c.sets[0]);
     CK(cudaDeviceSynchronize());
     double e = nmse(c);
-    float us = time_us(c, launch);
+    float us = time_us(c, launch), cold = time_cold_us(c, launch);
     cudaFuncAttributes fa;
     CK(cudaFuncGetAttributes(&fa, kern));
-    printf("  %-30s %7.2f us  %6.0f GB/s  nmse %.1e  regs %d  blocks %u\n", name, us, p.weight_bytes() / (us * 1e3),
-           e, fa.numRegs, grid.x * grid.y);
+    printf("  %-30s %7.2f us  %6.0f GB/s  nmse %.1e  regs %d  blocks %u  alone after a flush: %.2f us\n", name, us,
+           p.weight_bytes() / (us * 1e3), e, fa.numRegs, grid.x * grid.y, cold);
 }
 
 static void problem(Problem p, int nsets, int sms) {
@@ -265,6 +287,9 @@ int main() {
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
     printf("%s, %d SMs, L2 %d MB\n", prop.name, sms, prop.l2CacheSize >> 20);
+    CK(cudaMalloc(&flush_buf, flush_bytes));
+    CK(cudaMemset(flush_buf, 1, flush_bytes));
+    CK(cudaMalloc(&flush_sink, 4));
     problem({2, 2048, 4096}, 4, sms);  // up
     problem({1, 4096, 2048}, 4, sms);  // down
     return 0;
