@@ -2,8 +2,9 @@
 // CUDA-core moe_up_r1 / moe_down_r1 and the f16 tensor-core moe_up_fp4_r1 / moe_down_fp4_r1) on
 // V4-Flash's six experts of one row (up: W1 and W3 [2048, 4096]; down: W2 [4096, 2048]; e2m1
 // with e8m0 scales per 32 columns), beside a pure read of the same weight bytes. Each is timed
-// over back-to-back launches that rotate through weight copies larger than the L2, and checked
-// against an f64 reference (NMSE). Run on a GPU of sm_89 or newer, from the repository root:
+// over back-to-back launches that rotate through weight copies larger than the L2, and alone after
+// a 256 MB read of another buffer (a cold L2, as in the model's step), and is checked against an
+// f64 reference (NMSE). Run on a GPU of sm_89 or newer, from the repository root:
 //   nvcc -O3 -arch=sm_90 -std=c++17 -o /tmp/fp4b scripts/fp4-expert-bench.cu && /tmp/fp4b
 // (docs/performance.md has its figures.)
 #include <cstdio>
