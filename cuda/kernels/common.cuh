@@ -688,6 +688,16 @@ __device__ __forceinline__ void e2m1_x2_word(u32 wd, float* v) {
     }
 }
 
+#if __CUDA_ARCH__ >= 890
+// The f16 values (exact; a NaN code gives a NaN) of the four e4m3 codes of `wd` as two pairs:
+// *h01 holds bytes 0 and 1 (byte 0's value in the low half), *h23 bytes 2 and 3.
+__device__ __forceinline__ void e4m3x4_to_f16x2(u32 wd, u32* h01, u32* h23) {
+    asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %2;\ncvt.rn.f16x2.e4m3x2 %0, lo;\ncvt.rn.f16x2.e4m3x2 %1, hi;\n}"
+        : "=r"(*h01), "=r"(*h23)
+        : "r"(wd));
+}
+#endif
+
 // The e4m3 values of the four bytes of `wd` (byte b → v[b]). sm_89 and later convert in hardware
 // (e4m3 pair → f16 pair → f32, each step exact; a NaN code gives a NaN): one shared-memory table
 // read per value kept the L1 busier than HBM in the one-row GEMV. Older GPUs read `lut`
@@ -695,9 +705,7 @@ __device__ __forceinline__ void e2m1_x2_word(u32 wd, float* v) {
 __device__ __forceinline__ void e4m3_word(u32 wd, float* v, const float* lut) {
 #if __CUDA_ARCH__ >= 890
     u32 h01, h23;
-    asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %2;\ncvt.rn.f16x2.e4m3x2 %0, lo;\ncvt.rn.f16x2.e4m3x2 %1, hi;\n}"
-        : "=r"(h01), "=r"(h23)
-        : "r"(wd));
+    e4m3x4_to_f16x2(wd, &h01, &h23);
     u16 h[4] = {(u16)(h01 & 0xFFFFu), (u16)(h01 >> 16), (u16)(h23 & 0xFFFFu), (u16)(h23 >> 16)};
 #pragma unroll
     for (int b = 0; b < 4; ++b) asm("cvt.f32.f16 %0, %1;" : "=f"(v[b]) : "h"(h[b]));

@@ -521,13 +521,9 @@ __device__ __forceinline__ Fp4Staged fp4_stage(const u8* xq, const float* xs, i6
     // One thread per 8 codes (b, j): its four words are consecutive.
     for (i64 i = threadIdx.x; i < k / 8; i += blockDim.x) {
         uint2 c = ((const uint2*)xq)[i];
-        u32 out[4];
-#pragma unroll
-        for (int hr = 0; hr < 4; ++hr) {
-            u32 pair = __byte_perm(c.x, c.y, 0x40 + hr * 0x11), h;  // codes hr, hr + 4
-            asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %1;\ncvt.rn.f16x2.e4m3x2 %0, lo;\n}" : "=r"(h) : "r"(pair));
-            out[hr] = h;
-        }
+        u32 out[4];  // word hr pairs codes hr and hr + 4
+        e4m3x4_to_f16x2(__byte_perm(c.x, c.y, 0x5140), &out[0], &out[1]);
+        e4m3x4_to_f16x2(__byte_perm(c.x, c.y, 0x7362), &out[2], &out[3]);
         ((uint4*)st.x)[i] = make_uint4(out[0], out[1], out[2], out[3]);
     }
     if (threadIdx.x < 16) st.x[k / 2 + threadIdx.x] = 0;

@@ -213,14 +213,14 @@ fn takes_fp8_mma(dev: &Dev, rows: usize, k: usize, format: WeightFormat) -> bool
 }
 
 /// Warps that split one 16-row group's 128-column steps in the one-row tensor-core kernels
-/// (`linear_fp8_r1`, `moe_*_fp4_r1`; 1, 2, 4 or 8), for `row_groups` groups in all and rows of `k`
-/// columns, in a kernel of which `resident` warps fit on an SM: the fewest that put about 16 warps
-/// per SM to work, no more than there are steps, and no more than one wave of warps (a second,
-/// partial wave leaves most SMs idle at the end: `wq_b`'s 2048 row groups split in two were 1.3
-/// waves).
-pub(crate) fn mma_k_split(dev: &Dev, row_groups: usize, k: usize, resident: usize) -> usize {
+/// (`linear_fp8_r1`, `moe_*_fp4_r1`; a power of two up to the `block_warps` of a block), for
+/// `row_groups` groups in all and rows of `k` columns, in a kernel of which `resident` warps fit on
+/// an SM: the fewest that put about 16 warps per SM to work, no more than there are steps, and no
+/// more than one wave of warps (a second, partial wave leaves most SMs idle at the end: `wq_b`'s
+/// 2048 row groups split in two were 1.3 waves).
+pub(crate) fn mma_k_split(dev: &Dev, row_groups: usize, k: usize, resident: usize, block_warps: usize) -> usize {
     let mut split = 1;
-    while split < 8
+    while split < block_warps
         && row_groups * split < dev.sms * 16
         && row_groups * split * 2 <= dev.sms * resident
         && split * 2 <= k / ACT_BLOCK
@@ -237,7 +237,7 @@ pub(crate) const FP8_R1_RESIDENT_WARPS: usize = 24;
 /// which act_quants the row's blocks itself, where [`Dev::gemv_quantizes`] and `x` is 16-byte
 /// aligned; else `linear_fp8_r1_codes` after a separate act_quant ([`ActForm::E4m3`]).
 fn linear_fp8_mma(dev: &Dev, x: u64, (w, sc): (u64, u64), y: u64, k: usize, n: usize) -> Result<()> {
-    let split = mma_k_split(dev, n.div_ceil(MMA_ROWS), k, FP8_R1_RESIDENT_WARPS);
+    let split = mma_k_split(dev, n.div_ceil(MMA_ROWS), k, FP8_R1_RESIDENT_WARPS, BLOCK as usize / 32);
     let groups_per_block = BLOCK as usize / 32 / split;
     let grid = (n.div_ceil(MMA_ROWS * groups_per_block) as u32, 1, 1);
     let tail = [Arg::P(w), Arg::P(sc), Arg::P(y), l(n), l(k), Arg::I(split as i32), Arg::I(dev.early_weights)];

@@ -231,7 +231,7 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
         // Their split of the 128-column steps (mma_k_split) for up and down, and their grids.
         let (up_k, down_k, up_x, down_x, splits) = if fp4_mma {
             let split =
-                |row_groups: usize, k: usize| mma_k_split(dev, row_groups, k, FP4_R1_RESIDENT_WARPS).min(FP4_R1_WARPS);
+                |row_groups: usize, k: usize| mma_k_split(dev, row_groups, k, FP4_R1_RESIDENT_WARPS, FP4_R1_WARPS);
             let splits = (
                 split(used as usize * inter.div_ceil(MMA_ROWS), d),
                 split(used as usize * d.div_ceil(MMA_ROWS), inter),
