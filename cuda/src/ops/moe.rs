@@ -257,7 +257,7 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
             && n * d.div_ceil(ACT_BLOCK) <= ROUTE_QUANT_BLOCKS;
         let target = if route_quant { Some(ActQuantTarget::of(dev, x_c, n, d, ACT_BLOCK, form)?) } else { None };
         if checked_route {
-            let (qx, qdst) = target.as_ref().map_or((0, 0), |t| (t.source(x_c), t.ptr()));
+            let (qx, qdst) = target.as_ref().map_or((0, 0), |t| (t.source(), t.ptr()));
             let args = [
                 Arg::P(ex_c),
                 l(n),
@@ -289,7 +289,7 @@ pub(crate) fn moe_experts(dev: &Dev, op: &MoeExperts, ins: &[u64], outs: &[u64])
             }
         }
         let (xq, _held) = match target {
-            Some(t) => (t.ptr(), t.issued(dev, x_c, n, d, ACT_BLOCK)),
+            Some(t) => (t.ptr(), t.issued(dev)),
             None if quantize => act_quant(dev, FAMILY, x_c, n, d, ACT_BLOCK, form)?,
             None => (x_c, None),
         };

@@ -181,7 +181,8 @@ pub(crate) fn act_quant(
 /// Where an op's FP8 act_quant'ed input goes when one of the op's own kernels writes it along
 /// with its work, in [`ActForm::F32`] or [`ActForm::E4m3`] form.
 pub(crate) struct ActQuantTarget {
-    form: ActForm,
+    /// The copy's source and form, as the memo knows it.
+    key: QuantKey,
     copy: TargetCopy,
 }
 
@@ -200,7 +201,7 @@ impl ActQuantTarget {
             Some(p) => TargetCopy::Known(p),
             None => TargetCopy::Fresh(Arc::new(dev.scratch(form.bytes(rows, dim, block))?)),
         };
-        Ok(ActQuantTarget { form, copy })
+        Ok(ActQuantTarget { key, copy })
     }
 
     /// The copy's address.
@@ -212,20 +213,19 @@ impl ActQuantTarget {
     }
 
     /// The source the writing kernel should quantize: `x`, or 0 (null) when the copy is known.
-    pub(crate) fn source(&self, x: u64) -> u64 {
+    pub(crate) fn source(&self) -> u64 {
         match self.copy {
             TargetCopy::Known(_) => 0,
-            TargetCopy::Fresh(_) => x,
+            TargetCopy::Fresh(_) => self.key.src,
         }
     }
 
     /// After the writing kernel is issued: the memo keeps a small fresh copy (as [`act_quant`]
     /// does). Returns the buffer to hold until the op's kernels are issued.
-    pub(crate) fn issued(self, dev: &Dev, x: u64, rows: usize, dim: usize, block: usize) -> Option<Arc<DevBuf>> {
+    pub(crate) fn issued(self, dev: &Dev) -> Option<Arc<DevBuf>> {
         let TargetCopy::Fresh(buf) = self.copy else { return None };
-        let key = QuantKey { src: x, rows, dim, block, fmt: self.form.key_code() };
-        if Memo::keeps(&key) {
-            dev.memo.keep_quantized(key, buf.ptr(), buf);
+        if Memo::keeps(&self.key) {
+            dev.memo.keep_quantized(self.key, buf.ptr(), buf);
             None
         } else {
             Some(buf)
