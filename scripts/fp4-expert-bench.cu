@@ -16,14 +16,7 @@
 #include "../cuda/kernels/common.cuh"
 #include "../cuda/kernels/moe.cu"
 
-#define CK(x)                                                                  \
-    do {                                                                       \
-        cudaError_t e_ = (x);                                                  \
-        if (e_ != cudaSuccess) {                                               \
-            printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
-            exit(1);                                                           \
-        }                                                                      \
-    } while (0)
+#include "cuda-check.cuh"
 
 static const int EXPERTS = 6;  // the experts of one row (top-6), all in use
 

@@ -146,14 +146,7 @@ extern "C" __global__ void __launch_bounds__(SITE_BLOCK) hc_site(
     if (c < d) y[r * d + c] = norm_w[c] * (u * fr);
 }
 
-#define CK(x)                                                                  \
-    do {                                                                       \
-        cudaError_t e_ = (x);                                                  \
-        if (e_ != cudaSuccess) {                                               \
-            printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
-            exit(1);                                                           \
-        }                                                                      \
-    } while (0)
+#include "cuda-check.cuh"
 
 static const int M = 4, D = 4096, N = M * D, NM = (2 + M) * M, SPLITS = 128, BLOCK = 256, ITERS = 20;
 static const int COPIES = 40, REPLAYS = 20;
