@@ -428,3 +428,341 @@ extern "C" __global__ void sparse_attn_combine(const float* sink, const int* slo
     }
     og[c] = (float)(t / den);
 }
+
+// ---- Tensor-core form (bf16 cache, d = 128, 256 or 512; sm_80+) ------------------------------
+// The heads of a row share its keys, so a block takes ATC_HEADS heads as the M of bf16 mma.sync
+// tiles (FlashMLA's pattern) and walks its key split in chunks of ATC_KEYS keys. Warp w owns the
+// dims [w·d/4, (w+1)·d/4): it loads only that slice of q and of each key (cp.async, two chunks in
+// flight), forms its share of the logits S = q·Kᵀ over those dims, and after the online softmax
+// its share of the output O += P·V, V being the keys again (ldmatrix.trans). The block meets
+// twice a chunk: the four partial logits are added in warp order (fixed, so runs agree) and the
+// softmax weights published.
+// Precision: q (f32) and the weights p (f32) go in as three bf16 terms each, exact for every
+// normal f32 (atc_split2, as linear_tc's SPLIT 3); the keys are bf16 already (a fresh f32 kv row is rounded
+// as the cache would hold it). Products are exact and the mma sums in f32, so the logits match
+// sparse_attn's f32 dots up to summation order. The weights are expf(ℓ − m) (≤ 2 ulp; f64
+// exps cost as much as the tiles here) and den an f64 sum of them; the output sums are f32,
+// rescaled when the max grows. That is ~1e-6 relative at most, inside the op's tolerance.
+#define ATC_HEADS 16
+#define ATC_KEYS 64
+#define ATC_WARPS 4
+#define ATC_TERMS 3
+
+// Element (row, col) of a row-major bf16 tile W wide (W ≥ 64), its 16-byte chunks XOR-swizzled by
+// row % 8: the eight rows an ldmatrix phase reads at one column fall in distinct banks.
+template <int W> __device__ __forceinline__ int atc_off(int row, int col) {
+    return row * W + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
+}
+
+// Dynamic shared memory of sparse_attn_tc<D>, in bytes (ops::attention::tc_smem_for mirrors it).
+template <int D> struct AtcSmem {
+    static const int K_ELEMS = ATC_KEYS * D;               // one chunk of keys, bf16
+    static const int Q_ELEMS = ATC_TERMS * ATC_HEADS * D;   // q as bf16 terms
+    static const int P_ELEMS = ATC_TERMS * ATC_HEADS * ATC_KEYS;
+    static const int BYTES = (2 * K_ELEMS + Q_ELEMS + P_ELEMS) * 2 + ATC_WARPS * ATC_HEADS * ATC_KEYS * 4 +
+                             ATC_HEADS * (4 + 4 + 8) + 2 * ATC_KEYS * 4 + ATC_WARPS * ATC_KEYS * 8;
+};
+
+// Warp w's slice of one chunk of keys [kb, kb + ATC_KEYS) ∩ [kb, k1) into kbuf (zeros where a key
+// is missing or skipped); with valid (warp 0) it also records which keys count. kptr holds the
+// chunk's key addresses, bit 0 set for a fresh f32 row (rounded here; cp.async takes the rest).
+template <int D>
+__device__ __forceinline__ void atc_load_keys(const AttnRow<u16>& a, int kb, int k1, u16* kbuf, u64* kptr,
+                                              int* valid) {
+    const int SLICE = D / ATC_WARPS, PIECES = SLICE / 8;  // 16-byte pieces of a key's slice
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int j = 0; j < ATC_KEYS / 32; ++j) {
+        int kk = kb + lane + 32 * j, kind = KEY_BF16;
+        const void* p = kk < k1 ? attn_key(a, kk, &kind) : nullptr;
+        kptr[lane + 32 * j] = (u64)p | (kind == KEY_ROUNDED ? 1u : 0u);
+        if (valid) valid[lane + 32 * j] = p != nullptr;
+    }
+    __syncwarp();
+    if (!__any_sync(FULL_MASK, (kptr[lane] | kptr[lane + 32]) & 1u)) {
+        // Cache entries only (every chunk but the one holding this call's fresh rows).
+#pragma unroll 8
+        for (int it = 0; it < ATC_KEYS * PIECES / 32; ++it) {
+            int i = lane + 32 * it, key = i / PIECES, col = warp * SLICE + (i % PIECES) * 8;
+            const u16* p = (const u16*)kptr[key];
+            cp_async16_zfill(kbuf + atc_off<D>(key, col), p ? p + col : (const u16*)a.kv, p ? 16 : 0);
+        }
+    } else {
+#pragma unroll 1
+        for (int it = 0; it < ATC_KEYS * PIECES / 32; ++it) {
+            int i = lane + 32 * it, key = i / PIECES, col = warp * SLICE + (i % PIECES) * 8;
+            u64 p = kptr[key];
+            u16* dst = kbuf + atc_off<D>(key, col);
+            if (p & 1u) {
+                const float4* f = (const float4*)(p - 1) + col / 4;
+                float4 v0 = f[0], v1 = f[1];
+                *(uint4*)dst = make_uint4((u32)f32_to_bf16(v0.x) | ((u32)f32_to_bf16(v0.y) << 16),
+                                          (u32)f32_to_bf16(v0.z) | ((u32)f32_to_bf16(v0.w) << 16),
+                                          (u32)f32_to_bf16(v1.x) | ((u32)f32_to_bf16(v1.y) << 16),
+                                          (u32)f32_to_bf16(v1.z) | ((u32)f32_to_bf16(v1.w) << 16));
+            } else {
+                cp_async16_zfill(dst, p ? (const u16*)p + col : (const u16*)a.kv, p ? 16 : 0);
+            }
+        }
+    }
+    cp_async_commit();
+}
+
+// (lo, hi) as ATC_TERMS packed bf16 pairs (lo in the low half) whose sums are lo and hi: exact
+// for normal f32 (each residual is exact, and 3 × 8 bits hold a 24-bit significand). A
+// non-finite value leaves NaN terms, and so a NaN product, as its products would be anyway.
+__device__ __forceinline__ void atc_split2(float lo, float hi, u32* t) {
+#pragma unroll
+    for (int s = 0; s < ATC_TERMS; ++s) {
+        u32 b;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(b) : "f"(hi), "f"(lo));
+        t[s] = b;
+        lo -= __uint_as_float(b << 16);
+        hi -= __uint_as_float(b & 0xFFFF0000u);
+    }
+}
+
+// Grid: (row · head group, + the row check block) × key splits, ATC_WARPS warps a block. Outputs
+// as sparse_attn's: the output rows with one split, else the (m, den, acc) partials that
+// sparse_attn_combine adds.
+template <int D>
+__device__ __forceinline__ void sparse_attn_tc_rows(const float* q, const float* kv, const u16* ring,
+                                                    const float* sink, const int* slots, const int* pos,
+                                                    const u16* comp, const int* idx, i64 heads, int num_slots,
+                                                    i64 window, int mode, i64 ratio, i64 cap, int topk, float scale,
+                                                    float* out, const i64* err, int splits, float* pm,
+                                                    double* pden, double* pacc) {
+    typedef AtcSmem<D> L;
+    const int SLICE = D / ATC_WARPS, KSTEPS = SLICE / 16, NT = SLICE / 8;
+    const float NEG_INF = __uint_as_float(0xff800000u);
+    extern __shared__ __align__(16) unsigned char atc_sm[];
+    u16* kbuf = (u16*)atc_sm;                         // [2][ATC_KEYS][D]
+    u16* qs = kbuf + 2 * L::K_ELEMS;                   // [TERMS][HEADS][D]
+    u16* ps = qs + L::Q_ELEMS;                         // [TERMS][HEADS][KEYS]
+    float* sp = (float*)(ps + L::P_ELEMS);             // [WARPS][HEADS][KEYS]
+    float* fac = sp + ATC_WARPS * ATC_HEADS * ATC_KEYS;  // [HEADS]
+    float* mrow = fac + ATC_HEADS;                     // [HEADS]
+    double* drow = (double*)(mrow + ATC_HEADS);        // [HEADS]
+    int* valid = (int*)(drow + ATC_HEADS);             // [2][KEYS]
+    u64* kptr = (u64*)(valid + 2 * ATC_KEYS);          // [WARPS][KEYS]
+
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
+    i64 groups = (heads + ATC_HEADS - 1) / ATC_HEADS;
+    i64 r = blockIdx.x / groups, h0 = (blockIdx.x % groups) * ATC_HEADS;
+    // This warp's slice of q, heads h0 .. h0 + 15 (zeros past the last head), loaded first: it
+    // does not depend on the row's position, so its latency hides under the key lookups.
+    const int QV = ATC_HEADS * SLICE / 4 / 32, QROW = SLICE / 4;
+    int cb = warp * SLICE;
+    float4 qv[QV];
+#pragma unroll
+    for (int j = 0; j < QV; ++j) {
+        int i = lane + 32 * j, hh = i / QROW;
+        qv[j] = h0 + hh < heads ? *(const float4*)(q + ((r * heads + h0 + hh) * D + cb + (i % QROW) * 4))
+                                : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    // The error word read with q, slots and pos rather than before them (all three are in
+    // bounds whatever it says): one round trip fewer on the way to the keys.
+    AttnRow<u16> a;
+    a.s = slots[r];
+    a.p = pos[r];
+    if (err[0] != 0) return;
+    a.kv = kv; a.ring = ring; a.comp = comp; a.idx = idx; a.slots = slots; a.pos = pos;
+    a.r = r; a.d = D; a.window = window; a.cap = cap; a.mode = mode; a.topk = topk;
+    if (a.s < 0 || a.s >= num_slots || a.p < 0) return;
+    a.nwin = (i64)a.p + 1 < window ? a.p + 1 : (int)window;
+    a.t0 = a.p - a.nwin + 1;
+    int ncomp = 0;
+    if (mode == CKV_ALL) {
+        i64 n = ((i64)a.p + 1) / ratio;
+        ncomp = (int)(n < cap ? n : cap);
+    } else if (mode == CKV_SELECTED) {
+        ncomp = topk;
+    }
+    int nkeys = a.nwin + ncomp;
+    int per = (nkeys + splits - 1) / splits;
+    per = (per + ATC_KEYS - 1) / ATC_KEYS * ATC_KEYS;
+    int k0 = blockIdx.y * per, k1 = k0 + per < nkeys ? k0 + per : nkeys;
+    int nchunks = k1 > k0 ? (k1 - k0 + ATC_KEYS - 1) / ATC_KEYS : 0;
+    u64* wptr = kptr + warp * ATC_KEYS;
+    if (nchunks > 0) atc_load_keys<D>(a, k0, k1, kbuf, wptr, warp == 0 ? valid : nullptr);
+#pragma unroll
+    for (int j = 0; j < QV; ++j) {
+        int i = lane + 32 * j, hh = i / QROW, col = cb + (i % QROW) * 4;
+        u32 t01[ATC_TERMS], t23[ATC_TERMS];
+        atc_split2(qv[j].x, qv[j].y, t01);
+        atc_split2(qv[j].z, qv[j].w, t23);
+#pragma unroll
+        for (int s = 0; s < ATC_TERMS; ++s)
+            *(uint2*)(qs + s * ATC_HEADS * D + atc_off<D>(hh, col)) = make_uint2(t01[s], t23[s]);
+    }
+
+    float o[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+    // The softmax state of head tid / 8, kept alike by its 8 threads (den: each its own keys').
+    float m_run = NEG_INF;
+    double den = 0.0;
+    int sh = threadIdx.x >> 3, sj = (threadIdx.x & 7) * 8;
+
+    for (int c = 0; c < nchunks; ++c) {
+        int buf = c & 1;
+        u16* kc = kbuf + buf * L::K_ELEMS;
+        if (c + 1 < nchunks) {
+            __syncwarp();
+            atc_load_keys<D>(a, k0 + (c + 1) * ATC_KEYS, k1, kbuf + (buf ^ 1) * L::K_ELEMS, wptr,
+                             warp == 0 ? valid + (buf ^ 1) * ATC_KEYS : nullptr);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncwarp();
+
+        // S (partial over this warp's dims) = q · Kᵀ: 8 key tiles, three q terms each.
+        float s[ATC_KEYS / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < ATC_KEYS / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll 2
+        for (int ks = 0; ks < KSTEPS; ++ks) {
+            int col = cb + ks * 16;
+            u32 af[ATC_TERMS][4];
+#pragma unroll
+            for (int t = 0; t < ATC_TERMS; ++t)
+                ldmatrix_x4(af[t], qs + t * ATC_HEADS * D + atc_off<D>(lane & 15, col + (lane >> 4) * 8));
+#pragma unroll
+            for (int np = 0; np < ATC_KEYS / 16; ++np) {
+                u32 b[4];
+                ldmatrix_x4(b, kc + atc_off<D>(np * 16 + (lane >> 4) * 8 + (lane & 7), col + ((lane >> 3) & 1) * 8));
+#pragma unroll
+                for (int t = 0; t < ATC_TERMS; ++t) {
+                    mma_bf16(s[2 * np], af[t], b[0], b[1]);
+                    mma_bf16(s[2 * np + 1], af[t], b[2], b[3]);
+                }
+            }
+        }
+        float* sw = sp + warp * ATC_HEADS * ATC_KEYS;
+#pragma unroll
+        for (int nt = 0; nt < ATC_KEYS / 8; ++nt) {
+            *(float2*)(sw + g * ATC_KEYS + nt * 8 + 2 * t4) = make_float2(s[nt][0], s[nt][1]);
+            *(float2*)(sw + (g + 8) * ATC_KEYS + nt * 8 + 2 * t4) = make_float2(s[nt][2], s[nt][3]);
+        }
+        __syncthreads();
+
+        // Online softmax: thread (head sh, keys sj .. sj + 7) of the chunk.
+        {
+            const int* vc = valid + buf * ATC_KEYS;
+            float l[8];
+            float cmax = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                int e = sh * ATC_KEYS + sj + j;
+                float dot = ((sp[e] + sp[ATC_HEADS * ATC_KEYS + e]) + sp[2 * ATC_HEADS * ATC_KEYS + e]) +
+                            sp[3 * ATC_HEADS * ATC_KEYS + e];
+                l[j] = vc[sj + j] ? dot * scale : NEG_INF;
+                cmax = fmaxf(cmax, l[j]);
+            }
+#pragma unroll
+            for (int o2 = 1; o2 < 8; o2 <<= 1) cmax = fmaxf(cmax, __shfl_xor_sync(FULL_MASK, cmax, o2));
+            float f = 1.0f;
+            if (cmax > m_run) {
+                f = expf(m_run - cmax);  // 0 for the first keys (m = −∞)
+                den *= (double)f;
+                m_run = cmax;
+            }
+            float pv[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                pv[j] = l[j] == NEG_INF ? 0.0f : expf(l[j] - m_run);
+                den += (double)pv[j];
+            }
+            u32 pt[4][ATC_TERMS];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) atc_split2(pv[2 * j], pv[2 * j + 1], pt[j]);
+#pragma unroll
+            for (int t = 0; t < ATC_TERMS; ++t)
+                *(uint4*)(ps + t * ATC_HEADS * ATC_KEYS + atc_off<ATC_KEYS>(sh, sj)) =
+                    make_uint4(pt[0][t], pt[1][t], pt[2][t], pt[3][t]);
+            if ((threadIdx.x & 7) == 0) fac[sh] = f;
+        }
+        __syncthreads();
+
+        // O (this warp's dims) = O · f + P · V.
+        float fa = fac[g], fb = fac[g + 8];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            o[nt][0] *= fa; o[nt][1] *= fa;
+            o[nt][2] *= fb; o[nt][3] *= fb;
+        }
+#pragma unroll
+        for (int kk = 0; kk < ATC_KEYS / 16; ++kk) {
+            u32 af[ATC_TERMS][4];
+#pragma unroll
+            for (int t = 0; t < ATC_TERMS; ++t)
+                ldmatrix_x4(af[t], ps + t * ATC_HEADS * ATC_KEYS +
+                                       atc_off<ATC_KEYS>(lane & 15, kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+            for (int np = 0; np < NT / 2; ++np) {
+                u32 b[4];
+                ldmatrix_x4_trans(b, kc + atc_off<D>(kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7),
+                                                     cb + np * 16 + (lane >> 4) * 8));
+#pragma unroll
+                for (int t = 0; t < ATC_TERMS; ++t) {
+                    mma_bf16(o[2 * np], af[t], b[0], b[1]);
+                    mma_bf16(o[2 * np + 1], af[t], b[2], b[3]);
+                }
+            }
+        }
+    }
+
+    // The heads' (m, den): den summed over each head's 8 threads.
+#pragma unroll
+    for (int o2 = 1; o2 < 8; o2 <<= 1) den += __shfl_xor_sync(FULL_MASK, den, o2);
+    if ((threadIdx.x & 7) == 0) {
+        mrow[sh] = m_run;
+        drow[sh] = den;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        int hh = g + 8 * half;
+        i64 h = h0 + hh;
+        if (h >= heads) continue;
+        i64 rh = r * heads + h;
+        if (splits > 1) {
+            i64 b = rh * splits + blockIdx.y;
+            if (warp == 0 && t4 == 0) {
+                pm[b] = mrow[hh];
+                pden[b] = drow[hh];
+            }
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+                *(double2*)(pacc + b * D + cb + nt * 8 + 2 * t4) =
+                    make_double2((double)o[nt][2 * half], (double)o[nt][2 * half + 1]);
+        } else {
+            float* og = out + rh * D + cb;
+            double dn = drow[hh] + exp((double)(sink[h] - mrow[hh]));
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+                *(float2*)(og + nt * 8 + 2 * t4) =
+                    nkeys == 0 ? make_float2(0.0f, 0.0f)
+                               : make_float2((float)((double)o[nt][2 * half] / dn),
+                                             (float)((double)o[nt][2 * half + 1] / dn));
+        }
+    }
+}
+
+// One entry point per d; the host takes it for a bf16 cache where the shared memory holds
+// AtcSmem<d> and every row is 16-byte aligned (ops::attention).
+#define SPARSE_ATTN_TC_KERNEL(D)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(ATC_WARPS * 32) sparse_attn_tc_##D(                                 \
+        const float* q, const float* kv, const u16* ring, const float* sink, const int* slots, const int* pos,       \
+        const u16* comp, const int* idx, i64 heads, int num_slots, i64 window, int mode, i64 ratio, i64 cap,         \
+        int topk, float scale, float* out, i64* err, int splits, float* pm, double* pden, double* pacc,              \
+        ROWS_CHECK_PARAMS) {                                                                                         \
+        grid_dep_begin();                                                                                            \
+        ROWS_CHECK_BLOCK(slots, pos, num_slots, err)                                                                 \
+        sparse_attn_tc_rows<D>(q, kv, ring, sink, slots, pos, comp, idx, heads, num_slots, window, mode, ratio, cap,  \
+                               topk, scale, out, err, splits, pm, pden, pacc);                                       \
+    }
+SPARSE_ATTN_TC_KERNEL(128)
+SPARSE_ATTN_TC_KERNEL(256)
+SPARSE_ATTN_TC_KERNEL(512)

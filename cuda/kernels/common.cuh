@@ -1150,6 +1150,50 @@ __device__ __forceinline__ void ldmatrix_x4(u32* r, const u16* p) {
 #endif
 }
 
+// ldmatrix_x4 transposed: r[j] holds rows 2·(lane % 4) and + 1 of column lane / 4 of matrix j, the
+// B fragment of an mma whose k runs down the rows (keys stored row-major, summed over keys).
+__device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const u16* p) {
+#if __CUDA_ARCH__ >= 800
+    u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#else
+    __trap();
+#endif
+}
+
+// 16 bytes global → shared without a register round trip (sm_80+); complete after cp_async_wait
+// with at most `pending` newer groups outstanding, then visible to the warp after __syncwarp.
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* src) {
+#if __CUDA_ARCH__ >= 800
+    u32 a = (u32)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(src));
+#else
+    __trap();
+#endif
+}
+// cp_async16 reading src_bytes (0 or 16) of src and zero-filling the rest: with 0 nothing is read
+// (src must still be a global address).
+__device__ __forceinline__ void cp_async16_zfill(void* smem_dst, const void* src, u32 src_bytes) {
+#if __CUDA_ARCH__ >= 800
+    u32 a = (u32)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(src), "r"(src_bytes));
+#else
+    __trap();
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int PENDING> __device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
+#endif
+}
+
 // acc[mt][nt][4]: warp (wm, wn) = (warp / 4, warp % 4) owns rows wm·32 + mt·16 (+ g, + 8 + g) and
 // tile columns wn·32 + nt·8 (+ 2t, + 2t + 1), g = lane / 4, t = lane % 4 (the mma C layout).
 // row_of(c) gives tile column c's weight row (TcWRow); `stages` is the dynamic shared memory.

@@ -143,6 +143,10 @@ pub(crate) struct Dev {
     /// `moe_down_fp4_r1`; their input staged as f16 from e4m3 codes): sm_89 or newer, unless
     /// `V4RT_CUDA_FP4_MMA=0` (the CUDA-core kernels then take them, for comparison).
     pub fp4_mma: bool,
+    /// Whether sparse attention over a bf16 cache runs on bf16 `mma.sync` tiles where its
+    /// head_dim and alignment allow (`sparse_attn_tc_*`): sm_80 or newer, unless
+    /// `V4RT_CUDA_ATTN_MMA=0` (the warp-per-head kernel then takes every case, for comparison).
+    pub attn_mma: bool,
     /// Which kernels are launched with programmatic stream serialization (programmatic
     /// dependent launch, `ops::launch`); none below sm_90.
     pub dependent_launch: DependentLaunch,
@@ -221,6 +225,7 @@ impl Dev {
         let tensor_cores = cc >= 80 && enabled("V4RT_CUDA_TENSOR_CORES");
         let fp8_mma = cc >= 89 && enabled("V4RT_CUDA_FP8_MMA");
         let fp4_mma = cc >= 89 && enabled("V4RT_CUDA_FP4_MMA");
+        let attn_mma = cc >= 80 && enabled("V4RT_CUDA_ATTN_MMA");
         let dependent_launch = match std::env::var("V4RT_CUDA_PDL").as_deref() {
             _ if cc < 90 => DependentLaunch::Off,
             Ok("0") => DependentLaunch::Off,
@@ -254,6 +259,7 @@ impl Dev {
             tensor_cores,
             fp8_mma,
             fp4_mma,
+            attn_mma,
             dependent_launch,
             early_weights,
             gemv_quantizes,

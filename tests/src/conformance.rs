@@ -1495,6 +1495,54 @@ fn kind_cases(
                 .plan(p)
                 .holes(),
             );
+            // Shapes the CUDA tensor-core form takes with a bf16 cache (head_dim 128, 256, 512;
+            // bf16_cache_cases adds that variant): 20 heads (a tile of 16 and one of 4 with
+            // masked rows), key splits of several 64-key chunks (the online softmax across
+            // chunks), a prefill chunk of one split with fresh rows in the window, and
+            // selected entries with −1 and repeats.
+            let tc = |plan: &RowPlan, head_dim, slots, window, compressed| {
+                Op::SparseAttention(SparseAttention {
+                    rows: plan.rows(),
+                    heads: 20,
+                    head_dim,
+                    slots,
+                    window,
+                    compressed,
+                    softmax_scale: (head_dim as f32).powf(-0.5),
+                    cache_dtype: hal::DType::F32,
+                })
+            };
+            let p = RowPlan::runs(&[(0, 2100, 9)]);
+            out.push(
+                Case::new(
+                    tc(&p, 128, 1, 64, CompressedKv::All { ratio: 1, capacity: 2200 }),
+                    "tiles: 20 heads × 128, 9 rows over ~2.2K keys (several chunks a split)",
+                    s(7),
+                )
+                .plan(p)
+                .large(),
+            );
+            let p = RowPlan::runs(&[(0, 300, 70)]);
+            out.push(
+                Case::new(
+                    tc(&p, 256, 1, 128, CompressedKv::All { ratio: 4, capacity: 100 }),
+                    "tiles: 20 heads × 256, a 70-row prefill chunk (one split, fresh rows)",
+                    s(8),
+                )
+                .plan(p)
+                .large(),
+            );
+            let p = RowPlan::runs(&[(0, 150, 2), (1, 37, 1)]);
+            out.push(
+                Case::new(
+                    tc(&p, 512, 2, 16, CompressedKv::Selected { ratio: 4, capacity: 40, topk: 90 }),
+                    "tiles: 20 heads × 512, top-k 90 with −1 and repeated entries",
+                    s(9),
+                )
+                .plan(p)
+                .holes()
+                .large(),
+            );
             for (i, (name, c)) in reals.iter().enumerate() {
                 let i = i as u64;
                 let a = |plan: &RowPlan, compressed| {

@@ -20,6 +20,39 @@ pub(crate) const KEYS_PER_SPLIT: usize = 16;
 /// Output elements per `sparse_attn_combine` block, one thread each (`COMBINE_COLS`).
 pub(crate) const COMBINE_COLS: usize = 128;
 
+/// Heads per `sparse_attn_tc_*` block (the mma tiles' M), keys per chunk, warps per block, and
+/// bf16 terms per f32 operand (attention.cu `ATC_*`).
+const TC_HEADS: usize = 16;
+const TC_KEYS: usize = 64;
+const TC_WARPS: usize = 4;
+const TC_TERMS: usize = 3;
+
+/// Dynamic shared memory of `sparse_attn_tc_<d>` (attention.cu `AtcSmem`): two chunks of keys,
+/// q and the weights as bf16 terms, the warps' partial logits, the heads' softmax state, the
+/// chunks' key flags and each warp's key addresses.
+pub(crate) fn tc_smem_for(d: usize) -> usize {
+    let bf16_elems = 2 * TC_KEYS * d + TC_TERMS * TC_HEADS * d + TC_TERMS * TC_HEADS * TC_KEYS;
+    bf16_elems * 2 + TC_WARPS * TC_HEADS * TC_KEYS * 4 + TC_HEADS * (4 + 4 + 8) + 2 * TC_KEYS * 4 + TC_WARPS * TC_KEYS * 8
+}
+
+/// The tensor-core kernel for this op, where it applies: a bf16 cache (the keys are the tiles'
+/// bf16 operand as stored), head_dim 128, 256 or 512, 16-byte aligned rows (`ptrs`: q, kv, ring,
+/// compressed entries, output), shared memory for [`tc_smem_for`], and `Dev::attn_mma`.
+fn tc_kernel(dev: &Dev, op: &SparseAttention, ptrs: &[u64]) -> Option<&'static str> {
+    if !dev.attn_mma || op.cache_dtype != hal::DType::BF16 || tc_smem_for(op.head_dim) > dev.smem_optin {
+        return None;
+    }
+    if !ptrs.iter().all(|p| p % 16 == 0) {
+        return None;
+    }
+    match op.head_dim {
+        128 => Some("sparse_attn_tc_128"),
+        256 => Some("sparse_attn_tc_256"),
+        512 => Some("sparse_attn_tc_512"),
+        _ => None,
+    }
+}
+
 /// Dynamic shared memory of `sparse_attn` with `heads` heads per block: per head, q (d f32) and
 /// the f64 accumulators.
 pub(crate) fn smem_for(d: usize, heads: usize) -> usize {
@@ -83,67 +116,103 @@ pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], out
     if h == 0 || d == 0 || op.rows == 0 {
         return row_check.map_or(Ok(()), |c| c.launch(dev, FAMILY));
     }
-    // Heads per block (one warp each), as many as the shared memory holds.
-    let mut hg = HEADS_PER_BLOCK.min(h);
-    while hg > 1 && smem_for(d, hg) > dev.smem_optin {
-        hg -= 1;
-    }
-    let args = [
-        Arg::P(ins[0]),
-        Arg::P(ins[1]),
-        Arg::P(ins[2]),
-        Arg::P(ins[3]),
-        Arg::P(ins[4]),
-        Arg::P(ins[5]),
-        Arg::P(comp),
-        Arg::P(idx),
-        l(h),
-        l(d),
-        i(name, "slots", op.slots)?,
-        l(op.window),
-        Arg::I(mode),
-        l(ratio),
-        l(cap),
-        i(name, "topk", topk)?,
-        Arg::F(op.softmax_scale),
-        Arg::P(outs[0]),
-        Arg::P(dev.err_ptr),
-    ];
-    let pairs = op.rows * h;
-    let blocks =
-        u32::try_from(op.rows * h.div_ceil(hg)).map_err(|_| Error::invalid(name, "rows × heads exceeds 2^32"))?;
-    // Key splits so that few (row, head) pairs (decode) still fill the device, each split
-    // keeping at least `Dev::attn_split_keys` keys of the longest possible key set.
     let max_keys = op.window
         + match op.compressed {
             CompressedKv::None => 0,
             CompressedKv::All { capacity, .. } => capacity,
             CompressedKv::Selected { topk, .. } => topk,
         };
-    let splits = (4 * dev.sms).div_ceil(blocks as usize).min(max_keys.div_ceil(dev.attn_split_keys)).clamp(1, 65_535);
+    let tc = tc_kernel(dev, op, &[ins[0], ins[1], ins[2], comp, outs[0]]);
+    // Heads per block: TC_HEADS for the tensor-core tiles; else one warp each, as many as the
+    // shared memory holds.
+    let mut hg = if tc.is_some() { TC_HEADS } else { HEADS_PER_BLOCK.min(h) };
+    while tc.is_none() && hg > 1 && smem_for(d, hg) > dev.smem_optin {
+        hg -= 1;
+    }
+    let pairs = op.rows * h;
+    let blocks =
+        u32::try_from(op.rows * h.div_ceil(hg)).map_err(|_| Error::invalid(name, "rows × heads exceeds 2^32"))?;
+    // Key splits so that few rows (decode) still fill the device, each split keeping at least
+    // `Dev::attn_split_keys` keys (a chunk of TC_KEYS for the tiles, whose block fills an SM)
+    // of the longest possible key set.
+    let splits = match tc {
+        Some(_) => dev.sms.div_ceil(blocks as usize).min(max_keys.div_ceil(TC_KEYS)),
+        None => (4 * dev.sms).div_ceil(blocks as usize).min(max_keys.div_ceil(dev.attn_split_keys)),
+    }
+    .clamp(1, 65_535);
     let (parts, pm, pden, pacc) = if splits > 1 {
         let n = pairs * splits;
         let buf = dev.scratch(n * 4 + n * 8 + n * d * 8)?;
         let base = buf.ptr();
-        // The sums first (at the buffer's alignment: the kernel stores them as 16-byte vectors),
+        // The sums first (at the buffer's alignment: the kernels store them as 16-byte vectors),
         // then the other doubles, then the f32 maxima.
         (Some(buf), base + (n * d * 8 + n * 8) as u64, base + (n * d * 8) as u64, base)
     } else {
         (None, 0, 0, 0)
     };
-    // d = 128, 256, 512 keep q and the sums in registers (no shared memory) where every row is
-    // 16-byte aligned, for the kernel's vector loads and stores.
-    let in_regs =
-        matches!(d, 128 | 256 | 512) && [ins[0], ins[1], ins[2], comp, outs[0], pacc].iter().all(|p| p % 16 == 0);
-    let shared = if in_regs { 0 } else { smem_for(d, hg) };
-    let mut args = args.to_vec();
-    args.extend([i(name, "splits", splits)?, Arg::P(pm), Arg::P(pden), Arg::P(pacc), Arg::I(in_regs as i32)]);
-    args.extend(row_check.as_ref().map_or(NO_ROWS_CHECK, |c| c.params()));
-    let kernel = cache_kernel(op.cache_dtype, "sparse_attn", "sparse_attn_bf16");
     let grid_x = blocks
         .checked_add(row_check.is_some() as u32)
         .ok_or_else(|| Error::invalid(name, "rows × heads exceeds 2^32"))?;
-    launch(dev, FAMILY, kernel, (grid_x, splits as u32, 1), 32 * hg as u32, smem(shared), &args)?;
+    let parts_args = [i(name, "splits", splits)?, Arg::P(pm), Arg::P(pden), Arg::P(pacc)];
+    let check_args = row_check.as_ref().map_or(NO_ROWS_CHECK, |c| c.params());
+    if let Some(kernel) = tc {
+        let mut args = vec![
+            Arg::P(ins[0]),
+            Arg::P(ins[1]),
+            Arg::P(ins[2]),
+            Arg::P(ins[3]),
+            Arg::P(ins[4]),
+            Arg::P(ins[5]),
+            Arg::P(comp),
+            Arg::P(idx),
+            l(h),
+            i(name, "slots", op.slots)?,
+            l(op.window),
+            Arg::I(mode),
+            l(ratio),
+            l(cap),
+            i(name, "topk", topk)?,
+            Arg::F(op.softmax_scale),
+            Arg::P(outs[0]),
+            Arg::P(dev.err_ptr),
+        ];
+        args.extend(parts_args);
+        args.extend(check_args);
+        launch(dev, FAMILY, kernel, (grid_x, splits as u32, 1), (32 * TC_WARPS) as u32, smem(tc_smem_for(d)), &args)?;
+    } else {
+        let args = [
+            Arg::P(ins[0]),
+            Arg::P(ins[1]),
+            Arg::P(ins[2]),
+            Arg::P(ins[3]),
+            Arg::P(ins[4]),
+            Arg::P(ins[5]),
+            Arg::P(comp),
+            Arg::P(idx),
+            l(h),
+            l(d),
+            i(name, "slots", op.slots)?,
+            l(op.window),
+            Arg::I(mode),
+            l(ratio),
+            l(cap),
+            i(name, "topk", topk)?,
+            Arg::F(op.softmax_scale),
+            Arg::P(outs[0]),
+            Arg::P(dev.err_ptr),
+        ];
+        // d = 128, 256, 512 keep q and the sums in registers (no shared memory) where every row
+        // is 16-byte aligned, for the kernel's vector loads and stores.
+        let in_regs = matches!(d, 128 | 256 | 512)
+            && [ins[0], ins[1], ins[2], comp, outs[0], pacc].iter().all(|p| p % 16 == 0);
+        let shared = if in_regs { 0 } else { smem_for(d, hg) };
+        let mut args = args.to_vec();
+        args.extend(parts_args);
+        args.push(Arg::I(in_regs as i32));
+        args.extend(check_args);
+        let kernel = cache_kernel(op.cache_dtype, "sparse_attn", "sparse_attn_bf16");
+        launch(dev, FAMILY, kernel, (grid_x, splits as u32, 1), 32 * hg as u32, smem(shared), &args)?;
+    }
     if let Some(c) = row_check {
         c.issued(dev);
     }
