@@ -32,7 +32,11 @@ const TC_TERMS: usize = 3;
 /// chunks' key flags and each warp's key addresses.
 pub(crate) fn tc_smem_for(d: usize) -> usize {
     let bf16_elems = 2 * TC_KEYS * d + TC_TERMS * TC_HEADS * d + TC_TERMS * TC_HEADS * TC_KEYS;
-    bf16_elems * 2 + TC_WARPS * TC_HEADS * TC_KEYS * 4 + TC_HEADS * (4 + 4 + 8) + 2 * TC_KEYS * 4 + TC_WARPS * TC_KEYS * 8
+    bf16_elems * 2
+        + TC_WARPS * TC_HEADS * TC_KEYS * 4
+        + TC_HEADS * (4 + 4 + 8)
+        + 2 * TC_KEYS * 4
+        + TC_WARPS * TC_KEYS * 8
 }
 
 /// The tensor-core kernel for this op, where it applies: a bf16 cache (the keys are the tiles'
@@ -203,8 +207,8 @@ pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], out
         ];
         // d = 128, 256, 512 keep q and the sums in registers (no shared memory) where every row
         // is 16-byte aligned, for the kernel's vector loads and stores.
-        let in_regs = matches!(d, 128 | 256 | 512)
-            && [ins[0], ins[1], ins[2], comp, outs[0], pacc].iter().all(|p| p % 16 == 0);
+        let in_regs =
+            matches!(d, 128 | 256 | 512) && [ins[0], ins[1], ins[2], comp, outs[0], pacc].iter().all(|p| p % 16 == 0);
         let shared = if in_regs { 0 } else { smem_for(d, hg) };
         let mut args = args.to_vec();
         args.extend(parts_args);
