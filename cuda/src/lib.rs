@@ -20,10 +20,12 @@
 //! RoPE uses θ = fl32(f32(pos)·ω) with cos/sin in f64 rounded to f32; the Hadamard runs the same
 //! f64 butterflies; top-k orders by `f32::total_cmp` descending, ties to the lower index. Sums
 //! that cpu-ref takes in f64 are taken in f64 here too (norms, mHC, gate, compressor pooling,
-//! attention softmax weights and weighted sums, the indexer's head sum), in a different order —
-//! except two dot products that dominate long contexts, taken in f32 FMA: attention logits
-//! (q·k) and the indexer's per-head dots (a conversion to f64 runs at 1/8 the f32 FMA rate;
-//! the HAL's math does not fix their precision, and the result stays within ~1e-6 relative).
+//! attention's softmax den, weights and weighted sums in the warp-per-head kernel, the indexer's
+//! head sum), in a different order — except where long contexts make f64 too dear: attention
+//! logits (q·k) and the indexer's per-head dots are f32 sums (a conversion to f64 runs at 1/8
+//! the f32 FMA rate; the HAL's math does not fix their precision, and the result stays within
+//! ~1e-6 relative), and so are the weighted sums of the attention tiles (below), whose weights
+//! are `expf`.
 //! The large matrix products (Linear, GroupedLinear, MoE experts) accumulate in f32, like the
 //! FP8 GEMMs of the official reference: with FMA on the CUDA cores (decode), or on bf16 tensor
 //! cores (`mma.sync`, from 16 rows) with operands that bf16 holds exactly — FP8/FP4 weights times
@@ -37,9 +39,11 @@
 //! rows (one warp per output feature, 16-byte weight loads, several features per warp step);
 //! tensor-core tiles (64 rows × 128 features, two shared-memory stages, `common.cuh` `tc_tile`;
 //! act_quant'ed inputs arrive in bf16) for prefill; f64 dot tiles of 32 rows for the gate and the
-//! mHC mixing sums of many rows. Attention:
-//! a block per (row, 8 heads) walking shared keys, with key splits and a combine step so that
-//! decode fills the device. Indexer: a thread per key with all heads; the top-k of long rows in
+//! mHC mixing sums of many rows. Attention over a bf16 cache (head_dim 128, 256, 512): bf16
+//! `mma.sync` tiles, a block per (row, 16 heads) walking 64-key chunks, q and the softmax weights
+//! as three exact bf16 terms (`V4RT_CUDA_ATTN_MMA=0` turns them off); otherwise a block per
+//! (row, 8 heads), a warp a head. Both split the keys, with a combine step, so that decode fills
+//! the device. Indexer: a thread per key with all heads; the top-k of long rows in
 //! two stages (segments, then their candidates). `V4RT_CUDA_TENSOR_CORES=0` turns the tensor-core
 //! tiles off (the CUDA-core kernels then take every size, for comparison).
 //!
