@@ -14,7 +14,7 @@
 #include <vector>
 #include <random>
 #include <algorithm>
-#include "cuda-check.cuh"
+#include "bench-util.cuh"
 #include "../cuda/kernels/common.cuh"
 #include "../cuda/kernels/attention.cu"
 
@@ -87,25 +87,9 @@ static void call(cudaStream_t s, Bufs& b, int c, int kind, int tc, bool combine 
 }
 
 static double time_graph(cudaStream_t s, Bufs& b, int kind, int tc, bool combine) {
-    cudaGraph_t g;
-    cudaGraphExec_t ge;
-    CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-    for (int c = 0; c < COPIES; ++c) call(s, b, c, kind, tc, combine);
-    CK(cudaStreamEndCapture(s, &g));
-    CK(cudaGraphInstantiate(&ge, g, 0));
-    CK(cudaGraphLaunch(ge, s));
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    CK(cudaEventRecord(e0, s));
-    for (int r = 0; r < REPLAYS; ++r) CK(cudaGraphLaunch(ge, s));
-    CK(cudaEventRecord(e1, s));
-    CK(cudaEventSynchronize(e1));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, e0, e1));
-    CK(cudaGraphExecDestroy(ge));
-    CK(cudaGraphDestroy(g));
-    return ms * 1000.0 / (REPLAYS * COPIES);
+    return time_graph_us(s, COPIES, REPLAYS, [&](cudaStream_t st) {
+        for (int c = 0; c < COPIES; ++c) call(st, b, c, kind, tc, combine);
+    });
 }
 
 static std::vector<float> output(cudaStream_t s, Bufs& b, int kind, int tc) {

@@ -16,7 +16,7 @@
 #include "../cuda/kernels/common.cuh"
 #include "../cuda/kernels/moe.cu"
 
-#include "cuda-check.cuh"
+#include "bench-util.cuh"
 
 static const int EXPERTS = 6;  // the experts of one row (top-6), all in use
 

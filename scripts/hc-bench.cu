@@ -146,7 +146,7 @@ extern "C" __global__ void __launch_bounds__(SITE_BLOCK) hc_site(
     if (c < d) y[r * d + c] = norm_w[c] * (u * fr);
 }
 
-#include "cuda-check.cuh"
+#include "bench-util.cuh"
 
 static const int M = 4, D = 4096, N = M * D, NM = (2 + M) * M, SPLITS = 128, BLOCK = 256, ITERS = 20;
 static const int COPIES = 40, REPLAYS = 20;
@@ -203,25 +203,9 @@ static void site(cudaStream_t s, Bufs& b, int c, int fused, int head, int iters)
 
 // µs per site of a graph of COPIES sites, replayed REPLAYS times (after one untimed replay).
 static double time_graph(cudaStream_t s, Bufs& b, int fused, int head, int iters) {
-    cudaGraph_t g;
-    cudaGraphExec_t ge;
-    CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-    for (int c = 0; c < COPIES; ++c) site(s, b, c, fused, head, iters);
-    CK(cudaStreamEndCapture(s, &g));
-    CK(cudaGraphInstantiate(&ge, g, 0));
-    CK(cudaGraphLaunch(ge, s));
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    CK(cudaEventRecord(e0, s));
-    for (int r = 0; r < REPLAYS; ++r) CK(cudaGraphLaunch(ge, s));
-    CK(cudaEventRecord(e1, s));
-    CK(cudaEventSynchronize(e1));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, e0, e1));
-    CK(cudaGraphExecDestroy(ge));
-    CK(cudaGraphDestroy(g));
-    return ms * 1000.0 / (REPLAYS * COPIES);
+    return time_graph_us(s, COPIES, REPLAYS, [&](cudaStream_t st) {
+        for (int c = 0; c < COPIES; ++c) site(st, b, c, fused, head, iters);
+    });
 }
 
 // The outputs of one site (x, y, post, comb) as bytes.

@@ -73,6 +73,22 @@ template <typename C> struct AttnRow {
     const int* pos;
     i64 r, d, window, cap;
     int s, p, nwin, t0, mode, topk;
+
+    // The row's key set once s and p are known and valid: the window (nwin keys from t0, oldest
+    // first), then every compressed entry seen so far (CKV_ALL, one per `ratio` positions, up to
+    // cap) or the top-k list (CKV_SELECTED). Returns how many keys that is.
+    __device__ __forceinline__ int key_count(i64 ratio) {
+        nwin = (i64)p + 1 < window ? p + 1 : (int)window;
+        t0 = p - nwin + 1;
+        int ncomp = 0;
+        if (mode == CKV_ALL) {
+            i64 n = ((i64)p + 1) / ratio;
+            ncomp = (int)(n < cap ? n : cap);
+        } else if (mode == CKV_SELECTED) {
+            ncomp = topk;
+        }
+        return nwin + ncomp;
+    }
 };
 
 // Key kk of the row's key set (window oldest first, then compressed), or null if skipped; *kind
@@ -336,16 +352,7 @@ __device__ __forceinline__ void sparse_attn_rows(const float* q, const float* kv
     a.s = slots[r];
     a.p = pos[r];
     if (a.s < 0 || a.s >= num_slots || a.p < 0 || h >= heads) return;
-    a.nwin = (i64)a.p + 1 < window ? a.p + 1 : (int)window;
-    a.t0 = a.p - a.nwin + 1;
-    int ncomp = 0;
-    if (mode == CKV_ALL) {
-        i64 n = ((i64)a.p + 1) / ratio;
-        ncomp = (int)(n < cap ? n : cap);
-    } else if (mode == CKV_SELECTED) {
-        ncomp = topk;
-    }
-    int nkeys = a.nwin + ncomp;
+    int nkeys = a.key_count(ratio);
     int per = (nkeys + splits - 1) / splits;
     int k0 = blockIdx.y * per, k1 = k0 + per < nkeys ? k0 + per : nkeys;
     const float* qg = q + (r * heads + h) * d;
@@ -569,16 +576,7 @@ __device__ __forceinline__ void sparse_attn_tc_rows(const float* q, const float*
     a.kv = kv; a.ring = ring; a.comp = comp; a.idx = idx; a.slots = slots; a.pos = pos;
     a.r = r; a.d = D; a.window = window; a.cap = cap; a.mode = mode; a.topk = topk;
     if (a.s < 0 || a.s >= num_slots || a.p < 0) return;
-    a.nwin = (i64)a.p + 1 < window ? a.p + 1 : (int)window;
-    a.t0 = a.p - a.nwin + 1;
-    int ncomp = 0;
-    if (mode == CKV_ALL) {
-        i64 n = ((i64)a.p + 1) / ratio;
-        ncomp = (int)(n < cap ? n : cap);
-    } else if (mode == CKV_SELECTED) {
-        ncomp = topk;
-    }
-    int nkeys = a.nwin + ncomp;
+    int nkeys = a.key_count(ratio);
     int per = (nkeys + splits - 1) / splits;
     per = (per + ATC_KEYS - 1) / ATC_KEYS * ATC_KEYS;
     int k0 = blockIdx.y * per, k1 = k0 + per < nkeys ? k0 + per : nkeys;

@@ -157,66 +157,44 @@ pub(crate) fn sparse_attention(dev: &Dev, op: &SparseAttention, ins: &[u64], out
     let grid_x = blocks
         .checked_add(row_check.is_some() as u32)
         .ok_or_else(|| Error::invalid(name, "rows × heads exceeds 2^32"))?;
-    let parts_args = [i(name, "splits", splits)?, Arg::P(pm), Arg::P(pden), Arg::P(pacc)];
-    let check_args = row_check.as_ref().map_or(NO_ROWS_CHECK, |c| c.params());
-    if let Some(kernel) = tc {
-        let mut args = vec![
-            Arg::P(ins[0]),
-            Arg::P(ins[1]),
-            Arg::P(ins[2]),
-            Arg::P(ins[3]),
-            Arg::P(ins[4]),
-            Arg::P(ins[5]),
-            Arg::P(comp),
-            Arg::P(idx),
-            l(h),
-            i(name, "slots", op.slots)?,
-            l(op.window),
-            Arg::I(mode),
-            l(ratio),
-            l(cap),
-            i(name, "topk", topk)?,
-            Arg::F(op.softmax_scale),
-            Arg::P(outs[0]),
-            Arg::P(dev.err_ptr),
-        ];
-        args.extend(parts_args);
-        args.extend(check_args);
-        launch(dev, FAMILY, kernel, (grid_x, splits as u32, 1), (32 * TC_WARPS) as u32, smem(tc_smem_for(d)), &args)?;
-    } else {
-        let args = [
-            Arg::P(ins[0]),
-            Arg::P(ins[1]),
-            Arg::P(ins[2]),
-            Arg::P(ins[3]),
-            Arg::P(ins[4]),
-            Arg::P(ins[5]),
-            Arg::P(comp),
-            Arg::P(idx),
-            l(h),
-            l(d),
-            i(name, "slots", op.slots)?,
-            l(op.window),
-            Arg::I(mode),
-            l(ratio),
-            l(cap),
-            i(name, "topk", topk)?,
-            Arg::F(op.softmax_scale),
-            Arg::P(outs[0]),
-            Arg::P(dev.err_ptr),
-        ];
-        // d = 128, 256, 512 keep q and the sums in registers (no shared memory) where every row
-        // is 16-byte aligned, for the kernel's vector loads and stores.
-        let in_regs =
-            matches!(d, 128 | 256 | 512) && [ins[0], ins[1], ins[2], comp, outs[0], pacc].iter().all(|p| p % 16 == 0);
-        let shared = if in_regs { 0 } else { smem_for(d, hg) };
-        let mut args = args.to_vec();
-        args.extend(parts_args);
-        args.push(Arg::I(in_regs as i32));
-        args.extend(check_args);
-        let kernel = cache_kernel(op.cache_dtype, "sparse_attn", "sparse_attn_bf16");
-        launch(dev, FAMILY, kernel, (grid_x, splits as u32, 1), 32 * hg as u32, smem(shared), &args)?;
+    // The two kernels take the same arguments, except that the warp-per-head one takes d at run
+    // time (the tiles' d is their template's) and says whether it may keep q and its sums in
+    // registers.
+    let mut args =
+        [ins[0], ins[1], ins[2], ins[3], ins[4], ins[5], comp, idx].into_iter().map(Arg::P).collect::<Vec<_>>();
+    args.push(l(h));
+    if tc.is_none() {
+        args.push(l(d));
     }
+    args.extend([
+        i(name, "slots", op.slots)?,
+        l(op.window),
+        Arg::I(mode),
+        l(ratio),
+        l(cap),
+        i(name, "topk", topk)?,
+        Arg::F(op.softmax_scale),
+        Arg::P(outs[0]),
+        Arg::P(dev.err_ptr),
+        i(name, "splits", splits)?,
+        Arg::P(pm),
+        Arg::P(pden),
+        Arg::P(pacc),
+    ]);
+    let (kernel, block, shared) = match tc {
+        Some(kernel) => (kernel, 32 * TC_WARPS, tc_smem_for(d)),
+        None => {
+            // d = 128, 256, 512 keep q and the sums in registers (no shared memory) where every
+            // row is 16-byte aligned, for the kernel's vector loads and stores.
+            let in_regs = matches!(d, 128 | 256 | 512)
+                && [ins[0], ins[1], ins[2], comp, outs[0], pacc].iter().all(|p| p % 16 == 0);
+            args.push(Arg::I(in_regs as i32));
+            let kernel = cache_kernel(op.cache_dtype, "sparse_attn", "sparse_attn_bf16");
+            (kernel, 32 * hg, if in_regs { 0 } else { smem_for(d, hg) })
+        }
+    };
+    args.extend(row_check.as_ref().map_or(NO_ROWS_CHECK, |c| c.params()));
+    launch(dev, FAMILY, kernel, (grid_x, splits as u32, 1), block as u32, smem(shared), &args)?;
     if let Some(c) = row_check {
         c.issued(dev);
     }
