@@ -396,6 +396,65 @@ extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* scores
     topk_write(sel, m, k, sr, r, out_idx, out_score);
 }
 
+// Rows of at most RANK_MAX entries: entry i's place in the output is its rank, the number of
+// entries that come before it in (key descending, index ascending) order, so the top-k comes out
+// sorted with no select or sort, and ranks ≥ k are dropped. Grid (tiles of RANK_BLOCK entries,
+// + the row check column, rows); each block stages the row's n keys in shared memory and a thread
+// counts for one entry. A warp's entries are consecutive, so against the keys before the warp
+// a tie counts (lower index), against those after it only a greater key does, and only its own
+// 32 keys need both tests. n² comparisons, spread over n / RANK_BLOCK blocks: at n = 1024 that is
+// 8 blocks of 1024 comparisons a thread, where topk_rows' select and sort wait on ~60 block
+// barriers. A block bounds its row as topk_rows does, so the row check may run beside it.
+#define RANK_BLOCK 128
+#define RANK_MAX 4096
+extern "C" __global__ void __launch_bounds__(RANK_BLOCK)
+    topk_rank(const float* scores, const int* slots, const int* pos, i64 r0, i64 cap, i64 ratio, int num_slots, int k,
+              int* out_idx, float* out_score, i64* err, ROWS_CHECK_PARAMS) {
+    grid_dep_begin();
+    ROWS_CHECK_BLOCK(slots, pos, num_slots, err)
+    __shared__ __align__(16) u32 keys[RANK_MAX];
+    if (err[0] != 0) return;
+    i64 rl = blockIdx.y, r = r0 + rl;
+    i64 n = topk_visible(slots, pos, r, num_slots, ratio, cap);
+    if (n < 0) return;
+    int tid = threadIdx.x, m = (i64)k < n ? k : (int)n;
+    if (blockIdx.x == 0) {
+        for (int t = m + tid; t < k; t += RANK_BLOCK) {
+            out_idx[r * k + t] = -1;
+            out_score[r * k + t] = __uint_as_float(0xff800000u);
+        }
+    }
+    int base = blockIdx.x * RANK_BLOCK;
+    if (base >= n) return;
+    const float* sr = scores + rl * cap;
+    int nn = (int)n, n4 = (nn + 3) & ~3;
+    for (int j = tid; j < n4; j += RANK_BLOCK) keys[j] = j < nn ? total_key(sr[j]) : 0u;
+    __syncthreads();
+    int i = base + tid, w0 = base + (tid & ~31);
+    if (i >= nn) return;
+    u32 ki = keys[i];
+    int rank = 0;
+    const uint4* k4 = (const uint4*)keys;
+    for (int j = 0; j < w0 / 4; ++j) {  // w0 is a multiple of 32
+        uint4 c = k4[j];
+        rank += (c.x >= ki) + (c.y >= ki) + (c.z >= ki) + (c.w >= ki);
+    }
+    int w1 = w0 + 32 < nn ? w0 + 32 : nn;
+    for (int j = w0; j < w1; ++j) rank += keys[j] > ki || (keys[j] == ki && j < i);
+    // After the warp's keys (w1 = w0 + 32 then, a multiple of 4), in whole uint4s: the padding
+    // keys are 0, never greater.
+    if (w1 < nn) {
+        for (int j = w1 / 4; j < n4 / 4; ++j) {
+            uint4 c = k4[j];
+            rank += (c.x > ki) + (c.y > ki) + (c.z > ki) + (c.w > ki);
+        }
+    }
+    if (rank < k) {
+        out_idx[r * k + rank] = i;
+        out_score[r * k + rank] = sr[i];
+    }
+}
+
 // Long rows, stage 1: block (row, segment) writes the sorted top min(k, len) codes of its `seg`
 // scores to cand[(row·segments + segment)·k ..], padded with 0. Same shared memory as topk_rows.
 extern "C" __global__ void __launch_bounds__(1024) topk_partial(const float* scores, const int* slots, const int* pos, i64 r0,

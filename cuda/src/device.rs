@@ -147,6 +147,10 @@ pub(crate) struct Dev {
     /// head_dim and alignment allow (`sparse_attn_tc_*`): sm_80 or newer, unless
     /// `V4RT_CUDA_ATTN_MMA=0` (the warp-per-head kernel then takes every case, for comparison).
     pub attn_mma: bool,
+    /// Whether the top-k of rows of at most 4096 entries ranks every entry (`topk_rank`) rather
+    /// than selecting and sorting in one block (`topk_rows`): on, unless `V4RT_CUDA_TOPK_RANK=0`
+    /// (for A/B runs, and so that a test can run either form).
+    pub topk_rank: bool,
     /// Which kernels are launched with programmatic stream serialization (programmatic
     /// dependent launch, `ops::launch`); none below sm_90.
     pub dependent_launch: DependentLaunch,
@@ -226,6 +230,7 @@ impl Dev {
         let fp8_mma = cc >= 89 && enabled("V4RT_CUDA_FP8_MMA");
         let fp4_mma = cc >= 89 && enabled("V4RT_CUDA_FP4_MMA");
         let attn_mma = cc >= 80 && enabled("V4RT_CUDA_ATTN_MMA");
+        let topk_rank = enabled("V4RT_CUDA_TOPK_RANK");
         let dependent_launch = match std::env::var("V4RT_CUDA_PDL").as_deref() {
             _ if cc < 90 => DependentLaunch::Off,
             Ok("0") => DependentLaunch::Off,
@@ -260,6 +265,7 @@ impl Dev {
             fp8_mma,
             fp4_mma,
             attn_mma,
+            topk_rank,
             dependent_launch,
             early_weights,
             gemv_quantizes,

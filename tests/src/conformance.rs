@@ -1367,6 +1367,21 @@ fn kind_cases(
                 cache_dtype: hal::DType::F32,
             };
             out.push(Case::new(Op::IndexerTopK(op), "long rows: 20000 entries, top-64", s(6)).plan(p));
+            // Rows past CUDA's rank-per-entry top-k (4096 entries) but of one segment: the
+            // one-block select and sort.
+            let p = RowPlan::decode(&[5_999, 4_500]);
+            let op = IndexerTopK {
+                rows: 2,
+                heads: 4,
+                head_dim: 32,
+                slots: 2,
+                capacity: 6_000,
+                ratio: 1,
+                topk: 512,
+                weight_scale: 0.088,
+                cache_dtype: hal::DType::F32,
+            };
+            out.push(Case::new(Op::IndexerTopK(op), "rows of 6000 entries, top-512", s(7)).plan(p));
             for (i, (name, c)) in reals.iter().enumerate() {
                 let cap = c.index_topk + 100;
                 let p = RowPlan::decode(&[4 * cap - 1, 4 * c.index_topk - 10]);

@@ -39,6 +39,11 @@ fn scores_by_key(dev: &Dev, op: &IndexerTopK) -> bool {
 /// least two segments take the two-stage path (`topk_partial` + `topk_merge`).
 const TOPK_SEGMENT: usize = 8192;
 
+/// Largest capacity whose rows take `topk_rank` (`RANK_MAX` in indexer.cu), entries per block
+/// of it (`RANK_BLOCK`).
+const RANK_MAX: usize = 4096;
+const RANK_BLOCK: usize = 128;
+
 /// Static shared memory of `topk_rows` (per-warp histograms, counters, scan totals), on top of
 /// [`smem_for`].
 pub(crate) const TOPK_STATIC_SMEM: usize = (32 * 256 + 4 + 32) * 4 + 16;
@@ -128,8 +133,14 @@ pub(crate) fn indexer_topk(dev: &Dev, op: &IndexerTopK, ins: &[u64], outs: &[u64
             let check = beside.take();
             let mut args = row_args(&[Arg::P(sp)], &outputs);
             args.extend(check.as_ref().map_or(NO_ROWS_CHECK, |c| c.params()));
-            let blocks = nrows as u32 + check.is_some() as u32;
-            launch(dev, FAMILY, "topk_rows", (blocks, 1, 1), 1024, smem(smem_for(op)), &args)?;
+            if cap <= RANK_MAX && dev.topk_rank {
+                // Each entry's rank is its place: blocks of RANK_BLOCK entries per row.
+                let tiles = cap.div_ceil(RANK_BLOCK) as u32 + check.is_some() as u32;
+                launch(dev, FAMILY, "topk_rank", (tiles, nrows as u32, 1), RANK_BLOCK as u32, 0, &args)?;
+            } else {
+                let blocks = nrows as u32 + check.is_some() as u32;
+                launch(dev, FAMILY, "topk_rows", (blocks, 1, 1), 1024, smem(smem_for(op)), &args)?;
+            }
             if let Some(c) = check {
                 c.issued(dev);
             }
