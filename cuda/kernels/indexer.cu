@@ -428,7 +428,18 @@ extern "C" __global__ void __launch_bounds__(RANK_BLOCK)
     if (base >= n) return;
     const float* sr = scores + rl * cap;
     int nn = (int)n, n4 = (nn + 3) & ~3;
-    for (int j = tid; j < n4; j += RANK_BLOCK) keys[j] = j < nn ? total_key(sr[j]) : 0u;
+    // Eight loads a thread issued before their stores (traced at 8.3 µs with or without this).
+    for (int j0 = tid; j0 < n4; j0 += 8 * RANK_BLOCK) {
+        u32 v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            int j = j0 + u * RANK_BLOCK;
+            v[u] = j < nn ? total_key(sr[j]) : 0u;
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+            if (j0 + u * RANK_BLOCK < n4) keys[j0 + u * RANK_BLOCK] = v[u];
+    }
     __syncthreads();
     int i = base + tid, w0 = base + (tid & ~31);
     if (i >= nn) return;
