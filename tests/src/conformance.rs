@@ -1448,18 +1448,20 @@ fn kind_cases(
                     Case::new(Op::SparseAttention(op), "", sd).plan(plan)
                 }));
             }
-            let sa = |plan: &RowPlan, slots, compressed| {
+            // The named cases' op: an f32 cache (bf16_cache_cases adds the bf16 variant).
+            let attn = |plan: &RowPlan, heads, head_dim, slots, window, compressed, softmax_scale| {
                 Op::SparseAttention(SparseAttention {
                     rows: plan.rows(),
-                    heads: 3,
-                    head_dim: 40,
+                    heads,
+                    head_dim,
                     slots,
-                    window: 8,
+                    window,
                     compressed,
-                    softmax_scale: 0.158,
+                    softmax_scale,
                     cache_dtype: hal::DType::F32,
                 })
             };
+            let sa = |plan: &RowPlan, slots, compressed| attn(plan, 3, 40, slots, 8, compressed, 0.158);
             let p = RowPlan::decode(&[0]);
             out.push(Case::new(sa(&p, 1, CompressedKv::None), "edge: one token at position 0", s(0)).plan(p));
             let p = RowPlan::decode(&[7, 8, 9, 30]);
@@ -1515,17 +1517,8 @@ fn kind_cases(
             // masked rows), key splits of several 64-key chunks (the online softmax across
             // chunks), a prefill chunk of one split with fresh rows in the window, and
             // selected entries with −1 and repeats.
-            let tc = |plan: &RowPlan, head_dim, slots, window, compressed| {
-                Op::SparseAttention(SparseAttention {
-                    rows: plan.rows(),
-                    heads: 20,
-                    head_dim,
-                    slots,
-                    window,
-                    compressed,
-                    softmax_scale: (head_dim as f32).powf(-0.5),
-                    cache_dtype: hal::DType::F32,
-                })
+            let tc = |plan: &RowPlan, head_dim: usize, slots, window, compressed| {
+                attn(plan, 20, head_dim, slots, window, compressed, (head_dim as f32).powf(-0.5))
             };
             let p = RowPlan::runs(&[(0, 2100, 9)]);
             out.push(
@@ -1560,18 +1553,9 @@ fn kind_cases(
             );
             for (i, (name, c)) in reals.iter().enumerate() {
                 let i = i as u64;
-                let a = |plan: &RowPlan, compressed| {
-                    Op::SparseAttention(SparseAttention {
-                        rows: plan.rows(),
-                        heads: c.n_heads,
-                        head_dim: c.head_dim,
-                        slots: 2,
-                        window: c.window_size,
-                        compressed,
-                        softmax_scale: (1.0 / (c.head_dim as f64).sqrt()) as f32,
-                        cache_dtype: hal::DType::F32,
-                    })
-                };
+                let scale = (1.0 / (c.head_dim as f64).sqrt()) as f32;
+                let a =
+                    |plan: &RowPlan, compressed| attn(plan, c.n_heads, c.head_dim, 2, c.window_size, compressed, scale);
                 let cap = c.index_topk + 64;
                 let p = RowPlan::decode(&[4 * cap - 1, 300]);
                 out.push(
