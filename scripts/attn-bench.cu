@@ -102,7 +102,8 @@ static std::vector<float> output(cudaStream_t s, Bufs& b, int kind, int tc) {
     return o;
 }
 
-// `ab once`: one CSA call of the tiles alone, for a profiler.
+// `ab once`: two CSA calls of the tiles alone, for a profiler or a sanitizer: the host's splits
+// (a chunk each), then one split (ten chunks through the double buffer).
 int main(int argc, char** argv) {
     std::mt19937 rng(11);
     std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -147,6 +148,7 @@ int main(int argc, char** argv) {
            prop.name, b.sms, POS, H, D, WIN, COPIES, COPIES * (double)(WIN + CAP) * D * 2 / 1e6);
     if (argc > 1 && !strcmp(argv[1], "once")) {
         call(s, b, 0, 2, 1, false);
+        call(s, b, 0, 2, 2, false);
         CK(cudaStreamSynchronize(s));
         return 0;
     }
