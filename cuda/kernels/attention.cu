@@ -447,9 +447,10 @@ extern "C" __global__ void sparse_attn_combine(const float* sink, const int* slo
 // Precision: q (f32) and the weights p (f32) go in as three bf16 terms each, exact for every
 // normal f32 (atc_split2, as linear_tc's SPLIT 3); the keys are bf16 already (a fresh f32 kv
 // row is rounded as the cache would hold it). Products are exact and the mma sums in f32, so
-// the logits match sparse_attn's f32 dots up to summation order. The weights are expf(ℓ − m) (≤ 2 ulp; f64
-// exps cost as much as the tiles here) and den an f64 sum of them; the output sums are f32,
-// rescaled when the max grows. That is ~1e-6 relative at most, inside the op's tolerance.
+// the logits match sparse_attn's f32 dots up to summation order. The weights are expf(ℓ − m)
+// (≤ 2 ulp; f64 exps cost as much as the tiles here) and den an f64 sum of them; the output
+// sums are f32, rescaled when the max grows. That is ~1e-6 relative at most, inside the op's
+// tolerance.
 #define ATC_HEADS 16
 #define ATC_KEYS 64
 #define ATC_WARPS 4
