@@ -26,12 +26,6 @@ static u16 to_bf16(float f) {
     memcpy(&u, &f, 4);
     return (u16)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
-template <typename T> T* upload(const std::vector<T>& v) {
-    T* p;
-    CK(cudaMalloc(&p, v.size() * sizeof(T)));
-    CK(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
-    return p;
-}
 
 struct Copy {
     float *q, *kv;

@@ -1,8 +1,10 @@
 // What the scripts' benches share. CK(call): a CUDA runtime call, which prints the error with its
-// place and exits on failure. time_graph_us: µs per call of a CUDA graph.
+// place and exits on failure. upload: a host vector copied to a new device buffer.
+// time_graph_us: µs per call of a CUDA graph.
 #pragma once
 #include <cstdio>
 #include <cstdlib>
+#include <vector>
 
 #define CK(x)                                                                  \
     do {                                                                       \
@@ -12,6 +14,13 @@
             exit(1);                                                           \
         }                                                                      \
     } while (0)
+
+template <typename T> T* upload(const std::vector<T>& v) {
+    T* p;
+    CK(cudaMalloc(&p, v.size() * sizeof(T)));
+    CK(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+    return p;
+}
 
 // µs per call of a CUDA graph of `calls` calls, which issue(s) issues on s while it is captured,
 // replayed `replays` times after one untimed replay.

@@ -155,12 +155,6 @@ static const float HC_EPS = 1e-6f, NORM_EPS = 1e-6f;
 // The finishing kernels' dynamic shared memory (cuda/src/ops/hc.rs finish_smem), stashed.
 static size_t finish_smem(int floats, int doubles) { return ((floats + 1) / 2 * 2 + 2 * doubles + 3) / 4 * 4 * 4 + D * 4; }
 
-template <typename T> T* upload(const std::vector<T>& v) {
-    T* p;
-    CK(cudaMalloc(&p, v.size() * sizeof(T)));
-    CK(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
-    return p;
-}
 template <typename T> T* zeros(size_t n) {
     T* p;
     CK(cudaMalloc(&p, n * sizeof(T)));

@@ -701,7 +701,7 @@ __device__ __forceinline__ void sparse_attn_tc_rows(const float* q, const float*
 #pragma unroll
             for (int np = 0; np < NT / 2; ++np) {
                 u32 b[4];
-                ldmatrix_x4_trans(b, kc + atc_off<D>(kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7),
+                ldmatrix_x4<true>(b, kc + atc_off<D>(kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7),
                                                      cb + np * 16 + (lane >> 4) * 8));
 #pragma unroll
                 for (int t = 0; t < ATC_TERMS; ++t) {

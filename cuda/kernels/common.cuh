@@ -1139,42 +1139,28 @@ __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1)
 
 // Four 8×8 bf16 matrices from shared memory, lanes 8j … 8j + 7 giving the row addresses of matrix
 // j: r[j] holds row lane / 4, columns 2·(lane % 4) and + 1 of matrix j (the mma fragment layout).
-__device__ __forceinline__ void ldmatrix_x4(u32* r, const u16* p) {
+// TRANS: r[j] holds rows 2·(lane % 4) and + 1 of column lane / 4 instead, the B fragment of an
+// mma whose k runs down the rows (keys stored row-major, summed over keys).
+template <bool TRANS = false> __device__ __forceinline__ void ldmatrix_x4(u32* r, const u16* p) {
 #if __CUDA_ARCH__ >= 800
     u32 a = (u32)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
+    if constexpr (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
 #else
     __trap();
 #endif
 }
 
-// ldmatrix_x4 transposed: r[j] holds rows 2·(lane % 4) and + 1 of column lane / 4 of matrix j, the
-// B fragment of an mma whose k runs down the rows (keys stored row-major, summed over keys).
-__device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const u16* p) {
-#if __CUDA_ARCH__ >= 800
-    u32 a = (u32)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-#else
-    __trap();
-#endif
-}
-
-// 16 bytes global → shared without a register round trip (sm_80+); complete after cp_async_wait
-// with at most `pending` newer groups outstanding, then visible to the warp after __syncwarp.
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* src) {
-#if __CUDA_ARCH__ >= 800
-    u32 a = (u32)__cvta_generic_to_shared(smem_dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(src));
-#else
-    __trap();
-#endif
-}
-// cp_async16 reading src_bytes (0 or 16) of src and zero-filling the rest: with 0 nothing is read
-// (src must still be a global address).
+// 16 bytes global → shared without a register round trip (sm_80+), src_bytes (0 or 16) of them
+// read from src and the rest zero-filled: with 0 nothing is read (src must still be a global
+// address). Complete after cp_async_wait with at most PENDING newer groups outstanding, then
+// visible to the warp after __syncwarp.
 __device__ __forceinline__ void cp_async16_zfill(void* smem_dst, const void* src, u32 src_bytes) {
 #if __CUDA_ARCH__ >= 800
     u32 a = (u32)__cvta_generic_to_shared(smem_dst);

@@ -149,7 +149,7 @@ pub(crate) struct Dev {
     pub attn_mma: bool,
     /// Whether the top-k of rows of at most 4096 entries ranks every entry (`topk_rank`) rather
     /// than selecting and sorting in one block (`topk_rows`): on, unless `V4RT_CUDA_TOPK_RANK=0`
-    /// (for A/B runs, and so that a test can run either form).
+    /// (for A/B runs of one binary).
     pub topk_rank: bool,
     /// Which kernels are launched with programmatic stream serialization (programmatic
     /// dependent launch, `ops::launch`); none below sm_90.
